@@ -1,0 +1,189 @@
+"""RELION's Fourier conventions, in one place.
+
+* Forward transforms divide by the number of real-space pixels, inverse transforms do not
+  (``norm="forward"``), so every spectrum (sigma2, tau2) is on RELION's scale.
+* The logical origin of an ``(h, w)`` image is pixel ``(h // 2, w // 2)``; transforms are taken
+  about it (``rfft2(ifftshift(img))``, which equals RELION's FFT followed by CenterFFTbySign).
+* Half-plane (rfft) layout ``(h, w // 2 + 1)``: column ``j`` is ``kx = j``; row ``i`` is
+  ``ky = i`` for ``i < h // 2 + 1`` and ``ky = i - h`` otherwise (so the Nyquist row is +h/2).
+* The shell index is ``ROUND(|k|)``, RELION's round-half-away-from-zero.
+* A shift by ``(x, y)`` pixels multiplies by ``exp(-2 pi i (kx x / w + ky y / h))`` and moves the
+  image content by ``+(x, y)``.
+
+All functions batch over leading dimensions: ``(..., h, w)`` in, ``(..., h, w)`` out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "rfft2_centered",
+    "irfft2_centered",
+    "rfft_frequencies",
+    "shell_index",
+    "window_fourier",
+    "pad_fourier",
+    "fourier_shift",
+    "radial_average",
+    "frc",
+    "rescale_images",
+    "pad_images",
+    "crop_images",
+]
+
+
+def rfft2_centered(images: torch.Tensor) -> torch.Tensor:
+    """Half-plane Fourier transform about the image centre, RELION-normalised.
+
+    ``(..., h, w)`` real -> ``(..., h, w // 2 + 1)`` complex.
+    """
+    return torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)), norm="forward")
+
+
+def irfft2_centered(spectra: torch.Tensor, image_shape: tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`rfft2_centered`: ``(..., h, w // 2 + 1)`` -> ``(..., h, w)``."""
+    img = torch.fft.irfft2(spectra, s=image_shape, norm="forward")
+    return torch.fft.fftshift(img, dim=(-2, -1))
+
+
+def rfft_frequencies(
+    image_shape: tuple[int, int],
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer frequencies ``(ky, kx)`` of the half-plane grid, each ``(h, w // 2 + 1)``.
+
+    ``ky`` follows RELION: row ``i`` is ``i`` for ``i <= h // 2`` and ``i - h`` above.
+    """
+    h, w = image_shape
+    rows = torch.arange(h, device=device, dtype=dtype)
+    ky = torch.where(rows <= h // 2, rows, rows - h)
+    kx = torch.arange(w // 2 + 1, device=device, dtype=dtype)
+    return torch.meshgrid(ky, kx, indexing="ij")
+
+
+def shell_index(
+    image_shape: tuple[int, int], *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """``ROUND(|k|)`` on the half-plane grid, int64 ``(h, w // 2 + 1)``.
+
+    For non-square images ``|k|`` is measured in units of the longer side's frequency step,
+    i.e. ``k = (ky * n / h, kx * n / w)`` with ``n = max(h, w)``.
+    """
+    h, w = image_shape
+    ky, kx = rfft_frequencies(image_shape, device=device, dtype=torch.float64)
+    n = max(h, w)
+    r = torch.sqrt((ky * (n / h)) ** 2 + (kx * (n / w)) ** 2)
+    return torch.floor(r + 0.5).to(torch.int64)
+
+
+def window_fourier(spectra: torch.Tensor, size: int) -> torch.Tensor:
+    """Keep the central ``size x size`` of a square half-plane spectrum (RELION ``windowFourierTransform``).
+
+    Keeps ``ky`` from ``-(size/2 - 1)`` to ``size/2`` and ``kx`` from 0 to ``size/2``, with no radial
+    cut. ``(..., n, n // 2 + 1)`` -> ``(..., size, size // 2 + 1)``; ``size`` must be even and <= n.
+    """
+    n = spectra.shape[-2]
+    if size == n:
+        return spectra
+    if size > n or size % 2:
+        raise ValueError(f"window size {size} must be even and <= {n}")
+    half = size // 2
+    top = spectra[..., : half + 1, : half + 1]
+    bottom = (
+        spectra[..., n - (half - 1) :, : half + 1] if half > 1 else spectra[..., :0, : half + 1]
+    )
+    return torch.cat([top, bottom], dim=-2)
+
+
+def pad_fourier(spectra: torch.Tensor, size: int) -> torch.Tensor:
+    """Inverse of :func:`window_fourier`: zero-pad a square half-plane spectrum to ``size``."""
+    n = spectra.shape[-2]
+    if size == n:
+        return spectra
+    if size < n or n % 2:
+        raise ValueError(f"pad size {size} must be >= {n}, and {n} even")
+    half = n // 2
+    out = spectra.new_zeros((*spectra.shape[:-2], size, size // 2 + 1))
+    out[..., : half + 1, : half + 1] = spectra[..., : half + 1, :]
+    if half > 1:
+        out[..., size - (half - 1) :, : half + 1] = spectra[..., half + 1 :, :]
+    return out
+
+
+def fourier_shift(
+    spectra: torch.Tensor, shifts: torch.Tensor, image_shape: tuple[int, int]
+) -> torch.Tensor:
+    """Shift half-plane spectra by ``shifts[..., (x, y)]`` pixels (content moves by ``+shift``).
+
+    ``spectra`` is ``(..., h, w // 2 + 1)``, ``shifts`` is ``(..., 2)`` broadcastable to its batch.
+    """
+    h, w = image_shape
+    ky, kx = rfft_frequencies(image_shape, device=spectra.device, dtype=shifts.dtype)
+    x = shifts[..., 0, None, None]
+    y = shifts[..., 1, None, None]
+    phase = -2.0 * torch.pi * (kx * x / w + ky * y / h)
+    return spectra * torch.polar(torch.ones_like(phase), phase).to(spectra.dtype)
+
+
+def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
+    """Mean of ``values`` (``(..., h, w')``) per shell index ``shells`` (``(h, w')``), shells >= n dropped.
+
+    Returns ``(..., n_shells)``; empty shells give 0.
+    """
+    flat = values.reshape(*values.shape[:-2], -1)
+    s = shells.reshape(-1)
+    keep = s < n_shells
+    flat = flat[..., keep]
+    s = s[keep]
+    sums = flat.new_zeros((*flat.shape[:-1], n_shells)).index_add_(-1, s, flat)
+    counts = torch.bincount(s, minlength=n_shells).to(flat.dtype)
+    return sums / counts.clamp(min=1)
+
+
+def frc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fourier ring correlation of real images ``a`` and ``b`` (``(..., n, n)``), shells 0..n/2.
+
+    Uses every coefficient of the half plane (Hermitian mates counted once, as a correlation
+    only needs the ratio).
+    """
+    n = a.shape[-1]
+    fa = rfft2_centered(a)
+    fb = rfft2_centered(b)
+    shells = shell_index((n, n), device=a.device)
+    nsh = n // 2 + 1
+    cross = radial_average((fa * fb.conj()).real, shells, nsh)
+    pa = radial_average(fa.abs() ** 2, shells, nsh)
+    pb = radial_average(fb.abs() ** 2, shells, nsh)
+    return cross / torch.sqrt(pa * pb).clamp(min=torch.finfo(pa.dtype).tiny)
+
+
+def rescale_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Fourier crop or pad square images ``(..., n, n)`` to ``(..., size, size)``.
+
+    Keeps the real-space mean; the pixel size changes by ``n / size``. Sizes must be even.
+    """
+    n = images.shape[-1]
+    if size == n:
+        return images
+    spectra = rfft2_centered(images)
+    spectra = window_fourier(spectra, size) if size < n else pad_fourier(spectra, size)
+    return irfft2_centered(spectra, (size, size))
+
+
+def pad_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad ``(..., n, n)`` to ``(..., size, size)`` keeping the origin pixel ``n // 2`` at ``size // 2``."""
+    n = images.shape[-1]
+    out = images.new_zeros((*images.shape[:-2], size, size))
+    o = size // 2 - n // 2
+    out[..., o : o + n, o : o + n] = images
+    return out
+
+
+def crop_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Central ``size x size`` of ``(..., n, n)``, keeping the origin pixel (inverse of :func:`pad_images`)."""
+    n = images.shape[-1]
+    o = n // 2 - size // 2
+    return images[..., o : o + size, o : o + size]

@@ -1,0 +1,117 @@
+"""Per-micrograph coordinate files in RELION's autopick layout.
+
+A coordinate file is one unnamed ``data_`` loop with ``rlnCoordinateX``, ``rlnCoordinateY`` (pixels
+of the micrograph, origin at the first array element), ``rlnClassNumber``,
+``rlnAutopickFigureOfMerit`` and ``rlnAnglePsi``. A picking job also writes ``autopick.star``: a
+``data_coordinate_files`` loop of ``rlnMicrographName`` -> ``rlnMicrographCoordinates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tamis.errors import InputFileError
+from tamis.io.star import read_star, require_columns, write_star
+
+__all__ = [
+    "read_coordinates",
+    "write_coordinates",
+    "read_coordinate_list",
+    "write_coordinate_list",
+    "coordinate_file_name",
+]
+
+
+def read_coordinates(path: str | Path) -> pd.DataFrame:
+    """Read a per-micrograph coordinate STAR file (first loop block); empty files give no rows."""
+    path = Path(path)
+    blocks = read_star(path)
+    loops = [b for b in blocks.values() if isinstance(b, pd.DataFrame)]
+    if not loops:
+        single = next(iter(blocks.values()))
+        if isinstance(single, dict) and single:
+            table = pd.DataFrame([single])
+        else:
+            return pd.DataFrame({"rlnCoordinateX": [], "rlnCoordinateY": []})
+    else:
+        table = loops[0]
+    require_columns(table, ["rlnCoordinateX", "rlnCoordinateY"], path, "")
+    return table
+
+
+def write_coordinates(
+    path: str | Path,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    fom: np.ndarray | None = None,
+    class_number: np.ndarray | int = 0,
+    psi: np.ndarray | float = 0.0,
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> None:
+    """Write coordinates (pixels) with RELION's autopick columns, atomically.
+
+    ``class_number`` and ``psi`` default to 0, the dummies RELION's LoG picker writes.
+    """
+    n = len(x)
+    table = pd.DataFrame(
+        {
+            "rlnCoordinateX": np.asarray(x, dtype=np.float64),
+            "rlnCoordinateY": np.asarray(y, dtype=np.float64),
+            "rlnClassNumber": np.broadcast_to(np.asarray(class_number, dtype=np.int64), (n,)),
+            "rlnAutopickFigureOfMerit": (
+                np.zeros(n) if fom is None else np.asarray(fom, dtype=np.float64)
+            ),
+            "rlnAnglePsi": np.broadcast_to(np.asarray(psi, dtype=np.float64), (n,)),
+        }
+    )
+    for label, values in (extra or {}).items():
+        table[label] = values
+    write_star({"": table}, path)
+
+
+def coordinate_file_name(
+    micrograph: str | Path, job_dir: str | Path, suffix: str = "autopick"
+) -> Path:
+    """Where RELION puts the coordinates of ``micrograph`` in picking job ``job_dir``.
+
+    The micrograph path after its own ``JobType/jobNNN/`` is kept:
+    ``MotionCorr/job002/Movies/mic1.mrc`` -> ``<job_dir>/Movies/mic1_autopick.star``.
+    """
+    parts = Path(micrograph).parts
+    rel = Path(*parts[2:]) if len(parts) > 2 and parts[1].startswith("job") else Path(parts[-1])
+    return Path(job_dir) / rel.parent / f"{rel.stem}_{suffix}.star"
+
+
+def write_coordinate_list(path: str | Path, coordinate_files: Mapping[str, str | Path]) -> None:
+    """Write ``autopick.star``: micrograph name -> coordinate file (``data_coordinate_files``)."""
+    table = pd.DataFrame(
+        {
+            "rlnMicrographName": [str(k) for k in coordinate_files],
+            "rlnMicrographCoordinates": [str(v) for v in coordinate_files.values()],
+        }
+    )
+    write_star({"coordinate_files": table}, path)
+
+
+def read_coordinate_list(path: str | Path) -> dict[str, str]:
+    """Read ``autopick.star`` into a micrograph name -> coordinate file mapping."""
+    path = Path(path)
+    blocks = read_star(path)
+    table = blocks.get("coordinate_files")
+    if not isinstance(table, pd.DataFrame):
+        raise InputFileError(path, "has no data_coordinate_files loop")
+    require_columns(
+        table, ["rlnMicrographName", "rlnMicrographCoordinates"], path, "coordinate_files"
+    )
+    return dict(
+        zip(
+            table["rlnMicrographName"].astype(str),
+            table["rlnMicrographCoordinates"].astype(str),
+            strict=True,
+        )
+    )

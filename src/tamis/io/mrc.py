@@ -1,0 +1,176 @@
+"""MRC images and stacks through ``mrcfile``.
+
+Reads modes 0 (int8), 1 (int16), 2 (float32), 6 (uint16) and 12 (float16, RELION's
+``--float16``); writes float32 or float16. Stacks are memory-mapped so that only the images
+asked for are read. Pixel sizes come from and go to the header (``voxel_size``, in Å).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from threading import Lock
+
+import mrcfile
+import numpy as np
+
+from tamis.errors import InputFileError
+from tamis.io.star import atomic_path
+
+__all__ = ["MrcStack", "open_stack", "read_mrc", "write_mrc", "StackCache"]
+
+_READ_MODES = {0, 1, 2, 6, 12}
+
+
+class MrcStack:
+    """A memory-mapped stack of 2D images, shape ``(n, h, w)``.
+
+    A single 2D image is a stack of one. Indexing returns float32 numpy arrays.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._mrc = _open_mmap(self.path)
+        data = self._mrc.data
+        if data.ndim == 2:
+            data = data[None]
+        elif data.ndim != 3:
+            self._mrc.close()
+            raise InputFileError(
+                self.path, f"expected a 2D image or a stack, got shape {data.shape}"
+            )
+        self._data = data
+        self.pixel_size = _pixel_size(self._mrc)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self._data.shape)  # type: ignore[return-value]
+
+    def __len__(self) -> int:
+        return self._data.shape[0]
+
+    def read(self, indices: np.ndarray | list[int] | slice) -> np.ndarray:
+        """Images at 0-based ``indices`` as float32, shape ``(len(indices), h, w)``."""
+        if isinstance(indices, slice):
+            return np.asarray(self._data[indices], dtype=np.float32)
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            bad = int(idx[(idx < 0) | (idx >= len(self))][0])
+            raise InputFileError(
+                self.path,
+                f"image {bad + 1} requested but the stack holds {len(self)} image(s)",
+            )
+        if idx.size > 1 and np.all(np.diff(idx) == 1):
+            return np.asarray(self._data[idx[0] : idx[-1] + 1], dtype=np.float32)
+        return np.asarray(self._data[idx], dtype=np.float32)
+
+    def close(self) -> None:
+        self._mrc.close()
+
+    def __enter__(self) -> MrcStack:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_stack(path: str | Path) -> MrcStack:
+    """Open an MRC image or stack, memory-mapped, read-only."""
+    return MrcStack(path)
+
+
+def read_mrc(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read a whole MRC file as float32 and its pixel size in Å (0 if the header has none)."""
+    path = Path(path)
+    with _open_mmap(path) as mrc:
+        return np.array(mrc.data, dtype=np.float32), _pixel_size(mrc)
+
+
+def write_mrc(
+    path: str | Path,
+    data: np.ndarray,
+    pixel_size: float,
+    *,
+    float16: bool = False,
+    stack: bool | None = None,
+) -> None:
+    """Write an image, stack or volume atomically.
+
+    Parameters
+    ----------
+    data
+        ``(h, w)`` image, ``(n, h, w)`` stack or volume.
+    pixel_size
+        Å per pixel, stored in the header.
+    float16
+        Write mode 12 (half the size; what RELION's ``--float16`` writes).
+    stack
+        Mark a 3D array as an image stack (ispg 0) rather than a volume. Default: True for
+        ``.mrcs`` files.
+    """
+    path = Path(path)
+    arr = np.ascontiguousarray(data, dtype=np.float16 if float16 else np.float32)
+    if stack is None:
+        stack = path.suffix == ".mrcs"
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as mrc:
+            mrc.set_data(arr)
+            if arr.ndim == 3 and stack:
+                mrc.set_image_stack()
+            mrc.voxel_size = float(pixel_size)
+            mrc.update_header_stats()
+
+
+class StackCache:
+    """A bounded set of open stacks, so batches touching many files do not exhaust handles."""
+
+    def __init__(self, max_open: int = 128) -> None:
+        self.max_open = max_open
+        self._open: OrderedDict[Path, MrcStack] = OrderedDict()
+        self._lock = Lock()
+
+    def get(self, path: str | Path) -> MrcStack:
+        path = Path(path)
+        with self._lock:
+            stack = self._open.get(path)
+            if stack is not None:
+                self._open.move_to_end(path)
+                return stack
+            stack = MrcStack(path)
+            self._open[path] = stack
+            while len(self._open) > self.max_open:
+                _, old = self._open.popitem(last=False)
+                old.close()
+            return stack
+
+    def close(self) -> None:
+        with self._lock:
+            for stack in self._open.values():
+                stack.close()
+            self._open.clear()
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
+    if not path.is_file():
+        raise InputFileError(path, "file not found" if not path.exists() else "not a file")
+    try:
+        mrc = mrcfile.mmap(path, mode="r", permissive=False)
+    except ValueError as exc:
+        text = str(exc)
+        if "Expected" in text and "bytes" in text:
+            raise InputFileError(path, f"truncated MRC file ({text.rstrip('.')})") from None
+        raise InputFileError(path, f"not a valid MRC file ({text.splitlines()[0]})") from None
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read ({exc.strerror or exc})") from None
+    mode = int(mrc.header.mode)
+    if mode not in _READ_MODES:
+        mrc.close()
+        raise InputFileError(path, f"MRC mode {mode} is not supported (0, 1, 2, 6, 12 are)")
+    return mrc
+
+
+def _pixel_size(mrc: mrcfile.mrcfile.MrcFile) -> float:
+    return float(mrc.voxel_size.x)

@@ -1,0 +1,330 @@
+"""STAR files as RELION writes and reads them, on top of the ``starfile`` package.
+
+A STAR file is an ordered mapping ``block name -> block``. A block is either a loop
+(a :class:`pandas.DataFrame`, one column per label, without the leading underscore) or a
+key-value list (a ``dict``). Unknown labels and the block order survive a round trip.
+
+Data files (particles, micrographs, movies) come in two dialects:
+
+* RELION 3.1+ : ``data_optics`` plus ``data_particles`` / ``data_micrographs`` / ``data_movies``;
+* RELION 3.0 and earlier : a single table with voltage, Cs, amplitude contrast and pixel size
+  per row, and ``rlnOriginX/Y`` in pixels.
+
+:func:`read_data_star` returns either dialect as a :class:`DataStar` in the 3.1 layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from tamis.errors import InputFileError
+
+__all__ = [
+    "Block",
+    "DataStar",
+    "read_star",
+    "write_star",
+    "read_data_star",
+    "write_data_star",
+    "require_columns",
+    "parse_image_names",
+    "format_image_names",
+    "atomic_path",
+]
+
+Block = pd.DataFrame | dict[str, Any]
+
+#: Data kinds, in the order RELION looks for them.
+DATA_KINDS = ("particles", "micrographs", "movies", "tilt_images")
+
+#: Per-row columns that RELION 3.1 moved into the optics table.
+_OPTICS_FROM_30 = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
+
+# Shortest text that reads back to the same float32, and to the same float64 for any value that
+# was read from text with <= 9 significant digits (all RELION output).
+_FLOAT_FORMAT = "%.9g"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only on success.
+
+    A kill at any moment leaves either the old file or the complete new one, never a torn file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_star(path: str | Path) -> dict[str, Block]:
+    """Read every block of a STAR file, in file order.
+
+    Raises :class:`~tamis.errors.InputFileError` (one line, naming the file) when the file is
+    missing, empty or not STAR.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "file not found" if not path.exists() else "not a file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError as exc:
+        raise InputFileError(path, f"cannot read ({exc.strerror})") from None
+    if b"\r\n" in head:
+        # RELION rejects CR+LF outright; say so rather than accept a file RELION cannot open.
+        raise InputFileError(path, "has Windows (CR+LF) line endings, which RELION rejects")
+    if b"data_" not in head and path.stat().st_size <= len(head):
+        raise InputFileError(path, "not a STAR file (no data_ block)")
+    try:
+        blocks = starfile.read(path, always_dict=True, parse_as_string=[])
+    except Exception as exc:  # starfile/pandas raise many types for malformed text
+        raise InputFileError(path, f"malformed STAR file ({_one_line(exc)})") from None
+    if not blocks:
+        raise InputFileError(path, "not a STAR file (no data_ block)")
+    return dict(blocks)
+
+
+def write_star(blocks: Mapping[str, Block], path: str | Path) -> None:
+    """Write blocks in order, atomically (temporary file, then rename).
+
+    Loops end with a blank line, strings with spaces are quoted and the empty string is
+    written as ``""``, as RELION expects.
+    """
+    out: dict[str, Block] = {}
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            out[name] = block
+        elif isinstance(block, Mapping):
+            out[name] = {k: _plain(v) for k, v in block.items()}
+        else:
+            raise TypeError(f"block {name!r}: expected a DataFrame or a dict, got {type(block)}")
+    with atomic_path(path) as tmp:
+        starfile.write(out, tmp, float_format=_FLOAT_FORMAT, sep=" ")
+
+
+def require_columns(
+    table: pd.DataFrame, columns: Iterable[str], path: str | Path, block: str
+) -> None:
+    """Raise a one-line :class:`InputFileError` if ``table`` lacks any of ``columns``."""
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        names = ", ".join(missing)
+        raise InputFileError(path, f"data_{block} lacks required column(s) {names}")
+
+
+@dataclass
+class DataStar:
+    """A RELION data STAR file in the 3.1 layout.
+
+    Attributes
+    ----------
+    optics
+        One row per optics group, with ``rlnOpticsGroup`` numbered 1..N.
+    table
+        The particles/micrographs/movies table; ``rlnOpticsGroup`` refers to ``optics``.
+    kind
+        ``"particles"``, ``"micrographs"``, ``"movies"`` or ``"tilt_images"``.
+    other
+        Any further blocks of the file, kept for writing back.
+    converted_from_30
+        True when the file was in the RELION 3.0 layout and was converted on reading.
+    """
+
+    optics: pd.DataFrame
+    table: pd.DataFrame
+    kind: str
+    other: dict[str, Block]
+    converted_from_30: bool = False
+
+    def blocks(self) -> dict[str, Block]:
+        """The blocks to write: optics, the data table, then the others."""
+        return {"optics": self.optics, self.kind: self.table, **self.other}
+
+
+def read_data_star(path: str | Path, kind: str | None = None) -> DataStar:
+    """Read a particles/micrographs/movies STAR file of any RELION dialect (3.0 to 5).
+
+    Parameters
+    ----------
+    path
+        The STAR file.
+    kind
+        The expected data block (``"particles"``, ...). ``None`` takes the first one present.
+    """
+    path = Path(path)
+    blocks = read_star(path)
+    if "optics" in blocks:
+        optics = blocks["optics"]
+        if not isinstance(optics, pd.DataFrame):
+            optics = pd.DataFrame([optics])
+        kinds = [kind] if kind else list(DATA_KINDS)
+        found = next((k for k in kinds if k in blocks), None)
+        if found is None:
+            want = f"data_{kind}" if kind else "a data_particles/micrographs/movies block"
+            raise InputFileError(path, f"has data_optics but no {want}")
+        table = blocks[found]
+        if not isinstance(table, pd.DataFrame):
+            table = pd.DataFrame([table])
+        other = {k: v for k, v in blocks.items() if k not in ("optics", found)}
+        require_columns(
+            optics, ["rlnOpticsGroup", "rlnVoltage", "rlnSphericalAberration"], path, "optics"
+        )
+        if not any(
+            c in optics.columns
+            for c in (
+                "rlnImagePixelSize",
+                "rlnMicrographPixelSize",
+                "rlnMicrographOriginalPixelSize",
+            )
+        ):
+            raise InputFileError(
+                path,
+                "data_optics lacks a pixel size (rlnImagePixelSize, rlnMicrographPixelSize or "
+                "rlnMicrographOriginalPixelSize)",
+            )
+        if "rlnOpticsGroup" not in table.columns:
+            if len(optics) != 1:
+                raise InputFileError(path, f"data_{found} lacks rlnOpticsGroup")
+            table = table.assign(rlnOpticsGroup=1)
+        known = set(optics["rlnOpticsGroup"].astype(int))
+        unknown = sorted(set(table["rlnOpticsGroup"].astype(int)) - known)
+        if unknown:
+            raise InputFileError(
+                path, f"data_{found} refers to optics group(s) {unknown} missing from data_optics"
+            )
+        return DataStar(optics, table, found, other)
+
+    # RELION 3.0: one loop block, conventionally unnamed ("data_").
+    loops = [(k, v) for k, v in blocks.items() if isinstance(v, pd.DataFrame)]
+    if not loops:
+        raise InputFileError(path, "has no data table (loop_)")
+    name, table = loops[0]
+    if kind is None:
+        kind = _guess_kind(table)
+    return _convert_30(path, table, kind, {k: v for k, v in blocks.items() if k != name})
+
+
+def write_data_star(data: DataStar, path: str | Path) -> None:
+    """Write a :class:`DataStar` in the RELION 3.1+ layout, atomically."""
+    write_star(data.blocks(), path)
+
+
+def parse_image_names(names: pd.Series | Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``rlnImageName`` values ``"N@stack.mrcs"`` into 0-based indices and stack paths.
+
+    A name without ``@`` is a single image (index 0). Zero-padded or plain numbers are accepted.
+    """
+    s = pd.Series(list(names) if not isinstance(names, pd.Series) else names, dtype=object)
+    s = s.astype(str)
+    has_at = s.str.contains("@", regex=False)
+    parts = s.str.split("@", n=1, expand=True)
+    if parts.shape[1] == 1:
+        parts[1] = None
+    idx_text = parts[0].where(has_at, "1")
+    paths = parts[1].where(has_at, s)
+    numeric = pd.to_numeric(idx_text, errors="coerce")
+    bad = numeric.isna() | (numeric < 1)
+    if bad.any():
+        first = s[bad].iloc[0]
+        raise ValueError(f"bad image name {first!r} (expected N@stack.mrcs with N >= 1)")
+    return numeric.to_numpy(dtype=np.int64) - 1, paths.to_numpy(dtype=object)
+
+
+def format_image_names(indices: Iterable[int], path: str | Path) -> list[str]:
+    """``rlnImageName`` values for 0-based ``indices`` of one stack, RELION-style (6 digits)."""
+    p = str(path)
+    return [f"{i + 1:06d}@{p}" for i in indices]
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _guess_kind(table: pd.DataFrame) -> str:
+    if "rlnImageName" in table.columns:
+        return "particles"
+    if "rlnMicrographMovieName" in table.columns:
+        return "movies"
+    return "micrographs"
+
+
+def _convert_30(path: Path, table: pd.DataFrame, kind: str, other: dict[str, Block]) -> DataStar:
+    """RELION 3.0 -> 3.1: optics groups from unique (voltage, Cs, Q0, pixel size) rows."""
+    table = table.copy()
+    missing = [c for c in ("rlnVoltage", "rlnSphericalAberration") if c not in table.columns]
+    if missing:
+        raise InputFileError(
+            path,
+            f"has no data_optics block and its table lacks {', '.join(missing)} "
+            "(neither RELION 3.1 nor 3.0 layout)",
+        )
+    if "rlnAmplitudeContrast" not in table.columns:
+        table["rlnAmplitudeContrast"] = 0.1
+    if "rlnImagePixelSize" in table.columns:
+        pix = table["rlnImagePixelSize"].astype(float)
+    elif "rlnDetectorPixelSize" in table.columns and "rlnMagnification" in table.columns:
+        pix = (
+            1e4
+            * table["rlnDetectorPixelSize"].astype(float)
+            / table["rlnMagnification"].astype(float)
+        )
+    else:
+        raise InputFileError(
+            path,
+            "RELION 3.0 file without a pixel size (needs rlnDetectorPixelSize and rlnMagnification)",
+        )
+    pix = pix.round(6)
+    key_cols = list(_OPTICS_FROM_30)
+    keys = pd.DataFrame({c: table[c].astype(float) for c in key_cols}).assign(_pix=pix)
+    groups = keys.drop_duplicates().reset_index(drop=True)
+    group_of = keys.merge(groups.reset_index(), on=[*key_cols, "_pix"], how="left")["index"]
+    optics = groups.rename(columns={"_pix": _pixel_label(kind)})
+    optics.insert(0, "rlnOpticsGroup", np.arange(1, len(optics) + 1))
+    optics.insert(0, "rlnOpticsGroupName", [f"opticsGroup{i}" for i in range(1, len(optics) + 1)])
+    if kind == "particles":
+        optics["rlnImageDimensionality"] = 2
+    table["rlnOpticsGroup"] = group_of.to_numpy() + 1
+    for axis in ("X", "Y"):
+        old = f"rlnOrigin{axis}"
+        if old in table.columns:
+            table[f"rlnOrigin{axis}Angst"] = table[old].astype(float) * pix
+            table = table.drop(columns=[old])
+    drop = [
+        c
+        for c in (*_OPTICS_FROM_30, "rlnDetectorPixelSize", "rlnMagnification", "rlnImagePixelSize")
+        if c in table.columns
+    ]
+    table = table.drop(columns=drop)
+    return DataStar(optics, table, kind, other, converted_from_30=True)
+
+
+def _pixel_label(kind: str) -> str:
+    return "rlnImagePixelSize" if kind == "particles" else "rlnMicrographPixelSize"
