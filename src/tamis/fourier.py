@@ -121,11 +121,13 @@ def fourier_shift(
     ``spectra`` is ``(..., h, w // 2 + 1)``, ``shifts`` is ``(..., 2)`` broadcastable to its batch.
     """
     h, w = image_shape
-    ky, kx = rfft_frequencies(image_shape, device=spectra.device, dtype=shifts.dtype)
+    real = torch.float64 if spectra.dtype == torch.complex128 else torch.float32
+    ky, kx = rfft_frequencies(image_shape, device=spectra.device, dtype=real)
+    shifts = shifts.to(device=spectra.device, dtype=real)
     x = shifts[..., 0, None, None]
     y = shifts[..., 1, None, None]
     phase = -2.0 * torch.pi * (kx * x / w + ky * y / h)
-    return spectra * torch.polar(torch.ones_like(phase), phase).to(spectra.dtype)
+    return spectra * torch.polar(torch.ones_like(phase), phase)
 
 
 def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:

@@ -3,6 +3,7 @@
 Example::
 
     tamis star info Class2D/job010/run_it025_data.star
+    tamis star check Extract/job005/particles.star
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import typer
 from rich.table import Table
 
 from tamis.cli._common import console, user_errors
+from tamis.io.particles import ParticleSet
 from tamis.io.star import read_star
 
 app = typer.Typer(help="Look inside STAR files.", no_args_is_help=True)
@@ -80,3 +82,21 @@ def info(
         for name, block in blocks.items():
             labels = list(block.columns) if isinstance(block, pd.DataFrame) else list(block)
             console.print(f"[bold]data_{name}[/]: " + " ".join(labels), highlight=False)
+
+
+@app.command("check")
+@user_errors
+def check(
+    file: Path = typer.Argument(..., help="A particles STAR file or cryoSPARC .cs file."),
+    project_dir: Path = typer.Option(
+        None, "--project_dir", help="Where relative image paths start (default: found)."
+    ),
+) -> None:
+    """Check a particle set: columns, optics groups, and that every image can be read."""
+    ps = ParticleSet.from_file(file, project_dir=project_dir)
+    n_stacks = len({name.split("@", 1)[-1] for name in ps.particles["rlnImageName"]})
+    console.print(
+        f"{file}: {len(ps)} particles in {n_stacks} stack(s), {len(ps.optics)} optics group(s), "
+        f"box {ps.box_size} px, images found under {ps.root}",
+        highlight=False,
+    )

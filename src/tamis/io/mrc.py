@@ -7,6 +7,7 @@ asked for are read. Pixel sizes come from and go to the header (``voxel_size``, 
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from threading import Lock
@@ -19,7 +20,8 @@ from tamis.io.star import atomic_path
 
 __all__ = ["MrcStack", "open_stack", "read_mrc", "write_mrc", "StackCache"]
 
-_READ_MODES = {0, 1, 2, 6, 12}
+#: Bytes per voxel of the modes tamis reads.
+_MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
 
 
 class MrcStack:
@@ -156,6 +158,7 @@ class StackCache:
 def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
     if not path.is_file():
         raise InputFileError(path, "file not found" if not path.exists() else "not a file")
+    _check_size(path)
     try:
         mrc = mrcfile.mmap(path, mode="r", permissive=False)
     except ValueError as exc:
@@ -166,10 +169,33 @@ def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
     except OSError as exc:
         raise InputFileError(path, f"cannot read ({exc.strerror or exc})") from None
     mode = int(mrc.header.mode)
-    if mode not in _READ_MODES:
+    if mode not in _MODE_BYTES:
         mrc.close()
         raise InputFileError(path, f"MRC mode {mode} is not supported (0, 1, 2, 6, 12 are)")
     return mrc
+
+
+def _check_size(path: Path) -> None:
+    """A truncated file (an interrupted copy or write) is named as such before mapping it."""
+    try:
+        with (
+            warnings.catch_warnings(),
+            mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc,
+        ):
+            warnings.simplefilter("ignore")
+            h = mrc.header
+            mode, nsymbt = int(h.mode), int(h.nsymbt)
+            voxels = int(h.nx) * int(h.ny) * int(h.nz)
+    except Exception:
+        return  # not readable as a header at all: the full open below says why
+    if mode not in _MODE_BYTES or voxels <= 0:
+        return
+    expected = 1024 + nsymbt + voxels * _MODE_BYTES[mode]
+    actual = path.stat().st_size
+    if actual < expected:
+        raise InputFileError(
+            path, f"truncated MRC file (header says {expected} bytes, file has {actual})"
+        )
 
 
 def _pixel_size(mrc: mrcfile.mrcfile.MrcFile) -> float:

@@ -202,7 +202,10 @@ class ParticleSet:
         dv = values["defocus_v"]
         values["defocus_v"] = np.where(np.isnan(dv), du, dv)
         return CTFParams(
-            **{k: torch.as_tensor(v, dtype=torch.float64, device=device) for k, v in values.items()}
+            **{
+                k: torch.tensor(np.array(v), dtype=torch.float64, device=device)
+                for k, v in values.items()
+            }
         )
 
     # ---- images -------------------------------------------------------------------------

@@ -50,10 +50,6 @@ DATA_KINDS = ("particles", "micrographs", "movies", "tilt_images")
 #: Per-row columns that RELION 3.1 moved into the optics table.
 _OPTICS_FROM_30 = ("rlnVoltage", "rlnSphericalAberration", "rlnAmplitudeContrast")
 
-# Shortest text that reads back to the same float32, and to the same float64 for any value that
-# was read from text with <= 9 significant digits (all RELION output).
-_FLOAT_FORMAT = "%.9g"
-
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -111,13 +107,13 @@ def write_star(blocks: Mapping[str, Block], path: str | Path) -> None:
     out: dict[str, Block] = {}
     for name, block in blocks.items():
         if isinstance(block, pd.DataFrame):
-            out[name] = block
+            out[name] = _shortest_floats(block)
         elif isinstance(block, Mapping):
             out[name] = {k: _plain(v) for k, v in block.items()}
         else:
             raise TypeError(f"block {name!r}: expected a DataFrame or a dict, got {type(block)}")
     with atomic_path(path) as tmp:
-        starfile.write(out, tmp, float_format=_FLOAT_FORMAT, sep=" ")
+        starfile.write(out, tmp)
 
 
 def require_columns(
@@ -255,6 +251,22 @@ def format_image_names(indices: Iterable[int], path: str | Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _shortest_floats(table: pd.DataFrame) -> pd.DataFrame:
+    """Floats as the shortest text that reads back to the same value (float32 columns as float32),
+    so a round trip changes no value and computed float32 data stays readable."""
+    floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    if not floats:
+        return table
+    table = table.copy()
+    for c in floats:
+        values = table[c].to_numpy()
+        if values.dtype == np.float32:
+            table[c] = values.astype(str)
+        else:
+            table[c] = [repr(v) for v in values.astype(np.float64).tolist()]
+    return table
 
 
 def _plain(value: Any) -> Any:

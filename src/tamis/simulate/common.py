@@ -18,7 +18,7 @@ from tamis.geometry import euler_to_matrix, random_euler_angles
 from tamis.io.mrc import write_mrc
 from tamis.io.star import atomic_path
 from tamis.simulate.project import Projector
-from tamis.simulate.structure import Structure, load_structure
+from tamis.simulate.structure import Structure, load_structure, structure_diameter
 
 __all__ = ["Optics", "StructureSet", "draw_defocus", "optics_table", "write_json"]
 
@@ -92,11 +92,11 @@ class StructureSet:
             load_structure(s, box_size=box_size, pixel_size=pixel_size, bfactor=bfactor)
             for s in specs
         ]
-        for st in self.structures:
-            d = st.diameter()
+        self.diameters = [structure_diameter(s, bfactor=bfactor) for s in specs]
+        for spec, d in zip(specs, self.diameters, strict=True):
             if d > box_size * pixel_size:
                 raise TamisError(
-                    f"{st.name}: diameter {d:.0f} A does not fit in a box of {box_size} px x "
+                    f"{spec}: diameter {d:.0f} A does not fit in a box of {box_size} px x "
                     f"{pixel_size} A; use a larger box or pixel size"
                 )
         self.projectors = [Projector(st.volume.to(device)) for st in self.structures]
@@ -107,10 +107,6 @@ class StructureSet:
 
     def __len__(self) -> int:
         return len(self.structures)
-
-    @property
-    def max_diameter(self) -> float:
-        return max(st.diameter() for st in self.structures)
 
     def draw(self, n: int, generator: torch.Generator) -> np.ndarray:
         """Structure index of ``n`` particles, by weight."""

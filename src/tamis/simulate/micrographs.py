@@ -318,7 +318,7 @@ def _one_micrograph(
             "x": centres[:, 0],
             "y": centres[:, 1],
             "kind": kinds,
-            "structure": structure + np.where(structure >= 0, 1, 0),
+            "structure": np.where(structure >= 0, structure + 1, 0),
             "rot": ang[:, 0],
             "tilt": ang[:, 1],
             "psi": ang[:, 2],

@@ -197,7 +197,7 @@ def simulate_particles(
             "image_name": image_names,
             "micrograph_name": [mic_names[m] for m in mic],
             "kind": kinds,
-            "structure": structure + np.where(structure >= 0, 1, 0),  # 1-based; 0 for junk
+            "structure": np.where(structure >= 0, structure + 1, 0),  # 1-based; 0 for junk
             "structure_name": [names[s] if s >= 0 else "" for s in structure],
             "rot": ang[:, 0],
             "tilt": ang[:, 1],
