@@ -178,14 +178,12 @@ def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
 def _check_size(path: Path) -> None:
     """A truncated file (an interrupted copy or write) is named as such before mapping it."""
     try:
-        with (
-            warnings.catch_warnings(),
-            mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc,
-        ):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            h = mrc.header
-            mode, nsymbt = int(h.mode), int(h.nsymbt)
-            voxels = int(h.nx) * int(h.ny) * int(h.nz)
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
+                h = mrc.header
+                mode, nsymbt = int(h.mode), int(h.nsymbt)
+                voxels = int(h.nx) * int(h.ny) * int(h.nz)
     except Exception:
         return  # not readable as a header at all: the full open below says why
     if mode not in _MODE_BYTES or voxels <= 0:
