@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import torch
 
-from tamis.ctf import compute_ctf
 from tamis.errors import InputFileError, TamisError
 from tamis.fourier import irfft2_centered, rfft2_centered
 from tamis.geometry import euler_to_matrix
