@@ -125,6 +125,26 @@ class ParticleSet:
         """Write the optics and particle tables as a RELION 3.1+ particles STAR file."""
         write_star({"optics": self.optics, "particles": self.particles}, path)
 
+    def image_names_from(self, project_dir: str | Path | None = None) -> pd.Series:
+        """``rlnImageName`` values that resolve from ``project_dir`` (default: the current
+        directory, RELION's project directory): relative where the stack lies below it,
+        absolute otherwise."""
+        base = Path(project_dir or Path.cwd()).resolve()
+        if self.root.resolve() == base:
+            return self.particles["rlnImageName"]
+        mapped = []
+        for p in self._stack_paths:
+            full = (self.root / p).resolve()
+            try:
+                mapped.append(str(full.relative_to(base)))
+            except ValueError:
+                mapped.append(str(full))
+        stacks = np.asarray(mapped, dtype=object)[self._stack_code]
+        return pd.Series(
+            [f"{i + 1:06d}@{s}" for i, s in zip(self._index, stacks, strict=True)],
+            index=self.particles.index,
+        )
+
     def to_datastar(self) -> DataStar:
         return DataStar(self.optics, self.particles, "particles", {})
 

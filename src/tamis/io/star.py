@@ -98,11 +98,14 @@ def read_star(path: str | Path) -> dict[str, Block]:
     return dict(blocks)
 
 
-def write_star(blocks: Mapping[str, Block], path: str | Path) -> None:
+def write_star(
+    blocks: Mapping[str, Block], path: str | Path, *, comment: str | None = None
+) -> None:
     """Write blocks in order, atomically (temporary file, then rename).
 
     Loops end with a blank line, strings with spaces are quoted and the empty string is
-    written as ``""``, as RELION expects.
+    written as ``""``, as RELION expects. ``comment`` (which may span lines) becomes the file's
+    first ``#`` lines, as in RELION's optimiser files.
     """
     out: dict[str, Block] = {}
     for name, block in blocks.items():
@@ -114,6 +117,13 @@ def write_star(blocks: Mapping[str, Block], path: str | Path) -> None:
             raise TypeError(f"block {name!r}: expected a DataFrame or a dict, got {type(block)}")
     with atomic_path(path) as tmp:
         starfile.write(out, tmp)
+        if comment is not None:
+            text = tmp.read_text()
+            body = text.split("\n", 1)[1] if text.startswith("#") else text
+            head = "\n".join(
+                f"# {line}" if not line.startswith("#") else line for line in comment.splitlines()
+            )
+            tmp.write_text(head + "\n" + body)
 
 
 def require_columns(

@@ -1,0 +1,739 @@
+"""RELION's regularised-likelihood 2D classification (EM), as a short driver over batched steps.
+
+One iteration (RELION's ``MlOptimiser::iterate``): set image sizes from the resolution; perturb
+the sampling; project every class at every psi; for each batch of particles prepare spectra,
+run both E-step passes (:mod:`tamis.class2d.likelihood`) and add to the weighted sums; then
+back-rotate and reconstruct (:mod:`tamis.class2d.fourier2d`), update the other parameters
+(:mod:`tamis.class2d.mstep`), centre, flatten, update the resolution and write
+``run_itNNN_*`` (:mod:`tamis.class2d.files`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tamis._progress import progress_bar
+from tamis.class2d import mstep
+from tamis.class2d.files import IterationFiles, read_continue, write_iteration
+from tamis.class2d.fourier2d import (
+    FourierWindow,
+    grid_tau2,
+    project,
+    reference_grids,
+    relion_round,
+)
+from tamis.class2d.init import initial_sigma2_and_references
+from tamis.class2d.likelihood import BatchData, expectation
+from tamis.class2d.sampling import Sampling
+from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
+from tamis.errors import TamisError
+from tamis.fourier import rfft2_centered, shell_index
+from tamis.io.mrc import write_mrc
+from tamis.io.particles import ParticleSet
+from tamis.io.star import read_data_star
+from tamis.masks import soft_mask_outside
+
+__all__ = ["Class2DResult", "run_class2d", "choose_device"]
+
+
+@dataclass
+class Class2DResult:
+    """The last iteration's files and a few numbers to report."""
+
+    optimiser: Path
+    model: Path
+    data: Path
+    classes: Path
+    iteration: int
+    resolution: float
+    class_fractions: np.ndarray
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto``: CUDA when present, else CPU; otherwise the torch device named."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TamisError(f"--device {name}: no CUDA device available")
+    return torch.device(name)
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return 4 << 30
+
+
+class _Abort(Exception):
+    pass
+
+
+class Class2DRun:
+    """State of one run: particles, options, model, per-particle assignments."""
+
+    def __init__(
+        self,
+        particles: ParticleSet,
+        options: Class2DOptions,
+        root: str,
+        *,
+        log: Callable[[str], None] = print,
+        show_progress: bool = False,
+    ) -> None:
+        self.options = options
+        self.root = root
+        self.log = log
+        self.show_progress = show_progress
+        self.device = choose_device(options.device)
+        if options.j > 0 and self.device.type == "cpu":
+            torch.set_num_threads(options.j)
+        # RELION's order: stable sort by micrograph name.
+        table = particles.particles
+        if "rlnMicrographName" in table.columns:
+            order = np.argsort(table["rlnMicrographName"].astype(str).to_numpy(), kind="stable")
+        else:
+            order = np.arange(len(table))
+        self.order = order
+        self.ps = particles
+        self.n = len(particles)
+        if self.n == 0:
+            raise TamisError("no particles")
+        self.box = particles.box_size
+        self.pixel = particles.pixel_size
+        self.nsh = self.box // 2 + 1
+        self.diameter = options.particle_diameter or (self.box - 5) * self.pixel
+        self.radius_px = self.diameter / (2 * self.pixel)
+        self.optics_of = particles.optics_group_index[order]
+        self.n_optics = len(particles.optics)
+        group_names = (
+            (
+                table["rlnGroupName"]
+                if "rlnGroupName" in table.columns
+                else table.get("rlnMicrographName", pd.Series(["group"] * self.n))
+            )
+            .astype(str)
+            .to_numpy()[order]
+        )
+        codes, uniq = pd.factorize(pd.Series(group_names), sort=False)
+        self.group_of = codes.astype(np.int64)
+        self.groups = pd.DataFrame({"name": uniq, "count": np.bincount(codes, minlength=len(uniq))})
+        self.do_scale = options.scale and len(uniq) > 1
+        # per-particle assignments, in sorted order
+        self.psi = np.zeros(self.n)
+        self.origin = np.zeros((self.n, 2))  # Å
+        self.cls = np.zeros(self.n, dtype=np.int64)  # 0-based; -1 = unassigned
+        self.norm = np.ones(self.n)
+        self.loglik = np.zeros(self.n)
+        self.pmax = np.zeros(self.n)
+        self.nsig = np.zeros(self.n, dtype=np.int64)
+        if "rlnOriginXAngst" in table.columns:
+            self.origin[:, 0] = table["rlnOriginXAngst"].to_numpy(dtype=float)[order]
+            self.origin[:, 1] = table["rlnOriginYAngst"].to_numpy(dtype=float)[order]
+        if options.norm and "rlnNormCorrection" in table.columns:
+            self.norm = table["rlnNormCorrection"].to_numpy(dtype=float)[order].copy()
+        self.ctf_all = particles.ctf_params()  # float64 on CPU; rows in original order
+        self.shells_full = shell_index((self.box, self.box), device=self.device)
+        self.sampling = Sampling(
+            psi_step=options.psi_step,
+            offset_range=options.offset_range,
+            offset_step=options.offset_step,
+            oversampling=options.oversampling,
+            perturb_factor=options.perturb,
+        )
+        self.seed = options.random_seed if options.random_seed is not None else int(time.time())
+        self.state: ModelState | None = None
+        self.current_size = self.box
+        if options.preread_images:
+            particles.preread()
+
+    # ---- helpers -----------------------------------------------------------------------------
+
+    def _ctf_half_plane(self, rows: np.ndarray) -> torch.Tensor:
+        """CTF ``(B, N, N//2+1)`` for sorted rows (ones without --ctf)."""
+        o = self.options
+        if not o.ctf:
+            return torch.ones((len(rows), self.box, self.box // 2 + 1), device=self.device)
+        idx = torch.as_tensor(self.order[rows])
+        return (
+            self.ctf_all[idx]
+            .to(self.device)
+            .compute(
+                (self.box, self.box),
+                intact_first_peak=o.ctf_intact_first_peak,
+                phase_flipped=o.ctf_phase_flipped,
+                only_flip_phases=o.only_flip_phases,
+            )
+        )
+
+    def _batch_size(self, n_pix: int, n_hyp: int) -> int:
+        if self.options.batch_size:
+            return self.options.batch_size
+        # dense fine pass: ~6 float64 copies of 8 fine hypotheses per coarse one, plus images
+        per_particle = 8 * 6 * 8 * n_hyp + 16 * n_pix * 8 + 6 * self.box * self.box * 8
+        budget = _available_bytes(self.device) // 4
+        return int(max(16, min(256, budget // max(per_particle, 1))))
+
+    def _batches(self, rows: np.ndarray, size: int):
+        return self.ps.batches(size, indices=self.order[rows], device=self.device)
+
+    # ---- initialisation ----------------------------------------------------------------------
+
+    def initialise(self) -> None:
+        o = self.options
+        take = []
+        for g in range(self.n_optics):
+            rows = np.flatnonzero(self.optics_of == g)[: o.nr_parts_sigma2noise]
+            take.append(rows)
+        rows = np.sort(np.concatenate(take))
+
+        def gen():
+            size = 256
+            for s in range(0, len(rows), size):
+                chunk = rows[s : s + size]
+                images = self.ps.load_images(self.order[chunk], device=self.device)
+                yield (
+                    torch.as_tensor(chunk),
+                    images,
+                    self._ctf_half_plane(chunk),
+                    torch.as_tensor(self.optics_of[chunk]),
+                    torch.as_tensor(self.order[chunk]),
+                )
+
+        sigma2, refs, used = initial_sigma2_and_references(
+            gen(),
+            n_classes=o.K,
+            box=self.box,
+            n_optics=self.n_optics,
+            diameter_px=self.radius_px * 2,
+            zero_mask=o.zero_mask,
+            init_blobs=o.init_blobs,
+            seed=self.seed,
+            pad=o.pad,
+            device=self.device,
+        )
+        k = o.K
+        cs0 = int(relion_round(torch.tensor(0.07 * self.box)))
+        tau2 = mstep.spectrum(refs.to(torch.float64), self.shells_full, self.nsh) / 2
+        dvp = self.n / k * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
+        self.state = ModelState(
+            refs=refs.to(self.device),
+            sigma2=sigma2,
+            pdf_class=torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.device),
+            pdf_direction=torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.device),
+            prior_offset=torch.zeros((k, 2), dtype=torch.float64, device=self.device),
+            sigma2_offset=o.offset**2,
+            avg_norm=1.0,
+            scale=torch.ones(len(self.groups), dtype=torch.float64, device=self.device),
+            data_vs_prior=dvp,
+            fourier_coverage=torch.zeros_like(dvp),
+            sigma2_class=torch.zeros_like(dvp),
+            tau2=o.tau2_fudge * tau2,
+            maxres=cs0,
+        )
+        self.cls[:] = -1
+        self.log(f"initialised {k} references and noise spectra from {used} particles")
+
+    def load_continue(self, optimiser: str | Path) -> None:
+        cont = read_continue(optimiser)
+        k = len(cont.classes)
+        dev = self.device
+        pdf = torch.tensor(
+            cont.classes["rlnClassDistribution"].to_numpy(float), dtype=torch.float64, device=dev
+        )
+        prior = torch.tensor(
+            np.stack(
+                [
+                    cont.classes.get("rlnClassPriorOffsetX", pd.Series(np.zeros(k))).to_numpy(
+                        float
+                    ),
+                    cont.classes.get("rlnClassPriorOffsetY", pd.Series(np.zeros(k))).to_numpy(
+                        float
+                    ),
+                ],
+                1,
+            ),
+            dtype=torch.float64,
+            device=dev,
+        )
+        sigma2 = torch.zeros((self.n_optics, self.nsh), dtype=torch.float64, device=dev)
+        for og, table in cont.sigma2.items():
+            if og - 1 < self.n_optics:
+                idx = table["rlnSpectralIndex"].to_numpy(int)
+                sigma2[og - 1, idx] = torch.tensor(
+                    np.array(table["rlnSigma2Noise"], dtype=float), device=dev
+                )
+        sigma2 = mstep.fill_missing(sigma2)
+        dvp = torch.tensor(
+            np.stack([t["rlnSsnrMap"].to_numpy(float) for t in cont.class_tables]),
+            dtype=torch.float64,
+            device=dev,
+        )
+        cov = torch.tensor(
+            np.stack([t["rlnFourierCompleteness"].to_numpy(float) for t in cont.class_tables]),
+            dtype=torch.float64,
+            device=dev,
+        )
+        tau2 = torch.tensor(
+            np.stack([t["rlnReferenceTau2"].to_numpy(float) for t in cont.class_tables]),
+            dtype=torch.float64,
+            device=dev,
+        )
+        s2c = torch.tensor(
+            np.stack([t["rlnReferenceSigma2"].to_numpy(float) for t in cont.class_tables]),
+            dtype=torch.float64,
+            device=dev,
+        )
+        scale = torch.ones(len(self.groups), dtype=torch.float64, device=dev)
+        if len(cont.groups) == len(self.groups) and "rlnGroupScaleCorrection" in cont.groups:
+            scale = torch.tensor(cont.groups["rlnGroupScaleCorrection"].to_numpy(float), device=dev)
+        g = cont.model_general
+        n_pix = float(g.get("rlnCurrentResolution", 0.0))
+        maxres = int(round(self.box * self.pixel / n_pix)) if n_pix > 0 else 5
+        self.state = ModelState(
+            refs=cont.refs.to(dev, torch.float32),
+            sigma2=sigma2,
+            pdf_class=pdf,
+            pdf_direction=pdf.clone(),
+            prior_offset=prior,
+            sigma2_offset=float(g.get("rlnSigmaOffsetsAngst", self.options.offset)) ** 2,
+            avg_norm=float(g.get("rlnNormCorrectionAverage", 1.0)),
+            scale=scale,
+            data_vs_prior=dvp,
+            fourier_coverage=cov,
+            sigma2_class=s2c,
+            tau2=tau2,
+            maxres=maxres,
+            iteration=cont.iteration,
+            loglik=float(g.get("rlnLogLikelihood", 0.0)),
+            avg_pmax=float(g.get("rlnAveragePmax", 0.0)),
+        )
+        self.seed = cont.seed
+        self.sampling.perturbation = float(cont.sampling.get("rlnSamplingPerturbInstance", 0.0))
+        data = read_data_star(cont.data_path, "particles").table
+        if len(data) != self.n:
+            raise TamisError(f"{cont.data_path}: {len(data)} particles, expected {self.n}")
+        # data.star rows are in sorted order already
+        self.psi = data["rlnAnglePsi"].to_numpy(float).copy()
+        self.origin = np.stack(
+            [data["rlnOriginXAngst"].to_numpy(float), data["rlnOriginYAngst"].to_numpy(float)], 1
+        )
+        self.cls = data["rlnClassNumber"].to_numpy(np.int64) - 1
+        self.norm = data["rlnNormCorrection"].to_numpy(float).copy()
+        self.log(f"continuing from iteration {cont.iteration} ({optimiser})")
+
+    # ---- one iteration -----------------------------------------------------------------------
+
+    def sizes(self) -> tuple[int, int]:
+        o, st = self.options, self.state
+        assert st is not None
+        cs = min(self.box, 2 * (st.maxres + o.incr_size))
+        if o.strict_highres_exp > 0:
+            coarse = min(
+                cs,
+                2 * int(relion_round(torch.tensor(self.box * self.pixel / o.strict_highres_exp))),
+            )
+        elif o.oversampling > 0:
+            rotated = self.sampling.psi_step / 360.0 * math.pi * self.diameter
+            coarse_res = rotated / 1.5
+            coarse = min(cs, 2 * math.ceil(self.pixel * self.box / coarse_res))
+        else:
+            coarse = cs
+        return cs, max(coarse, 2)
+
+    def iterate(
+        self, it: int, *, abort: Callable[[], bool] | None = None
+    ) -> tuple[float, float, float]:
+        o, st = self.options, self.state
+        assert st is not None
+        dev = self.device
+        cs, ccs = self.sizes()
+        self.current_size = cs
+        window = FourierWindow.create(self.box, cs, device=dev)
+        cwin = FourierWindow.create(self.box, ccs, device=dev)
+        coarse_pixels = window.subset(ccs)
+        estep_pixels = (
+            coarse_pixels if o.strict_highres_exp > 0 else torch.arange(len(window), device=dev)
+        )
+        self.sampling.advance_perturbation(np.random.default_rng([self.seed, it, 17]))
+        smp = self.sampling
+        grids = reference_grids(st.refs, pad=o.pad, r_max=cs / 2)
+        tau2 = grid_tau2(grids, cs / 2, self.nsh, pad=o.pad)
+        psi_c = torch.as_tensor(smp.coarse_psi(), device=dev)
+        psi_f = torch.as_tensor(smp.fine_psi(), device=dev)
+        oversampled = o.oversampling > 0
+        proj_c = project(grids, psi_c, cwin, pad=o.pad)
+        proj_f = project(grids, psi_f, window, pad=o.pad) if oversampled else None
+        t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
+        t_c0 = torch.as_tensor(smp.coarse_translations(perturbed=False), device=dev)
+        t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
+        ramps_c = _ramps(t_c, cwin, self.box)
+        ramps_f = _ramps(t_f, window, self.box)
+        if not oversampled:
+            # single pass at the current size
+            proj_c = project(grids, psi_c, window, pad=o.pad)
+            proj_f = proj_c
+            coarse_pixels = estep_pixels
+            ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
+        psi_fine_deg = psi_f if oversampled else psi_c
+        k = st.n_classes
+        log_pc = torch.where(
+            st.pdf_class > 0,
+            torch.log(st.pdf_direction.clamp(min=1e-300)),
+            torch.full_like(st.pdf_direction, -math.inf),
+        )
+        n_pf = proj_f.shape[1]
+        sums = WeightedSums.zeros(
+            k, n_pf, len(window), self.n_optics, self.nsh, len(self.groups), dev
+        )
+        ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
+        n_hyp = k * proj_c.shape[1] * len(t_c)
+        bsize = self._batch_size(len(window), n_hyp)
+        old_cls = self.cls.copy()
+        old_psi = self.psi.copy()
+        old_origin = self.origin.copy()
+        rows_all = np.arange(self.n)
+        with progress_bar(self.n, f"iteration {it:3d}", enabled=self.show_progress) as bar:
+            start = 0
+            for batch in self._batches(rows_all, bsize):
+                if abort is not None and abort():
+                    raise _Abort
+                rows = rows_all[start : start + len(batch.indices)]
+                start += len(rows)
+                data, full_power = self._prepare(batch.images, rows, window, it)
+                off_px = data.offset_px
+                lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
+                hyp = expectation(
+                    data,
+                    proj_coarse=proj_c,
+                    proj_fine=proj_f,
+                    coarse_pixels=coarse_pixels,
+                    estep_pixels=estep_pixels,
+                    ramps_coarse=ramps_c,
+                    ramps_fine=ramps_f,
+                    log_prior_offset=lpo,
+                    log_prior_class=log_pc,
+                    n_over_psi=smp.n_over_psi if oversampled else 1,
+                    n_over_trans=smp.n_over_trans if oversampled else 1,
+                    fraction=o.adaptive_fraction,
+                    max_significant=o.max_significants,
+                )
+                new_norm = mstep.accumulate(
+                    sums,
+                    data,
+                    hyp,
+                    proj_f,
+                    ramps_f,
+                    window,
+                    full_power=full_power,
+                    optics=torch.as_tensor(self.optics_of[rows], device=dev),
+                    groups=torch.as_tensor(self.group_of[rows], device=dev),
+                    scale=st.scale,
+                    ssnr_mask=ssnr_mask if self.do_scale else None,
+                    translations_px=t_f,
+                    prior_offset=st.prior_offset,
+                    pixel_size=self.pixel,
+                    old_norm=torch.as_tensor(self.norm[rows], device=dev),
+                    avg_norm=st.avg_norm,
+                    nsh=self.nsh,
+                )
+                self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
+                bar.advance(len(rows))
+        changes = (
+            float(np.mean(np.abs((self.psi - old_psi + 180) % 360 - 180))),
+            float(np.mean(np.linalg.norm(self.origin - old_origin, axis=1))),
+            float(np.mean(self.cls != old_cls)),
+        )
+        self.state = mstep.maximize(
+            st,
+            sums,
+            psi_fine_deg,
+            window,
+            tau2=tau2,
+            options=o,
+            current_size=cs,
+            group_counts=torch.tensor(self.groups["count"].to_numpy(dtype=np.float64), device=dev),
+            do_scale=self.do_scale,
+            n_particles=self.n,
+        )
+        self.state.iteration = it
+        self.state.perturbation = smp.perturbation
+        return changes
+
+    def _prepare(
+        self, images: torch.Tensor, rows: np.ndarray, window: FourierWindow, it: int
+    ) -> tuple[BatchData, torch.Tensor]:
+        o, st = self.options, self.state
+        assert st is not None
+        dev = self.device
+        b = images.shape[0]
+        img = images.to(torch.float64)
+        if o.norm:
+            img = img * (st.avg_norm / torch.as_tensor(self.norm[rows], device=dev))[:, None, None]
+        off_px = torch.as_tensor(np.round(self.origin[rows] / self.pixel), device=dev)
+        img = _integer_shift(img, off_px)
+        spec_u = rfft2_centered(img)
+        optics = torch.as_tensor(self.optics_of[rows], device=dev)
+        sig_full = st.sigma2[optics][:, self.shells_full.clamp(max=self.nsh - 1)]  # (B, N, N/2+1)
+        if o.zero_mask:
+            masked = soft_mask_outside(img, self.radius_px, o.maskedge)
+        else:
+            noise = _noise_images(
+                sig_full, self.shells_full, self.nsh, self.order[rows], self.seed, it
+            )
+            masked = soft_mask_outside(img, self.radius_px, o.maskedge, background=noise)
+        spec = rfft2_centered(masked)
+        ctf = self._ctf_half_plane(rows)
+        if self.do_scale:
+            ctf = ctf * st.scale[torch.as_tensor(self.group_of[rows], device=dev)][:, None, None]
+        # Power of the masked particle per shell (duplicate half column excluded), for the
+        # shells beyond the current size.
+        ky = torch.fft.fftfreq(self.box, 1.0 / self.box, device=dev)
+        dup = torch.zeros((self.box, self.box // 2 + 1), dtype=torch.bool, device=dev)
+        dup[:, 0] = ky < 0
+        p2 = (spec.real**2 + spec.imag**2).masked_fill(dup, 0.0)
+        sh = self.shells_full.reshape(-1).clamp(max=self.nsh)
+        full_power = torch.zeros((b, self.nsh + 1), dtype=torch.float64, device=dev)
+        full_power.index_add_(1, sh, p2.reshape(b, -1))
+        full_power = full_power[:, : self.nsh]
+        beyond = torch.arange(self.nsh, device=dev) > window.size // 2
+        high = (full_power * beyond).sum(1)
+        data = BatchData(
+            x=window.gather(spec).to(torch.complex64),
+            xu=window.gather(spec_u).to(torch.complex64),
+            ctf=window.gather(ctf).to(torch.float32),
+            sigma2=window.gather(sig_full).to(torch.float32),
+            dc=(window.kx == 0) & (window.ky == 0),
+            high_xi2=high,
+            offset_px=off_px,
+        )
+        return data, full_power
+
+    def _store(self, rows, hyp, psi_deg, t_f, off_px, new_norm) -> None:
+        best = hyp.best
+        ok = best < len(hyp.weight)
+        b = best.clamp(max=max(len(hyp.weight) - 1, 0))
+        if len(hyp.weight):
+            cls = hyp.cls[b].cpu().numpy()
+            psi = psi_deg[hyp.psi[b]].cpu().numpy()
+            tr = t_f[hyp.trans[b]].cpu().numpy()
+        else:
+            cls = np.zeros(len(rows), dtype=np.int64)
+            psi = np.zeros(len(rows))
+            tr = np.zeros((len(rows), 2))
+        ok = ok.cpu().numpy()
+        off = off_px.cpu().numpy()
+        psi = (psi + 180.0) % 360.0 - 180.0
+        self.cls[rows] = np.where(ok, cls, self.cls[rows])
+        self.psi[rows] = np.where(ok, psi, self.psi[rows])
+        self.origin[rows] = np.where(ok[:, None], (off + tr) * self.pixel, self.origin[rows])
+        self.pmax[rows] = hyp.pmax.cpu().numpy()
+        self.nsig[rows] = hyp.n_significant.cpu().numpy()
+        self.loglik[rows] = hyp.loglik.cpu().numpy()
+        if self.options.norm:
+            self.norm[rows] = new_norm.cpu().numpy()
+
+    # ---- after the M-step --------------------------------------------------------------------
+
+    def post_process(self) -> torch.Tensor:
+        """Centre and flatten the classes; return the unmasked (centred) ones."""
+        o, st = self.options, self.state
+        assert st is not None
+        if o.center_classes:
+            st.refs = mstep.center_classes(st.refs, o.offset_range)
+        unmasked = st.refs.clone()
+        if o.flatten_solvent:
+            st.refs = mstep.flatten_solvent(st.refs, self.radius_px, o.maskedge)
+        st.maxres = mstep.current_resolution_shell(st.data_vs_prior, st.pdf_class, o.minres_map)
+        return unmasked
+
+    def particle_table(self) -> pd.DataFrame:
+        table = self.ps.particles.copy()
+        table["rlnImageName"] = self.ps.image_names_from(Path.cwd())
+        table = table.iloc[self.order].reset_index(drop=True)
+        table["rlnGroupNumber"] = self.group_of + 1
+        if "rlnAngleRot" not in table.columns:
+            table["rlnAngleRot"] = 0.0
+        if "rlnAngleTilt" not in table.columns:
+            table["rlnAngleTilt"] = 0.0
+        table["rlnAnglePsi"] = self.psi
+        table["rlnOriginXAngst"] = self.origin[:, 0]
+        table["rlnOriginYAngst"] = self.origin[:, 1]
+        table["rlnClassNumber"] = self.cls + 1
+        table["rlnNormCorrection"] = self.norm
+        table["rlnLogLikeliContribution"] = self.loglik
+        table["rlnMaxValueProbDistribution"] = self.pmax
+        table["rlnNrOfSignificantSamples"] = self.nsig
+        return table
+
+    def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
+        assert self.state is not None
+        files = IterationFiles(self.root, it)
+        write_iteration(
+            files,
+            state=self.state,
+            options=self.options,
+            sampling=self.sampling,
+            optics=self.ps.optics,
+            particles=self.particle_table(),
+            groups=self.groups,
+            pixel_size=self.pixel,
+            current_size=self.current_size,
+            diameter=self.diameter,
+            seed=self.seed,
+            changes=changes,
+        )
+        return files
+
+
+# ---- vectorised helpers ----------------------------------------------------------------------
+
+
+def _ramps(t_px: torch.Tensor, window: FourierWindow, box: int) -> torch.Tensor:
+    """Phase ramps ``(T, C)`` that move content by ``+t``: ``exp(-2 pi i (kx x + ky y) / N)``."""
+    phase = -2 * math.pi * (window.kx[None] * t_px[:, :1] + window.ky[None] * t_px[:, 1:2]) / box
+    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
+
+
+def _log_prior_offset(
+    off_px: torch.Tensor, t_px: torch.Tensor, mu: torch.Tensor, sigma2: float, pixel: float
+) -> torch.Tensor:
+    """``(B, K, T)`` log Gaussian prior of the total offset ``p (o + t)`` (Å) around class priors.
+
+    RELION mixes pixels and Å here (its pitfall P12); tamis uses Å throughout.
+    """
+    total = pixel * (off_px[:, None, :] + t_px[None])  # (B, T, 2)
+    d = total[:, None, :, :] - mu[None, :, None, :]  # (B, K, T, 2)
+    return -(d**2).sum(-1) / (2 * sigma2) - math.log(2 * math.pi * sigma2)
+
+
+def _integer_shift(img: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
+    """Shift content by whole pixels ``off`` ``(B, 2)`` (x, y), zero fill (RELION's DONT_WRAP)."""
+    b, n, _ = img.shape
+    ar = torch.arange(n, device=img.device)
+    dx = off[:, 0].long()[:, None]
+    dy = off[:, 1].long()[:, None]
+    src_x = ar[None] - dx  # (B, N)
+    src_y = ar[None] - dy
+    vx = (src_x >= 0) & (src_x < n)
+    vy = (src_y >= 0) & (src_y < n)
+    g = img[
+        torch.arange(b, device=img.device)[:, None, None],
+        src_y.clamp(0, n - 1)[:, :, None],
+        src_x.clamp(0, n - 1)[:, None, :],
+    ]
+    return g * (vy[:, :, None] & vx[:, None, :])
+
+
+def _noise_images(
+    sig_full: torch.Tensor, shells: torch.Tensor, nsh: int, ids: np.ndarray, seed: int, it: int
+) -> torch.Tensor:
+    """Coloured noise backgrounds ``(B, N, N)`` with per-shell variance sigma2 (RELION's
+    non-zero-mask background), seeded per particle so results do not depend on batching."""
+    b, n, m = sig_full.shape
+    out = torch.empty((b, n, m), dtype=torch.complex128, device=sig_full.device)
+    for row, pid in enumerate(ids.tolist()):
+        g = np.random.default_rng([seed, it, int(pid)])
+        z = g.standard_normal((2, n, m))
+        out[row] = torch.complex(torch.from_numpy(z[0]), torch.from_numpy(z[1])).to(out.device)
+    std = torch.sqrt(sig_full.to(torch.float64)) * (shells <= nsh - 1)
+    from tamis.fourier import irfft2_centered
+
+    return irfft2_centered(out * std, (n, n))
+
+
+def run_class2d(
+    particles_path: str | Path | None,
+    output_root: str,
+    options: Class2DOptions,
+    *,
+    continue_from: str | Path | None = None,
+    log: Callable[[str], None] = print,
+    show_progress: bool = False,
+) -> Class2DResult:
+    """Run 2D classification (``relion_refine`` for 2D, EM) and write RELION's files.
+
+    ``particles_path`` is a particles STAR or cryoSPARC ``.cs`` file (ignored with
+    ``continue_from``, which reads the data.star named in the optimiser file).
+    """
+    control = Path(options.pipeline_control) if options.pipeline_control else None
+    if control is not None:
+        control.mkdir(parents=True, exist_ok=True)
+        for marker in (
+            "RELION_JOB_EXIT_SUCCESS",
+            "RELION_JOB_EXIT_FAILURE",
+            "RELION_JOB_EXIT_ABORTED",
+        ):
+            (control / marker).unlink(missing_ok=True)
+
+    def abort_requested() -> bool:
+        return control is not None and (control / "RELION_JOB_ABORT_NOW").exists()
+
+    try:
+        if continue_from is not None:
+            cont_opt = read_continue(continue_from)
+            data_path = cont_opt.data_path
+            root = output_root or cont_opt.root
+            ps = ParticleSet.from_file(data_path)
+            options = replace(options, K=len(cont_opt.classes))
+            run = Class2DRun(ps, options, root, log=log, show_progress=show_progress)
+            run.load_continue(continue_from)
+            start = run.state.iteration + 1
+        else:
+            if particles_path is None:
+                raise TamisError("--i is required (or --continue)")
+            ps = ParticleSet.from_file(particles_path)
+            run = Class2DRun(ps, options, output_root, log=log, show_progress=show_progress)
+            run.initialise()
+            run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
+            run.write(0)
+            start = 1
+        Path(run.root).parent.mkdir(parents=True, exist_ok=True)
+        files = IterationFiles(run.root, start - 1)
+        for it in range(start, options.iter + 1):
+            t0 = time.perf_counter()
+            changes = run.iterate(it, abort=abort_requested)
+            unmasked = run.post_process()
+            write_mrc(Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel)
+            files = run.write(it, changes)
+            st = run.state
+            frac = st.pdf_class.cpu().numpy()
+            nonempty = int((frac >= 0.005).sum())
+            log(
+                f"iteration {it:3d}: resolution {run.box * run.pixel / max(st.maxres, 1):6.1f} A, "
+                f"size {run.current_size}, {nonempty}/{len(frac)} classes with >= 0.5%, largest "
+                f"{frac.max():.1%}, class changes {changes[2]:.1%}, pmax {st.avg_pmax:.2f}, "
+                f"{run.n / (time.perf_counter() - t0):,.0f} particles/s"
+            )
+        st = run.state
+        if control is not None:
+            (control / "RELION_JOB_EXIT_SUCCESS").touch()
+        return Class2DResult(
+            optimiser=files.optimiser,
+            model=files.model,
+            data=files.data,
+            classes=files.classes,
+            iteration=st.iteration,
+            resolution=run.box * run.pixel / max(st.maxres, 1),
+            class_fractions=st.pdf_class.cpu().numpy(),
+        )
+    except _Abort:
+        if control is not None:
+            (control / "RELION_JOB_EXIT_ABORTED").touch()
+        raise TamisError("aborted (RELION_JOB_ABORT_NOW)") from None
+    except BaseException:
+        if control is not None:
+            (control / "RELION_JOB_EXIT_FAILURE").touch()
+        raise

@@ -1,0 +1,363 @@
+"""``run_itNNN_*`` files with RELION's names, tables and labels, and reading them back to continue.
+
+Every file is written atomically; the optimiser file, which ``--continue`` starts from, is written
+last, so an iteration counts as finished only when all its files exist.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tamis import __version__
+from tamis.class2d.sampling import Sampling
+from tamis.class2d.state import Class2DOptions, ModelState
+from tamis.errors import InputFileError
+from tamis.io.mrc import read_mrc, write_mrc
+from tamis.io.star import read_star, require_columns, write_star
+
+__all__ = ["IterationFiles", "write_iteration", "read_continue", "ContinueState"]
+
+
+@dataclass
+class IterationFiles:
+    """File names of one iteration for output root ``root`` (e.g. ``Class2D/job010/run``)."""
+
+    root: str
+    iteration: int
+
+    def path(self, what: str, ext: str = "star") -> Path:
+        return Path(f"{self.root}_it{self.iteration:03d}_{what}.{ext}")
+
+    @property
+    def classes(self) -> Path:
+        return self.path("classes", "mrcs")
+
+    @property
+    def model(self) -> Path:
+        return self.path("model")
+
+    @property
+    def data(self) -> Path:
+        return self.path("data")
+
+    @property
+    def optimiser(self) -> Path:
+        return self.path("optimiser")
+
+    @property
+    def sampling(self) -> Path:
+        return self.path("sampling")
+
+
+#: Labels RELION writes in every optimiser file that have no meaning for 2D classification;
+#: written with RELION's defaults so that readers expecting them find them.
+_RELION_FIXED = {
+    "rlnSgdInitialIterations": 50,
+    "rlnSgdFinalIterations": 50,
+    "rlnSgdInBetweenIterations": 200,
+    "rlnSgdInitialResolution": 35.0,
+    "rlnSgdFinalResolution": 15.0,
+    "rlnSgdInitialSubsetSize": 100,
+    "rlnSgdFinalSubsetSize": 500,
+    "rlnSgdSigma2FudgeInitial": 8.0,
+    "rlnSgdSigma2FudgeHalflife": -1,
+    "rlnSgdSkipAnneal": 0,
+    "rlnSgdStepsize": 0.5,
+    "rlnAutoLocalSearchesHealpixOrder": 4,
+    "rlnNumberOfIterWithoutResolutionGain": 0,
+    "rlnBestResolutionThusFar": 0.0,
+    "rlnNumberOfIterWithoutChangingAssignments": 0,
+    "rlnSmallestChangesOrientations": 999.0,
+    "rlnSmallestChangesOffsets": 999.0,
+    "rlnSmallestChangesClasses": 9999999,
+    "rlnLocalSymmetryFile": "None",
+    "rlnIgnoreHelicalSymmetry": 0,
+    "rlnFourierMask": "None",
+    "rlnHelicalTwistInitial": 0.0,
+    "rlnHelicalRiseInitial": 0.0,
+    "rlnHelicalCentralProportion": 0.3,
+    "rlnNrHelicalNStart": 1,
+    "rlnHelicalMaskTubeInnerDiameter": -1.0,
+    "rlnHelicalMaskTubeOuterDiameter": -1.0,
+    "rlnHelicalSymmetryLocalRefinement": 0,
+    "rlnHelicalSigmaDistance": -1.0,
+    "rlnHelicalKeepTiltPriorFixed": 0,
+    "rlnHasHighFscAtResolLimit": 0,
+    "rlnHasLargeSizeIncreaseIterationsAgo": 0,
+}
+
+
+def _yes(x: bool) -> int:
+    return 1 if x else 0
+
+
+def write_iteration(
+    files: IterationFiles,
+    *,
+    state: ModelState,
+    options: Class2DOptions,
+    sampling: Sampling,
+    optics: pd.DataFrame,
+    particles: pd.DataFrame,
+    groups: pd.DataFrame,
+    pixel_size: float,
+    current_size: int,
+    diameter: float,
+    seed: int,
+    changes: tuple[float, float, float] = (0.0, 0.0, 0.0),
+) -> None:
+    """Write classes.mrcs, model.star, data.star, sampling.star (not at it000), optimiser.star."""
+    k, n = state.n_classes, state.box
+    write_mrc(files.classes, state.refs.cpu().numpy(), pixel_size)
+    nsh = n // 2 + 1
+    shells = np.arange(nsh)
+    res = shells / (n * pixel_size)
+    with np.errstate(divide="ignore"):
+        ang = np.where(shells > 0, 1.0 / np.maximum(res, 1e-30), 999.0)
+    current_res_angst = n * pixel_size / max(state.maxres, 1)
+    general = {
+        "rlnReferenceDimensionality": 2,
+        "rlnDataDimensionality": 2,
+        "rlnOriginalImageSize": n,
+        "rlnCurrentResolution": current_res_angst,
+        "rlnCurrentImageSize": current_size,
+        "rlnPaddingFactor": float(options.pad),
+        "rlnIsHelix": 0,
+        "rlnFourierSpaceInterpolator": 1,
+        "rlnMinRadiusNnInterpolation": 10,
+        "rlnPixelSize": pixel_size,
+        "rlnNrClasses": k,
+        "rlnNrBodies": 1,
+        "rlnNrGroups": len(groups),
+        "rlnNrOpticsGroups": len(optics),
+        "rlnTau2FudgeFactor": options.tau2_fudge,
+        "rlnNormCorrectionAverage": state.avg_norm,
+        "rlnSigmaOffsetsAngst": float(np.sqrt(state.sigma2_offset)),
+        "rlnOrientationalPriorMode": 0,
+        "rlnSigmaPriorRotAngle": 0.0,
+        "rlnSigmaPriorTiltAngle": 0.0,
+        "rlnSigmaPriorPsiAngle": 0.0,
+        "rlnLogLikelihood": state.loglik,
+        "rlnAveragePmax": state.avg_pmax,
+    }
+    dvp = state.data_vs_prior.cpu().numpy()
+    est_res = []
+    for c in range(k):
+        below = np.flatnonzero(dvp[c] < 1)
+        maxres = int(below[0]) - 1 if len(below) else nsh - 1
+        est_res.append(999.0 if maxres <= 0 else n * pixel_size / maxres)
+    coverage = state.fourier_coverage.cpu().numpy()
+    acc_rot = state.acc_rot.cpu().numpy() if state.acc_rot.numel() == k else np.full(k, 999.0)
+    acc_tr = state.acc_trans.cpu().numpy() if state.acc_trans.numel() == k else np.full(k, 999.0)
+    classes = pd.DataFrame(
+        {
+            "rlnReferenceImage": [f"{c + 1:08d}@{files.classes}" for c in range(k)],
+            "rlnClassDistribution": state.pdf_class.cpu().numpy(),
+            "rlnAccuracyRotations": acc_rot,
+            "rlnAccuracyTranslationsAngst": acc_tr,
+            "rlnEstimatedResolution": est_res,
+            "rlnOverallFourierCompleteness": [
+                float(coverage[c, : max(state.maxres, 1) + 1].mean()) for c in range(k)
+            ],
+            "rlnClassPriorOffsetX": state.prior_offset[:, 0].cpu().numpy(),
+            "rlnClassPriorOffsetY": state.prior_offset[:, 1].cpu().numpy(),
+        }
+    )
+    blocks: dict[str, object] = {"model_general": general, "model_classes": classes}
+    for c in range(k):
+        blocks[f"model_class_{c + 1}"] = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells,
+                "rlnResolution": res,
+                "rlnAngstromResolution": ang,
+                "rlnSsnrMap": dvp[c],
+                "rlnGoldStandardFsc": np.zeros(nsh),
+                "rlnFourierCompleteness": coverage[c],
+                "rlnReferenceSigma2": state.sigma2_class[c].cpu().numpy(),
+                "rlnReferenceTau2": state.tau2[c].cpu().numpy(),
+                "rlnSpectralOrientabilityContribution": np.zeros(nsh),
+            }
+        )
+    blocks["model_groups"] = pd.DataFrame(
+        {
+            "rlnGroupNumber": np.arange(1, len(groups) + 1),
+            "rlnGroupName": groups["name"].astype(str).to_numpy(),
+            "rlnGroupNrParticles": groups["count"].to_numpy(),
+            "rlnGroupScaleCorrection": state.scale.cpu().numpy(),
+        }
+    )
+    sig = state.sigma2.cpu().numpy()
+    for o in range(len(optics)):
+        keep = sig[o] > 0
+        blocks[f"model_optics_group_{o + 1}"] = pd.DataFrame(
+            {
+                "rlnSpectralIndex": shells[keep],
+                "rlnResolution": res[keep],
+                "rlnSigma2Noise": sig[o][keep],
+            }
+        )
+    write_star(blocks, files.model)
+    write_star({"optics": optics, "particles": particles}, files.data)
+    if files.iteration > 0:
+        write_star(
+            {
+                "sampling_general": {
+                    "rlnIs3DSampling": 0,
+                    "rlnIs3DTranslationalSampling": 0,
+                    "rlnPsiStep": sampling.psi_step,
+                    "rlnOffsetRange": sampling.offset_range * pixel_size,
+                    "rlnOffsetStep": sampling.offset_step * pixel_size,
+                    "rlnHelicalOffsetStep": -1.0,
+                    "rlnSamplingPerturbInstance": sampling.perturbation,
+                    "rlnSamplingPerturbFactor": sampling.perturb_factor,
+                    "rlnHealpixOrderOriginal": -1,
+                    "rlnPsiStepOriginal": sampling.psi_step,
+                    "rlnOffsetRangeOriginal": sampling.offset_range * pixel_size,
+                    "rlnOffsetStepOriginal": sampling.offset_step * pixel_size,
+                }
+            },
+            files.sampling,
+        )
+    o = options
+    finite_rot = acc_rot[acc_rot < 999]
+    finite_tr = acc_tr[acc_tr < 999]
+    optimiser = {
+        "rlnOutputRootName": files.root,
+        "rlnModelStarFile": str(files.model),
+        "rlnExperimentalDataStarFile": str(files.data),
+        "rlnOrientSamplingStarFile": str(files.sampling),
+        "rlnCurrentIteration": files.iteration,
+        "rlnNumberOfIterations": o.iter,
+        "rlnDoSplitRandomHalves": 0,
+        "rlnJoinHalvesUntilThisResolution": -1.0,
+        "rlnAdaptiveOversampleOrder": o.oversampling,
+        "rlnAdaptiveOversampleFraction": o.adaptive_fraction,
+        "rlnRandomSeed": seed,
+        "rlnParticleDiameter": diameter,
+        "rlnWidthMaskEdge": int(o.maskedge),
+        "rlnDoZeroMask": _yes(o.zero_mask),
+        "rlnDoSolventFlattening": _yes(o.flatten_solvent),
+        "rlnDoSolventFscCorrection": 0,
+        "rlnSolventMaskName": "None",
+        "rlnSolventMask2Name": "None",
+        "rlnBodyStarFile": "None",
+        "rlnTauSpectrumName": "None",
+        "rlnMaximumCoarseImageSize": -1,
+        "rlnHighresLimitExpectation": o.strict_highres_exp,
+        "rlnLowresLimitExpectation": -1.0,
+        "rlnIncrementImageSize": o.incr_size,
+        "rlnDoMapEstimation": 1,
+        "rlnDoFastSubsetOptimisation": 0,
+        "rlnDoExternalReconstruct": 0,
+        "rlnDoGradientRefine": 0,
+        "rlnDoStochasticGradientDescent": 0,
+        "rlnDoStochasticEM": 0,
+        "rlnSgdMuFactor": 0.0,
+        "rlnSgdSubsetSize": -1,
+        "rlnSgdWriteEverySubset": 1,
+        "rlnMaximumSignificantPoses": o.max_significants,
+        "rlnDoAutoRefine": 0,
+        "rlnDoSkipAlign": 0,
+        "rlnDoSkipRotate": 0,
+        "rlnOverallAccuracyRotations": float(finite_rot.min()) if len(finite_rot) else 999.0,
+        "rlnOverallAccuracyTranslationsAngst": float(finite_tr.min()) if len(finite_tr) else 999.0,
+        "rlnChangesOptimalOrientations": changes[0],
+        "rlnChangesOptimalOffsets": changes[1],
+        "rlnChangesOptimalClasses": changes[2],
+        "rlnDoHelicalRefine": 0,
+        "rlnHasConverged": 0,
+        "rlnDoCorrectNorm": _yes(o.norm),
+        "rlnDoCorrectScale": _yes(o.scale),
+        "rlnDoCorrectCtf": _yes(o.ctf),
+        "rlnDoCenterClasses": _yes(o.center_classes),
+        "rlnDoIgnoreCtfUntilFirstPeak": _yes(o.ctf_intact_first_peak),
+        "rlnCtfDataArePhaseFlipped": _yes(o.ctf_phase_flipped),
+        "rlnDoOnlyFlipCtfPhases": _yes(o.only_flip_phases),
+        "rlnRefsAreCtfCorrected": 1,
+        "rlnFixSigmaNoiseEstimates": 0,
+        "rlnFixSigmaOffsetEstimates": 0,
+        "rlnMaxNumberOfPooledParticles": o.pool * o.j,
+        **_RELION_FIXED,
+    }
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    write_star(
+        {"optimiser_general": optimiser},
+        files.optimiser,
+        comment=f"tamis optimiser; version {__version__}\n# {command}",
+    )
+
+
+@dataclass
+class ContinueState:
+    """What ``--continue`` reads back."""
+
+    iteration: int
+    root: str
+    seed: int
+    optimiser: dict
+    model_general: dict
+    classes: pd.DataFrame
+    class_tables: list[pd.DataFrame]
+    groups: pd.DataFrame
+    sigma2: dict[int, pd.DataFrame]
+    refs: torch.Tensor
+    data_path: Path
+    sampling: dict
+
+
+def read_continue(optimiser_path: str | Path) -> ContinueState:
+    """Read ``run_itNNN_optimiser.star`` and the model/data/sampling files it names."""
+    path = Path(optimiser_path)
+    blocks = read_star(path)
+    opt = blocks.get("optimiser_general")
+    if not isinstance(opt, dict):
+        raise InputFileError(path, "has no data_optimiser_general block (not an optimiser file)")
+    for label in ("rlnModelStarFile", "rlnExperimentalDataStarFile", "rlnCurrentIteration"):
+        if label not in opt:
+            raise InputFileError(path, f"lacks {label}")
+    model_path = Path(str(opt["rlnModelStarFile"]))
+    model = read_star(model_path)
+    general = model.get("model_general")
+    classes = model.get("model_classes")
+    if not isinstance(general, dict) or not isinstance(classes, pd.DataFrame):
+        raise InputFileError(model_path, "lacks data_model_general or data_model_classes")
+    require_columns(
+        classes, ["rlnReferenceImage", "rlnClassDistribution"], model_path, "model_classes"
+    )
+    k = len(classes)
+    stack = str(classes["rlnReferenceImage"].iloc[0]).split("@", 1)[-1]
+    refs, _ = read_mrc(stack)
+    if refs.ndim == 2:
+        refs = refs[None]
+    if refs.shape[0] < k:
+        raise InputFileError(stack, f"holds {refs.shape[0]} images but the model has {k} classes")
+    sigma2 = {
+        int(name.rsplit("_", 1)[1]): table
+        for name, table in model.items()
+        if name.startswith("model_optics_group_") and isinstance(table, pd.DataFrame)
+    }
+    sampling_path = Path(str(opt.get("rlnOrientSamplingStarFile", "")))
+    sampling = {}
+    if sampling_path.is_file():
+        sampling = read_star(sampling_path).get("sampling_general") or {}
+    return ContinueState(
+        iteration=int(opt["rlnCurrentIteration"]),
+        root=str(opt.get("rlnOutputRootName", "")),
+        seed=int(opt.get("rlnRandomSeed", 0)),
+        optimiser=opt,
+        model_general=general,
+        classes=classes,
+        class_tables=[model[f"model_class_{c + 1}"] for c in range(k)],
+        groups=model.get("model_groups", pd.DataFrame()),
+        sigma2=sigma2,
+        refs=torch.from_numpy(np.ascontiguousarray(refs[:k])),
+        data_path=Path(str(opt["rlnExperimentalDataStarFile"])),
+        sampling=sampling,
+    )

@@ -1,0 +1,411 @@
+"""Weighted sums (from E-step hypotheses) and the M-step updates (RELION's ``storeWeightedSums``,
+``maximization`` and ``maximizationOtherParameters``), plus centring and solvent flattening."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
+from tamis.class2d.likelihood import BatchData, Hypotheses
+from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
+from tamis.fourier import radial_average, rfft2_centered, shell_index
+from tamis.masks import solvent_mask
+
+__all__ = [
+    "accumulate",
+    "maximize",
+    "center_classes",
+    "flatten_solvent",
+    "current_resolution_shell",
+    "spectrum",
+    "fill_missing",
+    "pixels_per_shell",
+]
+
+
+def spectrum(images: torch.Tensor, shells: torch.Tensor, nsh: int) -> torch.Tensor:
+    """Per-shell mean ``|F|²`` of real images ``(..., N, N)`` (RELION's ``getSpectrum``)."""
+    return radial_average(rfft2_centered(images).abs() ** 2, shells, nsh)
+
+
+def fill_missing(sigma2: torch.Tensor) -> torch.Tensor:
+    """Shells with no noise estimate (0) take the previous shell's value."""
+    out = sigma2.clone()
+    for s in range(1, out.shape[-1]):
+        out[..., s] = torch.where(out[..., s] <= 0, out[..., s - 1], out[..., s])
+    return out
+
+
+def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
+    """Half-plane pixels of an ``N`` box per shell, duplicated half column excluded."""
+    shells = shell_index((box, box), device=device)
+    ky = torch.fft.fftfreq(box, 1.0 / box, device=device)
+    dup = torch.zeros_like(shells, dtype=torch.bool)
+    dup[:, 0] = ky < 0
+    s = shells[~dup]
+    return torch.bincount(s[s < nsh], minlength=nsh).to(torch.float64)
+
+
+def accumulate(
+    sums: WeightedSums,
+    data: BatchData,
+    hyp: Hypotheses,
+    proj_f: torch.Tensor,
+    ramps_f: torch.Tensor,
+    window: FourierWindow,
+    *,
+    full_power: torch.Tensor,
+    optics: torch.Tensor,
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    ssnr_mask: torch.Tensor | None,
+    translations_px: torch.Tensor,
+    prior_offset: torch.Tensor,
+    pixel_size: float,
+    old_norm: torch.Tensor,
+    avg_norm: float,
+    nsh: int,
+    chunk: int = 4096,
+) -> torch.Tensor:
+    """Add one batch's significant hypotheses to ``sums``; return the new norm corrections ``(B,)``.
+
+    Reconstruction sums per (class, psi) use the *unmasked* particle; noise, norm and scale use
+    the masked one, through the per-particle expectations ``M1 = sum w conj(P) ramp`` and
+    ``M2 = sum w |P|²`` (residual power = ``c² M2 - 2 Re(c X M1) + W |X|²`` per pixel).
+    """
+    if hyp.dense is not None:
+        return _accumulate_dense(
+            sums,
+            data,
+            hyp,
+            proj_f,
+            ramps_f,
+            window,
+            full_power=full_power,
+            optics=optics,
+            groups=groups,
+            scale=scale,
+            ssnr_mask=ssnr_mask,
+            translations_px=translations_px,
+            prior_offset=prior_offset,
+            pixel_size=pixel_size,
+            old_norm=old_norm,
+            avg_norm=avg_norm,
+            nsh=nsh,
+        )
+    k, pf, c = proj_f.shape
+    b = data.x.shape[0]
+    dev = data.x.device
+    w = hyp.weight
+    inv_sig = 1.0 / data.sigma2
+    q = data.ctf * data.xu * inv_sig
+    cw = data.ctf * data.ctf * inv_sig
+    proj_flat = proj_f.reshape(k * pf, c)
+    fimg = sums.fimg.view(k * pf, c)
+    fweight = sums.fweight.view(k * pf, c)
+    m1 = torch.zeros((b, c), dtype=torch.complex128, device=dev)
+    m2 = torch.zeros((b, c), dtype=torch.float64, device=dev)
+    xa = torch.zeros(b, dtype=torch.float64, device=dev)
+    aa = torch.zeros(b, dtype=torch.float64, device=dev)
+    r_all = hyp.cls * pf + hyp.psi
+    for s in range(0, len(w), chunk):
+        sl = slice(s, s + chunk)
+        i, r, wc = hyp.particle[sl], r_all[sl], w[sl]
+        p = proj_flat[r]
+        ramp = ramps_f[hyp.trans[sl]]
+        g = p.conj() * ramp
+        p2 = p.real**2 + p.imag**2
+        wf = wc[:, None]
+        m1.index_add_(0, i, wf * g.to(torch.complex128))
+        m2.index_add_(0, i, wf * p2.to(torch.float64))
+        fimg.index_add_(0, r, wf * (q[i] * ramp).to(torch.complex128))
+        fweight.index_add_(0, r, wf * cw[i].to(torch.float64))
+        if ssnr_mask is not None:
+            msk = ssnr_mask[hyp.cls[sl]]
+            xa_h = (msk * (data.ctf[i] * data.x[i] * g).real).sum(1).to(torch.float64)
+            aa_h = (msk * data.ctf[i] ** 2 * p2).sum(1).to(torch.float64)
+            xa.index_add_(0, i, wc * xa_h)
+            aa.index_add_(0, i, wc * aa_h)
+    wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, w)
+    total = pixel_size * (data.offset_px[hyp.particle] + translations_px[hyp.trans])  # Å
+    sums.pdf_class.index_add_(0, hyp.cls, w)
+    sums.prior_offset.index_add_(0, hyp.cls, w[:, None] * total)
+    sums.sigma2_offset += float((w * ((prior_offset[hyp.cls] - total) ** 2).sum(1)).sum())
+    return _particle_sums(
+        sums,
+        data,
+        hyp,
+        m1,
+        m2,
+        wsum,
+        xa,
+        aa,
+        window,
+        full_power=full_power,
+        optics=optics,
+        groups=groups,
+        scale=scale,
+        with_scale=ssnr_mask is not None,
+        old_norm=old_norm,
+        avg_norm=avg_norm,
+        nsh=nsh,
+    )
+
+
+def _particle_sums(
+    sums: WeightedSums,
+    data: BatchData,
+    hyp: Hypotheses,
+    m1: torch.Tensor,
+    m2: torch.Tensor,
+    wsum: torch.Tensor,
+    xa: torch.Tensor,
+    aa: torch.Tensor,
+    window: FourierWindow,
+    *,
+    full_power: torch.Tensor,
+    optics: torch.Tensor,
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    with_scale: bool,
+    old_norm: torch.Tensor,
+    avg_norm: float,
+    nsh: int,
+) -> torch.Tensor:
+    """Noise, norm, scale and likelihood sums from the per-particle expectations M1, M2."""
+    dev = data.x.device
+    x = data.x.to(torch.complex128)
+    ctf = data.ctf.to(torch.float64)
+    rp = ctf**2 * m2 - 2 * (ctf * x * m1).real + wsum[:, None] * (x.real**2 + x.imag**2)
+    n_opt = sums.sigma2_noise.shape[0]
+    flat = (optics[:, None] * nsh + window.shell[None]).reshape(-1)
+    s2 = sums.sigma2_noise.view(-1)
+    s2.index_add_(0, flat, rp.reshape(-1))
+    beyond = (torch.arange(nsh, device=dev) > window.size // 2).to(torch.float64)
+    s2.view(n_opt, nsh).index_add_(0, optics, full_power * beyond)
+    sums.sumw_optics.index_add_(0, optics, wsum)
+    resid = rp.sum(1) + (full_power * beyond).sum(1)
+    new_norm = (old_norm / avg_norm) * torch.sqrt(2 * resid.clamp(min=0))
+    sums.norm_sum += float(new_norm.sum())
+    if with_scale:
+        s_g = scale[groups]
+        sums.xa.index_add_(0, groups, xa / s_g)
+        sums.aa.index_add_(0, groups, aa / s_g**2)
+    sums.loglik += float(hyp.loglik.sum())
+    sums.pmax_sum += float(hyp.pmax.sum())
+    return new_norm
+
+
+def _accumulate_dense(
+    sums: WeightedSums,
+    data: BatchData,
+    hyp: Hypotheses,
+    proj_f: torch.Tensor,
+    ramps_f: torch.Tensor,
+    window: FourierWindow,
+    *,
+    full_power: torch.Tensor,
+    optics: torch.Tensor,
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    ssnr_mask: torch.Tensor | None,
+    translations_px: torch.Tensor,
+    prior_offset: torch.Tensor,
+    pixel_size: float,
+    old_norm: torch.Tensor,
+    avg_norm: float,
+    nsh: int,
+    budget: int = 1 << 27,
+) -> torch.Tensor:
+    """:func:`accumulate` for dense weights ``(B, K, Pf, Tf)``, as GEMMs.
+
+    ``Mix(i, r) = sum_t W(i, r, t) ramp_t`` is one GEMM; the reconstruction sums, M1 and the scale
+    sums follow from it; M2 and the weights per (class, psi) are GEMMs over ``sum_t W``.
+    """
+    assert hyp.dense is not None
+    k, pf, c = proj_f.shape
+    r = k * pf
+    b = data.x.shape[0]
+    dev = data.x.device
+    wd = hyp.dense.to(torch.float64)
+    wr = wd.sum(-1).reshape(b, r)  # (B, R)
+    inv_sig = 1.0 / data.sigma2
+    q = (data.ctf * data.xu * inv_sig).to(torch.complex64)
+    cw = (data.ctf * data.ctf * inv_sig).to(torch.float64)
+    p = proj_f.reshape(r, c)
+    p2 = (p.real**2 + p.imag**2).to(torch.float64)
+    sums.fweight.view(r, c).add_(wr.T @ cw)
+    m2 = wr @ p2
+    wf32 = wd.reshape(b, r, -1).to(torch.float32)
+    rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
+    m1 = torch.zeros((b, c), dtype=torch.complex128, device=dev)
+    xa = torch.zeros(b, dtype=torch.float64, device=dev)
+    step = max(1, budget // max(r * c, 1))
+    fimg = sums.fimg.view(r, c)
+    for s in range(0, b, step):
+        sl = slice(s, s + step)
+        mix = torch.complex(wf32[sl] @ rr, wf32[sl] @ ri)  # (b', R, C)
+        fimg.add_(torch.einsum("ic,irc->rc", q[sl], mix).to(torch.complex128))
+        m1k = (p.conj()[None] * mix).reshape(-1, k, pf, c).sum(2)  # (b', K, C)
+        m1[sl] = m1k.sum(1).to(torch.complex128)
+        if ssnr_mask is not None:
+            re = (data.ctf[sl, None, :] * data.x[sl, None, :] * m1k).real
+            xa[sl] = (ssnr_mask[None] * re).sum((1, 2)).to(torch.float64)
+    aa = torch.zeros(b, dtype=torch.float64, device=dev)
+    if ssnr_mask is not None:
+        m2k = torch.einsum("ikp,kpc->ikc", wr.reshape(b, k, pf), p2.reshape(k, pf, c))
+        aa = (ssnr_mask[None] * data.ctf.to(torch.float64)[:, None, :] ** 2 * m2k).sum((1, 2))
+    wsum = wd.sum((1, 2, 3))
+    wkt = wd.sum(2)  # (B, K, Tf)
+    total = pixel_size * (data.offset_px[:, None, :] + translations_px[None])  # (B, Tf, 2) Å
+    sums.pdf_class.add_(wkt.sum((0, 2)))
+    sums.prior_offset.add_(torch.einsum("ikt,itd->kd", wkt, total))
+    d2 = ((prior_offset[None, :, None, :] - total[:, None]) ** 2).sum(-1)  # (B, K, Tf)
+    sums.sigma2_offset += float((wkt * d2).sum())
+    return _particle_sums(
+        sums,
+        data,
+        hyp,
+        m1,
+        m2,
+        wsum,
+        xa,
+        aa,
+        window,
+        full_power=full_power,
+        optics=optics,
+        groups=groups,
+        scale=scale,
+        with_scale=ssnr_mask is not None,
+        old_norm=old_norm,
+        avg_norm=avg_norm,
+        nsh=nsh,
+    )
+
+
+def maximize(
+    st: ModelState,
+    sums: WeightedSums,
+    psi_deg: torch.Tensor,
+    window: FourierWindow,
+    *,
+    tau2: torch.Tensor,
+    options: Class2DOptions,
+    current_size: int,
+    group_counts: torch.Tensor,
+    do_scale: bool,
+    n_particles: int,
+) -> ModelState:
+    """Reconstruct the classes and update every other model parameter (EM: mu = 0)."""
+    o = options
+    box = st.box
+    nsh = box // 2 + 1
+    r_max = current_size / 2
+    d, w = back_rotate(sums.fimg, sums.fweight, psi_deg, window, pad=o.pad)
+    refs = reconstruct(
+        d,
+        w,
+        box=box,
+        r_max=r_max,
+        tau2=tau2,
+        tau2_fudge=o.tau2_fudge,
+        pad=o.pad,
+        minres_map=o.minres_map,
+    )
+    active = (sums.pdf_class > 0) & (st.pdf_class > 0) & (w.sum(dim=(1, 2)) > 1e-20)
+    refs = refs * active[:, None, None]
+    sigma2_class, dvp, coverage = ssnr_arrays(
+        w, tau2, r_max=r_max, tau2_fudge=o.tau2_fudge, pad=o.pad
+    )
+    sum_w = float(sums.pdf_class.sum())
+    if sum_w <= 0:
+        raise RuntimeError("no particle contributed to this iteration")
+    avg_norm = sums.norm_sum / sum_w if o.norm else st.avg_norm
+    scale = st.scale
+    if do_scale:
+        s = torch.where(sums.aa > 0, sums.xa / sums.aa.clamp(min=1e-300), torch.ones_like(sums.aa))
+        med = torch.sort(s).values[len(s) // 2]
+        s = s.clamp(min=float(med) / 5, max=5 * float(med))
+        counts = group_counts.to(torch.float64)
+        scale = s / ((counts * s).sum() / counts.sum())
+    pdf_class = sums.pdf_class / sum_w
+    pdf_class = pdf_class / pdf_class.sum()
+    pdf_direction = sums.pdf_class / sum_w
+    prior = torch.where(
+        sums.pdf_class[:, None] > 0,
+        sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300),
+        torch.zeros_like(sums.prior_offset),
+    )
+    sigma2_offset = max(sums.sigma2_offset / (2 * sum_w), 2.0)
+    npix = pixels_per_shell(box, nsh, st.sigma2.device)
+    sigma2 = st.sigma2.clone()
+    for og in range(sigma2.shape[0]):
+        if float(sums.sigma2_noise[og].sum()) == 0 or float(sums.sumw_optics[og]) == 0:
+            continue
+        new = sums.sigma2_noise[og] / (2 * sums.sumw_optics[og] * npix.clamp(min=1))
+        for s_ in range(1, nsh):
+            if new[s_] < 1e-14:
+                new[s_] = new[s_ - 1]
+        sigma2[og] = new
+    return ModelState(
+        refs=refs,
+        sigma2=sigma2,
+        pdf_class=pdf_class,
+        pdf_direction=pdf_direction,
+        prior_offset=prior,
+        sigma2_offset=sigma2_offset,
+        avg_norm=avg_norm,
+        scale=scale,
+        data_vs_prior=dvp,
+        fourier_coverage=coverage,
+        sigma2_class=sigma2_class,
+        tau2=tau2,
+        maxres=st.maxres,
+        iteration=st.iteration,
+        perturbation=st.perturbation,
+        loglik=sums.loglik,
+        avg_pmax=sums.pmax_sum / sum_w,
+        acc_rot=st.acc_rot,
+        acc_trans=st.acc_trans,
+    )
+
+
+def current_resolution_shell(dvp: torch.Tensor, pdf_class: torch.Tensor, minres: int = 5) -> int:
+    """RELION's ``updateCurrentResolution``: per class the last shell before SSNR first drops
+    below 1; the maximum over classes, at least ``minres``."""
+    best = minres
+    for c in range(dvp.shape[0]):
+        if pdf_class[c] <= 0:
+            continue
+        below = torch.nonzero(dvp[c, 1:] < 1)
+        # first shell >= 1 below 1 is below[0] + 1; the resolution is the shell before it
+        ires = int(below[0]) if len(below) else dvp.shape[1] - 1
+        best = max(best, ires)
+    return best
+
+
+def center_classes(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
+    """Move each class's centre of mass of positive density to the origin (capped length)."""
+    k, n, _ = refs.shape
+    c = torch.arange(n, device=refs.device, dtype=torch.float64) - n // 2
+    pos = refs.to(torch.float64).clamp(min=0)
+    mass = pos.sum(dim=(1, 2)).clamp(min=1e-30)
+    com = torch.stack([(pos.sum(1) * c).sum(1) / mass, (pos.sum(2) * c).sum(1) / mass], 1)  # (x, y)
+    length = com.norm(dim=1, keepdim=True)
+    com = torch.where(length > max_shift_px, com * max_shift_px / length.clamp(min=1e-30), com)
+    # output(r) = input(r + com): bilinear, zero outside
+    yy, xx = torch.meshgrid(c, c, indexing="ij")
+    gx = (xx[None] + com[:, 0, None, None] + n // 2) * (2.0 / (n - 1)) - 1.0
+    gy = (yy[None] + com[:, 1, None, None] + n // 2) * (2.0 / (n - 1)) - 1.0
+    grid = torch.stack([gx, gy], -1).to(refs.dtype)
+    out = F.grid_sample(
+        refs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+    )
+    return out[:, 0]
+
+
+def flatten_solvent(refs: torch.Tensor, radius_px: float, width: float = 5.0) -> torch.Tensor:
+    """Multiply by RELION's solvent mask (1 inside, cosine edge to 0 outside the diameter)."""
+    mask = solvent_mask(refs.shape[-1], radius_px, width, device=refs.device)
+    return refs * mask.to(refs.dtype)

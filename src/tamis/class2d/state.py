@@ -1,0 +1,123 @@
+"""Options, model state and weighted sums of 2D classification (plain dataclasses)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["Class2DOptions", "ModelState", "WeightedSums"]
+
+
+@dataclass
+class Class2DOptions:
+    """RELION ``relion_refine`` options for 2D classification, with RELION's defaults.
+
+    Sampling is in pixels/degrees as on RELION's command line (``--offset_range``,
+    ``--offset_step`` in pixels; ``--psi_step`` in degrees). The GUI passes twice its displayed
+    angular and offset steps with ``--oversampling 1``; see ``tamis class2d --help``.
+    """
+
+    K: int = 1
+    iter: int = 25
+    tau2_fudge: float = 1.0
+    particle_diameter: float | None = None  # Å; default (N - 5) * p
+    zero_mask: bool = False
+    ctf: bool = False
+    ctf_intact_first_peak: bool = False
+    ctf_phase_flipped: bool = False
+    only_flip_phases: bool = False
+    strict_highres_exp: float = -1.0
+    flatten_solvent: bool = False
+    center_classes: bool = False
+    norm: bool = False
+    scale: bool = False
+    psi_step: float = 10.0
+    offset_range: float = 6.0
+    offset_step: float = 2.0
+    oversampling: int = 1
+    random_seed: int | None = None
+    pool: int = 1
+    preread_images: bool = False
+    j: int = 1
+    device: str = "auto"
+    batch_size: int | None = None
+    adaptive_fraction: float = 0.999
+    max_significants: int = -1
+    incr_size: int = 10
+    pad: int = 2
+    maskedge: float = 5.0
+    offset: float = 10.0  # initial sigma of offsets, Å
+    init_blobs: bool = True
+    nr_parts_sigma2noise: int = 1000
+    minres_map: int = 5
+    perturb: float = 0.5
+    pipeline_control: Path | None = None
+
+
+@dataclass
+class ModelState:
+    """Everything the next iteration needs (besides the per-particle table)."""
+
+    refs: torch.Tensor  # (K, N, N) float32
+    sigma2: torch.Tensor  # (n_optics, N//2+1) float64
+    pdf_class: torch.Tensor  # (K,)
+    pdf_direction: torch.Tensor  # (K,)
+    prior_offset: torch.Tensor  # (K, 2) Å
+    sigma2_offset: float  # Å²
+    avg_norm: float
+    scale: torch.Tensor  # (n_groups,)
+    data_vs_prior: torch.Tensor  # (K, N//2+1)
+    fourier_coverage: torch.Tensor  # (K, N//2+1)
+    sigma2_class: torch.Tensor  # (K, N//2+1)
+    tau2: torch.Tensor  # (K, N//2+1), spectrum of the references that went into this iteration
+    maxres: int  # shell of the current resolution
+    iteration: int = 0
+    perturbation: float = 0.0
+    loglik: float = 0.0
+    avg_pmax: float = 0.0
+    acc_rot: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    acc_trans: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    @property
+    def n_classes(self) -> int:
+        return self.refs.shape[0]
+
+    @property
+    def box(self) -> int:
+        return self.refs.shape[-1]
+
+
+@dataclass
+class WeightedSums:
+    """Sums over particles gathered by the E-step, consumed by the M-step."""
+
+    fimg: torch.Tensor  # (K, Pf, C) complex128: sum w c X_unmasked^t / sigma2
+    fweight: torch.Tensor  # (K, Pf, C) float64: sum w c² / sigma2
+    sigma2_noise: torch.Tensor  # (n_optics, nsh)
+    sumw_optics: torch.Tensor  # (n_optics,)
+    pdf_class: torch.Tensor  # (K,)
+    prior_offset: torch.Tensor  # (K, 2) Å
+    sigma2_offset: float = 0.0
+    xa: torch.Tensor | None = None  # (n_groups,)
+    aa: torch.Tensor | None = None
+    norm_sum: float = 0.0
+    loglik: float = 0.0
+    pmax_sum: float = 0.0
+
+    @classmethod
+    def zeros(
+        cls, k: int, n_psi: int, n_pix: int, n_optics: int, nsh: int, n_groups: int, device
+    ) -> WeightedSums:
+        f64 = {"dtype": torch.float64, "device": device}
+        return cls(
+            fimg=torch.zeros((k, n_psi, n_pix), dtype=torch.complex128, device=device),
+            fweight=torch.zeros((k, n_psi, n_pix), **f64),
+            sigma2_noise=torch.zeros((n_optics, nsh), **f64),
+            sumw_optics=torch.zeros(n_optics, **f64),
+            pdf_class=torch.zeros(k, **f64),
+            prior_offset=torch.zeros((k, 2), **f64),
+            xa=torch.zeros(n_groups, **f64),
+            aa=torch.zeros(n_groups, **f64),
+        )

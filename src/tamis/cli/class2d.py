@@ -1,0 +1,116 @@
+"""``tamis class2d``: RELION's 2D classification (regularised-likelihood EM).
+
+Options keep ``relion_refine``'s names. How RELION's GUI ("2D classification" job) maps onto them:
+
+- In-plane angular sampling X deg in the GUI -> ``--psi_step 2X --oversampling 1`` (GUI 6 -> 12).
+- Offset search step X px in the GUI -> ``--offset_step 2X`` (GUI 1 -> 2); range is passed as is.
+- Limit resolution E-step to R A -> ``--strict_highres_exp R``.
+- Mask individual particles with zeros -> ``--zero_mask``; Ignore CTFs until first peak ->
+  ``--ctf_intact_first_peak``; Do CTF-correction -> ``--ctf``; Center class averages ->
+  ``--center_classes``; Regularisation parameter T -> ``--tau2_fudge``; Mask diameter ->
+  ``--particle_diameter``. The GUI also always passes ``--flatten_solvent --norm --scale``.
+
+Example (the GUI's EM command with its defaults)::
+
+    tamis class2d --i Extract/job005/particles.star --o Class2D/job006/run --K 50 --iter 25 \\
+        --ctf --tau2_fudge 2 --particle_diameter 200 --flatten_solvent --zero_mask \\
+        --center_classes --oversampling 1 --psi_step 12 --offset_range 5 --offset_step 2 \\
+        --norm --scale --j 4
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tamis.cli._common import console, user_errors
+
+
+@user_errors
+def class2d(
+    i: Path = typer.Option(None, "--i", help="Particles STAR file (or cryoSPARC .cs)."),
+    o: str = typer.Option("", "--o", help="Output root, e.g. Class2D/job010/run."),
+    K: int = typer.Option(1, "--K", help="Number of classes."),
+    iter: int = typer.Option(25, "--iter", help="Total number of iterations."),
+    cont: Path = typer.Option(
+        None, "--continue", help="Continue from run_itNNN_optimiser.star (--iter is the total)."
+    ),
+    ctf: bool = typer.Option(False, "--ctf", help="Do CTF correction."),
+    ctf_intact_first_peak: bool = typer.Option(False, "--ctf_intact_first_peak"),
+    ctf_phase_flipped: bool = typer.Option(False, "--ctf_phase_flipped"),
+    only_flip_phases: bool = typer.Option(False, "--only_flip_phases"),
+    tau2_fudge: float = typer.Option(1.0, "--tau2_fudge", help="Regularisation parameter T."),
+    particle_diameter: float = typer.Option(
+        -1.0, "--particle_diameter", help="Mask diameter in A (default (box - 5) x pixel)."
+    ),
+    zero_mask: bool = typer.Option(False, "--zero_mask", help="Mask particles with the mean."),
+    strict_highres_exp: float = typer.Option(
+        -1.0, "--strict_highres_exp", help="E-step limit (A)."
+    ),
+    flatten_solvent: bool = typer.Option(False, "--flatten_solvent"),
+    center_classes: bool = typer.Option(False, "--center_classes"),
+    norm: bool = typer.Option(False, "--norm", help="Correct per-particle normalisation."),
+    scale: bool = typer.Option(False, "--scale", help="Correct per-group intensity scale."),
+    random_seed: int = typer.Option(-1, "--random_seed", help="Seed (default: time)."),
+    psi_step: float = typer.Option(10.0, "--psi_step", help="Coarse in-plane step (degrees)."),
+    offset_range: float = typer.Option(6.0, "--offset_range", help="Offset search range (px)."),
+    offset_step: float = typer.Option(2.0, "--offset_step", help="Coarse offset step (px)."),
+    oversampling: int = typer.Option(1, "--oversampling", help="Adaptive oversampling order."),
+    pool: int = typer.Option(1, "--pool", help="Particles per batch per thread (RELION's pool)."),
+    preread_images: bool = typer.Option(False, "--preread_images", help="Read all images first."),
+    j: int = typer.Option(1, "--j", help="CPU threads."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda:N."),
+    gpu: str = typer.Option(None, "--gpu", help="RELION-style: use the GPU (ids: first is used)."),
+    batch_size: int = typer.Option(0, "--batch_size", help="Particles per batch (0: from memory)."),
+    pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
+) -> None:
+    """RELION's 2D classification (EM); writes run_itNNN_{classes.mrcs,model,data,optimiser,sampling}."""
+    from tamis.class2d import Class2DOptions, run_class2d
+
+    if gpu is not None:
+        ids = [g for g in gpu.replace(",", ":").split(":") if g.strip()]
+        device = f"cuda:{ids[0]}" if ids else "cuda"
+    options = Class2DOptions(
+        K=K,
+        iter=iter,
+        tau2_fudge=tau2_fudge,
+        particle_diameter=particle_diameter if particle_diameter > 0 else None,
+        zero_mask=zero_mask,
+        ctf=ctf,
+        ctf_intact_first_peak=ctf_intact_first_peak,
+        ctf_phase_flipped=ctf_phase_flipped,
+        only_flip_phases=only_flip_phases,
+        strict_highres_exp=strict_highres_exp,
+        flatten_solvent=flatten_solvent,
+        center_classes=center_classes,
+        norm=norm,
+        scale=scale,
+        psi_step=psi_step,
+        offset_range=offset_range,
+        offset_step=offset_step,
+        oversampling=oversampling,
+        random_seed=random_seed if random_seed >= 0 else None,
+        pool=pool,
+        preread_images=preread_images,
+        j=j,
+        device=device,
+        batch_size=batch_size or None,
+        pipeline_control=pipeline_control,
+    )
+    if cont is None and not o:
+        from tamis.errors import TamisError
+
+        raise TamisError("--o is required")
+    result = run_class2d(
+        i,
+        o,
+        options,
+        continue_from=cont,
+        log=lambda s: console.print(s, highlight=False),
+        show_progress=True,
+    )
+    console.print(
+        f"done: {result.optimiser} (iteration {result.iteration}, resolution {result.resolution:.1f} A)",
+        highlight=False,
+    )

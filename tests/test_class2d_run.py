@@ -1,0 +1,223 @@
+"""2D classification end to end on small simulated data: files, truth recovery, continue, control."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tamis.class2d import Class2DOptions, run_class2d
+from tamis.errors import TamisError
+from tamis.io.mrc import read_mrc
+from tamis.io.star import read_star
+from tamis.simulate.particles import ParticleSimulation, simulate_particles
+
+DATA = Path(__file__).parent / "data" / "star"
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("c2d")
+    simulate_particles(
+        ParticleSimulation(
+            structures=["builtin:8zpm", "builtin:8zpm@R"],
+            n_particles=240,
+            box_size=32,
+            pixel_size=4.5,
+            snr=0.3,
+            junk_fraction=0.1,
+            junk_kinds=("ice", "empty"),
+            particles_per_micrograph=60,
+            seed=2,
+        ),
+        out / "sim",
+    )
+    return out
+
+
+def image_key(name: str) -> str:
+    """``N@any/dir/stack.mrcs`` -> ``N@stack.mrcs`` (output names resolve from the current dir)."""
+    index, _, stack = name.partition("@")
+    return f"{int(index)}@{Path(stack).name}"
+
+
+def options(**kw) -> Class2DOptions:
+    base = dict(
+        K=4,
+        iter=4,
+        tau2_fudge=2.0,
+        particle_diameter=130.0,
+        ctf=True,
+        zero_mask=True,
+        flatten_solvent=True,
+        center_classes=True,
+        norm=True,
+        scale=True,
+        psi_step=20.0,
+        offset_range=3.0,
+        offset_step=1.5,
+        random_seed=5,
+        batch_size=64,
+    )
+    base.update(kw)
+    return Class2DOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def full_run(sim):
+    root = str(sim / "full" / "run")
+    result = run_class2d(sim / "sim" / "particles.star", root, options(), log=lambda s: None)
+    return root, result
+
+
+def test_files_are_relion_shaped(full_run):
+    root, result = full_run
+    for it in range(5):
+        for what in ("model.star", "data.star", "optimiser.star", "classes.mrcs"):
+            assert Path(f"{root}_it{it:03d}_{what}").is_file(), (it, what)
+    assert not Path(f"{root}_it000_sampling.star").exists()
+    classes, apix = read_mrc(result.classes)
+    assert classes.shape == (4, 32, 32) and apix == pytest.approx(4.5)
+    model = read_star(result.model)
+    assert list(model)[:2] == ["model_general", "model_classes"]
+    assert [f"model_class_{k}" for k in range(1, 5)] == list(model)[2:6]
+    assert list(model)[6:] == ["model_groups", "model_optics_group_1"]
+    assert model["model_classes"]["rlnReferenceImage"].iloc[1].startswith("00000002@")
+    assert model["model_general"]["rlnNrClasses"] == 4
+    data = read_star(result.data)
+    assert list(data) == ["optics", "particles"]
+    for label in (
+        "rlnClassNumber",
+        "rlnAnglePsi",
+        "rlnOriginXAngst",
+        "rlnOriginYAngst",
+        "rlnLogLikeliContribution",
+        "rlnMaxValueProbDistribution",
+        "rlnNrOfSignificantSamples",
+        "rlnNormCorrection",
+        "rlnGroupNumber",
+    ):
+        assert label in data["particles"].columns
+    # Same blocks and labels as RELION's own 2D files.
+    ours = read_star(result.optimiser)
+    relion = read_star(DATA / "run_it025_optimiser_2D.star")
+    assert list(ours) == list(relion)
+    missing = set(relion["optimiser_general"]) - set(ours["optimiser_general"])
+    assert not missing, missing
+    samp = read_star(Path(f"{root}_it004_sampling.star"))
+    relion_s = read_star(DATA / "run_it025_sampling_2D.star")
+    assert list(samp) == list(relion_s)
+    assert list(samp["sampling_general"]) == list(relion_s["sampling_general"])
+
+
+def test_classes_separate_structures_and_junk(sim, full_run):
+    root, result = full_run
+    truth = pd.read_csv(sim / "sim" / "ground_truth.csv")
+    data = read_star(result.data)["particles"]
+    truth = truth.set_index(truth["image_name"].map(image_key)).loc[
+        data["rlnImageName"].map(image_key)
+    ]
+    cls = data["rlnClassNumber"].to_numpy()
+    assert set(cls) <= {1, 2, 3, 4}
+    # Junk (ice, empty boxes) ends up away from the particles, in classes that are mostly junk.
+    junk = truth["kind"].to_numpy() != "particle"
+    junk_class = {c: junk[cls == c].mean() >= 0.5 for c in set(cls)}
+    in_junk_class = np.array([junk_class[c] for c in cls])
+    assert in_junk_class[junk].mean() >= 0.8
+    assert in_junk_class[~junk].mean() <= 0.05
+    frac = read_star(result.model)["model_classes"]["rlnClassDistribution"].to_numpy()
+    assert frac.sum() == pytest.approx(1.0)
+
+
+def test_continue_equals_uninterrupted(sim, full_run):
+    root_full, result_full = full_run
+    root = str(sim / "split" / "run")
+    star = sim / "sim" / "particles.star"
+    run_class2d(star, root, options(iter=2), log=lambda s: None)
+    result = run_class2d(
+        None,
+        root,
+        options(iter=4),
+        continue_from=f"{root}_it002_optimiser.star",
+        log=lambda s: None,
+    )
+    assert result.iteration == 4
+    a = read_star(result_full.data)["particles"]
+    b = read_star(result.data)["particles"]
+    assert np.mean(a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()) >= 0.98
+    ra, _ = read_mrc(result_full.classes)
+    rb, _ = read_mrc(result.classes)
+    assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+
+
+def test_pipeline_control_markers_and_abort(sim):
+    job = sim / "job"
+    root = str(job / "run")
+    run_class2d(
+        sim / "sim" / "particles.star",
+        root,
+        options(iter=1, pipeline_control=job),
+        log=lambda s: None,
+    )
+    assert (job / "RELION_JOB_EXIT_SUCCESS").exists()
+    (job / "RELION_JOB_ABORT_NOW").touch()
+    with pytest.raises(TamisError, match="aborted"):
+        run_class2d(
+            sim / "sim" / "particles.star",
+            root,
+            options(iter=1, pipeline_control=job),
+            log=lambda s: None,
+        )
+    assert (job / "RELION_JOB_EXIT_ABORTED").exists()
+    assert not (job / "RELION_JOB_EXIT_SUCCESS").exists()
+
+
+def test_without_zero_mask_and_oversampling_zero(sim):
+    result = run_class2d(
+        sim / "sim" / "particles.star",
+        str(sim / "plain" / "run"),
+        options(iter=2, zero_mask=False, oversampling=0, norm=False, scale=False, K=2),
+        log=lambda s: None,
+    )
+    data = read_star(result.data)["particles"]
+    assert set(data["rlnClassNumber"]) <= {1, 2}
+    assert np.isfinite(data["rlnLogLikeliContribution"]).all()
+
+
+def test_cli_class2d(sim):
+    from typer.testing import CliRunner
+
+    from tamis.cli.main import app
+
+    out = CliRunner().invoke(
+        app,
+        [
+            "class2d",
+            "--i",
+            str(sim / "sim" / "particles.star"),
+            "--o",
+            str(sim / "cli" / "run"),
+            "--K",
+            "2",
+            "--iter",
+            "1",
+            "--ctf",
+            "--zero_mask",
+            "--psi_step",
+            "30",
+            "--offset_range",
+            "2",
+            "--offset_step",
+            "2",
+            "--random_seed",
+            "1",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert out.exit_code == 0, out.output
+    assert (sim / "cli" / "run_it001_optimiser.star").is_file()
+    bad = CliRunner().invoke(app, ["class2d", "--i", str(sim / "missing.star"), "--o", "x/run"])
+    assert bad.exit_code == 1 and bad.output.strip().startswith("error:")
