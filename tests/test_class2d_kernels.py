@@ -19,8 +19,8 @@ from tamis.class2d.fourier2d import (
 from tamis.class2d.likelihood import (
     BatchData,
     _diff2_dense,
+    _pair_significance,
     expectation,
-    segment_significance,
     significant_mask,
 )
 from tamis.class2d.mstep import center_classes
@@ -337,10 +337,11 @@ def test_significant_mask_matches_loop():
             run += w[j]
             thr = w[j]
         np.testing.assert_array_equal(ours[row], w >= thr)
-    seg = torch.tensor([0] * 50 + [1] * 50)
-    keep, norm_w, _ = segment_significance(seg, logw[:2].reshape(-1), 2, 0.9)
-    np.testing.assert_array_equal(keep.numpy(), ours[:2].reshape(-1))
-    np.testing.assert_allclose(norm_w.reshape(2, 50).sum(1).numpy(), [1.0, 1.0])
+    # The pair version: each particle's weights split over several pairs (rows).
+    particle = torch.tensor([0] * 5 + [1] * 5)
+    lse, keep = _pair_significance(particle, logw[:2].reshape(10, 10), 2, 0.9)
+    np.testing.assert_array_equal(keep.reshape(2, 50).numpy(), ours[:2])
+    np.testing.assert_allclose(lse.numpy(), torch.logsumexp(logw[:2], 1).numpy())
 
 
 def make_batch(seed: int, b: int, window: FourierWindow, cplx, rng) -> BatchData:
@@ -411,8 +412,7 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
     return out
 
 
-@pytest.mark.parametrize("dense_fraction", [1e9, 0.0])  # sparse path, dense path
-def test_two_pass_expectation_matches_slow_reference(dense_fraction):
+def test_two_pass_expectation_matches_slow_reference():
     rng, cplx = random_problem(6)
     n = 16
     window = FourierWindow.create(n, 10)
@@ -443,37 +443,23 @@ def test_two_pass_expectation_matches_slow_reference(dense_fraction):
         n_over_psi=2,
         n_over_trans=4,
         fraction=0.999,
-        dense_fraction=dense_fraction,
     )
     ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
-    if hyp.dense is None:
-        got = [dict() for _ in range(b)]
-        for p, kk, ps, t, w in zip(
-            hyp.particle.tolist(),
-            hyp.cls.tolist(),
-            hyp.psi.tolist(),
-            hyp.trans.tolist(),
-            hyp.weight.tolist(),
-            strict=True,
-        ):
-            got[p][(kk, ps, t)] = w
-    else:
-        got = [
-            {
-                tuple(idx): hyp.dense[i][tuple(idx)].item()
-                for idx in torch.nonzero(hyp.dense[i] > 0).tolist()
-            }
-            for i in range(b)
-        ]
+    got = [dict() for _ in range(b)]
+    for m, (p, kk, ps) in enumerate(
+        zip(hyp.particle.tolist(), hyp.cls.tolist(), hyp.psi.tolist(), strict=True)
+    ):
+        for t in torch.nonzero(hyp.weight[m] > 0).squeeze(1).tolist():
+            got[p][(kk, ps, t)] = hyp.weight[m, t].item()
     for i in range(b):
         assert set(got[i]) == set(ref[i])
         for key, w in ref[i].items():
             assert got[i][key] == pytest.approx(w, rel=1e-3, abs=1e-7)
         best = max(ref[i], key=ref[i].get)
         assert (
-            hyp.cls[hyp.best[i]].item(),
-            hyp.psi[hyp.best[i]].item(),
-            hyp.trans[hyp.best[i]].item(),
+            hyp.best_cls[i].item(),
+            hyp.best_psi[i].item(),
+            hyp.best_trans[i].item(),
         ) == best
 
 

@@ -23,6 +23,7 @@ import torch
 
 from tamis._progress import progress_bar
 from tamis.class2d import mstep
+from tamis.class2d.accuracy import expected_accuracy
 from tamis.class2d.files import IterationFiles, read_continue, write_iteration
 from tamis.class2d.fourier2d import (
     FourierWindow,
@@ -271,7 +272,7 @@ class Class2DRun:
         sigma2 = torch.zeros((self.n_optics, self.nsh), dtype=torch.float64, device=dev)
         for og, table in cont.sigma2.items():
             if og - 1 < self.n_optics:
-                idx = table["rlnSpectralIndex"].to_numpy(int)
+                idx = np.array(table["rlnSpectralIndex"], dtype=np.int64)
                 sigma2[og - 1, idx] = torch.tensor(
                     np.array(table["rlnSigma2Noise"], dtype=float), device=dev
                 )
@@ -405,6 +406,7 @@ class Class2DRun:
         old_psi = self.psi.copy()
         old_origin = self.origin.copy()
         rows_all = np.arange(self.n)
+        acc_inputs = None
         with progress_bar(self.n, f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
             for batch in self._batches(rows_all, bsize):
@@ -413,6 +415,8 @@ class Class2DRun:
                 rows = rows_all[start : start + len(batch.indices)]
                 start += len(rows)
                 data, full_power = self._prepare(batch.images, rows, window, it)
+                if acc_inputs is None:  # RELION uses the first 10 particles
+                    acc_inputs = (data.ctf[:10], data.sigma2[:10], old_psi[rows[:10]])
                 off_px = data.offset_px
                 lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
                 hyp = expectation(
@@ -470,6 +474,19 @@ class Class2DRun:
         )
         self.state.iteration = it
         self.state.perturbation = smp.perturbation
+        if acc_inputs is not None:
+            ctf10, sig10, psi10 = acc_inputs
+            rot, tr = expected_accuracy(
+                grids,
+                st.pdf_class,
+                window,
+                ctf10,
+                sig10,
+                torch.as_tensor(psi10, device=dev),
+                pad=o.pad,
+            )
+            self.state.acc_rot = rot
+            self.state.acc_trans = torch.where(tr < 999, tr * self.pixel, tr)
         return changes
 
     def _prepare(
@@ -522,21 +539,13 @@ class Class2DRun:
         return data, full_power
 
     def _store(self, rows, hyp, psi_deg, t_f, off_px, new_norm) -> None:
-        best = hyp.best
-        ok = best < len(hyp.weight)
-        b = best.clamp(max=max(len(hyp.weight) - 1, 0))
-        if len(hyp.weight):
-            cls = hyp.cls[b].cpu().numpy()
-            psi = psi_deg[hyp.psi[b]].cpu().numpy()
-            tr = t_f[hyp.trans[b]].cpu().numpy()
-        else:
-            cls = np.zeros(len(rows), dtype=np.int64)
-            psi = np.zeros(len(rows))
-            tr = np.zeros((len(rows), 2))
-        ok = ok.cpu().numpy()
+        ok = (hyp.best_cls >= 0).cpu().numpy()
+        cls = hyp.best_cls.clamp(min=0)
+        psi = psi_deg[hyp.best_psi.clamp(min=0)].cpu().numpy()
+        tr = t_f[hyp.best_trans.clamp(min=0)].cpu().numpy()
         off = off_px.cpu().numpy()
         psi = (psi + 180.0) % 360.0 - 180.0
-        self.cls[rows] = np.where(ok, cls, self.cls[rows])
+        self.cls[rows] = np.where(ok, cls.cpu().numpy(), self.cls[rows])
         self.psi[rows] = np.where(ok, psi, self.psi[rows])
         self.origin[rows] = np.where(ok[:, None], (off + tr) * self.pixel, self.origin[rows])
         self.pmax[rows] = hyp.pmax.cpu().numpy()

@@ -5,11 +5,13 @@ For a batch of B particles, R = (active classes x psi) projections P_r and T tra
     diff2(i, r, t) = sum_p |c_i P_r - X_i ramp_t|² / (2 sigma²)
                    = const_i + sum_p (c_i² / 2sigma²) |P_r|² - 2 Re sum_p conj(P_r) (c_i X_i ramp_t / 2sigma²)
 
-The last sum is one real GEMM ``(B*T, 2C) x (2C, R)`` and the middle one ``(B, C) x (C, R)``
-(``c`` = scale x CTF, DC pixel weight 0). Pass 0 evaluates every coarse (class, psi, t) at the
-coarse size; pass 1 evaluates, at the current size, only the oversampled hypotheses (2 psi x 4 t
-for order 1) of the coarse samples that carry 99.9% of a particle's weight. Log-weights are
-reduced in float64.
+Pass 0 (coarse size, coarse psi and t) is dense: the cross term is one real GEMM
+``(B*T, 2C) x (2C, R)`` and the middle one ``(B, C) x (C, R)`` (``c`` = scale x CTF; DC weight 0).
+Pass 1 (current size, oversampled psi and t) works on *pairs* (particle, fine orientation) whose
+coarse parent carried weight: ``Re (conj(P_r) . y_i) @ ramps^T`` is a GEMM ``(M, 2C) x (2C, T_f)``
+over every fine translation, masked to the children of significant coarse translations. The same
+pair x translation layout drives the M-step sums (:func:`tamis.class2d.mstep.accumulate`).
+Log-weights are reduced in float64.
 """
 
 from __future__ import annotations
@@ -24,12 +26,18 @@ __all__ = [
     "Hypotheses",
     "expectation",
     "significant_mask",
-    "segment_significance",
     "GEMM_STATS",
 ]
 
 #: Floating-point operations done by the E-step GEMMs and their shapes, for benchmarks.
 GEMM_STATS: dict[str, object] = {"flops": 0.0, "shapes": []}
+
+
+def _count(m: int, k: int, n: int) -> None:
+    GEMM_STATS["flops"] += 2.0 * m * k * n
+    shapes = GEMM_STATS["shapes"]
+    if len(shapes) < 64:
+        shapes.append((m, k, n))
 
 
 @dataclass
@@ -60,28 +68,24 @@ class BatchData:
 
 @dataclass
 class Hypotheses:
-    """Significant fine hypotheses of a batch and per-particle results.
+    """The significant fine weights of a batch, as (particle, orientation) pairs x translations.
 
-    Per hypothesis (H,): ``particle`` (row in the batch), ``cls`` (class index), ``psi`` (fine psi
-    index), ``trans`` (fine translation index), ``coarse_trans``, ``weight`` (normalised by the
-    particle's total fine weight). Per particle (B,): ``best`` (row of the best hypothesis),
-    ``pmax``, ``n_significant`` (coarse), ``loglik``.
+    Per pair (M,): ``particle`` (row in the batch), ``cls`` (class), ``psi`` (fine psi index).
+    ``weight`` ``(M, Tf)``: weights normalised by the particle's total fine weight, zero where
+    not significant. Per particle (B,): ``best_cls``, ``best_psi``, ``best_trans``, ``pmax``,
+    ``n_significant`` (coarse samples), ``loglik``.
     """
 
     particle: torch.Tensor
     cls: torch.Tensor
     psi: torch.Tensor
-    trans: torch.Tensor
-    coarse_trans: torch.Tensor
     weight: torch.Tensor
-    best: torch.Tensor
+    best_cls: torch.Tensor
+    best_psi: torch.Tensor
+    best_trans: torch.Tensor
     pmax: torch.Tensor
     n_significant: torch.Tensor
     loglik: torch.Tensor
-    #: With broad posteriors the fine pass is evaluated densely; then the normalised, pruned
-    #: weights of every fine hypothesis ``(B, K, Pf, Tf)`` are here and the per-hypothesis lists
-    #: above hold only each particle's best hypothesis.
-    dense: torch.Tensor | None = None
 
 
 def significant_mask(
@@ -106,35 +110,6 @@ def significant_mask(
     return (w >= thr) & (w > 0)
 
 
-def segment_significance(
-    segment: torch.Tensor, logw: torch.Tensor, n_segments: int, fraction: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same rule per segment of a flat list (``segment`` = particle of each hypothesis).
-
-    Returns (keep mask, weight normalised by the segment's total, segment logsumexp).
-    """
-    seg_max = torch.full((n_segments,), -math.inf, dtype=logw.dtype, device=logw.device)
-    seg_max = seg_max.scatter_reduce(0, segment, logw, reduce="amax", include_self=True)
-    w = torch.exp(logw - seg_max[segment])
-    total = torch.zeros(n_segments, dtype=w.dtype, device=w.device).index_add_(0, segment, w)
-    norm_w = w / total[segment]
-    # sort by (segment asc, weight desc)
-    order = torch.argsort(norm_w, descending=True, stable=True)
-    order = order[torch.argsort(segment[order], stable=True)]
-    sw = norm_w[order]
-    seg_sorted = segment[order]
-    exclusive = torch.cumsum(sw, 0) - sw  # running sum before each element, over all segments
-    counts = torch.bincount(seg_sorted, minlength=n_segments)
-    first = (torch.cumsum(counts, 0) - counts).clamp(max=max(len(sw) - 1, 0))
-    before = exclusive - exclusive[first][seg_sorted]  # ... within its own segment
-    added = before < fraction  # elements added while the running sum had not yet exceeded it
-    thr = torch.full((n_segments,), math.inf, dtype=sw.dtype, device=sw.device)
-    thr = thr.scatter_reduce(0, seg_sorted[added], sw[added], reduce="amin", include_self=True)
-    keep = norm_w >= thr[segment]
-    lse = seg_max + torch.log(total)
-    return keep, norm_w, lse
-
-
 def _diff2_dense(
     y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
 ) -> torch.Tensor:
@@ -150,10 +125,8 @@ def _diff2_dense(
     pr = torch.view_as_real(proj.contiguous()).reshape(proj.shape[0], 2 * c)
     cross = (yr @ pr.T).reshape(b, t, -1).transpose(1, 2)  # (B, R, T)
     a = a_w @ (proj.real**2 + proj.imag**2).T  # (B, R)
-    GEMM_STATS["flops"] += 2.0 * b * t * 2 * c * proj.shape[0] + 2.0 * b * c * proj.shape[0]
-    shapes = GEMM_STATS["shapes"]
-    if len(shapes) < 64:
-        shapes.append((b * t, 2 * c, proj.shape[0]))
+    _count(b * t, 2 * c, proj.shape[0])
+    _count(b, c, proj.shape[0])
     return (a[:, :, None] - 2.0 * cross).to(torch.float64)
 
 
@@ -172,8 +145,6 @@ def expectation(
     n_over_trans: int,
     fraction: float = 0.999,
     max_significant: int = -1,
-    chunk: int = 4096,
-    dense_fraction: float = 0.05,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -183,13 +154,15 @@ def expectation(
     ``ramps_*`` are phase ramps ``(T, C*)`` of the perturbed translations;
     ``log_prior_offset`` ``(B, K, Tc)`` is evaluated at the unperturbed coarse translations.
     ``log_prior_class`` ``(K,)`` is ``-inf`` for empty classes.
-    With ``n_over_psi == n_over_trans == 1`` (``--oversampling 0``) pass 0 is the only pass.
+    With ``n_over_psi == n_over_trans == 1`` and ``proj_fine is proj_coarse``
+    (``--oversampling 0``) pass 0 is the only pass.
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
     tc = ramps_coarse.shape[0]
     w2 = data.weight2
     ctf, x = data.ctf, data.x
+    dev = x.device
 
     # ---- pass 0: dense over active classes x coarse psi x coarse t ---------------------------
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
@@ -201,160 +174,144 @@ def expectation(
     d2 = d2.reshape(b, ka, pc, tc) + const_c[:, None, None, None]
     prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
     logw0 = (prior - d2).reshape(b, -1)
-    sig = significant_mask(logw0, fraction, max_significant)
-    n_sig = sig.sum(1)
-
-    cells = torch.nonzero(sig)  # (M, 2): particle, flat (ka, pc, tc)
-    ci = cells[:, 0]
-    flat = cells[:, 1]
-    c_k = active[flat // (pc * tc)]
-    c_psi = (flat // tc) % pc
-    c_t = flat % tc
+    sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
+    n_sig = sig.sum((1, 2, 3))
+    pairs = torch.nonzero(sig.any(-1))  # (Mc, 3): particle, active class, coarse psi
 
     if n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse:
         # --oversampling 0: the coarse pass is the final one.
         lse = torch.logsumexp(logw0, dim=1)
-        norm_w = torch.exp(logw0[ci, flat] - lse[ci])  # normalised by the total over all samples
-        keep = torch.ones_like(norm_w, dtype=torch.bool)
-        hyp_p, hyp_k, hyp_psi, hyp_t, hyp_tc, hyp_w = ci, c_k, c_psi, c_t, c_t, norm_w
-    elif len(ci) > dense_fraction * b * ka * pc * tc:
-        # Broad posteriors (early iterations): one dense GEMM beats gathering per cell.
-        return _dense_fine_pass(
-            data,
-            sig,
-            n_sig,
-            prior,
-            active,
-            proj_fine,
-            ramps_fine,
-            estep_pixels,
-            n_over_psi,
-            n_over_trans,
-            fraction,
-            k,
-        )
-    else:
-        e_idx = estep_pixels
-        w2e, ctfe, xe = w2[:, e_idx], ctf[:, e_idx], x[:, e_idx]
-        y_w = w2e * ctfe * xe
-        a_w = w2e * ctfe * ctfe
-        const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
-        pf = proj_fine[:, :, e_idx]
-        rf = ramps_fine[:, e_idx]
-        sub_psi = torch.arange(n_over_psi, device=ci.device)
-        sub_t = torch.arange(n_over_trans, device=ci.device)
-        logws, parts = [], []
-        for s in range(0, len(ci), chunk):
-            sl = slice(s, s + chunk)
-            i_, k_, p_, t_ = ci[sl], c_k[sl], c_psi[sl], c_t[sl]
-            fpsi = p_[:, None] * n_over_psi + sub_psi[None]  # (m, a)
-            ftr = t_[:, None] * n_over_trans + sub_t[None]  # (m, b)
-            proj = pf[k_[:, None], fpsi]  # (m, a, C)
-            z = y_w[i_][:, None, :] * rf[ftr]  # (m, b, C)
-            cross = torch.einsum("mac,mbc->mab", proj.conj(), z).real
-            a = torch.einsum("mc,mac->ma", a_w[i_], proj.real**2 + proj.imag**2)
-            d2f = const_f[i_][:, None, None] + (a[:, :, None] - 2.0 * cross).to(torch.float64)
-            pri = log_prior_class[k_] + log_prior_offset[i_, k_, t_]
-            logws.append((pri[:, None, None] - d2f).reshape(-1))
-            parts.append(
-                torch.stack(
-                    [
-                        i_[:, None, None].expand(-1, n_over_psi, n_over_trans),
-                        k_[:, None, None].expand(-1, n_over_psi, n_over_trans),
-                        fpsi[:, :, None].expand(-1, -1, n_over_trans),
-                        ftr[:, None, :].expand(-1, n_over_psi, -1),
-                        t_[:, None, None].expand(-1, n_over_psi, n_over_trans),
-                    ],
-                    dim=-1,
-                ).reshape(-1, 5)
-            )
-        logw = torch.cat(logws)
-        idx = torch.cat(parts)
-        keep, norm_w, lse = segment_significance(idx[:, 0], logw, b, fraction)
-        hyp_p, hyp_k, hyp_psi, hyp_t, hyp_tc = idx.unbind(1)
-        hyp_w = norm_w
+        logw = logw0.reshape(b, ka, pc, tc)[pairs[:, 0], pairs[:, 1], pairs[:, 2]]
+        keep = sig[pairs[:, 0], pairs[:, 1], pairs[:, 2]]
+        weight = torch.where(keep, torch.exp(logw - lse[pairs[:, 0], None]), 0.0)
+        p_i, p_k, p_psi = pairs[:, 0], active[pairs[:, 1]], pairs[:, 2]
+        return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, coarse_pixels, b)
 
-    hyp_p, hyp_k, hyp_psi, hyp_t, hyp_tc, hyp_w = (
-        v[keep] for v in (hyp_p, hyp_k, hyp_psi, hyp_t, hyp_tc, hyp_w)
-    )
-    pmax = torch.zeros(b, dtype=hyp_w.dtype, device=hyp_w.device)
-    pmax = pmax.scatter_reduce(0, hyp_p, hyp_w, reduce="amax", include_self=True)
-    is_best = hyp_w == pmax[hyp_p]
-    rows = torch.arange(len(hyp_w), device=hyp_w.device)
-    best = torch.full((b,), len(hyp_w), dtype=torch.long, device=hyp_w.device)
-    best = best.scatter_reduce(0, hyp_p[is_best], rows[is_best], reduce="amin", include_self=True)
-    norm_const = torch.where(
-        data.dc[None], torch.zeros_like(data.sigma2), torch.log(2 * math.pi * data.sigma2)
-    )[:, estep_pixels if n_over_psi * n_over_trans > 1 else coarse_pixels].sum(1)
-    return Hypotheses(
-        particle=hyp_p,
-        cls=hyp_k,
-        psi=hyp_psi,
-        trans=hyp_t,
-        coarse_trans=hyp_tc,
-        weight=hyp_w,
-        best=best,
-        pmax=pmax,
-        n_significant=n_sig,
-        loglik=lse - norm_const.to(torch.float64),
-    )
-
-
-def _dense_fine_pass(
-    data: BatchData,
-    sig: torch.Tensor,
-    n_sig: torch.Tensor,
-    prior: torch.Tensor,
-    active: torch.Tensor,
-    proj_fine: torch.Tensor,
-    ramps_fine: torch.Tensor,
-    estep_pixels: torch.Tensor,
-    n_over_psi: int,
-    n_over_trans: int,
-    fraction: float,
-    n_classes: int,
-) -> Hypotheses:
-    """Pass 1 over every fine hypothesis of the active classes; children of non-significant
-    coarse samples get zero weight. Same weights as the sparse path, GEMM-shaped."""
-    b = data.x.shape[0]
-    ka = len(active)
-    _, pf, _ = proj_fine.shape
-    tf = ramps_fine.shape[0]
-    pc, tc = pf // n_over_psi, tf // n_over_trans
+    # ---- pass 1: (particle, fine psi) pairs x all fine translations, masked ----------------
+    sub = torch.arange(n_over_psi, device=dev)
+    p_i = pairs[:, 0].repeat_interleave(n_over_psi)
+    p_ka = pairs[:, 1].repeat_interleave(n_over_psi)
+    p_psi = (pairs[:, 2][:, None] * n_over_psi + sub[None]).reshape(-1)
+    p_k = active[p_ka]
+    tmask = sig[pairs[:, 0], pairs[:, 1], pairs[:, 2]].repeat_interleave(n_over_trans, dim=1)
+    tmask = tmask.repeat_interleave(n_over_psi, dim=0)  # (M, Tf)
     e = estep_pixels
-    w2 = data.weight2[:, e]
-    ctf, x = data.ctf[:, e], data.x[:, e]
-    const = (w2 * (x.real**2 + x.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
-    p = proj_fine[active][:, :, e].reshape(ka * pf, -1)
-    d2 = _diff2_dense(w2 * ctf * x, w2 * ctf * ctf, p, ramps_fine[:, e])  # (B, Ka*Pf, Tf)
-    d2 = d2.reshape(b, ka, pf, tf) + const[:, None, None, None]
-    parent = sig.reshape(b, ka, pc, tc)
-    parent = parent.repeat_interleave(n_over_psi, 2).repeat_interleave(n_over_trans, 3)
-    pri = prior.expand(b, ka, 1, tc).repeat_interleave(n_over_trans, 3)  # (B, Ka, 1, Tf)
-    logw = torch.where(parent, pri - d2, torch.full_like(d2, -math.inf)).reshape(b, -1)
-    lse = torch.logsumexp(logw, dim=1)
-    keep = significant_mask(logw, fraction)
-    w = torch.where(keep, torch.exp(logw - lse[:, None]), torch.zeros_like(logw))
-    dense = torch.zeros((b, n_classes, pf, tf), dtype=w.dtype, device=w.device)
-    dense[:, active] = w.reshape(b, ka, pf, tf)
-    pmax, arg = w.max(dim=1)
-    bk = active[arg // (pf * tf)]
-    bpsi = (arg // tf) % pf
-    bt = arg % tf
+    w2e, ctfe, xe = w2[:, e], ctf[:, e], x[:, e]
+    y = w2e * ctfe * xe  # (B, Ce)
+    const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
+    pf = proj_fine[:, :, e]
+    _, npf, ce = pf.shape
+    # A(i, k, psi) for every active orientation: one GEMM, then gather the pairs.
+    a_all = (w2e * ctfe * ctfe) @ (pf.real**2 + pf.imag**2).reshape(k * npf, ce).T  # (B, K*Pf)
+    _count(b, ce, k * npf)
+    a = a_all[p_i, p_k * npf + p_psi].to(torch.float64)
+    cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
+    d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
+    t_coarse = torch.arange(ramps_fine.shape[0], device=dev) // n_over_trans
+    pri = log_prior_class[p_k][:, None] + log_prior_offset[p_i, p_k][:, t_coarse]
+    logw = torch.where(tmask, pri - d2f, -math.inf)
+    lse, keep = _pair_significance(p_i, logw, b, fraction)
+    weight = torch.where(keep, torch.exp(logw - lse[p_i, None]), 0.0)
+    return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, e, b)
+
+
+def _pair_cross(
+    proj: torch.Tensor,
+    y: torch.Tensor,
+    particle: torch.Tensor,
+    ramps: torch.Tensor,
+    chunk: int = 8192,
+) -> torch.Tensor:
+    """``Re sum_c conj(P_m(c)) y_{i_m}(c) ramp_t(c)`` for pairs m: ``(M, T)`` float64.
+
+    ``(conj(P) . y)`` per pair, then one real GEMM ``[Re, -Im] (M, 2C) x [Re; Im] (2C, T)``.
+    """
+    m, c = proj.shape
+    t = ramps.shape[0]
+    rr = torch.cat([ramps.real, ramps.imag], dim=1).T.contiguous()  # (2C, T)
+    out = torch.empty((m, t), dtype=torch.float64, device=proj.device)
+    for s in range(0, m, chunk):
+        u = proj[s : s + chunk].conj() * y[particle[s : s + chunk]]
+        out[s : s + chunk] = (torch.cat([u.real, -u.imag], dim=1) @ rr).to(torch.float64)
+        _count(u.shape[0], 2 * c, t)
+    return out
+
+
+def _pair_significance(
+    particle: torch.Tensor, logw: torch.Tensor, b: int, fraction: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per particle over all its pairs x translations: (logsumexp ``(B,)``, keep mask).
+
+    RELION's rule on the normalised weights: sort descending, keep adding until the running sum
+    exceeds ``fraction``; keep every weight >= the last one added. Weights too small to reach
+    ``1 - fraction`` together are left out of the sort (exactly the same result, less work).
+    """
+    dev = logw.device
+    row_max = logw.max(dim=1).values
+    seg_max = torch.full((b,), -math.inf, dtype=logw.dtype, device=dev)
+    seg_max = seg_max.scatter_reduce(0, particle, row_max, reduce="amax", include_self=True)
+    rel = logw - seg_max[particle][:, None]
+    w = torch.exp(rel)
+    total = torch.zeros(b, dtype=w.dtype, device=dev).index_add_(0, particle, w.sum(1))
+    lse = seg_max + torch.log(total)
+    # Weights below eps x max cannot matter: together they weigh < (1 - fraction) / 10.
+    per_particle = torch.bincount(particle, minlength=b).max() * logw.shape[1]
+    cutoff = (
+        math.log(0.1 * (1.0 - fraction) / max(int(per_particle), 1)) if fraction < 1 else -math.inf
+    )
+    cand = rel > cutoff
+    rows, cols = torch.nonzero(cand, as_tuple=True)
+    seg = particle[rows]
+    nw = w[rows, cols] / total[seg]
+    # One sort: by particle, then by weight descending (key = particle + 1 - weight).
+    order = torch.argsort(seg.to(torch.float64) + (1.0 - nw))
+    sw, ss = nw[order], seg[order]
+    exclusive = torch.cumsum(sw, 0) - sw
+    counts = torch.bincount(ss, minlength=b)
+    first = (torch.cumsum(counts, 0) - counts).clamp(max=max(len(sw) - 1, 0))
+    before = exclusive - exclusive[first][ss] if len(sw) else exclusive
+    added = before < fraction
+    thr = torch.full((b,), math.inf, dtype=sw.dtype, device=dev)
+    thr = thr.scatter_reduce(0, ss[added], sw[added], reduce="amin", include_self=True)
+    keep = (w / total[particle][:, None]) >= thr[particle][:, None]
+    return lse, keep & (w > 0)
+
+
+def _finish(
+    p_i: torch.Tensor,
+    p_k: torch.Tensor,
+    p_psi: torch.Tensor,
+    weight: torch.Tensor,
+    lse: torch.Tensor,
+    n_sig: torch.Tensor,
+    data: BatchData,
+    pixels: torch.Tensor,
+    b: int,
+) -> Hypotheses:
+    """Best hypothesis, Pmax and log-likelihood per particle."""
+    dev = weight.device
+    row_max, row_arg = weight.max(dim=1)
+    pmax = torch.zeros(b, dtype=weight.dtype, device=dev)
+    pmax = pmax.scatter_reduce(0, p_i, row_max, reduce="amax", include_self=True)
+    is_best = (row_max == pmax[p_i]) & (row_max > 0)
+    rows = torch.arange(len(p_i), device=dev)
+    best = torch.full((b,), len(p_i), dtype=torch.long, device=dev)
+    best = best.scatter_reduce(0, p_i[is_best], rows[is_best], reduce="amin", include_self=True)
+    ok = best < len(p_i)
+    bb = best.clamp(max=max(len(p_i) - 1, 0))
     norm_const = torch.where(
         data.dc[None], torch.zeros_like(data.sigma2), torch.log(2 * math.pi * data.sigma2)
-    )[:, e].sum(1)
-    rows = torch.arange(b, device=w.device)
+    )[:, pixels].sum(1)
+    none = torch.full((b,), -1, dtype=torch.long, device=dev)
     return Hypotheses(
-        particle=rows,
-        cls=bk,
-        psi=bpsi,
-        trans=bt,
-        coarse_trans=bt // n_over_trans,
-        weight=pmax,
-        best=rows,
+        particle=p_i,
+        cls=p_k,
+        psi=p_psi,
+        weight=weight,
+        best_cls=torch.where(ok, p_k[bb], none) if len(p_i) else none,
+        best_psi=torch.where(ok, p_psi[bb], none) if len(p_i) else none,
+        best_trans=torch.where(ok, row_arg[bb], none) if len(p_i) else none,
         pmax=pmax,
         n_significant=n_sig,
         loglik=lse - norm_const.to(torch.float64),
-        dense=dense,
     )

@@ -66,72 +66,63 @@ def accumulate(
     old_norm: torch.Tensor,
     avg_norm: float,
     nsh: int,
-    chunk: int = 4096,
+    chunk: int = 8192,
 ) -> torch.Tensor:
-    """Add one batch's significant hypotheses to ``sums``; return the new norm corrections ``(B,)``.
+    """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
 
-    Reconstruction sums per (class, psi) use the *unmasked* particle; noise, norm and scale use
-    the masked one, through the per-particle expectations ``M1 = sum w conj(P) ramp`` and
-    ``M2 = sum w |P|²`` (residual power = ``c² M2 - 2 Re(c X M1) + W |X|²`` per pixel).
+    Per (particle, orientation) pair ``m`` with weights ``W_m(t)`` over the fine translations,
+    ``Mix_m = W_m @ ramps`` is one GEMM. The reconstruction sums per (class, psi) then take
+    ``c X_unmasked Mix_m / sigma2`` (unmasked particle); noise, norm and scale use the masked
+    particle through ``M1_i = sum_m conj(P_m) Mix_m`` and ``M2_i = sum_m |P_m|² sum_t W_m``
+    (residual power per pixel ``c² M2 - 2 Re(c X M1) + W |X|²``).
     """
-    if hyp.dense is not None:
-        return _accumulate_dense(
-            sums,
-            data,
-            hyp,
-            proj_f,
-            ramps_f,
-            window,
-            full_power=full_power,
-            optics=optics,
-            groups=groups,
-            scale=scale,
-            ssnr_mask=ssnr_mask,
-            translations_px=translations_px,
-            prior_offset=prior_offset,
-            pixel_size=pixel_size,
-            old_norm=old_norm,
-            avg_norm=avg_norm,
-            nsh=nsh,
-        )
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
     dev = data.x.device
-    w = hyp.weight
+    w = hyp.weight  # (M, Tf) float64
+    wr = w.sum(1)  # (M,)
     inv_sig = 1.0 / data.sigma2
     q = data.ctf * data.xu * inv_sig
     cw = data.ctf * data.ctf * inv_sig
     proj_flat = proj_f.reshape(k * pf, c)
-    fimg = sums.fimg.view(k * pf, c)
-    fweight = sums.fweight.view(k * pf, c)
-    m1 = torch.zeros((b, c), dtype=torch.complex128, device=dev)
-    m2 = torch.zeros((b, c), dtype=torch.float64, device=dev)
-    xa = torch.zeros(b, dtype=torch.float64, device=dev)
-    aa = torch.zeros(b, dtype=torch.float64, device=dev)
+    # Per-batch accumulators in single precision; added to the float64 totals once per batch.
+    fimg = torch.zeros((k * pf, c), dtype=torch.complex64, device=dev)
+    fweight = torch.zeros((k * pf, c), dtype=torch.float32, device=dev)
+    m1 = torch.zeros((b, c), dtype=torch.complex64, device=dev)
+    m2 = torch.zeros((b, c), dtype=torch.float32, device=dev)
+    xa = torch.zeros(b, dtype=torch.float32, device=dev)
+    aa = torch.zeros(b, dtype=torch.float32, device=dev)
     r_all = hyp.cls * pf + hyp.psi
-    for s in range(0, len(w), chunk):
+    rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
+    wr32 = wr.to(torch.float32)
+    for s in range(0, len(wr), chunk):
         sl = slice(s, s + chunk)
-        i, r, wc = hyp.particle[sl], r_all[sl], w[sl]
+        i, r = hyp.particle[sl], r_all[sl]
+        w32 = w[sl].to(torch.float32)
+        mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
         p = proj_flat[r]
-        ramp = ramps_f[hyp.trans[sl]]
-        g = p.conj() * ramp
-        p2 = p.real**2 + p.imag**2
-        wf = wc[:, None]
-        m1.index_add_(0, i, wf * g.to(torch.complex128))
-        m2.index_add_(0, i, wf * p2.to(torch.float64))
-        fimg.index_add_(0, r, wf * (q[i] * ramp).to(torch.complex128))
-        fweight.index_add_(0, r, wf * cw[i].to(torch.float64))
+        g = p.conj() * mix
+        wp2 = wr32[sl][:, None] * (p.real**2 + p.imag**2)
+        m1.index_add_(0, i, g)
+        m2.index_add_(0, i, wp2)
+        fimg.index_add_(0, r, q[i] * mix)
+        fweight.index_add_(0, r, wr32[sl][:, None] * cw[i])
         if ssnr_mask is not None:
             msk = ssnr_mask[hyp.cls[sl]]
-            xa_h = (msk * (data.ctf[i] * data.x[i] * g).real).sum(1).to(torch.float64)
-            aa_h = (msk * data.ctf[i] ** 2 * p2).sum(1).to(torch.float64)
-            xa.index_add_(0, i, wc * xa_h)
-            aa.index_add_(0, i, wc * aa_h)
-    wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, w)
-    total = pixel_size * (data.offset_px[hyp.particle] + translations_px[hyp.trans])  # Å
-    sums.pdf_class.index_add_(0, hyp.cls, w)
-    sums.prior_offset.index_add_(0, hyp.cls, w[:, None] * total)
-    sums.sigma2_offset += float((w * ((prior_offset[hyp.cls] - total) ** 2).sum(1)).sum())
+            ctf_i = data.ctf[i]
+            xa.index_add_(0, i, (msk * (ctf_i * data.x[i] * g).real).sum(1))
+            aa.index_add_(0, i, (msk * ctf_i * ctf_i * wp2).sum(1))
+    sums.fimg.view(k * pf, c).add_(fimg.to(torch.complex128))
+    sums.fweight.view(k * pf, c).add_(fweight.to(torch.float64))
+    m1, m2 = m1.to(torch.complex128), m2.to(torch.float64)
+    xa, aa = xa.to(torch.float64), aa.to(torch.float64)
+    wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, wr)
+    total = pixel_size * (data.offset_px[:, None, :] + translations_px[None])  # (B, Tf, 2) Å
+    tot = total[hyp.particle]  # (M, Tf, 2)
+    sums.pdf_class.index_add_(0, hyp.cls, wr)
+    sums.prior_offset.index_add_(0, hyp.cls, (w[:, :, None] * tot).sum(1))
+    d2 = ((prior_offset[hyp.cls][:, None, :] - tot) ** 2).sum(-1)  # (M, Tf)
+    sums.sigma2_offset += float((w * d2).sum())
     return _particle_sums(
         sums,
         data,
@@ -195,93 +186,6 @@ def _particle_sums(
     sums.loglik += float(hyp.loglik.sum())
     sums.pmax_sum += float(hyp.pmax.sum())
     return new_norm
-
-
-def _accumulate_dense(
-    sums: WeightedSums,
-    data: BatchData,
-    hyp: Hypotheses,
-    proj_f: torch.Tensor,
-    ramps_f: torch.Tensor,
-    window: FourierWindow,
-    *,
-    full_power: torch.Tensor,
-    optics: torch.Tensor,
-    groups: torch.Tensor,
-    scale: torch.Tensor,
-    ssnr_mask: torch.Tensor | None,
-    translations_px: torch.Tensor,
-    prior_offset: torch.Tensor,
-    pixel_size: float,
-    old_norm: torch.Tensor,
-    avg_norm: float,
-    nsh: int,
-    budget: int = 1 << 27,
-) -> torch.Tensor:
-    """:func:`accumulate` for dense weights ``(B, K, Pf, Tf)``, as GEMMs.
-
-    ``Mix(i, r) = sum_t W(i, r, t) ramp_t`` is one GEMM; the reconstruction sums, M1 and the scale
-    sums follow from it; M2 and the weights per (class, psi) are GEMMs over ``sum_t W``.
-    """
-    assert hyp.dense is not None
-    k, pf, c = proj_f.shape
-    r = k * pf
-    b = data.x.shape[0]
-    dev = data.x.device
-    wd = hyp.dense.to(torch.float64)
-    wr = wd.sum(-1).reshape(b, r)  # (B, R)
-    inv_sig = 1.0 / data.sigma2
-    q = (data.ctf * data.xu * inv_sig).to(torch.complex64)
-    cw = (data.ctf * data.ctf * inv_sig).to(torch.float64)
-    p = proj_f.reshape(r, c)
-    p2 = (p.real**2 + p.imag**2).to(torch.float64)
-    sums.fweight.view(r, c).add_(wr.T @ cw)
-    m2 = wr @ p2
-    wf32 = wd.reshape(b, r, -1).to(torch.float32)
-    rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
-    m1 = torch.zeros((b, c), dtype=torch.complex128, device=dev)
-    xa = torch.zeros(b, dtype=torch.float64, device=dev)
-    step = max(1, budget // max(r * c, 1))
-    fimg = sums.fimg.view(r, c)
-    for s in range(0, b, step):
-        sl = slice(s, s + step)
-        mix = torch.complex(wf32[sl] @ rr, wf32[sl] @ ri)  # (b', R, C)
-        fimg.add_(torch.einsum("ic,irc->rc", q[sl], mix).to(torch.complex128))
-        m1k = (p.conj()[None] * mix).reshape(-1, k, pf, c).sum(2)  # (b', K, C)
-        m1[sl] = m1k.sum(1).to(torch.complex128)
-        if ssnr_mask is not None:
-            re = (data.ctf[sl, None, :] * data.x[sl, None, :] * m1k).real
-            xa[sl] = (ssnr_mask[None] * re).sum((1, 2)).to(torch.float64)
-    aa = torch.zeros(b, dtype=torch.float64, device=dev)
-    if ssnr_mask is not None:
-        m2k = torch.einsum("ikp,kpc->ikc", wr.reshape(b, k, pf), p2.reshape(k, pf, c))
-        aa = (ssnr_mask[None] * data.ctf.to(torch.float64)[:, None, :] ** 2 * m2k).sum((1, 2))
-    wsum = wd.sum((1, 2, 3))
-    wkt = wd.sum(2)  # (B, K, Tf)
-    total = pixel_size * (data.offset_px[:, None, :] + translations_px[None])  # (B, Tf, 2) Å
-    sums.pdf_class.add_(wkt.sum((0, 2)))
-    sums.prior_offset.add_(torch.einsum("ikt,itd->kd", wkt, total))
-    d2 = ((prior_offset[None, :, None, :] - total[:, None]) ** 2).sum(-1)  # (B, K, Tf)
-    sums.sigma2_offset += float((wkt * d2).sum())
-    return _particle_sums(
-        sums,
-        data,
-        hyp,
-        m1,
-        m2,
-        wsum,
-        xa,
-        aa,
-        window,
-        full_power=full_power,
-        optics=optics,
-        groups=groups,
-        scale=scale,
-        with_scale=ssnr_mask is not None,
-        old_norm=old_norm,
-        avg_norm=avg_norm,
-        nsh=nsh,
-    )
 
 
 def maximize(
