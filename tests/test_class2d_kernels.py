@@ -494,3 +494,25 @@ def test_center_classes_moves_mass_to_origin():
     capped = center_classes(img, 2.0)
     cx = (capped[0].clamp(min=0).sum(0) * c).sum() / capped[0].clamp(min=0).sum()
     assert cx.item() == pytest.approx(3.0, abs=0.05)
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])  # broad, medium and sharp posteriors
+def test_pair_significance_matches_full_sort(spread):
+    rng = np.random.default_rng(8)
+    particle = torch.from_numpy(rng.integers(0, 7, size=300))
+    logw = torch.from_numpy(rng.normal(scale=spread, size=(300, 40)))
+    logw[torch.from_numpy(rng.random((300, 40)) < 0.3)] = -math.inf
+    lse, keep = _pair_significance(particle, logw, 7, 0.999)
+    for i in range(7):
+        rows = torch.nonzero(particle == i).squeeze(1)
+        v = logw[rows].reshape(-1)
+        assert lse[i].item() == pytest.approx(torch.logsumexp(v, 0).item())
+        w = torch.exp(v - v.max())
+        w = w / w.sum()
+        run, thr = 0.0, None
+        for x in torch.sort(w, descending=True).values.tolist():
+            if run > 0.999:
+                break
+            run += x
+            thr = x
+        np.testing.assert_array_equal(keep[rows].reshape(-1).numpy(), (w >= thr).numpy())

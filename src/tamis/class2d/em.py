@@ -277,32 +277,21 @@ class Class2DRun:
                     np.array(table["rlnSigma2Noise"], dtype=float), device=dev
                 )
         sigma2 = mstep.fill_missing(sigma2)
-        dvp = torch.tensor(
-            np.stack([t["rlnSsnrMap"].to_numpy(float) for t in cont.class_tables]),
-            dtype=torch.float64,
-            device=dev,
-        )
-        cov = torch.tensor(
-            np.stack([t["rlnFourierCompleteness"].to_numpy(float) for t in cont.class_tables]),
-            dtype=torch.float64,
-            device=dev,
-        )
-        tau2 = torch.tensor(
-            np.stack([t["rlnReferenceTau2"].to_numpy(float) for t in cont.class_tables]),
-            dtype=torch.float64,
-            device=dev,
-        )
-        s2c = torch.tensor(
-            np.stack([t["rlnReferenceSigma2"].to_numpy(float) for t in cont.class_tables]),
-            dtype=torch.float64,
-            device=dev,
-        )
+
+        def per_class(label: str) -> torch.Tensor:
+            rows = [np.array(t[label], dtype=np.float64) for t in cont.class_tables]
+            return torch.tensor(np.stack(rows), dtype=torch.float64, device=dev)
+
+        dvp = per_class("rlnSsnrMap")
+        cov = per_class("rlnFourierCompleteness")
+        tau2 = per_class("rlnReferenceTau2")
+        s2c = per_class("rlnReferenceSigma2")
         scale = torch.ones(len(self.groups), dtype=torch.float64, device=dev)
         if len(cont.groups) == len(self.groups) and "rlnGroupScaleCorrection" in cont.groups:
             scale = torch.tensor(cont.groups["rlnGroupScaleCorrection"].to_numpy(float), device=dev)
         g = cont.model_general
-        n_pix = float(g.get("rlnCurrentResolution", 0.0))
-        maxres = int(round(self.box * self.pixel / n_pix)) if n_pix > 0 else 5
+        res_angst = float(g.get("rlnCurrentResolution", 0.0))  # written in Å (RELION's quirk)
+        maxres = int(round(self.box * self.pixel / res_angst)) if res_angst > 0 else 5
         self.state = ModelState(
             refs=cont.refs.to(dev, torch.float32),
             sigma2=sigma2,

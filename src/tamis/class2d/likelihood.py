@@ -238,13 +238,15 @@ def _pair_cross(
 
 
 def _pair_significance(
-    particle: torch.Tensor, logw: torch.Tensor, b: int, fraction: float
+    particle: torch.Tensor, logw: torch.Tensor, b: int, fraction: float, n_bins: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per particle over all its pairs x translations: (logsumexp ``(B,)``, keep mask).
 
     RELION's rule on the normalised weights: sort descending, keep adding until the running sum
-    exceeds ``fraction``; keep every weight >= the last one added. Weights too small to reach
-    ``1 - fraction`` together are left out of the sort (exactly the same result, less work).
+    exceeds ``fraction``; keep every weight >= the last one added. Without a full sort: the
+    weights' mass is binned by log-weight per particle; bins wholly inside the kept set are kept,
+    and only the bin where the running sum crosses ``fraction`` is sorted. Weights too small to
+    matter together (< (1 - fraction) / 10) are left out. The result equals the full sort's.
     """
     dev = logw.device
     row_max = logw.max(dim=1).values
@@ -254,26 +256,40 @@ def _pair_significance(
     w = torch.exp(rel)
     total = torch.zeros(b, dtype=w.dtype, device=dev).index_add_(0, particle, w.sum(1))
     lse = seg_max + torch.log(total)
-    # Weights below eps x max cannot matter: together they weigh < (1 - fraction) / 10.
-    per_particle = torch.bincount(particle, minlength=b).max() * logw.shape[1]
-    cutoff = (
-        math.log(0.1 * (1.0 - fraction) / max(int(per_particle), 1)) if fraction < 1 else -math.inf
-    )
-    cand = rel > cutoff
-    rows, cols = torch.nonzero(cand, as_tuple=True)
-    seg = particle[rows]
-    nw = w[rows, cols] / total[seg]
-    # One sort: by particle, then by weight descending (key = particle + 1 - weight).
-    order = torch.argsort(seg.to(torch.float64) + (1.0 - nw))
-    sw, ss = nw[order], seg[order]
-    exclusive = torch.cumsum(sw, 0) - sw
-    counts = torch.bincount(ss, minlength=b)
-    first = (torch.cumsum(counts, 0) - counts).clamp(max=max(len(sw) - 1, 0))
-    before = exclusive - exclusive[first][ss] if len(sw) else exclusive
-    added = before < fraction
-    thr = torch.full((b,), math.inf, dtype=sw.dtype, device=dev)
-    thr = thr.scatter_reduce(0, ss[added], sw[added], reduce="amin", include_self=True)
-    keep = (w / total[particle][:, None]) >= thr[particle][:, None]
+    nw = w / total[particle][:, None]
+    per_particle = int(torch.bincount(particle, minlength=b).max()) * logw.shape[1]
+    if fraction >= 1:
+        return lse, nw > 0
+    cutoff = math.log(0.1 * (1.0 - fraction) / max(per_particle, 1))
+    # bin index: n_bins - 1 for the largest weights, 0 just above the cutoff, -1 below it
+    pos = ((rel - cutoff) / -cutoff * n_bins).floor().clamp(max=n_bins - 1)
+    pos = torch.where(rel > cutoff, pos, torch.full_like(pos, -1)).to(torch.long)
+    seg = particle[:, None].expand_as(pos)
+    valid = pos >= 0
+    flat = seg[valid] * n_bins + pos[valid]
+    mass = torch.zeros(b * n_bins, dtype=nw.dtype, device=dev).index_add_(0, flat, nw[valid])
+    mass = mass.view(b, n_bins)
+    above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass  # mass of higher bins
+    # The crossing bin: the highest bin whose higher bins do not yet exceed the fraction while
+    # including it does (every particle has one: the bins hold > 99.99% of its weight).
+    crossing = ((above <= fraction) & (above + mass > fraction)).to(torch.int8)
+    cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
+    keep = pos > cbin[seg]
+    in_bin = pos == cbin[seg]
+    rows, cols = torch.nonzero(in_bin, as_tuple=True)
+    if len(rows):
+        sg = particle[rows]
+        vals = nw[rows, cols]
+        order = torch.argsort(sg.to(torch.float64) + (1.0 - vals))  # by particle, then descending
+        sv, ss = vals[order], sg[order]
+        exclusive = torch.cumsum(sv, 0) - sv
+        counts = torch.bincount(ss, minlength=b)
+        first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
+        before = exclusive - exclusive[first][ss] + above[ss, cbin[ss]]
+        added = before < fraction
+        thr = torch.full((b,), math.inf, dtype=sv.dtype, device=dev)
+        thr = thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
+        keep |= in_bin & (nw >= thr[particle][:, None])
     return lse, keep & (w > 0)
 
 
