@@ -240,7 +240,12 @@ def main() -> None:
         wall_s=round(wall, 1),
         particles_per_s=round(args.n * args.iter / wall, 1),
         estep_gemm_gflop=round(GEMM_STATS["flops"] / 1e9, 1),
+        estep_seconds=round(GEMM_STATS["estep_seconds"], 1),
+        estep_gflops=round(GEMM_STATS["flops"] / max(GEMM_STATS["estep_seconds"], 1e-9) / 1e9, 1),
         matmul_gflops=round(rate / 1e9, 1),
+        estep_fraction_of_matmul=round(
+            GEMM_STATS["flops"] / max(GEMM_STATS["estep_seconds"], 1e-9) / rate, 3
+        ),
     )
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -1,8 +1,9 @@
 """The built-in example behind ``make demo``: needs nothing but the installed package.
 
-For now it simulates a small particle data set (two structures plus junk of every kind) and a
-few micrographs with known particle positions. Later issues extend it into the automated
-pipeline (pick, extract, 2D classification, selection).
+It simulates a small particle data set (two structures plus junk of every kind) and a few
+micrographs with known particle positions, then runs a short 2D classification (RELION's EM
+algorithm) on the particles and reports, per class, what the ground truth says it holds. Later
+issues extend it into the automated pipeline (pick, extract, 2D classification, selection).
 """
 
 from __future__ import annotations
@@ -11,15 +12,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from tamis.class2d import Class2DOptions, run_class2d
 from tamis.io.particles import ParticleSet
+from tamis.io.star import read_star
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
 
 __all__ = ["run_demo"]
 
 
-def run_demo(out_dir: str | Path, *, show_progress: bool = False) -> list[str]:
-    """Simulate the demo data into ``out_dir``; return lines describing what was made."""
+def run_demo(
+    out_dir: str | Path, *, show_progress: bool = False, class2d_iterations: int = 6
+) -> list[str]:
+    """Simulate the demo data into ``out_dir`` and classify it; return lines describing it."""
     out = Path(out_dir)
     parts = simulate_particles(
         ParticleSimulation(
@@ -51,10 +56,56 @@ def run_demo(out_dir: str | Path, *, show_progress: bool = False) -> list[str]:
     ps = ParticleSet.from_star(parts.star)
     truth = pd.read_csv(parts.ground_truth)
     kinds = ", ".join(f"{k} {v}" for k, v in truth["kind"].value_counts().items())
+    c2d = run_class2d(
+        parts.star,
+        str(out / "Class2D" / "run"),
+        Class2DOptions(
+            K=8,
+            iter=class2d_iterations,
+            tau2_fudge=2.0,
+            particle_diameter=150.0,
+            ctf=True,
+            zero_mask=True,
+            flatten_solvent=True,
+            center_classes=True,
+            norm=True,
+            scale=True,
+            psi_step=12.0,
+            offset_range=5.0,
+            offset_step=2.0,
+            random_seed=1,
+        ),
+        log=lambda line: None,
+        show_progress=show_progress,
+    )
+    summary = _class_summary(c2d.data, truth)
     return [
         f"particles: {len(ps)} images of {ps.box_size} px at {ps.pixel_size} A/px -> {parts.star}",
         f"  truth ({kinds}) -> {parts.ground_truth}",
         f"micrographs: 3 of 1024x1024 px, {mics.n_particles} particles -> {mics.star}",
         f"  true coordinates -> {mics.coordinates}",
-        "next: tamis star info " + str(parts.star),
+        f"2D classification (EM, K=8, {c2d.iteration} iterations) -> {c2d.optimiser}",
+        *summary,
+        "next: tamis star info " + str(c2d.data),
     ]
+
+
+def _class_summary(data_star: Path, truth: pd.DataFrame) -> list[str]:
+    """One line per class: its share of the particles and what the ground truth says it holds."""
+    data = read_star(data_star)["particles"]
+
+    def key(name: str) -> str:
+        index, _, stack = name.partition("@")
+        return f"{int(index)}@{Path(stack).name}"
+
+    truth = truth.set_index(truth["image_name"].map(key)).loc[data["rlnImageName"].map(key)]
+    label = truth["kind"].where(
+        truth["kind"] != "particle", "structure " + truth["structure"].astype(str)
+    )
+    table = pd.crosstab(data["rlnClassNumber"].to_numpy(), label.to_numpy())
+    lines = []
+    for cls, row in table.iterrows():
+        top = row.sort_values(ascending=False)
+        parts = ", ".join(f"{v / row.sum():.0%} {k}" for k, v in top.items() if v > 0)
+        lines.append(f"  class {cls:2d}: {row.sum() / len(data):5.1%} of particles: {parts}")
+    return lines

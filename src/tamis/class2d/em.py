@@ -33,7 +33,7 @@ from tamis.class2d.fourier2d import (
     relion_round,
 )
 from tamis.class2d.init import initial_sigma2_and_references
-from tamis.class2d.likelihood import BatchData, expectation
+from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
@@ -182,7 +182,8 @@ class Class2DRun:
     def _batch_size(self, n_pix: int, n_hyp: int) -> int:
         if self.options.batch_size:
             return self.options.batch_size
-        # dense fine pass: ~6 float64 copies of 8 fine hypotheses per coarse one, plus images
+        # worst case (broad posteriors): every fine hypothesis of every pair in a few float64
+        # copies, plus the images and spectra
         per_particle = 8 * 6 * 8 * n_hyp + 16 * n_pix * 8 + 6 * self.box * self.box * 8
         budget = _available_bytes(self.device) // 4
         return int(max(16, min(256, budget // max(per_particle, 1))))
@@ -408,6 +409,7 @@ class Class2DRun:
                     acc_inputs = (data.ctf[:10], data.sigma2[:10], old_psi[rows[:10]])
                 off_px = data.offset_px
                 lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
+                t_e = time.perf_counter()
                 hyp = expectation(
                     data,
                     proj_coarse=proj_c,
@@ -422,6 +424,11 @@ class Class2DRun:
                     n_over_trans=smp.n_over_trans if oversampled else 1,
                     fraction=o.adaptive_fraction,
                     max_significant=o.max_significants,
+                )
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                GEMM_STATS["estep_seconds"] = GEMM_STATS.get("estep_seconds", 0.0) + (
+                    time.perf_counter() - t_e
                 )
                 new_norm = mstep.accumulate(
                     sums,

@@ -29,8 +29,9 @@ __all__ = [
     "GEMM_STATS",
 ]
 
-#: Floating-point operations done by the E-step GEMMs and their shapes, for benchmarks.
-GEMM_STATS: dict[str, object] = {"flops": 0.0, "shapes": []}
+#: Floating-point operations done by the E-step GEMMs, their shapes, and (set by the driver) the
+#: E-step's wall time, for benchmarks.
+GEMM_STATS: dict[str, object] = {"flops": 0.0, "shapes": [], "estep_seconds": 0.0}
 
 
 def _count(m: int, k: int, n: int) -> None:
