@@ -412,7 +412,8 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
     return out
 
 
-def test_two_pass_expectation_matches_slow_reference():
+@pytest.mark.parametrize("dense_pairs", [2.0, 0.0])  # pair GEMMs, one dense GEMM
+def test_two_pass_expectation_matches_slow_reference(dense_pairs):
     rng, cplx = random_problem(6)
     n = 16
     window = FourierWindow.create(n, 10)
@@ -443,6 +444,7 @@ def test_two_pass_expectation_matches_slow_reference():
         n_over_psi=2,
         n_over_trans=4,
         fraction=0.999,
+        dense_pairs=dense_pairs,
     )
     ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
     got = [dict() for _ in range(b)]
@@ -516,3 +518,4 @@ def test_pair_significance_matches_full_sort(spread):
             run += x
             thr = x
         np.testing.assert_array_equal(keep[rows].reshape(-1).numpy(), (w >= thr).numpy())
+

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -150,6 +154,35 @@ def test_continue_equals_uninterrupted(sim, full_run):
     ra, _ = read_mrc(result_full.classes)
     rb, _ = read_mrc(result.classes)
     assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+
+
+def test_killed_run_continues_to_the_same_result(sim, full_run):
+    """SIGKILL once iteration 3 is on disk; --continue from it finishes like an uninterrupted run."""
+    _, result_full = full_run
+    root = sim / "killed" / "run"
+    code = (
+        "import sys; from tamis.class2d import Class2DOptions, run_class2d; "
+        "from tests.test_class2d_run import options; "
+        f"run_class2d({str(sim / 'sim' / 'particles.star')!r}, {str(root)!r}, options(iter=4), "
+        "log=lambda s: None)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=Path(__file__).parents[1])
+    optimiser3 = Path(f"{root}_it003_optimiser.star")
+    deadline = time.time() + 120
+    while not optimiser3.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert optimiser3.exists()
+    # Whatever was being written when killed is either complete or absent (atomic writes).
+    for f in root.parent.glob("*.star"):
+        read_star(f)
+    result = run_class2d(
+        None, str(root), options(iter=4), continue_from=optimiser3, log=lambda s: None
+    )
+    a = read_star(result_full.data)["particles"]["rlnClassNumber"].to_numpy()
+    b = read_star(result.data)["particles"]["rlnClassNumber"].to_numpy()
+    assert np.mean(a == b) >= 0.98
 
 
 def test_pipeline_control_markers_and_abort(sim):

@@ -146,6 +146,7 @@ def expectation(
     n_over_trans: int,
     fraction: float = 0.999,
     max_significant: int = -1,
+    dense_pairs: float = 0.25,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -156,7 +157,8 @@ def expectation(
     ``log_prior_offset`` ``(B, K, Tc)`` is evaluated at the unperturbed coarse translations.
     ``log_prior_class`` ``(K,)`` is ``-inf`` for empty classes.
     With ``n_over_psi == n_over_trans == 1`` and ``proj_fine is proj_coarse``
-    (``--oversampling 0``) pass 0 is the only pass.
+    (``--oversampling 0``) pass 0 is the only pass. When more than ``dense_pairs`` of all
+    (particle, fine orientation) pairs need evaluating, pass 1 is one dense GEMM instead.
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
@@ -202,12 +204,19 @@ def expectation(
     const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
     pf = proj_fine[:, :, e]
     _, npf, ce = pf.shape
-    # A(i, k, psi) for every active orientation: one GEMM, then gather the pairs.
+    # A(i, k, psi) for every orientation: one GEMM, then gather the pairs.
     a_all = (w2e * ctfe * ctfe) @ (pf.real**2 + pf.imag**2).reshape(k * npf, ce).T  # (B, K*Pf)
     _count(b, ce, k * npf)
-    a = a_all[p_i, p_k * npf + p_psi].to(torch.float64)
-    cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
-    d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
+    r_idx = p_k * npf + p_psi
+    if len(p_i) > dense_pairs * b * k * npf:
+        # Broad posteriors (early iterations): most pairs are needed, so one dense GEMM over
+        # every (particle, orientation) beats gathering them.
+        d_all = _diff2_dense(y, w2e * ctfe * ctfe, pf.reshape(k * npf, ce), ramps_fine[:, e])
+        d2f = const_f[p_i][:, None] + d_all[p_i, r_idx]
+    else:
+        a = a_all[p_i, r_idx].to(torch.float64)
+        cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
+        d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
     t_coarse = torch.arange(ramps_fine.shape[0], device=dev) // n_over_trans
     pri = log_prior_class[p_k][:, None] + log_prior_offset[p_i, p_k][:, t_coarse]
     logw = torch.where(tmask, pri - d2f, -math.inf)
@@ -253,11 +262,13 @@ def _pair_significance(
     row_max = logw.max(dim=1).values
     seg_max = torch.full((b,), -math.inf, dtype=logw.dtype, device=dev)
     seg_max = seg_max.scatter_reduce(0, particle, row_max, reduce="amax", include_self=True)
-    rel = logw - seg_max[particle][:, None]
+    # Relative log-weights have a small range: single precision is enough from here on.
+    rel = (logw - seg_max[particle][:, None]).to(torch.float32)
     w = torch.exp(rel)
-    total = torch.zeros(b, dtype=w.dtype, device=dev).index_add_(0, particle, w.sum(1))
+    total = torch.zeros(b, dtype=torch.float64, device=dev)
+    total.index_add_(0, particle, w.sum(1, dtype=torch.float64))
     lse = seg_max + torch.log(total)
-    nw = w / total[particle][:, None]
+    nw = w / total.to(torch.float32)[particle][:, None]
     per_particle = int(torch.bincount(particle, minlength=b).max()) * logw.shape[1]
     if fraction >= 1:
         return lse, nw > 0
@@ -268,7 +279,8 @@ def _pair_significance(
     seg = particle[:, None].expand_as(pos)
     valid = pos >= 0
     flat = seg[valid] * n_bins + pos[valid]
-    mass = torch.zeros(b * n_bins, dtype=nw.dtype, device=dev).index_add_(0, flat, nw[valid])
+    mass = torch.zeros(b * n_bins, dtype=torch.float64, device=dev)
+    mass.index_add_(0, flat, nw[valid].to(torch.float64))
     mass = mass.view(b, n_bins)
     above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass  # mass of higher bins
     # The crossing bin: the highest bin whose higher bins do not yet exceed the fraction while
@@ -280,7 +292,7 @@ def _pair_significance(
     rows, cols = torch.nonzero(in_bin, as_tuple=True)
     if len(rows):
         sg = particle[rows]
-        vals = nw[rows, cols]
+        vals = nw[rows, cols].to(torch.float64)
         order = torch.argsort(sg.to(torch.float64) + (1.0 - vals))  # by particle, then descending
         sv, ss = vals[order], sg[order]
         exclusive = torch.cumsum(sv, 0) - sv
@@ -290,7 +302,7 @@ def _pair_significance(
         added = before < fraction
         thr = torch.full((b,), math.inf, dtype=sv.dtype, device=dev)
         thr = thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
-        keep |= in_bin & (nw >= thr[particle][:, None])
+        keep |= in_bin & (nw >= thr.to(torch.float32)[particle][:, None])
     return lse, keep & (w > 0)
 
 
