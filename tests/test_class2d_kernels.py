@@ -518,4 +518,3 @@ def test_pair_significance_matches_full_sort(spread):
             run += x
             thr = x
         np.testing.assert_array_equal(keep[rows].reshape(-1).numpy(), (w >= thr).numpy())
-
