@@ -252,5 +252,20 @@ def test_cli_class2d(sim):
     )
     assert out.exit_code == 0, out.output
     assert (sim / "cli" / "run_it001_optimiser.star").is_file()
+    more = CliRunner().invoke(
+        app,
+        [
+            "class2d",
+            "--continue",
+            str(sim / "cli" / "run_it001_optimiser.star"),
+            "--iter",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert more.exit_code == 0, more.output
+    opt = read_star(sim / "cli" / "run_it002_optimiser.star")["optimiser_general"]
+    assert opt["rlnDoCorrectCtf"] == 1 and opt["rlnDoZeroMask"] == 1  # read back, not defaults
     bad = CliRunner().invoke(app, ["class2d", "--i", str(sim / "missing.star"), "--o", "x/run"])
     assert bad.exit_code == 1 and bad.output.strip().startswith("error:")

@@ -14,7 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,12 @@ import torch
 from tamis._progress import progress_bar
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
-from tamis.class2d.files import IterationFiles, read_continue, write_iteration
+from tamis.class2d.files import (
+    IterationFiles,
+    continued_options,
+    read_continue,
+    write_iteration,
+)
 from tamis.class2d.fourier2d import (
     FourierWindow,
     grid_tau2,
@@ -665,13 +670,16 @@ def run_class2d(
     options: Class2DOptions,
     *,
     continue_from: str | Path | None = None,
+    changed: frozenset[str] | set[str] = frozenset(),
     log: Callable[[str], None] = print,
     show_progress: bool = False,
 ) -> Class2DResult:
     """Run 2D classification (``relion_refine`` for 2D, EM) and write RELION's files.
 
     ``particles_path`` is a particles STAR or cryoSPARC ``.cs`` file (ignored with
-    ``continue_from``, which reads the data.star named in the optimiser file).
+    ``continue_from``, which reads the data.star named in the optimiser file). On continue the
+    optimiser file's options are used, except runtime options (iterations, device, threads...)
+    and the fields named in ``changed``, which come from ``options``.
     """
     control = Path(options.pipeline_control) if options.pipeline_control else None
     if control is not None:
@@ -692,7 +700,7 @@ def run_class2d(
             data_path = cont_opt.data_path
             root = output_root or cont_opt.root
             ps = ParticleSet.from_file(data_path)
-            options = replace(options, K=len(cont_opt.classes))
+            options = continued_options(cont_opt, options, changed)
             run = Class2DRun(ps, options, root, log=log, show_progress=show_progress)
             run.load_continue(continue_from)
             start = run.state.iteration + 1

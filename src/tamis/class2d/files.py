@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,29 @@ from tamis.errors import InputFileError
 from tamis.io.mrc import read_mrc, write_mrc
 from tamis.io.star import read_star, require_columns, write_star
 
-__all__ = ["IterationFiles", "write_iteration", "read_continue", "ContinueState"]
+__all__ = [
+    "IterationFiles",
+    "write_iteration",
+    "read_continue",
+    "ContinueState",
+    "continued_options",
+    "RUNTIME_OPTIONS",
+]
+
+#: Options that are never read back on --continue: how to run, not what to compute. As in
+#: RELION, --center_classes is re-parsed too (off unless given again).
+RUNTIME_OPTIONS = frozenset(
+    {
+        "iter",
+        "device",
+        "j",
+        "pool",
+        "batch_size",
+        "preread_images",
+        "pipeline_control",
+        "center_classes",
+    }
+)
 
 
 @dataclass
@@ -361,3 +383,42 @@ def read_continue(optimiser_path: str | Path) -> ContinueState:
         data_path=Path(str(opt["rlnExperimentalDataStarFile"])),
         sampling=sampling,
     )
+
+
+def continued_options(
+    cont: ContinueState, given: Class2DOptions, changed: frozenset[str] | set[str]
+) -> Class2DOptions:
+    """Options for ``--continue``: what the optimiser/sampling files say, except the runtime
+    options and those the user ``changed`` (RELION lets T, the mask diameter, the sampling, the
+    E-step limit, --norm/--scale and solvent flattening change on continue)."""
+    opt, smp = cont.optimiser, cont.sampling
+    pixel = float(cont.model_general.get("rlnPixelSize", 1.0)) or 1.0
+
+    def flag(label: str, default: bool) -> bool:
+        return bool(int(opt.get(label, int(default))))
+
+    from_file = dict(
+        K=len(cont.classes),
+        tau2_fudge=float(cont.model_general.get("rlnTau2FudgeFactor", given.tau2_fudge)),
+        particle_diameter=float(opt.get("rlnParticleDiameter", -1)) or None,
+        zero_mask=flag("rlnDoZeroMask", given.zero_mask),
+        ctf=flag("rlnDoCorrectCtf", given.ctf),
+        ctf_intact_first_peak=flag("rlnDoIgnoreCtfUntilFirstPeak", given.ctf_intact_first_peak),
+        ctf_phase_flipped=flag("rlnCtfDataArePhaseFlipped", given.ctf_phase_flipped),
+        only_flip_phases=flag("rlnDoOnlyFlipCtfPhases", given.only_flip_phases),
+        strict_highres_exp=float(opt.get("rlnHighresLimitExpectation", given.strict_highres_exp)),
+        flatten_solvent=flag("rlnDoSolventFlattening", given.flatten_solvent),
+        norm=flag("rlnDoCorrectNorm", given.norm),
+        scale=flag("rlnDoCorrectScale", given.scale),
+        oversampling=int(opt.get("rlnAdaptiveOversampleOrder", given.oversampling)),
+        adaptive_fraction=float(opt.get("rlnAdaptiveOversampleFraction", given.adaptive_fraction)),
+        max_significants=int(opt.get("rlnMaximumSignificantPoses", given.max_significants)),
+        incr_size=int(opt.get("rlnIncrementImageSize", given.incr_size)),
+        maskedge=float(opt.get("rlnWidthMaskEdge", given.maskedge)),
+        random_seed=int(opt.get("rlnRandomSeed", 0)),
+        psi_step=float(smp.get("rlnPsiStep", given.psi_step)),
+        offset_range=float(smp.get("rlnOffsetRange", given.offset_range * pixel)) / pixel,
+        offset_step=float(smp.get("rlnOffsetStep", given.offset_step * pixel)) / pixel,
+    )
+    keep = set(changed) | RUNTIME_OPTIONS
+    return replace(given, **{k: v for k, v in from_file.items() if k not in keep or k == "K"})

@@ -29,6 +29,7 @@ from tamis.cli._common import console, user_errors
 
 @user_errors
 def class2d(
+    ctx: typer.Context,
     i: Path = typer.Option(None, "--i", help="Particles STAR file (or cryoSPARC .cs)."),
     o: str = typer.Option("", "--o", help="Output root, e.g. Class2D/job010/run."),
     K: int = typer.Option(1, "--K", help="Number of classes."),
