@@ -191,7 +191,8 @@ def test_back_rotate_weights_sum_and_hermitian():
     weight = torch.ones((1, 2, len(window)), dtype=torch.float64)
     d, w = back_rotate(data, weight, torch.tensor([0.0, 45.0]), window, pad=pad)
     dc = ((window.kx == 0) & (window.ky == 0)).sum().item()
-    assert w.sum().item() == pytest.approx(2 * (2 * len(window) - dc))
+    inside = int(window.in_disc.sum())  # only pixels within r_max = size // 2 are splatted
+    assert w.sum().item() == pytest.approx(2 * (2 * inside - dc))
     # Hermitian: D(-q) = conj D(q)
     m = pad * n
     flipped = torch.roll(torch.flip(d[0], dims=(0, 1)), shifts=(1, 1), dims=(0, 1))

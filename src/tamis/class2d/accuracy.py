@@ -3,8 +3,9 @@
 For a few particles (their CTF and noise) and each class with at least 1% of the particles: the
 smallest in-plane rotation, and the smallest shift, of the class's projection at which
 ``sum_k |CTF (F1 - F2)|² / (2 sigma²)`` over shells >= 1 exceeds ``-ln 0.01 = 4.60517``. Rotations
-are searched from 0.05 to 30 degrees, shifts from 0.1 to 10 pixels (x and y averaged); classes
-below 1% get 999, as in RELION. Results feed ``rlnAccuracyRotations`` and
+are searched from 0.05 to 30 degrees, shifts from 0.1 to 10 pixels (x and y averaged; RELION
+picks one at random); when nothing reaches the threshold RELION's 35 degrees / 12 pixels are
+reported; classes below 1% get 999, as in RELION. Results feed ``rlnAccuracyRotations`` and
 ``rlnAccuracyTranslationsAngst`` (and, later, the class ranker).
 """
 
@@ -55,24 +56,21 @@ def expected_accuracy(
         f2 = project(g, (psi[:, None] + angles[None]).reshape(-1), window, pad=pad)[0]
         f2 = f2.reshape(len(psi), len(angles), -1).to(torch.complex128)
         e_rot = ((f1[:, None] - f2).abs() ** 2 * c2w[:, None]).sum(-1)  # (P, A)
-        rot[c] = _first_above(e_rot, angles).mean()
+        rot[c] = _first_above(e_rot, angles, 35.0).mean()
         p1 = f1.abs() ** 2 * c2w  # (P, C)
         errs = []
         for k_axis in (window.kx, window.ky):
             phase = 2 * math.pi * k_axis[None] * shifts[:, None] / window.box  # (S, C)
             factor = 2 - 2 * torch.cos(phase)  # |1 - exp(i phase)|²
             e_tr = p1 @ factor.T  # (P, S)
-            errs.append(_first_above(e_tr, shifts))
+            errs.append(_first_above(e_tr, shifts, 12.0))
         trans[c] = torch.stack(errs).mean()
     return rot, trans
 
 
-def _first_above(energy: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Per row, the first step whose energy exceeds the threshold (the last step if none)."""
+def _first_above(energy: torch.Tensor, steps: torch.Tensor, none: float) -> torch.Tensor:
+    """Per row, the first step whose energy exceeds the threshold (``none`` if none does, the
+    value RELION reports: 35 degrees, 12 pixels)."""
     above = energy > _THRESHOLD
-    idx = torch.where(
-        above.any(1),
-        above.to(torch.int8).argmax(1),
-        torch.full_like(above[:, 0], len(steps) - 1, dtype=torch.long),
-    )
-    return steps[idx]
+    first = steps[above.to(torch.int8).argmax(1)]
+    return torch.where(above.any(1), first, torch.full_like(first, none))

@@ -42,7 +42,7 @@ from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
-from tamis.fourier import rfft2_centered, shell_index
+from tamis.fourier import rfft2_centered, rfft_frequencies, shell_index
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.star import read_data_star
@@ -148,7 +148,7 @@ class Class2DRun:
         if "rlnOriginXAngst" in table.columns:
             self.origin[:, 0] = table["rlnOriginXAngst"].to_numpy(dtype=float)[order]
             self.origin[:, 1] = table["rlnOriginYAngst"].to_numpy(dtype=float)[order]
-        if options.norm and "rlnNormCorrection" in table.columns:
+        if "rlnNormCorrection" in table.columns:  # kept (used only with --norm)
             self.norm = table["rlnNormCorrection"].to_numpy(dtype=float)[order].copy()
         self.ctf_all = particles.ctf_params()  # float64 on CPU; rows in original order
         self.shells_full = shell_index((self.box, self.box), device=self.device)
@@ -234,7 +234,8 @@ class Class2DRun:
         k = o.K
         cs0 = int(relion_round(torch.tensor(0.07 * self.box)))
         tau2 = mstep.spectrum(refs.to(torch.float64), self.shells_full, self.nsh) / 2
-        dvp = self.n / k * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
+        # it000 as RELION's initialiseDataVersusPrior: tau2 = T spectrum / 2
+        dvp = self.n / k * o.tau2_fudge * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
         self.state = ModelState(
             refs=refs.to(self.device),
             sigma2=sigma2,
@@ -500,7 +501,8 @@ class Class2DRun:
         img = images.to(torch.float64)
         if o.norm:
             img = img * (st.avg_norm / torch.as_tensor(self.norm[rows], device=dev))[:, None, None]
-        off_px = torch.as_tensor(np.round(self.origin[rows] / self.pixel), device=dev)
+        off = self.origin[rows] / self.pixel  # RELION rounds halves away from zero
+        off_px = torch.as_tensor(np.sign(off) * np.floor(np.abs(off) + 0.5), device=dev)
         img = _integer_shift(img, off_px)
         spec_u = rfft2_centered(img)
         optics = torch.as_tensor(self.optics_of[rows], device=dev)
@@ -518,9 +520,9 @@ class Class2DRun:
             ctf = ctf * st.scale[torch.as_tensor(self.group_of[rows], device=dev)][:, None, None]
         # Power of the masked particle per shell (duplicate half column excluded), for the
         # shells beyond the current size.
-        ky = torch.fft.fftfreq(self.box, 1.0 / self.box, device=dev)
+        ky, _ = rfft_frequencies((self.box, self.box), device=dev)
         dup = torch.zeros((self.box, self.box // 2 + 1), dtype=torch.bool, device=dev)
-        dup[:, 0] = ky < 0
+        dup[:, 0] = ky[:, 0] < 0
         p2 = (spec.real**2 + spec.imag**2).masked_fill(dup, 0.0)
         sh = self.shells_full.reshape(-1).clamp(max=self.nsh)
         full_power = torch.zeros((b, self.nsh + 1), dtype=torch.float64, device=dev)

@@ -52,7 +52,7 @@ class FourierWindow:
     kx: torch.Tensor
     ky: torch.Tensor
     shell: torch.Tensor
-    in_disc: torch.Tensor  # kx² + ky² <= (n/2)²: pixels a projection fills
+    in_disc: torch.Tensor  # kx² + ky² <= (n//2)²: pixels projected and back-rotated
 
     @classmethod
     def create(cls, box: int, size: int, device: torch.device | str = "cpu") -> FourierWindow:
@@ -71,7 +71,7 @@ class FourierWindow:
             kx=kxs,
             ky=kys,
             shell=shell.reshape(-1)[index],
-            in_disc=(kxs * kxs + kys * kys) <= (size / 2) ** 2,
+            in_disc=(kxs * kxs + kys * kys) <= (size // 2) ** 2,
         )
 
     def __len__(self) -> int:
@@ -165,6 +165,10 @@ def back_rotate(
     k, p_, c_ = data.shape
     m = pad * window.box
     device = data.device
+    # RELION back-rotates only pixels within r_max = size // 2 (not the half shell beyond).
+    disc = window.in_disc.to(device)
+    data = data * disc
+    weight = weight * disc
     qx, qy = _positions(psi_deg.to(device), window, pad)
     not_dc = ((window.kx != 0) | (window.ky != 0)).to(device)
     # Mates: -q, conjugated; DC once.

@@ -131,7 +131,7 @@ def initial_sigma2_and_references(
     avg_power = radial_average(rfft2_centered(mavg / total).abs() ** 2, shells, nsh)
     sigma2 = power / (2 * counts.clamp(min=1))[:, None] - avg_power[None] / 2
     sigma2 = fill_negative(sigma2)
-    refs = reconstruct(d, w, box=box, r_max=cs0 / 2, tau2=None, pad=pad).to(torch.float64)
+    refs = reconstruct(d, w, box=box, r_max=cs0 // 2, tau2=None, pad=pad).to(torch.float64)
     refs = low_pass(refs, float(cs0))
     if init_blobs:
         blobbed = []

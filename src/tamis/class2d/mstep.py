@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import BatchData, Hypotheses
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
-from tamis.fourier import radial_average, rfft2_centered, shell_index
+from tamis.fourier import radial_average, rfft2_centered, rfft_frequencies, shell_index
 from tamis.masks import solvent_mask
 
 __all__ = [
@@ -40,9 +40,9 @@ def fill_missing(sigma2: torch.Tensor) -> torch.Tensor:
 def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
     """Half-plane pixels of an ``N`` box per shell, duplicated half column excluded."""
     shells = shell_index((box, box), device=device)
-    ky = torch.fft.fftfreq(box, 1.0 / box, device=device)
+    ky, _ = rfft_frequencies((box, box), device=device)
     dup = torch.zeros_like(shells, dtype=torch.bool)
-    dup[:, 0] = ky < 0
+    dup[:, 0] = ky[:, 0] < 0
     s = shells[~dup]
     return torch.bincount(s[s < nsh], minlength=nsh).to(torch.float64)
 
@@ -236,6 +236,8 @@ def maximize(
     pdf_class = sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
     pdf_direction = sums.pdf_class / sum_w
+    # The class's mean offset. RELION 5 divides by the total weight of all classes instead
+    # (shrinking each prior towards 0 by its class fraction); tamis keeps the mean, as RELION <= 4.
     prior = torch.where(
         sums.pdf_class[:, None] > 0,
         sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300),
@@ -279,12 +281,11 @@ def current_resolution_shell(dvp: torch.Tensor, pdf_class: torch.Tensor, minres:
     """RELION's ``updateCurrentResolution``: per class the last shell before SSNR first drops
     below 1; the maximum over classes, at least ``minres``."""
     best = minres
+    last = dvp.shape[1] - 1  # RELION searches shells below N/2, so at most N/2 - 1 is returned
     for c in range(dvp.shape[0]):
-        if pdf_class[c] <= 0:
-            continue
-        below = torch.nonzero(dvp[c, 1:] < 1)
+        below = torch.nonzero(dvp[c, 1:last] < 1)
         # first shell >= 1 below 1 is below[0] + 1; the resolution is the shell before it
-        ires = int(below[0]) if len(below) else dvp.shape[1] - 1
+        ires = int(below[0]) if len(below) else last - 1
         best = max(best, ires)
     return best
 
