@@ -31,6 +31,7 @@ from tamis.io.mrc import read_mrc
 from tamis.io.star import read_star
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
 from tamis.simulate.project import Projector
+from tamis.simulate.truth import truth_for
 
 
 def matmul_rate(shapes: list[tuple[int, int, int]], device: str) -> float:
@@ -99,12 +100,7 @@ def evaluate(work: Path, result, psi_step: float) -> dict:
     truth = pd.read_csv(work / "sim" / "ground_truth.csv")
     data = read_star(result.data)["particles"]
 
-    def key(name: str) -> str:
-        index, _, stack = name.partition("@")
-        return f"{int(index)}@{Path(stack).name}"
-
-    truth = truth.set_index(truth["image_name"].map(key)).loc[data["rlnImageName"].map(key)]
-    truth = truth.reset_index(drop=True)
+    truth = truth_for(data, truth)
     classes, _ = read_mrc(result.classes)
     k = classes.shape[0]
     cls = data["rlnClassNumber"].to_numpy() - 1
@@ -205,21 +201,10 @@ def main() -> None:
             ),
             work / "sim",
         )
-    options = Class2DOptions(
+    options = Class2DOptions.gui_em(
         K=args.K,
         iter=args.iter,
-        tau2_fudge=2.0,
         particle_diameter=150.0,
-        ctf=True,
-        zero_mask=True,
-        flatten_solvent=True,
-        center_classes=True,
-        norm=True,
-        scale=True,
-        psi_step=12.0,
-        offset_range=5.0,
-        offset_step=2.0,
-        oversampling=1,
         random_seed=args.seed,
         j=os.cpu_count() or 1,
         device=args.device,

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from tamis.class2d import Class2DOptions, run_class2d
@@ -17,6 +16,7 @@ from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.star import read_star
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
+from tamis.simulate.truth import truth_for
 
 DATA = Path(__file__).parent / "data" / "star"
 
@@ -39,12 +39,6 @@ def sim(tmp_path_factory):
         out / "sim",
     )
     return out
-
-
-def image_key(name: str) -> str:
-    """``N@any/dir/stack.mrcs`` -> ``N@stack.mrcs`` (output names resolve from the current dir)."""
-    index, _, stack = name.partition("@")
-    return f"{int(index)}@{Path(stack).name}"
 
 
 def options(**kw) -> Class2DOptions:
@@ -118,11 +112,8 @@ def test_files_are_relion_shaped(full_run):
 
 def test_classes_separate_structures_and_junk(sim, full_run):
     root, result = full_run
-    truth = pd.read_csv(sim / "sim" / "ground_truth.csv")
     data = read_star(result.data)["particles"]
-    truth = truth.set_index(truth["image_name"].map(image_key)).loc[
-        data["rlnImageName"].map(image_key)
-    ]
+    truth = truth_for(data, sim / "sim" / "ground_truth.csv")
     cls = data["rlnClassNumber"].to_numpy()
     assert set(cls) <= {1, 2, 3, 4}
     # Junk (ice, empty boxes) ends up away from the particles, in classes that are mostly junk.

@@ -17,6 +17,7 @@ from tamis.io.particles import ParticleSet
 from tamis.io.star import read_star
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
+from tamis.simulate.truth import truth_for
 
 __all__ = ["run_demo"]
 
@@ -59,22 +60,7 @@ def run_demo(
     c2d = run_class2d(
         parts.star,
         str(out / "Class2D" / "run"),
-        Class2DOptions(
-            K=8,
-            iter=class2d_iterations,
-            tau2_fudge=2.0,
-            particle_diameter=150.0,
-            ctf=True,
-            zero_mask=True,
-            flatten_solvent=True,
-            center_classes=True,
-            norm=True,
-            scale=True,
-            psi_step=12.0,
-            offset_range=5.0,
-            offset_step=2.0,
-            random_seed=1,
-        ),
+        Class2DOptions.gui_em(K=8, iter=class2d_iterations, particle_diameter=150.0, random_seed=1),
         log=lambda line: None,
         show_progress=show_progress,
     )
@@ -93,12 +79,7 @@ def run_demo(
 def _class_summary(data_star: Path, truth: pd.DataFrame) -> list[str]:
     """One line per class: its share of the particles and what the ground truth says it holds."""
     data = read_star(data_star)["particles"]
-
-    def key(name: str) -> str:
-        index, _, stack = name.partition("@")
-        return f"{int(index)}@{Path(stack).name}"
-
-    truth = truth.set_index(truth["image_name"].map(key)).loc[data["rlnImageName"].map(key)]
+    truth = truth_for(data, truth)
     label = truth["kind"].where(
         truth["kind"] != "particle", "structure " + truth["structure"].astype(str)
     )

@@ -55,6 +55,28 @@ class Class2DOptions:
     perturb: float = 0.5
     pipeline_control: Path | None = None
 
+    @classmethod
+    def gui_em(cls, **overrides: object) -> Class2DOptions:
+        """What RELION's GUI passes for an EM 2D job with its defaults (``--iter 25 --ctf
+        --tau2_fudge 2 --flatten_solvent --zero_mask --center_classes --oversampling 1
+        --psi_step 12 --offset_range 5 --offset_step 2 --norm --scale``), then ``overrides``."""
+        base: dict[str, object] = dict(
+            iter=25,
+            ctf=True,
+            tau2_fudge=2.0,
+            flatten_solvent=True,
+            zero_mask=True,
+            center_classes=True,
+            oversampling=1,
+            psi_step=12.0,
+            offset_range=5.0,
+            offset_step=2.0,
+            norm=True,
+            scale=True,
+        )
+        base.update(overrides)
+        return cls(**base)  # type: ignore[arg-type]
+
 
 @dataclass
 class ModelState:
