@@ -96,8 +96,12 @@ def significant_mask(
 
     RELION's rule: sort descending, accumulate until the running sum exceeds ``fraction x total``;
     the last weight added is the threshold; keep every weight >= threshold (at most
-    ``max_significant`` if > 0).
+    ``max_significant`` if > 0). Without a cap this is the binned selection of
+    :func:`_pair_significance` (one row per particle), which gives the same mask without sorting.
     """
+    if max_significant <= 0:
+        rows = torch.arange(logw.shape[0], device=logw.device)
+        return _pair_significance(rows, logw, logw.shape[0], fraction)[1]
     w = torch.exp(logw - logw.max(dim=1, keepdim=True).values)
     sorted_w, _ = torch.sort(w, dim=1, descending=True)
     csum = torch.cumsum(sorted_w, dim=1)
