@@ -42,17 +42,11 @@ def sim(tmp_path_factory):
 
 
 def options(**kw) -> Class2DOptions:
+    """RELION's GUI EM job, with a coarser sampling for this small box."""
     base = dict(
         K=4,
         iter=4,
-        tau2_fudge=2.0,
         particle_diameter=130.0,
-        ctf=True,
-        zero_mask=True,
-        flatten_solvent=True,
-        center_classes=True,
-        norm=True,
-        scale=True,
         psi_step=20.0,
         offset_range=3.0,
         offset_step=1.5,
@@ -60,7 +54,7 @@ def options(**kw) -> Class2DOptions:
         batch_size=64,
     )
     base.update(kw)
-    return Class2DOptions(**base)
+    return Class2DOptions.gui_em(**base)
 
 
 @pytest.fixture(scope="module")
