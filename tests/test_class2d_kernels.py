@@ -519,3 +519,12 @@ def test_pair_significance_matches_full_sort(spread):
             run += x
             thr = x
         np.testing.assert_array_equal(keep[rows].reshape(-1).numpy(), (w >= thr).numpy())
+
+
+def test_fill_low_shells():
+    from tamis.class2d.mstep import fill_low_shells
+
+    spectra = torch.tensor([[0.0, 2.0, -1.0, 0.0, 5.0], [3.0, 1e-20, 4.0, 1e-16, 1.0]])
+    out = fill_low_shells(spectra)
+    assert out[0].tolist() == [2.0, 2.0, 2.0, 2.0, 5.0]
+    assert fill_low_shells(spectra[1], 1e-14).tolist() == [3.0, 3.0, 4.0, 4.0, 1.0]

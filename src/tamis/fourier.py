@@ -28,6 +28,8 @@ __all__ = [
     "radial_average",
     "frc",
     "rescale_images",
+    "shift_phases",
+    "duplicate_half_column",
     "pad_images",
     "crop_images",
 ]
@@ -120,14 +122,31 @@ def fourier_shift(
 
     ``spectra`` is ``(..., h, w // 2 + 1)``, ``shifts`` is ``(..., 2)`` broadcastable to its batch.
     """
-    h, w = image_shape
     real = torch.float64 if spectra.dtype == torch.complex128 else torch.float32
     ky, kx = rfft_frequencies(image_shape, device=spectra.device, dtype=real)
     shifts = shifts.to(device=spectra.device, dtype=real)
-    x = shifts[..., 0, None, None]
-    y = shifts[..., 1, None, None]
-    phase = -2.0 * torch.pi * (kx * x / w + ky * y / h)
-    return spectra * torch.polar(torch.ones_like(phase), phase)
+    return spectra * shift_phases(shifts[..., None, None, :], kx, ky, image_shape)
+
+
+def shift_phases(
+    shifts: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, image_shape: tuple[int, int]
+) -> torch.Tensor:
+    """``exp(-2 pi i (kx x / w + ky y / h))`` for shifts ``(..., 2)`` (x, y) in pixels and
+    frequencies ``kx``, ``ky`` broadcastable against ``shifts[..., 0]``: multiplying a spectrum by
+    it moves the content by ``+shift``."""
+    h, w = image_shape
+    phase = -2.0 * torch.pi * (kx * shifts[..., 0] / w + ky * shifts[..., 1] / h)
+    return torch.polar(torch.ones_like(phase), phase)
+
+
+def duplicate_half_column(
+    image_shape: tuple[int, int], *, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Bool ``(h, w // 2 + 1)``: the pixels ``kx = 0, ky < 0`` that mirror ``kx = 0, ky > 0``.
+
+    RELION leaves them out of every E- and M-step sum over Fourier pixels."""
+    ky, kx = rfft_frequencies(image_shape, device=device)
+    return (kx == 0) & (ky < 0)
 
 
 def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:

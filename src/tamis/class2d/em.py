@@ -42,7 +42,13 @@ from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
-from tamis.fourier import rfft2_centered, rfft_frequencies, shell_index
+from tamis.fourier import (
+    duplicate_half_column,
+    irfft2_centered,
+    rfft2_centered,
+    shell_index,
+    shift_phases,
+)
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.star import read_data_star
@@ -283,7 +289,7 @@ class Class2DRun:
                 sigma2[og - 1, idx] = torch.tensor(
                     np.array(table["rlnSigma2Noise"], dtype=float), device=dev
                 )
-        sigma2 = mstep.fill_missing(sigma2)
+        sigma2 = mstep.fill_low_shells(sigma2)
 
         def per_class(label: str) -> torch.Tensor:
             rows = [np.array(t[label], dtype=np.float64) for t in cont.class_tables]
@@ -520,9 +526,7 @@ class Class2DRun:
             ctf = ctf * st.scale[torch.as_tensor(self.group_of[rows], device=dev)][:, None, None]
         # Power of the masked particle per shell (duplicate half column excluded), for the
         # shells beyond the current size.
-        ky, _ = rfft_frequencies((self.box, self.box), device=dev)
-        dup = torch.zeros((self.box, self.box // 2 + 1), dtype=torch.bool, device=dev)
-        dup[:, 0] = ky[:, 0] < 0
+        dup = duplicate_half_column((self.box, self.box), device=dev)
         p2 = (spec.real**2 + spec.imag**2).masked_fill(dup, 0.0)
         sh = self.shells_full.reshape(-1).clamp(max=self.nsh)
         full_power = torch.zeros((b, self.nsh + 1), dtype=torch.float64, device=dev)
@@ -614,9 +618,9 @@ class Class2DRun:
 
 
 def _ramps(t_px: torch.Tensor, window: FourierWindow, box: int) -> torch.Tensor:
-    """Phase ramps ``(T, C)`` that move content by ``+t``: ``exp(-2 pi i (kx x + ky y) / N)``."""
-    phase = -2 * math.pi * (window.kx[None] * t_px[:, :1] + window.ky[None] * t_px[:, 1:2]) / box
-    return torch.polar(torch.ones_like(phase), phase).to(torch.complex64)
+    """Phase ramps ``(T, C)`` on the window's pixels that move content by ``+t``."""
+    phases = shift_phases(t_px.to(torch.float64)[:, None, :], window.kx, window.ky, (box, box))
+    return phases.to(torch.complex64)
 
 
 def _log_prior_offset(
@@ -661,8 +665,6 @@ def _noise_images(
         z = g.standard_normal((2, n, m))
         out[row] = torch.complex(torch.from_numpy(z[0]), torch.from_numpy(z[1])).to(out.device)
     std = torch.sqrt(sig_full.to(torch.float64)) * (shells <= nsh - 1)
-    from tamis.fourier import irfft2_centered
-
     return irfft2_centered(out * std, (n, n))
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tamis.fourier import rfft_frequencies
+from tamis.fourier import duplicate_half_column, rfft_frequencies
 from tamis.masks import radius_map, soft_mask_outside
 
 __all__ = [
@@ -59,9 +59,8 @@ class FourierWindow:
         ky, kx = rfft_frequencies((box, box), device=device, dtype=torch.float64)
         shell = relion_round(torch.sqrt(kx * kx + ky * ky))
         half = size // 2
-        keep = (shell <= half) & (ky > -half) & ~((kx == 0) & (ky < 0))
-        if size % 2 == 1:  # odd sizes keep ky from -(n-1)/2
-            keep = (shell <= half) & (ky >= -half) & ~((kx == 0) & (ky < 0))
+        rows = (ky > -half) if size % 2 == 0 else (ky >= -half)  # odd sizes keep -(n-1)/2
+        keep = (shell <= half) & rows & ~duplicate_half_column((box, box), device=device)
         index = torch.nonzero(keep.reshape(-1)).squeeze(1)
         kxs, kys = kx.reshape(-1)[index], ky.reshape(-1)[index]
         return cls(

@@ -18,24 +18,11 @@ import numpy as np
 import torch
 
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, relion_round
+from tamis.class2d.mstep import fill_low_shells
 from tamis.fourier import irfft2_centered, radial_average, rfft2_centered, shell_index
 from tamis.masks import soft_mask_outside
 
-__all__ = ["initial_sigma2_and_references", "low_pass", "gaussian_blobs", "fill_negative"]
-
-
-def fill_negative(spectrum: torch.Tensor) -> torch.Tensor:
-    """Replace entries <= 0 by the previous bin, or else the next positive one (RELION)."""
-    out = spectrum.clone()
-    for row in out.reshape(-1, out.shape[-1]):
-        for s in range(row.shape[0]):
-            if row[s] <= 0:
-                if s > 0 and row[s - 1] > 0:
-                    row[s] = row[s - 1]
-                else:
-                    pos = torch.nonzero(row[s:] > 0)
-                    row[s] = row[s + int(pos[0])] if len(pos) else 1e-10
-    return out
+__all__ = ["initial_sigma2_and_references", "low_pass", "gaussian_blobs"]
 
 
 def low_pass(images: torch.Tensor, shell: float) -> torch.Tensor:
@@ -130,7 +117,7 @@ def initial_sigma2_and_references(
         raise ValueError("no particles to initialise from")
     avg_power = radial_average(rfft2_centered(mavg / total).abs() ** 2, shells, nsh)
     sigma2 = power / (2 * counts.clamp(min=1))[:, None] - avg_power[None] / 2
-    sigma2 = fill_negative(sigma2)
+    sigma2 = fill_low_shells(sigma2)
     refs = reconstruct(d, w, box=box, r_max=cs0 // 2, tau2=None, pad=pad).to(torch.float64)
     refs = low_pass(refs, float(cs0))
     if init_blobs:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import BatchData, Hypotheses
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
-from tamis.fourier import radial_average, rfft2_centered, rfft_frequencies, shell_index
+from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
 
 __all__ = [
@@ -19,7 +19,7 @@ __all__ = [
     "flatten_solvent",
     "current_resolution_shell",
     "spectrum",
-    "fill_missing",
+    "fill_low_shells",
     "pixels_per_shell",
 ]
 
@@ -29,21 +29,26 @@ def spectrum(images: torch.Tensor, shells: torch.Tensor, nsh: int) -> torch.Tens
     return radial_average(rfft2_centered(images).abs() ** 2, shells, nsh)
 
 
-def fill_missing(sigma2: torch.Tensor) -> torch.Tensor:
-    """Shells with no noise estimate (0) take the previous shell's value."""
-    out = sigma2.clone()
-    for s in range(1, out.shape[-1]):
-        out[..., s] = torch.where(out[..., s] <= 0, out[..., s - 1], out[..., s])
+def fill_low_shells(spectra: torch.Tensor, floor: float = 0.0) -> torch.Tensor:
+    """RELION's repair of noise spectra: a shell at or below ``floor`` takes the previous shell's
+    (repaired) value; a low first shell takes the next value above ``floor`` (1e-10 if none)."""
+    out = spectra.clone()
+    rows = out.reshape(-1, out.shape[-1])
+    for r in rows:
+        good = torch.nonzero(r > floor)
+        if len(good) and r[0] <= floor:
+            r[0] = r[int(good[0])]
+        elif not len(good):
+            r[:] = 1e-10
+    for s in range(1, rows.shape[-1]):
+        rows[:, s] = torch.where(rows[:, s] <= floor, rows[:, s - 1], rows[:, s])
     return out
 
 
 def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
     """Half-plane pixels of an ``N`` box per shell, duplicated half column excluded."""
     shells = shell_index((box, box), device=device)
-    ky, _ = rfft_frequencies((box, box), device=device)
-    dup = torch.zeros_like(shells, dtype=torch.bool)
-    dup[:, 0] = ky[:, 0] < 0
-    s = shells[~dup]
+    s = shells[~duplicate_half_column((box, box), device=device)]
     return torch.bincount(s[s < nsh], minlength=nsh).to(torch.float64)
 
 
@@ -250,10 +255,7 @@ def maximize(
         if float(sums.sigma2_noise[og].sum()) == 0 or float(sums.sumw_optics[og]) == 0:
             continue
         new = sums.sigma2_noise[og] / (2 * sums.sumw_optics[og] * npix.clamp(min=1))
-        for s_ in range(1, nsh):
-            if new[s_] < 1e-14:
-                new[s_] = new[s_ - 1]
-        sigma2[og] = new
+        sigma2[og] = fill_low_shells(new, 1e-14)
     return ModelState(
         refs=refs,
         sigma2=sigma2,
