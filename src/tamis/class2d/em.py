@@ -52,7 +52,7 @@ from tamis.fourier import (
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.star import read_data_star
-from tamis.masks import soft_mask_outside
+from tamis.masks import radius_map, soft_mask_outside
 
 __all__ = ["Class2DResult", "run_class2d", "choose_device"]
 
@@ -68,6 +68,7 @@ class Class2DResult:
     iteration: int
     resolution: float
     class_fractions: np.ndarray
+    particles_evaluated: int = 0  # particle E-steps run by this call (all iterations)
 
 
 def choose_device(name: str) -> torch.device:
@@ -91,6 +92,21 @@ def _available_bytes(device: torch.device) -> int:
 
 class _Abort(Exception):
     pass
+
+
+@dataclass
+class EStep:
+    """What one E-step hands to the M-step."""
+
+    sums: WeightedSums
+    psi_deg: torch.Tensor  # fine psi samples (degrees)
+    window: FourierWindow
+    grids: torch.Tensor  # padded Fourier grids of the references used
+    tau2: torch.Tensor  # (K, nsh) spectrum of those references
+    proj: torch.Tensor  # (K, P, C) their projections at the fine psi
+    current_size: int
+    changes: tuple[float, float, float]
+    acc_inputs: tuple | None
 
 
 class Class2DRun:
@@ -212,11 +228,20 @@ class Class2DRun:
             take.append(rows)
         rows = np.sort(np.concatenate(take))
 
+        bg = radius_map(self.box, device=self.device) > round(self.radius_px)
+        odd = [0, 0]
+
         def gen():
             size = 256
             for s in range(0, len(rows), size):
                 chunk = rows[s : s + size]
                 images = self.ps.load_images(self.order[chunk], device=self.device)
+                # RELION's check: background mean within 0.5 std of 0 and std in [0.5, 2]
+                pix = images[:, bg].to(torch.float64)
+                mean, std = pix.mean(1), pix.std(1)
+                bad = ((mean / std).abs() > 0.5) | (std < 0.5) | (std > 2.0)
+                odd[0] += int(bad.sum())
+                odd[1] += len(chunk)
                 yield (
                     torch.as_tensor(chunk),
                     images,
@@ -237,11 +262,18 @@ class Class2DRun:
             pad=o.pad,
             device=self.device,
         )
+        if odd[0]:
+            self.log(
+                f"warning: {odd[0]} of the first {odd[1]} particles are not normalised as RELION "
+                "expects (background outside the mask diameter: mean 0, standard deviation 1); "
+                "norm correction and VDAM assume it (relion_preprocess --norm, or tamis extract)"
+            )
         k = o.K
         cs0 = int(relion_round(torch.tensor(0.07 * self.box)))
         tau2 = mstep.spectrum(refs.to(torch.float64), self.shells_full, self.nsh) / 2
         # it000 as RELION's initialiseDataVersusPrior: tau2 = T spectrum / 2
-        dvp = self.n / k * o.tau2_fudge * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
+        t0 = self.tau2_fudge_at(0)
+        dvp = self.n / k * t0 * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
         self.state = ModelState(
             refs=refs.to(self.device),
             sigma2=sigma2,
@@ -254,7 +286,7 @@ class Class2DRun:
             data_vs_prior=dvp,
             fourier_coverage=torch.zeros_like(dvp),
             sigma2_class=torch.zeros_like(dvp),
-            tau2=o.tau2_fudge * tau2,
+            tau2=t0 * tau2,
             maxres=cs0,
         )
         self.cls[:] = -1
@@ -356,9 +388,73 @@ class Class2DRun:
             coarse = cs
         return cs, max(coarse, 2)
 
+    def tau2_fudge_at(self, it: int) -> float:
+        """T used in iteration ``it`` (EM: ``--tau2_fudge``, 1 when not given)."""
+        t = self.options.tau2_fudge
+        return t if t > 0 else 1.0
+
     def iterate(
         self, it: int, *, abort: Callable[[], bool] | None = None
     ) -> tuple[float, float, float]:
+        """One EM iteration over every particle: E-step, then the M-step."""
+        o, st = self.options, self.state
+        assert st is not None
+        step = self.expectation_step(it, np.arange(self.n), abort=abort)
+        self.state = mstep.maximize(
+            st,
+            step.sums,
+            step.psi_deg,
+            step.window,
+            tau2=step.tau2,
+            options=o,
+            tau2_fudge=self.tau2_fudge_at(it),
+            current_size=step.current_size,
+            group_counts=self._group_counts(),
+            do_scale=self.do_scale,
+            n_particles=self.n,
+        )
+        self._finish_iteration(it, st, step)
+        return step.changes
+
+    def _group_counts(self) -> torch.Tensor:
+        return torch.tensor(self.groups["count"].to_numpy(dtype=np.float64), device=self.device)
+
+    def _finish_iteration(self, it: int, old: ModelState, step: EStep) -> None:
+        """Iteration number, perturbation and accuracy estimates into the new state."""
+        assert self.state is not None
+        self.state.iteration = it
+        self.state.perturbation = self.sampling.perturbation
+        if step.acc_inputs is not None and self.estimates_accuracy(it):
+            ctf10, sig10, psi10 = step.acc_inputs
+            rot, tr = expected_accuracy(
+                step.grids,
+                old.pdf_class,
+                step.window,
+                ctf10,
+                sig10,
+                torch.as_tensor(psi10, device=self.device),
+                pad=self.options.pad,
+            )
+            self.state.acc_rot = rot
+            self.state.acc_trans = torch.where(tr < 999, tr * self.pixel, tr)
+
+    def estimates_accuracy(self, it: int) -> bool:
+        return True
+
+    def expectation_step(
+        self,
+        it: int,
+        rows_all: np.ndarray,
+        *,
+        abort: Callable[[], bool] | None = None,
+        halves: bool = False,
+        max_significants: int | None = None,
+    ) -> EStep:
+        """E-step over the (sorted) particle rows ``rows_all``; weighted sums for the M-step.
+
+        ``halves``: the reconstruction sums go to ``2K`` slots, class ``k`` of particles at even
+        rows into ``k`` and odd rows into ``k + K`` (RELION's pseudo half-sets for VDAM).
+        """
         o, st = self.options, self.state
         assert st is not None
         dev = self.device
@@ -399,17 +495,24 @@ class Class2DRun:
         )
         n_pf = proj_f.shape[1]
         sums = WeightedSums.zeros(
-            k, n_pf, len(window), self.n_optics, self.nsh, len(self.groups), dev
+            k,
+            n_pf,
+            len(window),
+            self.n_optics,
+            self.nsh,
+            len(self.groups),
+            dev,
+            n_slots=2 * k if halves else k,
         )
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
         bsize = self._batch_size(len(window), n_hyp)
-        old_cls = self.cls.copy()
-        old_psi = self.psi.copy()
-        old_origin = self.origin.copy()
-        rows_all = np.arange(self.n)
+        old_cls = self.cls[rows_all].copy()
+        old_psi = self.psi[rows_all].copy()
+        old_origin = self.origin[rows_all].copy()
+        max_sig = o.max_significants if max_significants is None else max_significants
         acc_inputs = None
-        with progress_bar(self.n, f"iteration {it:3d}", enabled=self.show_progress) as bar:
+        with progress_bar(len(rows_all), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
             for batch in self._batches(rows_all, bsize):
                 if abort is not None and abort():
@@ -418,7 +521,7 @@ class Class2DRun:
                 start += len(rows)
                 data, full_power = self._prepare(batch.images, rows, window, it)
                 if acc_inputs is None:  # RELION uses the first 10 particles
-                    acc_inputs = (data.ctf[:10], data.sigma2[:10], old_psi[rows[:10]])
+                    acc_inputs = (data.ctf[:10], data.sigma2[:10], self.psi[rows[:10]].copy())
                 off_px = data.offset_px
                 lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
                 t_e = time.perf_counter()
@@ -435,7 +538,7 @@ class Class2DRun:
                     n_over_psi=smp.n_over_psi if oversampled else 1,
                     n_over_trans=smp.n_over_trans if oversampled else 1,
                     fraction=o.adaptive_fraction,
-                    max_significant=o.max_significants,
+                    max_significant=max_sig,
                 )
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
@@ -460,42 +563,26 @@ class Class2DRun:
                     old_norm=torch.as_tensor(self.norm[rows], device=dev),
                     avg_norm=st.avg_norm,
                     nsh=self.nsh,
+                    half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                 )
                 self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
                 bar.advance(len(rows))
         changes = (
-            float(np.mean(np.abs((self.psi - old_psi + 180) % 360 - 180))),
-            float(np.mean(np.linalg.norm(self.origin - old_origin, axis=1))),
-            float(np.mean(self.cls != old_cls)),
+            float(np.mean(np.abs((self.psi[rows_all] - old_psi + 180) % 360 - 180))),
+            float(np.mean(np.linalg.norm(self.origin[rows_all] - old_origin, axis=1))),
+            float(np.mean(self.cls[rows_all] != old_cls)),
         )
-        self.state = mstep.maximize(
-            st,
-            sums,
-            psi_fine_deg,
-            window,
+        return EStep(
+            sums=sums,
+            psi_deg=psi_fine_deg,
+            window=window,
+            grids=grids,
             tau2=tau2,
-            options=o,
+            proj=proj_f,
             current_size=cs,
-            group_counts=torch.tensor(self.groups["count"].to_numpy(dtype=np.float64), device=dev),
-            do_scale=self.do_scale,
-            n_particles=self.n,
+            changes=changes,
+            acc_inputs=acc_inputs,
         )
-        self.state.iteration = it
-        self.state.perturbation = smp.perturbation
-        if acc_inputs is not None:
-            ctf10, sig10, psi10 = acc_inputs
-            rot, tr = expected_accuracy(
-                grids,
-                st.pdf_class,
-                window,
-                ctf10,
-                sig10,
-                torch.as_tensor(psi10, device=dev),
-                pad=o.pad,
-            )
-            self.state.acc_rot = rot
-            self.state.acc_trans = torch.where(tr < 999, tr * self.pixel, tr)
-        return changes
 
     def _prepare(
         self, images: torch.Tensor, rows: np.ndarray, window: FourierWindow, it: int
@@ -563,7 +650,7 @@ class Class2DRun:
 
     # ---- after the M-step --------------------------------------------------------------------
 
-    def post_process(self) -> torch.Tensor:
+    def post_process(self, it: int = 0) -> torch.Tensor:
         """Centre and flatten the classes; return the unmasked (centred) ones."""
         o, st = self.options, self.state
         assert st is not None
@@ -594,9 +681,22 @@ class Class2DRun:
         table["rlnNrOfSignificantSamples"] = self.nsig
         return table
 
+    def writes(self, it: int) -> bool:
+        """Whether iteration ``it``'s files are written (EM: every iteration)."""
+        return True
+
+    def iteration_files(self, it: int) -> IterationFiles:
+        return IterationFiles(self.root, it)
+
+    def extra_optimiser_labels(self) -> dict:
+        return {}
+
+    def extra_class_labels(self, files: IterationFiles) -> dict:
+        return {}
+
     def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
         assert self.state is not None
-        files = IterationFiles(self.root, it)
+        files = self.iteration_files(it)
         write_iteration(
             files,
             state=self.state,
@@ -610,6 +710,9 @@ class Class2DRun:
             diameter=self.diameter,
             seed=self.seed,
             changes=changes,
+            tau2_fudge=self.tau2_fudge_at(it),
+            extra_optimiser=self.extra_optimiser_labels(),
+            extra_classes=self.extra_class_labels(files),
         )
         return files
 
@@ -668,6 +771,14 @@ def _noise_images(
     return irfft2_centered(out * std, (n, n))
 
 
+def _run_class(options: Class2DOptions) -> type[Class2DRun]:
+    if options.grad:
+        from tamis.class2d.vdam import VdamRun
+
+        return VdamRun
+    return Class2DRun
+
+
 def run_class2d(
     particles_path: str | Path | None,
     output_root: str,
@@ -678,7 +789,8 @@ def run_class2d(
     log: Callable[[str], None] = print,
     show_progress: bool = False,
 ) -> Class2DResult:
-    """Run 2D classification (``relion_refine`` for 2D, EM) and write RELION's files.
+    """Run 2D classification (``relion_refine`` for 2D: EM, or VDAM with ``options.grad``) and
+    write RELION's files.
 
     ``particles_path`` is a particles STAR or cryoSPARC ``.cs`` file (ignored with
     ``continue_from``, which reads the data.star named in the optimiser file). On continue the
@@ -705,34 +817,43 @@ def run_class2d(
             root = output_root or cont_opt.root
             ps = ParticleSet.from_file(data_path)
             options = continued_options(cont_opt, options, changed)
-            run = Class2DRun(ps, options, root, log=log, show_progress=show_progress)
+            run = _run_class(options)(ps, options, root, log=log, show_progress=show_progress)
             run.load_continue(continue_from)
             start = run.state.iteration + 1
         else:
             if particles_path is None:
                 raise TamisError("--i is required (or --continue)")
             ps = ParticleSet.from_file(particles_path)
-            run = Class2DRun(ps, options, output_root, log=log, show_progress=show_progress)
+            run = _run_class(options)(
+                ps, options, output_root, log=log, show_progress=show_progress
+            )
             run.initialise()
             run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
             run.write(0)
             start = 1
         Path(run.root).parent.mkdir(parents=True, exist_ok=True)
         files = IterationFiles(run.root, start - 1)
+        evaluated = 0
         for it in range(start, options.iter + 1):
             t0 = time.perf_counter()
             changes = run.iterate(it, abort=abort_requested)
-            unmasked = run.post_process()
+            batch = getattr(run, "subset", run.n)
+            evaluated += batch
+            unmasked = run.post_process(it)
             write_mrc(Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel)
-            files = run.write(it, changes)
+            if run.writes(it):
+                files = run.write(it, changes)
             st = run.state
             frac = st.pdf_class.cpu().numpy()
             nonempty = int((frac >= 0.005).sum())
+            grad = ""
+            if options.grad:
+                grad = f"{batch} particles, step {run.schedule.step_size(it):.2f}, T {run.tau2_fudge_at(it):.2f}, "
             log(
-                f"iteration {it:3d}: resolution {run.box * run.pixel / max(st.maxres, 1):6.1f} A, "
+                f"iteration {it:3d}: {grad}resolution {run.box * run.pixel / max(st.maxres, 1):6.1f} A, "
                 f"size {run.current_size}, {nonempty}/{len(frac)} classes with >= 0.5%, largest "
                 f"{frac.max():.1%}, class changes {changes[2]:.1%}, pmax {st.avg_pmax:.2f}, "
-                f"{run.n / (time.perf_counter() - t0):,.0f} particles/s"
+                f"{batch / (time.perf_counter() - t0):,.0f} particles/s"
             )
         st = run.state
         if control is not None:
@@ -745,6 +866,7 @@ def run_class2d(
             iteration=st.iteration,
             resolution=run.box * run.pixel / max(st.maxres, 1),
             class_fractions=st.pdf_class.cpu().numpy(),
+            particles_evaluated=evaluated,
         )
     except _Abort:
         if control is not None:

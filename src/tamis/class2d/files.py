@@ -134,8 +134,16 @@ def write_iteration(
     diameter: float,
     seed: int,
     changes: tuple[float, float, float] = (0.0, 0.0, 0.0),
+    tau2_fudge: float | None = None,
+    extra_optimiser: dict | None = None,
+    extra_classes: dict | None = None,
 ) -> None:
-    """Write classes.mrcs, model.star, data.star, sampling.star (not at it000), optimiser.star."""
+    """Write classes.mrcs, model.star, data.star, sampling.star (not at it000), optimiser.star.
+
+    ``tau2_fudge`` is this iteration's T (VDAM schedules it; default ``options.tau2_fudge``);
+    ``extra_optimiser``/``extra_classes`` add or replace optimiser labels and model_classes
+    columns (VDAM's).
+    """
     k, n = state.n_classes, state.box
     write_mrc(files.classes, state.refs.cpu().numpy(), pixel_size)
     nsh = n // 2 + 1
@@ -159,7 +167,7 @@ def write_iteration(
         "rlnNrBodies": 1,
         "rlnNrGroups": len(groups),
         "rlnNrOpticsGroups": len(optics),
-        "rlnTau2FudgeFactor": options.tau2_fudge,
+        "rlnTau2FudgeFactor": options.tau2_fudge if tau2_fudge is None else tau2_fudge,
         "rlnNormCorrectionAverage": state.avg_norm,
         "rlnSigmaOffsetsAngst": float(np.sqrt(state.sigma2_offset)),
         "rlnOrientationalPriorMode": 0,
@@ -190,6 +198,7 @@ def write_iteration(
             ],
             "rlnClassPriorOffsetX": state.prior_offset[:, 0].cpu().numpy(),
             "rlnClassPriorOffsetY": state.prior_offset[:, 1].cpu().numpy(),
+            **(extra_classes or {}),
         }
     )
     blocks: dict[str, object] = {"model_general": general, "model_classes": classes}
@@ -306,7 +315,9 @@ def write_iteration(
         "rlnFixSigmaNoiseEstimates": 0,
         "rlnFixSigmaOffsetEstimates": 0,
         "rlnMaxNumberOfPooledParticles": o.pool * o.j,
+        "rlnTau2FudgeArg": o.tau2_fudge,
         **_RELION_FIXED,
+        **(extra_optimiser or {}),
     }
     command = " ".join(shlex.quote(a) for a in sys.argv)
     write_star(
@@ -397,9 +408,34 @@ def continued_options(
     def flag(label: str, default: bool) -> bool:
         return bool(int(opt.get(label, int(default))))
 
+    grad = flag("rlnDoGradientRefine", False)
+    tau2 = opt.get("rlnTau2FudgeArg", cont.model_general.get("rlnTau2FudgeFactor"))
+
+    def text(label: str, default: str) -> str:
+        v = str(opt.get(label, default))
+        return "" if v == "None" else v
+
+    vdam = {}
+    if grad:
+        vdam = dict(
+            grad_ini_frac=float(opt.get("rlnSgdInitialIterationsFraction", given.grad_ini_frac)),
+            grad_fin_frac=float(opt.get("rlnSgdFinalIterationsFraction", given.grad_fin_frac)),
+            grad_ini_subset=int(opt.get("rlnSgdInitialSubsetSize", given.grad_ini_subset)),
+            grad_fin_subset=int(opt.get("rlnSgdFinalSubsetSize", given.grad_fin_subset)),
+            grad_stepsize=float(opt.get("rlnSgdStepsize", given.grad_stepsize)),
+            grad_stepsize_scheme=text("rlnSgdStepsizeScheme", given.grad_stepsize_scheme),
+            tau2_fudge_scheme=text("rlnTau2FudgeScheme", given.tau2_fudge_scheme),
+            grad_write_iter=int(opt.get("rlnSgdWriteEverySubset", given.grad_write_iter)),
+            class_inactivity_threshold=float(
+                opt.get("rlnSgdClassInactivityThreshold", given.class_inactivity_threshold)
+            ),
+            mu=float(opt.get("rlnSgdMuFactor", given.mu)),
+        )
     from_file = dict(
         K=len(cont.classes),
-        tau2_fudge=float(cont.model_general.get("rlnTau2FudgeFactor", given.tau2_fudge)),
+        grad=grad,
+        **vdam,
+        tau2_fudge=float(tau2) if tau2 is not None else given.tau2_fudge,
         particle_diameter=float(opt.get("rlnParticleDiameter", -1)) or None,
         zero_mask=flag("rlnDoZeroMask", given.zero_mask),
         ctf=flag("rlnDoCorrectCtf", given.ctf),
@@ -421,4 +457,6 @@ def continued_options(
         offset_step=float(smp.get("rlnOffsetStep", given.offset_step * pixel)) / pixel,
     )
     keep = set(changed) | RUNTIME_OPTIONS
-    return replace(given, **{k: v for k, v in from_file.items() if k not in keep or k == "K"})
+    return replace(
+        given, **{k: v for k, v in from_file.items() if k not in keep or k in ("K", "grad")}
+    )

@@ -21,6 +21,9 @@ from tamis.masks import radius_map, soft_mask_outside
 __all__ = [
     "FourierWindow",
     "reference_grids",
+    "padded_transforms",
+    "padded_to_images",
+    "grid_shells",
     "project",
     "back_rotate",
     "grid_tau2",
@@ -92,6 +95,44 @@ def _sinc2(r: torch.Tensor) -> torch.Tensor:
     return torch.sinc(r) ** 2
 
 
+def padded_transforms(refs: torch.Tensor, *, pad: int = 2, gridding: bool = True) -> torch.Tensor:
+    """Centred ``(K, M, M)`` complex128 transforms of real images ``(K, N, N)`` zero-padded to
+    ``M = pad N``, in ``N``-box forward units (``x pad²``); with ``gridding``, divided by
+    ``sinc²(r / M)`` first (RELION's gridding pre-correction)."""
+    k, n, _ = refs.shape
+    m = pad * n
+    img = refs.to(torch.float64)
+    if gridding:
+        r = radius_map(n, device=refs.device)
+        img = img / _sinc2(r / m).clamp(min=1e-6)
+    padded = torch.zeros((k, m, m), dtype=torch.float64, device=refs.device)
+    o = m // 2 - n // 2
+    padded[:, o : o + n, o : o + n] = img
+    return torch.fft.fftshift(
+        torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)), norm="forward"), dim=(-2, -1)
+    ) * float(pad * pad)
+
+
+def padded_to_images(
+    fgrid: torch.Tensor, *, box: int, pad: int = 2, gridding: bool = True
+) -> torch.Tensor:
+    """Inverse of :func:`padded_transforms` as RELION's ``windowToOridimRealSpace``: transform,
+    window to ``box``, soft-mask at radius ``box/2`` (3 px edge, mean outside) and, with
+    ``gridding``, divide by ``sinc²(r / M)``. Returns float32 ``(K, box, box)``."""
+    m = fgrid.shape[-1]
+    img = torch.fft.fftshift(
+        torch.fft.ifft2(torch.fft.ifftshift(fgrid / (pad * pad), dim=(-2, -1)), norm="forward"),
+        dim=(-2, -1),
+    ).real
+    o = m // 2 - box // 2
+    img = img[:, o : o + box, o : o + box]
+    img = soft_mask_outside(img, box / 2, 3.0)
+    if gridding:
+        r = radius_map(box, device=fgrid.device)
+        img = img / _sinc2(r / m).clamp(min=1e-6)
+    return img.to(torch.float32)
+
+
 def reference_grids(
     refs: torch.Tensor, *, pad: int = 2, r_max: float | None = None
 ) -> torch.Tensor:
@@ -100,16 +141,8 @@ def reference_grids(
     Gridding pre-correction (divide by ``sinc²(r / (pad N))``), zero-padding, transform, ``x pad²``.
     Voxels with ``|q|² > ROUND(r_max pad)²`` are zeroed when ``r_max`` is given.
     """
-    k, n, _ = refs.shape
-    m = pad * n
-    r = radius_map(n, device=refs.device)
-    corrected = refs.to(torch.float64) / _sinc2(r / m).clamp(min=1e-6)
-    padded = torch.zeros((k, m, m), dtype=torch.float64, device=refs.device)
-    o = m // 2 - n // 2
-    padded[:, o : o + n, o : o + n] = corrected
-    spec = torch.fft.fftshift(
-        torch.fft.fft2(torch.fft.ifftshift(padded, dim=(-2, -1)), norm="forward"), dim=(-2, -1)
-    ) * float(pad * pad)
+    m = pad * refs.shape[-1]
+    spec = padded_transforms(refs, pad=pad)
     if r_max is not None:
         q2 = radius_map(m, device=refs.device) ** 2
         spec = spec * (q2 <= float(relion_round(torch.tensor(r_max * pad))) ** 2)
@@ -204,7 +237,8 @@ def _fold(grid: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _grid_shells(m: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def grid_shells(m: int, pad: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``|q|``, ``ROUND(|q|/pad)`` and ``FLOOR(|q|/pad)`` on a centred ``M x M`` grid."""
     q = radius_map(m, device=device)
     return q, relion_round(q / pad), torch.floor(q / pad).to(torch.int64)
 
@@ -216,7 +250,7 @@ def grid_tau2(grids: torch.Tensor, r_max: float, n_shells: int, *, pad: int = 2)
         :, : pad * 2 * (grids.shape[-1] // (2 * pad)), : pad * 2 * (grids.shape[-1] // (2 * pad))
     ]
     k, m, _ = grids.shape
-    q, ires, _ = _grid_shells(m, pad, grids.device)
+    q, ires, _ = grid_shells(m, pad, grids.device)
     inside = q**2 <= float(relion_round(torch.tensor(r_max * pad))) ** 2
     ires = torch.where(inside, ires, torch.full_like(ires, n_shells)).reshape(-1)
     power = (grids.abs().to(torch.float64) ** 2 / 2).reshape(k, -1)
@@ -245,7 +279,7 @@ def reconstruct(
     and divide by ``sinc²(r / (pad box))``. Returns real images ``(K, box, box)``.
     """
     k, m, _ = d.shape
-    q, ires, ifloor = _grid_shells(m, pad, d.device)
+    q, ires, ifloor = grid_shells(m, pad, d.device)
     max_r2 = float(relion_round(torch.tensor(r_max * pad))) ** 2
     inside = q**2 < max_r2
     w = w.to(torch.float64)
@@ -275,15 +309,7 @@ def reconstruct(
     fgrid = torch.where(
         inside[None] & (denom > 0), d / denom.clamp(min=1e-300), torch.zeros_like(d)
     )
-    img = torch.fft.fftshift(
-        torch.fft.ifft2(torch.fft.ifftshift(fgrid / (pad * pad), dim=(-2, -1)), norm="forward"),
-        dim=(-2, -1),
-    ).real
-    o = m // 2 - box // 2
-    img = img[:, o : o + box, o : o + box]
-    img = soft_mask_outside(img, box / 2, 3.0)
-    r = radius_map(box, device=d.device)
-    return (img / _sinc2(r / m).clamp(min=1e-6)).to(torch.float32)
+    return padded_to_images(fgrid, box=box, pad=pad)
 
 
 def ssnr_arrays(
@@ -293,7 +319,7 @@ def ssnr_arrays(
     ``(K, n_shells)`` with ``n_shells = tau2.shape[1]``."""
     k, m, _ = w.shape
     n_sh = tau2.shape[1]
-    q, ires, _ = _grid_shells(m, pad, w.device)
+    q, ires, _ = grid_shells(m, pad, w.device)
     inside = q**2 < float(relion_round(torch.tensor(r_max * pad))) ** 2
     idx = torch.where(inside & (ires < n_sh), ires, torch.full_like(ires, n_sh)).reshape(-1)
     w = w.to(torch.float64).reshape(k, -1)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
@@ -15,7 +17,10 @@ from tamis.masks import solvent_mask
 __all__ = [
     "accumulate",
     "maximize",
+    "update_other_parameters",
     "center_classes",
+    "class_centres",
+    "shift_classes",
     "flatten_solvent",
     "current_resolution_shell",
     "spectrum",
@@ -71,6 +76,7 @@ def accumulate(
     old_norm: torch.Tensor,
     avg_norm: float,
     nsh: int,
+    half: torch.Tensor | None = None,
     chunk: int = 8192,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
@@ -90,19 +96,21 @@ def accumulate(
     q = data.ctf * data.xu * inv_sig
     cw = data.ctf * data.ctf * inv_sig
     proj_flat = proj_f.reshape(k * pf, c)
+    slots = sums.fimg.shape[0]
     # Per-batch accumulators in single precision; added to the float64 totals once per batch.
-    fimg = torch.zeros((k * pf, c), dtype=torch.complex64, device=dev)
-    fweight = torch.zeros((k * pf, c), dtype=torch.float32, device=dev)
+    fimg = torch.zeros((slots * pf, c), dtype=torch.complex64, device=dev)
+    fweight = torch.zeros((slots * pf, c), dtype=torch.float32, device=dev)
     m1 = torch.zeros((b, c), dtype=torch.complex64, device=dev)
     m2 = torch.zeros((b, c), dtype=torch.float32, device=dev)
     xa = torch.zeros(b, dtype=torch.float32, device=dev)
     aa = torch.zeros(b, dtype=torch.float32, device=dev)
     r_all = hyp.cls * pf + hyp.psi
+    slot_all = r_all if half is None else (hyp.cls + k * half[hyp.particle]) * pf + hyp.psi
     rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
     wr32 = wr.to(torch.float32)
     for s in range(0, len(wr), chunk):
         sl = slice(s, s + chunk)
-        i, r = hyp.particle[sl], r_all[sl]
+        i, r, r_slot = hyp.particle[sl], r_all[sl], slot_all[sl]
         w32 = w[sl].to(torch.float32)
         mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
         p = proj_flat[r]
@@ -110,15 +118,15 @@ def accumulate(
         wp2 = wr32[sl][:, None] * (p.real**2 + p.imag**2)
         m1.index_add_(0, i, g)
         m2.index_add_(0, i, wp2)
-        fimg.index_add_(0, r, q[i] * mix)
-        fweight.index_add_(0, r, wr32[sl][:, None] * cw[i])
+        fimg.index_add_(0, r_slot, q[i] * mix)
+        fweight.index_add_(0, r_slot, wr32[sl][:, None] * cw[i])
         if ssnr_mask is not None:
             msk = ssnr_mask[hyp.cls[sl]]
             ctf_i = data.ctf[i]
             xa.index_add_(0, i, (msk * (ctf_i * data.x[i] * g).real).sum(1))
             aa.index_add_(0, i, (msk * ctf_i * ctf_i * wp2).sum(1))
-    sums.fimg.view(k * pf, c).add_(fimg.to(torch.complex128))
-    sums.fweight.view(k * pf, c).add_(fweight.to(torch.float64))
+    sums.fimg.view(slots * pf, c).add_(fimg.to(torch.complex128))
+    sums.fweight.view(slots * pf, c).add_(fweight.to(torch.float64))
     m1, m2 = m1.to(torch.complex128), m2.to(torch.float64)
     xa, aa = xa.to(torch.float64), aa.to(torch.float64)
     wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, wr)
@@ -201,15 +209,15 @@ def maximize(
     *,
     tau2: torch.Tensor,
     options: Class2DOptions,
+    tau2_fudge: float,
     current_size: int,
     group_counts: torch.Tensor,
     do_scale: bool,
     n_particles: int,
 ) -> ModelState:
-    """Reconstruct the classes and update every other model parameter (EM: mu = 0)."""
+    """EM M-step: reconstruct the classes and update every other model parameter (mu = 0)."""
     o = options
     box = st.box
-    nsh = box // 2 + 1
     r_max = current_size / 2
     d, w = back_rotate(sums.fimg, sums.fweight, psi_deg, window, pad=o.pad)
     refs = reconstruct(
@@ -218,46 +226,73 @@ def maximize(
         box=box,
         r_max=r_max,
         tau2=tau2,
-        tau2_fudge=o.tau2_fudge,
+        tau2_fudge=tau2_fudge,
         pad=o.pad,
         minres_map=o.minres_map,
     )
     active = (sums.pdf_class > 0) & (st.pdf_class > 0) & (w.sum(dim=(1, 2)) > 1e-20)
     refs = refs * active[:, None, None]
     sigma2_class, dvp, coverage = ssnr_arrays(
-        w, tau2, r_max=r_max, tau2_fudge=o.tau2_fudge, pad=o.pad
+        w, tau2, r_max=r_max, tau2_fudge=tau2_fudge, pad=o.pad
     )
+    new = update_other_parameters(
+        st, sums, options=o, group_counts=group_counts, do_scale=do_scale, mu=0.0
+    )
+    return replace(
+        new,
+        refs=refs,
+        data_vs_prior=dvp,
+        fourier_coverage=coverage,
+        sigma2_class=sigma2_class,
+        tau2=tau2,
+    )
+
+
+def update_other_parameters(
+    st: ModelState,
+    sums: WeightedSums,
+    *,
+    options: Class2DOptions,
+    group_counts: torch.Tensor,
+    do_scale: bool,
+    mu: float = 0.0,
+) -> ModelState:
+    """RELION's ``maximizationOtherParameters``: class fractions, offset priors, sigma_offset,
+    noise spectra, norm and scale, each ``mu * old + (1 - mu) * new`` (EM: mu = 0; VDAM: 0.9 on
+    mini-batches). References and SSNR arrays are left as they are."""
+    o = options
+    box = st.box
+    nsh = box // 2 + 1
     sum_w = float(sums.pdf_class.sum())
     if sum_w <= 0:
         raise RuntimeError("no particle contributed to this iteration")
-    avg_norm = sums.norm_sum / sum_w if o.norm else st.avg_norm
+    avg_norm = mu * st.avg_norm + (1 - mu) * sums.norm_sum / sum_w if o.norm else st.avg_norm
     scale = st.scale
     if do_scale:
         s = torch.where(sums.aa > 0, sums.xa / sums.aa.clamp(min=1e-300), torch.ones_like(sums.aa))
+        s = mu * st.scale + (1 - mu) * s
         med = torch.sort(s).values[len(s) // 2]
         s = s.clamp(min=float(med) / 5, max=5 * float(med))
         counts = group_counts.to(torch.float64)
         scale = s / ((counts * s).sum() / counts.sum())
-    pdf_class = sums.pdf_class / sum_w
+    pdf_class = mu * st.pdf_class + (1 - mu) * sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
-    pdf_direction = sums.pdf_class / sum_w
+    pdf_direction = mu * st.pdf_direction + (1 - mu) * sums.pdf_class / sum_w
     # The class's mean offset. RELION 5 divides by the total weight of all classes instead
     # (shrinking each prior towards 0 by its class fraction); tamis keeps the mean, as RELION <= 4.
-    prior = torch.where(
-        sums.pdf_class[:, None] > 0,
-        sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300),
-        torch.zeros_like(sums.prior_offset),
-    )
-    sigma2_offset = max(sums.sigma2_offset / (2 * sum_w), 2.0)
+    has_w = sums.pdf_class[:, None] > 0
+    mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
+    prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
+    sigma2_offset = max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
     npix = pixels_per_shell(box, nsh, st.sigma2.device)
     sigma2 = st.sigma2.clone()
     for og in range(sigma2.shape[0]):
         if float(sums.sigma2_noise[og].sum()) == 0 or float(sums.sumw_optics[og]) == 0:
             continue
         new = sums.sigma2_noise[og] / (2 * sums.sumw_optics[og] * npix.clamp(min=1))
-        sigma2[og] = fill_low_shells(new, 1e-14)
-    return ModelState(
-        refs=refs,
+        sigma2[og] = fill_low_shells(mu * st.sigma2[og] + (1 - mu) * new, 1e-14)
+    return replace(
+        st,
         sigma2=sigma2,
         pdf_class=pdf_class,
         pdf_direction=pdf_direction,
@@ -265,17 +300,8 @@ def maximize(
         sigma2_offset=sigma2_offset,
         avg_norm=avg_norm,
         scale=scale,
-        data_vs_prior=dvp,
-        fourier_coverage=coverage,
-        sigma2_class=sigma2_class,
-        tau2=tau2,
-        maxres=st.maxres,
-        iteration=st.iteration,
-        perturbation=st.perturbation,
         loglik=sums.loglik,
         avg_pmax=sums.pmax_sum / sum_w,
-        acc_rot=st.acc_rot,
-        acc_trans=st.acc_trans,
     )
 
 
@@ -292,16 +318,23 @@ def current_resolution_shell(dvp: torch.Tensor, pdf_class: torch.Tensor, minres:
     return best
 
 
-def center_classes(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
-    """Move each class's centre of mass of positive density to the origin (capped length)."""
+def class_centres(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
+    """``(K, 2)`` (x, y) centre of mass of each class's positive density relative to the box
+    centre, in pixels, capped at ``max_shift_px`` in length (RELION's ``centerClasses``)."""
     k, n, _ = refs.shape
     c = torch.arange(n, device=refs.device, dtype=torch.float64) - n // 2
     pos = refs.to(torch.float64).clamp(min=0)
     mass = pos.sum(dim=(1, 2)).clamp(min=1e-30)
-    com = torch.stack([(pos.sum(1) * c).sum(1) / mass, (pos.sum(2) * c).sum(1) / mass], 1)  # (x, y)
+    com = torch.stack([(pos.sum(1) * c).sum(1) / mass, (pos.sum(2) * c).sum(1) / mass], 1)
     length = com.norm(dim=1, keepdim=True)
-    com = torch.where(length > max_shift_px, com * max_shift_px / length.clamp(min=1e-30), com)
-    # output(r) = input(r + com): bilinear, zero outside
+    return torch.where(length > max_shift_px, com * max_shift_px / length.clamp(min=1e-30), com)
+
+
+def shift_classes(refs: torch.Tensor, com: torch.Tensor) -> torch.Tensor:
+    """``output(r) = input(r + com)`` per class (bilinear, zero outside): moves ``com`` to the
+    centre."""
+    k, n, _ = refs.shape
+    c = torch.arange(n, device=refs.device, dtype=torch.float64) - n // 2
     yy, xx = torch.meshgrid(c, c, indexing="ij")
     gx = (xx[None] + com[:, 0, None, None] + n // 2) * (2.0 / (n - 1)) - 1.0
     gy = (yy[None] + com[:, 1, None, None] + n // 2) * (2.0 / (n - 1)) - 1.0
@@ -310,6 +343,11 @@ def center_classes(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
         refs[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
     )
     return out[:, 0]
+
+
+def center_classes(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
+    """Move each class's centre of mass of positive density to the origin (capped length)."""
+    return shift_classes(refs, class_centres(refs, max_shift_px))
 
 
 def flatten_solvent(refs: torch.Tensor, radius_px: float, width: float = 5.0) -> torch.Tensor:

@@ -21,7 +21,7 @@ class Class2DOptions:
 
     K: int = 1
     iter: int = 25
-    tau2_fudge: float = 1.0
+    tau2_fudge: float = -1.0  # -1: RELION's default, 1 for EM and 4 for VDAM
     particle_diameter: float | None = None  # Å; default (N - 5) * p
     zero_mask: bool = False
     ctf: bool = False
@@ -54,6 +54,18 @@ class Class2DOptions:
     minres_map: int = 5
     perturb: float = 0.5
     pipeline_control: Path | None = None
+    # VDAM (--grad): RELION-4's gradient algorithm; see tamis.class2d.vdam
+    grad: bool = False
+    grad_ini_frac: float = 0.3
+    grad_fin_frac: float = 0.2
+    grad_ini_subset: int = -1  # -1: max(min(0.005 N, 10000), 200)
+    grad_fin_subset: int = -1  # -1: max(min(0.05 N, 100000), 1000)
+    grad_stepsize: float = -1.0  # -1: 0.3 for 2D
+    grad_stepsize_scheme: str = ""  # "": "<0.9/stepsize>-step"; or "plain", "<inflate>-step"
+    tau2_fudge_scheme: str = ""  # "": "<T>-step" (T rises from 1 to --tau2_fudge); or "plain"
+    grad_write_iter: int = 10
+    class_inactivity_threshold: float = 0.0
+    mu: float = 0.9
 
     @classmethod
     def gui_em(cls, **overrides: object) -> Class2DOptions:
@@ -76,6 +88,16 @@ class Class2DOptions:
         )
         base.update(overrides)
         return cls(**base)  # type: ignore[arg-type]
+
+    @classmethod
+    def gui_vdam(cls, **overrides: object) -> Class2DOptions:
+        """What RELION's GUI passes for a VDAM 2D job (its default algorithm): the EM options
+        with ``--grad --class_inactivity_threshold 0.1 --grad_write_iter 10 --iter 200``."""
+        base: dict[str, object] = dict(
+            iter=200, grad=True, class_inactivity_threshold=0.1, grad_write_iter=10
+        )
+        base.update(overrides)
+        return cls.gui_em(**base)
 
 
 @dataclass
@@ -115,8 +137,8 @@ class ModelState:
 class WeightedSums:
     """Sums over particles gathered by the E-step, consumed by the M-step."""
 
-    fimg: torch.Tensor  # (K, Pf, C) complex128: sum w c X_unmasked^t / sigma2
-    fweight: torch.Tensor  # (K, Pf, C) float64: sum w c² / sigma2
+    fimg: torch.Tensor  # (S, Pf, C) complex128: sum w c X_unmasked^t / sigma2 (S = K or 2K)
+    fweight: torch.Tensor  # (S, Pf, C) float64: sum w c² / sigma2
     sigma2_noise: torch.Tensor  # (n_optics, nsh)
     sumw_optics: torch.Tensor  # (n_optics,)
     pdf_class: torch.Tensor  # (K,)
@@ -130,12 +152,22 @@ class WeightedSums:
 
     @classmethod
     def zeros(
-        cls, k: int, n_psi: int, n_pix: int, n_optics: int, nsh: int, n_groups: int, device
+        cls,
+        k: int,
+        n_psi: int,
+        n_pix: int,
+        n_optics: int,
+        nsh: int,
+        n_groups: int,
+        device,
+        n_slots: int | None = None,
     ) -> WeightedSums:
+        """``n_slots`` reconstruction sums (default ``k``; ``2k`` for VDAM's pseudo half-sets)."""
         f64 = {"dtype": torch.float64, "device": device}
+        slots = k if n_slots is None else n_slots
         return cls(
-            fimg=torch.zeros((k, n_psi, n_pix), dtype=torch.complex128, device=device),
-            fweight=torch.zeros((k, n_psi, n_pix), **f64),
+            fimg=torch.zeros((slots, n_psi, n_pix), dtype=torch.complex128, device=device),
+            fweight=torch.zeros((slots, n_psi, n_pix), **f64),
             sigma2_noise=torch.zeros((n_optics, nsh), **f64),
             sumw_optics=torch.zeros(n_optics, **f64),
             pdf_class=torch.zeros(k, **f64),

@@ -1,4 +1,4 @@
-"""``tamis class2d``: RELION's 2D classification (regularised-likelihood EM).
+"""``tamis class2d``: RELION's 2D classification (regularised-likelihood EM, or VDAM with --grad).
 
 Options keep ``relion_refine``'s names. How RELION's GUI ("2D classification" job) maps onto them:
 
@@ -9,6 +9,9 @@ Options keep ``relion_refine``'s names. How RELION's GUI ("2D classification" jo
   ``--ctf_intact_first_peak``; Do CTF-correction -> ``--ctf``; Center class averages ->
   ``--center_classes``; Regularisation parameter T -> ``--tau2_fudge``; Mask diameter ->
   ``--particle_diameter``. The GUI also always passes ``--flatten_solvent --norm --scale``.
+
+The GUI's default algorithm is VDAM: it adds ``--grad --class_inactivity_threshold 0.1
+--grad_write_iter 10 --iter 200`` to the options below (and leaves out ``--iter 25``).
 
 Example (the GUI's EM command with its defaults)::
 
@@ -33,7 +36,35 @@ def class2d(
     i: Path = typer.Option(None, "--i", help="Particles STAR file (or cryoSPARC .cs)."),
     o: str = typer.Option("", "--o", help="Output root, e.g. Class2D/job010/run."),
     K: int = typer.Option(1, "--K", help="Number of classes."),
-    iter: int = typer.Option(25, "--iter", help="Total number of iterations."),
+    iter: int = typer.Option(
+        -1, "--iter", help="Total number of iterations (default 25 for EM, 200 for VDAM)."
+    ),
+    grad: bool = typer.Option(False, "--grad", help="VDAM gradient algorithm (RELION-4)."),
+    class_inactivity_threshold: float = typer.Option(
+        0.0,
+        "--class_inactivity_threshold",
+        help="VDAM: replace classes below this fraction of 1/K (GUI 0.1; 0 = never).",
+    ),
+    grad_write_iter: int = typer.Option(10, "--grad_write_iter", help="VDAM: write every N."),
+    grad_ini_frac: float = typer.Option(0.3, "--grad_ini_frac", help="VDAM: initial phase."),
+    grad_fin_frac: float = typer.Option(0.2, "--grad_fin_frac", help="VDAM: final phase."),
+    grad_ini_subset: int = typer.Option(
+        -1, "--grad_ini_subset", help="VDAM: initial mini-batch (-1: max(min(0.5% N, 10k), 200))."
+    ),
+    grad_fin_subset: int = typer.Option(
+        -1, "--grad_fin_subset", help="VDAM: final mini-batch (-1: max(min(5% N, 100k), 1000))."
+    ),
+    grad_stepsize: float = typer.Option(-1.0, "--grad_stepsize", help="VDAM: step (-1: 0.3)."),
+    grad_stepsize_scheme: str = typer.Option(
+        "", "--grad_stepsize_scheme", help="VDAM: plain or <inflate>-step (default 3-step)."
+    ),
+    tau2_fudge_scheme: str = typer.Option(
+        "", "--tau2_fudge_scheme", help="VDAM: plain or <deflate>-step (default T-step)."
+    ),
+    mu: float = typer.Option(0.9, "--mu", help="VDAM: momentum of the other parameters."),
+    maxsig: int = typer.Option(
+        -1, "--maxsig", help="Most significant coarse samples per particle (VDAM default 5K)."
+    ),
     cont: Path = typer.Option(
         None, "--continue", help="Continue from run_itNNN_optimiser.star (--iter is the total)."
     ),
@@ -41,7 +72,9 @@ def class2d(
     ctf_intact_first_peak: bool = typer.Option(False, "--ctf_intact_first_peak"),
     ctf_phase_flipped: bool = typer.Option(False, "--ctf_phase_flipped"),
     only_flip_phases: bool = typer.Option(False, "--only_flip_phases"),
-    tau2_fudge: float = typer.Option(1.0, "--tau2_fudge", help="Regularisation parameter T."),
+    tau2_fudge: float = typer.Option(
+        -1.0, "--tau2_fudge", help="Regularisation parameter T (default 1 for EM, 4 for VDAM)."
+    ),
     particle_diameter: float = typer.Option(
         -1.0, "--particle_diameter", help="Mask diameter in A (default (box - 5) x pixel)."
     ),
@@ -66,7 +99,8 @@ def class2d(
     batch_size: int = typer.Option(0, "--batch_size", help="Particles per batch (0: from memory)."),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
-    """RELION's 2D classification (EM); writes run_itNNN_{classes.mrcs,model,data,optimiser,sampling}."""
+    """RELION's 2D classification (EM, or VDAM with --grad); writes run_itNNN_{classes.mrcs,model,
+    data,optimiser,sampling}.star (VDAM: every --grad_write_iter iterations, plus moments)."""
     from tamis.class2d import Class2DOptions, run_class2d
 
     if gpu is not None:
@@ -74,7 +108,19 @@ def class2d(
         device = f"cuda:{ids[0]}" if ids else "cuda"
     options = Class2DOptions(
         K=K,
-        iter=iter,
+        iter=iter if iter > 0 else (200 if grad else 25),
+        grad=grad,
+        class_inactivity_threshold=class_inactivity_threshold,
+        grad_write_iter=grad_write_iter,
+        grad_ini_frac=grad_ini_frac,
+        grad_fin_frac=grad_fin_frac,
+        grad_ini_subset=grad_ini_subset,
+        grad_fin_subset=grad_fin_subset,
+        grad_stepsize=grad_stepsize,
+        grad_stepsize_scheme=grad_stepsize_scheme,
+        tau2_fudge_scheme=tau2_fudge_scheme,
+        mu=mu,
+        max_significants=maxsig,
         tau2_fudge=tau2_fudge,
         particle_diameter=particle_diameter if particle_diameter > 0 else None,
         zero_mask=zero_mask,
@@ -103,11 +149,35 @@ def class2d(
         from tamis.errors import TamisError
 
         raise TamisError("--o is required")
+    # On --continue, options typed on the command line override those in the optimiser file.
+    names = {
+        "tau2_fudge",
+        "particle_diameter",
+        "zero_mask",
+        "strict_highres_exp",
+        "flatten_solvent",
+        "norm",
+        "scale",
+        "psi_step",
+        "offset_range",
+        "offset_step",
+        "oversampling",
+        "class_inactivity_threshold",
+        "grad_write_iter",
+        "mu",
+        "maxsig",
+    }
+    changed = {
+        ("max_significants" if n == "maxsig" else n)
+        for n in names
+        if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"
+    }
     result = run_class2d(
         i,
         o,
         options,
         continue_from=cont,
+        changed=changed,
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
     )

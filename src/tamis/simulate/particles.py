@@ -84,7 +84,11 @@ class ParticleSimulation:
 
 @dataclass
 class SimulationResult:
-    """Where the products are, and the numbers needed to judge results against the truth."""
+    """Where the products are, and the numbers needed to judge results against the truth.
+
+    Images are written normalised as RELION extracts them: the noise has standard deviation 1
+    (``noise_std`` is 1; ``signal_variance`` is in the same units).
+    """
 
     star: Path
     ground_truth: Path
@@ -162,6 +166,8 @@ def simulate_particles(
             images += (
                 torch.randn(images.shape, generator=gen, dtype=torch.float32).to(device) * noise_std
             )
+            # RELION's extraction convention: background noise of standard deviation 1
+            images /= noise_std
             images_np = images.cpu().numpy()
             for m in np.unique(mic[sel]):
                 rows = np.flatnonzero(mic[sel] == m)
@@ -221,12 +227,13 @@ def simulate_particles(
             "product": "particles",
             "config": config,
             "structure_files": {names[i]: f"structures/{v}" for i, v in enumerate(volumes)},
-            "signal_variance": signal_var,
-            "noise_std": noise_std,
+            "signal_variance": signal_var / noise_std**2,
+            "noise_std": 1.0,
+            "intensity_scale": 1.0 / noise_std,
             "counts": {str(k): int((kinds == k).sum()) for k in np.unique(kinds)},
         },
     )
-    return SimulationResult(star, truth_path, n, noise_std, signal_var)
+    return SimulationResult(star, truth_path, n, 1.0, signal_var / noise_std**2)
 
 
 def _render(
