@@ -56,7 +56,7 @@ def _naive_nms(fom, radius, threshold):
     cand.sort(key=lambda t: -t[0])
     removed = np.zeros_like(f, dtype=bool)
     out = []
-    for v, r, c in cand:
+    for _v, r, c in cand:
         if removed[r, c]:
             continue
         out.append((r, c))
