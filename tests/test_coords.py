@@ -52,7 +52,7 @@ def test_coordinate_list_and_names(tmp_path):
         "AutoPick/job006/Movies/a_autopick.star"
     )
     assert coordinate_file_name("raw/b.mrc", "AutoPick/job006", "manualpick") == Path(
-        "AutoPick/job006/b_manualpick.star"
+        "AutoPick/job006/raw/b_manualpick.star"
     )
 
 

@@ -8,6 +8,7 @@ of the micrograph, origin at the first array element), ``rlnClassNumber``,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,6 +24,7 @@ __all__ = [
     "read_coordinate_list",
     "write_coordinate_list",
     "coordinate_file_name",
+    "pipeline_relative",
 ]
 
 
@@ -74,16 +76,23 @@ def write_coordinates(
     write_star({"": table}, path)
 
 
+def pipeline_relative(name: str | Path) -> Path:
+    """RELION's ``decomposePipelineFileName``: the part of ``name`` after its ``jobNNN/``
+    directory (``MotionCorr/job002/Movies/a.mrc`` -> ``Movies/a.mrc``), else the whole name
+    (made relative: a leading ``/`` is dropped)."""
+    parts = Path(name).parts
+    for i, part in enumerate(parts[:-1]):
+        if re.fullmatch(r"job\d{3}.*", part) and i > 0:
+            return Path(*parts[i + 1 :])
+    return Path(*[p for p in parts if p != "/"])
+
+
 def coordinate_file_name(
     micrograph: str | Path, job_dir: str | Path, suffix: str = "autopick"
 ) -> Path:
-    """Where RELION puts the coordinates of ``micrograph`` in picking job ``job_dir``.
-
-    The micrograph path after its own ``JobType/jobNNN/`` is kept:
-    ``MotionCorr/job002/Movies/mic1.mrc`` -> ``<job_dir>/Movies/mic1_autopick.star``.
-    """
-    parts = Path(micrograph).parts
-    rel = Path(*parts[2:]) if len(parts) > 2 and parts[1].startswith("job") else Path(parts[-1])
+    """Where RELION puts the coordinates of ``micrograph`` in picking job ``job_dir``:
+    ``MotionCorr/job002/Movies/mic1.mrc`` -> ``<job_dir>/Movies/mic1_autopick.star``."""
+    rel = pipeline_relative(micrograph)
     return Path(job_dir) / rel.parent / f"{rel.stem}_{suffix}.star"
 
 
