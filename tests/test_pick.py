@@ -196,3 +196,51 @@ def test_micrograph_readers(tmp_path):
         1, abs=1e-4
     )
     assert isinstance(m, Micrograph) and Path(m.name).name == "a.png"
+
+
+def test_cli_pick_and_extract(mics, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tamis.cli.main import app
+    from tamis.io.coords import read_coordinate_list, read_coordinates
+    from tamis.io.star import read_star
+
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke
+    args = ["pick", "log", "--i", str(mics / "micrographs.star"), "--odir", "AutoPick/job001"]
+    out = run(app, args + ["--LoG_diam_min", "90", "--LoG_diam_max", "130", "--expected", "40"])
+    assert out.exit_code == 0, out.output
+    listing = read_coordinate_list("AutoPick/job001/autopick.star")
+    assert list(listing) == ["Micrographs/mic_00001.mrc", "Micrographs/mic_00002.mrc"]
+    first = read_coordinates(listing["Micrographs/mic_00001.mrc"])
+    assert len(first) == 40 and first["rlnAutopickFigureOfMerit"].is_monotonic_decreasing
+    assert (tmp_path / "AutoPick/job001/overlays/mic_00001_autopick.png").is_file()
+    args = ["extract", "--i", str(mics / "micrographs.star"), "--coord_list"]
+    args += ["AutoPick/job001/autopick.star", "--part_dir", "Extract/job002", "--extract_size"]
+    out = run(app, args + ["128", "--scale", "64", "--norm", "--invert_contrast"])
+    assert out.exit_code == 0, out.output
+    parts = read_star("Extract/job002/particles.star")["particles"]
+    assert len(parts) == 80
+    assert parts["rlnImageName"][0] == "000001@Extract/job002/Micrographs/mic_00001.mrcs"
+    bad = run(
+        app,
+        ["pick", "log", "--i", "missing.star", "--odir", "x"]
+        + ["--LoG_diam_min", "1", "--LoG_diam_max", "2"],
+    )
+    assert bad.exit_code == 1 and "missing.star" in bad.output
+    bad = run(
+        app,
+        [
+            "pick",
+            "log",
+            "--i",
+            str(mics / "micrographs.star"),
+            "--odir",
+            "x",
+            "--LoG_diam_min",
+            "200",
+            "--LoG_diam_max",
+            "100",
+        ],
+    )
+    assert bad.exit_code == 1 and "LoG diameters" in bad.output

@@ -1,0 +1,110 @@
+"""``tamis pick``: RELION's LoG picker and template matching (``relion_autopick``), writing
+RELION's per-micrograph coordinate files, ``autopick.star`` and PNG overlays."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tamis.cli._common import console, user_errors
+
+app = typer.Typer(no_args_is_help=True, help=__doc__)
+
+_I = typer.Option(..., "--i", help="micrographs.star, or micrograph files (MRC/TIFF/PNG/JPEG).")
+_ODIR = typer.Option(..., "--odir", help="Output job directory, e.g. AutoPick/job004.")
+_ANGPIX = typer.Option(None, "--angpix", help="Pixel size (A) of TIFF/PNG/JPEG micrographs.")
+_EXPECTED = typer.Option(None, "--expected", help="Keep the best N picks per micrograph.")
+_OVERLAYS = typer.Option(3, "--overlays", help="PNG overlays of the first N micrographs.")
+
+
+@app.command("log")
+@user_errors
+def log(
+    i: list[Path] = _I,
+    odir: Path = _ODIR,
+    angpix: float = _ANGPIX,
+    diam_min: float = typer.Option(..., "--LoG_diam_min", help="Smallest particle diameter (A)."),
+    diam_max: float = typer.Option(..., "--LoG_diam_max", help="Largest particle diameter (A)."),
+    adjust: float = typer.Option(
+        0.0, "--LoG_adjust_threshold", help="Threshold in sd above the mean: + fewer, - more."
+    ),
+    upper: float = typer.Option(99999.0, "--LoG_upper_threshold", help="Upper threshold (sd)."),
+    invert: bool = typer.Option(False, "--Log_invert", help="Particles are white."),
+    neighbour: float = typer.Option(100.0, "--LoG_neighbour", help="Exclusion, % of diameters."),
+    lowpass: float = typer.Option(20.0, "--lowpass", help="Working resolution (A)."),
+    expected: int = _EXPECTED,
+    overlays: int = _OVERLAYS,
+) -> None:
+    """Laplacian-of-Gaussian blob picking with RELION's options."""
+    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.log import LogOptions, pick_log
+
+    opts = LogOptions(diam_min, diam_max, adjust, upper, invert, neighbour / 100.0, lowpass)
+    opts.check()
+    ms = micrograph_inputs(i, angpix)
+    run_picker(
+        ms,
+        odir,
+        lambda mic, _k: pick_log(mic, opts),
+        PickJob(diameter=diam_max, expected=expected, overlays=overlays),
+        log=lambda s: console.print(s, highlight=False),
+        show_progress=True,
+    )
+
+
+@app.command("template")
+@user_errors
+def template(
+    i: list[Path] = _I,
+    odir: Path = _ODIR,
+    ref: Path = typer.Option(..., "--ref", help="Templates: an MRC stack (class averages...)."),
+    angpix_ref: float = typer.Option(None, "--angpix_ref", help="Template pixel size (A)."),
+    diameter: float = typer.Option(..., "--particle_diameter", help="Mask diameter (A)."),
+    angpix: float = _ANGPIX,
+    threshold: float = typer.Option(0.25, "--threshold", help="Minimum normalised correlation."),
+    min_distance: float = typer.Option(
+        None, "--min_distance", help="Minimum distance between picks (A); default the diameter."
+    ),
+    psi_step: float = typer.Option(10.0, "--ang", help="In-plane angular step (degrees)."),
+    lowpass: float = typer.Option(20.0, "--lowpass", help="Working resolution (A)."),
+    invert: bool = typer.Option(False, "--invert", help="Particles are white in the micrographs."),
+    no_ctf: bool = typer.Option(False, "--no_ctf", help="Do not apply the micrographs' CTF."),
+    expected: int = _EXPECTED,
+    overlays: int = _OVERLAYS,
+) -> None:
+    """Template matching: normalised cross-correlation with rotated, CTF-filtered templates."""
+    import torch
+
+    from tamis.errors import InputFileError
+    from tamis.io.mrc import read_mrc
+    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.template import TemplateOptions, pick_template
+
+    if not ref.is_file():
+        raise InputFileError(ref, "templates not found")
+    stack, apix = read_mrc(ref)
+    if stack.ndim == 2:
+        stack = stack[None]
+    tp = angpix_ref or apix
+    if not tp or tp <= 0:
+        raise InputFileError(ref, "has no pixel size: give --angpix_ref")
+    opts = TemplateOptions(
+        diameter=diameter,
+        min_distance=min_distance,
+        threshold=threshold,
+        psi_step=psi_step,
+        lowpass=lowpass,
+        invert=invert,
+        use_ctf=not no_ctf,
+    )
+    ms = micrograph_inputs(i, angpix)
+    templates = torch.from_numpy(stack.astype("float32"))
+    run_picker(
+        ms,
+        odir,
+        lambda mic, k: pick_template(mic, templates, tp, opts, ctf=ms.ctf(k), max_picks=expected),
+        PickJob(diameter=diameter, expected=expected, overlays=overlays),
+        log=lambda s: console.print(s, highlight=False),
+        show_progress=True,
+    )
