@@ -90,6 +90,19 @@ def test_step_size_and_tau2_schedules_follow_relion():
     assert [sch.replaces_classes(i) for i in (60, 61, 159, 160)] == [False, True, True, False]
     assert [sch.centres(i) for i in (159, 160, 199, 200)] == [True, False, False, True]
     assert [sch.writes(i, 10) for i in (0, 5, 10, 199, 200)] == [True, False, True, False, True]
+    # iterations over every particle are always written (RELION writes unless subset > 0)
+    tiny = VdamSchedule.create(o, 900)
+    assert tiny.writes(155, 10) and not tiny.writes(105, 10)
+    with pytest.raises(TamisError, match="grad_ini_frac"):
+        VdamSchedule.create(Class2DOptions(grad=True, grad_ini_frac=1.0), 10)
+    odd = VdamSchedule.create(
+        Class2DOptions(grad=True, iter=100, grad_ini_frac=0.6, grad_fin_frac=0.5), 10
+    )
+    assert (odd.ini_iter, odd.fin_iter, odd.between_iter) == (
+        49,
+        41,
+        10,
+    )  # fractions / 1.2 (0.6 / 1.2 < 0.5 in floating point, as in RELION)
     # default T for VDAM without --tau2_fudge: 4 (RELION's internal default)
     assert VdamSchedule.create(Class2DOptions(grad=True, iter=200), 1000).tau2_fudge_at(200) == (
         pytest.approx(4.0, rel=1e-6)
@@ -201,6 +214,8 @@ def test_gradient_update_against_loop():
                     new[i, j] = f[i, j] + step[c].item() * (
                         fs * u[c, i, j].item() - (1 - fs) * f[i, j]
                     )
+                elif q[i, j] ** 2 == lim:
+                    new[i, j] = f[i, j]  # the outermost ring keeps the reference
         img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(new / (pad * pad)))).real * m * m
         want.append(img[m // 2 - n // 2 : m // 2 + n // 2, m // 2 - n // 2 : m // 2 + n // 2])
     want = soft_mask_outside(torch.from_numpy(np.stack(want)), n / 2, 3.0)
@@ -350,6 +365,7 @@ def test_cli_grad(sim):
     args += ["--grad", "--iter", "4", "--grad_write_iter", "2", "--K", "2", "--ctf"]
     args += ["--zero_mask", "--psi_step", "30", "--offset_range", "2", "--offset_step", "2"]
     args += ["--random_seed", "1", "--device", "cpu", "--class_inactivity_threshold", "0.1"]
+    args += ["--grad_ini_subset", "100", "--grad_fin_subset", "200"]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
     assert (sim / "cli" / "run_it004_optimiser.star").is_file()

@@ -341,7 +341,11 @@ class Class2DRun:
             refs=cont.refs.to(dev, torch.float32),
             sigma2=sigma2,
             pdf_class=pdf,
-            pdf_direction=pdf.clone(),
+            pdf_direction=(
+                torch.tensor(cont.class_priors, dtype=torch.float64, device=dev)
+                if cont.class_priors is not None
+                else pdf.clone()
+            ),
             prior_offset=prior,
             sigma2_offset=float(g.get("rlnSigmaOffsetsAngst", self.options.offset)) ** 2,
             avg_norm=float(g.get("rlnNormCorrectionAverage", 1.0)),
@@ -713,6 +717,7 @@ class Class2DRun:
             tau2_fudge=self.tau2_fudge_at(it),
             extra_optimiser=self.extra_optimiser_labels(),
             extra_classes=self.extra_class_labels(files),
+            class_priors=self.options.grad,
         )
         return files
 
@@ -840,7 +845,10 @@ def run_class2d(
             batch = getattr(run, "subset", run.n)
             evaluated += batch
             unmasked = run.post_process(it)
-            write_mrc(Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel)
+            if not options.grad:  # RELION writes unmasked classes for EM only
+                write_mrc(
+                    Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel
+                )
             if run.writes(it):
                 files = run.write(it, changes)
             st = run.state

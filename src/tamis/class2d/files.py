@@ -137,12 +137,13 @@ def write_iteration(
     tau2_fudge: float | None = None,
     extra_optimiser: dict | None = None,
     extra_classes: dict | None = None,
+    class_priors: bool = False,
 ) -> None:
     """Write classes.mrcs, model.star, data.star, sampling.star (not at it000), optimiser.star.
 
     ``tau2_fudge`` is this iteration's T (VDAM schedules it; default ``options.tau2_fudge``);
     ``extra_optimiser``/``extra_classes`` add or replace optimiser labels and model_classes
-    columns (VDAM's).
+    columns (VDAM's); ``class_priors`` adds the E-step class priors to the optimiser file.
     """
     k, n = state.n_classes, state.box
     write_mrc(files.classes, state.refs.cpu().numpy(), pixel_size)
@@ -320,8 +321,16 @@ def write_iteration(
         **(extra_optimiser or {}),
     }
     command = " ".join(shlex.quote(a) for a in sys.argv)
+    opt_blocks: dict[str, object] = {"optimiser_general": optimiser}
+    if class_priors:
+        # The E-step's class priors (RELION's pdf_direction): equal to rlnClassDistribution
+        # except after VDAM class substitutions; kept so that --continue resumes exactly.
+        # RELION reads only data_optimiser_general from this file.
+        opt_blocks["tamis_class_priors"] = pd.DataFrame(
+            {"rlnClassDistribution": state.pdf_direction.cpu().numpy()}
+        )
     write_star(
-        {"optimiser_general": optimiser},
+        opt_blocks,
         files.optimiser,
         comment=f"tamis optimiser; version {__version__}\n# {command}",
     )
@@ -343,6 +352,7 @@ class ContinueState:
     refs: torch.Tensor
     data_path: Path
     sampling: dict
+    class_priors: np.ndarray | None = None
 
 
 def read_continue(optimiser_path: str | Path) -> ContinueState:
@@ -376,6 +386,10 @@ def read_continue(optimiser_path: str | Path) -> ContinueState:
         for name, table in model.items()
         if name.startswith("model_optics_group_") and isinstance(table, pd.DataFrame)
     }
+    priors = blocks.get("tamis_class_priors")
+    class_priors = None
+    if isinstance(priors, pd.DataFrame) and len(priors) == k:
+        class_priors = priors["rlnClassDistribution"].to_numpy(dtype=np.float64)
     sampling_path = Path(str(opt.get("rlnOrientSamplingStarFile", "")))
     sampling = {}
     if sampling_path.is_file():
@@ -393,6 +407,7 @@ def read_continue(optimiser_path: str | Path) -> ContinueState:
         refs=torch.from_numpy(np.ascontiguousarray(refs[:k])),
         data_path=Path(str(opt["rlnExperimentalDataStarFile"])),
         sampling=sampling,
+        class_priors=class_priors,
     )
 
 

@@ -63,8 +63,18 @@ class VdamSchedule:
         o = options
         if o.iter < 1:
             raise TamisError(f"--iter {o.iter}: VDAM needs at least one iteration")
-        ini = int(o.iter * o.grad_ini_frac)
-        fin = int(o.iter * o.grad_fin_frac)
+        for name, frac in (
+            ("--grad_ini_frac", o.grad_ini_frac),
+            ("--grad_fin_frac", o.grad_fin_frac),
+        ):
+            if not 0 < frac < 1:
+                raise TamisError(f"{name} {frac}: must be between 0 and 1")
+        ini_frac, fin_frac = o.grad_ini_frac, o.grad_fin_frac
+        if ini_frac + fin_frac > 0.9:  # RELION keeps at least 10% for the middle phase
+            total = ini_frac + fin_frac + 0.1
+            ini_frac, fin_frac = ini_frac / total, fin_frac / total
+        ini = int(o.iter * ini_frac)
+        fin = int(o.iter * fin_frac)
         between = max(o.iter - ini - fin, 0)
         ini_subset = (
             o.grad_ini_subset
@@ -143,7 +153,11 @@ class VdamSchedule:
         return it < self.ini_iter + self.between_iter or it >= self.n_iter
 
     def writes(self, it: int, every: int) -> bool:
-        return it == 0 or it >= self.n_iter or (every > 0 and it % every == 0)
+        """RELION skips writing only mini-batch iterations that are not a multiple of ``every``
+        (iterations over every particle, it000 and the last are always written)."""
+        if it == 0 or it >= self.n_iter or self.subset_size(it) < 0:
+            return True
+        return every > 0 and it % every == 0
 
     def particles_evaluated(self) -> int:
         """Particle E-steps over the whole run (final all-particle pass included)."""

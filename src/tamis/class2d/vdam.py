@@ -46,8 +46,9 @@ __all__ = [
     "moments_from_half",
 ]
 
-#: RELION's XMIPP_EQUAL_ACCURACY: a class is updated only if its half-set 1 weights sum above it.
-MIN_WEIGHT_SUM = 1e-4
+#: RELION's XMIPP_EQUAL_ACCURACY (double build): a class is updated only if the weights of its
+#: half-set 1 sum above it.
+MIN_WEIGHT_SUM = 1e-6
 
 
 @dataclass
@@ -144,8 +145,8 @@ def gradient_update(
 
     ``F`` is the padded transform of the current reference without gridding correction, limited
     to ``|q|² <= ROUND(r_max pad)²``; ``f(s) = min(1, max(0, SNR / (1 + SNR)))`` with
-    ``SNR = 2 T mean|F| / noise`` per shell (0 where the noise is 0). Voxels outside
-    ``|q|² < ROUND(r_max pad)²`` are zeroed; back to images with a soft edge at ``box/2``.
+    ``SNR = 2 T mean|F| / noise`` per shell (0 where the noise is 0), over ``|q|² < ROUND(r_max
+    pad)²``, where the update is made. Back to images with a soft edge at ``box/2``.
     """
     k, n, _ = refs.shape
     m = pad * n
@@ -153,13 +154,16 @@ def gradient_update(
     disc, ires = _disc(m, r_max, pad, refs.device)
     f = padded_transforms(refs, pad=pad, gridding=False)
     q2 = grid_shells(m, pad, refs.device)[0] ** 2
-    f = f * (q2 <= float(relion_round(torch.tensor(r_max * pad))) ** 2)
+    kept = q2 <= float(relion_round(torch.tensor(r_max * pad))) ** 2
+    f = f * kept
     amp, counts = _shell_mean(f.abs(), disc, ires, nsh)
     snr = torch.where(noise > 0, 2 * tau2_fudge * amp / noise.clamp(min=1e-300), 0.0)
     fsc = torch.where(counts > 0, (snr / (1 + snr)).clamp(0.0, 1.0), 0.0)
     fq = fsc[:, ires.clamp(max=nsh - 1).reshape(-1)].reshape(k, m, m)
     step = step.to(torch.float64)[:, None, None]
-    f = torch.where(disc, f + step * (fq * u - (1 - fq) * f), torch.zeros_like(f))
+    # updated inside |q|² < lim; the ring |q|² = lim keeps the reference (RELION's decenter copies
+    # |q|² <= lim), beyond is zero
+    f = torch.where(disc, f + step * (fq * u - (1 - fq) * f), f * kept)
     return padded_to_images(f, box=n, pad=pad, gridding=False)
 
 
@@ -264,7 +268,7 @@ class VdamRun(Class2DRun):
             st,
             pdf_class=st.pdf_class.clone(),
             pdf_direction=st.pdf_direction.clone(),
-            tau2=st.tau2.clone(),
+            tau2=step.tau2.clone(),  # every class's spectrum, as RELION recomputes it each E-step
             data_vs_prior=st.data_vs_prior.clone(),
             refs=st.refs.clone(),
         )
@@ -286,7 +290,6 @@ class VdamRun(Class2DRun):
             data_vs_prior=torch.where(keep, state.data_vs_prior, dvp),
             fourier_coverage=torch.where(keep, state.fourier_coverage, coverage),
             sigma2_class=torch.where(keep, state.sigma2_class, sigma2_class),
-            tau2=torch.where(keep, state.tau2, step.tau2),
         )
         self.state = mstep.update_other_parameters(
             state,
@@ -308,15 +311,16 @@ class VdamRun(Class2DRun):
         expand = int(torch.argmax(avg_err))
         drop = int(torch.argmin(pdf))
         active = int((pdf > 0).sum())
-        if drop == expand or not float(pdf[drop]) < thr / max(active, 1):
+        if not float(pdf[drop]) < thr / max(active, 1):
             return -1
+        # (RELION also "replaces" a class by itself when it is both; it is then not updated)
         self.log(
             f"  class {drop + 1} (fraction {float(pdf[drop]):.4f}) replaced by a copy of "
             f"class {expand + 1}"
         )
         for field in ("refs", "pdf_class", "pdf_direction", "tau2", "data_vs_prior"):
             t = getattr(state, field)
-            t[drop] = t[expand]
+            t[drop] = t[expand].clone()
         assert self.moments is not None
         self.moments.copy_class(drop, expand)
         return drop
