@@ -1,4 +1,4 @@
-"""``tamis pick``: RELION's LoG picker and template matching (``relion_autopick``), writing
+"""``tamis pick``: RELION's LoG picker, template matching and a trainable deep picker, writing
 RELION's per-micrograph coordinate files, ``autopick.star`` and PNG overlays."""
 
 from __future__ import annotations
@@ -104,6 +104,120 @@ def template(
         ms,
         odir,
         lambda mic, k: pick_template(mic, templates, tp, opts, ctf=ms.ctf(k), max_picks=expected),
+        PickJob(diameter=diameter, expected=expected, overlays=overlays),
+        log=lambda s: console.print(s, highlight=False),
+        show_progress=True,
+    )
+
+
+def _labels_for(ms, coords: Path | None, particles: Path | None):
+    """Per micrograph of ``ms``: labelled centres (n, 2) from an autopick.star / coordinate files
+    or a particles.star (selected particles)."""
+    import numpy as np
+
+    from tamis.errors import TamisError
+    from tamis.extract import _coordinates_for
+
+    if (coords is None) == (particles is None):
+        raise TamisError("give one of --coords (autopick.star) or --particles (particles.star)")
+    table = _coordinates_for(coords or particles, ms)
+    out = []
+    for name in ms.names:
+        t = table.get(name)
+        xy = (
+            np.zeros((0, 2))
+            if t is None
+            else t[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+        )
+        out.append(xy)
+    return out
+
+
+@app.command("train")
+@user_errors
+def train(
+    i: list[Path] = _I,
+    odir: Path = _ODIR,
+    diameter: float = typer.Option(..., "--particle_diameter", help="Particle diameter (A)."),
+    coords: Path = typer.Option(None, "--coords", help="autopick.star of labelled picks."),
+    particles: Path = typer.Option(None, "--particles", help="particles.star of kept particles."),
+    angpix: float = _ANGPIX,
+    lowpass: float = typer.Option(None, "--lowpass", help="Extra low-pass (A) before the network."),
+    lr_initial: float = typer.Option(2e-3, "--lr_initial", help="Initial learning rate."),
+    lr_final: float = typer.Option(2e-4, "--lr_final", help="Final learning rate."),
+    batch: int = typer.Option(16, "--minibatch", help="Patches per minibatch."),
+    epochs: int = typer.Option(20, "--epochs", help="Training epochs."),
+    steps: int = typer.Option(40, "--steps_per_epoch", help="Minibatches per epoch."),
+    pos_weight: float = typer.Option(
+        None, "--class_weight", help="Weight of particle pixels (default sqrt(neg/pos))."
+    ),
+    pu: bool = typer.Option(False, "--pu", help="Positive-unlabelled loss (incomplete labels)."),
+    expected: float = typer.Option(
+        None, "--expected_particles", help="Particles per micrograph (PU prior)."
+    ),
+    no_norm: bool = typer.Option(False, "--no_normalize", help="Do not normalise micrographs."),
+    threads: int = typer.Option(0, "--j", help="CPU threads (0: torch default)."),
+    init: Path = typer.Option(None, "--init", help="Fine-tune from this model (safetensors)."),
+    seed: int = typer.Option(0, "--random_seed", help="Seed."),
+) -> None:
+    """Train the deep picker on labelled micrographs; writes model.safetensors and history."""
+    from tamis.pick.deep.train import TrainOptions, train_picker
+    from tamis.pick.jobs import micrograph_inputs
+    from tamis.pick.micrograph import read_micrograph
+
+    ms = micrograph_inputs(i, angpix)
+    labels = _labels_for(ms, coords, particles)
+    keep = [k for k in range(len(ms)) if len(labels[k])]
+    mics = [read_micrograph(ms.path(k), ms.pixel_size(k)) for k in keep]
+    opts = TrainOptions(
+        diameter=diameter,
+        lowpass=lowpass,
+        lr_initial=lr_initial,
+        lr_final=lr_final,
+        batch_size=batch,
+        epochs=epochs,
+        steps_per_epoch=steps,
+        positive_weight=pos_weight,
+        loss="pu" if pu else "bce",
+        expected_particles=expected,
+        normalize=not no_norm,
+        threads=threads,
+        seed=seed,
+        init=str(init) if init else None,
+    )
+    result = train_picker(
+        mics, [labels[k] for k in keep], odir, opts, log=lambda s: console.print(s, highlight=False)
+    )
+    console.print(
+        f"model: {result.model}; history: {odir}/history.csv, history.png", highlight=False
+    )
+
+
+@app.command("predict")
+@user_errors
+def predict(
+    i: list[Path] = _I,
+    odir: Path = _ODIR,
+    diameter: float = typer.Option(..., "--particle_diameter", help="Particle diameter (A)."),
+    model: Path = typer.Option(None, "--model", help="Trained model (default: the shipped one)."),
+    angpix: float = _ANGPIX,
+    threshold: float = typer.Option(0.5, "--threshold", help="Score threshold (0-1)."),
+    expected: int = _EXPECTED,
+    overlays: int = _OVERLAYS,
+) -> None:
+    """Pick with a trained deep picker (or the shipped general model)."""
+    from tamis.pick.deep.predict import DeepPicker, load_model
+    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+
+    net, meta = load_model(model)
+    picker = DeepPicker(
+        net, meta, diameter, threshold, meta.get("lowpass"), meta.get("normalize", True)
+    )
+    ms = micrograph_inputs(i, angpix)
+    run_picker(
+        ms,
+        odir,
+        lambda mic, _k: picker.pick(mic),
         PickJob(diameter=diameter, expected=expected, overlays=overlays),
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,

@@ -1,0 +1,123 @@
+"""Deep picker: loss and blob kernels against direct formulas, a short training run with its
+files, the shipped model on simulated micrographs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tamis.errors import InputFileError
+from tamis.io.micrographs import MicrographSet
+from tamis.pick.deep.data import TARGET_RADIUS, target_map
+from tamis.pick.deep.network import PickerNet
+from tamis.pick.deep.predict import SHIPPED_MODEL, DeepPicker, blobs_to_centres, load_model
+from tamis.pick.deep.train import TrainOptions, _loss, train_picker
+from tamis.pick.evaluate import score_picks
+from tamis.pick.micrograph import read_micrograph
+
+
+def test_nnpu_and_weighted_bce_losses():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    target = (torch.rand(2, 1, 8, 8, generator=g) > 0.8).float()
+    o = TrainOptions(diameter=100, loss="pu")
+    prior = 0.3
+    pos, unl = target > 0.5, target <= 0.5
+    rp_plus = np.mean([np.log1p(np.exp(-z)) for z in logits[pos].tolist()])
+    rp_minus = np.mean([np.log1p(np.exp(z)) for z in logits[pos].tolist()])
+    ru_minus = np.mean([np.log1p(np.exp(z)) for z in logits[unl].tolist()])
+    neg = ru_minus - prior * rp_minus
+    want = prior * rp_plus + neg if neg >= 0 else -neg
+    assert float(_loss(logits, target, o, 1.0, prior)) == pytest.approx(want, rel=1e-5)
+    o = TrainOptions(diameter=100)
+    w = torch.where(target > 0.5, 3.0, 1.0)
+    want = (w * F.binary_cross_entropy_with_logits(logits, target, reduction="none")).mean()
+    assert float(_loss(logits, target, o, 3.0, 0.0)) == pytest.approx(float(want), rel=1e-6)
+
+
+def test_targets_and_blobs_to_centres():
+    t = target_map((40, 60), np.array([10.0, 45.3]), np.array([12.0, 20.7]))
+    assert t[12, 10] == 1 and t[12, 10 + int(TARGET_RADIUS) + 1] == 0
+    assert int(t.sum()) == pytest.approx(2 * np.pi * TARGET_RADIUS**2, rel=0.2)
+    score = 0.9 * t
+    # a merged region of two touching particles 10 px apart: split at its two peaks
+    yy, xx = torch.meshgrid(torch.arange(40.0), torch.arange(60.0), indexing="ij")
+    two = torch.exp(-((yy - 30) ** 2 + (xx - 20) ** 2) / 18) + torch.exp(
+        -((yy - 30) ** 2 + (xx - 31) ** 2) / 18
+    )
+    score = torch.maximum(score, 0.95 * two / two.max())
+    rows, cols, fom = blobs_to_centres(score, 0.5, 5.0)
+    got = sorted(zip(np.round(rows).astype(int), np.round(cols).astype(int), strict=True))
+    assert got == [(12, 10), (21, 45), (30, 20), (30, 31)]
+    assert np.all(np.diff(fom) <= 0)
+
+
+def test_network_is_fully_convolutional_and_state_dict_is_plain(tmp_path):
+    net = PickerNet()
+    assert net(torch.zeros(1, 1, 50, 70)).shape == (1, 1, 50, 70)
+    assert sum(p.numel() for p in net.parameters()) < 200_000
+    (tmp_path / "bad.safetensors").write_text("not a model")
+    with pytest.raises(InputFileError, match="safetensors"):
+        load_model(tmp_path / "bad.safetensors")
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+
+    out = tmp_path_factory.mktemp("deep")
+    simulate_micrographs(
+        MicrographSimulation(
+            n_micrographs=4,
+            height_px=512,
+            width_px=640,
+            pixel_size=2.0,
+            particles_per_micrograph=30,
+            snr=0.08,
+            seed=11,
+        ),
+        out,
+    )
+    ms = MicrographSet.from_star(out / "micrographs.star")
+    gt = pd.read_csv(out / "ground_truth.csv")
+    mics = [read_micrograph(ms.path(i), ms.pixel_size(i)) for i in range(len(ms))]
+    xy = [
+        gt[(gt.micrograph_name == n) & (gt.kind == "particle")][["x", "y"]].to_numpy()
+        for n in ms.names
+    ]
+    return out, mics, xy
+
+
+def test_short_training_writes_model_and_history(sim, tmp_path):
+    _, mics, xy = sim
+    opts = TrainOptions(diameter=114, epochs=2, steps_per_epoch=3, batch_size=4, patch=64)
+    result = train_picker(mics[:3], xy[:3], tmp_path / "bce", opts, log=lambda s: None)
+    for name in ("model.safetensors", "model.json", "history.csv", "history.png"):
+        assert (tmp_path / "bce" / name).is_file()
+    cols = ["epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_f1", "lr"]
+    assert set(cols) <= set(result.history.columns) and len(result.history) == 2
+    assert result.history["lr"].iloc[-1] == pytest.approx(2e-4, rel=1e-3)
+    model, meta = load_model(result.model)
+    assert meta["diameter_px"] == 20.0 and meta["n_validation_micrographs"] == 1
+    picks = DeepPicker(model, meta, 114).pick(mics[3])
+    assert picks.x.ndim == 1
+    pu = TrainOptions(diameter=114, epochs=1, steps_per_epoch=2, batch_size=4, patch=64, loss="pu")
+    res = train_picker(mics[:2], xy[:2], tmp_path / "pu", pu, log=lambda s: None)
+    assert np.isfinite(res.history["train_loss"]).all()
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="no shipped picker model")
+def test_shipped_model_picks_simulated_micrographs(sim):
+    _, mics, xy = sim
+    model, meta = load_model()
+    assert "provenance" in meta
+    picker = DeepPicker(model, meta, 114)
+    total = None
+    for m, truth in zip(mics, xy, strict=True):
+        p = picker.pick(m)
+        s = score_picks(np.stack([p.x, p.y], 1), truth, 0.5 * 114 / 2.0)
+        total = s if total is None else total + s
+    assert total.f1 >= 0.8, (total.precision, total.recall)
