@@ -172,3 +172,17 @@ def test_errors_are_one_line_and_name_the_file(tmp_path, content, message):
         read_data_star(path)
     text = str(info.value)
     assert text.startswith(str(path)) and message in text and "\n" not in text
+
+
+def test_atomic_writes_have_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from tamis.io.star import atomic_path
+
+    with atomic_path(tmp_path / "x.star") as tmp:
+        tmp.write_text("data_\n")
+    mode = stat.S_IMODE(os.stat(tmp_path / "x.star").st_mode)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask

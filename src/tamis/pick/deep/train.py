@@ -186,6 +186,7 @@ def train_picker(
             opt.zero_grad()
             loss.backward()
             opt.step()
+            lr_used = float(opt.param_groups[0]["lr"])
             sched.step()
             losses.append(float(loss.detach()))
             accs.append(float(((logits > 0) == (y > 0.5)).float().mean()))
@@ -209,7 +210,7 @@ def train_picker(
             "val_precision": score.precision if score else 0.0,
             "val_recall": score.recall if score else 0.0,
             "val_f1": score.f1 if score else 0.0,
-            "lr": float(sched.get_last_lr()[0]),
+            "lr": lr_used,  # the rate of the epoch's last step
             "seconds": round(time.perf_counter() - t0, 1),
         }
         rows.append(row)
