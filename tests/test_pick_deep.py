@@ -121,3 +121,40 @@ def test_shipped_model_picks_simulated_micrographs(sim):
         s = score_picks(np.stack([p.x, p.y], 1), truth, 0.5 * 114 / 2.0)
         total = s if total is None else total + s
     assert total.f1 >= 0.8, (total.precision, total.recall)
+
+
+def test_cli_train_and_predict(sim, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tamis.cli.main import app
+    from tamis.io.coords import read_coordinate_list
+
+    out, _, _ = sim
+    monkeypatch.chdir(tmp_path)
+    run = CliRunner().invoke
+    args = ["pick", "train", "--i", str(out / "micrographs.star"), "--odir", "AutoPick/job007"]
+    args += ["--coords", str(out / "truth" / "coordinates.star"), "--particle_diameter", "114"]
+    res = run(app, args + ["--epochs", "1", "--steps_per_epoch", "2", "--minibatch", "2", "--pu"])
+    assert res.exit_code == 0, res.output
+    assert "epoch   1" in res.output and (tmp_path / "AutoPick/job007/model.safetensors").is_file()
+    args = ["pick", "predict", "--i", str(out / "micrographs.star"), "--odir", "AutoPick/job008"]
+    args += ["--particle_diameter", "114", "--model", "AutoPick/job007/model.safetensors"]
+    res = run(app, args + ["--overlays", "1"])
+    assert res.exit_code == 0, res.output
+    assert len(read_coordinate_list("AutoPick/job008/autopick.star")) == 4
+    res = run(
+        app,
+        [
+            "pick",
+            "predict",
+            "--i",
+            str(out / "micrographs.star"),
+            "--odir",
+            "x",
+            "--particle_diameter",
+            "114",
+            "--model",
+            "nope.safetensors",
+        ],
+    )
+    assert res.exit_code == 1 and "nope.safetensors" in res.output

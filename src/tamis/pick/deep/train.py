@@ -114,7 +114,7 @@ def _loss(logits: torch.Tensor, target: torch.Tensor, o: TrainOptions, pos_w: fl
     r_p_minus = F.softplus(logits[pos]).mean() if pos.any() else logits.sum() * 0
     r_u_minus = F.softplus(logits[unl]).mean()
     neg = r_u_minus - prior * r_p_minus
-    if float(neg) < 0:  # nnPU: push the negative risk back up instead of overfitting
+    if float(neg.detach()) < 0:  # nnPU: push the negative risk back up instead of overfitting
         return -neg
     return prior * r_p_plus + neg
 
