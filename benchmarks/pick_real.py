@@ -49,13 +49,17 @@ def mask_centres(path: Path) -> np.ndarray:
     com = np.array(ndimage.center_of_mass(m, labels, idx)).reshape(-1, 2)
     centres = [com[i, ::-1] for i in range(n) if area[i] <= 1.6 * disc and area[i] >= 0.3 * disc]
     big = np.flatnonzero(area > 1.6 * disc)
-    if len(big):
-        dist = ndimage.distance_transform_edt(np.isin(labels, idx[big]))
-        for i in big:
-            k = int(round(area[i] / disc))
-            sub = np.where(labels == idx[i], dist, 0.0)
-            r, c, _ = find_peaks(torch.from_numpy(sub), 0.6 * DISC_PX, threshold=0.0, max_peaks=k)
-            centres += [np.array([cc, rr], float) for rr, cc in zip(r, c, strict=True)]
+    boxes = ndimage.find_objects(labels)
+    for i in big:
+        sl = boxes[i]
+        region = labels[sl] == idx[i]
+        dist = ndimage.distance_transform_edt(region)
+        k = int(round(area[i] / disc))
+        r, c, _ = find_peaks(torch.from_numpy(dist), 0.6 * DISC_PX, threshold=0.0, max_peaks=k)
+        centres += [
+            np.array([cc + sl[1].start, rr + sl[0].start], float)
+            for rr, cc in zip(r, c, strict=True)
+        ]
     return np.array(centres).reshape(-1, 2)
 
 

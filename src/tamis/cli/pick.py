@@ -16,6 +16,7 @@ _ODIR = typer.Option(..., "--odir", help="Output job directory, e.g. AutoPick/jo
 _ANGPIX = typer.Option(None, "--angpix", help="Pixel size (A) of TIFF/PNG/JPEG micrographs.")
 _EXPECTED = typer.Option(None, "--expected", help="Keep the best N picks per micrograph.")
 _OVERLAYS = typer.Option(3, "--overlays", help="PNG overlays of the first N micrographs.")
+_EDGE = typer.Option(0.0, "--edge", help="Drop picks closer than this (A) to a side.")
 
 
 @app.command("log")
@@ -35,6 +36,7 @@ def log(
     lowpass: float = typer.Option(20.0, "--lowpass", help="Working resolution (A)."),
     expected: int = _EXPECTED,
     overlays: int = _OVERLAYS,
+    edge: float = _EDGE,
 ) -> None:
     """Laplacian-of-Gaussian blob picking with RELION's options."""
     from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
@@ -47,7 +49,7 @@ def log(
         ms,
         odir,
         lambda mic, _k: pick_log(mic, opts),
-        PickJob(diameter=diam_max, expected=expected, overlays=overlays),
+        PickJob(diameter=diam_max, expected=expected, overlays=overlays, edge=edge),
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
     )
@@ -72,6 +74,7 @@ def template(
     no_ctf: bool = typer.Option(False, "--no_ctf", help="Do not apply the micrographs' CTF."),
     expected: int = _EXPECTED,
     overlays: int = _OVERLAYS,
+    edge: float = _EDGE,
 ) -> None:
     """Template matching: normalised cross-correlation with rotated, CTF-filtered templates."""
     import torch
@@ -104,7 +107,7 @@ def template(
         ms,
         odir,
         lambda mic, k: pick_template(mic, templates, tp, opts, ctf=ms.ctf(k), max_picks=expected),
-        PickJob(diameter=diameter, expected=expected, overlays=overlays),
+        PickJob(diameter=diameter, expected=expected, overlays=overlays, edge=edge),
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
     )
@@ -204,6 +207,7 @@ def predict(
     threshold: float = typer.Option(0.5, "--threshold", help="Score threshold (0-1)."),
     expected: int = _EXPECTED,
     overlays: int = _OVERLAYS,
+    edge: float = _EDGE,
 ) -> None:
     """Pick with a trained deep picker (or the shipped general model)."""
     from tamis.pick.deep.predict import DeepPicker, load_model
@@ -218,7 +222,7 @@ def predict(
         ms,
         odir,
         lambda mic, _k: picker.pick(mic),
-        PickJob(diameter=diameter, expected=expected, overlays=overlays),
+        PickJob(diameter=diameter, expected=expected, overlays=overlays, edge=edge),
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
     )

@@ -31,6 +31,7 @@ class PickJob:
     expected: int | None = None  # keep the best N picks per micrograph
     threshold: float | None = None  # keep picks with FOM >= threshold
     overlays: int = 3  # PNG overlays of the first N micrographs
+    edge: float = 0.0  # Å: drop picks closer than this to a micrograph side
 
 
 def micrograph_inputs(inputs: Sequence[str | Path], angpix: float | None = None) -> MicrographSet:
@@ -82,6 +83,16 @@ def run_picker(
         for i, name in enumerate(micrographs.names):
             mic = read_micrograph(micrographs.path(i), micrographs.pixel_size(i))
             picks = picker(mic, i)
+            if job.edge > 0:
+                e = job.edge / mic.pixel_size
+                h, w = mic.shape
+                keep = (picks.x >= e) & (picks.x < w - e) & (picks.y >= e) & (picks.y < h - e)
+                picks = Picks(
+                    picks.x[keep],
+                    picks.y[keep],
+                    picks.fom[keep],
+                    None if picks.diameter is None else picks.diameter[keep],
+                )
             if job.threshold is not None:
                 picks = picks.above(job.threshold)
             if job.expected is not None:
