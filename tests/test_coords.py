@@ -60,3 +60,22 @@ def test_missing_columns(tmp_path):
     (tmp_path / "c.star").write_text("data_\nloop_\n_rlnCoordinateX #1\n1.0\n2.0\n\n")
     with pytest.raises(InputFileError, match="rlnCoordinateY"):
         read_coordinates(tmp_path / "c.star")
+
+
+def test_box_and_csv_coordinate_files(tmp_path):
+    from tamis.io.coords import read_coordinate_file
+
+    (tmp_path / "a.box").write_text("10\t20\t100\t100\n30 40 100 100\n")
+    t = read_coordinate_file(tmp_path / "a.box")
+    assert t["rlnCoordinateX"].tolist() == [60.0, 80.0] and t["rlnCoordinateY"].tolist() == [
+        70.0,
+        90.0,
+    ]
+    (tmp_path / "b.csv").write_text("X,Y,score\n1.5,2.5,0.9\n3,4,0.1\n")
+    t = read_coordinate_file(tmp_path / "b.csv")
+    assert t["rlnCoordinateX"].tolist() == [1.5, 3.0] and t["rlnCoordinateY"].tolist() == [2.5, 4.0]
+    (tmp_path / "c.csv").write_text("col_a,col_b\n5,6\n")
+    assert read_coordinate_file(tmp_path / "c.csv")["rlnCoordinateY"].tolist() == [6.0]
+    (tmp_path / "d.box").write_text("1 2\n")
+    with pytest.raises(InputFileError, match="width"):
+        read_coordinate_file(tmp_path / "d.box")

@@ -176,3 +176,23 @@ def test_extraction_files_norm_and_rescale(clean):
     np.testing.assert_allclose(p3["rlnCoordinateY"], p["rlnCoordinateY"] + 2)
     np.testing.assert_allclose(p3["rlnOriginXAngst"], 0.0, atol=1e-9)
     np.testing.assert_allclose(p3["rlnOriginYAngst"], 2 * 0.5, atol=1e-9)
+
+
+def test_extract_from_a_directory_of_box_files(clean, tmp_path):
+    out, cfg = clean
+    mics = out / "mics"
+    gt = pd.read_csv(mics / "ground_truth.csv")
+    gt = gt[gt.kind == "particle"]
+    boxes = tmp_path / "boxes"
+    boxes.mkdir()
+    lines = [f"{x - 50:.2f} {y - 50:.2f} 100 100" for x, y in zip(gt.x, gt.y, strict=True)]
+    (boxes / "mic_00001.box").write_text("\n".join(lines) + "\n")
+    star = extract_particles(
+        mics / "micrographs.star",
+        boxes,
+        tmp_path / "Extract",
+        ExtractOptions(extract_size=64),
+        log=lambda s: None,
+    )
+    parts = read_star(star)["particles"]
+    np.testing.assert_allclose(parts["rlnCoordinateX"], gt.x.to_numpy(), atol=0.01)

@@ -25,7 +25,7 @@ import torch
 from tamis._progress import progress_bar
 from tamis.errors import InputFileError, TamisError
 from tamis.fourier import rescale_images
-from tamis.io.coords import pipeline_relative, read_coordinate_list, read_coordinates
+from tamis.io.coords import pipeline_relative, read_coordinate_file, read_coordinate_list
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
 from tamis.io.star import format_image_names, read_data_star, write_star
@@ -118,6 +118,22 @@ def _coordinates_for(
     if isinstance(coords, Mapping):
         return {str(k): v for k, v in coords.items()}
     path = Path(coords)
+    if path.is_dir():
+        # per-micrograph files (STAR, EMAN .box, CSV) named after the micrograph
+        files = sorted(
+            f
+            for f in path.rglob("*")
+            if f.suffix.lower() in (".star", ".box", ".csv", ".txt", ".tsv")
+        )
+        out = {}
+        for name in micrographs.names:
+            stem = Path(name).stem
+            match = [f for f in files if f.stem == stem or f.stem.startswith(stem + "_")]
+            if match:
+                out[name] = read_coordinate_file(match[0])
+        if not out:
+            raise InputFileError(path, "holds no coordinate file named after any micrograph")
+        return out
     if not path.is_file():
         raise InputFileError(path, "coordinates not found")
     from tamis.io.star import read_star
@@ -134,7 +150,7 @@ def _coordinates_for(
                         break
             if not cpath.is_file():
                 raise InputFileError(cfile, f"coordinate file named in {path} not found")
-            out[mic] = read_coordinates(cpath)
+            out[mic] = read_coordinate_file(cpath)
         return out
     data = read_data_star(path, "particles")
     table = data.table

@@ -142,7 +142,11 @@ def train(
     i: list[Path] = _I,
     odir: Path = _ODIR,
     diameter: float = typer.Option(..., "--particle_diameter", help="Particle diameter (A)."),
-    coords: Path = typer.Option(None, "--coords", help="autopick.star of labelled picks."),
+    coords: Path = typer.Option(
+        None,
+        "--coords",
+        help="Labelled picks: autopick.star, or a directory of per-micrograph STAR/.box/CSV files.",
+    ),
     particles: Path = typer.Option(None, "--particles", help="particles.star of kept particles."),
     angpix: float = _ANGPIX,
     lowpass: float = typer.Option(None, "--lowpass", help="Extra low-pass (A) before the network."),

@@ -25,6 +25,7 @@ __all__ = [
     "write_coordinate_list",
     "coordinate_file_name",
     "pipeline_relative",
+    "read_coordinate_file",
 ]
 
 
@@ -124,3 +125,45 @@ def read_coordinate_list(path: str | Path) -> dict[str, str]:
             strict=True,
         )
     )
+
+
+def read_coordinate_file(path: str | Path) -> pd.DataFrame:
+    """Particle centres from one micrograph's file, as ``rlnCoordinateX/Y`` (pixels):
+
+    - ``.star``: RELION coordinate file;
+    - ``.box``: EMAN box file (``x y width height`` of each box's corner; centre = corner +
+      size / 2, as RELION imports them);
+    - ``.csv``/``.txt``/``.tsv``: columns named x and y (any case, or ``rlnCoordinateX/Y``), or
+      else the first two columns.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputFileError(path, "coordinate file not found")
+    suffix = path.suffix.lower()
+    if suffix == ".star":
+        return read_coordinates(path)
+    try:
+        if suffix == ".box":
+            raw = np.loadtxt(path, ndmin=2)
+            if raw.size == 0:
+                return pd.DataFrame({"rlnCoordinateX": [], "rlnCoordinateY": []})
+            if raw.shape[1] < 4:
+                raise InputFileError(path, "box file rows need x, y, width, height")
+            x = raw[:, 0] + raw[:, 2] / 2
+            y = raw[:, 1] + raw[:, 3] / 2
+            return pd.DataFrame({"rlnCoordinateX": x, "rlnCoordinateY": y})
+        sep = "\t" if suffix == ".tsv" else None
+        table = pd.read_csv(path, sep=sep, engine="python")
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise InputFileError(path, f"cannot be read as coordinates ({exc})") from None
+    cols = {c.lower().strip(): c for c in table.columns}
+    for xs, ys in (("rlncoordinatex", "rlncoordinatey"), ("x", "y"), ("x_coord", "y_coord")):
+        if xs in cols and ys in cols:
+            x, y = table[cols[xs]], table[cols[ys]]
+            break
+    else:
+        numeric = table.select_dtypes("number")
+        if numeric.shape[1] < 2:
+            raise InputFileError(path, "needs x and y columns")
+        x, y = numeric.iloc[:, 0], numeric.iloc[:, 1]
+    return pd.DataFrame({"rlnCoordinateX": x.to_numpy(float), "rlnCoordinateY": y.to_numpy(float)})
