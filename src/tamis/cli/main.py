@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tamis import __version__
-from tamis.cli import class2d, extract, pick, simulate, star
+from tamis.cli import class2d, extract, pick, rank, simulate, star
 from tamis.cli._common import console, user_errors
 
 app = typer.Typer(
@@ -21,6 +21,7 @@ app.add_typer(simulate.app, name="simulate")
 app.add_typer(star.app, name="star")
 app.command("class2d", help=class2d.__doc__)(class2d.class2d)
 app.add_typer(pick.app, name="pick")
+app.add_typer(rank.app, name="rank")
 app.command("extract", help=extract.__doc__)(extract.extract)
 
 

@@ -1,0 +1,93 @@
+"""``tamis rank``: automatic 2D class selection (``relion_class_ranker``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tamis.cli._common import console, user_errors
+
+app = typer.Typer(no_args_is_help=True, help=__doc__, invoke_without_command=True)
+
+
+@app.callback()
+@user_errors
+def select(
+    ctx: typer.Context,
+    opt: Path = typer.Option(None, "--opt", help="run_itNNN_optimiser.star of a 2D job."),
+    o: Path = typer.Option(None, "--o", help="Output job directory, e.g. Select/job012/."),
+    auto_select: bool = typer.Option(True, "--auto_select/--no_auto_select", help="Select."),
+    min_score: float = typer.Option(0.5, "--min_score", help="Lowest score selected."),
+    max_score: float = typer.Option(999.0, "--max_score", help="Highest score selected."),
+    min_parts: int = typer.Option(-1, "--select_min_nr_particles", help="Top up to N particles."),
+    min_classes: int = typer.Option(-1, "--select_min_nr_classes", help="Top up to N classes."),
+    quantile: float = typer.Option(
+        None, "--quantile", help="Keep the best fraction of classes instead of a score threshold."
+    ),
+    model: Path = typer.Option(None, "--model", help="Ranker weights (safetensors state dict)."),
+    fn_root: str = typer.Option("rank", "--fn_root", help="Prefix of rank_*.star."),
+) -> None:
+    """Score the classes of a 2D job with RELION's ranker network and features, select, and
+    write RELION's Select-job files (``tamis rank --opt ... --o ...``); ``tamis rank train``
+    trains a ranker."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tamis.errors import TamisError
+    from tamis.rank.select import RankOptions, rank_classes
+
+    if opt is None or o is None:
+        raise TamisError("--opt and --o are required")
+
+    options = RankOptions(
+        min_score=min_score if auto_select else 1e9,
+        max_score=max_score,
+        select_min_nr_particles=min_parts if auto_select else -1,
+        select_min_nr_classes=min_classes if auto_select else -1,
+        quantile=quantile if auto_select else None,
+        model=str(model) if model else None,
+        fn_root=fn_root,
+    )
+    rank_classes(opt, o, options, log=lambda s: console.print(s, highlight=False))
+
+
+@app.command("train")
+@user_errors
+def train(
+    opt: list[Path] = typer.Option(..., "--opt", help="Optimiser files of labelled 2D jobs."),
+    select: list[Path] = typer.Option(
+        None, "--select", help="backup_selection.star per job (RELION colours or 0/1)."
+    ),
+    truth: list[Path] = typer.Option(
+        None, "--truth", help="ground_truth.csv per job (simulated data) instead of --select."
+    ),
+    o: Path = typer.Option(..., "--o", help="Output model path (…/model: .safetensors, .json)."),
+    epochs: int = typer.Option(60, "--epochs", help="Training epochs."),
+    init: Path = typer.Option(None, "--init", help="Fine-tune from these weights."),
+    lr: float = typer.Option(5e-5, "--lr", help="Adam learning rate."),
+) -> None:
+    """Train (or fine-tune) the ranker on 2D jobs labelled by a person or by ground truth."""
+    from tamis.errors import TamisError
+    from tamis.rank.train import (
+        Examples,
+        RankTrainOptions,
+        job_examples,
+        selection_tiers,
+        tiers_from_truth,
+        train_ranker,
+    )
+
+    labels = select or truth
+    if not labels or len(labels) != len(opt):
+        raise TamisError("give one --select (or --truth) per --opt")
+    parts = []
+    for j, (op, lab) in enumerate(zip(opt, labels, strict=True)):
+        tiers = selection_tiers(lab) if select else tiers_from_truth(op, lab)
+        parts.append(job_examples(op, tiers, j))
+    path = train_ranker(
+        Examples.concat(parts),
+        o,
+        RankTrainOptions(epochs=epochs, init=str(init) if init else None, lr=lr),
+        log=lambda s: console.print(s, highlight=False),
+    )
+    console.print(f"model: {path}", highlight=False)

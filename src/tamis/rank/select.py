@@ -1,0 +1,281 @@
+"""Ranking the classes of a 2D job and selecting particles (``relion_class_ranker
+--auto_select``), with RELION's output files plus a probability per class and a PNG gallery.
+
+Selection as RELION: every scored class with ``min_score <= score <= max_score``; then, while the
+estimated particle count (class fraction x N) is below ``select_min_nr_particles`` or fewer than
+``select_min_nr_classes`` classes are selected, the best remaining classes are added. ``quantile``
+(tamis) instead keeps the top fraction of the scored classes, for data on another score scale.
+Classes with 10 or fewer estimated particles are not scored (score -999), as in RELION.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tamis.errors import InputFileError, TamisError
+from tamis.io.mrc import read_mrc
+from tamis.io.star import atomic_path, read_data_star, read_star, write_star
+from tamis.rank.features import class_features, cnn_image, feature_vector
+from tamis.rank.network import ClassRankerNet
+
+__all__ = [
+    "RankOptions",
+    "RankResult",
+    "rank_classes",
+    "select_classes",
+    "load_ranker",
+    "SHIPPED_RANKER",
+]
+
+SHIPPED_RANKER = Path(__file__).resolve().parents[1] / "data" / "ranker_general.safetensors"
+
+
+@dataclass
+class RankOptions:
+    min_score: float = 0.5
+    max_score: float = 999.0
+    select_min_nr_particles: int = -1
+    select_min_nr_classes: int = -1
+    quantile: float | None = None
+    model: str | None = None  # safetensors state dict; default the shipped one
+    fn_root: str = "rank"
+    gallery: bool = True
+
+
+@dataclass
+class RankResult:
+    scores: np.ndarray  # per class, -999 when not scored
+    probability: np.ndarray  # per class, calibrated P(good); nan when not scored
+    selected: list[int] = field(default_factory=list)  # 1-based class numbers
+    n_particles: int = 0
+    particles: Path | None = None
+
+
+def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
+    """The network with weights from a safetensors state dict (RELION's key layout) and its
+    JSON record (calibration, provenance). Only tensors are read."""
+    from safetensors.torch import load_file
+
+    path = Path(path) if path is not None else SHIPPED_RANKER
+    if not path.is_file():
+        raise InputFileError(path, "class-ranker weights not found (give --model)")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:
+        raise InputFileError(path, f"not a safetensors state dict ({exc})") from None
+    net = ClassRankerNet()
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise InputFileError(
+            path, f"weights do not fit RELION's class-ranker network ({exc})"
+        ) from None
+    net.eval()
+    meta_path = path.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return net, meta
+
+
+def _probability(scores: np.ndarray, meta: dict) -> np.ndarray:
+    cal = meta.get("calibration") or {"a": 8.0, "b": -4.0}  # logistic around 0.5 by default
+    return 1.0 / (1.0 + np.exp(-(cal["a"] * scores + cal["b"])))
+
+
+def job_inputs(optimiser: str | Path) -> dict:
+    """Everything the ranker reads from a 2D job: options, model classes and images, data."""
+    path = Path(optimiser)
+    if not path.is_file():
+        raise InputFileError(path, "optimiser file not found")
+    opt = read_star(path).get("optimiser_general")
+    if not isinstance(opt, dict) or "rlnModelStarFile" not in opt:
+        raise InputFileError(path, "is not a run_itNNN_optimiser.star (no optimiser_general)")
+    if not int(opt.get("rlnDoCorrectCtf", 0)):
+        raise InputFileError(path, "the 2D job did not correct CTFs; the class ranker needs --ctf")
+    model_path = Path(str(opt["rlnModelStarFile"]))
+    model = read_star(model_path)
+    general, classes = model.get("model_general"), model.get("model_classes")
+    if not isinstance(general, dict) or not isinstance(classes, pd.DataFrame):
+        raise InputFileError(model_path, "lacks data_model_general or data_model_classes")
+    stack = str(classes["rlnReferenceImage"].iloc[0]).split("@", 1)[-1]
+    images, _ = read_mrc(stack)
+    images = images.reshape(-1, images.shape[-2], images.shape[-1])
+    data = read_data_star(str(opt["rlnExperimentalDataStarFile"]), "particles")
+    return {"optimiser": opt, "general": general, "classes": classes, "model": model,
+            "images": images, "data": data, "optimiser_path": path}  # fmt: skip
+
+
+def _resolution(model: dict, c: int, pixel: float) -> float:
+    """RELION's findResolution: the shell before rlnSsnrMap first drops below 1."""
+    table = model.get(f"model_class_{c + 1}")
+    if not isinstance(table, pd.DataFrame):
+        return 2 * pixel
+    ssnr = table["rlnSsnrMap"].to_numpy(float)
+    ang = table["rlnAngstromResolution"].to_numpy(float)
+    for i in range(1, len(ssnr)):
+        if ssnr[i] < 1:
+            return float(ang[i - 1])
+    return 2 * pixel
+
+
+def rank_classes(
+    optimiser: str | Path,
+    out_dir: str | Path,
+    options: RankOptions,
+    *,
+    log: Callable[[str], None] = print,
+) -> RankResult:
+    """Score every class of a 2D job, select, and write RELION's Select-job files."""
+    job = job_inputs(optimiser)
+    opt, general, classes, images = job["optimiser"], job["general"], job["classes"], job["images"]
+    data = job["data"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pixel = float(general["rlnPixelSize"])
+    diameter = float(opt.get("rlnParticleDiameter", images.shape[-1] * pixel))
+    n_total = len(data.table)
+    k = len(classes)
+    feats, imgs, kept = [], [], []
+    for c in range(k):
+        frac = float(classes["rlnClassDistribution"].iloc[c])
+        if frac * n_total <= 10:
+            continue
+        name = str(classes["rlnReferenceImage"].iloc[c])
+        index = int(name.split("@", 1)[0]) if "@" in name else c + 1
+        res = float(classes.get("rlnEstimatedResolution", pd.Series([0.0] * k)).iloc[c])
+        if not res > 0 or res >= 999:
+            res = _resolution(job["model"], c, pixel)
+        acc_rot = float(classes.get("rlnAccuracyRotations", pd.Series([999.0] * k)).iloc[c])
+        acc_tr = float(classes.get("rlnAccuracyTranslationsAngst", pd.Series([999.0] * k)).iloc[c])
+        if acc_rot > 99 or acc_tr > 99:  # RELION recomputes them; without particles: its defaults
+            acc_rot, acc_tr = 5.0, 8.0 * pixel
+        img = images[index - 1].astype(np.float64)
+        feats.append(
+            class_features(
+                img,
+                pixel_size=pixel,
+                diameter=diameter,
+                class_index=index,
+                fraction=frac,
+                n_total=n_total,
+                resolution=res,
+                acc_rot=acc_rot,
+                acc_trans=acc_tr,
+            )  # fmt: skip
+        )
+        imgs.append(cnn_image(img, pixel, diameter))
+        kept.append(c)
+    scores = np.full(k, -999.0)
+    prob = np.full(k, np.nan)
+    if kept:
+        net, meta = load_ranker(options.model)
+        with torch.no_grad():
+            s = net(
+                torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(feature_vector(feats))
+            )
+        s = s[:, 0].numpy().astype(np.float64)
+        scores[kept] = s
+        prob[kept] = _probability(s, meta)
+    n_est = {c: float(classes["rlnClassDistribution"].iloc[c]) * n_total for c in kept}
+    chosen, n_above = select_classes(scores, kept, n_est, options)
+    numbers = [c + 1 for c in chosen]
+    # ---- files -------------------------------------------------------------------------------
+    root = out / options.fn_root
+    table = data.table
+    keep_rows = (
+        table["rlnClassNumber"].astype(int).isin(numbers)
+        if len(numbers)
+        else np.zeros(len(table), bool)
+    )
+    particles = table[keep_rows]
+    write_star({"optics": data.optics, "particles": particles}, out / "particles.star")
+    write_star({"optics": data.optics, "particles": table}, Path(f"{root}_data.star"))
+    model_cols = ["rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
+                  "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution",
+                  "rlnOverallFourierCompleteness", "rlnClassPriorOffsetX", "rlnClassPriorOffsetY"]  # fmt: skip
+    mc = classes[[c for c in model_cols if c in classes.columns]].copy()
+    mc.insert(1, "rlnClassScore", scores)
+    write_star({"model_classes": mc}, Path(f"{root}_model.star"))
+    ropt = dict(opt)
+    ropt["rlnModelStarFile"] = f"{root}_model.star"
+    ropt["rlnExperimentalDataStarFile"] = f"{root}_data.star"
+    write_star({"optimiser_general": ropt}, Path(f"{root}_optimiser.star"))
+    write_star(
+        {"": pd.DataFrame({"rlnSelected": [1 if c in chosen else 0 for c in range(k)]})},
+        out / "backup_selection.star",
+    )
+    ca = classes.iloc[chosen][[c for c in model_cols[:5] if c in classes.columns]].copy()
+    ca.insert(1, "rlnPredictedClassScore", scores[chosen])
+    write_star({"": ca.reset_index(drop=True)}, out / "class_averages.star")
+    probs = pd.DataFrame({"rlnClassNumber": np.arange(1, k + 1), "rlnClassScore": scores,
+                          "tamisProbabilityGood": prob, "rlnSelected": [int(c in chosen) for c in range(k)]})  # fmt: skip
+    with atomic_path(out / "class_scores.csv") as tmp:
+        probs.to_csv(tmp, index=False)
+    if options.gallery:
+        write_gallery(out / "gallery.png", images, scores, chosen)
+    log(
+        f"scored {len(kept)} of {k} classes; selected {len(chosen)} classes "
+        f"({n_above} by score) with {int(keep_rows.sum())} particles: "
+        f"{out / 'particles.star'}"
+    )
+    return RankResult(scores, prob, numbers, int(keep_rows.sum()), out / "particles.star")
+
+
+def select_classes(
+    scores: np.ndarray, kept: list[int], n_est: dict[int, float], options: RankOptions
+) -> tuple[list[int], int]:
+    """RELION's selection (``performRanking``) over the scored classes ``kept`` (0-based):
+    returns the chosen classes (threshold-passing ones first, then top-ups by score) and how many
+    passed the threshold (or the quantile)."""
+    order = [kept[i] for i in np.argsort(-scores[kept], kind="stable")]
+    if options.quantile is not None:
+        if not 0 < options.quantile <= 1:
+            raise TamisError(f"--quantile {options.quantile}: must be in (0, 1]")
+        chosen = sorted(order[: max(1, math.ceil(options.quantile * len(order)))] if order else [])
+        return chosen, len(chosen)
+    selected = [c for c in kept if options.min_score <= scores[c] <= options.max_score]
+    parts = sum(n_est[c] for c in selected)
+    topped: list[int] = []
+    for c in order:
+        if c in selected:
+            continue
+        if parts < options.select_min_nr_particles:
+            topped.append(c)
+            parts += n_est[c]
+        elif len(selected) + len(topped) < options.select_min_nr_classes:
+            topped.append(c)
+        else:
+            break
+    return selected + topped, len(selected)
+
+
+def write_gallery(path: Path, images: np.ndarray, scores: np.ndarray, chosen: list[int]) -> None:
+    """Class averages sorted by score (best first), selected ones framed in green."""
+    from PIL import Image, ImageDraw
+
+    order = np.argsort(-scores, kind="stable")
+    tile = 96
+    cols = min(10, len(order))
+    rows = math.ceil(len(order) / cols)
+    canvas = Image.new("RGB", (cols * tile, rows * (tile + 14)), "black")
+    draw = ImageDraw.Draw(canvas)
+    for pos, c in enumerate(order):
+        a = images[c].astype(np.float64)
+        lo, hi = np.percentile(a, [1, 99])
+        a = np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
+        im = Image.fromarray(a).resize((tile - 6, tile - 6))
+        x, y = (pos % cols) * tile, (pos // cols) * (tile + 14)
+        canvas.paste(im, (x + 3, y + 3))
+        if c in chosen:
+            draw.rectangle([x + 1, y + 1, x + tile - 2, y + tile - 2], outline=(0, 220, 0), width=3)
+        label = f"{c + 1}: {scores[c]:.2f}" if scores[c] > -999 else f"{c + 1}: -"
+        draw.text((x + 3, y + tile), label, fill="white")
+    with atomic_path(path) as tmp:
+        canvas.save(tmp, format="PNG")

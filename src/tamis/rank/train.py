@@ -1,0 +1,270 @@
+"""Training the class ranker: per-class examples from 2D jobs, RELION's target scores, training
+as relion-classranker's ``train.py`` (MSE, Adam, a random in-plane rotation per batch and a flip
+with probability 0.5, the six granulometry features zeroed), a validation split by job, and a
+logistic calibration of the score into a probability of a class being good.
+
+Targets (RELION's ``getClassScoreFromJobScore``): with ``w = (best resolution among the job's
+best classes / class resolution)²``, tier 1 (best) ``0.75 + 0.25 w``, tier 2 ``0.50 + 0.25 w``,
+tier 3 ``0.25 + 0.25 w``, tier 4 ``0.25 w``, bad 0, times the job score. RELION's colour labels
+map to tiers as 1 -> 1, 5 -> 2, 2 -> 3, 3 and 4 -> 4, 0 and 6 -> bad; a user's plain selection
+(``rlnSelected`` 0/1) is tier 1 / bad.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from tamis import __version__
+from tamis.errors import TamisError
+from tamis.io.star import read_star
+from tamis.rank.features import class_features, cnn_image, feature_vector
+from tamis.rank.network import ClassRankerNet
+from tamis.rank.select import _resolution, job_inputs, load_ranker
+
+__all__ = [
+    "Examples",
+    "job_examples",
+    "target_scores",
+    "RankTrainOptions",
+    "train_ranker",
+    "RELION_LABEL_TIER",
+    "tiers_from_truth",
+    "selection_tiers",
+]
+
+#: RELION's colour labels (backup_selection.star rlnSelected) -> tier (0 = bad).
+RELION_LABEL_TIER = {1: 1, 5: 2, 2: 3, 3: 4, 4: 4, 6: 0, 0: 0}
+GRANULO = slice(15, 21)
+
+
+@dataclass
+class Examples:
+    images: np.ndarray  # (n, 64, 64) float32
+    features: np.ndarray  # (n, 24) float32
+    targets: np.ndarray  # (n,)
+    good: np.ndarray  # (n,) bool: tier 1-2
+    particles: np.ndarray  # (n,) estimated particle numbers
+    job: np.ndarray  # (n,) job index
+
+    @classmethod
+    def concat(cls, parts: list[Examples]) -> Examples:
+        return cls(
+            *[np.concatenate([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__]
+        )
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def target_scores(tiers: np.ndarray, resolution: np.ndarray, job_score: float = 1.0) -> np.ndarray:
+    best = resolution[tiers == 1]
+    min_res = float(best.min()) if len(best) else 999.0
+    w = (min_res / resolution) ** 2
+    base = {1: 0.75, 2: 0.50, 3: 0.25, 4: 0.0}
+    out = np.array([(base[t] + 0.25 * w[i]) if t in base else 0.0 for i, t in enumerate(tiers)])
+    return out * job_score
+
+
+def job_examples(
+    optimiser: str | Path, tiers: np.ndarray, job_index: int = 0, job_score: float = 1.0
+) -> Examples:
+    """Examples of one 2D job; ``tiers[c]`` per class (0 bad, 1-4 good to fair)."""
+    job = job_inputs(optimiser)
+    opt, general, classes, images = job["optimiser"], job["general"], job["classes"], job["images"]
+    pixel = float(general["rlnPixelSize"])
+    diameter = float(opt.get("rlnParticleDiameter", images.shape[-1] * pixel))
+    n_total = len(job["data"].table)
+    feats, imgs, kept = [], [], []
+    for c in range(len(classes)):
+        frac = float(classes["rlnClassDistribution"].iloc[c])
+        if frac * n_total <= 10:
+            continue
+        res = float(classes["rlnEstimatedResolution"].iloc[c])
+        if not 0 < res < 999:
+            res = _resolution(job["model"], c, pixel)
+        acc_rot = float(classes["rlnAccuracyRotations"].iloc[c])
+        acc_tr = float(classes["rlnAccuracyTranslationsAngst"].iloc[c])
+        if acc_rot > 99 or acc_tr > 99:
+            acc_rot, acc_tr = 5.0, 8.0 * pixel
+        img = images[c].astype(np.float64)
+        feats.append(class_features(img, pixel_size=pixel, diameter=diameter, class_index=c + 1,
+                                    fraction=frac, n_total=n_total, resolution=res,
+                                    acc_rot=acc_rot, acc_trans=acc_tr))  # fmt: skip
+        imgs.append(cnn_image(img, pixel, diameter))
+        kept.append(c)
+    if not kept:
+        raise TamisError(f"{optimiser}: no class with more than 10 particles")
+    t = np.asarray(tiers)[kept]
+    res = np.array([f.estimated_resolution for f in feats])
+    return Examples(
+        images=np.stack(imgs),
+        features=feature_vector(feats),
+        targets=target_scores(t, res, job_score).astype(np.float32),
+        good=np.isin(t, (1, 2)),
+        particles=np.array([f.particle_nr for f in feats]),
+        job=np.full(len(kept), job_index),
+    )
+
+
+def selection_tiers(path: str | Path) -> np.ndarray:
+    """Tiers from a ``backup_selection.star`` (RELION colour labels or 0/1)."""
+    blocks = read_star(path)
+    table = next(b for b in blocks.values() if isinstance(b, pd.DataFrame))
+    labels = table["rlnSelected"].astype(int).to_numpy()
+    return np.array([RELION_LABEL_TIER.get(int(v), 0) for v in labels])
+
+
+def tiers_from_truth(optimiser: str | Path, ground_truth: str | Path) -> np.ndarray:
+    """Tier of every class of a job on simulated data, from its members' truth: the majority
+    label (a structure, or junk of any kind) and its share ("purity"). Junk-majority and
+    empty classes are bad; structure classes are tier 1 (purity >= 0.9), 2 (>= 0.75),
+    3 (>= 0.6), 4 (>= 0.5), else bad."""
+    from tamis.simulate.truth import truth_for
+
+    job = job_inputs(optimiser)
+    data = job["data"].table
+    truth = truth_for(data, pd.read_csv(ground_truth))
+    labels = np.where(truth["kind"].to_numpy() == "particle", truth["structure"].to_numpy(), 0)
+    cls = data["rlnClassNumber"].astype(int).to_numpy() - 1
+    tiers = np.zeros(len(job["classes"]), dtype=int)
+    for c in range(len(tiers)):
+        members = labels[cls == c]
+        if not len(members):
+            continue
+        vals, counts = np.unique(members, return_counts=True)
+        major, purity = vals[np.argmax(counts)], counts.max() / len(members)
+        if major == 0:
+            continue
+        for tier, limit in ((1, 0.9), (2, 0.75), (3, 0.6), (4, 0.5)):
+            if purity >= limit:
+                tiers[c] = tier
+                break
+    return tiers
+
+
+@dataclass
+class RankTrainOptions:
+    epochs: int = 60
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 5e-4
+    dropout: float = 0.3
+    validation_jobs: float = 0.2  # fraction of jobs held out
+    seed: int = 12
+    init: str | None = None  # fine-tune from these weights
+
+
+def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    a = float(torch.rand((), generator=gen)) * 2 * math.pi
+    c, s = math.cos(a), math.sin(a)
+    theta = torch.tensor([[c, -s, 0.0], [s, c, 0.0]], dtype=images.dtype).expand(len(images), 2, 3)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if float(torch.rand((), generator=gen)) < 0.5:
+        out = out.flip(-1)
+    return out
+
+
+def _fit_calibration(scores: np.ndarray, good: np.ndarray) -> dict:
+    """Logistic regression P(good) = 1 / (1 + exp(-(a s + b))) by Newton's method."""
+    if good.all() or not good.any():
+        return {"a": 8.0, "b": -4.0, "fitted": False}
+    a, b = 1.0, 0.0
+    x, y = scores.astype(np.float64), good.astype(np.float64)
+    for _ in range(100):
+        p = 1 / (1 + np.exp(-(a * x + b)))
+        g = np.array([((p - y) * x).sum(), (p - y).sum()]) + 1e-3 * np.array([a, b])
+        wgt = p * (1 - p)
+        h = np.array(
+            [[(wgt * x * x).sum(), (wgt * x).sum()], [(wgt * x).sum(), wgt.sum()]]
+        ) + 1e-3 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-8:
+            break
+    return {"a": float(a), "b": float(b), "fitted": True}
+
+
+def train_ranker(
+    examples: Examples,
+    out: str | Path,
+    options: RankTrainOptions,
+    *,
+    provenance: dict | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train, calibrate on the held-out jobs, write ``<out>.safetensors`` and ``<out>.json``."""
+    from safetensors.torch import save_file
+
+    from tamis.io.star import atomic_path
+
+    o = options
+    gen = torch.Generator().manual_seed(o.seed)
+    torch.manual_seed(o.seed)
+    jobs = np.unique(examples.job)
+    rng = np.random.default_rng(o.seed)
+    n_val = max(1, int(round(o.validation_jobs * len(jobs)))) if len(jobs) > 1 else 0
+    val_jobs = set(rng.permutation(jobs)[:n_val].tolist())
+    is_val = np.isin(examples.job, list(val_jobs))
+    tr = np.flatnonzero(~is_val)
+    va = np.flatnonzero(is_val) if n_val else tr
+    if o.init:
+        net, _ = load_ranker(o.init)
+    else:
+        net = ClassRankerNet(dropout=o.dropout)
+    opt = torch.optim.Adam(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    x_img = torch.from_numpy(examples.images)[:, None]
+    x_feat = torch.from_numpy(examples.features)
+    y = torch.from_numpy(examples.targets.astype(np.float32))[:, None]
+    history = []
+    for epoch in range(1, o.epochs + 1):
+        net.train()
+        perm = torch.from_numpy(rng.permutation(tr))
+        losses = []
+        for s in range(0, len(perm), o.batch_size):
+            idx = perm[s : s + o.batch_size]
+            feats = x_feat[idx].clone()
+            feats[:, GRANULO] = 0.0
+            pred = net(_augment(x_img[idx], gen), feats)
+            loss = F.mse_loss(pred, y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
+        net.eval()
+        with torch.no_grad():
+            pv = net(x_img[va], x_feat[va])
+            vloss = float(F.mse_loss(pv, y[va]))
+        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": vloss})
+        if epoch == 1 or epoch % 10 == 0 or epoch == o.epochs:
+            log(f"epoch {epoch:4d}: loss {history[-1]['train_loss']:.4f} (validation {vloss:.4f})")
+    with torch.no_grad():
+        val_scores = net(x_img[va], x_feat[va])[:, 0].numpy()
+    calibration = _fit_calibration(val_scores, examples.good[va])
+    out = Path(out)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    with atomic_path(out.with_suffix(".safetensors")) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "tamis": "class ranker"})
+    meta = {
+        "kind": "tamis class ranker (RELION's architecture and feature normalisation)",
+        "tamis_version": __version__,
+        "options": asdict(o),
+        "calibration": calibration,
+        "n_examples": len(examples),
+        "n_jobs": int(len(jobs)),
+        "validation_jobs": sorted(int(j) for j in val_jobs),
+        "history": history,
+        "provenance": provenance or {},
+    }
+    with atomic_path(out.with_suffix(".json")) as tmp:
+        tmp.write_text(json.dumps(meta, indent=2, default=str))
+    return out.with_suffix(".safetensors")

@@ -1,0 +1,136 @@
+"""Class ranker: RELION's selection rules, target scores, and a small job end to end
+(train on ground-truth labels, rank, RELION's output files)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tamis.class2d import Class2DOptions, run_class2d
+from tamis.io.star import read_star
+from tamis.rank.select import RankOptions, rank_classes, select_classes
+from tamis.rank.train import (
+    RankTrainOptions,
+    job_examples,
+    selection_tiers,
+    target_scores,
+    tiers_from_truth,
+    train_ranker,
+)
+from tamis.simulate.particles import ParticleSimulation, simulate_particles
+
+
+def test_selection_follows_relion():
+    scores = np.array([0.9, 0.2, -999.0, 0.6, 0.4])
+    kept = [0, 1, 3, 4]
+    n = {0: 100.0, 1: 300.0, 3: 50.0, 4: 200.0}
+    chosen, above = select_classes(scores, kept, n, RankOptions(min_score=0.5))
+    assert chosen == [0, 3] and above == 2
+    # top up by particles: best remaining first until 400 particles (150 + 200 + 300)
+    chosen, _ = select_classes(
+        scores, kept, n, RankOptions(min_score=0.5, select_min_nr_particles=400)
+    )
+    assert chosen == [0, 3, 4, 1]
+    chosen, _ = select_classes(scores, kept, n, RankOptions(min_score=0.5, select_min_nr_classes=3))
+    assert chosen == [0, 3, 4]
+    chosen, _ = select_classes(scores, kept, n, RankOptions(max_score=0.7, min_score=0.3))
+    assert chosen == [3, 4]
+    chosen, _ = select_classes(scores, kept, n, RankOptions(quantile=0.5))
+    assert chosen == [0, 3]
+
+
+def test_target_scores_are_relions():
+    tiers = np.array([1, 1, 2, 3, 4, 0])
+    res = np.array([8.0, 16.0, 8.0, 8.0, 8.0, 8.0])
+    t = target_scores(tiers, res, job_score=0.8)
+    np.testing.assert_allclose(t, 0.8 * np.array([1.0, 0.75 + 0.25 / 4, 0.75, 0.5, 0.25, 0.0]))
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rank")
+    simulate_particles(
+        ParticleSimulation(
+            structures=["builtin:8zpm", "builtin:8zpm@R"],
+            n_particles=300,
+            box_size=32,
+            pixel_size=4.5,
+            snr=0.3,
+            junk_fraction=0.2,
+            junk_kinds=("ice", "empty"),
+            particles_per_micrograph=60,
+            seed=3,
+        ),
+        out / "sim",
+    )
+    opts = Class2DOptions.gui_em(
+        K=5, iter=3, particle_diameter=130.0, psi_step=20.0, offset_range=3.0, offset_step=1.5,
+        random_seed=2, batch_size=64,
+    )  # fmt: skip
+    result = run_class2d(
+        out / "sim" / "particles.star", str(out / "c2d" / "run"), opts, log=lambda s: None
+    )
+    return out, result
+
+
+def test_train_and_rank_a_job(job, tmp_path):
+    out, result = job
+    tiers = tiers_from_truth(result.optimiser, out / "sim" / "ground_truth.csv")
+    assert len(tiers) == 5 and set(tiers) <= {0, 1, 2, 3, 4}
+    ex = job_examples(result.optimiser, tiers)
+    assert ex.images.shape[1:] == (64, 64) and ex.features.shape[1] == 24
+    model = train_ranker(ex, tmp_path / "ranker", RankTrainOptions(epochs=2), log=lambda s: None)
+    assert model.is_file() and model.with_suffix(".json").is_file()
+    res = rank_classes(
+        result.optimiser,
+        tmp_path / "Select",
+        RankOptions(min_score=-1e9, model=str(model)),
+        log=lambda s: None,
+    )
+    sel = tmp_path / "Select"
+    for name in ("rank_model.star", "rank_optimiser.star", "rank_data.star", "backup_selection.star",
+                 "particles.star", "class_averages.star", "gallery.png", "class_scores.csv"):  # fmt: skip
+        assert (sel / name).is_file(), name
+    model_star = read_star(sel / "rank_model.star")
+    assert list(model_star) == ["model_classes"]
+    assert "rlnClassScore" in model_star["model_classes"].columns
+    opt = read_star(sel / "rank_optimiser.star")["optimiser_general"]
+    assert opt["rlnModelStarFile"].endswith("rank_model.star")
+    # every scored class selected (threshold -1e9): the particles of those classes, in order
+    data = read_star(result.data)["particles"]
+    parts = read_star(sel / "particles.star")["particles"]
+    want = data[data["rlnClassNumber"].isin(res.selected)]
+    assert list(parts["rlnImageName"]) == list(want["rlnImageName"])
+    backup = selection_tiers(sel / "backup_selection.star")
+    assert len(backup) == 5
+    scores = pd.read_csv(sel / "class_scores.csv")
+    ok = scores["rlnClassScore"] > -999
+    assert (
+        (scores["tamisProbabilityGood"][ok] >= 0) & (scores["tamisProbabilityGood"][ok] <= 1)
+    ).all()
+
+
+def test_cli_rank_errors(job, tmp_path):
+    from typer.testing import CliRunner
+
+    from tamis.cli.main import app
+
+    _, result = job
+    out = CliRunner().invoke(
+        app,
+        [
+            "rank",
+            "--opt",
+            str(result.optimiser),
+            "--o",
+            str(tmp_path / "S"),
+            "--model",
+            str(tmp_path / "none.safetensors"),
+        ],
+    )
+    assert out.exit_code == 1 and "none.safetensors" in out.output
+    out = CliRunner().invoke(
+        app, ["rank", "--opt", str(tmp_path / "missing_optimiser.star"), "--o", str(tmp_path / "S")]
+    )
+    assert out.exit_code == 1 and "missing_optimiser.star" in out.output
