@@ -214,3 +214,17 @@ def test_micrographs(tmp_path):
         smooth = gaussian_blur(image, 4.0)
         at_truth = smooth[y.astype(int), x.astype(int)].mean()
         assert at_truth < smooth.mean() - 2 * smooth.std() * 0.5
+
+
+def test_random_pseudo_proteins():
+    from tamis.errors import InputFileError
+    from tamis.simulate.structure import load_structure
+
+    a = load_structure("random:1", box_size=48, pixel_size=3.0).volume
+    b = load_structure("random:1", box_size=48, pixel_size=3.0).volume
+    c = load_structure("random:2", box_size=48, pixel_size=3.0).volume
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+    big = load_structure("random:1:1200", box_size=48, pixel_size=3.0).volume
+    assert float(big.sum()) > 2.5 * float(a.sum())
+    with pytest.raises(InputFileError, match="random:SEED"):
+        load_structure("random:x", box_size=16, pixel_size=3.0)
