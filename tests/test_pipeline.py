@@ -1,0 +1,80 @@
+"""default_pipeline.star: RELION 3.1/4/5 files read, extended and written as RELION 5's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from tamis.io.star import read_star
+from tamis.pipeline import Pipeline
+from tamis.pipeline.star import convert_node_label
+
+DATA = Path(__file__).parent / "data" / "star"
+
+
+def _counts(path):
+    b = read_star(path)
+    return {k: (len(v) if isinstance(v, pd.DataFrame) else 1) for k, v in b.items()}
+
+
+def test_relion31_pipeline_read_extended_and_written(tmp_path):
+    src = DATA / "default_pipeline.star"
+    before = _counts(src)
+    pipe = Pipeline.read(src)
+    assert pipe.job_counter == 32 and len(pipe.processes) == 31
+    assert (
+        pipe.processes[7].name == "Class2D/job008/"
+        and pipe.processes[7].type_label == "relion.class2d"
+    )
+    assert pipe.processes[7].alias == "Class2D/LoG/" and pipe.processes[7].status == "Succeeded"
+    assert pipe.nodes["Import/job001/movies.star"].type_label.startswith(
+        "MicrographMovieGroupMetadata"
+    )
+    n_in = sum(len(p.inputs) for p in pipe.processes)
+    n_out = sum(len(p.outputs) for p in pipe.processes)
+    assert n_in == before["pipeline_input_edges"] and n_out == before["pipeline_output_edges"]
+    assert len(pipe.nodes) == before["pipeline_nodes"]
+    new = pipe.add_process(
+        "Class2D",
+        "relion.class2d",
+        inputs={"Extract/job012/particles.star": "ParticleGroupMetadata.star.relion"},
+        outputs={
+            "Class2D/job032/run_it200_optimiser.star": "OptimiserData.star.relion.class2d",
+            "Class2D/job032/run_it200_data.star": "ParticleGroupMetadata.star.relion.class2d",
+        },
+    )
+    assert new.name == "Class2D/job032/" and pipe.job_counter == 33
+    out = tmp_path / "default_pipeline.star"
+    pipe.write(out)
+    text = out.read_text()
+    assert text.count("# version 50001") == 5
+    after = _counts(out)
+    assert (
+        after["pipeline_processes"] == 32
+        and after["pipeline_nodes"] == before["pipeline_nodes"] + 2
+    )
+    assert after["pipeline_input_edges"] == n_in + 1 and after["pipeline_output_edges"] == n_out + 2
+    again = Pipeline.read(out)
+    assert [p.name for p in again.processes] == [p.name for p in pipe.processes]
+    assert [p.inputs for p in again.processes] == [p.inputs for p in pipe.processes]
+    assert [p.outputs for p in again.processes] == [p.outputs for p in pipe.processes]
+    assert {k: v.type_label for k, v in again.nodes.items()} == {
+        k: v.type_label for k, v in pipe.nodes.items()
+    }
+    assert (
+        read_star(out)["pipeline_processes"]["rlnPipeLineProcessTypeLabel"].iloc[-1]
+        == "relion.class2d"
+    )
+
+
+def test_relion4_labels_converted():
+    assert (
+        convert_node_label("ParticlesData.star.relion.class2d")
+        == "ParticleGroupMetadata.star.relion.class2d"
+    )
+    assert (
+        convert_node_label("MicrographsCoords.star.relion.autopick")
+        == "MicrographCoordsGroup.star.relion.autopick"
+    )
+    assert convert_node_label("DensityMap.mrc") == "DensityMap.mrc"
