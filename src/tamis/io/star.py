@@ -30,6 +30,7 @@ import starfile
 from tamis.errors import InputFileError
 
 __all__ = [
+    "write_relion_star",
     "Block",
     "DataStar",
     "read_star",
@@ -136,6 +137,41 @@ def write_star(
                 f"# {line}" if not line.startswith("#") else line for line in comment.splitlines()
             )
             tmp.write_text(head + "\n" + body)
+
+
+def write_relion_star(
+    path: str | Path,
+    blocks: dict[str, dict[str, Any] | list[tuple[list[str], list[list[Any]]]] | tuple],
+    *,
+    version: int = 50001,
+) -> None:
+    """Write blocks in RELION's own layout, atomically: ``# version N`` before each block, a
+    key/value list (``dict``) or a loop (``(labels, rows)``) per block, strings with spaces
+    double-quoted and the empty string as ``""``, a blank line after every loop. Used for the
+    pipeline and scheme files, where RELION 5 decides on conversions by the version line."""
+
+    def q(v: Any) -> str:
+        if isinstance(v, bool):
+            return "1" if v else "0"
+        text = str(v)
+        if text == "":
+            return '""'
+        return f'"{text}"' if any(c.isspace() for c in text) else text
+
+    lines = [""]
+    for name, block in blocks.items():
+        lines += [f"# version {version}", "", f"data_{name}", ""]
+        if isinstance(block, dict):
+            width = max((len(k) for k in block), default=0) + 2
+            lines += [f"_{k:<{width}}{q(v)}" for k, v in block.items()]
+        else:
+            labels, rows = block
+            lines.append("loop_ ")
+            lines += [f"_{lab} #{i + 1} " for i, lab in enumerate(labels)]
+            lines += [" ".join(q(v) for v in row) + " " for row in rows]
+        lines += ["", ""]
+    with atomic_path(Path(path)) as tmp:
+        tmp.write_text("\n".join(lines))
 
 
 def require_columns(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from tamis.errors import InputFileError
-from tamis.io.star import atomic_path, read_star
+from tamis.io.star import read_star, write_relion_star
 
 __all__ = ["Pipeline", "Process", "Node", "STATUS", "convert_node_label", "PROCESS_LABELS_31"]
 
@@ -196,40 +196,28 @@ class Pipeline:
 
     def write(self, path: str | Path) -> None:
         """RELION 5's layout and labels, atomically."""
-
-        def q(v: str) -> str:
-            v = str(v)
-            return '""' if v == "" else (f'"{v}"' if any(c.isspace() for c in v) else v)
-
-        lines = ["", "# version 50001", "", "data_pipeline_general", "",
-                 f"_rlnPipeLineJobCounter                       {self.job_counter}", "", ""]  # fmt: skip
-
-        def loop(name: str, labels: list[str], rows: list[list[str]]) -> None:
-            lines.extend(["# version 50001", "", f"data_{name}", "", "loop_ "])
-            lines.extend(f"_{lab} #{i + 1} " for i, lab in enumerate(labels))
-            lines.extend(" ".join(q(v) for v in row) + " " for row in rows)
-            lines.extend(["", ""])
-
-        loop(
-            "pipeline_processes",
-            [
-                "rlnPipeLineProcessName",
-                "rlnPipeLineProcessAlias",
-                "rlnPipeLineProcessTypeLabel",
-                "rlnPipeLineProcessStatusLabel",
-            ],
-            [[p.name, p.alias, p.type_label, p.status] for p in self.processes],
-        )
-        loop(
-            "pipeline_nodes",
-            ["rlnPipeLineNodeName", "rlnPipeLineNodeTypeLabel", "rlnPipeLineNodeTypeLabelDepth"],
-            [[n.name, n.type_label, str(n.depth)] for n in self.nodes.values()],
-        )
+        blocks: dict = {
+            "pipeline_general": {"rlnPipeLineJobCounter": self.job_counter},
+            "pipeline_processes": (
+                ["rlnPipeLineProcessName", "rlnPipeLineProcessAlias",
+                 "rlnPipeLineProcessTypeLabel", "rlnPipeLineProcessStatusLabel"],
+                [[p.name, p.alias, p.type_label, p.status] for p in self.processes],
+            ),
+            "pipeline_nodes": (
+                ["rlnPipeLineNodeName", "rlnPipeLineNodeTypeLabel", "rlnPipeLineNodeTypeLabelDepth"],
+                [[n.name, n.type_label, n.depth] for n in self.nodes.values()],
+            ),
+        }  # fmt: skip
         ins = [[node, p.name] for p in self.processes for node in p.inputs]
         outs = [[p.name, node] for p in self.processes for node in p.outputs]
         if ins:
-            loop("pipeline_input_edges", ["rlnPipeLineEdgeFromNode", "rlnPipeLineEdgeProcess"], ins)
+            blocks["pipeline_input_edges"] = (
+                ["rlnPipeLineEdgeFromNode", "rlnPipeLineEdgeProcess"],
+                ins,
+            )
         if outs:
-            loop("pipeline_output_edges", ["rlnPipeLineEdgeProcess", "rlnPipeLineEdgeToNode"], outs)
-        with atomic_path(Path(path)) as tmp:
-            tmp.write_text("\n".join(lines) + "\n")
+            blocks["pipeline_output_edges"] = (
+                ["rlnPipeLineEdgeProcess", "rlnPipeLineEdgeToNode"],
+                outs,
+            )
+        write_relion_star(path, blocks)
