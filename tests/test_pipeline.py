@@ -78,3 +78,52 @@ def test_relion4_labels_converted():
         == "MicrographCoordsGroup.star.relion.autopick"
     )
     assert convert_node_label("DensityMap.mrc") == "DensityMap.mrc"
+
+
+def test_job_star_round_trip_and_markers(tmp_path):
+    from tamis.pipeline.job import (
+        JobStar,
+        clear_markers,
+        exit_status,
+        read_output_nodes,
+        touch_node_marker,
+        write_output_nodes,
+    )
+
+    job = JobStar(
+        "relion.class2d",
+        False,
+        False,
+        {"nr_classes": "50", "do_em": "No", "other_args": "--maxsig 5 --j 2", "fn_img": ""},
+    )
+    d = tmp_path / "Class2D/job010"
+    d.mkdir(parents=True)
+    job.write(d)
+    text = (d / "job.star").read_text()
+    assert '"--maxsig 5 --j 2"' in text and ' "" ' in text and "# version 50001" in text
+    back = JobStar.read(d)
+    assert back == job and not back.get_bool("do_em")
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / "run.job").write_text(
+        "job_type == relion.autopick\nis_continue == false\nlog_diam_min == 150\n"
+    )
+    legacy = JobStar.read(tmp_path / "legacy")
+    assert legacy.type_label == "relion.autopick" and legacy.options["log_diam_min"] == "150"
+    assert exit_status(d) is None
+    (d / "RELION_JOB_EXIT_FAILURE").touch()
+    assert exit_status(d) == "Failed"
+    clear_markers(d)
+    assert exit_status(d) is None
+    write_output_nodes(
+        d, [("Class2D/job010/run_it200_optimiser.star", "OptimiserData.star.relion.class2d")]
+    )
+    assert read_output_nodes(d) == [
+        ("Class2D/job010/run_it200_optimiser.star", "OptimiserData.star.relion.class2d", 1)
+    ]
+    m = touch_node_marker(
+        tmp_path, "Class2D/job010/run_it200_optimiser.star", "OptimiserData.star.relion.class2d"
+    )
+    assert (
+        m == tmp_path / ".Nodes/OptimiserData/Class2D/job010/run_it200_optimiser.star"
+        and m.exists()
+    )
