@@ -127,3 +127,94 @@ def test_job_star_round_trip_and_markers(tmp_path):
         m == tmp_path / ".Nodes/OptimiserData/Class2D/job010/run_it200_optimiser.star"
         and m.exists()
     )
+
+
+def test_jobs_run_from_job_star_pick_extract_class2d_select(tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+
+    from tamis.pipeline.job import JobStar, exit_status, read_output_nodes
+    from tamis.pipeline.jobs import job_type, run_job
+    from tamis.rank.network import ClassRankerNet
+    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+
+    monkeypatch.chdir(tmp_path)
+    simulate_micrographs(
+        MicrographSimulation(
+            n_micrographs=2,
+            height_px=512,
+            width_px=512,
+            pixel_size=3.0,
+            particles_per_micrograph=25,
+            snr=0.3,
+            seed=2,
+        ),
+        "Import/job001",
+    )
+    assert job_type("relion.autopick.log").dirname == "AutoPick"
+    assert job_type("relion.class2d.helical").label == "relion.class2d"
+
+    def run(dirname, label, options):
+        d = tmp_path / dirname
+        d.mkdir(parents=True)
+        JobStar(label, options=options).write(d)
+        status = run_job(d)
+        assert status == "Succeeded", (d / "run.err").read_text()
+        assert exit_status(d) == "Succeeded"
+        return read_output_nodes(d)
+
+    nodes = run(
+        "AutoPick/job002",
+        "relion.autopick.log",
+        {
+            "fn_input_autopick": "Import/job001/micrographs.star",
+            "log_diam_min": "90",
+            "log_diam_max": "130",
+        },
+    )
+    assert nodes[0][0].endswith("AutoPick/job002/autopick.star")
+    nodes = run(
+        "Extract/job003",
+        "relion.extract",
+        {
+            "star_mics": "Import/job001/micrographs.star",
+            "coords_suffix": nodes[0][0],
+            "extract_size": "64",
+            "do_float16": "No",
+        },
+    )
+    parts = nodes[0][0]
+    nodes = run(
+        "Class2D/job004",
+        "relion.class2d",
+        {
+            "fn_img": parts,
+            "nr_classes": "3",
+            "do_em": "Yes",
+            "nr_iter_em": "2",
+            "particle_diameter": "130",
+            "psi_sampling": "15",
+            "offset_range": "3",
+            "offset_step": "1.5",
+        },
+    )
+    assert nodes[0][1] == "OptimiserData.star.relion.class2d" and nodes[0][0].endswith(
+        "run_it002_optimiser.star"
+    )
+    save_file(
+        {k: v.contiguous() for k, v in ClassRankerNet().state_dict().items()},
+        str(tmp_path / "r.safetensors"),
+    )
+    nodes = run(
+        "Select/job005",
+        "relion.select.class2dauto",
+        {
+            "fn_model": nodes[0][0],
+            "rank_threshold": "-1000",
+            "tamis_ranker_model": str(tmp_path / "r.safetensors"),
+        },
+    )
+    assert [n[1] for n in nodes][0] == "ParticleGroupMetadata.star.relion"
+    bad = tmp_path / "Class2D/job006"
+    bad.mkdir(parents=True)
+    JobStar("relion.class2d", options={"fn_img": "missing.star"}).write(bad)
+    assert run_job(bad) == "Failed" and "missing.star" in (bad / "run.err").read_text()

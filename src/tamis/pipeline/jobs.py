@@ -1,0 +1,212 @@
+"""The job-type registry: RELION process labels -> tamis functions, with RELION's job-option
+names and GUI defaults, and :func:`run_job`, which runs one job directory the way RELION's
+programs run under the pipeliner (exit markers, ``RELION_OUTPUT_NODES.star``, run.out/run.err).
+
+Registered: ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
+in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``) and
+``relion.select.class2dauto`` (the class ranker). A label is matched after dropping trailing
+``.xxx`` tokens until a registered one fits, as RELION resolves process types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tamis.errors import TamisError
+from tamis.pipeline.job import EXIT_MARKERS, JobStar, clear_markers, write_output_nodes
+
+__all__ = ["JobType", "REGISTRY", "job_type", "run_job"]
+
+Nodes = list[tuple[str, str]]
+
+
+@dataclass
+class JobType:
+    label: str
+    dirname: str
+    run: Callable[[JobStar, Path], Nodes]
+    defaults: dict[str, str] = field(default_factory=dict)
+
+
+def _f(job: JobStar, key: str, default: float) -> float:
+    v = job.options.get(key, "")
+    return float(v) if v not in ("", None) else default
+
+
+def _run_log(job: JobStar, out: Path) -> Nodes:
+    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.log import LogOptions, pick_log
+
+    o = job.options
+    opts = LogOptions(
+        _f(job, "log_diam_min", 200), _f(job, "log_diam_max", 250), _f(job, "log_adjust_thr", 0),
+        _f(job, "log_upper_thr", 999), job.get_bool("log_invert"), 1.0, _f(job, "log_maxres", 20),
+    )  # fmt: skip
+    angpix = _f(job, "angpix", -1)
+    ms = micrograph_inputs([o["fn_input_autopick"]], angpix if angpix > 0 else None)
+    run_picker(
+        ms,
+        out,
+        lambda m, _k: pick_log(m, opts),
+        PickJob(diameter=opts.diameter_max),
+        log=lambda s: None,
+    )
+    return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
+
+
+def _run_deep(job: JobStar, out: Path) -> Nodes:
+    from tamis.pick.deep.predict import DeepPicker, load_model
+    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+
+    o = job.options
+    diameter = _f(job, "topaz_particle_diameter", -1)
+    if diameter <= 0:
+        raise TamisError("topaz_particle_diameter: give the particle diameter (A)")
+    model, meta = load_model(o.get("topaz_model") or None)
+    picker = DeepPicker(model, meta, diameter)
+    n = int(_f(job, "topaz_nr_particles", -1))
+    ms = micrograph_inputs([o["fn_input_autopick"]])
+    run_picker(
+        ms,
+        out,
+        lambda m, _k: picker.pick(m),
+        PickJob(diameter=diameter, expected=n if n > 0 else None),
+        log=lambda s: None,
+    )
+    return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
+
+
+def _run_extract(job: JobStar, out: Path) -> Nodes:
+    from tamis.extract import ExtractOptions, extract_particles
+
+    o = job.options
+    size = int(_f(job, "extract_size", 128))
+    rescale = int(_f(job, "rescale", size)) if job.get_bool("do_rescale") else None
+    bg = _f(job, "bg_diameter", -1)
+    opts = ExtractOptions(
+        extract_size=size,
+        rescale=rescale,
+        norm=job.get_bool("do_norm", True),
+        bg_radius=bg / 2 if bg > 0 else None,
+        invert_contrast=job.get_bool("do_invert", True),
+        float16=job.get_bool("do_float16", True),
+        minimum_pick_fom=_f(job, "minimum_pick_fom", 0)
+        if job.get_bool("do_fom_threshold")
+        else None,
+        recenter=job.get_bool("do_recenter"),
+    )
+    coords = o["fndata_reextract"] if job.get_bool("do_reextract") else o["coords_suffix"]
+    star = extract_particles(o["star_mics"], coords, out, opts, log=lambda s: None)
+    return [(str(star), "ParticleGroupMetadata.star.relion")]
+
+
+def _run_class2d(job: JobStar, out: Path) -> Nodes:
+    from tamis.class2d import Class2DOptions, run_class2d
+
+    grad = job.get_bool("do_grad", True) and not job.get_bool("do_em")
+    common = dict(
+        K=int(_f(job, "nr_classes", 1)),
+        tau2_fudge=_f(job, "tau_fudge", 2),
+        particle_diameter=_f(job, "particle_diameter", 200),
+        zero_mask=job.get_bool("do_zero_mask", True),
+        ctf=job.get_bool("do_ctf_correction", True),
+        ctf_intact_first_peak=job.get_bool("ctf_intact_first_peak"),
+        strict_highres_exp=_f(job, "highres_limit", -1),
+        center_classes=job.get_bool("do_center", True),
+        psi_step=2 * _f(job, "psi_sampling", 6),
+        offset_range=_f(job, "offset_range", 5),
+        offset_step=2 * _f(job, "offset_step", 1),
+        j=int(_f(job, "nr_threads", 1)),
+        pipeline_control=out,
+    )
+    if grad:
+        options = Class2DOptions.gui_vdam(iter=int(_f(job, "nr_iter_grad", 200)), **common)
+    else:
+        options = Class2DOptions.gui_em(iter=int(_f(job, "nr_iter_em", 25)), **common)
+    if job.is_continue and job.options.get("fn_cont"):
+        result = run_class2d(
+            None,
+            str(out / "run"),
+            options,
+            continue_from=job.options["fn_cont"],
+            log=lambda s: None,
+        )
+    else:
+        result = run_class2d(job.options["fn_img"], str(out / "run"), options, log=lambda s: None)
+    return [
+        (str(result.optimiser), "OptimiserData.star.relion.class2d"),
+        (str(result.data), "ParticleGroupMetadata.star.relion.class2d"),
+    ]
+
+
+def _run_rank(job: JobStar, out: Path) -> Nodes:
+    from tamis.rank.select import RankOptions, rank_classes
+
+    if not job.get_bool("do_class_ranker"):
+        raise TamisError("only automatic 2D class selection (do_class_ranker Yes) is implemented")
+    opts = RankOptions(
+        min_score=_f(job, "rank_threshold", 0.5),
+        select_min_nr_particles=int(_f(job, "select_nr_parts", -1)),
+        select_min_nr_classes=int(_f(job, "select_nr_classes", -1)),
+        model=job.options.get("tamis_ranker_model") or None,
+    )
+    rank_classes(job.options["fn_model"], out, opts, log=lambda s: None)
+    return [
+        (str(out / "particles.star"), "ParticleGroupMetadata.star.relion"),
+        (str(out / "class_averages.star"), "Image2DGroupMetadata.star.relion.classaverages"),
+        (str(out / "rank_optimiser.star"), "OptimiserData.star.relion.select"),
+    ]
+
+
+REGISTRY: dict[str, JobType] = {
+    t.label: t
+    for t in (
+        JobType("relion.autopick.log", "AutoPick", _run_log, {"do_log": "Yes", "log_diam_min": "200", "log_diam_max": "250", "log_maxres": "20", "log_adjust_thr": "0", "log_upper_thr": "999"}),
+        JobType("relion.autopick.topaz.pick", "AutoPick", _run_deep, {"do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
+        JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
+        JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
+        JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "0.5", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
+    )
+}  # fmt: skip
+
+
+def job_type(label: str) -> JobType:
+    """The registered type for ``label``, dropping trailing ``.xxx`` tokens until one fits."""
+    parts = label.split(".")
+    while parts:
+        key = ".".join(parts)
+        if key in REGISTRY:
+            return REGISTRY[key]
+        parts.pop()
+    raise TamisError(f"job type {label!r} is not available in tamis (have {sorted(REGISTRY)})")
+
+
+def run_job(job_dir: str | Path) -> str:
+    """Run the job in ``job_dir`` (its ``job.star``); returns the final status. Writes
+    ``RELION_OUTPUT_NODES.star`` and ``RELION_JOB_EXIT_SUCCESS``/``FAILURE``/``ABORTED``; the
+    traceback or error goes to ``run.err``."""
+    d = Path(job_dir)
+    job = JobStar.read(d)
+    clear_markers(d)
+    jt = job_type(job.type_label)
+    merged = JobStar(job.type_label, job.is_continue, job.is_tomo, {**jt.defaults, **job.options})
+    status = "Succeeded"
+    with open(d / "run.err", "a") as err:
+        try:
+            nodes = jt.run(merged, d)
+            write_output_nodes(d, nodes)
+        except TamisError as exc:
+            status = "Aborted" if "ABORT_NOW" in str(exc) else "Failed"
+            err.write(f"error: {exc}\n")
+        except Exception:  # a bug: keep the traceback for the report
+            status = "Failed"
+            err.write(traceback.format_exc())
+    for marker in EXIT_MARKERS.values():
+        with contextlib.suppress(FileNotFoundError):
+            (d / marker).unlink()
+    (d / EXIT_MARKERS[status]).touch()
+    return status
