@@ -218,3 +218,66 @@ def test_jobs_run_from_job_star_pick_extract_class2d_select(tmp_path, monkeypatc
     bad.mkdir(parents=True)
     JobStar("relion.class2d", options={"fn_img": "missing.star"}).write(bad)
     assert run_job(bad) == "Failed" and "missing.star" in (bad / "run.err").read_text()
+
+
+def test_project_schedules_runs_and_records_jobs(tmp_path):
+    import json
+    import time
+
+    import pytest
+
+    from tamis.pipeline.project import Project
+    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+
+    simulate_micrographs(
+        MicrographSimulation(
+            n_micrographs=1,
+            height_px=384,
+            width_px=384,
+            pixel_size=3.0,
+            particles_per_micrograph=10,
+            snr=0.5,
+            seed=4,
+        ),
+        tmp_path / "Import/job001",
+    )
+    proj = Project(tmp_path)
+    pick = proj.schedule(
+        "relion.autopick.log",
+        {
+            "fn_input_autopick": "Import/job001/micrographs.star",
+            "log_diam_min": "90",
+            "log_diam_max": "130",
+        },
+    )
+    assert pick.name == "AutoPick/job001/" and proj.read().processes[0].status == "Scheduled"
+    assert proj.run(pick.name) == "Succeeded"
+    pipe = proj.read()
+    assert pipe.processes[0].outputs == ["AutoPick/job001/autopick.star"]
+    assert (tmp_path / ".Nodes/MicrographCoordsGroup/AutoPick/job001/autopick.star").exists()
+    ext = proj.schedule(
+        "relion.extract",
+        {
+            "star_mics": "Import/job001/micrographs.star",
+            "coords_suffix": "AutoPick/job001/autopick.star",
+            "extract_size": "64",
+        },
+    )
+    assert proj.read().process(ext.name).inputs == ["AutoPick/job001/autopick.star"]
+    child = proj.run(ext.name, background=True)
+    child.wait(timeout=120)
+    for _ in range(50):
+        if proj.check()[ext.name] != "Running":
+            break
+        time.sleep(0.2)
+    assert proj.read().process(ext.name).status == "Succeeded"
+    assert "Extract/job002/particles.star" in proj.read().nodes
+    # a lock left by a process that is gone is taken over
+    proj.lock_path.mkdir(parents=True)
+    (proj.lock_path / "owner.json").write_text(
+        json.dumps({"host": __import__("socket").gethostname(), "pid": 999999, "time": 0})
+    )
+    with pytest.warns(UserWarning, match="taking over"):
+        with proj.edit() as pipe:
+            assert len(pipe.processes) == 2
+    assert not proj.lock_path.exists()
