@@ -1,0 +1,93 @@
+"""The schemer loop on a small scheme: operators, new jobs from templates with $$variables and
+Schemes/NAME/JOB/ paths, pipeline edges, restart from the current node."""
+
+from __future__ import annotations
+
+from tamis.pipeline.job import JobStar
+from tamis.pipeline.project import Project
+from tamis.schemes import Edge, Operator, Scheme, SchemeJob
+from tamis.schemes.run import SchemeRunner, prepare_job, scheme_dir
+
+
+def _setup(tmp_path):
+    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+
+    simulate_micrographs(
+        MicrographSimulation(
+            n_micrographs=1,
+            height_px=384,
+            width_px=384,
+            pixel_size=3.0,
+            particles_per_micrograph=10,
+            snr=0.5,
+            seed=4,
+        ),
+        tmp_path / "Import/job001",
+    )
+    s = Scheme("Schemes/proc/", "WAIT")
+    s.floats = {"wait_sec": (0.0, 0.0), "box": (64.0, 64.0)}
+    s.strings = {"mics": ("Import/job001/micrographs.star", "Import/job001/micrographs.star")}
+    s.operators = {"WAIT": Operator("wait", "undefined", "wait_sec"), "EXIT": Operator("exit")}
+    s.jobs = {"pick": SchemeJob("pick", "continue"), "extract": SchemeJob("extract", "continue")}
+    s.edges = [Edge("WAIT", "pick"), Edge("pick", "extract"), Edge("extract", "EXIT")]
+    d = scheme_dir(tmp_path, "proc")
+    (d / "pick").mkdir(parents=True)
+    (d / "extract").mkdir(parents=True)
+    JobStar(
+        "relion.autopick.log",
+        options={"fn_input_autopick": "$$mics", "log_diam_min": "90", "log_diam_max": "130"},
+    ).write(d / "pick")
+    JobStar(
+        "relion.extract",
+        options={
+            "star_mics": "$$mics",
+            "coords_suffix": "Schemes/proc/pick/autopick.star",
+            "extract_size": "$$box",
+            "do_float16": "No",
+        },
+    ).write(d / "extract")
+    s.write(d / "scheme.star")
+    return s
+
+
+def test_prepare_job_substitutes_variables_and_job_names(tmp_path):
+    s = _setup(tmp_path)
+    s.jobs["pick"].current_name = "AutoPick/job007/"
+    job = prepare_job(s, "extract", tmp_path, lambda n: None)
+    assert job.options["star_mics"] == "Import/job001/micrographs.star"
+    assert job.options["coords_suffix"] == "AutoPick/job007/autopick.star"
+    assert job.options["extract_size"] == "64"
+
+
+def test_scheme_runs_jobs_and_restarts_from_its_current_node(tmp_path):
+    _setup(tmp_path)
+    logs = []
+    runner = SchemeRunner(tmp_path, "proc", log=logs.append, background=False)
+    assert runner.run() == "Succeeded"
+    pipe = Project(tmp_path).read()
+    assert [p.name for p in pipe.processes] == ["AutoPick/job001/", "Extract/job002/"]
+    assert pipe.process("Extract/job002/").inputs == ["AutoPick/job001/autopick.star"]
+    assert all(p.status == "Succeeded" for p in pipe.processes)
+    s = Scheme.read(scheme_dir(tmp_path, "proc") / "scheme.star")
+    assert s.jobs["extract"].current_name == "Extract/job002/" and s.jobs["extract"].has_started
+    assert (scheme_dir(tmp_path, "proc") / "RELION_JOB_EXIT_SUCCESS").exists()
+    # as after a kill during 'extract': restart there; a started continue job is continued
+    s.current_node = "extract"
+    s.write(scheme_dir(tmp_path, "proc") / "scheme.star")
+    assert SchemeRunner(tmp_path, "proc", log=logs.append, background=False).run() == "Succeeded"
+    pipe = Project(tmp_path).read()
+    assert len(pipe.processes) == 2 and JobStar.read(tmp_path / "Extract/job002").is_continue
+    assert any("(continue)" in line for line in logs)
+
+
+def test_background_jobs_and_abort(tmp_path):
+    _setup(tmp_path)
+    d = scheme_dir(tmp_path, "proc")
+    runner = SchemeRunner(tmp_path, "proc", log=lambda s: None, poll=0.1)
+    assert runner.run() == "Succeeded"
+    s = Scheme.read(d / "scheme.star")
+    s.reset()
+    s.write(d / "scheme.star")
+    (d / "RELION_JOB_ABORT_NOW").touch()
+    runner.aborted = lambda: True  # an abort requested while the schemer runs
+    assert runner.run() == "Aborted" and (d / "RELION_JOB_EXIT_ABORTED").exists()
