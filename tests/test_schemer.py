@@ -91,3 +91,38 @@ def test_background_jobs_and_abort(tmp_path):
     (d / "RELION_JOB_ABORT_NOW").touch()
     runner.aborted = lambda: True  # an abort requested while the schemer runs
     assert runner.run() == "Aborted" and (d / "RELION_JOB_EXIT_ABORTED").exists()
+
+
+def test_cli_schemer_edits_and_runs(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from tamis.cli.main import app
+
+    _setup(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    inv = CliRunner().invoke
+    assert inv(app, ["schemer", "--scheme", "proc", "--run"]).exit_code == 0
+    assert (
+        inv(app, ["schemer", "--scheme", "proc", "--set_var", "box", "--value", "48"]).exit_code
+        == 0
+    )
+    s = Scheme.read("Schemes/proc/scheme.star")
+    assert s.floats["box"] == (48.0, 64.0) and (tmp_path / "Schemes/proc/scheme.star.bck").exists()
+    res = inv(
+        app, ["schemer", "--scheme", "proc", "--set_job_option", "pick", "log_diam_min", "80"]
+    )
+    assert res.exit_code == 0, res.output
+    s = Scheme.read("Schemes/proc/scheme.star")
+    assert (
+        not s.jobs["pick"].has_started
+        and not s.jobs["extract"].has_started
+        and s.current_node == "pick"
+    )
+    assert JobStar.read(tmp_path / "Schemes/proc/pick").options["log_diam_min"] == "80"
+    assert inv(app, ["schemer", "--scheme", "proc", "--run"]).exit_code == 0
+    pipe = Project(tmp_path).read()
+    assert [p.name for p in pipe.processes][-2:] == ["AutoPick/job003/", "Extract/job004/"]
+    bad = inv(
+        app, ["schemer", "--scheme", "proc", "--set_job_mode", "pick", "--value", "sometimes"]
+    )
+    assert bad.exit_code == 1

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tamis import __version__
-from tamis.cli import class2d, extract, pick, rank, simulate, star
+from tamis.cli import class2d, extract, pick, rank, schemer, simulate, star
 from tamis.cli._common import console, user_errors
 
 app = typer.Typer(
@@ -22,6 +22,11 @@ app.add_typer(star.app, name="star")
 app.command("class2d", help=class2d.__doc__)(class2d.class2d)
 app.add_typer(pick.app, name="pick")
 app.add_typer(rank.app, name="rank")
+app.command(
+    "schemer",
+    help=schemer.__doc__,
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(schemer.schemer)
 app.command("extract", help=extract.__doc__)(extract.extract)
 
 
