@@ -125,23 +125,18 @@ def _resolution(model: dict, c: int, pixel: float) -> float:
     return 2 * pixel
 
 
-def rank_classes(
-    optimiser: str | Path,
-    out_dir: str | Path,
-    options: RankOptions,
-    *,
-    log: Callable[[str], None] = print,
-) -> RankResult:
-    """Score every class of a 2D job, select, and write RELION's Select-job files."""
-    job = job_inputs(optimiser)
+def job_class_features(job: dict) -> tuple[list, list[np.ndarray], list[int]]:
+    """RELION's features and CNN image of every class of a job (``job_inputs``) with more than
+    10 estimated particles; returns (features, images, 0-based class numbers)."""
     opt, general, classes, images = job["optimiser"], job["general"], job["classes"], job["images"]
-    data = job["data"]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pixel = float(general["rlnPixelSize"])
     diameter = float(opt.get("rlnParticleDiameter", images.shape[-1] * pixel))
-    n_total = len(data.table)
+    n_total = len(job["data"].table)
     k = len(classes)
+
+    def column(label: str, default: float) -> pd.Series:
+        return classes.get(label, pd.Series([default] * k))
+
     feats, imgs, kept = [], [], []
     for c in range(k):
         frac = float(classes["rlnClassDistribution"].iloc[c])
@@ -149,11 +144,11 @@ def rank_classes(
             continue
         name = str(classes["rlnReferenceImage"].iloc[c])
         index = int(name.split("@", 1)[0]) if "@" in name else c + 1
-        res = float(classes.get("rlnEstimatedResolution", pd.Series([0.0] * k)).iloc[c])
-        if not res > 0 or res >= 999:
+        res = float(column("rlnEstimatedResolution", 0.0).iloc[c])
+        if not 0 < res < 999:
             res = _resolution(job["model"], c, pixel)
-        acc_rot = float(classes.get("rlnAccuracyRotations", pd.Series([999.0] * k)).iloc[c])
-        acc_tr = float(classes.get("rlnAccuracyTranslationsAngst", pd.Series([999.0] * k)).iloc[c])
+        acc_rot = float(column("rlnAccuracyRotations", 999.0).iloc[c])
+        acc_tr = float(column("rlnAccuracyTranslationsAngst", 999.0).iloc[c])
         if acc_rot > 99 or acc_tr > 99:  # RELION recomputes them; without particles: its defaults
             acc_rot, acc_tr = 5.0, 8.0 * pixel
         img = images[index - 1].astype(np.float64)
@@ -172,6 +167,24 @@ def rank_classes(
         )
         imgs.append(cnn_image(img, pixel, diameter))
         kept.append(c)
+    return feats, imgs, kept
+
+
+def rank_classes(
+    optimiser: str | Path,
+    out_dir: str | Path,
+    options: RankOptions,
+    *,
+    log: Callable[[str], None] = print,
+) -> RankResult:
+    """Score every class of a 2D job, select, and write RELION's Select-job files."""
+    job = job_inputs(optimiser)
+    opt, classes, images, data = job["optimiser"], job["classes"], job["images"], job["data"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    n_total = len(data.table)
+    k = len(classes)
+    feats, imgs, kept = job_class_features(job)
     scores = np.full(k, -999.0)
     prob = np.full(k, np.nan)
     if kept:

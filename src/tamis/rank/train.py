@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from tamis import __version__
 from tamis.errors import TamisError
 from tamis.io.star import read_star
-from tamis.rank.features import class_features, cnn_image, feature_vector
+from tamis.rank.features import feature_vector
 from tamis.rank.network import ClassRankerNet
-from tamis.rank.select import _resolution, job_inputs, load_ranker
+from tamis.rank.select import job_class_features, job_inputs, load_ranker
 
 __all__ = [
     "Examples",
@@ -78,29 +78,7 @@ def job_examples(
     optimiser: str | Path, tiers: np.ndarray, job_index: int = 0, job_score: float = 1.0
 ) -> Examples:
     """Examples of one 2D job; ``tiers[c]`` per class (0 bad, 1-4 good to fair)."""
-    job = job_inputs(optimiser)
-    opt, general, classes, images = job["optimiser"], job["general"], job["classes"], job["images"]
-    pixel = float(general["rlnPixelSize"])
-    diameter = float(opt.get("rlnParticleDiameter", images.shape[-1] * pixel))
-    n_total = len(job["data"].table)
-    feats, imgs, kept = [], [], []
-    for c in range(len(classes)):
-        frac = float(classes["rlnClassDistribution"].iloc[c])
-        if frac * n_total <= 10:
-            continue
-        res = float(classes["rlnEstimatedResolution"].iloc[c])
-        if not 0 < res < 999:
-            res = _resolution(job["model"], c, pixel)
-        acc_rot = float(classes["rlnAccuracyRotations"].iloc[c])
-        acc_tr = float(classes["rlnAccuracyTranslationsAngst"].iloc[c])
-        if acc_rot > 99 or acc_tr > 99:
-            acc_rot, acc_tr = 5.0, 8.0 * pixel
-        img = images[c].astype(np.float64)
-        feats.append(class_features(img, pixel_size=pixel, diameter=diameter, class_index=c + 1,
-                                    fraction=frac, n_total=n_total, resolution=res,
-                                    acc_rot=acc_rot, acc_trans=acc_tr))  # fmt: skip
-        imgs.append(cnn_image(img, pixel, diameter))
-        kept.append(c)
+    feats, imgs, kept = job_class_features(job_inputs(optimiser))
     if not kept:
         raise TamisError(f"{optimiser}: no class with more than 10 particles")
     t = np.asarray(tiers)[kept]
