@@ -31,7 +31,13 @@ from tamis.io.mrc import write_mrc
 from tamis.io.star import format_image_names, read_data_star, write_star
 from tamis.pick.micrograph import read_micrograph
 
-__all__ = ["ExtractOptions", "extract_particles", "normalise_particles", "window_particles"]
+__all__ = [
+    "ExtractOptions",
+    "extract_particles",
+    "coordinates_by_micrograph",
+    "normalise_particles",
+    "window_particles",
+]
 
 _CTF_LABELS = (
     "rlnDefocusU",
@@ -110,11 +116,12 @@ def _stack_name(micrograph: str, out_dir: Path) -> Path:
     return out_dir / rel.parent / f"{rel.stem}.mrcs"
 
 
-def _coordinates_for(
+def coordinates_by_micrograph(
     coords: str | Path | Mapping[str, pd.DataFrame], micrographs: MicrographSet
 ) -> dict[str, pd.DataFrame]:
     """micrograph name -> coordinate table, from an autopick.star-style list, a particles STAR
-    file (re-extraction) or a ready mapping."""
+    file (re-extraction), a directory of per-micrograph STAR/.box/CSV files named after the
+    micrographs, or a ready mapping."""
     if isinstance(coords, Mapping):
         return {str(k): v for k, v in coords.items()}
     path = Path(coords)
@@ -188,7 +195,7 @@ def extract_particles(
         else MicrographSet.from_star(micrographs)
     )
     out_dir = Path(out_dir)
-    coords = _coordinates_for(coordinates, ms)
+    coords = coordinates_by_micrograph(coordinates, ms)
     index = {name: i for i, name in enumerate(ms.names)}
     rows: list[pd.DataFrame] = []
     optics_used: set[int] = set()

@@ -19,6 +19,15 @@ _OVERLAYS = typer.Option(3, "--overlays", help="PNG overlays of the first N micr
 _EDGE = typer.Option(0.0, "--edge", help="Drop picks closer than this (A) to a side.")
 
 
+def _run(ms, odir: Path, pick, job) -> None:
+    """Run a picker over the micrographs into ``odir``, reporting on the console."""
+    from tamis.pick.jobs import run_picker
+
+    run_picker(
+        ms, odir, pick, job, log=lambda s: console.print(s, highlight=False), show_progress=True
+    )
+
+
 @app.command("log")
 @user_errors
 def log(
@@ -39,19 +48,17 @@ def log(
     edge: float = _EDGE,
 ) -> None:
     """Laplacian-of-Gaussian blob picking with RELION's options."""
-    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.jobs import PickJob, micrograph_inputs
     from tamis.pick.log import LogOptions, pick_log
 
     opts = LogOptions(diam_min, diam_max, adjust, upper, invert, neighbour / 100.0, lowpass)
     opts.check()
     ms = micrograph_inputs(i, angpix)
-    run_picker(
+    _run(
         ms,
         odir,
         lambda mic, _k: pick_log(mic, opts),
         PickJob(diameter=diam_max, expected=expected, overlays=overlays, edge=edge),
-        log=lambda s: console.print(s, highlight=False),
-        show_progress=True,
     )
 
 
@@ -81,7 +88,7 @@ def template(
 
     from tamis.errors import InputFileError
     from tamis.io.mrc import read_mrc
-    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.jobs import PickJob, micrograph_inputs
     from tamis.pick.template import TemplateOptions, pick_template
 
     if not ref.is_file():
@@ -103,13 +110,11 @@ def template(
     )
     ms = micrograph_inputs(i, angpix)
     templates = torch.from_numpy(stack.astype("float32"))
-    run_picker(
+    _run(
         ms,
         odir,
         lambda mic, k: pick_template(mic, templates, tp, opts, ctf=ms.ctf(k), max_picks=expected),
         PickJob(diameter=diameter, expected=expected, overlays=overlays, edge=edge),
-        log=lambda s: console.print(s, highlight=False),
-        show_progress=True,
     )
 
 
@@ -119,11 +124,11 @@ def _labels_for(ms, coords: Path | None, particles: Path | None):
     import numpy as np
 
     from tamis.errors import TamisError
-    from tamis.extract import _coordinates_for
+    from tamis.extract import coordinates_by_micrograph
 
     if (coords is None) == (particles is None):
         raise TamisError("give one of --coords (autopick.star) or --particles (particles.star)")
-    table = _coordinates_for(coords or particles, ms)
+    table = coordinates_by_micrograph(coords or particles, ms)
     out = []
     for name in ms.names:
         t = table.get(name)
@@ -215,18 +220,16 @@ def predict(
 ) -> None:
     """Pick with a trained deep picker (or the shipped general model)."""
     from tamis.pick.deep.predict import DeepPicker, load_model
-    from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
+    from tamis.pick.jobs import PickJob, micrograph_inputs
 
     net, meta = load_model(model)
     picker = DeepPicker(
         net, meta, diameter, threshold, meta.get("lowpass"), meta.get("normalize", True)
     )
     ms = micrograph_inputs(i, angpix)
-    run_picker(
+    _run(
         ms,
         odir,
         lambda mic, _k: picker.pick(mic),
         PickJob(diameter=diameter, expected=expected, overlays=overlays, edge=edge),
-        log=lambda s: console.print(s, highlight=False),
-        show_progress=True,
     )

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tamis.errors import TamisError
-from tamis.pick.micrograph import Micrograph, fourier_bin, normalise
+from tamis.pick.micrograph import Micrograph, working_image
 from tamis.pick.peaks import Picks, find_peaks
 
 __all__ = ["LogOptions", "log_diameters", "log_fom", "pick_log"]
@@ -76,13 +76,7 @@ def log_fom(
 def pick_log(mic: Micrograph, options: LogOptions) -> Picks:
     """LoG picks on one micrograph (coordinates in its pixels, FOM, detected diameter)."""
     options.check()
-    p = mic.pixel_size
-    img = normalise(mic.image)
-    if not options.invert:
-        img = -img
-    factor = max(1.0, options.lowpass / 2.0 / p)
-    small, (sy, sx) = fourier_bin(img, factor)
-    pw = p / ((sy + sx) / 2)
+    small, (sy, sx), pw = working_image(mic, options.lowpass, options.invert)
     best, size = log_fom(
         small, pw, log_diameters(options.diameter_min, options.diameter_max, options.max_search)
     )

@@ -15,7 +15,14 @@ import torch
 from tamis.errors import InputFileError, TamisError
 from tamis.io.mrc import read_mrc
 
-__all__ = ["Micrograph", "read_micrograph", "normalise", "fourier_bin", "IMAGE_SUFFIXES"]
+__all__ = [
+    "Micrograph",
+    "read_micrograph",
+    "normalise",
+    "fourier_bin",
+    "working_image",
+    "IMAGE_SUFFIXES",
+]
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
@@ -95,3 +102,17 @@ def fourier_bin(image: torch.Tensor, factor: float) -> tuple[torch.Tensor, tuple
     out[..., : nh // 2, :] = spec[..., : nh // 2, : nw // 2 + 1]
     out[..., nh // 2 :, :] = spec[..., h - nh // 2 :, : nw // 2 + 1]
     return torch.fft.irfft2(out, s=(nh, nw), norm="forward"), (nh / h, nw / w)
+
+
+def working_image(
+    mic: Micrograph, lowpass: float, invert: bool = False
+) -> tuple[torch.Tensor, tuple[float, float], float]:
+    """What the LoG and template pickers work on: the micrograph normalised, particles made
+    white (negated unless ``invert``: particles already white) and Fourier-binned to a pixel of
+    ``lowpass / 2`` Å (never finer than recorded). Returns the image, its ``(scale_y, scale_x)``
+    against the micrograph and its pixel size."""
+    img = normalise(mic.image)
+    if not invert:
+        img = -img
+    small, (sy, sx) = fourier_bin(img, max(1.0, lowpass / 2.0 / mic.pixel_size))
+    return small, (sy, sx), mic.pixel_size / ((sy + sx) / 2)

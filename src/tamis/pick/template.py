@@ -21,7 +21,7 @@ from tamis.ctf import CTFParams
 from tamis.errors import TamisError
 from tamis.fourier import irfft2_centered, rescale_images, rfft2_centered
 from tamis.masks import radius_map
-from tamis.pick.micrograph import Micrograph, fourier_bin, normalise
+from tamis.pick.micrograph import Micrograph, working_image
 from tamis.pick.peaks import Picks, find_peaks
 
 __all__ = ["TemplateOptions", "prepare_templates", "template_fom", "pick_template"]
@@ -125,13 +125,7 @@ def pick_template(
     """Template-matching picks on one micrograph (``ctf``: this micrograph's, one row)."""
     if templates.ndim != 3 or templates.shape[-1] != templates.shape[-2]:
         raise TamisError("templates must be a stack of square images")
-    p = mic.pixel_size
-    img = normalise(mic.image)
-    if not options.invert:
-        img = -img
-    factor = max(1.0, options.lowpass / 2.0 / p)
-    small, (sy, sx) = fourier_bin(img, factor)
-    pw = p / ((sy + sx) / 2)
+    small, (sy, sx), pw = working_image(mic, options.lowpass, options.invert)
     work_ctf = None
     if ctf is not None and options.use_ctf:
         work_ctf = ctf[0:1]

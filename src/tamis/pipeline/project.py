@@ -46,6 +46,13 @@ def process_alive(host: str, pid: int) -> bool:
     return True
 
 
+def _remove_lock(path: Path) -> None:
+    if path.exists():
+        for entry in path.iterdir():
+            entry.unlink(missing_ok=True)
+        path.rmdir()
+
+
 @contextmanager
 def lock_dir(path: Path, *, retries: int = 20, wait: float = 3.0) -> Iterator[None]:
     """A crash-safe lock: ``mkdir path`` plus ``path/owner.json`` (host, pid, time). A lock whose
@@ -68,10 +75,7 @@ def lock_dir(path: Path, *, retries: int = 20, wait: float = 3.0) -> Iterator[No
                     f"{path}: taking over a lock left by a process that is gone ({info})",
                     stacklevel=2,
                 )
-                owner.unlink(missing_ok=True)
-                for extra in path.iterdir() if path.exists() else []:
-                    extra.unlink(missing_ok=True)
-                path.rmdir() if path.exists() else None
+                _remove_lock(path)
                 continue
             time.sleep(wait)
     else:
@@ -79,11 +83,7 @@ def lock_dir(path: Path, *, retries: int = 20, wait: float = 3.0) -> Iterator[No
     try:
         yield
     finally:
-        owner.unlink(missing_ok=True)
-        for extra in path.iterdir() if path.exists() else []:
-            extra.unlink(missing_ok=True)
-        if path.exists():
-            path.rmdir()
+        _remove_lock(path)
 
 
 class Project:
