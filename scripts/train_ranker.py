@@ -21,8 +21,12 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tamis.class2d import Class2DOptions, run_class2d
+from tamis.rank.evaluate import auroc, particle_rates
+from tamis.rank.features import network_features
+from tamis.rank.select import RankOptions, job_inputs, load_ranker, rank_classes
 from tamis.rank.train import (
     Examples,
     RankTrainOptions,
@@ -78,11 +82,8 @@ def make_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     return optimiser, d / "sim" / "ground_truth.csv", cfg
 
 
-def auroc(scores: np.ndarray, good: np.ndarray) -> float:
-    pos, neg = scores[good], scores[~good]
-    if not len(pos) or not len(neg):
-        return float("nan")
-    return float((pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean())
+def _quiet(_: str) -> None:
+    pass
 
 
 def main() -> None:
@@ -92,9 +93,12 @@ def main() -> None:
     ap.add_argument("--test-jobs", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--install", action="store_true")
+    ap.add_argument(
+        "--evaluate-only", action="store_true", help="evaluate the model already in --work/ranker"
+    )
     args = ap.parse_args()
     work = Path(args.work)
-    train_parts, test_parts, records = [], [], []
+    train_parts, test_parts, records, test_jobs = [], [], [], []
     for j in range(args.jobs + args.test_jobs):
         test = j >= args.jobs
         jj = j - args.jobs if test else j
@@ -102,6 +106,8 @@ def main() -> None:
         tiers = tiers_from_truth(optimiser, truth)
         ex = job_examples(optimiser, tiers, job_index=j)
         (test_parts if test else train_parts).append(ex)
+        if test:
+            test_jobs.append((optimiser, truth))
         records.append(
             {
                 "job": j,
@@ -113,26 +119,46 @@ def main() -> None:
         )
         print(f"job {j}: {cfg}", flush=True)
     train = Examples.concat(train_parts)
-    model = train_ranker(
-        train,
-        work / "ranker",
-        RankTrainOptions(epochs=args.epochs),
-        provenance={"script": "scripts/train_ranker.py", "jobs": records},
-    )
-    import torch
-
-    from tamis.rank.select import load_ranker
-
+    model = work / "ranker.safetensors"
+    if not (args.evaluate_only and model.exists()):
+        model = train_ranker(
+            train,
+            work / "ranker",
+            RankTrainOptions(epochs=args.epochs),
+            provenance={"script": "scripts/train_ranker.py", "jobs": records},
+        )
     net, meta = load_ranker(model)
     test = Examples.concat(test_parts)
     with torch.no_grad():
-        s = net(torch.from_numpy(test.images)[:, None], torch.from_numpy(test.features))[
-            :, 0
-        ].numpy()
-    report = {"test_auroc": auroc(s, test.good), "n_test_classes": len(test)}
+        s = net(
+            torch.from_numpy(test.images)[:, None],
+            torch.from_numpy(network_features(test.features)),
+        )[:, 0].numpy()
+    clear = np.isin(test.tiers, (0, 1, 2))
+    # particle level, RELION's default selection (score >= 0.5) on every held-out job
+    rates = []
+    for (optimiser, truth), j in zip(test_jobs, range(args.test_jobs), strict=True):
+        res = rank_classes(
+            optimiser, work / "eval" / f"test_{j:03d}", RankOptions(model=str(model)), log=_quiet
+        )
+        r = particle_rates(job_inputs(optimiser)["data"].table, res.particles, truth)
+        rates.append(r)
+        print(f"test job {j}: {r}", flush=True)
+    pooled = {k: sum(r[k] for r in rates) for k in ("tp", "fp", "fn", "tn")}
+    report = {
+        "test_auroc_good_vs_bad": auroc(s[clear], test.good[clear]),
+        "test_auroc_good_vs_rest": auroc(s, test.good),
+        "n_test_classes": len(test),
+        "n_test_classes_good": int(test.good.sum()),
+        "n_test_classes_bad": int((test.tiers == 0).sum()),
+        "particles_false_positive_rate": pooled["fp"] / max(1, pooled["fp"] + pooled["tn"]),
+        "particles_false_negative_rate": pooled["fn"] / max(1, pooled["fn"] + pooled["tp"]),
+        "particles_junk_in_selection": pooled["fp"] / max(1, pooled["fp"] + pooled["tp"]),
+        "per_job": rates,
+    }
     meta["test"] = report
     model.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
-    print(json.dumps(report, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if k != "per_job"}, indent=2))
     if args.install:
         shutil.copy(model, TARGET.with_suffix(".safetensors"))
         shutil.copy(model.with_suffix(".json"), TARGET.with_suffix(".json"))

@@ -134,3 +134,43 @@ def test_cli_rank_errors(job, tmp_path):
         app, ["rank", "--opt", str(tmp_path / "missing_optimiser.star"), "--o", str(tmp_path / "S")]
     )
     assert out.exit_code == 1 and "missing_optimiser.star" in out.output
+
+
+def test_auroc_against_pair_counting():
+    from tamis.rank.evaluate import auroc
+
+    rng = np.random.default_rng(0)
+    s = np.round(rng.normal(size=60), 1)  # ties on purpose
+    good = rng.random(60) < 0.4
+    pos, neg = s[good], s[~good]
+    slow = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+    assert auroc(s, good) == pytest.approx(slow)
+    assert auroc(s, np.ones(60, bool)) != auroc(s, np.ones(60, bool))  # nan: no bad classes
+
+
+def test_particle_rates_count_the_truth(job):
+    from tamis.rank.evaluate import particle_rates
+    from tamis.simulate.truth import truth_for
+
+    out, result = job
+    data = read_star(result.data)["particles"]
+    truth = truth_for(data, out / "sim" / "ground_truth.csv")
+    positive = (truth["kind"] == "particle").to_numpy()
+    chosen = data.iloc[::3]  # every third particle
+    r = particle_rates(data, chosen, out / "sim" / "ground_truth.csv")
+    sel = np.zeros(len(data), bool)
+    sel[::3] = True
+    assert r["tp"] == (sel & positive).sum() and r["fp"] == (sel & ~positive).sum()
+    assert r["fn"] == (~sel & positive).sum() and r["tn"] == (~sel & ~positive).sum()
+    assert r["false_positive_rate"] == pytest.approx(r["fp"] / (~positive).sum())
+    assert r["false_negative_rate"] == pytest.approx(r["fn"] / positive.sum())
+
+
+def test_granulometry_is_zeroed_for_the_network():
+    from tamis.rank.features import network_features
+
+    v = np.arange(48, dtype=np.float32).reshape(2, 24)
+    n = network_features(v)
+    assert (n[:, 15:21] == 0).all()
+    assert (n[:, :15] == v[:, :15]).all() and (n[:, 21:] == v[:, 21:]).all()
+    assert (v[:, 15:21] != 0).all()  # input untouched

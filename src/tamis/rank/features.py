@@ -32,6 +32,8 @@ __all__ = [
     "class_features",
     "cnn_image",
     "feature_vector",
+    "network_features",
+    "GRANULO_COLUMNS",
     "GLOBAL_MEAN",
     "GLOBAL_STD",
     "UNIFORM_ANGPIX",
@@ -265,3 +267,16 @@ def feature_vector(all_features: list[ClassFeatures]) -> np.ndarray:
     mu, sd = local.mean(0), local.std(0)
     z = np.where(sd >= 1e-10, (local - mu) / np.where(sd >= 1e-10, sd, 1.0), 0.0)
     return np.concatenate([glob, z], 1).astype(np.float32)
+
+
+#: Columns of the feature vector holding the six granulometry sums.
+GRANULO_COLUMNS = slice(15, 21)
+
+
+def network_features(vector: np.ndarray) -> np.ndarray:
+    """The feature vector as tamis's network sees it, in training and in ranking alike: the six
+    granulometry columns zeroed. relion-classranker zeroes them only while training, so RELION's
+    published model feeds them at inference through weights that never learnt from them."""
+    out = np.array(vector, dtype=np.float32, copy=True)
+    out[:, GRANULO_COLUMNS] = 0.0
+    return out

@@ -23,7 +23,7 @@ import torch
 from tamis.errors import InputFileError, TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.star import atomic_path, read_data_star, read_star, write_star
-from tamis.rank.features import class_features, cnn_image, feature_vector
+from tamis.rank.features import class_features, cnn_image, feature_vector, network_features
 from tamis.rank.network import ClassRankerNet
 
 __all__ = [
@@ -191,7 +191,8 @@ def rank_classes(
         net, meta = load_ranker(options.model)
         with torch.no_grad():
             s = net(
-                torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(feature_vector(feats))
+                torch.from_numpy(np.stack(imgs))[:, None],
+                torch.from_numpy(network_features(feature_vector(feats))),
             )
         s = s[:, 0].numpy().astype(np.float64)
         scores[kept] = s

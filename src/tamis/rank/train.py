@@ -1,6 +1,6 @@
 """Training the class ranker: per-class examples from 2D jobs, RELION's target scores, training
 as relion-classranker's ``train.py`` (MSE, Adam, a random in-plane rotation per batch and a flip
-with probability 0.5, the six granulometry features zeroed), a validation split by job, and a
+with probability 0.5, the six granulometry features zeroed, as they are when ranking), a validation split by job, and a
 logistic calibration of the score into a probability of a class being good.
 
 Targets (RELION's ``getClassScoreFromJobScore``): with ``w = (best resolution among the job's
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tamis import __version__
 from tamis.errors import TamisError
 from tamis.io.star import read_star
-from tamis.rank.features import feature_vector
+from tamis.rank.features import feature_vector, network_features
 from tamis.rank.network import ClassRankerNet
 from tamis.rank.select import job_class_features, job_inputs, load_ranker
 
@@ -43,7 +43,6 @@ __all__ = [
 
 #: RELION's colour labels (backup_selection.star rlnSelected) -> tier (0 = bad).
 RELION_LABEL_TIER = {1: 1, 5: 2, 2: 3, 3: 4, 4: 4, 6: 0, 0: 0}
-GRANULO = slice(15, 21)
 
 
 @dataclass
@@ -54,6 +53,7 @@ class Examples:
     good: np.ndarray  # (n,) bool: tier 1-2
     particles: np.ndarray  # (n,) estimated particle numbers
     job: np.ndarray  # (n,) job index
+    tiers: np.ndarray  # (n,) 0 bad, 1-4 best to fair
 
     @classmethod
     def concat(cls, parts: list[Examples]) -> Examples:
@@ -90,6 +90,7 @@ def job_examples(
         good=np.isin(t, (1, 2)),
         particles=np.array([f.particle_nr for f in feats]),
         job=np.full(len(kept), job_index),
+        tiers=t.astype(int),
     )
 
 
@@ -201,7 +202,7 @@ def train_ranker(
         net = ClassRankerNet(dropout=o.dropout)
     opt = torch.optim.Adam(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
     x_img = torch.from_numpy(examples.images)[:, None]
-    x_feat = torch.from_numpy(examples.features)
+    x_feat = torch.from_numpy(network_features(examples.features))
     y = torch.from_numpy(examples.targets.astype(np.float32))[:, None]
     history = []
     for epoch in range(1, o.epochs + 1):
@@ -210,9 +211,7 @@ def train_ranker(
         losses = []
         for s in range(0, len(perm), o.batch_size):
             idx = perm[s : s + o.batch_size]
-            feats = x_feat[idx].clone()
-            feats[:, GRANULO] = 0.0
-            pred = net(_augment(x_img[idx], gen), feats)
+            pred = net(_augment(x_img[idx], gen), x_feat[idx])
             loss = F.mse_loss(pred, y[idx])
             opt.zero_grad()
             loss.backward()
