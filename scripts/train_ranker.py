@@ -4,8 +4,8 @@ training). Writes the weights the package ships (``src/tamis/data/ranker_general
 ``--install``.
 
 Each job: a random data set (one to three random pseudo-proteins ``random:SEED[:RESIDUES]`` or
-PDB 8ZPM / its receptor chain, 1,500-3,000 particles, box 48-64 px, 2.4-3.6 A/px, SNR 0.02-0.15,
-junk 10-40% of every kind), classified by EM (12 iterations) or VDAM (100 mini-batches) with
+PDB 8ZPM / its receptor chain, 1,000-2,000 particles, box 48-64 px, 2.4-3.6 A/px, SNR 0.02-0.15,
+junk 10-40% of every kind), classified by EM (12 iterations) or VDAM (50 mini-batches) with
 K = 10-30; every class labelled from the truth of its members (``tiers_from_truth``: majority
 structure and purity -> RELION's target tiers). Test jobs use structures and seeds of their own.
 
@@ -51,7 +51,7 @@ def make_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     structures = pool[: int(rng.integers(1, 4))]
     cfg = dict(
         structures=structures,
-        n_particles=int(rng.integers(1500, 3000)),
+        n_particles=int(rng.integers(1000, 2000)),
         box_size=int(rng.choice([48, 64])),
         pixel_size=float(rng.uniform(2.4, 3.6)),
         snr=float(rng.uniform(0.02, 0.15)),
@@ -66,7 +66,7 @@ def make_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     diameter = 0.9 * cfg["box_size"] * cfg["pixel_size"]
     common = dict(K=k, particle_diameter=diameter, random_seed=cfg["seed"], j=os.cpu_count() or 1)
     opts = (
-        Class2DOptions.gui_vdam(iter=100, **common)
+        Class2DOptions.gui_vdam(iter=50, **common)
         if grad
         else Class2DOptions.gui_em(iter=12, **common)
     )

@@ -28,7 +28,7 @@ from tamis.fourier import rescale_images
 from tamis.io.coords import pipeline_relative, read_coordinate_file, read_coordinate_list
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
-from tamis.io.star import format_image_names, read_data_star, write_star
+from tamis.io.star import format_image_names, read_data_star, read_star, write_star
 from tamis.pick.micrograph import read_micrograph
 
 __all__ = [
@@ -61,6 +61,9 @@ class ExtractOptions:
     float16: bool = False
     minimum_pick_fom: float | None = None
     recenter: bool = False
+    #: Continue a job: micrographs extracted before (stack and ``*_extract.star`` present) are
+    #: taken as they are (RELION's ``--only_do_unfinished``).
+    only_do_unfinished: bool = False
 
     def check(self) -> None:
         if self.extract_size < 8 or self.extract_size % 2:
@@ -201,6 +204,7 @@ def extract_particles(
     optics_used: set[int] = set()
     box = options.box
     n_done = 0
+    n_before = 0
     with progress_bar(len(coords), "extracting", enabled=show_progress) as bar:
         for mic_name, table in coords.items():
             bar.advance(1)
@@ -209,10 +213,20 @@ def extract_particles(
                     mic_name, "micrograph of these coordinates is not in the micrographs STAR file"
                 )
             i = index[mic_name]
+            stack = _stack_name(mic_name, out_dir)
+            done = stack.with_name(f"{stack.stem}_extract.star")
+            if options.only_do_unfinished and stack.is_file() and done.is_file():
+                previous = read_star(done)["particles"]
+                if len(previous):
+                    rows.append(previous)
+                    optics_used.update(previous["rlnOpticsGroup"].astype(int).tolist())
+                n_before += len(previous)
+                continue
             table = table.copy()
             if options.minimum_pick_fom is not None and "rlnAutopickFigureOfMerit" in table:
                 table = table[table["rlnAutopickFigureOfMerit"] >= options.minimum_pick_fom]
             if not len(table):
+                write_star({"particles": pd.DataFrame({"rlnImageName": []})}, done)
                 continue
             p = ms.pixel_size(i)
             mic = read_micrograph(ms.path(i), p)
@@ -244,7 +258,6 @@ def extract_particles(
                 parts = normalise_particles(parts, options.background_radius)
             if options.invert_contrast:
                 parts = -parts
-            stack = _stack_name(mic_name, out_dir)
             stack.parent.mkdir(parents=True, exist_ok=True)
             out_pixel = p * options.extract_size / box
             write_mrc(stack, parts.to(torch.float32).numpy(), out_pixel, float16=options.float16)
@@ -262,6 +275,7 @@ def extract_particles(
             og = int(mrow["rlnOpticsGroup"]) if "rlnOpticsGroup" in ms.micrographs.columns else 1
             out["rlnOpticsGroup"] = og
             optics_used.add(og)
+            write_star({"particles": out}, done)
             rows.append(out)
             n_done += len(out)
     if not rows:
@@ -287,5 +301,6 @@ def extract_particles(
     optics["rlnCtfDataAreCtfPremultiplied"] = 0
     star = out_dir / "particles.star"
     write_star({"optics": optics, "particles": particles}, star)
-    log(f"extracted {n_done} particles from {len(rows)} micrographs into {star}")
+    before = f" (and {n_before} extracted before)" if n_before else ""
+    log(f"extracted {n_done} particles{before} into {star}")
     return star

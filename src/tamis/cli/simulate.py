@@ -111,6 +111,11 @@ def micrographs(
     carbon: float = typer.Option(
         0.0, "--carbon", help="Fraction of micrographs with a carbon edge."
     ),
+    ice_scattering: float = typer.Option(
+        0.0,
+        "--ice_scattering",
+        help="Fraction of the noise that is CTF-modulated ice scattering (Thon rings).",
+    ),
     voltage: float = typer.Option(300.0, "--voltage", help="kV."),
     cs: float = typer.Option(2.7, "--cs", help="Spherical aberration (mm)."),
     q0: float = typer.Option(0.1, "--q0", help="Amplitude contrast."),
@@ -135,6 +140,7 @@ def micrographs(
         ice_per_micrograph=ice,
         aggregates_per_micrograph=aggregates,
         carbon_fraction=carbon,
+        ice_scattering=ice_scattering,
         optics=_optics(voltage, cs, q0, defocus_min, defocus_max, astigmatism),
         seed=seed,
     )

@@ -74,6 +74,13 @@ class MicrographSet:
                 return float(row[label])
         return None
 
+    def optics_value(self, i: int, label: str, default: float) -> float:
+        """``label`` of micrograph ``i``'s optics group, or ``default``."""
+        row = self._optics_row(i)
+        if row is not None and label in row.index and pd.notna(row[label]):
+            return float(row[label])
+        return default
+
     def has_ctf(self) -> bool:
         return "rlnDefocusU" in self.micrographs.columns
 

@@ -32,6 +32,9 @@ class PickJob:
     threshold: float | None = None  # keep picks with FOM >= threshold
     overlays: int = 3  # PNG overlays of the first N micrographs
     edge: float = 0.0  # Å: drop picks closer than this to a micrograph side
+    #: Continue a job: micrographs with a coordinate file already are not picked again
+    #: (RELION's ``--only_do_unfinished``); autopick.star still lists every micrograph.
+    only_do_unfinished: bool = False
 
 
 def micrograph_inputs(inputs: Sequence[str | Path], angpix: float | None = None) -> MicrographSet:
@@ -79,8 +82,15 @@ def run_picker(
     out_dir = Path(out_dir)
     files: dict[str, Path] = {}
     total = 0
+    done_before = 0
     with progress_bar(len(micrographs), "picking", enabled=show_progress) as bar:
         for i, name in enumerate(micrographs.names):
+            target = coordinate_file_name(name, out_dir)
+            if job.only_do_unfinished and target.is_file():
+                files[name] = target
+                done_before += 1
+                bar.advance(1)
+                continue
             mic = read_micrograph(micrographs.path(i), micrographs.pixel_size(i))
             picks = picker(mic, i)
             if job.edge > 0:
@@ -97,7 +107,6 @@ def run_picker(
                 picks = picks.above(job.threshold)
             if job.expected is not None:
                 picks = picks.top(job.expected)
-            target = coordinate_file_name(name, out_dir)
             write_coordinates(target, picks.x, picks.y, fom=picks.fom)
             files[name] = target
             total += len(picks)
@@ -112,9 +121,11 @@ def run_picker(
             bar.advance(1)
     listing = out_dir / "autopick.star"
     write_coordinate_list(listing, files)
-    n = max(len(files), 1)
+    n_new = len(files) - done_before
+    before = f" ({done_before} picked before)" if done_before else ""
     log(
-        f"picked {total} particles in {len(files)} micrographs ({total / n:.0f} per micrograph): {listing}"
+        f"picked {total} particles in {n_new} micrographs ({total / max(n_new, 1):.0f} per "
+        f"micrograph){before}: {listing}"
     )
     return listing
 

@@ -2,7 +2,9 @@
 names and GUI defaults, and :func:`run_job`, which runs one job directory the way RELION's
 programs run under the pipeliner (exit markers, ``RELION_OUTPUT_NODES.star``, run.out/run.err).
 
-Registered: ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
+Registered: ``relion.import`` (micrographs or movies from a file pattern), ``relion.ctffind``
+(tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
+(selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``) and
 ``relion.select.class2dauto`` (the class ranker). A label is matched after dropping trailing
 ``.xxx`` tokens until a registered one fits, as RELION resolves process types.
@@ -37,6 +39,79 @@ def _f(job: JobStar, key: str, default: float) -> float:
     return float(v) if v not in ("", None) else default
 
 
+def _run_import(job: JobStar, out: Path) -> Nodes:
+    from tamis.prep.importer import ImportOptions, import_micrographs
+
+    if job.get_bool("do_other") and not job.get_bool("do_raw", True):
+        raise TamisError("only the import of raw movies or micrographs (do_raw Yes) is in tamis")
+    opts = ImportOptions(
+        angpix=_f(job, "angpix", -1),
+        voltage=_f(job, "kV", 300),
+        spherical_aberration=_f(job, "Cs", 2.7),
+        amplitude_contrast=_f(job, "Q0", 0.1),
+        optics_group_name=job.options.get("optics_group_name") or "opticsGroup1",
+        is_multiframe=job.get_bool("is_multiframe", True),
+        mtf=job.options.get("fn_mtf", ""),
+    )
+    star = import_micrographs(job.options.get("fn_in_raw", ""), out, opts)
+    if opts.is_multiframe:
+        return [(str(star), "MicrographMovieGroupMetadata.star.relion")]
+    return [(str(star), "MicrographGroupMetadata.star.relion")]
+
+
+def _run_ctffind(job: JobStar, out: Path) -> Nodes:
+    from tamis.prep.ctffind import CtfFindOptions, run_ctffind
+
+    if job.get_bool("do_phaseshift"):
+        raise TamisError("do_phaseshift: phase-plate CTF estimation is not in tamis")
+    opts = CtfFindOptions(
+        box=int(_f(job, "box", 512)),
+        min_resolution=_f(job, "resmin", 30),
+        max_resolution=_f(job, "resmax", 5),
+        defocus_min=_f(job, "dfmin", 5000),
+        defocus_max=_f(job, "dfmax", 50000),
+        defocus_step=_f(job, "dfstep", 500),
+        astigmatism_max=max(2000.0, 5 * _f(job, "dast", 100)),  # search range
+    )
+    star = run_ctffind(
+        job.options["input_star_mics"], out, opts, only_do_unfinished=job.is_continue, log=_quiet
+    )
+    return [(str(star), "MicrographGroupMetadata.star.relion.ctf")]
+
+
+def _run_select_values(job: JobStar, out: Path) -> Nodes:
+    import pandas as pd
+
+    from tamis.io.star import read_star, write_star
+
+    if not job.get_bool("do_select_values"):
+        raise TamisError("only selection on a metadata value (do_select_values Yes) is in tamis")
+    o = job.options
+    source = o.get("fn_mic") or o.get("fn_data")
+    if not source:
+        raise TamisError("fn_mic or fn_data: give the STAR file to select from")
+    blocks = read_star(source)
+    name = "micrographs" if o.get("fn_mic") else "particles"
+    if name not in blocks or not isinstance(blocks[name], pd.DataFrame):
+        raise TamisError(f"{source}: has no data_{name} table")
+    table = blocks[name]
+    label = o.get("select_label", "rlnCtfMaxResolution").lstrip("_")
+    if label not in table.columns:
+        raise TamisError(f"{source}: has no column {label} to select on")
+    v = table[label].astype(float)
+    keep = (v >= _f(job, "select_minval", -9999)) & (v <= _f(job, "select_maxval", 9999))
+    blocks[name] = table[keep].reset_index(drop=True)
+    target = out / f"{name}.star"
+    write_star(blocks, target)
+    if name == "micrographs":
+        return [(str(target), "MicrographGroupMetadata.star.relion")]
+    return [(str(target), "ParticleGroupMetadata.star.relion")]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
 def _run_log(job: JobStar, out: Path) -> Nodes:
     from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
     from tamis.pick.log import LogOptions, pick_log
@@ -52,8 +127,8 @@ def _run_log(job: JobStar, out: Path) -> Nodes:
         ms,
         out,
         lambda m, _k: pick_log(m, opts),
-        PickJob(diameter=opts.diameter_max),
-        log=lambda s: None,
+        PickJob(diameter=opts.diameter_max, only_do_unfinished=job.is_continue),
+        log=_quiet,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -74,8 +149,10 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
         ms,
         out,
         lambda m, _k: picker.pick(m),
-        PickJob(diameter=diameter, expected=n if n > 0 else None),
-        log=lambda s: None,
+        PickJob(
+            diameter=diameter, expected=n if n > 0 else None, only_do_unfinished=job.is_continue
+        ),
+        log=_quiet,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -98,6 +175,7 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
         if job.get_bool("do_fom_threshold")
         else None,
         recenter=job.get_bool("do_recenter"),
+        only_do_unfinished=job.is_continue,
     )
     coords = o["fndata_reextract"] if job.get_bool("do_reextract") else o["coords_suffix"]
     star = extract_particles(o["star_mics"], coords, out, opts, log=lambda s: None)
@@ -165,6 +243,10 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
 REGISTRY: dict[str, JobType] = {
     t.label: t
     for t in (
+        JobType("relion.import", "Import", _run_import, {"do_raw": "Yes", "fn_in_raw": "Micrographs/*.mrc", "is_multiframe": "Yes", "optics_group_name": "opticsGroup1", "angpix": "1.4", "kV": "300", "Cs": "2.7", "Q0": "0.1", "do_other": "No"}),
+        JobType("relion.ctffind", "CtfFind", _run_ctffind, {"input_star_mics": "", "box": "512", "resmin": "30", "resmax": "5", "dfmin": "5000", "dfmax": "50000", "dfstep": "500", "do_phaseshift": "No"}),
+        JobType("relion.select", "Select", _run_select_values, {"do_select_values": "No", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),
+        JobType("relion.select.onvalue", "Select", _run_select_values, {"do_select_values": "Yes", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),
         JobType("relion.autopick.log", "AutoPick", _run_log, {"do_log": "Yes", "log_diam_min": "200", "log_diam_max": "250", "log_maxres": "20", "log_adjust_thr": "0", "log_upper_thr": "999"}),
         JobType("relion.autopick.topaz.pick", "AutoPick", _run_deep, {"do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),

@@ -63,6 +63,9 @@ class MicrographSimulation:
     aggregates_per_micrograph: float = 0.0
     #: Fraction of micrographs crossed by a carbon-film edge.
     carbon_fraction: float = 0.0
+    #: Fraction of the noise variance scattered by the amorphous ice, and so modulated by the
+    #: CTF like the particles (the Thon rings of real micrographs); the rest is white shot noise.
+    ice_scattering: float = 0.0
     bfactor: float = 50.0
     optics: Optics = field(default_factory=Optics)
     seed: int = 0
@@ -76,6 +79,8 @@ class MicrographSimulation:
             raise TamisError("--angpix and --snr must be positive")
         if not 0 <= self.carbon_fraction <= 1:
             raise TamisError("--carbon must be in [0, 1]")
+        if not 0 <= self.ice_scattering < 1:
+            raise TamisError("--ice_scattering must be in [0, 1)")
 
 
 @dataclass
@@ -308,7 +313,16 @@ def _one_micrograph(
     ramp = (xx * direction.cos() + yy * direction.sin()) / 2**0.5
     ramp = ramp + 0.3 * smooth_noise(1, (h, w), max(h, w) / 8, gen)[0].float()
     strength = (1.0 + config.ice_gradient * ramp).clamp(min=0.2).to(device)
-    noise = torch.randn((h, w), generator=gen).to(device) * noise_std * strength
+    white = torch.randn((h, w), generator=gen).to(device)
+    if config.ice_scattering > 0:
+        # amorphous ice: white noise through the same CTF, scaled to its share of the variance
+        ice = torch.randn((side, side), generator=gen).to(device)
+        ice = irfft2_centered(rfft2_centered(ice) * ctf, (side, side))
+        ice = _crop_from_square(ice, side, (h, w))
+        ice = ice / ice.std().clamp(min=1e-12)
+        f = config.ice_scattering
+        white = (1 - f) ** 0.5 * white + f**0.5 * ice
+    noise = white * noise_std * strength
     background = -config.ice_gradient * noise_std * ramp.to(device)
     image = background - signal + noise
 

@@ -1,0 +1,1 @@
+"""Preprocessing: micrograph import and CTF estimation."""
