@@ -2,7 +2,7 @@
 names and GUI defaults, and :func:`run_job`, which runs one job directory the way RELION's
 programs run under the pipeliner (exit markers, ``RELION_OUTPUT_NODES.star``, run.out/run.err).
 
-Registered: ``relion.import`` (micrographs or movies from a file pattern), ``relion.ctffind``
+Registered: ``relion.external`` (any program, RELION's calling convention), ``relion.import`` (micrographs or movies from a file pattern), ``relion.ctffind``
 (tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``) and
@@ -30,7 +30,7 @@ Nodes = list[tuple[str, str]]
 class JobType:
     label: str
     dirname: str
-    run: Callable[[JobStar, Path], Nodes]
+    run: Callable[[JobStar, Path], Nodes | None]  # None: the job wrote its output nodes
     defaults: dict[str, str] = field(default_factory=dict)
 
 
@@ -112,6 +112,50 @@ def _quiet(_: str) -> None:
     pass
 
 
+_EXTERNAL_INPUTS = (("in_mov", "--in_movies"), ("in_mic", "--in_mics"), ("in_part", "--in_parts"),
+                    ("in_coords", "--in_coords"), ("in_3dref", "--in_3dref"),
+                    ("in_mask", "--in_mask"))  # fmt: skip
+
+
+def _run_external(job: JobStar, out: Path) -> Nodes | None:
+    """RELION's External job: ``fn_exe --in_xxx ... --o <job dir> --<label> <value> ... --j N``;
+    the program declares its outputs in ``RELION_OUTPUT_NODES.star`` itself. An abort request
+    (``RELION_JOB_ABORT_NOW``) stops it."""
+    import shlex
+    import subprocess
+    import time
+
+    from tamis.pipeline.job import ABORT_NOW
+
+    o = job.options
+    if not o.get("fn_exe"):
+        raise TamisError("fn_exe: give the program to run")
+    cmd = shlex.split(o["fn_exe"])
+    for key, flag in _EXTERNAL_INPUTS:
+        if o.get(key):
+            cmd += [flag, o[key]]
+    cmd += ["--o", str(out).rstrip("/") + "/"]
+    for i in range(1, 11):
+        label = o.get(f"param{i}_label", "")
+        if label:
+            cmd += [f"--{label}", o.get(f"param{i}_value", "")]
+    cmd += ["--j", str(int(_f(job, "nr_threads", 1)))]
+    with open(out / "run.out", "a") as so, open(out / "run.err", "a") as se:
+        try:
+            proc = subprocess.Popen(cmd, stdout=so, stderr=se)
+        except OSError as exc:
+            raise TamisError(f"fn_exe {o['fn_exe']!r}: cannot run ({exc.strerror})") from None
+        while proc.poll() is None:
+            if (out / ABORT_NOW).exists():
+                proc.terminate()
+                proc.wait(10)
+                raise TamisError("RELION_JOB_ABORT_NOW: aborted on request")
+            time.sleep(0.2)
+    if proc.returncode != 0:
+        raise TamisError(f"{o['fn_exe']} exited with status {proc.returncode}")
+    return None  # outputs: the program's own RELION_OUTPUT_NODES.star
+
+
 def _run_log(job: JobStar, out: Path) -> Nodes:
     from tamis.pick.jobs import PickJob, micrograph_inputs, run_picker
     from tamis.pick.log import LogOptions, pick_log
@@ -155,6 +199,18 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
         log=_quiet,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
+
+
+def _run_autopick(job: JobStar, out: Path) -> Nodes:
+    """RELION's autopick job: the options choose the picker (``do_topaz`` -> tamis's deep picker,
+    else ``do_log`` -> LoG), whatever the label says, as RELION relabels the job from them."""
+    if job.get_bool("do_topaz"):
+        return _run_deep(job, out)
+    if job.get_bool("do_log"):
+        return _run_log(job, out)
+    raise TamisError(
+        "autopick: set do_log or do_topaz (template picking runs as 'tamis pick template')"
+    )
 
 
 def _run_extract(job: JobStar, out: Path) -> Nodes:
@@ -247,8 +303,9 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.ctffind", "CtfFind", _run_ctffind, {"input_star_mics": "", "box": "512", "resmin": "30", "resmax": "5", "dfmin": "5000", "dfmax": "50000", "dfstep": "500", "do_phaseshift": "No"}),
         JobType("relion.select", "Select", _run_select_values, {"do_select_values": "No", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),
         JobType("relion.select.onvalue", "Select", _run_select_values, {"do_select_values": "Yes", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),
-        JobType("relion.autopick.log", "AutoPick", _run_log, {"do_log": "Yes", "log_diam_min": "200", "log_diam_max": "250", "log_maxres": "20", "log_adjust_thr": "0", "log_upper_thr": "999"}),
-        JobType("relion.autopick.topaz.pick", "AutoPick", _run_deep, {"do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
+        JobType("relion.external", "External", _run_external, {"nr_threads": "1"}),
+        JobType("relion.autopick.log", "AutoPick", _run_autopick, {"do_log": "Yes", "do_topaz": "No", "log_diam_min": "200", "log_diam_max": "250", "log_maxres": "20", "log_adjust_thr": "0", "log_upper_thr": "999"}),
+        JobType("relion.autopick.topaz.pick", "AutoPick", _run_autopick, {"do_log": "No", "do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
         JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
         JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "0.5", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
@@ -280,7 +337,8 @@ def run_job(job_dir: str | Path) -> str:
     with open(d / "run.err", "a") as err:
         try:
             nodes = jt.run(merged, d)
-            write_output_nodes(d, nodes)
+            if nodes is not None:
+                write_output_nodes(d, nodes)
         except TamisError as exc:
             status = "Aborted" if "ABORT_NOW" in str(exc) else "Failed"
             err.write(f"error: {exc}\n")

@@ -30,7 +30,20 @@ from tamis.pipeline.job import (
 from tamis.pipeline.jobs import job_type, run_job
 from tamis.pipeline.star import Node, Pipeline, Process
 
-__all__ = ["Project", "process_alive"]
+__all__ = ["Project", "process_alive", "job_process_alive", "JOB_PROCESS"]
+
+#: In a job directory run by the local background runner: host and pid of its process.
+JOB_PROCESS = ".tamis_job_process.json"
+
+
+def job_process_alive(job_dir: str | Path) -> bool:
+    """Whether the local process recorded for this job directory still runs."""
+    path = Path(job_dir) / JOB_PROCESS
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return process_alive(str(info.get("host", "")), int(info.get("pid", -1)))
 
 
 def process_alive(host: str, pid: int) -> bool:
@@ -43,7 +56,11 @@ def process_alive(host: str, pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie (exited, not reaped: e.g. no init reaping in a container) is gone
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _remove_lock(path: Path) -> None:
@@ -123,10 +140,11 @@ class Project:
 
     def run(
         self, name: str, *, background: bool = False, is_continue: bool = False
-    ) -> str | subprocess.Popen:
+    ) -> str | subprocess.Popen | None:
         """Run a scheduled (or, with ``is_continue``, an earlier) job: status Running, then the job
-        in this process (returns its final status) or in a background process (returns it;
-        :meth:`check` records the outcome)."""
+        in this process (returns its final status), in a background process (returns it), or,
+        when its options say ``do_queue Yes``, submitted to the queue (returns None);
+        :meth:`check` records the outcome of the last two."""
         d = self.root / name
         job = JobStar.read(d)
         job.is_continue = is_continue
@@ -141,14 +159,25 @@ class Project:
             note.write(
                 f"++++ Executing new job on {time.ctime()}\n++++ tamis job run {name}\n++++\n"
             )
+        if job.get_bool("do_queue"):
+            from tamis.pipeline.queue import submit
+
+            reply = submit(job, name, self.root)
+            with open(d / "note.txt", "a") as note:
+                note.write(f"++++ submitted: {reply}\n")
+            return None
         if background:
             out = open(d / "run.out", "a")  # noqa: SIM115 - handed to the child process
-            return subprocess.Popen(
+            child = subprocess.Popen(
                 [sys.executable, "-m", "tamis.pipeline.execute", name],
                 cwd=self.root,
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )
+            (d / JOB_PROCESS).write_text(
+                json.dumps({"host": socket.gethostname(), "pid": child.pid, "time": time.time()})
+            )
+            return child
         cwd = Path.cwd()
         os.chdir(self.root)
         try:

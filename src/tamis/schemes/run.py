@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tamis.errors import TamisError
 from tamis.pipeline.job import ABORT_NOW, EXIT_MARKERS, JobStar, exit_status
-from tamis.pipeline.project import Project, lock_dir
+from tamis.pipeline.project import Project, job_process_alive, lock_dir
 from tamis.schemes.operators import Clock, perform, substitute_job_names
 from tamis.schemes.scheme import UNDEFINED, Scheme
 
@@ -127,7 +127,29 @@ class SchemeRunner:
             self.log(f"scheme {self.name} finished")
             return self._finish("Succeeded")
 
+    def _resume(self, s: Scheme, node: str) -> str | None:
+        """After a crash of the schemer: a job this node started that is still Running in the
+        pipeline is waited for if its process lives (or it has finished meanwhile); one whose
+        process is gone is marked Failed, and the node runs again by its mode."""
+        state = s.jobs[node]
+        if not state.has_started or state.current_name == node:
+            return None
+        proc = self.project.read().process(state.current_name)
+        if proc is None or proc.status != "Running":
+            return None
+        job_dir = self.root / state.current_name
+        if exit_status(job_dir) is not None or job_process_alive(job_dir):
+            self.log(f"job {node} -> {state.current_name}: still running, waiting for it")
+            return self._wait(job_dir, None, state.current_name)
+        (job_dir / EXIT_MARKERS["Failed"]).touch()
+        self.project.check()
+        self.log(f"job {node} -> {state.current_name}: its process is gone; marked Failed")
+        return None
+
     def _run_job(self, s: Scheme, node: str) -> str:
+        resumed = self._resume(s, node)
+        if resumed is not None:
+            return resumed
         state = s.jobs[node]
         job = prepare_job(s, node, self.root, self._other)
         if state.mode == "new" or not state.has_started:
@@ -144,15 +166,18 @@ class SchemeRunner:
         state.has_started = True
         s.write(self.file)
         self.log(f"job {node} -> {state.current_name}{' (continue)' if is_continue else ''}")
-        if not self.background:
+        if not self.background and not job.get_bool("do_queue"):
             return self.project.run(state.current_name, is_continue=is_continue)
         child = self.project.run(state.current_name, background=True, is_continue=is_continue)
-        job_dir = self.root / state.current_name
+        return self._wait(self.root / state.current_name, child, state.current_name)
+
+    def _wait(self, job_dir: Path, child, name: str) -> str:
+        """Poll for the job's exit marker, passing an abort request on to it."""
         while True:
             if self.aborted():
                 (job_dir / ABORT_NOW).touch()
-            if child.poll() is not None and exit_status(job_dir) is None:
+            if child is not None and child.poll() is not None and exit_status(job_dir) is None:
                 (job_dir / EXIT_MARKERS["Failed"]).touch()  # the child died without a marker
             if exit_status(job_dir) is not None:
-                return self.project.check()[state.current_name]
+                return self.project.check()[name]
             time.sleep(self.poll)
