@@ -1,92 +1,264 @@
-"""The built-in example behind ``make demo``: needs nothing but the installed package.
+"""The built-in example behind ``make demo``: the automated pipeline on simulated micrographs.
 
-It simulates a small particle data set (two structures plus junk of every kind) and a few
-micrographs with known particle positions, then runs a short 2D classification (RELION's EM
-algorithm) on the particles and reports, per class, what the ground truth says it holds. Later
-issues extend it into the automated pipeline (pick, extract, 2D classification, selection).
+1. Simulate micrographs of a known structure with junk (ice, aggregates, a carbon edge) and
+   CTF-modulated ice scattering; the ground truth stays in ``_simulation/``.
+2. Lay them out as a RELION project: the first half of the micrographs in ``Micrographs/``, the
+   second half arriving later while the schemes run (on-the-fly).
+3. ``tamis it``: the shipped ``prep`` (import, CTF estimation) and ``proc`` (select micrographs,
+   pick, extract, VDAM 2D classification, class ranker) schemes run in the background and stop
+   after the last micrograph (``nr_mics_to_process``).
+4. ``summary.html``: class gallery with scores, selected particles, a picks overlay, and every
+   step checked against the ground truth (CTF, picking, selection).
 """
 
 from __future__ import annotations
 
+import html
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
-from tamis.class2d import Class2DOptions, run_class2d
-from tamis.io.particles import ParticleSet
+from tamis.errors import TamisError
 from tamis.io.star import read_star
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
-from tamis.simulate.truth import truth_for
+from tamis.simulate.structure import structure_diameter
 
-__all__ = ["run_demo"]
+__all__ = ["DemoOptions", "run_demo"]
+
+
+@dataclass
+class DemoOptions:
+    n_micrographs: int = 16
+    size_px: int = 1024
+    pixel_size: float = 1.5
+    particles_per_micrograph: int = 50
+    snr: float = 0.1
+    batches: int = 2  # micrographs arrive in this many batches
+    nr_classes: int = 12
+    iterations: int = 40  # VDAM mini-batches
+    picker: str = "deep"
+    wait_sec: float = 2.0
+    timeout_sec: float = 1800.0
+    seed: int = 2
+
+
+def _newest(project: Path, pattern: str) -> Path | None:
+    found = sorted(project.glob(pattern))
+    return found[-1] if found else None
 
 
 def run_demo(
-    out_dir: str | Path, *, show_progress: bool = False, class2d_iterations: int = 6
+    out_dir: str | Path,
+    options: DemoOptions | None = None,
+    *,
+    log: Callable[[str], None] = print,
 ) -> list[str]:
-    """Simulate the demo data into ``out_dir`` and classify it; return lines describing it."""
-    out = Path(out_dir)
-    parts = simulate_particles(
-        ParticleSimulation(
-            structures=["builtin:8zpm", "builtin:8zpm@R"],
-            n_particles=2000,
-            box_size=64,
-            pixel_size=2.8,
-            snr=0.05,
-            junk_fraction=0.15,
-            seed=1,
-        ),
-        out / "particles",
-        show_progress=show_progress,
-    )
-    mics = simulate_micrographs(
+    """Run the demo pipeline into ``out_dir`` (a RELION project); returns summary lines."""
+    from tamis.schemes import it
+
+    o = options or DemoOptions()
+    project = Path(out_dir)
+    if (project / "Schemes").exists():
+        raise TamisError(f"{project}: holds a project already; give another --o or remove it")
+    project.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    structure = "builtin:8zpm"
+    sim_dir = project / "_simulation"
+    sim = simulate_micrographs(
         MicrographSimulation(
-            n_micrographs=3,
-            height_px=1024,
-            width_px=1024,
-            pixel_size=1.5,
-            particles_per_micrograph=60,
-            snr=0.1,
-            carbon_fraction=0.34,
-            seed=2,
+            structures=[structure], n_micrographs=o.n_micrographs, height_px=o.size_px,
+            width_px=o.size_px, pixel_size=o.pixel_size,
+            particles_per_micrograph=o.particles_per_micrograph, snr=o.snr,
+            ice_per_micrograph=0.5, aggregates_per_micrograph=0.5, carbon_fraction=0.2,
+            ice_scattering=0.3, seed=o.seed,
         ),
-        out / "micrographs",
-        show_progress=show_progress,
-    )
-    ps = ParticleSet.from_star(parts.star)
-    truth = pd.read_csv(parts.ground_truth)
-    kinds = ", ".join(f"{k} {v}" for k, v in truth["kind"].value_counts().items())
-    c2d = run_class2d(
-        parts.star,
-        str(out / "Class2D" / "run"),
-        Class2DOptions.gui_em(K=8, iter=class2d_iterations, particle_diameter=150.0, random_seed=1),
-        log=lambda line: None,
-        show_progress=show_progress,
-    )
-    summary = _class_summary(c2d.data, truth)
-    return [
-        f"particles: {len(ps)} images of {ps.box_size} px at {ps.pixel_size} A/px -> {parts.star}",
-        f"  truth ({kinds}) -> {parts.ground_truth}",
-        f"micrographs: 3 of 1024x1024 px, {mics.n_particles} particles -> {mics.star}",
-        f"  true coordinates -> {mics.coordinates}",
-        f"2D classification (EM, K=8, {c2d.iteration} iterations) -> {c2d.optimiser}",
-        *summary,
-        "next: tamis star info " + str(c2d.data),
-    ]
+        sim_dir,
+    )  # fmt: skip
+    log(f"simulated {o.n_micrographs} micrographs ({sim.n_particles} particles) in {sim_dir}")
+    names = sorted(p.name for p in (sim_dir / "Micrographs").glob("*.mrc"))
+    batches = [list(b) for b in np.array_split(names, max(1, o.batches)) if len(b)]
+    mic_dir = project / "Micrographs"
+    mic_dir.mkdir(exist_ok=True)
 
+    def arrive(batch: list[str]) -> None:
+        for n in batch:  # copy then rename: a micrograph appears whole
+            tmp = mic_dir / f".{n}.part"
+            shutil.copy(sim_dir / "Micrographs" / n, tmp)
+            tmp.rename(mic_dir / n)
+        log(f"{len(batch)} micrographs arrived in {mic_dir}")
 
-def _class_summary(data_star: Path, truth: pd.DataFrame) -> list[str]:
-    """One line per class: its share of the particles and what the ground truth says it holds."""
-    data = read_star(data_star)["particles"]
-    truth = truth_for(data, truth)
-    label = truth["kind"].where(
-        truth["kind"] != "particle", "structure " + truth["structure"].astype(str)
-    )
-    table = pd.crosstab(data["rlnClassNumber"].to_numpy(), label.to_numpy())
-    lines = []
-    for cls, row in table.iterrows():
-        top = row.sort_values(ascending=False)
-        parts = ", ".join(f"{v / row.sum():.0%} {k}" for k, v in top.items() if v > 0)
-        lines.append(f"  class {cls:2d}: {row.sum() / len(data):5.1%} of particles: {parts}")
+    arrive(batches[0])
+    diameter = structure_diameter(structure)
+    opts = dict(it.SCRIPT_OPTIONS)
+    opts.update(it.derived_options(o.pixel_size, diameter, picker=o.picker))
+    opts.update({
+        "prep__importmics__fn_in_raw": "Micrographs/*.mrc", "prep__importmics__kV": 300,
+        "prep__importmics__Cs": 2.7, "prep__importmics__Q0": 0.1,
+        "prep__ctffind__box": 256, "prep__ctffind__resmax": 6,
+        "proc__select_mics__select_maxval": 10,
+        "proc__class2d__nr_classes": o.nr_classes, "proc__class2d__nr_iter_grad": o.iterations,
+        "proc__class2d__nr_threads": os.cpu_count() or 1,
+        "prep__wait_sec": o.wait_sec, "proc__wait_sec": o.wait_sec,
+        "prep__nr_mics_to_process": o.n_micrographs, "proc__nr_mics_to_process": o.n_micrographs,
+    })  # fmt: skip
+    it.install_schemes(project)
+    opts = it.complete_options(opts, project)
+    it.apply_options(project, opts)
+    it.save_options(project, opts)
+    it.launch(project, ["prep", "proc"])
+    log("schemes prep and proc started (follow with: tamis it status --project "
+        f"{project})")  # fmt: skip
+    pending = batches[1:]
+    seen: set[str] = set()
+    while True:
+        rows = {r["scheme"]: r for r in it.status(project)}
+        for r in rows.values():
+            for name, node, st in r["jobs"]:
+                if (name, st) not in seen and st in ("Succeeded", "Failed", "Aborted"):
+                    seen.add((name, st))
+                    log(f"  {r['scheme']}: {node} -> {name} {st}")
+        if (
+            pending
+            and (project / "CtfFind").exists()
+            and _newest(project, "Select/job*/particles.star")
+        ):
+            arrive(pending.pop(0))  # more data while proc is busy: on-the-fly
+        done = [r for r in rows.values() if r["outcome"] and not r["running"]]
+        if len(done) == len(rows):
+            break
+        if any(r["outcome"] in ("Failed", "Aborted") for r in done):
+            break
+        if time.time() - t0 > o.timeout_sec:
+            for name in rows:
+                (project / "Schemes" / name / "RELION_JOB_ABORT_NOW").touch()
+            raise TamisError(f"demo pipeline did not finish in {o.timeout_sec:.0f} s")
+        time.sleep(1.0)
+    failed = [r["scheme"] for r in rows.values() if r["outcome"] != "Succeeded"]
+    if failed:
+        raise TamisError(f"scheme(s) {', '.join(failed)} stopped: see {project}/Schemes/*/run.err "
+                         "and the last job's run.err")  # fmt: skip
+    lines = summarise(project, sim_dir, diameter, time.time() - t0)
+    for line in lines:
+        log(line)
     return lines
+
+
+def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> list[str]:
+    """Check the pipeline's outputs against the truth; write ``summary.html``; return lines."""
+    from tamis.io.coords import read_coordinate_list, read_coordinates
+    from tamis.pick.evaluate import PickScore, match_picks, score_picks
+
+    truth = pd.read_csv(sim_dir / "ground_truth.csv")
+    sim_mics = read_star(sim_dir / "micrographs.star")["micrographs"].set_index("rlnMicrographName")
+    ctf_star = _newest(project, "CtfFind/job*/micrographs_ctf.star")
+    pick_star = _newest(project, "AutoPick/job*/autopick.star")
+    parts_star = _newest(project, "Extract/job*/particles.star")
+    select_dir = _newest(project, "Select/job*/rank_model.star")
+    if None in (ctf_star, pick_star, parts_star, select_dir):
+        raise TamisError(f"{project}: the pipeline did not produce every output")
+    select_dir = select_dir.parent
+    # CTF
+    ctf = read_star(ctf_star)["micrographs"]
+    est = (ctf["rlnDefocusU"] + ctf["rlnDefocusV"]) / 2
+    true_def = ctf["rlnMicrographName"].map(
+        lambda n: (sim_mics.loc[n, "rlnDefocusU"] + sim_mics.loc[n, "rlnDefocusV"]) / 2
+    )
+    ctf_err = float(np.median(np.abs(est - true_def)))
+    n_sel_mics = len(read_star(_newest(project, "Select/job*/micrographs.star"))["micrographs"])
+    # picking
+    radius = 0.5 * diameter / float(read_star(ctf_star)["optics"]["rlnMicrographPixelSize"].iloc[0])
+    score = PickScore(0, 0, 0)
+    for mic, f in read_coordinate_list(pick_star).items():
+        t = read_coordinates(f)
+        picks = t[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+        tr = truth[(truth["micrograph_name"] == mic) & (truth["kind"] == "particle")]
+        score = score + score_picks(picks, tr[["x", "y"]].to_numpy(float), radius)
+    # selection
+    all_parts = read_star(parts_star)["particles"]
+    chosen = read_star(select_dir / "particles.star")["particles"]
+
+    def is_true(table: pd.DataFrame) -> np.ndarray:
+        out = np.zeros(len(table), bool)
+        for mic, idx in table.groupby("rlnMicrographName").groups.items():
+            tr = truth[(truth["micrograph_name"] == mic) & (truth["kind"] == "particle")]
+            xy = table.loc[idx, ["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+            out[table.index.get_indexer(idx)] = (
+                match_picks(xy, tr[["x", "y"]].to_numpy(float), radius) >= 0
+            )
+        return out
+
+    good_all = is_true(all_parts.reset_index(drop=True))
+    good_sel = is_true(chosen.reset_index(drop=True))
+    scores = pd.read_csv(select_dir / "class_scores.csv")
+    n_classes = int((scores["rlnSelected"] == 1).sum())
+    lines = [
+        f"pipeline finished in {seconds:.0f} s: {project}",
+        f"CTF: {len(ctf)} micrographs, median |defocus error| {ctf_err:.0f} A against the truth; "
+        f"{n_sel_mics} kept by the CTF-resolution selection",
+        f"picking: {score.n_picks} picks, precision {score.precision:.2f}, recall "
+        f"{score.recall:.2f}, F1 {score.f1:.2f} against the true particle positions",
+        f"extraction: {len(all_parts)} particles, {good_all.mean():.0%} true particles",
+        f"class ranker: {n_classes} of {len(scores)} classes selected, {len(chosen)} particles, "
+        f"{good_sel.mean() if len(chosen) else 0:.0%} true particles "
+        f"(kept {good_sel.sum()} of {good_all.sum()} true particles)",
+        f"summary: {project / 'summary.html'}",
+    ]
+    write_html(project, lines, select_dir, pick_star, scores)
+    (project / "summary.json").write_text(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "ctf_median_abs_error_A": ctf_err,
+                "pick_f1": score.f1,
+                "pick_precision": score.precision,
+                "pick_recall": score.recall,
+                "particles_extracted": len(all_parts),
+                "particles_selected": len(chosen),
+                "selected_true_fraction": float(good_sel.mean()) if len(chosen) else 0.0,
+                "extracted_true_fraction": float(good_all.mean()),
+                "true_particles_kept": float(good_sel.sum() / max(1, good_all.sum())),
+                "classes_selected": n_classes,
+            },
+            indent=2,
+        )
+    )
+    return lines
+
+
+def write_html(
+    project: Path, lines: list[str], select_dir: Path, pick_star: Path, scores: pd.DataFrame
+) -> Path:
+    """``summary.html`` beside the project's jobs; images are linked, not copied."""
+    overlays = sorted((pick_star.parent / "overlays").glob("*.png"))
+    rows = "".join(
+        f"<tr><td>{int(r.rlnClassNumber)}</td><td>{r.rlnClassScore:.3f}</td>"
+        f"<td>{r.tamisProbabilityGood:.2f}</td><td>{'yes' if r.rlnSelected else ''}</td></tr>"
+        for r in scores.sort_values("rlnClassScore", ascending=False).itertuples()
+    )
+    rel = lambda p: html.escape(str(p.relative_to(project)))  # noqa: E731
+    page = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>tamis demo</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}
+td,th{{padding:2px 10px;text-align:right}} img{{max-width:100%}}</style></head><body>
+<h1>tamis: automated pipeline on simulated micrographs</h1>
+<ul>{"".join(f"<li>{html.escape(line)}</li>" for line in lines)}</ul>
+<h2>2D classes by ranker score (selected ones framed in green)</h2>
+<img src="{rel(select_dir / "gallery.png")}" alt="class gallery">
+<h2>Class scores</h2>
+<table><tr><th>class</th><th>score</th><th>P(good)</th><th>selected</th></tr>{rows}</table>
+<h2>Picks</h2>
+{"".join(f'<img src="{rel(p)}" alt="picks">' for p in overlays[:1])}
+<p>Project: RELION layout (default_pipeline.star, Schemes/prep, Schemes/proc); open it in
+RELION or follow it with <code>tamis it status</code>.</p>
+</body></html>
+"""
+    out = project / "summary.html"
+    out.write_text(page)
+    return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tamis import __version__
-from tamis.cli import class2d, extract, pick, rank, schemer, simulate, star
+from tamis.cli import class2d, extract, it, pick, rank, schemer, simulate, star
 from tamis.cli._common import console, user_errors
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(schemer.schemer)
 app.command("extract", help=extract.__doc__)(extract.extract)
+app.add_typer(it.app, name="it")
 
 
 def _version(value: bool) -> None:
@@ -47,12 +48,24 @@ def _root(
 
 @app.command("demo")
 @user_errors
-def demo(o: Path = typer.Option(Path("demo"), "--o", help="Output directory.")) -> None:
-    """Run the built-in example: simulate a small data set and report what was made."""
-    from tamis.demo import run_demo
+def demo(
+    o: Path = typer.Option(Path("demo"), "--o", help="Project directory to create."),
+    n: int = typer.Option(16, "--n", help="Micrographs to simulate."),
+    size: int = typer.Option(1024, "--size", help="Micrograph side (px)."),
+    iterations: int = typer.Option(40, "--iter", help="VDAM mini-batches."),
+    nr_classes: int = typer.Option(12, "--K", help="2D classes."),
+    picker: str = typer.Option("deep", "--picker", help="deep or log."),
+) -> None:
+    """The built-in example: simulated micrographs through the automated pipeline (import, CTF,
+    pick, extract, 2D, rank, select) as a RELION project, with an HTML summary."""
+    from tamis.demo import DemoOptions, run_demo
 
-    for line in run_demo(o, show_progress=True):
-        console.print(line, highlight=False)
+    run_demo(
+        o,
+        DemoOptions(n_micrographs=n, size_px=size, iterations=iterations, nr_classes=nr_classes,
+                    picker=picker),
+        log=lambda line: console.print(line, highlight=False),
+    )  # fmt: skip
 
 
 def main() -> None:

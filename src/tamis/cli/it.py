@@ -1,0 +1,110 @@
+"""``tamis it``: set up and start the on-the-fly pipeline (relion_it.py's role), and
+``tamis it status``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tamis.cli._common import console, user_errors
+
+app = typer.Typer(
+    help=__doc__, invoke_without_command=True, no_args_is_help=False, add_completion=False
+)
+
+
+@app.callback()
+@user_errors
+def it(
+    ctx: typer.Context,
+    options: list[Path] = typer.Option(
+        None, "--options", help="relion_it options file (a Python dict literal); repeatable."
+    ),
+    set_: list[str] = typer.Option(
+        None, "--set", help="KEY=VALUE, e.g. proc__class2d__nr_classes=50; repeatable."
+    ),
+    mics: str = typer.Option(
+        None, "--mics", help="Micrographs to import (glob, project-relative)."
+    ),
+    angpix: float = typer.Option(None, "--angpix", help="Micrograph pixel size (A)."),
+    kv: float = typer.Option(None, "--kV", help="Acceleration voltage (kV)."),
+    cs: float = typer.Option(None, "--Cs", help="Spherical aberration (mm)."),
+    q0: float = typer.Option(None, "--Q0", help="Amplitude contrast."),
+    diameter: float = typer.Option(None, "--diameter", help="Longest particle diameter (A)."),
+    picker: str = typer.Option("log", "--picker", help="log or deep (tamis's trained picker)."),
+    nr_classes: int = typer.Option(None, "--nr_classes", help="2D classes."),
+    iterations: int = typer.Option(None, "--iter", help="VDAM mini-batches (nr_iter_grad)."),
+    threads: int = typer.Option(None, "--j", help="Threads for 2D classification."),
+    ctf_maxres: float = typer.Option(
+        None, "--ctf_maxres", help="Keep micrographs whose CTF fit reaches this resolution (A)."
+    ),
+    wait_sec: float = typer.Option(None, "--wait_sec", help="Seconds between passes."),
+    nr_mics: int = typer.Option(
+        None, "--nr_mics_to_process", help="Stop after this many micrographs (0: keep waiting)."
+    ),
+    only_save: bool = typer.Option(False, "--only_save", help="Set up, do not start."),
+    project: Path = typer.Option(Path("."), "--project", help="Project directory."),
+) -> None:
+    """Copy the prep/proc schemes into the project, apply the options, start both in the
+    background. Then follow them with 'tamis it status'."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from tamis.errors import TamisError
+    from tamis.schemes import it as lib
+
+    opts: dict = dict(lib.SCRIPT_OPTIONS)
+    for f in options or []:
+        opts.update(lib.read_options_file(f))
+    if diameter is not None:
+        opts.update(lib.derived_options(angpix or float(opts.get("prep__importmics__angpix", 0)),
+                                        diameter, picker=picker,
+                                        auto_boxsize=bool(opts.get("do_auto_boxsize", True))))  # fmt: skip
+    simple = {
+        "prep__importmics__fn_in_raw": mics, "prep__importmics__angpix": angpix,
+        "prep__importmics__kV": kv, "prep__importmics__Cs": cs, "prep__importmics__Q0": q0,
+        "proc__class2d__nr_classes": nr_classes, "proc__class2d__nr_iter_grad": iterations,
+        "proc__class2d__nr_threads": threads, "proc__select_mics__select_maxval": ctf_maxres,
+        "prep__wait_sec": wait_sec, "proc__wait_sec": wait_sec,
+        "prep__nr_mics_to_process": nr_mics, "proc__nr_mics_to_process": nr_mics,
+    }  # fmt: skip
+    opts.update({k: v for k, v in simple.items() if v is not None})
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TamisError(f"--set {item!r}: expected KEY=VALUE")
+        opts[key.strip()] = lib._literal(value.strip())
+    lib.install_schemes(project)
+    opts = lib.complete_options(opts, project)
+    lib.apply_options(project, opts)
+    saved = lib.save_options(project, opts)
+    console.print(f"options saved to {saved}", highlight=False)
+    if only_save:
+        return
+    todo = [s for s, flag in (("prep", "do_prep"), ("proc", "do_proc")) if opts.get(flag, True)]
+    pids = lib.launch(project, todo)
+    for name, pid in pids.items():
+        console.print(
+            f"scheme {name} running (pid {pid}); log Schemes/{name}/run.out", highlight=False
+        )
+    console.print("follow with: tamis it status", highlight=False)
+
+
+@app.command("status")
+@user_errors
+def it_status(
+    project: Path = typer.Option(Path("."), "--project", help="Project directory."),
+) -> None:
+    """Each scheme: running or not, its current node and its last jobs."""
+    from tamis.schemes.it import status
+
+    rows = status(project)
+    if not rows:
+        console.print(f"no schemes in {project}/Schemes", highlight=False)
+    for r in rows:
+        state = "running" if r["running"] else (r["outcome"] or "stopped").lower()
+        console.print(
+            f"[bold]{r['scheme']}[/]: {state}, current node {r['current_node']}", highlight=False
+        )
+        for name, node, st in r["jobs"]:
+            console.print(f"  {name} ({node}): {st}", highlight=False)
