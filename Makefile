@@ -14,6 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
+	rm -rf demo
 	$(VENV)/bin/tamis demo --o demo
 
 test: $(VENV)/.installed

@@ -1,15 +1,36 @@
-"""The built-in example behind ``make demo`` runs without ../shared and reports what it made."""
+"""End to end: the demo pipeline (simulated micrographs -> prep + proc schemes in the background ->
+import, CTF, micrograph selection, picking, extraction, VDAM, ranker selection) on a tiny data
+set, checked against the ground truth. Runs without ../shared."""
 
 from __future__ import annotations
 
-from tamis.demo import run_demo
+import json
+
+from tamis.demo import DemoOptions, run_demo
+from tamis.pipeline.project import Project
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    lines = run_demo(tmp_path / "demo", class2d_iterations=1)
-    text = "\n".join(lines)
-    assert "particles: 2000 images of 64 px" in text
-    assert "2D classification (EM, K=8, 1 iterations)" in text
-    assert sum(line.strip().startswith("class") for line in lines) >= 2
-    assert (tmp_path / "demo" / "Class2D" / "run_it001_optimiser.star").is_file()
-    assert (tmp_path / "demo" / "micrographs" / "truth" / "coordinates.star").is_file()
+def test_demo_pipeline_end_to_end(tmp_path):
+    project = tmp_path / "demo"
+    lines = run_demo(
+        project,
+        DemoOptions(n_micrographs=4, size_px=768, particles_per_micrograph=40, iterations=15,
+                    nr_classes=6, batches=2, wait_sec=2),
+        log=lambda s: None,
+    )  # fmt: skip
+    assert any(line.startswith("pipeline finished") for line in lines)
+    summary = json.loads((project / "summary.json").read_text())
+    assert summary["ctf_median_abs_error_A"] < 300
+    assert summary["pick_f1"] > 0.7
+    assert summary["particles_selected"] > 0
+    assert summary["selected_true_fraction"] >= summary["extracted_true_fraction"] - 0.05
+    html = (project / "summary.html").read_text()
+    assert "gallery.png" in html and "Class scores" in html
+    statuses = Project(project).check()
+    assert statuses and all(s == "Succeeded" for s in statuses.values())
+    # on-the-fly: the second batch made proc run a second pass (a new 2D and Select job)
+    assert len(list(project.glob("Class2D/job*"))) == 2
+    assert (project / "relion_it_options.py").is_file()
+    for name in ("prep", "proc"):
+        assert (project / "Schemes" / name / "RELION_JOB_EXIT_SUCCESS").is_file()
+    assert not list(project.glob(".relion_lock*/*"))
