@@ -178,7 +178,7 @@ def proc() -> None:
         }),
         "select_parts": JobStar("relion.select.class2dauto", options={
             "fn_model": "Schemes/proc/class2d/run_it200_optimiser.star",
-            "do_class_ranker": "Yes", "rank_threshold": "0.5", "select_nr_parts": "-1",
+            "do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1",
             "select_nr_classes": "-1",
         }),
     }  # fmt: skip

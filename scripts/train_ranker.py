@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from tamis.class2d import Class2DOptions, run_class2d
-from tamis.rank.evaluate import auroc, particle_rates
+from tamis.rank.evaluate import auroc, class_reference_rates, particle_rates
 from tamis.rank.features import network_features
 from tamis.rank.select import RankOptions, job_inputs, load_ranker, rank_classes
 from tamis.rank.train import (
@@ -82,6 +82,87 @@ def make_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     return optimiser, d / "sim" / "ground_truth.csv", cfg
 
 
+def make_mic_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
+    """A job as the pipeline makes it: simulated micrographs (with CTF-modulated ice scattering,
+    ice, aggregates, carbon edges), every object extracted at its true position as tamis it's
+    derived box and down-sampling would, VDAM 2D classification. Labels from the truth."""
+    import math
+
+    import pandas as pd
+
+    from tamis.extract import ExtractOptions, extract_particles
+    from tamis.schemes.it import derived_options
+    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+    from tamis.simulate.structure import structure_diameter
+
+    rng = np.random.default_rng(30_000 * (2 if test else 1) + j)
+    base = 50_000 if test else 0
+    pool = [f"random:{base + int(rng.integers(0, 10_000))}:{int(rng.integers(250, 900))}"
+            for _ in range(2)]  # fmt: skip
+    if not test and rng.random() < 0.4:
+        pool[0] = "builtin:8zpm"
+    structures = pool[: int(rng.integers(1, 3))]
+    pixel = float(rng.uniform(1.0, 1.8))
+    cfg = dict(
+        structures=structures, n_micrographs=int(rng.integers(10, 17)), height_px=1024,
+        width_px=1024, pixel_size=pixel, particles_per_micrograph=int(rng.integers(40, 70)),
+        snr=float(rng.uniform(0.05, 0.15)), ice_per_micrograph=float(rng.uniform(0.5, 3)),
+        aggregates_per_micrograph=float(rng.uniform(0.5, 3)), carbon_fraction=0.3,
+        ice_scattering=0.3, seed=int(rng.integers(0, 1_000_000)),
+    )  # fmt: skip
+    d = work / f"{'mtest' if test else 'mtrain'}_{j:03d}"
+    if not (d / "sim" / "micrographs.star").exists():
+        simulate_micrographs(MicrographSimulation(**cfg), d / "sim")
+    diameter = max(structure_diameter(st) for st in structures)
+    der = derived_options(pixel, diameter)
+    truth = pd.read_csv(d / "sim" / "ground_truth.csv")
+    gt = d / "extracted_truth.csv"
+    if not (d / "ex" / "particles.star").exists():
+        coords = {
+            m: pd.DataFrame(
+                {"rlnCoordinateX": t["x"].to_numpy(), "rlnCoordinateY": t["y"].to_numpy()}
+            )
+            for m, t in truth.groupby("micrograph_name")
+        }
+        cwd = os.getcwd()
+        os.chdir(d / "sim")
+        try:
+            extract_particles(
+                "micrographs.star", coords, Path("../ex"),
+                ExtractOptions(der["proc__extract__extract_size"],
+                               rescale=der["proc__extract__rescale"], float16=False),
+                log=_quiet,
+            )  # fmt: skip
+        finally:
+            os.chdir(cwd)
+    if not gt.exists():
+        from tamis.io.star import read_star
+
+        parts = read_star(d / "ex" / "particles.star")["particles"]
+        rows = []
+        for m, t in truth.groupby("micrograph_name", sort=False):
+            sel = parts[parts["rlnMicrographName"] == m]
+            for (_, p), (_, o) in zip(sel.iterrows(), t.iterrows(), strict=True):
+                rows.append({"image_name": p["rlnImageName"], "kind": o["kind"],
+                             "structure": o["structure"]})  # fmt: skip
+        pd.DataFrame(rows).to_csv(gt, index=False)
+    k = int(rng.integers(8, 21))
+    opts = Class2DOptions.gui_vdam(
+        iter=int(rng.choice([30, 40, 60])), K=k,
+        particle_diameter=float(der["proc__class2d__particle_diameter"]),
+        random_seed=cfg["seed"], j=os.cpu_count() or 1,
+    )  # fmt: skip
+    opt = sorted((d / "c2d").glob("run_it*_optimiser.star"))
+    if not opt or f"it{opts.iter:03d}" not in opt[-1].name:
+        result = run_class2d(d / "ex" / "particles.star", str(d / "c2d" / "run"), opts, log=_quiet)
+        optimiser = result.optimiser
+    else:
+        optimiser = opt[-1]
+    cfg.update(K=k, algorithm="vdam", source="micrographs", diameter=diameter,
+               particles=math.nan)  # fmt: skip
+    return optimiser, gt, cfg
+
+
 def _quiet(_: str) -> None:
     pass
 
@@ -92,6 +173,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=40)
     ap.add_argument("--test-jobs", type=int, default=8)
     ap.add_argument("--epochs", type=int, default=150)
+    ap.add_argument("--mic-jobs", type=int, default=0, help="pipeline-style training jobs")
+    ap.add_argument("--mic-test-jobs", type=int, default=0, help="pipeline-style test jobs")
     ap.add_argument("--install", action="store_true")
     ap.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the model already in --work/ranker"
@@ -99,15 +182,17 @@ def main() -> None:
     args = ap.parse_args()
     work = Path(args.work)
     train_parts, test_parts, records, test_jobs = [], [], [], []
-    for j in range(args.jobs + args.test_jobs):
-        test = j >= args.jobs
-        jj = j - args.jobs if test else j
-        optimiser, truth, cfg = make_job(work, jj, test)
+    specs = [(make_job, j, False) for j in range(args.jobs)]
+    specs += [(make_mic_job, j, False) for j in range(args.mic_jobs)]
+    specs += [(make_job, j, True) for j in range(args.test_jobs)]
+    specs += [(make_mic_job, j, True) for j in range(args.mic_test_jobs)]
+    for j, (maker, jj, test) in enumerate(specs):
+        optimiser, truth, cfg = maker(work, jj, test)
         tiers = tiers_from_truth(optimiser, truth)
         ex = job_examples(optimiser, tiers, job_index=j)
         (test_parts if test else train_parts).append(ex)
         if test:
-            test_jobs.append((optimiser, truth))
+            test_jobs.append((optimiser, truth, tiers))
         records.append(
             {
                 "job": j,
@@ -136,14 +221,25 @@ def main() -> None:
         )[:, 0].numpy()
     clear = np.isin(test.tiers, (0, 1, 2))
     # particle level, RELION's default selection (score >= 0.5) on every held-out job
-    rates = []
-    for (optimiser, truth), j in zip(test_jobs, range(args.test_jobs), strict=True):
+    rates, ref_rates, oracle_rates = [], [], []
+    for j, (optimiser, truth, tiers) in enumerate(test_jobs):
         res = rank_classes(
             optimiser, work / "eval" / f"test_{j:03d}", RankOptions(model=str(model)), log=_quiet
         )
-        r = particle_rates(job_inputs(optimiser)["data"].table, res.particles, truth)
+        data = job_inputs(optimiser)["data"].table
+        r = particle_rates(data, res.particles, truth)
         rates.append(r)
-        print(f"test job {j}: {r}", flush=True)
+        good = [c + 1 for c in np.flatnonzero(np.isin(tiers, (1, 2)))]
+        classes = data["rlnClassNumber"].astype(int).to_numpy()
+        ref_rates.append(class_reference_rates(classes, res.selected, good))
+        oracle = data[np.isin(classes, [c + 1 for c in np.flatnonzero(tiers > 0)])]
+        oracle_rates.append(particle_rates(data, oracle, truth))
+        print(f"test job {j}: truth {r}; reference classes {ref_rates[-1]}", flush=True)
+
+    def pooled_rates(rs: list[dict]) -> tuple[float, float]:
+        p = {k: sum(r[k] for r in rs) for k in ("tp", "fp", "fn", "tn")}
+        return p["fp"] / max(1, p["fp"] + p["tn"]), p["fn"] / max(1, p["fn"] + p["tp"])
+
     pooled = {k: sum(r[k] for r in rates) for k in ("tp", "fp", "fn", "tn")}
     report = {
         "test_auroc_good_vs_bad": auroc(s[clear], test.good[clear]),
@@ -154,6 +250,10 @@ def main() -> None:
         "particles_false_positive_rate": pooled["fp"] / max(1, pooled["fp"] + pooled["tn"]),
         "particles_false_negative_rate": pooled["fn"] / max(1, pooled["fn"] + pooled["tp"]),
         "particles_junk_in_selection": pooled["fp"] / max(1, pooled["fp"] + pooled["tp"]),
+        "reference_classes_false_positive_rate": pooled_rates(ref_rates)[0],
+        "reference_classes_false_negative_rate": pooled_rates(ref_rates)[1],
+        "oracle_selection_false_positive_rate": pooled_rates(oracle_rates)[0],
+        "oracle_selection_false_negative_rate": pooled_rates(oracle_rates)[1],
         "per_job": rates,
     }
     meta["test"] = report

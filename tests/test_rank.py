@@ -174,3 +174,13 @@ def test_granulometry_is_zeroed_for_the_network():
     assert (n[:, 15:21] == 0).all()
     assert (n[:, :15] == v[:, :15]).all() and (n[:, 21:] == v[:, 21:]).all()
     assert (v[:, 15:21] != 0).all()  # input untouched
+
+
+def test_shipped_ranker_loads_with_its_record():
+    from tamis.rank.select import SHIPPED_RANKER, load_ranker, recommended_min_score
+
+    net, meta = load_ranker()
+    assert sum(p.numel() for p in net.parameters()) == 589_003
+    assert meta["calibration"]["fitted"] and 0 < recommended_min_score(meta) < 1
+    assert meta["test"]["test_auroc_good_vs_bad"] >= 0.95  # held-out jobs, see BENCHMARKS.md
+    assert SHIPPED_RANKER.stat().st_size < 5_000_000

@@ -176,7 +176,7 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     radius = 0.5 * diameter / float(read_star(ctf_star)["optics"]["rlnMicrographPixelSize"].iloc[0])
     score = PickScore(0, 0, 0)
     for mic, f in read_coordinate_list(pick_star).items():
-        t = read_coordinates(f)
+        t = read_coordinates(f if Path(f).is_absolute() else project / f)
         picks = t[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
         tr = truth[(truth["micrograph_name"] == mic) & (truth["kind"] == "particle")]
         score = score + score_picks(picks, tr[["x", "y"]].to_numpy(float), radius)

@@ -18,7 +18,9 @@ def select(
     opt: Path = typer.Option(None, "--opt", help="run_itNNN_optimiser.star of a 2D job."),
     o: Path = typer.Option(None, "--o", help="Output job directory, e.g. Select/job012/."),
     auto_select: bool = typer.Option(True, "--auto_select/--no_auto_select", help="Select."),
-    min_score: float = typer.Option(0.5, "--min_score", help="Lowest score selected."),
+    min_score: float = typer.Option(
+        None, "--min_score", help="Lowest score selected (default: the model's recommended)."
+    ),
     max_score: float = typer.Option(999.0, "--max_score", help="Highest score selected."),
     min_parts: int = typer.Option(-1, "--select_min_nr_particles", help="Top up to N particles."),
     min_classes: int = typer.Option(-1, "--select_min_nr_classes", help="Top up to N classes."),

@@ -283,7 +283,7 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
     if not job.get_bool("do_class_ranker"):
         raise TamisError("only automatic 2D class selection (do_class_ranker Yes) is implemented")
     opts = RankOptions(
-        min_score=_f(job, "rank_threshold", 0.5),
+        min_score=_f(job, "rank_threshold", -1) if _f(job, "rank_threshold", -1) >= 0 else None,
         select_min_nr_particles=int(_f(job, "select_nr_parts", -1)),
         select_min_nr_classes=int(_f(job, "select_nr_classes", -1)),
         model=job.options.get("tamis_ranker_model") or None,
@@ -308,7 +308,7 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.autopick.topaz.pick", "AutoPick", _run_autopick, {"do_log": "No", "do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
         JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
-        JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "0.5", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
+        JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
     )
 }  # fmt: skip
 

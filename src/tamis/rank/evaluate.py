@@ -10,7 +10,7 @@ import pandas as pd
 
 from tamis.io.star import read_data_star
 
-__all__ = ["auroc", "particle_rates"]
+__all__ = ["auroc", "particle_rates", "class_reference_rates"]
 
 
 def auroc(scores: np.ndarray, good: np.ndarray) -> float:
@@ -65,4 +65,28 @@ def particle_rates(
         "false_positive_rate": fp / max(1, fp + tn),
         "false_negative_rate": fn / max(1, fn + tp),
         "junk_in_selection": fp / max(1, fp + tp),
+    }
+
+
+def class_reference_rates(
+    classes: np.ndarray, selected: set[int] | list[int], reference: set[int] | list[int]
+) -> dict:
+    """Particle-level agreement of a class selection with a reference class selection (a
+    person's, or the truth's good classes), as RELION-4's ranker paper measures it: ``classes``
+    holds each particle's class number; a particle is positive when its class is in
+    ``reference``. Returns counts, false-positive and false-negative rates."""
+    classes = np.asarray(classes)
+    chosen = np.isin(classes, list(selected))
+    positive = np.isin(classes, list(reference))
+    tp = int((chosen & positive).sum())
+    fp = int((chosen & ~positive).sum())
+    fn = int((~chosen & positive).sum())
+    tn = int((~chosen & ~positive).sum())
+    return {
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "tn": tn,
+        "false_positive_rate": fp / max(1, fp + tn),
+        "false_negative_rate": fn / max(1, fn + tp),
     }

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,8 @@ SHIPPED_RANKER = Path(__file__).resolve().parents[1] / "data" / "ranker_general.
 
 @dataclass
 class RankOptions:
-    min_score: float = 0.5
+    #: None: the model's recommended threshold (where its calibrated P(good) is 0.5), else 0.5
+    min_score: float | None = None
     max_score: float = 999.0
     select_min_nr_particles: int = -1
     select_min_nr_classes: int = -1
@@ -82,6 +83,15 @@ def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return net, meta
+
+
+def recommended_min_score(meta: dict) -> float:
+    """The score at which the model's calibrated probability of a good class is 0.5 (fitted on
+    its validation jobs); RELION's 0.5 for a model without a fitted calibration."""
+    cal = meta.get("calibration") or {}
+    if cal.get("fitted") and cal.get("a", 0) > 0:
+        return float(-cal["b"] / cal["a"])
+    return 0.5
 
 
 def _probability(scores: np.ndarray, meta: dict) -> np.ndarray:
@@ -187,8 +197,11 @@ def rank_classes(
     feats, imgs, kept = job_class_features(job)
     scores = np.full(k, -999.0)
     prob = np.full(k, np.nan)
+    net, meta = load_ranker(options.model)
+    if options.min_score is None:
+        options = replace(options, min_score=recommended_min_score(meta))
+        log(f"threshold: the model's recommended score {options.min_score:.3f}")
     if kept:
-        net, meta = load_ranker(options.model)
         with torch.no_grad():
             s = net(
                 torch.from_numpy(np.stack(imgs))[:, None],

@@ -102,27 +102,38 @@ def selection_tiers(path: str | Path) -> np.ndarray:
     return np.array([RELION_LABEL_TIER.get(int(v), 0) for v in labels])
 
 
-def tiers_from_truth(optimiser: str | Path, ground_truth: str | Path) -> np.ndarray:
-    """Tier of every class of a job on simulated data, from its members' truth: the majority
-    label (a structure, or junk of any kind) and its share ("purity"). Junk-majority and
-    empty classes are bad; structure classes are tier 1 (purity >= 0.9), 2 (>= 0.75),
-    3 (>= 0.6), 4 (>= 0.5), else bad."""
+def tiers_from_truth(
+    optimiser: str | Path, ground_truth: str | Path, *, by: str = "particles"
+) -> np.ndarray:
+    """Tier of every class of a job on simulated data, from its members' truth.
+
+    ``by="particles"`` (default): purity is the share of members that are particles of any
+    structure (not junk) -- what selection is for: keeping particles, dropping junk.
+    ``by="structure"``: purity is the share of the majority structure, and junk-majority classes
+    are bad. Tiers: 1 (purity >= 0.9), 2 (>= 0.75), 3 (>= 0.6), 4 (>= 0.5), else bad (0); empty
+    classes are bad."""
     from tamis.simulate.truth import truth_for
 
+    if by not in ("particles", "structure"):
+        raise TamisError(f"by={by!r}: particles or structure")
     job = job_inputs(optimiser)
     data = job["data"].table
     truth = truth_for(data, pd.read_csv(ground_truth))
-    labels = np.where(truth["kind"].to_numpy() == "particle", truth["structure"].to_numpy(), 0)
+    is_particle = truth["kind"].to_numpy() == "particle"
+    labels = np.where(is_particle, truth["structure"].to_numpy(), 0)
     cls = data["rlnClassNumber"].astype(int).to_numpy() - 1
     tiers = np.zeros(len(job["classes"]), dtype=int)
     for c in range(len(tiers)):
         members = labels[cls == c]
         if not len(members):
             continue
-        vals, counts = np.unique(members, return_counts=True)
-        major, purity = vals[np.argmax(counts)], counts.max() / len(members)
-        if major == 0:
-            continue
+        if by == "particles":
+            purity = float((members != 0).mean())
+        else:
+            vals, counts = np.unique(members, return_counts=True)
+            if vals[np.argmax(counts)] == 0:
+                continue
+            purity = counts.max() / len(members)
         for tier, limit in ((1, 0.9), (2, 0.75), (3, 0.6), (4, 0.5)):
             if purity >= limit:
                 tiers[c] = tier
