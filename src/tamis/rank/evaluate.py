@@ -53,19 +53,9 @@ def particle_rates(
     positive = truth["kind"].to_numpy() == "particle"
     chosen_keys = set(table(selected)["rlnImageName"].map(image_key))
     chosen = data["rlnImageName"].map(image_key).isin(chosen_keys).to_numpy()
-    tp = int((chosen & positive).sum())
-    fp = int((chosen & ~positive).sum())
-    fn = int((~chosen & positive).sum())
-    tn = int((~chosen & ~positive).sum())
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "tn": tn,
-        "false_positive_rate": fp / max(1, fp + tn),
-        "false_negative_rate": fn / max(1, fn + tp),
-        "junk_in_selection": fp / max(1, fp + tp),
-    }
+    out = _rates(chosen, positive)
+    out["junk_in_selection"] = out["fp"] / max(1, out["fp"] + out["tp"])
+    return out
 
 
 def class_reference_rates(
@@ -78,6 +68,11 @@ def class_reference_rates(
     classes = np.asarray(classes)
     chosen = np.isin(classes, list(selected))
     positive = np.isin(classes, list(reference))
+    return _rates(chosen, positive)
+
+
+def _rates(chosen: np.ndarray, positive: np.ndarray) -> dict:
+    """Confusion counts of a boolean selection against boolean truth, and FP/FN rates."""
     tp = int((chosen & positive).sum())
     fp = int((chosen & ~positive).sum())
     fn = int((~chosen & positive).sum())
