@@ -135,21 +135,10 @@ def test_jobs_run_from_job_star_pick_extract_class2d_select(tmp_path, monkeypatc
     from tamis.pipeline.job import JobStar, exit_status, read_output_nodes
     from tamis.pipeline.jobs import job_type, run_job
     from tamis.rank.network import ClassRankerNet
-    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+    from tests.helpers import tiny_micrographs
 
     monkeypatch.chdir(tmp_path)
-    simulate_micrographs(
-        MicrographSimulation(
-            n_micrographs=2,
-            height_px=512,
-            width_px=512,
-            pixel_size=3.0,
-            particles_per_micrograph=25,
-            snr=0.3,
-            seed=2,
-        ),
-        "Import/job001",
-    )
+    tiny_micrographs("Import/job001", n=2, size=512, per=25, snr=0.3, seed=2)
     assert job_type("relion.autopick.log").dirname == "AutoPick"
     assert job_type("relion.class2d.helical").label == "relion.class2d"
 
@@ -227,20 +216,9 @@ def test_project_schedules_runs_and_records_jobs(tmp_path):
     import pytest
 
     from tamis.pipeline.project import Project
-    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+    from tests.helpers import tiny_micrographs
 
-    simulate_micrographs(
-        MicrographSimulation(
-            n_micrographs=1,
-            height_px=384,
-            width_px=384,
-            pixel_size=3.0,
-            particles_per_micrograph=10,
-            snr=0.5,
-            seed=4,
-        ),
-        tmp_path / "Import/job001",
-    )
+    tiny_micrographs(tmp_path / "Import/job001")
     proj = Project(tmp_path)
     pick = proj.schedule(
         "relion.autopick.log",

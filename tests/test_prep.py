@@ -15,6 +15,7 @@ from tamis.prep.ctffind import (
     _ctf1d,
     amplitude_spectrum,
     estimate_ctf,
+    full_plane,
     run_ctffind,
 )
 from tamis.prep.importer import ImportOptions, import_micrographs
@@ -106,3 +107,14 @@ def test_import_and_incremental_ctffind(mics, tmp_path, monkeypatch):
     assert float(read_star(again)["micrographs"]["rlnDefocusU"].iloc[0]) == 12345.0
     with pytest.raises(Exception, match="no file matches"):
         import_micrographs("Nothing/*.mrc", tmp_path / "I2", ImportOptions(angpix=1.5))
+
+
+def test_spectrum_image_is_the_full_plane_power_spectrum():
+    """The written .ctf image completes the half plane by |F(-k)| = |F(k)|: it equals the
+    centred full-plane FFT amplitude of the tiles (an astigmatic pattern keeps its angle)."""
+    rng = np.random.default_rng(1)
+    img = torch.from_numpy(rng.normal(size=(64, 64)))
+    amp = amplitude_spectrum(img, 64)
+    full = full_plane(amp)
+    t = img.numpy() - img.numpy().mean()
+    np.testing.assert_allclose(full.numpy(), np.abs(np.fft.fft2(t)), rtol=1e-8, atol=1e-8)

@@ -10,20 +10,9 @@ from tamis.schemes.run import SchemeRunner, prepare_job, scheme_dir
 
 
 def _setup(tmp_path):
-    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+    from tests.helpers import tiny_micrographs
 
-    simulate_micrographs(
-        MicrographSimulation(
-            n_micrographs=1,
-            height_px=384,
-            width_px=384,
-            pixel_size=3.0,
-            particles_per_micrograph=10,
-            snr=0.5,
-            seed=4,
-        ),
-        tmp_path / "Import/job001",
-    )
+    tiny_micrographs(tmp_path / "Import/job001")
     s = Scheme("Schemes/proc/", "WAIT")
     s.floats = {"wait_sec": (0.0, 0.0), "box": (64.0, 64.0)}
     s.strings = {"mics": ("Import/job001/micrographs.star", "Import/job001/micrographs.star")}

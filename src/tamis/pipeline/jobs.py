@@ -282,8 +282,9 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
 
     if not job.get_bool("do_class_ranker"):
         raise TamisError("only automatic 2D class selection (do_class_ranker Yes) is implemented")
+    threshold = _f(job, "rank_threshold", -1)  # -1 (tamis): the model's recommended threshold
     opts = RankOptions(
-        min_score=_f(job, "rank_threshold", -1) if _f(job, "rank_threshold", -1) >= 0 else None,
+        min_score=threshold if threshold >= 0 else None,
         select_min_nr_particles=int(_f(job, "select_nr_parts", -1)),
         select_min_nr_classes=int(_f(job, "select_nr_classes", -1)),
         model=job.options.get("tamis_ranker_model") or None,

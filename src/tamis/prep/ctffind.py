@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +61,8 @@ class CtfFit:
     defocus_angle: float
     figure_of_merit: float
     max_resolution: float
+    #: The amplitude spectrum the fit used (half plane, rfft2 order); None when read from a file.
+    spectrum: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def astigmatism(self) -> float:
@@ -81,6 +83,12 @@ def amplitude_spectrum(image: torch.Tensor, box: int) -> torch.Tensor:
     for chunk in tiles.split(16):
         power += (torch.fft.rfft2(chunk).abs() ** 2).sum(0)
     return (power / len(tiles)).sqrt()
+
+
+def full_plane(half: torch.Tensor) -> torch.Tensor:
+    """A half-plane amplitude spectrum ``(n, n // 2 + 1)`` completed to ``(n, n)`` (fft2 order)
+    by ``|F(-k)| = |F(k)|``: column ``kx > n/2`` is row ``-ky`` of column ``n - kx``."""
+    return torch.cat([half, half.flip(0).roll(1, 0)[:, 1:-1].flip(-1)], dim=1)
 
 
 def _radius(box: int, pixel_size: float) -> torch.Tensor:
@@ -255,7 +263,7 @@ def estimate_ctf(
             break
         max_res = 1.0 / min(s + width, s_hi)
         s += width
-    return CtfFit(du, dv, ang, fom, max_res)
+    return CtfFit(du, dv, ang, fom, max_res, amp)
 
 
 def _result_files(micrograph: str, out_dir: Path) -> tuple[Path, Path]:
@@ -317,10 +325,7 @@ def run_ctffind(
                     amplitude_contrast=ms.optics_value(i, "rlnAmplitudeContrast", 0.1),
                     options=o,
                 )
-                box = min(o.box, *(2 * (d // 2) for d in mic.shape))
-                amp = amplitude_spectrum(mic.image, box)
-                full = torch.cat([amp, amp[:, 1:-1].flip(-1)], dim=1)  # Hermitian completion
-                centred = torch.fft.fftshift(full).to(torch.float32).numpy()
+                centred = torch.fft.fftshift(full_plane(fit.spectrum)).to(torch.float32).numpy()
                 spectrum.parent.mkdir(parents=True, exist_ok=True)
                 write_mrc(spectrum, np.log1p(centred / max(float(centred.mean()), 1e-30)), 1.0)
                 _write_result(txt, fit)
