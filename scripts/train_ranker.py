@@ -220,8 +220,9 @@ def main() -> None:
             torch.from_numpy(network_features(test.features)),
         )[:, 0].numpy()
     clear = np.isin(test.tiers, (0, 1, 2))
-    # particle level, RELION's default selection (score >= 0.5) on every held-out job
-    rates, ref_rates, oracle_rates = [], [], []
+    # particle level: the default selection (the model's threshold, then the particle screen) on
+    # every held-out job, and the class selection alone
+    rates, ref_rates, oracle_rates, class_only = [], [], [], []
     for j, (optimiser, truth, tiers) in enumerate(test_jobs):
         res = rank_classes(
             optimiser, work / "eval" / f"test_{j:03d}", RankOptions(model=str(model)), log=_quiet
@@ -229,6 +230,11 @@ def main() -> None:
         data = job_inputs(optimiser)["data"].table
         r = particle_rates(data, res.particles, truth)
         rates.append(r)
+        res0 = rank_classes(
+            optimiser, work / "eval_classes" / f"test_{j:03d}",
+            RankOptions(model=str(model), screen=None, gallery=False), log=_quiet,
+        )  # fmt: skip
+        class_only.append(particle_rates(data, res0.particles, truth))
         good = [c + 1 for c in np.flatnonzero(np.isin(tiers, (1, 2)))]
         classes = data["rlnClassNumber"].astype(int).to_numpy()
         ref_rates.append(class_reference_rates(classes, res.selected, good))
@@ -250,6 +256,18 @@ def main() -> None:
         "particles_false_positive_rate": pooled["fp"] / max(1, pooled["fp"] + pooled["tn"]),
         "particles_false_negative_rate": pooled["fn"] / max(1, pooled["fn"] + pooled["tp"]),
         "particles_junk_in_selection": pooled["fp"] / max(1, pooled["fp"] + pooled["tp"]),
+        "class_selection_only_false_positive_rate": pooled_rates(class_only)[0],
+        "class_selection_only_false_negative_rate": pooled_rates(class_only)[1],
+        "stack_jobs_false_positive_rate": pooled_rates(rates[: args.test_jobs])[0],
+        "stack_jobs_false_negative_rate": pooled_rates(rates[: args.test_jobs])[1],
+        "pipeline_jobs_false_positive_rate": pooled_rates(rates[args.test_jobs :])[0],
+        "pipeline_jobs_false_negative_rate": pooled_rates(rates[args.test_jobs :])[1],
+        "pipeline_jobs_class_selection_only_false_positive_rate": pooled_rates(
+            class_only[args.test_jobs :]
+        )[0],
+        "pipeline_jobs_class_selection_only_false_negative_rate": pooled_rates(
+            class_only[args.test_jobs :]
+        )[1],
         "reference_classes_false_positive_rate": pooled_rates(ref_rates)[0],
         "reference_classes_false_negative_rate": pooled_rates(ref_rates)[1],
         "oracle_selection_false_positive_rate": pooled_rates(oracle_rates)[0],

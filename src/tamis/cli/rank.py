@@ -29,6 +29,20 @@ def select(
     ),
     model: Path = typer.Option(None, "--model", help="Ranker weights (safetensors state dict)."),
     fn_root: str = typer.Option("rank", "--fn_root", help="Prefix of rank_*.star."),
+    particle_screen: bool = typer.Option(
+        True,
+        "--particle_screen/--no_particle_screen",
+        help="Check every selected particle against its class average (tamis); drop bad fits.",
+    ),
+    screen_max_misfit: float = typer.Option(
+        5.0, "--screen_max_misfit", help="Drop misfits this many robust SDs above the median."
+    ),
+    screen_min_amplitude: float = typer.Option(
+        0.5, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
+    ),
+    device: str = typer.Option(
+        "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."
+    ),
 ) -> None:
     """Score the classes of a 2D job with RELION's ranker network and features, select, and
     write RELION's Select-job files (``tamis rank --opt ... --o ...``); ``tamis rank train``
@@ -36,6 +50,7 @@ def select(
     if ctx.invoked_subcommand is not None:
         return
     from tamis.errors import TamisError
+    from tamis.rank.screen import ScreenOptions
     from tamis.rank.select import RankOptions, rank_classes
 
     if opt is None or o is None:
@@ -49,6 +64,13 @@ def select(
         quantile=quantile if auto_select else None,
         model=str(model) if model else None,
         fn_root=fn_root,
+        screen=ScreenOptions(
+            max_misfit=screen_max_misfit,
+            min_amplitude=screen_min_amplitude,
+            device=device,
+        )
+        if particle_screen
+        else None,
     )
     rank_classes(opt, o, options, log=lambda s: console.print(s, highlight=False))
 

@@ -278,6 +278,7 @@ def _run_class2d(job: JobStar, out: Path) -> Nodes:
 
 
 def _run_rank(job: JobStar, out: Path) -> Nodes:
+    from tamis.rank.screen import ScreenOptions
     from tamis.rank.select import RankOptions, rank_classes
 
     if not job.get_bool("do_class_ranker"):
@@ -288,6 +289,7 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
         select_min_nr_particles=int(_f(job, "select_nr_parts", -1)),
         select_min_nr_classes=int(_f(job, "select_nr_classes", -1)),
         model=job.options.get("tamis_ranker_model") or None,
+        screen=ScreenOptions() if job.get_bool("tamis_particle_screen", True) else None,
     )
     rank_classes(job.options["fn_model"], out, opts, log=lambda s: None)
     return [

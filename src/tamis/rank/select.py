@@ -20,11 +20,14 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tamis.class2d.em import choose_device
 from tamis.errors import InputFileError, TamisError
 from tamis.io.mrc import read_mrc
+from tamis.io.particles import ParticleSet
 from tamis.io.star import atomic_path, read_data_star, read_star, write_star
 from tamis.rank.features import class_features, cnn_image, feature_vector, network_features
 from tamis.rank.network import ClassRankerNet
+from tamis.rank.screen import ScreenOptions, noise_spectra, particle_fit, screen_particles
 
 __all__ = [
     "RankOptions",
@@ -32,6 +35,7 @@ __all__ = [
     "rank_classes",
     "select_classes",
     "load_ranker",
+    "job_particle_fit",
     "SHIPPED_RANKER",
 ]
 
@@ -49,6 +53,8 @@ class RankOptions:
     model: str | None = None  # safetensors state dict; default the shipped one
     fn_root: str = "rank"
     gallery: bool = True
+    #: the particle screen after the class selection (:mod:`tamis.rank.screen`); None: classes only
+    screen: ScreenOptions | None = field(default_factory=ScreenOptions)
 
 
 @dataclass
@@ -58,6 +64,7 @@ class RankResult:
     selected: list[int] = field(default_factory=list)  # 1-based class numbers
     n_particles: int = 0
     particles: Path | None = None
+    n_in_classes: int = 0  # particles of the selected classes, before the particle screen
 
 
 def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
@@ -221,6 +228,9 @@ def rank_classes(
         if len(numbers)
         else np.zeros(len(table), bool)
     )
+    n_in_classes = int(np.asarray(keep_rows).sum())
+    if options.screen is not None and n_in_classes:
+        keep_rows = _screen(job, np.flatnonzero(keep_rows), out, options.screen, log)
     particles = table[keep_rows]
     write_star({"optics": data.optics, "particles": particles}, out / "particles.star")
     write_star({"optics": data.optics, "particles": table}, Path(f"{root}_data.star"))
@@ -247,12 +257,74 @@ def rank_classes(
         probs.to_csv(tmp, index=False)
     if options.gallery:
         write_gallery(out / "gallery.png", images, scores, chosen)
+    screened = "" if options.screen is None else f" ({n_in_classes} before the particle screen)"
     log(
         f"scored {len(kept)} of {k} classes; selected {len(chosen)} classes "
-        f"({n_above} by score) with {int(keep_rows.sum())} particles: "
+        f"({n_above} by score) with {int(keep_rows.sum())} particles{screened}: "
         f"{out / 'particles.star'}"
     )
-    return RankResult(scores, prob, numbers, int(keep_rows.sum()), out / "particles.star")
+    return RankResult(
+        scores, prob, numbers, int(keep_rows.sum()), out / "particles.star", n_in_classes
+    )
+
+
+def job_particle_fit(
+    job: dict, rows: np.ndarray | None, options: ScreenOptions
+) -> tuple[ParticleSet, pd.DataFrame]:
+    """The particle screen's statistics (:func:`tamis.rank.screen.particle_fit`) for the
+    particles ``rows`` (0-based; None: all) of a 2D job (``job_inputs``), with the job's CTF
+    options, mask diameter and noise spectra."""
+    opt = job["optimiser"]
+    try:
+        particles = ParticleSet.from_star(Path(str(opt["rlnExperimentalDataStarFile"])))
+    except InputFileError as exc:
+        raise InputFileError(
+            exc.path, f"{exc.problem} (the particle screen reads the particle images; "
+            "--no_particle_screen selects by class only)"
+        ) from None  # fmt: skip
+    flags = {
+        "intact_first_peak": bool(int(opt.get("rlnDoIgnoreCtfUntilFirstPeak", 0))),
+        "phase_flipped": bool(int(opt.get("rlnCtfDataArePhaseFlipped", 0))),
+        "only_flip_phases": bool(int(opt.get("rlnDoOnlyFlipCtfPhases", 0))),
+    }
+    diameter = float(opt.get("rlnParticleDiameter", 0) or 0)
+    diameter_px = diameter / particles.pixel_size if diameter > 0 else None
+    fit = particle_fit(
+        particles, job["images"], noise_spectra(job["model"], opt["rlnModelStarFile"]), rows,
+        lowres=options.lowres, diameter_px=diameter_px, ctf_flags=flags,
+        batch_size=options.batch_size, device=choose_device(options.device),
+    )  # fmt: skip
+    return particles, fit
+
+
+def _screen(
+    job: dict, rows: np.ndarray, out: Path, options: ScreenOptions, log: Callable[[str], None]
+) -> np.ndarray:
+    """The particle screen over the selected classes' particles ``rows``: writes
+    ``particle_screen.csv`` (every screened particle, its amplitude, misfit and verdict) and
+    returns the rows to keep as a boolean mask over the whole data table."""
+    particles, fit = job_particle_fit(job, rows, options)
+    keep = screen_particles(fit, options)
+    table = particles.particles
+    report = pd.DataFrame({
+        "rlnImageName": table["rlnImageName"].to_numpy()[rows],
+        "rlnClassNumber": table["rlnClassNumber"].to_numpy()[rows],
+        "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
+        "tamisKept": keep.astype(int),
+    })  # fmt: skip
+    with atomic_path(out / "particle_screen.csv") as tmp:
+        report.to_csv(tmp, index=False)
+    if len(rows) < options.min_particles:
+        log(f"particle screen: {len(rows)} particles, fewer than {options.min_particles}; all kept")
+    else:
+        log(
+            f"particle screen: kept {int(keep.sum())} of {len(rows)} particles of the selected "
+            f"classes (amplitude >= {options.min_amplitude} x median, misfit <= median + "
+            f"{options.max_misfit} robust SD)"
+        )
+    mask = np.zeros(len(table), dtype=bool)
+    mask[rows[keep]] = True
+    return mask
 
 
 def select_classes(

@@ -1,0 +1,81 @@
+"""Choose the particle screen's default thresholds (:mod:`tamis.rank.screen`) on the ranker's
+*training* jobs (made by ``scripts/train_ranker.py`` in ``--work``), never on its held-out ones.
+
+For each job: the class selection with the shipped ranker and no screen, then every selected
+particle's amplitude and misfit; a grid over (max_misfit, min_amplitude) gives the pooled
+particle-level false-positive rate (junk kept / all junk) and false-negative rate (real particles
+dropped / all real particles) against the simulator's truth.
+
+Run: ``.venv/bin/python scripts/tune_screen.py --work /tmp/ranker_jobs``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tamis.rank.screen import ScreenOptions, screen_particles
+from tamis.rank.select import RankOptions, job_inputs, job_particle_fit, rank_classes
+from tamis.simulate.truth import truth_for
+
+
+def job_fit(d: Path, out: Path) -> pd.DataFrame:
+    """Selected particles of one job with their screen statistics and truth."""
+    optimiser = sorted((d / "c2d").glob("run_it*_optimiser.star"))[-1]
+    res = rank_classes(optimiser, out, RankOptions(screen=None, gallery=False), log=lambda s: None)
+    job = job_inputs(optimiser)
+    table = job["data"].table
+    truth_file = (
+        d / "extracted_truth.csv" if d.name.startswith("m") else d / "sim" / "ground_truth.csv"
+    )
+    positive = truth_for(table, truth_file)["kind"].to_numpy() == "particle"
+    rows = np.flatnonzero(table["rlnClassNumber"].astype(int).isin(res.selected).to_numpy())
+    _, fit = job_particle_fit(job, rows, ScreenOptions(device="cpu"))
+    fit["positive"] = positive[rows]
+    fit.attrs.update(n_positive=int(positive.sum()), n_junk=int((~positive).sum()))
+    return fit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--work", default="/tmp/ranker_jobs")
+    ap.add_argument(
+        "--out", default=None, help="JSON of the grid (default WORK/screen_tuning.json)"
+    )
+    args = ap.parse_args()
+    work = Path(args.work)
+    jobs = sorted(work.glob("train_*")) + sorted(work.glob("mtrain_*"))
+    fits = []
+    for d in jobs:
+        fits.append(job_fit(d, work / "tune" / d.name))
+        print(f"{d.name}: {len(fits[-1])} selected particles", flush=True)
+    n_pos = sum(f.attrs["n_positive"] for f in fits)
+    n_junk = sum(f.attrs["n_junk"] for f in fits)
+    rows = []
+    for max_misfit in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, np.inf):
+        for min_amplitude in (0.0, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75):
+            opts = ScreenOptions(max_misfit=max_misfit, min_amplitude=min_amplitude)
+            fp = fn = 0
+            for f in fits:
+                keep = screen_particles(f, opts)
+                pos = f["positive"].to_numpy()
+                fp += int((keep & ~pos).sum())
+                fn += int((~keep & pos).sum())
+            fn += sum(f.attrs["n_positive"] - int(f["positive"].sum()) for f in fits)
+            rows.append({"max_misfit": max_misfit, "min_amplitude": min_amplitude,
+                         "fp_rate": fp / n_junk, "fn_rate": fn / n_pos})  # fmt: skip
+    grid = pd.DataFrame(rows)
+    grid["worse"] = grid[["fp_rate", "fn_rate"]].max(axis=1)
+    print(grid.sort_values("worse").head(20).to_string(index=False))
+    out = Path(args.out) if args.out else work / "screen_tuning.json"
+    out.write_text(
+        json.dumps({"jobs": [d.name for d in jobs], "grid": rows}, indent=1, default=str)
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""Particle screen: after the class selection, check every selected particle against its own class
+average and drop the ones that do not look like it.
+
+A class selection cannot be cleaner than its classes: junk boxes that 2D classification put into
+a class of real particles (empty boxes, clumps of particles, ice or carbon) go through with it.
+Each of those is visible at the particle level once the particle is compared with the model that
+classified it. For particle ``X`` with class average ``A`` in its pose (psi, origin) and its CTF
+``C``, with the job's noise power ``sigma²(k)`` (``rlnSigma2Noise``):
+
+- **amplitude** ``a = sum Re(X* CA) / sigma² / sum |CA|² / sigma²``: the least-squares scale of
+  the class in the box. About 1 for a real particle, near 0 for an empty box (a little above,
+  since its pose was fitted to noise).
+- **misfit**: the low-resolution density the scaled class leaves unexplained inside the particle
+  mask: both images whitened by the noise spectrum, low-passed to ``lowres`` and put in units of
+  the box's own noise level (its power beyond 0.7 x Nyquist, so a box that extraction normalised
+  by a bright background is not favoured); the masked residual's excess over pure noise, as a
+  z-score. Neighbouring particles, ice, film and clumps add density the class does not have.
+
+A particle is dropped when its amplitude is below ``min_amplitude`` x its class's median, or
+its misfit is more than ``max_misfit`` robust standard deviations (1.4826 x MAD, at least 1: the
+misfit's own spread for pure noise) above the selection's median. Both are relative to the
+selected particles of the same job, so they do not depend on the noise model's calibration.
+Defaults chosen on the ranker's training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
+
+The sums use the E-step's own projector (:func:`tamis.class2d.fourier2d.project`) and RELION's
+pose convention: the class rotated by psi, then moved by ``-origin``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tamis._progress import progress_bar
+from tamis.class2d.fourier2d import FourierWindow, project, reference_grids, relion_round
+from tamis.errors import InputFileError, TamisError
+from tamis.fourier import (
+    duplicate_half_column,
+    irfft2_centered,
+    rfft2_centered,
+    rfft_frequencies,
+    shift_phases,
+)
+from tamis.io.particles import ParticleSet
+from tamis.masks import soft_edge
+
+__all__ = ["ScreenOptions", "particle_fit", "screen_particles", "noise_spectra"]
+
+
+@dataclass
+class ScreenOptions:
+    #: drop particles whose low-resolution misfit is this many robust SDs above the median
+    max_misfit: float = 5.0
+    #: drop particles whose amplitude is below this fraction of their class's median (0.5: the
+    #: box is better explained by no particle than by its class scaled to the median)
+    min_amplitude: float = 0.5
+    #: the misfit is measured up to this resolution (Angstrom)
+    lowres: float = 25.0
+    #: fewer selected particles than this: no screen (the medians would mean little)
+    min_particles: int = 20
+    batch_size: int = 256
+    #: torch device for the screen: "auto" (CUDA when present), "cpu", "cuda:N"
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not self.max_misfit > 0:
+            raise TamisError(f"--screen_max_misfit {self.max_misfit}: must be > 0")
+        if not 0 <= self.min_amplitude < 1:
+            raise TamisError(f"--screen_min_amplitude {self.min_amplitude}: must be in [0, 1)")
+        if not self.lowres > 0:
+            raise TamisError(f"screen resolution {self.lowres}: must be > 0")
+
+
+def noise_spectra(model: dict, model_path: str | Path = "<model>") -> dict[int, np.ndarray]:
+    """``rlnSigma2Noise`` per optics group (1-based) from a RELION 3.1+ model STAR file."""
+    out = {}
+    for name, table in model.items():
+        if name.startswith("model_optics_group_") and isinstance(table, pd.DataFrame):
+            if "rlnSigma2Noise" in table.columns:
+                out[int(name.rsplit("_", 1)[1])] = table["rlnSigma2Noise"].to_numpy(np.float64)
+    if not out:
+        raise InputFileError(model_path, "has no data_model_optics_group_N with rlnSigma2Noise")
+    return out
+
+
+def particle_fit(
+    particles: ParticleSet,
+    classes: np.ndarray,
+    sigma2: dict[int, np.ndarray],
+    rows: np.ndarray | None = None,
+    *,
+    lowres: float = 25.0,
+    diameter_px: float | None = None,
+    ctf_flags: dict | None = None,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Amplitude and low-resolution misfit of each particle (``rows``, 0-based; default all)
+    against its class average in its pose. ``classes`` is ``(K, n, n)``; the particles' table
+    needs ``rlnClassNumber``, ``rlnAnglePsi`` and ``rlnOriginX/YAngst``. Returns a table indexed
+    by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``) and
+    ``class`` (1-based)."""
+    table = particles.particles
+    where = particles.source or Path("<particles>")
+    need = ["rlnClassNumber", "rlnAnglePsi"]
+    missing = [c for c in need if c not in table.columns]
+    if missing:
+        raise InputFileError(where, f"lacks {', '.join(missing)} (not a 2D job's data.star?)")
+    rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
+    n = particles.box_size
+    if classes.shape[-2:] != (n, n):
+        raise InputFileError(where, f"particles are {n} px but class averages {classes.shape[-1]}")
+    dev = torch.device(device)
+    pixel = particles.optics["rlnImagePixelSize"].to_numpy(np.float64)  # per optics group
+    pixel_of = particles.pixel_sizes  # per particle
+    window = _half_plane(n, dev)
+    shell = window.shell.long().reshape(n, n // 2 + 1)
+    grids = reference_grids(torch.from_numpy(np.ascontiguousarray(classes, np.float32)).to(dev))
+    flags = ctf_flags or {}
+    half = n // 2
+    counted = (shell >= 1) & (shell <= half) & ~duplicate_half_column((n, n), device=dev)
+    high = counted & (shell >= math.ceil(0.7 * half))
+    kx_grid = window.kx.reshape(shell.shape)
+    radius = 0.45 * n if diameter_px is None else min(0.5 * diameter_px, half - 1.0)
+    mask = (1.0 - soft_edge(n, radius, 4.0, device=dev)).to(torch.float32)
+    area = float(mask.sum())
+    ogroup = particles.optics_group_index
+    group_numbers = particles.optics["rlnOpticsGroup"].astype(int).to_numpy()
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for g, number in enumerate(group_numbers):
+        s2 = sigma2.get(int(number))
+        if s2 is None:
+            raise InputFileError(where, f"no noise spectrum for optics group {number}")
+        s2 = torch.as_tensor(np.array(s2), dtype=torch.float64, device=dev)
+        ok = (shell >= 1) & (shell < min(len(s2), half + 1))
+        w = torch.where(ok, 1.0 / s2[shell.clamp(max=len(s2) - 1)].clamp(min=1e-30), 0.0)
+        low = ok & (shell <= max(3, int(n * float(pixel[g]) / lowres)))
+        # full-plane pixels in the low band (the half plane holds kx > 0 once for two)
+        n_full = float((low * torch.where(kx_grid > 0, 2, 1)).sum())
+        weights[g] = (w.float(), low, n_full)
+    k_of = table["rlnClassNumber"].to_numpy(np.int64) - 1
+    if (k_of[rows] < 0).any() or (k_of[rows] >= len(classes)).any():
+        raise InputFileError(where, "rlnClassNumber outside the job's classes")
+    psi_all = table["rlnAnglePsi"].to_numpy(np.float64)
+    ox = table.get("rlnOriginXAngst", pd.Series(np.zeros(len(table)))).to_numpy(np.float64)
+    oy = table.get("rlnOriginYAngst", pd.Series(np.zeros(len(table)))).to_numpy(np.float64)
+    ctf_all = particles.ctf_params()
+    out = []
+    with progress_bar(len(rows), "particle screen", enabled=progress) as bar:
+        for batch in particles.batches(batch_size, indices=rows, device=dev):
+            idx = batch.indices
+            b = len(idx)
+            x = rfft2_centered(batch.images.to(torch.float32))  # (B, n, n//2+1)
+            proj = torch.empty((b, len(window)), dtype=torch.complex64, device=dev)
+            k = torch.as_tensor(k_of[idx], device=dev)
+            psi = torch.as_tensor(psi_all[idx], device=dev)
+            for c in torch.unique(k).tolist():
+                m = k == c
+                proj[m] = project(grids[c : c + 1], psi[m], window)[0]
+            px = torch.as_tensor(pixel_of[idx], device=dev)
+            shift = -torch.stack([torch.as_tensor(ox[idx], device=dev),
+                                  torch.as_tensor(oy[idx], device=dev)], -1) / px[:, None]  # fmt: skip
+            ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
+            ctf = ctf_all[torch.as_tensor(idx)].compute((n, n), **flags).to(dev, torch.float32)
+            ca = (proj * ramp.to(torch.complex64)).reshape(x.shape) * ctf
+            stats = {key: np.empty(b) for key in ("amplitude", "misfit", "signal")}
+            stats["class"] = k_of[idx] + 1
+            for g in np.unique(ogroup[idx]):
+                sel = torch.as_tensor(ogroup[idx] == g, device=dev)
+                w, low, n_full = weights[int(g)]
+                xg, cg = x[sel], ca[sel]
+                wc = w * counted
+                x2 = xg.real**2 + xg.imag**2
+                s = _sum(wc * (cg.real**2 + cg.imag**2))
+                cross = _sum(wc * (xg.real * cg.real + xg.imag * cg.imag))
+                hw = w * high
+                noise = _sum(hw * x2) / max(1, int((hw > 0).sum()))
+                # whitened, low-passed, in units of the box's own noise; fitted inside the mask
+                filt = (
+                    torch.sqrt(w * low)[None] / noise.clamp(min=1e-30).sqrt()[:, None, None]
+                ).float()
+                xr = irfft2_centered(xg * filt, (n, n))
+                cr = irfft2_centered(cg * filt, (n, n))
+                a_m = _sum(mask * xr * cr) / _sum(mask * cr * cr).clamp(min=1e-30)
+                resid = _sum(mask * (xr - a_m.float()[:, None, None] * cr) ** 2)
+                # pure noise: per-pixel variance n_full, about n_full x area / n² independent terms
+                ratio = resid / (n_full * area) - 1.0
+                dof = max(1.0, n_full * area / (n * n))
+                sel_np = sel.cpu().numpy()
+                stats["amplitude"][sel_np] = (cross / s).cpu().numpy()
+                stats["misfit"][sel_np] = (ratio * math.sqrt(dof / 2)).cpu().numpy()
+                stats["signal"][sel_np] = s.cpu().numpy()
+            out.append(pd.DataFrame(stats, index=idx))
+            bar.advance(b)
+    fit = (
+        pd.concat(out) if out else pd.DataFrame(columns=["amplitude", "misfit", "signal", "class"])
+    )
+    fit.loc[fit["signal"] <= 0, "amplitude"] = np.nan
+    return fit.loc[rows]
+
+
+def _sum(values: torch.Tensor) -> torch.Tensor:
+    """Per-image sum over the last two dimensions, accumulated in float64."""
+    return values.sum((1, 2), dtype=torch.float64)
+
+
+def _half_plane(n: int, device: torch.device) -> FourierWindow:
+    """Every pixel of the ``n`` box's half plane as a window (projections on the whole grid)."""
+    ky, kx = rfft_frequencies((n, n), device=device, dtype=torch.float64)
+    kx, ky = kx.reshape(-1), ky.reshape(-1)
+    r2 = kx * kx + ky * ky
+    return FourierWindow(
+        box=n, size=n, index=torch.arange(len(kx), device=device), kx=kx, ky=ky,
+        shell=relion_round(torch.sqrt(r2)), in_disc=r2 <= (n // 2) ** 2,
+    )  # fmt: skip
+
+
+def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
+    """Which particles of ``fit`` (from :func:`particle_fit` on the selected particles) to keep.
+
+    The amplitude is compared with the median of the particle's class (of the whole ``fit`` for
+    classes with fewer than ``options.min_particles``): a class average can be brighter or fainter
+    than its members, and a whole class of real particles must not fail together. The misfit is
+    already in noise units and is compared with the median of ``fit``. Particles without a defined
+    amplitude (a blank class average) are kept. With fewer than ``options.min_particles`` rows
+    everything is kept."""
+    amp = fit["amplitude"].to_numpy(np.float64)
+    mis = fit["misfit"].to_numpy(np.float64)
+    keep = np.ones(len(fit), dtype=bool)
+    if len(fit) < options.min_particles:
+        return keep
+    ref = np.full(len(fit), np.nanmedian(amp))
+    cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
+    for c in np.unique(cls):
+        members = cls == c
+        if members.sum() >= options.min_particles:
+            ref[members] = np.nanmedian(amp[members])
+    with np.errstate(invalid="ignore"):
+        keep &= ~((ref > 0) & (amp < options.min_amplitude * ref))
+    med_m = np.nanmedian(mis)
+    # The misfit is a z-score against noise, so its spread is at least 1 whatever the MAD says.
+    scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis - med_m))))
+    if np.isfinite(med_m):
+        keep &= ~((mis - med_m) / scale > options.max_misfit)
+    return keep

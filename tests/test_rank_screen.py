@@ -1,0 +1,185 @@
+"""Particle screen (:mod:`tamis.rank.screen`): the batched statistics against a slow per-particle
+loop with exact DFT projections, and the screen on particles with a known truth (real, empty,
+clumps of two)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tamis.ctf import compute_ctf
+from tamis.io.mrc import write_mrc
+from tamis.io.particles import ParticleSet
+from tamis.io.star import write_star
+from tamis.rank.screen import ScreenOptions, particle_fit, screen_particles
+
+N = 32
+PIXEL = 4.0
+
+
+def blobs(rng: np.random.Generator, k: int) -> np.ndarray:
+    """``k`` smooth, asymmetric class images: a few Gaussian blobs each."""
+    y, x = np.mgrid[:N, :N] - N // 2
+    out = np.zeros((k, N, N))
+    for c in range(k):
+        for _ in range(4):
+            cx, cy = rng.uniform(-6, 6, 2)
+            s = rng.uniform(2.0, 3.5)
+            out[c] += rng.uniform(0.5, 1.0) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * s * s))
+    return out
+
+
+def exact_spectrum(image: np.ndarray, psi: float, shift: tuple[float, float]) -> np.ndarray:
+    """Full-plane spectrum (``np.fft.fft2`` order, forward-normalised, about the centre) of
+    ``image`` rotated as RELION's projector does (``P(k) = F(A^T k)``, ``A = [[c, s], [-s, c]]``)
+    and moved by ``shift`` (x, y) pixels, by a direct DFT at the rotated frequencies."""
+    ky, kx = frequencies()
+    g = math.radians(psi)
+    c, s = math.cos(g), math.sin(g)
+    qx, qy = c * kx - s * ky, s * kx + c * ky
+    yy, xx = np.mgrid[:N, :N] - N // 2
+    out = np.zeros((N, N), dtype=complex)
+    for i in range(N):
+        for j in range(N):
+            if kx[i, j] ** 2 + ky[i, j] ** 2 > (N // 2) ** 2:
+                continue
+            phase = np.exp(-2j * np.pi * (qx[i, j] * xx + qy[i, j] * yy) / N)
+            out[i, j] = (image * phase).sum() / N**2
+    return out * np.exp(-2j * np.pi * (kx * shift[0] + ky * shift[1]) / N)
+
+
+def full_ctf(defocus: float) -> np.ndarray:
+    """The CTF on the full plane (``np.fft.fft2`` order)."""
+    ctf = compute_ctf((N, N), pixel_size=PIXEL, defocus_u=defocus, defocus_v=defocus, rfft=False)
+    return ctf.numpy().astype(np.float64)
+
+
+def frequencies() -> tuple[np.ndarray, np.ndarray]:
+    """(ky, kx) in ``np.fft.fft2`` order; the Nyquist column as +N/2, as in a half-plane
+    transform."""
+    f = np.fft.fftfreq(N) * N
+    fx = np.where(f == -(N // 2), N // 2, f)
+    return np.meshgrid(f, fx, indexing="ij")
+
+
+def image_from(spectrum: np.ndarray) -> np.ndarray:
+    return np.fft.fftshift(np.fft.ifft2(spectrum, norm="forward")).real
+
+
+def write_set(tmp_path, images, psi, origin_px, classes, defocus) -> ParticleSet:
+    write_mrc(tmp_path / "p.mrcs", images.astype(np.float32), pixel_size=PIXEL)
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7],
+                           "rlnAmplitudeContrast": [0.1], "rlnImagePixelSize": [PIXEL],
+                           "rlnImageSize": [N], "rlnImageDimensionality": [2]})  # fmt: skip
+    n = len(images)
+    parts = pd.DataFrame({
+        "rlnImageName": [f"{i + 1:06d}@p.mrcs" for i in range(n)],
+        "rlnOpticsGroup": 1, "rlnDefocusU": defocus, "rlnDefocusV": defocus,
+        "rlnDefocusAngle": 0.0, "rlnClassNumber": classes, "rlnAnglePsi": psi,
+        "rlnOriginXAngst": origin_px[:, 0] * PIXEL, "rlnOriginYAngst": origin_px[:, 1] * PIXEL,
+    })  # fmt: skip
+    write_star({"optics": optics, "particles": parts}, tmp_path / "p.star")
+    return ParticleSet.from_star(tmp_path / "p.star")
+
+
+def slow_fit(image, cls_image, psi, origin_px, defocus, sigma2, lowres, radius) -> tuple:
+    """One particle's amplitude and misfit, written out per pixel from the definitions."""
+    ky, kx = frequencies()
+    shell = np.floor(np.sqrt(kx**2 + ky**2) + 0.5).astype(int)
+    x = np.fft.fft2(np.fft.ifftshift(image), norm="forward")
+    ca = exact_spectrum(cls_image, psi, (-origin_px[0], -origin_px[1])) * full_ctf(defocus)
+    half = N // 2
+    ok = (shell >= 1) & (shell < min(len(sigma2), half + 1))
+    w = np.where(ok, 1.0 / sigma2[np.minimum(shell, len(sigma2) - 1)], 0.0)
+    # amplitude and noise level over RELION's half plane: kx >= 0, without (kx = 0, ky < 0)
+    half_plane = ((kx > 0) | ((kx == 0) & (ky >= 0))) & (shell <= half)
+    counted = half_plane & ok
+    amp = (w * (np.conj(x) * ca).real)[counted].sum() / (w * np.abs(ca) ** 2)[counted].sum()
+    high = counted & (shell >= math.ceil(0.7 * half))
+    noise = (w * np.abs(x) ** 2)[high].mean()
+    n_low = max(3, int(N * PIXEL / lowres))
+    low = ok & (shell <= n_low)
+    filt = np.sqrt(w * low / noise)
+    xr, cr = image_from(x * filt), image_from(ca * filt)
+    r = np.sqrt(((np.mgrid[:N, :N] - N // 2) ** 2).sum(0))
+    mask = np.where(r < radius, 1.0, 0.5 - 0.5 * np.cos(np.pi * (radius + 4.0 - r) / 4.0))
+    mask = np.where(r > radius + 4.0, 0.0, mask)
+    a_m = (mask * xr * cr).sum() / (mask * cr * cr).sum()
+    resid = (mask * (xr - a_m * cr) ** 2).sum()
+    n_full = low.sum()
+    area = mask.sum()
+    dof = max(1.0, n_full * area / N**2)
+    return amp, (resid / (n_full * area) - 1) * math.sqrt(dof / 2)
+
+
+def test_particle_fit_against_slow_loop(tmp_path):
+    rng = np.random.default_rng(0)
+    classes = blobs(rng, 2)
+    b = 6
+    psi = rng.uniform(0, 360, b)
+    origin = rng.uniform(-2, 2, (b, 2))
+    cls = np.array([1, 2, 1, 2, 1, 2])
+    defocus = rng.uniform(8000, 20000, b)
+    images = np.stack([
+        image_from(exact_spectrum(classes[c - 1], p, (-o[0], -o[1])) * full_ctf(d))
+        for c, p, o, d in zip(cls, psi, origin, defocus, strict=True)
+    ]) * rng.uniform(0.5, 1.5, (b, 1, 1)) + rng.normal(0, 0.05, (b, N, N))  # fmt: skip
+    images[3:] += blobs(rng, 3)  # density the class does not have: a large misfit
+    ps = write_set(tmp_path, images, psi, origin, cls, defocus)
+    sigma2 = np.linspace(2e-6, 1e-6, N // 2 + 1)
+    fit = particle_fit(ps, classes, {1: sigma2}, lowres=20.0, diameter_px=20.0)
+    for i in range(b):
+        amp, mis = slow_fit(images[i], classes[cls[i] - 1], psi[i], origin[i], defocus[i],
+                            sigma2, 20.0, 10.0)  # fmt: skip
+        assert fit["amplitude"].iloc[i] == pytest.approx(amp, rel=0.02), i
+        assert fit["misfit"].iloc[i] == pytest.approx(mis, rel=0.02, abs=0.15), i
+    assert (fit["misfit"].iloc[3:] > 10).all() and (fit["misfit"].iloc[:3] < 2).all()
+    assert list(fit["class"]) == list(cls)
+
+
+def test_screen_drops_empty_boxes_and_clumps(tmp_path):
+    rng = np.random.default_rng(1)
+    classes = blobs(rng, 2)
+    n_real, n_empty, n_clump = 120, 20, 20
+    b = n_real + n_empty + n_clump
+    kind = np.array(["real"] * n_real + ["empty"] * n_empty + ["clump"] * n_clump)
+    psi = rng.uniform(0, 360, b)
+    origin = rng.uniform(-2, 2, (b, 2))
+    cls = rng.integers(1, 3, b)
+    defocus = rng.uniform(10000, 20000, b)
+    sigma = 0.08
+    images = []
+    for i in range(b):
+        ctf = full_ctf(defocus[i])
+        img = np.zeros((N, N))
+        if kind[i] != "empty":
+            img += image_from(exact_spectrum(classes[cls[i] - 1], psi[i], tuple(-origin[i])) * ctf)
+        if kind[i] == "clump":  # a second particle beside the first
+            other = exact_spectrum(classes[2 - cls[i]], rng.uniform(0, 360), (9.0, -6.0))
+            img += image_from(other * ctf)
+        images.append(img + rng.normal(0, sigma, (N, N)))
+    ps = write_set(tmp_path, np.stack(images), psi, origin, cls, defocus)
+    # white noise of std sigma: E|X(k)|² = sigma² / N² per Fourier pixel
+    sigma2 = np.full(N // 2 + 1, sigma**2 / N**2)
+    fit = particle_fit(ps, classes, {1: sigma2}, diameter_px=26.0)
+    real = kind == "real"
+    assert np.median(fit["amplitude"][real]) == pytest.approx(1.0, abs=0.1)
+    keep = screen_particles(fit, ScreenOptions())
+    assert keep[real].mean() >= 0.95
+    assert keep[kind == "empty"].mean() <= 0.1
+    assert keep[kind == "clump"].mean() <= 0.1
+    # too few particles to judge: all kept
+    assert screen_particles(fit.iloc[:10], ScreenOptions()).all()
+
+
+def test_screen_options_are_checked():
+    from tamis.errors import TamisError
+
+    with pytest.raises(TamisError, match="screen_min_amplitude"):
+        ScreenOptions(min_amplitude=1.5)
+    with pytest.raises(TamisError, match="screen_max_misfit"):
+        ScreenOptions(max_misfit=0)
