@@ -26,10 +26,10 @@ from tamis._progress import progress_bar
 from tamis.errors import InputFileError, TamisError
 from tamis.fourier import rescale_images
 from tamis.io.coords import pipeline_relative, read_coordinate_file, read_coordinate_list
+from tamis.io.images import read_micrograph
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
 from tamis.io.star import format_image_names, read_data_star, read_star, write_star
-from tamis.pick.micrograph import read_micrograph
 
 __all__ = [
     "ExtractOptions",

@@ -1,43 +1,42 @@
-"""RELION-compatible file I/O: STAR, MRC, particle sets, coordinates, cryoSPARC import."""
+"""RELION-compatible file I/O: STAR, MRC, particle sets, coordinates, cryoSPARC import.
 
-from tamis.io.coords import (
-    coordinate_file_name,
-    read_coordinate_list,
-    read_coordinates,
-    write_coordinate_list,
-    write_coordinates,
-)
-from tamis.io.cryosparc import read_cryosparc
-from tamis.io.mrc import MrcStack, open_stack, read_mrc, write_mrc
-from tamis.io.particles import ParticleBatch, ParticleSet
-from tamis.io.star import (
-    DataStar,
-    format_image_names,
-    parse_image_names,
-    read_data_star,
-    read_star,
-    write_data_star,
-    write_star,
-)
+The names below are imported on first use, so that ``import tamis.io.star`` (the pipeline's job
+processes) does not pay for torch, which only the particle-set and cryoSPARC modules need.
+"""
 
-__all__ = [
-    "DataStar",
-    "MrcStack",
-    "ParticleBatch",
-    "ParticleSet",
-    "coordinate_file_name",
-    "format_image_names",
-    "open_stack",
-    "parse_image_names",
-    "read_coordinate_list",
-    "read_coordinates",
-    "read_cryosparc",
-    "read_data_star",
-    "read_mrc",
-    "read_star",
-    "write_coordinate_list",
-    "write_coordinates",
-    "write_data_star",
-    "write_mrc",
-    "write_star",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_HOME = {
+    "coordinate_file_name": "coords",
+    "read_coordinate_list": "coords",
+    "read_coordinates": "coords",
+    "write_coordinate_list": "coords",
+    "write_coordinates": "coords",
+    "read_cryosparc": "cryosparc",
+    "MrcStack": "mrc",
+    "open_stack": "mrc",
+    "read_mrc": "mrc",
+    "write_mrc": "mrc",
+    "ParticleBatch": "particles",
+    "ParticleSet": "particles",
+    "DataStar": "star",
+    "format_image_names": "star",
+    "parse_image_names": "star",
+    "read_data_star": "star",
+    "read_star": "star",
+    "write_data_star": "star",
+    "write_star": "star",
+}
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        value = getattr(importlib.import_module(f"tamis.io.{_HOME[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tamis.io' has no attribute {name!r}")

@@ -31,10 +31,10 @@ from tamis._progress import progress_bar
 from tamis.ctf import compute_ctf, electron_wavelength
 from tamis.errors import TamisError
 from tamis.io.coords import pipeline_relative
+from tamis.io.images import read_micrograph
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
 from tamis.io.star import atomic_path, write_star
-from tamis.pick.micrograph import read_micrograph
 
 __all__ = ["CtfFindOptions", "CtfFit", "amplitude_spectrum", "estimate_ctf", "run_ctffind"]
 
