@@ -138,6 +138,18 @@ def test_particle_fit_against_slow_loop(tmp_path):
         assert fit["amplitude"].iloc[i] == pytest.approx(amp, rel=0.02), i
         assert fit["misfit"].iloc[i] == pytest.approx(mis, rel=0.02, abs=0.15), i
     assert (fit["misfit"].iloc[3:] > 10).all() and (fit["misfit"].iloc[:3] < 2).all()
+    # a subset of rows in any order comes back in that order, with the same values
+    sub = particle_fit(ps, classes, {1: sigma2}, [4, 1, 3], lowres=20.0, diameter_px=20.0)
+    assert list(sub.index) == [4, 1, 3]
+    np.testing.assert_allclose(sub["misfit"], fit["misfit"].loc[[4, 1, 3]], rtol=1e-5)
+    from tamis.errors import TamisError
+
+    with pytest.raises(TamisError, match="rows"):
+        particle_fit(ps, classes, {1: sigma2}, [1, 1])
+    with pytest.raises(TamisError, match="rows"):
+        particle_fit(ps, classes, {1: sigma2}, np.ones(b, bool))
+    with pytest.raises(TamisError, match="rlnSigma2Noise"):
+        particle_fit(ps, classes, {1: sigma2[:5]})
     assert list(fit["class"]) == list(cls)
 
 

@@ -74,6 +74,10 @@ class ScreenOptions:
             raise TamisError(f"--screen_min_amplitude {self.min_amplitude}: must be in [0, 1)")
         if not self.lowres > 0:
             raise TamisError(f"screen resolution {self.lowres}: must be > 0")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise TamisError(f"--device {self.device}: use auto, cpu or cuda[:N]")
+        if self.batch_size < 1 or self.min_particles < 0:
+            raise TamisError("screen batch_size must be >= 1 and min_particles >= 0")
 
 
 def noise_spectra(model: dict, model_path: str | Path = "<model>") -> dict[int, np.ndarray]:
@@ -112,7 +116,15 @@ def particle_fit(
     missing = [c for c in need if c not in table.columns]
     if missing:
         raise InputFileError(where, f"lacks {', '.join(missing)} (not a 2D job's data.star?)")
-    rows = np.arange(len(table)) if rows is None else np.asarray(rows, dtype=np.int64)
+    if rows is None:
+        rows = np.arange(len(table))
+    else:
+        rows = np.asarray(rows)
+        if rows.dtype == bool or not np.issubdtype(rows.dtype, np.integer):
+            raise TamisError("particle_fit: rows must be integer row numbers")
+        if len(np.unique(rows)) != len(rows) or ((rows < 0) | (rows >= len(table))).any():
+            raise TamisError("particle_fit: rows must be distinct row numbers of the table")
+        rows = rows.astype(np.int64)
     n = particles.box_size
     if classes.shape[-2:] != (n, n):
         raise InputFileError(where, f"particles are {n} px but class averages {classes.shape[-1]}")
@@ -133,16 +145,25 @@ def particle_fit(
     ogroup = particles.optics_group_index
     group_numbers = particles.optics["rlnOpticsGroup"].astype(int).to_numpy()
     weights: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    used = set(np.unique(ogroup[rows]).tolist())
     for g, number in enumerate(group_numbers):
+        if g not in used:
+            continue
         s2 = sigma2.get(int(number))
-        if s2 is None:
-            raise InputFileError(where, f"no noise spectrum for optics group {number}")
+        if s2 is None or len(s2) <= math.ceil(0.7 * half):
+            raise TamisError(
+                f"the 2D job's model STAR file has no usable rlnSigma2Noise for optics group "
+                f"{number} (--no_particle_screen selects by class only)"
+            )
         s2 = torch.as_tensor(np.array(s2), dtype=torch.float64, device=dev)
         ok = (shell >= 1) & (shell < min(len(s2), half + 1))
-        w = torch.where(ok, 1.0 / s2[shell.clamp(max=len(s2) - 1)].clamp(min=1e-30), 0.0)
+        s2_px = s2[shell.clamp(max=len(s2) - 1)]
+        w = torch.where(ok & (s2_px > 0), 1.0 / s2_px.clamp(min=1e-30), 0.0)
         low = ok & (shell <= max(3, int(n * float(pixel[g]) / lowres)))
         # full-plane pixels in the low band (the half plane holds kx > 0 once for two)
-        n_full = float((low * torch.where(kx_grid > 0, 2, 1)).sum())
+        # (the Nyquist column kx = n/2 of an even box is its own mirror: once)
+        twice = (kx_grid > 0) & ~((n % 2 == 0) & (kx_grid == half))
+        n_full = float((low * torch.where(twice, 2, 1)).sum())
         weights[g] = (w.float(), low, n_full)
     k_of = table["rlnClassNumber"].to_numpy(np.int64) - 1
     if (k_of[rows] < 0).any() or (k_of[rows] >= len(classes)).any():
@@ -200,9 +221,9 @@ def particle_fit(
             bar.advance(b)
     fit = (
         pd.concat(out) if out else pd.DataFrame(columns=["amplitude", "misfit", "signal", "class"])
-    )
-    fit.loc[fit["signal"] <= 0, "amplitude"] = np.nan
-    return fit.loc[rows]
+    )  # batches come in the order of rows
+    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit"]] = np.nan
+    return fit
 
 
 def _sum(values: torch.Tensor) -> torch.Tensor:

@@ -205,6 +205,8 @@ def rank_classes(
     scores = np.full(k, -999.0)
     prob = np.full(k, np.nan)
     net, meta = load_ranker(options.model)
+    if options.screen is not None:
+        choose_device(options.screen.device)  # a bad device fails now, not after the ranking
     if options.min_score is None:
         options = replace(options, min_score=recommended_min_score(meta))
         log(f"threshold: the model's recommended score {options.min_score:.3f}")
@@ -288,7 +290,8 @@ def job_particle_fit(
         "only_flip_phases": bool(int(opt.get("rlnDoOnlyFlipCtfPhases", 0))),
     }
     diameter = float(opt.get("rlnParticleDiameter", 0) or 0)
-    diameter_px = diameter / particles.pixel_size if diameter > 0 else None
+    pixel = float(np.median(particles.pixel_sizes))  # optics groups share the box
+    diameter_px = diameter / pixel if diameter > 0 else None
     fit = particle_fit(
         particles, job["images"], noise_spectra(job["model"], opt["rlnModelStarFile"]), rows,
         lowres=options.lowres, diameter_px=diameter_px, ctf_flags=flags,
