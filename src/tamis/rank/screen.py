@@ -144,7 +144,9 @@ def particle_fit(
     area = float(mask.sum())
     ogroup = particles.optics_group_index
     group_numbers = particles.optics["rlnOpticsGroup"].astype(int).to_numpy()
-    weights: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    # per optics group: weights for the amplitude, for the noise level (and their count), the
+    # whitening low-pass filter and the low band's full-plane pixel count
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, float]] = {}
     used = set(np.unique(ogroup[rows]).tolist())
     for g, number in enumerate(group_numbers):
         if g not in used:
@@ -164,7 +166,9 @@ def particle_fit(
         # (the Nyquist column kx = n/2 of an even box is its own mirror: once)
         twice = (kx_grid > 0) & ~((n % 2 == 0) & (kx_grid == half))
         n_full = float((low * torch.where(twice, 2, 1)).sum())
-        weights[g] = (w.float(), low, n_full)
+        w = w.float()
+        hw = w * high
+        weights[g] = (w * counted, hw, max(1, int((hw > 0).sum())), torch.sqrt(w * low), n_full)
     k_of = table["rlnClassNumber"].to_numpy(np.int64) - 1
     if (k_of[rows] < 0).any() or (k_of[rows] >= len(classes)).any():
         raise InputFileError(where, "rlnClassNumber outside the job's classes")
@@ -194,18 +198,13 @@ def particle_fit(
             stats["class"] = k_of[idx] + 1
             for g in np.unique(ogroup[idx]):
                 sel = torch.as_tensor(ogroup[idx] == g, device=dev)
-                w, low, n_full = weights[int(g)]
+                wc, hw, n_high, lowpass, n_full = weights[int(g)]
                 xg, cg = x[sel], ca[sel]
-                wc = w * counted
-                x2 = xg.real**2 + xg.imag**2
                 s = _sum(wc * (cg.real**2 + cg.imag**2))
                 cross = _sum(wc * (xg.real * cg.real + xg.imag * cg.imag))
-                hw = w * high
-                noise = _sum(hw * x2) / max(1, int((hw > 0).sum()))
+                noise = _sum(hw * (xg.real**2 + xg.imag**2)) / n_high
                 # whitened, low-passed, in units of the box's own noise; fitted inside the mask
-                filt = (
-                    torch.sqrt(w * low)[None] / noise.clamp(min=1e-30).sqrt()[:, None, None]
-                ).float()
+                filt = (lowpass[None] / noise.clamp(min=1e-30).sqrt()[:, None, None]).float()
                 xr = irfft2_centered(xg * filt, (n, n))
                 cr = irfft2_centered(cg * filt, (n, n))
                 a_m = _sum(mask * xr * cr) / _sum(mask * cr * cr).clamp(min=1e-30)
