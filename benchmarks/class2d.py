@@ -1,20 +1,34 @@
-"""2D classification (EM) on simulated data with ground truth: quality and speed.
+"""2D classification (EM or VDAM) on simulated data with ground truth: quality and speed.
 
-Recipe (defaults): 5,000 particles of 64 px at 2.8 A/px, two structures (PDB 8ZPM complex and its
-receptor chain alone) plus 15% junk (ice, carbon edges, aggregates, empty boxes in equal parts),
-realistic CTF (defocus 0.8-2.5 um), SNR 0.05; K=20, 25 iterations, RELION GUI EM options
-(T=2, --ctf --zero_mask --flatten_solvent --center_classes --norm --scale, psi 12, offsets 5/2).
+Recipes (``benchmarks/recipes.py``): ``easy`` (default; 8ZPM and its receptor chain, ~100 A in
+64 px at 2.8 A/px, posteriors sharp after two iterations) and ``hard`` (a ribosome-sized
+pseudo-protein and a nine-fold ring, ~240 A in 64 px at 4 A/px, mask 240 A, posteriors broad).
+Both: SNR 0.05, 15% junk (ice, carbon edges, aggregates, empty boxes), defocus 0.8-2.5 um.
+Options as RELION's GUI job: EM ``--K 20 --iter 25 --tau2_fudge 2 --ctf --zero_mask
+--flatten_solvent --center_classes --norm --scale --psi_step 12 --offset_range 5 --offset_step 2
+--oversampling 1``; VDAM the same with ``--grad --iter 200``.
 
-Run: ``.venv/bin/python benchmarks/class2d.py [--n 5000] [--K 20] [--iter 25] [--device cpu]``.
-Prints a report (Markdown) and writes ``<work>/report.json``.
+Run: ``.venv/bin/python benchmarks/class2d.py [--recipe hard] [--algo em|vdam] [--n 5000]
+[--K 20] [--iter N] [--j 2] [--device cpu] [--max_memory GB] [--profile] --work DIR``.
+Prints per-iteration seconds and a JSON report (also ``DIR/report_<algo>.json``): quality against
+the truth, wall time, peak RSS, E-step GEMM rate against torch.matmul on the same shapes.
+RELION on the same particles: ``benchmarks/relion_class2d.py``.
 """
 
+# ruff: noqa: E402
 from __future__ import annotations
+
+import os
+
+# Before torch loads: large CPU tensors on transparent huge pages, as the tamis CLI has it
+# (see src/tamis/__init__.py).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse
 import json
-import os
 import platform
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -29,9 +43,11 @@ from tamis.fourier import frc
 from tamis.geometry import euler_to_matrix
 from tamis.io.mrc import read_mrc
 from tamis.io.star import read_star
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
 from tamis.simulate.project import Projector
 from tamis.simulate.truth import truth_for
+
+sys.path.insert(0, str(Path(__file__).parent))
+from recipes import RECIPES, make_recipe  # noqa: E402
 
 
 def matmul_rate(shapes: list[tuple[int, int, int]], device: str) -> float:
@@ -185,52 +201,71 @@ def evaluate(work: Path, result, psi_step: float) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--recipe", choices=sorted(RECIPES), default="easy")
+    ap.add_argument("--algo", choices=("em", "vdam"), default="em")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--K", type=int, default=20)
-    ap.add_argument("--iter", type=int, default=25)
+    ap.add_argument("--iter", type=int, default=None, help="default: 25 (EM), 200 (VDAM)")
     ap.add_argument("--snr", type=float, default=0.05)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--j", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--work", default="bench_class2d")
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--max_memory", type=float, default=None, help="GB (tamis's --max_memory)")
+    ap.add_argument("--profile", action="store_true", help="torch.profiler's top entries")
     args = ap.parse_args()
     work = Path(args.work)
+    recipe = make_recipe(args.recipe, work, args.n, seed=args.seed, snr=args.snr)
     star = work / "sim" / "particles.star"
-    if not star.exists():
-        simulate_particles(
-            ParticleSimulation(
-                structures=["builtin:8zpm", "builtin:8zpm@R"],
-                n_particles=args.n,
-                box_size=64,
-                pixel_size=2.8,
-                snr=args.snr,
-                junk_fraction=0.15,
-                seed=args.seed,
-            ),
-            work / "sim",
-        )
-    options = Class2DOptions.gui_em(
+    make = Class2DOptions.gui_vdam if args.algo == "vdam" else Class2DOptions.gui_em
+    extra = {} if args.iter is None else {"iter": args.iter}
+    if args.max_memory is not None:
+        extra["max_memory"] = args.max_memory
+    options = make(
         K=args.K,
-        iter=args.iter,
-        particle_diameter=150.0,
+        particle_diameter=recipe.diameter,
         random_seed=args.seed,
-        j=os.cpu_count() or 1,
+        j=args.j,
         device=args.device,
+        **extra,
     )
-    times = []
-    t0 = time.perf_counter()
+    torch.set_num_threads(args.j)
+    times = [time.perf_counter()]
+    lines = []
 
     def log(line: str) -> None:
         times.append(time.perf_counter())
-        print(line, flush=True)
+        lines.append(line)
+        print(f"[{times[-1] - times[-2]:7.1f} s] {line}", flush=True)
 
-    result = run_class2d(star, str(work / "Class2D" / "run"), options, log=log)
+    t0 = time.perf_counter()
+    out = work / ("Class2D" if args.algo == "em" else "Class2D_vdam") / "run"
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            result = run_class2d(star, str(out), options, log=log)
+        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        (work / f"profile_{args.algo}.txt").write_text(table)
+        print(table)
+    else:
+        result = run_class2d(star, str(out), options, log=log)
     wall = time.perf_counter() - t0
-    report = evaluate(work, result, 12.0 / 2)
+    iteration_s = [round(b - a, 1) for a, b in zip(times[1:-1], times[2:], strict=True)]
+    report = evaluate(work, result, options.psi_step / 2)
     rate = matmul_rate(GEMM_STATS["shapes"], args.device)
+    n_iter = options.iter
     report.update(
-        machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.device}",
+        recipe=args.recipe,
+        algo=args.algo,
+        machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.device}, {args.j} threads",
         wall_s=round(wall, 1),
-        particles_per_s=round(args.n * args.iter / wall, 1),
+        setup_s=round(times[1] - t0, 1),
+        iteration_s=iteration_s,
+        pmax=[_field(line, "pmax") for line in lines],
+        peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        particles_per_s=round(result.particles_evaluated / wall, 1),
+        iterations=n_iter,
         estep_gemm_gflop=round(GEMM_STATS["flops"] / 1e9, 1),
         estep_seconds=round(GEMM_STATS["estep_seconds"], 1),
         estep_gflops=round(GEMM_STATS["flops"] / max(GEMM_STATS["estep_seconds"], 1e-9) / 1e9, 1),
@@ -240,8 +275,20 @@ def main() -> None:
             GEMM_STATS["flops"] / max(GEMM_STATS["estep_seconds"], 1e-9) / rate, 3
         ),
     )
-    (work / "report.json").write_text(json.dumps(report, indent=2))
+    name = f"report_{args.algo}.json"
+    (work / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+
+
+def _field(line: str, key: str) -> float | None:
+    words = line.replace(",", " ").split()
+    for a, b in zip(words, words[1:], strict=False):
+        if a == key:
+            try:
+                return float(b)
+            except ValueError:
+                return None
+    return None
 
 
 if __name__ == "__main__":

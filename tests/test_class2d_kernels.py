@@ -447,6 +447,8 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
         fraction=0.999,
         dense_pairs=dense_pairs,
     )
+    assert (hyp.dense is not None) == (dense_pairs == 0.0)
+    hyp = hyp.to_pairs()
     ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
     got = [dict() for _ in range(b)]
     for m, (p, kk, ps) in enumerate(

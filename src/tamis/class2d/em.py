@@ -125,6 +125,8 @@ class Class2DRun:
         self.root = root
         self.log = log
         self.show_progress = show_progress
+        if options.max_memory <= 0:
+            raise TamisError(f"--max_memory {options.max_memory}: must be positive (GB)")
         self.device = choose_device(options.device)
         if options.j > 0 and self.device.type == "cpu":
             torch.set_num_threads(options.j)
@@ -206,14 +208,22 @@ class Class2DRun:
             )
         )
 
-    def _batch_size(self, n_pix: int, n_hyp: int) -> int:
+    def _batch_size(self, n_pix: int, n_hyp: int, n_fine: int, n_trans: int) -> int:
+        """Particles per batch from the memory budget (``--max_memory``, at most half the free
+        memory): per particle the dense fine weights and their E-step temporaries, the shifted
+        images of both passes, pass 0's log-weights and the image preparation."""
         if self.options.batch_size:
             return self.options.batch_size
-        # worst case (broad posteriors): every fine hypothesis of every pair in a few float64
-        # copies, plus the images and spectra
-        per_particle = 8 * 6 * 8 * n_hyp + 16 * n_pix * 8 + 6 * self.box * self.box * 8
-        budget = _available_bytes(self.device) // 4
-        return int(max(16, min(256, budget // max(per_particle, 1))))
+        per_particle = (
+            8 * n_fine + 16 * n_trans * n_pix + 40 * n_hyp + 64 * self.box * self.box + 64 * n_pix
+        )
+        return int(max(8, min(256, self._work_budget() // max(per_particle, 1))))
+
+    def _work_budget(self) -> int:
+        """Bytes the batches may use: ``--max_memory`` less the M-step's and the significance
+        step's fixed-size working tensors, at most half of what is free."""
+        budget = int(self.options.max_memory * (1 << 30))
+        return max(64 << 20, min(budget, _available_bytes(self.device) // 2) * 3 // 4)
 
     def _batches(self, rows: np.ndarray, size: int):
         return self.ps.batches(size, indices=self.order[rows], device=self.device)
@@ -510,11 +520,13 @@ class Class2DRun:
         )
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
-        bsize = self._batch_size(len(window), n_hyp)
+        bsize = self._batch_size(len(window), n_hyp, k * n_pf * len(t_f), len(t_f))
         old_cls = self.cls[rows_all].copy()
         old_psi = self.psi[rows_all].copy()
         old_origin = self.origin[rows_all].copy()
         max_sig = o.max_significants if max_significants is None else max_significants
+        # rows (particle x translation) per M-step GEMM: a quarter of the budget
+        m_rows = max(256, self._work_budget() // 4 // (16 * len(window) + 4 * k * n_pf))
         acc_inputs = None
         with progress_bar(len(rows_all), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
@@ -568,6 +580,7 @@ class Class2DRun:
                     avg_norm=st.avg_norm,
                     nsh=self.nsh,
                     half=torch.as_tensor(rows % 2, device=dev) if halves else None,
+                    max_rows=m_rows,
                 )
                 self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
                 bar.advance(len(rows))

@@ -40,6 +40,7 @@ RUNTIME_OPTIONS = frozenset(
         "j",
         "pool",
         "batch_size",
+        "max_memory",
         "preread_images",
         "pipeline_control",
         "center_classes",

@@ -17,7 +17,7 @@ Log-weights are reduced in float64.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,10 @@ __all__ = [
 #: Floating-point operations done by the E-step GEMMs, their shapes, and (set by the driver) the
 #: E-step's wall time, for benchmarks.
 GEMM_STATS: dict[str, object] = {"flops": 0.0, "shapes": [], "estep_seconds": 0.0}
+
+#: Pass 1 goes dense (every fine weight of the active classes, :func:`_dense_pass`) when more
+#: than this fraction of the (particle, fine orientation) pairs have a significant parent.
+DENSE_PAIRS = 0.25
 
 
 def _count(m: int, k: int, n: int) -> None:
@@ -75,6 +79,10 @@ class Hypotheses:
     ``weight`` ``(M, Tf)``: weights normalised by the particle's total fine weight, zero where
     not significant. Per particle (B,): ``best_cls``, ``best_psi``, ``best_trans``, ``pmax``,
     ``n_significant`` (coarse samples), ``loglik``.
+
+    Broad posteriors come *dense* instead: ``dense`` ``(B, Tf, Ka * Pf)`` float32 holds every
+    fine weight of the active classes ``active`` ``(Ka,)`` (row ``r = ka * Pf + psi``), and the
+    pair fields are empty.
     """
 
     particle: torch.Tensor
@@ -87,6 +95,26 @@ class Hypotheses:
     pmax: torch.Tensor
     n_significant: torch.Tensor
     loglik: torch.Tensor
+    dense: torch.Tensor | None = None
+    active: torch.Tensor | None = None
+
+    def to_pairs(self) -> Hypotheses:
+        """The same weights as (particle, class, psi) pairs with any non-zero weight."""
+        if self.dense is None:
+            return self
+        b, tf, ra = self.dense.shape
+        npf = ra // len(self.active)
+        per_pair = self.dense.permute(0, 2, 1)  # (B, Ra, Tf)
+        i, r = torch.nonzero((per_pair > 0).any(-1), as_tuple=True)
+        return replace(
+            self,
+            particle=i,
+            cls=self.active[r // npf],
+            psi=r % npf,
+            weight=per_pair[i, r].to(torch.float64),
+            dense=None,
+            active=None,
+        )
 
 
 def significant_mask(
@@ -96,12 +124,13 @@ def significant_mask(
 
     RELION's rule: sort descending, accumulate until the running sum exceeds ``fraction x total``;
     the last weight added is the threshold; keep every weight >= threshold (at most
-    ``max_significant`` if > 0). Without a cap this is the binned selection of
-    :func:`_pair_significance` (one row per particle), which gives the same mask without sorting.
+    ``max_significant`` if > 0). Without a cap this is :func:`dense_significance`, which gives the
+    same mask without sorting.
     """
     if max_significant <= 0:
-        rows = torch.arange(logw.shape[0], device=logw.device)
-        return _pair_significance(rows, logw, logw.shape[0], fraction)[1]
+        rel = (logw - logw.max(dim=1, keepdim=True).values).to(torch.float32)
+        dense_significance(rel, fraction)
+        return rel > 0
     w = torch.exp(logw - logw.max(dim=1, keepdim=True).values)
     sorted_w, _ = torch.sort(w, dim=1, descending=True)
     csum = torch.cumsum(sorted_w, dim=1)
@@ -150,7 +179,7 @@ def expectation(
     n_over_trans: int,
     fraction: float = 0.999,
     max_significant: int = -1,
-    dense_pairs: float = 0.25,
+    dense_pairs: float | None = None,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -194,6 +223,16 @@ def expectation(
         p_i, p_k, p_psi = pairs[:, 0], active[pairs[:, 1]], pairs[:, 2]
         return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, coarse_pixels, b)
 
+    n_fine_psi = proj_fine.shape[1]
+    dense_pairs = DENSE_PAIRS if dense_pairs is None else dense_pairs
+    if len(pairs) * n_over_psi > dense_pairs * b * k * n_fine_psi:
+        # Broad posteriors: most (particle, orientation) pairs are needed, so every fine weight
+        # is computed by one GEMM and kept dense.
+        return _dense_pass(
+            data, sig, active, proj_fine, estep_pixels, ramps_fine, log_prior_offset,
+            log_prior_class, n_over_psi, n_over_trans, fraction, n_sig,
+        )  # fmt: skip
+
     # ---- pass 1: (particle, fine psi) pairs x all fine translations, masked ----------------
     sub = torch.arange(n_over_psi, device=dev)
     p_i = pairs[:, 0].repeat_interleave(n_over_psi)
@@ -212,15 +251,9 @@ def expectation(
     a_all = (w2e * ctfe * ctfe) @ (pf.real**2 + pf.imag**2).reshape(k * npf, ce).T  # (B, K*Pf)
     _count(b, ce, k * npf)
     r_idx = p_k * npf + p_psi
-    if len(p_i) > dense_pairs * b * k * npf:
-        # Broad posteriors (early iterations): most pairs are needed, so one dense GEMM over
-        # every (particle, orientation) beats gathering them.
-        d_all = _diff2_dense(y, w2e * ctfe * ctfe, pf.reshape(k * npf, ce), ramps_fine[:, e])
-        d2f = const_f[p_i][:, None] + d_all[p_i, r_idx]
-    else:
-        a = a_all[p_i, r_idx].to(torch.float64)
-        cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
-        d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
+    a = a_all[p_i, r_idx].to(torch.float64)
+    cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
+    d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
     t_coarse = torch.arange(ramps_fine.shape[0], device=dev) // n_over_trans
     pri = log_prior_class[p_k][:, None] + log_prior_offset[p_i, p_k][:, t_coarse]
     logw = torch.where(tmask, pri - d2f, -math.inf)
@@ -348,3 +381,154 @@ def _finish(
         n_significant=n_sig,
         loglik=lse - norm_const.to(torch.float64),
     )
+
+
+def shifted_real(y: torch.Tensor, ramps: torch.Tensor) -> torch.Tensor:
+    """Every row of ``y`` ``(B, C)`` times every phase ramp ``(T, C)``, as the real matrix
+    ``(B * T, 2C)`` (real and imaginary parts interleaved per pixel), so that
+    ``shifted_real(y, ramps) @ view_as_real(P).reshape(R, 2C).T`` is ``Re(y ramp conj(P))``
+    summed over pixels."""
+    b, c = y.shape
+    t = ramps.shape[0]
+    out = torch.mul(y[:, None, :], ramps[None])
+    return torch.view_as_real(out).reshape(b * t, 2 * c)
+
+
+def real_rows(p: torch.Tensor) -> torch.Tensor:
+    """Complex rows ``(R, C)`` as real rows ``(R, 2C)`` (real and imaginary parts interleaved)."""
+    return torch.view_as_real(p.contiguous()).reshape(p.shape[0], 2 * p.shape[1])
+
+
+def _dense_pass(
+    data: BatchData,
+    sig: torch.Tensor,
+    active: torch.Tensor,
+    proj_fine: torch.Tensor,
+    e: torch.Tensor,
+    ramps_fine: torch.Tensor,
+    log_prior_offset: torch.Tensor,
+    log_prior_class: torch.Tensor,
+    n_over_psi: int,
+    n_over_trans: int,
+    fraction: float,
+    n_sig: torch.Tensor,
+) -> Hypotheses:
+    """Pass 1 with every fine weight of the active classes in one ``(B, Tf, Ka * Pf)`` tensor.
+
+    The cross term is one GEMM ``(B * Tf, 2C) x (2C, Ka * Pf)``; the log-weights are formed in
+    place in single precision (the per-particle constant is added to the log-likelihood in
+    float64 afterwards), children of coarse samples that were not significant are masked, and
+    :func:`dense_significance` turns them into normalised significant weights.
+    """
+    b = data.x.shape[0]
+    ka = len(active)
+    dev = data.x.device
+    w2e, ctfe, xe = data.weight2[:, e], data.ctf[:, e], data.x[:, e]
+    const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
+    pf = proj_fine[active][:, :, e]
+    npf, ce = pf.shape[1], pf.shape[2]
+    ra = ka * npf
+    p = pf.reshape(ra, ce)
+    tf = ramps_fine.shape[0]
+    a = (w2e * ctfe * ctfe) @ (p.real**2 + p.imag**2).T  # (B, Ra)
+    _count(b, ce, ra)
+    # 2 x cross term straight from the GEMM (P scaled by 2), then - A + prior, in place
+    logw = shifted_real(w2e * ctfe * xe, ramps_fine[:, e]) @ (2.0 * real_rows(p)).T
+    _count(b * tf, 2 * ce, ra)
+    logw = logw.view(b, tf, ra)
+    logw.sub_(a[:, None, :])
+    # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
+    tc, pc = sig.shape[3], sig.shape[2]
+    parent = (
+        log_prior_class[active][None, None, :, None]
+        + log_prior_offset[:, active].transpose(1, 2)[..., None]
+    )
+    parent = torch.where(sig.permute(0, 3, 1, 2), parent, -math.inf).to(torch.float32)
+    logw.view(b, tc, n_over_trans, ka, pc, n_over_psi).add_(parent[:, :, None, :, :, None])
+    lse = dense_significance(logw.view(b, tf * ra), fraction) - const_f
+    w = logw
+    pmax, arg = w.view(b, -1).max(1)
+    r_best = arg % ra
+    norm_const = torch.where(
+        data.dc[None], torch.zeros_like(data.sigma2), torch.log(2 * math.pi * data.sigma2)
+    )[:, e].sum(1)
+    empty = torch.zeros(0, dtype=torch.long, device=dev)
+    return Hypotheses(
+        particle=empty,
+        cls=empty,
+        psi=empty,
+        weight=torch.zeros((0, tf), dtype=torch.float64, device=dev),
+        best_cls=active[r_best // npf],
+        best_psi=r_best % npf,
+        best_trans=arg // ra,
+        pmax=pmax.to(torch.float64),
+        n_significant=n_sig,
+        loglik=lse - norm_const.to(torch.float64),
+        dense=w,
+        active=active,
+    )
+
+
+def dense_significance(
+    logw: torch.Tensor, fraction: float, shift: int = 18, max_elements: int = 1 << 22
+) -> torch.Tensor:
+    """In place: per row of ``logw`` ``(B, S)`` (float32, ``-inf`` for excluded samples) the
+    normalised weights of the samples that together carry ``fraction`` of the weight, zero
+    elsewhere (RELION's rule, as :func:`_pair_significance`); returns the rows' logsumexp
+    (float64).
+
+    The weights' mass is histogrammed per row by the top bits of their float32 representation
+    (monotone in the value for non-negative floats: 2^(23-shift) bins per octave); bins above the
+    one where the running sum crosses ``fraction`` are kept whole, and only that bin is sorted.
+    Every row needs at least one finite log-weight. Rows are taken ``max_elements`` at a time,
+    which bounds the temporary memory (about 14 bytes per element).
+    """
+    rows = max(1, max_elements // max(logw.shape[1], 1))
+    if logw.shape[0] > rows:
+        return torch.cat(
+            [
+                dense_significance(logw[s : s + rows], fraction, shift, max_elements)
+                for s in range(0, logw.shape[0], rows)
+            ]
+        )
+    b = logw.shape[0]
+    dev = logw.device
+    mx = logw.max(dim=1, keepdim=True).values
+    # Relative log-weights below -80 (weights < 2e-35, and the excluded -inf) are raised to -80
+    # before exp: exp is several times slower on arguments that underflow. Their mass (< S x
+    # 2e-35) is nothing beside the 1 - fraction cut, so the threshold below zeroes them again.
+    w = logw.sub_(mx).clamp_(min=-80.0).exp_()
+    total = w.sum(1).to(torch.float64)
+    w.div_(total.to(torch.float32)[:, None])
+    lse = mx.squeeze(1).to(torch.float64) + torch.log(total)
+    if fraction >= 1:
+        return lse
+    n_bins = (0x3F800000 >> shift) + 2  # 1.0 (and rounding just above it) included
+    bins = (w.view(torch.int32) >> shift).clamp_(max=n_bins - 1).long()
+    mass = torch.zeros((b, n_bins), dtype=torch.float32, device=dev)
+    mass.scatter_add_(1, bins, w)
+    mass = mass.to(torch.float64)
+    above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass
+    crossing = ((above <= fraction) & (above + mass > fraction)).to(torch.int8)
+    cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
+    # exact threshold inside the crossing bin: sort only its members
+    rows, cols = torch.nonzero(bins.sub_(cbin[:, None]) == 0, as_tuple=True)
+    thr = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
+    if len(rows):
+        vals = w[rows, cols].to(torch.float64)
+        order = torch.argsort(rows.to(torch.float64) + (1.0 - vals))  # by row, then descending
+        sv, sr = vals[order], rows[order]
+        exclusive = torch.cumsum(sv, 0) - sv
+        counts = torch.bincount(sr, minlength=b)
+        first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
+        before = exclusive - exclusive[first][sr] + above[sr, cbin[sr]]
+        added = before < fraction
+        thr = thr.scatter_reduce(0, sr[added], sv[added], reduce="amin", include_self=True)
+    # rows whose crossing bin added nothing keep exactly the bins above it
+    edge = ((cbin + 1) << shift).to(torch.int32).view(torch.float32).to(torch.float64)
+    thr = torch.where(torch.isfinite(thr), thr, edge).clamp(min=1e-38).to(torch.float32)
+    # keep w >= thr per row, in place: w / thr > 1 - 2^-24 exactly when w >= thr
+    w.div_(thr[:, None])
+    torch.nn.functional.threshold_(w, 1.0 - 2.0**-24, 0.0)
+    w.mul_(thr[:, None])
+    return lse

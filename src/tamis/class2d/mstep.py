@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
-from tamis.class2d.likelihood import BatchData, Hypotheses
+from tamis.class2d.likelihood import BatchData, Hypotheses, real_rows
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -78,6 +78,7 @@ def accumulate(
     nsh: int,
     half: torch.Tensor | None = None,
     chunk: int = 8192,
+    max_rows: int = 8192,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
 
@@ -87,6 +88,13 @@ def accumulate(
     particle through ``M1_i = sum_m conj(P_m) Mix_m`` and ``M2_i = sum_m |P_m|² sum_t W_m``
     (residual power per pixel ``c² M2 - 2 Re(c X M1) + W |X|²``).
     """
+    if hyp.dense is not None:
+        return _accumulate_dense(
+            sums, data, hyp, proj_f, ramps_f, window, full_power=full_power, optics=optics,
+            groups=groups, scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
+            prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm,
+            avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows,
+        )  # fmt: skip
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
     dev = data.x.device
@@ -161,10 +169,10 @@ def _particle_sums(
     sums: WeightedSums,
     data: BatchData,
     hyp: Hypotheses,
-    m1: torch.Tensor,
+    m1: torch.Tensor | None,
     m2: torch.Tensor,
     wsum: torch.Tensor,
-    xa: torch.Tensor,
+    xa: torch.Tensor | None,
     aa: torch.Tensor,
     window: FourierWindow,
     *,
@@ -176,29 +184,181 @@ def _particle_sums(
     old_norm: torch.Tensor,
     avg_norm: float,
     nsh: int,
+    cross_pixels: torch.Tensor | None = None,
+    cross_particles: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Noise, norm, scale and likelihood sums from the per-particle expectations M1, M2."""
+    """Noise, norm, scale and likelihood sums from the per-particle expectations M1, M2.
+
+    Without ``m1`` the cross term ``Re(c X M1)`` comes summed instead: per optics group and
+    pixel (``cross_pixels`` ``(n_optics, C)``, for the noise) and per particle
+    (``cross_particles`` ``(B,)``, for the norm); ``xa`` is then already added to the sums.
+    """
     dev = data.x.device
     x = data.x.to(torch.complex128)
     ctf = data.ctf.to(torch.float64)
-    rp = ctf**2 * m2 - 2 * (ctf * x * m1).real + wsum[:, None] * (x.real**2 + x.imag**2)
+    rp = ctf**2 * m2 + wsum[:, None] * (x.real**2 + x.imag**2)
+    if m1 is not None:
+        rp = rp - 2 * (ctf * x * m1).real
     n_opt = sums.sigma2_noise.shape[0]
     flat = (optics[:, None] * nsh + window.shell[None]).reshape(-1)
     s2 = sums.sigma2_noise.view(-1)
     s2.index_add_(0, flat, rp.reshape(-1))
+    if cross_pixels is not None:
+        c = cross_pixels.shape[1]
+        flat_o = (torch.arange(n_opt, device=dev)[:, None] * nsh + window.shell[None]).reshape(-1)
+        s2.index_add_(0, flat_o, -2.0 * cross_pixels.reshape(-1))
+        assert c == len(window.shell)
     beyond = (torch.arange(nsh, device=dev) > window.size // 2).to(torch.float64)
     s2.view(n_opt, nsh).index_add_(0, optics, full_power * beyond)
     sums.sumw_optics.index_add_(0, optics, wsum)
     resid = rp.sum(1) + (full_power * beyond).sum(1)
+    if cross_particles is not None:
+        resid = resid - 2.0 * cross_particles
     new_norm = (old_norm / avg_norm) * torch.sqrt(2 * resid.clamp(min=0))
     sums.norm_sum += float(new_norm.sum())
     if with_scale:
         s_g = scale[groups]
-        sums.xa.index_add_(0, groups, xa / s_g)
+        if xa is not None:
+            sums.xa.index_add_(0, groups, xa / s_g)
         sums.aa.index_add_(0, groups, aa / s_g**2)
     sums.loglik += float(hyp.loglik.sum())
     sums.pmax_sum += float(hyp.pmax.sum())
     return new_norm
+
+
+def _accumulate_dense(
+    sums: WeightedSums,
+    data: BatchData,
+    hyp: Hypotheses,
+    proj_f: torch.Tensor,
+    ramps_f: torch.Tensor,
+    window: FourierWindow,
+    *,
+    full_power: torch.Tensor,
+    optics: torch.Tensor,
+    groups: torch.Tensor,
+    scale: torch.Tensor,
+    ssnr_mask: torch.Tensor | None,
+    translations_px: torch.Tensor,
+    prior_offset: torch.Tensor,
+    pixel_size: float,
+    old_norm: torch.Tensor,
+    avg_norm: float,
+    nsh: int,
+    half: torch.Tensor | None,
+    max_rows: int = 8192,
+) -> torch.Tensor:
+    """:func:`accumulate` for dense weights ``W`` ``(B, Tf, R)`` (R = active classes x psi).
+
+    Every sum over translations is a GEMM over the rows ``(particle, t)``: with
+    ``Y_q = c X_unmasked ramp_t / sigma2`` and ``Y_x = c X ramp_t``,
+    ``W^T [Y_q | Y_x]`` ``(R, 4C)`` gives the reconstruction sums and, per pixel,
+    ``sum_r Re(conj(P_r) W^T Y_x)``, the cross term of the noise (and of the scale, per group);
+    ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction.
+    Particles are taken in pieces of one optics group, half set and (with ``--scale``) group.
+    """
+    w = hyp.dense
+    assert w is not None and hyp.active is not None
+    b, tf, ra = w.shape
+    active = hyp.active
+    ka = len(active)
+    k, pf, c = proj_f.shape
+    dev = data.x.device
+    p = proj_f[active].reshape(ra, c)
+    p_re = real_rows(p)  # (Ra, 2C)
+    p2 = p.real**2 + p.imag**2
+    inv_sig = 1.0 / data.sigma2
+    q = data.ctf * data.xu * inv_sig
+    cx = data.ctf * data.x
+    cw = data.ctf * data.ctf * inv_sig
+    wr = w.sum(1)  # (B, Ra)
+    wsum = wr.sum(1).to(torch.float64)
+    with_scale = ssnr_mask is not None
+    msk = ssnr_mask[active].repeat_interleave(pf, 0).to(torch.float32) if with_scale else None
+    n_opt = sums.sigma2_noise.shape[0]
+    n_groups = sums.xa.shape[0]
+    halves = half if half is not None else torch.zeros(b, dtype=torch.long, device=dev)
+    key = (optics * 2 + halves) * (n_groups if with_scale else 1)
+    if with_scale:
+        key = key + groups
+    slots = sums.fimg.shape[0]
+    fimg = torch.zeros((2, ra, c), dtype=torch.complex64, device=dev)
+    cross_pix = torch.zeros((n_opt, c), dtype=torch.float64, device=dev)
+    cross_part = torch.zeros(b, dtype=torch.float64, device=dev)
+    xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
+    step = max(1, max_rows // tf)
+    for u in torch.unique(key).tolist():
+        members = torch.nonzero(key == u).squeeze(1)
+        o = u // (2 * (n_groups if with_scale else 1))
+        h = (u // (n_groups if with_scale else 1)) % 2
+        g = u % n_groups if with_scale else 0
+        gx = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
+        contiguous = int(members[-1] - members[0]) + 1 == len(members)
+        for s in range(0, len(members), step):
+            idx = members[s : s + step]
+            n = len(idx)
+            # the piece's rows of W: a view when its particles are consecutive (EM)
+            sl = slice(int(idx[0]), int(idx[0]) + n) if contiguous else idx
+            buf = torch.empty((n, tf, 2, c), dtype=torch.complex64, device=dev)
+            torch.mul(q[sl][:, None, :], ramps_f[None], out=buf[:, :, 0])
+            torch.mul(cx[sl][:, None, :], ramps_f[None], out=buf[:, :, 1])
+            y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
+            wp = w[sl].reshape(n * tf, ra)
+            out = torch.view_as_complex((wp.T @ y).reshape(ra, 2, c, 2))
+            fimg[h] += out[:, 0]
+            gx += out[:, 1]
+            # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
+            xc = y.view(n * tf, 2, 2 * c)[:, 1] @ p_re.T  # (n*Tf, Ra)
+            dots = torch.bmm(xc.view(n, 1, tf * ra), wp.view(n, tf * ra, 1)).view(n)
+            cross_part[idx] = dots.to(torch.float64)
+            del y, buf
+        corr = (gx * p.conj()).real  # (Ra, C)
+        cross_pix[o] += corr.sum(0, dtype=torch.float64)
+        if with_scale:
+            xa_sum[g] += float((msk * corr).sum(dtype=torch.float64)) / float(scale[g])
+    if with_scale:
+        sums.xa += xa_sum
+    # reconstruction weights, per half set: (Ra, B) x (B, C)
+    for h in range(2 if half is not None else 1):
+        sel = torch.nonzero(halves == h).squeeze(1)
+        fw = wr[sel].T @ cw[sel]  # (Ra, C)
+        rows = (active + k * h).repeat_interleave(pf) * pf + torch.arange(pf, device=dev).repeat(ka)
+        sums.fimg.view(slots * pf, c).index_add_(0, rows, fimg[h].to(torch.complex128))
+        sums.fweight.view(slots * pf, c).index_add_(0, rows, fw.to(torch.float64))
+    m2 = wr @ p2  # (B, C)
+    aa = (
+        (data.ctf * data.ctf * (wr @ (msk * p2))).sum(1, dtype=torch.float64)
+        if with_scale
+        else None
+    )
+    cls_w = wr.view(b, ka, pf).sum(2).to(torch.float64)  # (B, Ka)
+    sums.pdf_class.index_add_(0, active, cls_w.sum(0))
+    wt = w.view(b, tf, ka, pf).sum(3).to(torch.float64)  # (B, Tf, Ka)
+    total = pixel_size * (data.offset_px[:, None, :] + translations_px[None])  # (B, Tf, 2) Å
+    sums.prior_offset.index_add_(0, active, torch.einsum("btk,btd->kd", wt, total))
+    d2 = ((prior_offset[active][None, None] - total[:, :, None, :]) ** 2).sum(-1)  # (B, Tf, Ka)
+    sums.sigma2_offset += float((wt * d2).sum())
+    return _particle_sums(
+        sums,
+        data,
+        hyp,
+        None,
+        m2.to(torch.float64),
+        wsum,
+        None,
+        aa if aa is not None else torch.zeros(b, dtype=torch.float64, device=dev),
+        window,
+        full_power=full_power,
+        optics=optics,
+        groups=groups,
+        scale=scale,
+        with_scale=with_scale,
+        old_norm=old_norm,
+        avg_norm=avg_norm,
+        nsh=nsh,
+        cross_pixels=cross_pix,
+        cross_particles=cross_part,
+    )
 
 
 def maximize(

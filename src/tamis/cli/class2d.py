@@ -97,6 +97,12 @@ def class2d(
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda:N."),
     gpu: str = typer.Option(None, "--gpu", help="RELION-style: use the GPU (ids: first is used)."),
     batch_size: int = typer.Option(0, "--batch_size", help="Particles per batch (0: from memory)."),
+    max_memory: float = typer.Option(
+        1.0,
+        "--max_memory",
+        help="Working memory for the batches in GB (the process needs ~0.5 GB more); raise it "
+        "on a machine with memory to spare, lower it to leave room for other jobs.",
+    ),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
     """RELION's 2D classification (EM, or VDAM with --grad); writes run_itNNN_{classes.mrcs,model,
@@ -143,6 +149,7 @@ def class2d(
         j=j,
         device=device,
         batch_size=batch_size or None,
+        max_memory=max_memory,
         pipeline_control=pipeline_control,
     )
     if cont is None and not o:

@@ -1,0 +1,196 @@
+"""M-step weighted sums (pair and dense layouts) and dense significance against slow references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tamis.class2d.fourier2d import FourierWindow
+from tamis.class2d.likelihood import BatchData, Hypotheses, dense_significance
+from tamis.class2d.mstep import accumulate
+from tamis.class2d.state import WeightedSums
+
+
+def relion_threshold_keep(w: np.ndarray, fraction: float) -> np.ndarray:
+    """RELION's rule with a full sort: add weights in descending order until the running sum
+    exceeds ``fraction``; keep every weight >= the last one added."""
+    run, thr = 0.0, None
+    for x in np.sort(w)[::-1]:
+        if run > fraction:
+            break
+        run += x
+        thr = x
+    return w >= thr
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])  # broad, medium and sharp posteriors
+@pytest.mark.parametrize("max_elements", [1 << 22, 700])  # one piece; rows in pieces
+def test_dense_significance_matches_full_sort(spread, max_elements):
+    rng = np.random.default_rng(3)
+    logw = rng.normal(scale=spread, size=(9, 400)) + rng.normal(scale=50, size=(9, 1))
+    logw[rng.random((9, 400)) < 0.2] = -np.inf
+    logw[4, :-1] = -np.inf  # a row with a single sample
+    t = torch.from_numpy(logw).to(torch.float32)
+    lse = dense_significance(t, 0.999, max_elements=max_elements)
+    for row in range(9):
+        v = logw[row].astype(np.float32).astype(np.float64)
+        ref_lse = np.logaddexp.reduce(v)
+        assert lse[row].item() == pytest.approx(ref_lse, rel=1e-6)
+        w = np.exp(v - ref_lse)
+        keep = relion_threshold_keep(w, 0.999) & (w > 0)
+        got = t[row].numpy()
+        np.testing.assert_array_equal(got > 0, keep)
+        np.testing.assert_allclose(got[keep], w[keep], rtol=1e-5)
+
+
+def _problem(seed: int = 0):
+    rng = np.random.default_rng(seed)
+    box, size = 16, 10
+    win = FourierWindow.create(box, size)
+    c = len(win)
+    b, k, pf, tf = 6, 3, 4, 5
+
+    def cplx(*shape):
+        return torch.complex(
+            torch.from_numpy(rng.normal(size=shape)), torch.from_numpy(rng.normal(size=shape))
+        ).to(torch.complex64)
+
+    data = BatchData(
+        x=cplx(b, c),
+        xu=cplx(b, c),
+        ctf=torch.from_numpy(rng.uniform(-1, 1, (b, c))).float(),
+        sigma2=torch.from_numpy(rng.uniform(0.5, 2, (b, c))).float(),
+        dc=(win.kx == 0) & (win.ky == 0),
+        high_xi2=torch.zeros(b, dtype=torch.float64),
+        offset_px=torch.from_numpy(rng.integers(-2, 3, (b, 2)).astype(np.float64)),
+    )
+    proj = cplx(k, pf, c)
+    ramps = torch.polar(torch.ones(tf, c), torch.from_numpy(rng.uniform(-3, 3, (tf, c))).float())
+    active = torch.tensor([0, 2])  # class 1 inactive
+    w = rng.random((b, tf, len(active) * pf)) * (rng.random((b, tf, len(active) * pf)) < 0.6)
+    w /= w.sum((1, 2), keepdims=True)
+    extra = dict(
+        full_power=torch.from_numpy(rng.uniform(0, 1, (b, box // 2 + 1))),
+        optics=torch.tensor([0, 0, 1, 1, 0, 1]),
+        groups=torch.tensor([0, 0, 1, 1, 2, 2]),
+        scale=torch.tensor([1.0, 0.8, 1.3], dtype=torch.float64),
+        ssnr_mask=torch.from_numpy(rng.random((k, c)) < 0.5),
+        translations_px=torch.from_numpy(rng.uniform(-2, 2, (tf, 2))),
+        prior_offset=torch.from_numpy(rng.normal(size=(k, 2))),
+        pixel_size=2.0,
+        old_norm=torch.from_numpy(rng.uniform(0.8, 1.2, b)),
+        avg_norm=1.1,
+        nsh=box // 2 + 1,
+    )
+    return data, proj, ramps, active, torch.from_numpy(w).float(), win, extra
+
+
+def _slow_sums(data, proj, ramps, active, w, win, extra, half):
+    """Every weighted sum with explicit loops over particles and hypotheses (numpy, float64)."""
+    x, xu, ctf, sig = (
+        v.numpy().astype(np.complex128) for v in (data.x, data.xu, data.ctf, data.sigma2)
+    )
+    ctf, sig = ctf.real, sig.real
+    p, r = proj.numpy().astype(np.complex128), ramps.numpy().astype(np.complex128)
+    w = w.numpy().astype(np.float64)
+    b, tf, _ = w.shape
+    k, pf, c = p.shape
+    nsh = extra["nsh"]
+    shell = win.shell.numpy()
+    msk = extra["ssnr_mask"].numpy()
+    scale = extra["scale"].numpy()
+    groups, optics = extra["groups"].numpy(), extra["optics"].numpy()
+    slots = 2 * k if half is not None else k
+    out = {
+        "fimg": np.zeros((slots, pf, c), complex),
+        "fweight": np.zeros((slots, pf, c)),
+        "sigma2_noise": np.zeros((2, nsh)),
+        "sumw_optics": np.zeros(2),
+        "pdf_class": np.zeros(k),
+        "prior_offset": np.zeros((k, 2)),
+        "sigma2_offset": 0.0,
+        "xa": np.zeros(3),
+        "aa": np.zeros(3),
+    }
+    norms = np.zeros(b)
+    beyond = np.arange(nsh) > win.size // 2
+    for i in range(b):
+        resid = np.zeros(c)
+        h = 0 if half is None else int(half[i])
+        for t in range(tf):
+            tot = extra["pixel_size"] * (
+                data.offset_px[i].numpy() + extra["translations_px"][t].numpy()
+            )
+            for ra in range(w.shape[2]):
+                wt = w[i, t, ra]
+                if wt == 0:
+                    continue
+                kk, ps = int(active[ra // pf]), ra % pf
+                slot = kk + k * h
+                out["fimg"][slot, ps] += wt * ctf[i] * xu[i] * r[t] / sig[i]
+                out["fweight"][slot, ps] += wt * ctf[i] ** 2 / sig[i]
+                resid += wt * np.abs(ctf[i] * p[kk, ps] - x[i] * r[t]) ** 2
+                g = groups[i]
+                out["xa"][g] += (
+                    wt
+                    * np.sum(msk[kk] * (ctf[i] * x[i] * np.conj(p[kk, ps]) * r[t]).real)
+                    / scale[g]
+                )
+                out["aa"][g] += (
+                    wt * np.sum(msk[kk] * ctf[i] ** 2 * np.abs(p[kk, ps]) ** 2) / scale[g] ** 2
+                )
+                out["pdf_class"][kk] += wt
+                out["prior_offset"][kk] += wt * tot
+                out["sigma2_offset"] += wt * np.sum((extra["prior_offset"][kk].numpy() - tot) ** 2)
+        fp = extra["full_power"][i].numpy()
+        for pix in range(c):
+            out["sigma2_noise"][optics[i], shell[pix]] += resid[pix]
+        out["sigma2_noise"][optics[i]] += fp * beyond
+        out["sumw_optics"][optics[i]] += w[i].sum()
+        norms[i] = (
+            extra["old_norm"][i].item()
+            / extra["avg_norm"]
+            * math.sqrt(2 * (resid.sum() + (fp * beyond).sum()))
+        )
+    out["norm_sum"] = norms.sum()
+    return out, norms
+
+
+@pytest.mark.parametrize("layout", ["dense", "pairs"])
+@pytest.mark.parametrize("halves", [False, True])
+def test_weighted_sums_match_slow_loops(layout, halves):
+    data, proj, ramps, active, w, win, extra = _problem()
+    pf = proj.shape[1]
+    w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
+    w /= w.sum((1, 2), keepdim=True)
+    b = w.shape[0]
+    k, pf, c = proj.shape
+    half = torch.tensor([0, 1] * (b // 2)) if halves else None
+    hyp = Hypotheses(
+        particle=torch.zeros(0, dtype=torch.long),
+        cls=torch.zeros(0, dtype=torch.long),
+        psi=torch.zeros(0, dtype=torch.long),
+        weight=torch.zeros((0, w.shape[1]), dtype=torch.float64),
+        best_cls=torch.zeros(b, dtype=torch.long),
+        best_psi=torch.zeros(b, dtype=torch.long),
+        best_trans=torch.zeros(b, dtype=torch.long),
+        pmax=torch.zeros(b, dtype=torch.float64),
+        n_significant=torch.ones(b, dtype=torch.long),
+        loglik=torch.zeros(b, dtype=torch.float64),
+        dense=w.clone(),
+        active=active,
+    )
+    if layout == "pairs":
+        hyp = hyp.to_pairs()
+        assert hyp.dense is None and len(hyp.particle) > 0
+    sums = WeightedSums.zeros(k, pf, c, 2, extra["nsh"], 3, "cpu", n_slots=2 * k if halves else k)
+    norms = accumulate(sums, data, hyp, proj, ramps, win, half=half, max_rows=14, **extra)
+    ref, ref_norms = _slow_sums(data, proj, ramps, active, w, win, extra, half)
+    np.testing.assert_allclose(norms.numpy(), ref_norms, rtol=1e-4)
+    for name, value in ref.items():
+        got = getattr(sums, name)
+        got = got.numpy() if isinstance(got, torch.Tensor) else got
+        np.testing.assert_allclose(got, value, rtol=2e-4, atol=1e-5, err_msg=name)
