@@ -233,9 +233,17 @@ def main() -> None:
     times = [time.perf_counter()]
     lines = []
 
+    per_iter = []
+    last = {"f": 0.0, "s": 0.0}
+
     def log(line: str) -> None:
         times.append(time.perf_counter())
         lines.append(line)
+        if len(times) > 2:  # an iteration: its E+M GEMM work and E+M seconds
+            f = GEMM_STATS["flops"] + GEMM_STATS["mstep_flops"]
+            sec = GEMM_STATS["estep_seconds"] + GEMM_STATS["mstep_seconds"]
+            per_iter.append((f - last["f"], sec - last["s"]))
+            last.update(f=f, s=sec)
         print(f"[{times[-1] - times[-2]:7.1f} s] {line}", flush=True)
 
     t0 = time.perf_counter()
@@ -276,6 +284,10 @@ def main() -> None:
         ),
     )
     name = f"report_{args.algo}.json"
+    report["em_gemm_gflops_per_iteration"] = [round(f / max(t, 1e-9) / 1e9, 1) for f, t in per_iter]
+    report["em_fraction_of_matmul_per_iteration"] = [
+        round(f / max(t, 1e-9) / rate, 2) for f, t in per_iter
+    ]
     (work / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 

@@ -49,6 +49,7 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=20)
     ap.add_argument("--j", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--grad_write_iter", type=int, default=10, help="VDAM: 1 times every batch")
     args = ap.parse_args()
     recipe = RECIPES[args.recipe]
     work = Path(args.work).resolve()
@@ -68,7 +69,8 @@ def main() -> None:
         "--norm", "--scale", "--j", str(args.j), "--random_seed", str(args.seed),
     ]  # fmt: skip
     if args.algo == "vdam":
-        cmd += ["--grad", "--class_inactivity_threshold", "0.1", "--grad_write_iter", "10"]
+        cmd += ["--grad", "--class_inactivity_threshold", "0.1"]
+        cmd += ["--grad_write_iter", str(args.grad_write_iter)]
     if args.cpu:
         cmd.append("--cpu")
     print(" ".join(cmd), flush=True)

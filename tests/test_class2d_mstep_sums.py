@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tamis.class2d import mstep
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.likelihood import BatchData, Hypotheses, dense_significance
 from tamis.class2d.mstep import accumulate
@@ -44,6 +45,14 @@ def test_dense_significance_matches_full_sort(spread, max_elements):
         got = t[row].numpy()
         np.testing.assert_array_equal(got > 0, keep)
         np.testing.assert_allclose(got[keep], w[keep], rtol=1e-5)
+
+
+def test_dense_significance_at_exact_fractions():
+    # the running sum reaches the fraction exactly: RELION keeps adding (0.25s kept too)
+    w = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.5, 0.5, 0.0, 0.0]]).log()
+    dense_significance(w, 0.5)
+    np.testing.assert_array_equal(w.numpy() > 0, [[1, 1, 1, 0], [1, 1, 0, 0]])
+    np.testing.assert_allclose(w[0].numpy(), [0.5, 0.25, 0.25, 0.0])
 
 
 def _problem(seed: int = 0):
@@ -159,10 +168,14 @@ def _slow_sums(data, proj, ramps, active, w, win, extra, half):
     return out, norms
 
 
-@pytest.mark.parametrize("layout", ["dense", "pairs"])
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs"])
 @pytest.mark.parametrize("halves", [False, True])
-def test_weighted_sums_match_slow_loops(layout, halves):
+def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     data, proj, ramps, active, w, win, extra = _problem()
+    pf = proj.shape[1]
+    w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
+    w /= w.sum((1, 2), keepdim=True)
+    monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
     pf = proj.shape[1]
     w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
     w /= w.sum((1, 2), keepdim=True)

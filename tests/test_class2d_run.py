@@ -141,6 +141,47 @@ def test_continue_equals_uninterrupted(sim, full_run):
     assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
 
 
+def test_batches_from_the_memory_budget_give_the_same_result(sim, full_run, monkeypatch):
+    """Batches sized by --max_memory (here ~16 particles, so every path and batch boundary
+    differs from the 64-particle batches of the full run) give the same classes."""
+    from tamis.class2d import em
+
+    monkeypatch.setattr(em.Class2DRun, "_work_budget", lambda self: 6 << 20)
+    _, result_full = full_run
+    root = str(sim / "budget" / "run")
+    sizes = []
+    real = em.Class2DRun._batch_size
+
+    def spy(self, *args):
+        sizes.append(real(self, *args))
+        return sizes[-1]
+
+    monkeypatch.setattr(em.Class2DRun, "_batch_size", spy)
+    result = run_class2d(
+        sim / "sim" / "particles.star",
+        root,
+        options(batch_size=None, max_memory=0.5),
+        log=lambda s: None,
+    )
+    assert sizes and max(sizes) < 64
+    a = read_star(result_full.data)["particles"]
+    b = read_star(result.data)["particles"]
+    assert np.mean(a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()) >= 0.98
+    ra, _ = read_mrc(result_full.classes)
+    rb, _ = read_mrc(result.classes)
+    assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+
+
+def test_bad_max_memory_is_a_clear_error(sim):
+    with pytest.raises(TamisError, match="--max_memory"):
+        run_class2d(
+            sim / "sim" / "particles.star",
+            str(sim / "bad" / "run"),
+            options(max_memory=0.0),
+            log=lambda s: None,
+        )
+
+
 def test_killed_run_continues_to_the_same_result(sim, full_run):
     """SIGKILL once iteration 3 is on disk; --continue from it finishes like an uninterrupted run."""
     _, result_full = full_run

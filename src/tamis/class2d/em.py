@@ -125,7 +125,7 @@ class Class2DRun:
         self.root = root
         self.log = log
         self.show_progress = show_progress
-        if options.max_memory <= 0:
+        if options.max_memory is not None and options.max_memory <= 0:
             raise TamisError(f"--max_memory {options.max_memory}: must be positive (GB)")
         self.device = choose_device(options.device)
         if options.j > 0 and self.device.type == "cpu":
@@ -222,8 +222,13 @@ class Class2DRun:
     def _work_budget(self) -> int:
         """Bytes the batches may use: ``--max_memory`` less the M-step's and the significance
         step's fixed-size working tensors, at most half of what is free."""
-        budget = int(self.options.max_memory * (1 << 30))
-        return max(64 << 20, min(budget, _available_bytes(self.device) // 2) * 3 // 4)
+        free_half = _available_bytes(self.device) // 2
+        gb = self.options.max_memory
+        if gb is None:
+            budget = free_half if self.device.type == "cuda" else min(1 << 30, free_half)
+        else:
+            budget = min(int(gb * (1 << 30)), free_half)
+        return max(64 << 20, budget * 3 // 4)
 
     def _batches(self, rows: np.ndarray, size: int):
         return self.ps.batches(size, indices=self.order[rows], device=self.device)
@@ -561,6 +566,7 @@ class Class2DRun:
                 GEMM_STATS["estep_seconds"] = GEMM_STATS.get("estep_seconds", 0.0) + (
                     time.perf_counter() - t_e
                 )
+                t_m = time.perf_counter()
                 new_norm = mstep.accumulate(
                     sums,
                     data,
@@ -581,6 +587,11 @@ class Class2DRun:
                     nsh=self.nsh,
                     half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                     max_rows=m_rows,
+                )
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                GEMM_STATS["mstep_seconds"] = GEMM_STATS.get("mstep_seconds", 0.0) + (
+                    time.perf_counter() - t_m
                 )
                 self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
                 bar.advance(len(rows))

@@ -29,17 +29,24 @@ __all__ = [
     "GEMM_STATS",
 ]
 
-#: Floating-point operations done by the E-step GEMMs, their shapes, and (set by the driver) the
-#: E-step's wall time, for benchmarks.
-GEMM_STATS: dict[str, object] = {"flops": 0.0, "shapes": [], "estep_seconds": 0.0}
+#: Floating-point operations done by the E-step GEMMs (``flops``) and by the M-step's
+#: (``mstep_flops``), their shapes, and (set by the driver) the E-step's and M-step's wall times,
+#: for benchmarks.
+GEMM_STATS: dict[str, object] = {
+    "flops": 0.0,
+    "mstep_flops": 0.0,
+    "shapes": [],
+    "estep_seconds": 0.0,
+    "mstep_seconds": 0.0,
+}
 
 #: Pass 1 goes dense (every fine weight of the active classes, :func:`_dense_pass`) when more
 #: than this fraction of the (particle, fine orientation) pairs have a significant parent.
 DENSE_PAIRS = 0.25
 
 
-def _count(m: int, k: int, n: int) -> None:
-    GEMM_STATS["flops"] += 2.0 * m * k * n
+def _count(m: int, k: int, n: int, key: str = "flops") -> None:
+    GEMM_STATS[key] += 2.0 * m * k * n
     shapes = GEMM_STATS["shapes"]
     if len(shapes) < 64:
         shapes.append((m, k, n))
@@ -205,16 +212,31 @@ def expectation(
     ka = len(active)
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
     pc_flat = proj_coarse[active].reshape(ka * pc, -1)
-    d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)  # (B, Ka*Pc, Tc)
-    const_c = (w2c * (xc.real**2 + xc.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
-    d2 = d2.reshape(b, ka, pc, tc) + const_c[:, None, None, None]
-    prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
-    logw0 = (prior - d2).reshape(b, -1)
-    sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
+    final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
+    if final_pass or max_significant > 0:
+        d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
+        const_c = (w2c * (xc.real**2 + xc.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
+        d2 = d2.reshape(b, ka, pc, tc) + const_c[:, None, None, None]
+        prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
+        logw0 = (prior - d2).reshape(b, -1)
+        sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
+    else:
+        # Only the mask is needed: log-weights relative to the particle's best, in place in
+        # float32, as in the dense pass 1.
+        a0 = (w2c * ctfc * ctfc) @ (pc_flat.real**2 + pc_flat.imag**2).T  # (B, Ka*Pc)
+        _count(b, pc_flat.shape[1], ka * pc)
+        rel = shifted_real(w2c * ctfc * xc, ramps_coarse) @ (2.0 * real_rows(pc_flat)).T
+        _count(b * tc, 2 * pc_flat.shape[1], ka * pc)
+        rel = rel.view(b, tc, ka, pc)
+        rel.sub_(a0.view(b, 1, ka, pc))
+        pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
+        rel.add_(pri.to(torch.float32)[..., None])
+        dense_significance(rel.view(b, -1), fraction)
+        sig = (rel > 0).permute(0, 2, 3, 1)  # (B, Ka, Pc, Tc)
     n_sig = sig.sum((1, 2, 3))
     pairs = torch.nonzero(sig.any(-1))  # (Mc, 3): particle, active class, coarse psi
 
-    if n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse:
+    if final_pass:
         # --oversampling 0: the coarse pass is the final one.
         lse = torch.logsumexp(logw0, dim=1)
         logw = logw0.reshape(b, ka, pc, tc)[pairs[:, 0], pairs[:, 1], pairs[:, 2]]
@@ -336,7 +358,7 @@ def _pair_significance(
         counts = torch.bincount(ss, minlength=b)
         first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
         before = exclusive - exclusive[first][ss] + above[ss, cbin[ss]]
-        added = before < fraction
+        added = before <= fraction  # RELION adds while the running sum <= fraction
         thr = torch.full((b,), math.inf, dtype=sv.dtype, device=dev)
         thr = thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
         keep |= in_bin & (nw >= thr.to(torch.float32)[particle][:, None])
@@ -470,30 +492,30 @@ def _dense_pass(
 
 
 def dense_significance(
-    logw: torch.Tensor, fraction: float, shift: int = 18, max_elements: int = 1 << 22
+    logw: torch.Tensor, fraction: float, max_elements: int = 1 << 22
 ) -> torch.Tensor:
     """In place: per row of ``logw`` ``(B, S)`` (float32, ``-inf`` for excluded samples) the
     normalised weights of the samples that together carry ``fraction`` of the weight, zero
     elsewhere (RELION's rule, as :func:`_pair_significance`); returns the rows' logsumexp
     (float64).
 
-    The weights' mass is histogrammed per row by the top bits of their float32 representation
-    (monotone in the value for non-negative floats: 2^(23-shift) bins per octave); bins above the
-    one where the running sum crosses ``fraction`` are kept whole, and only that bin is sorted.
-    Every row needs at least one finite log-weight. Rows are taken ``max_elements`` at a time,
-    which bounds the temporary memory (about 14 bytes per element).
+    The weights' mass is histogrammed per row by their bfloat16 bit patterns (the top 16 bits of
+    the float32, rounded: monotone in the value for non-negative floats, 128 bins per octave);
+    bins above the one where the running sum crosses ``fraction`` are kept whole, and only that
+    bin is sorted. Every row needs at least one finite log-weight. Rows are taken
+    ``max_elements`` at a time, which bounds the temporary memory (about 12 bytes per element).
     """
     rows = max(1, max_elements // max(logw.shape[1], 1))
     if logw.shape[0] > rows:
         return torch.cat(
             [
-                dense_significance(logw[s : s + rows], fraction, shift, max_elements)
+                dense_significance(logw[s : s + rows], fraction, max_elements)
                 for s in range(0, logw.shape[0], rows)
             ]
         )
     b = logw.shape[0]
     dev = logw.device
-    mx = logw.max(dim=1, keepdim=True).values
+    mx = logw.amax(dim=1, keepdim=True)
     # Relative log-weights below -80 (weights < 2e-35, and the excluded -inf) are raised to -80
     # before exp: exp is several times slower on arguments that underflow. Their mass (< S x
     # 2e-35) is nothing beside the 1 - fraction cut, so the threshold below zeroes them again.
@@ -503,16 +525,16 @@ def dense_significance(
     lse = mx.squeeze(1).to(torch.float64) + torch.log(total)
     if fraction >= 1:
         return lse
-    n_bins = (0x3F800000 >> shift) + 2  # 1.0 (and rounding just above it) included
-    bins = (w.view(torch.int32) >> shift).clamp_(max=n_bins - 1).long()
+    codes = w.to(torch.bfloat16).view(torch.int16)  # 0 .. 0x3F80 (1.0)
+    n_bins = 0x3F80 + 1
     mass = torch.zeros((b, n_bins), dtype=torch.float32, device=dev)
-    mass.scatter_add_(1, bins, w)
+    mass.scatter_add_(1, codes.long(), w)
     mass = mass.to(torch.float64)
     above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass
     crossing = ((above <= fraction) & (above + mass > fraction)).to(torch.int8)
     cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
     # exact threshold inside the crossing bin: sort only its members
-    rows, cols = torch.nonzero(bins.sub_(cbin[:, None]) == 0, as_tuple=True)
+    rows, cols = torch.nonzero(codes == cbin.to(torch.int16)[:, None], as_tuple=True)
     thr = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
     if len(rows):
         vals = w[rows, cols].to(torch.float64)
@@ -522,11 +544,16 @@ def dense_significance(
         counts = torch.bincount(sr, minlength=b)
         first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
         before = exclusive - exclusive[first][sr] + above[sr, cbin[sr]]
-        added = before < fraction
+        added = before <= fraction  # RELION adds while the running sum <= fraction
         thr = thr.scatter_reduce(0, sr[added], sv[added], reduce="amin", include_self=True)
-    # rows whose crossing bin added nothing keep exactly the bins above it
-    edge = ((cbin + 1) << shift).to(torch.int32).view(torch.float32).to(torch.float64)
-    thr = torch.where(torch.isfinite(thr), thr, edge).clamp(min=1e-38).to(torch.float32)
+    # rows whose crossing bin added nothing (the bins above it hold exactly the fraction) keep
+    # exactly those bins
+    missing = ~torch.isfinite(thr)
+    if bool(missing.any()):
+        above_bin = codes[missing] > cbin[missing].to(torch.int16)[:, None]
+        lowest = torch.where(above_bin, w[missing], math.inf).amin(1).to(torch.float64)
+        thr[missing] = lowest
+    thr = thr.clamp(min=1e-38).to(torch.float32)
     # keep w >= thr per row, in place: w / thr > 1 - 2^-24 exactly when w >= thr
     w.div_(thr[:, None])
     torch.nn.functional.threshold_(w, 1.0 - 2.0**-24, 0.0)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
-from tamis.class2d.likelihood import BatchData, Hypotheses, real_rows
+from tamis.class2d.likelihood import BatchData, Hypotheses, _count, real_rows
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -55,6 +55,64 @@ def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
     shells = shell_index((box, box), device=device)
     s = shells[~duplicate_half_column((box, box), device=device)]
     return torch.bincount(s[s < nsh], minlength=nsh).to(torch.float64)
+
+
+#: The dense M-step works by (particle, class) block when fewer than this fraction of the blocks
+#: carry weight (particles spread over a few classes each: later iterations); otherwise the
+#: GEMMs over every class are cheaper.
+BLOCK_FRACTION = 0.8
+
+
+def _class_block_sums(
+    w: torch.Tensor,
+    members: torch.Tensor,
+    in_class: torch.Tensor,
+    q: torch.Tensor,
+    cx: torch.Tensor,
+    p: torch.Tensor,
+    ramps_re: torch.Tensor,
+    pf: int,
+    msk: torch.Tensor | None,
+    cross_part: torch.Tensor,
+    max_pairs: int,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The sums of :func:`_accumulate_dense` over the (particle, class) blocks with weight only.
+
+    Per block, ``Mix = W_block^T ramps`` ``(Pf, C)`` (one GEMM for a class's particles:
+    the ramps are shared); then ``sum_i q_i Mix_i`` is the class's reconstruction sum and
+    ``Re(c X_i sum_psi conj(P) Mix_i)`` the particle's cross term, per pixel (noise), per
+    particle (norm) and masked (scale). Adds to ``cross_part``; returns the reconstruction sums
+    ``(Ra, C)``, the noise cross term per pixel ``(C,)`` and the scale's cross term.
+    """
+    b, tf, ra = w.shape
+    ka = ra // pf
+    c = p.shape[1]
+    dev = w.device
+    fimg = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
+    noise = torch.zeros(c, dtype=torch.float64, device=dev)
+    xa = 0.0
+    inc = in_class[members]
+    for kk in range(ka):
+        sel = members[torch.nonzero(inc[:, kk]).squeeze(1)]
+        if not len(sel):
+            continue
+        blk = slice(kk * pf, (kk + 1) * pf)
+        pc = p[blk].conj()
+        for s in range(0, len(sel), max_pairs):
+            ii = sel[s : s + max_pairs]
+            n = len(ii)
+            wk = w[:, :, blk][ii].transpose(1, 2).reshape(n * pf, tf)
+            mix = torch.view_as_complex((wk @ ramps_re).view(n, pf, c, 2))
+            _count(n * pf, tf, 2 * c, "mstep_flops")
+            fimg[blk] += (mix * q[ii][:, None, :]).sum(0)
+            z = (mix * pc[None]).sum(1)  # (n, C): sum_psi conj(P) Mix
+            u = (z * cx[ii]).real  # (n, C)
+            cross_part.index_add_(0, ii, u.sum(1).to(torch.float64))
+            noise += u.sum(0).to(torch.float64)
+            if msk is not None:
+                xa += float((u * msk[kk * pf][None]).sum(dtype=torch.float64))
+            del mix, z, u
+    return fimg, noise, xa
 
 
 def accumulate(
@@ -121,6 +179,7 @@ def accumulate(
         i, r, r_slot = hyp.particle[sl], r_all[sl], slot_all[sl]
         w32 = w[sl].to(torch.float32)
         mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
+        _count(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
         p = proj_flat[r]
         g = p.conj() * mix
         wp2 = wr32[sl][:, None] * (p.real**2 + p.imag**2)
@@ -287,11 +346,24 @@ def _accumulate_dense(
     cross_part = torch.zeros(b, dtype=torch.float64, device=dev)
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     step = max(1, max_rows // tf)
+    in_class = wr.view(b, ka, pf).sum(2) > 0  # (B, Ka): (particle, class) blocks with weight
+    by_class = float(in_class.float().mean()) < BLOCK_FRACTION
+    ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
     for u in torch.unique(key).tolist():
         members = torch.nonzero(key == u).squeeze(1)
         o = u // (2 * (n_groups if with_scale else 1))
         h = (u // (n_groups if with_scale else 1)) % 2
         g = u % n_groups if with_scale else 0
+        if by_class:
+            f_part, noise, xa_part = _class_block_sums(
+                w, members, in_class, q, cx, p, ramps_re, pf, msk, cross_part,
+                max_pairs=max(1, max_rows // pf),
+            )  # fmt: skip
+            fimg[h] += f_part
+            cross_pix[o] += noise
+            if with_scale:
+                xa_sum[g] += xa_part / float(scale[g])
+            continue
         gx = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
         contiguous = int(members[-1] - members[0]) + 1 == len(members)
         for s in range(0, len(members), step):
@@ -305,6 +377,8 @@ def _accumulate_dense(
             y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
             wp = w[sl].reshape(n * tf, ra)
             out = torch.view_as_complex((wp.T @ y).reshape(ra, 2, c, 2))
+            _count(ra, n * tf, 4 * c, "mstep_flops")
+            _count(n * tf, 2 * c, ra, "mstep_flops")
             fimg[h] += out[:, 0]
             gx += out[:, 1]
             # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products

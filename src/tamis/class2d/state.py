@@ -43,7 +43,7 @@ class Class2DOptions:
     j: int = 1
     device: str = "auto"
     batch_size: int | None = None
-    max_memory: float = 1.0  # GB the batches may use (CPU; on a GPU at most half its free memory)
+    max_memory: float | None = None  # GB the batches may use; None: 1 on the CPU, half a GPU's free
     adaptive_fraction: float = 0.999
     max_significants: int = -1
     incr_size: int = 10

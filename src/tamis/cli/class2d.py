@@ -98,10 +98,11 @@ def class2d(
     gpu: str = typer.Option(None, "--gpu", help="RELION-style: use the GPU (ids: first is used)."),
     batch_size: int = typer.Option(0, "--batch_size", help="Particles per batch (0: from memory)."),
     max_memory: float = typer.Option(
-        1.0,
+        None,
         "--max_memory",
-        help="Working memory for the batches in GB (the process needs ~0.5 GB more); raise it "
-        "on a machine with memory to spare, lower it to leave room for other jobs.",
+        help="Working memory for the batches in GB (default: 1 on the CPU, where the process "
+        "then peaks near 1 GB for 64-px particles; half the free memory of a GPU). Raise it on a "
+        "machine with memory to spare, lower it to leave room for other jobs.",
     ),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
