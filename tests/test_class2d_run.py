@@ -41,6 +41,16 @@ def sim(tmp_path_factory):
     return out
 
 
+def assert_same_classification(a_result, b_result) -> None:
+    """>= 98% of particles in the same class; class images equal to 1e-3 of their range."""
+    a = read_star(a_result.data)["particles"]
+    b = read_star(b_result.data)["particles"]
+    assert np.mean(a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()) >= 0.98
+    ra, _ = read_mrc(a_result.classes)
+    rb, _ = read_mrc(b_result.classes)
+    assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+
+
 def options(**kw) -> Class2DOptions:
     """RELION's GUI EM job, with a coarser sampling for this small box."""
     base = dict(
@@ -133,12 +143,7 @@ def test_continue_equals_uninterrupted(sim, full_run):
         log=lambda s: None,
     )
     assert result.iteration == 4
-    a = read_star(result_full.data)["particles"]
-    b = read_star(result.data)["particles"]
-    assert np.mean(a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()) >= 0.98
-    ra, _ = read_mrc(result_full.classes)
-    rb, _ = read_mrc(result.classes)
-    assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+    assert_same_classification(result_full, result)
 
 
 def test_batches_from_the_memory_budget_give_the_same_result(sim, full_run, monkeypatch):
@@ -164,12 +169,7 @@ def test_batches_from_the_memory_budget_give_the_same_result(sim, full_run, monk
         log=lambda s: None,
     )
     assert sizes and max(sizes) < 64
-    a = read_star(result_full.data)["particles"]
-    b = read_star(result.data)["particles"]
-    assert np.mean(a["rlnClassNumber"].to_numpy() == b["rlnClassNumber"].to_numpy()) >= 0.98
-    ra, _ = read_mrc(result_full.classes)
-    rb, _ = read_mrc(result.classes)
-    assert np.abs(ra - rb).max() <= 1e-3 * np.abs(ra).max()
+    assert_same_classification(result_full, result)
 
 
 def test_bad_max_memory_is_a_clear_error(sim):

@@ -351,18 +351,30 @@ def _pair_significance(
     rows, cols = torch.nonzero(in_bin, as_tuple=True)
     if len(rows):
         sg = particle[rows]
-        vals = nw[rows, cols].to(torch.float64)
-        order = torch.argsort(sg.to(torch.float64) + (1.0 - vals))  # by particle, then descending
-        sv, ss = vals[order], sg[order]
-        exclusive = torch.cumsum(sv, 0) - sv
-        counts = torch.bincount(ss, minlength=b)
-        first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
-        before = exclusive - exclusive[first][ss] + above[ss, cbin[ss]]
-        added = before <= fraction  # RELION adds while the running sum <= fraction
-        thr = torch.full((b,), math.inf, dtype=sv.dtype, device=dev)
-        thr = thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
+        thr = _threshold_in_bin(sg, nw[rows, cols], above[sg, cbin[sg]], b, fraction)
         keep |= in_bin & (nw >= thr.to(torch.float32)[particle][:, None])
     return lse, keep & (w > 0)
+
+
+def _threshold_in_bin(
+    seg: torch.Tensor, vals: torch.Tensor, above: torch.Tensor, b: int, fraction: float
+) -> torch.Tensor:
+    """RELION's threshold per segment (particle) ``(b,)`` from the members of its crossing bin:
+    ``vals`` are their normalised weights, ``above`` the weight of the higher bins (per member);
+    members are added in descending order while the running sum is <= ``fraction``, and the
+    threshold is the last one added (``inf`` where none was added)."""
+    thr = torch.full((b,), math.inf, dtype=torch.float64, device=vals.device)
+    if not len(seg):
+        return thr
+    vals = vals.to(torch.float64)
+    order = torch.argsort(seg.to(torch.float64) + (1.0 - vals))  # by segment, then descending
+    sv, ss, sa = vals[order], seg[order], above[order]
+    exclusive = torch.cumsum(sv, 0) - sv
+    counts = torch.bincount(ss, minlength=b)
+    first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
+    before = exclusive - exclusive[first][ss] + sa
+    added = before <= fraction  # RELION adds while the running sum <= fraction
+    return thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
 
 
 def _finish(
@@ -535,17 +547,7 @@ def dense_significance(
     cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
     # exact threshold inside the crossing bin: sort only its members
     rows, cols = torch.nonzero(codes == cbin.to(torch.int16)[:, None], as_tuple=True)
-    thr = torch.full((b,), math.inf, dtype=torch.float64, device=dev)
-    if len(rows):
-        vals = w[rows, cols].to(torch.float64)
-        order = torch.argsort(rows.to(torch.float64) + (1.0 - vals))  # by row, then descending
-        sv, sr = vals[order], rows[order]
-        exclusive = torch.cumsum(sv, 0) - sv
-        counts = torch.bincount(sr, minlength=b)
-        first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
-        before = exclusive - exclusive[first][sr] + above[sr, cbin[sr]]
-        added = before <= fraction  # RELION adds while the running sum <= fraction
-        thr = thr.scatter_reduce(0, sr[added], sv[added], reduce="amin", include_self=True)
+    thr = _threshold_in_bin(rows, w[rows, cols], above[rows, cbin[rows]], b, fraction)
     # rows whose crossing bin added nothing (the bins above it hold exactly the fraction) keep
     # exactly those bins
     missing = ~torch.isfinite(thr)
