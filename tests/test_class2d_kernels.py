@@ -345,6 +345,19 @@ def test_significant_mask_matches_loop():
     np.testing.assert_allclose(lse.numpy(), torch.logsumexp(logw[:2], 1).numpy())
 
 
+@pytest.mark.parametrize("cap", [1, 7, 30, 200])
+def test_capped_significance_matches_full_sort(cap):
+    rng = np.random.default_rng(9)
+    logw = torch.from_numpy(rng.normal(scale=2, size=(6, 120)))
+    ours = significant_mask(logw, 0.95, max_significant=cap).numpy()
+    for row in range(6):
+        w = np.exp(logw[row].numpy() - logw[row].max().item())
+        sw = np.sort(w)[::-1]
+        csum = np.cumsum(sw)
+        pos = min(int(np.searchsorted(csum, 0.95 * w.sum(), side="right")), len(w) - 1, cap - 1)
+        np.testing.assert_array_equal(ours[row], w >= sw[pos])
+
+
 def make_batch(seed: int, b: int, window: FourierWindow, cplx, rng) -> BatchData:
     c = len(window)
     return BatchData(

@@ -139,15 +139,16 @@ def significant_mask(
         dense_significance(rel, fraction)
         return rel > 0
     w = torch.exp(logw - logw.max(dim=1, keepdim=True).values)
-    sorted_w, _ = torch.sort(w, dim=1, descending=True)
-    csum = torch.cumsum(sorted_w, dim=1)
-    total = csum[:, -1:]
-    # index of the first element at which the running sum exceeds fraction * total
+    # Only the max_significant largest weights can set the threshold: the top k, sorted, instead
+    # of a sort of every row (the same threshold).
+    k = min(max_significant, w.shape[1])
+    top, _ = torch.topk(w, k, dim=1, sorted=True)
+    csum = torch.cumsum(top, dim=1)
+    total = w.sum(1, keepdim=True)
+    # index of the first element at which the running sum exceeds fraction * total (capped)
     pos = torch.searchsorted(csum.contiguous(), (fraction * total).contiguous(), right=True)
-    pos = pos.clamp(max=w.shape[1] - 1)
-    if max_significant > 0:
-        pos = pos.clamp(max=max_significant - 1)
-    thr = torch.gather(sorted_w, 1, pos)
+    pos = pos.clamp(max=k - 1)
+    thr = torch.gather(top, 1, pos)
     return (w >= thr) & (w > 0)
 
 
@@ -336,10 +337,11 @@ def _pair_significance(
     pos = ((rel - cutoff) / -cutoff * n_bins).floor().clamp(max=n_bins - 1)
     pos = torch.where(rel > cutoff, pos, torch.full_like(pos, -1)).to(torch.long)
     seg = particle[:, None].expand_as(pos)
-    valid = pos >= 0
-    flat = seg[valid] * n_bins + pos[valid]
+    # every element binned (those below the cutoff with weight 0): no compaction of the
+    # valid ones (a nonzero and three gathers of the whole (M, T) arrays)
+    flat = (seg * n_bins + pos.clamp(min=0)).reshape(-1)
     mass = torch.zeros(b * n_bins, dtype=torch.float64, device=dev)
-    mass.index_add_(0, flat, nw[valid].to(torch.float64))
+    mass.index_add_(0, flat, torch.where(pos >= 0, nw, 0.0).reshape(-1).to(torch.float64))
     mass = mass.view(b, n_bins)
     above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass  # mass of higher bins
     # The crossing bin: the highest bin whose higher bins do not yet exceed the fraction while
