@@ -47,6 +47,30 @@ def test_dense_significance_matches_full_sort(spread, max_elements):
         np.testing.assert_allclose(got[keep], w[keep], rtol=1e-5)
 
 
+@pytest.mark.parametrize("spread", [0.003, 1.0])
+def test_dense_significance_on_long_flat_rows(spread):
+    # Millions of nearly equal weights in a row (broad posteriors of a large problem): the mass
+    # must be summed precisely enough to find the crossing, and no weight may become NaN.
+    rng = np.random.default_rng(4)
+    n = 2_000_000
+    logw = rng.normal(scale=spread, size=(2, n)).astype(np.float32)
+    t = torch.from_numpy(logw.copy())
+    dense_significance(t, 0.999)
+    assert torch.isfinite(t).all()
+    for row in range(2):
+        v = logw[row].astype(np.float64)
+        w = np.exp(v - v.max())
+        w /= w.sum()
+        order = np.argsort(-w, kind="stable")
+        before = np.cumsum(w[order]) - w[order]
+        thr = w[order][before <= 0.999].min()
+        keep = w >= thr
+        got = t[row].numpy() > 0
+        # exact up to float32 rounding of weights right at the threshold
+        assert np.sum(got != keep) <= 1e-5 * n
+        assert got.sum() >= 0.99 * keep.sum()
+
+
 def test_dense_significance_at_exact_fractions():
     # the running sum reaches the fraction exactly: RELION keeps adding (0.25s kept too)
     w = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.5, 0.5, 0.0, 0.0]]).log()
@@ -176,9 +200,6 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
     w /= w.sum((1, 2), keepdim=True)
     monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
-    pf = proj.shape[1]
-    w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
-    w /= w.sum((1, 2), keepdim=True)
     b = w.shape[0]
     k, pf, c = proj.shape
     half = torch.tensor([0, 1] * (b // 2)) if halves else None

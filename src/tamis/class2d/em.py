@@ -83,7 +83,9 @@ def choose_device(name: str) -> torch.device:
 def _available_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        # memory torch's allocator holds but does not use is free for tamis too
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + cached)
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
@@ -594,6 +596,7 @@ class Class2DRun:
                     time.perf_counter() - t_m
                 )
                 self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
+                del hyp  # the dense weights go before the next batch's are made
                 bar.advance(len(rows))
         changes = (
             float(np.mean(np.abs((self.psi[rows_all] - old_psi + 180) % 360 - 180))),

@@ -359,12 +359,17 @@ def _pair_significance(
 
 
 def _threshold_in_bin(
-    seg: torch.Tensor, vals: torch.Tensor, above: torch.Tensor, b: int, fraction: float
+    seg: torch.Tensor,
+    vals: torch.Tensor,
+    above: torch.Tensor,
+    b: int,
+    fraction: float | torch.Tensor,
 ) -> torch.Tensor:
     """RELION's threshold per segment (particle) ``(b,)`` from the members of its crossing bin:
     ``vals`` are their normalised weights, ``above`` the weight of the higher bins (per member);
     members are added in descending order while the running sum is <= ``fraction``, and the
-    threshold is the last one added (``inf`` where none was added)."""
+    threshold is the last one added (``inf`` where none was added). ``fraction`` may be given per
+    segment ``(b,)``."""
     thr = torch.full((b,), math.inf, dtype=torch.float64, device=vals.device)
     if not len(seg):
         return thr
@@ -375,7 +380,8 @@ def _threshold_in_bin(
     counts = torch.bincount(ss, minlength=b)
     first = (torch.cumsum(counts, 0) - counts).clamp(max=len(sv) - 1)
     before = exclusive - exclusive[first][ss] + sa
-    added = before <= fraction  # RELION adds while the running sum <= fraction
+    limit = fraction[ss] if isinstance(fraction, torch.Tensor) else fraction
+    added = before <= limit  # RELION adds while the running sum <= fraction
     return thr.scatter_reduce(0, ss[added], sv[added], reduce="amin", include_self=True)
 
 
@@ -538,7 +544,28 @@ def dense_significance(
     w.div_(total.to(torch.float32)[:, None])
     lse = mx.squeeze(1).to(torch.float64) + torch.log(total)
     if fraction >= 1:
+        # everything is kept but what was excluded (or under the exp floor)
+        floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
+        w.masked_fill_(w <= floor[:, None], 0.0)
         return lse
+    codes = w.to(torch.bfloat16).view(torch.int16)  # 0 .. 0x3F80 (1.0)
+    n_bins = 0x3F80 + 1
+    # Bin masses in float64: a row holds up to millions of similar weights, and a float32 sum
+    # drifts by percents there, far more than the 1 - fraction margin.
+    mass = torch.zeros((b, n_bins), dtype=torch.float64, device=dev)
+    mass.scatter_add_(1, codes.long(), w.to(torch.float64))
+    target = fraction * mass.sum(1)  # (B,): the fraction of the row's own total
+    above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass
+    crossing = ((above <= target[:, None]) & (above + mass > target[:, None])).to(torch.int8)
+    cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
+    # exact threshold inside the crossing bin: sort only its members
+    rows, cols = torch.nonzero(codes == cbin.to(torch.int16)[:, None], as_tuple=True)
+    thr = _threshold_in_bin(rows, w[rows, cols], above[rows, cbin[rows]], b, target)
+    # A row without a threshold (not expected: the crossing bin's first member is always added)
+    # keeps every weight rather than none.
+    thr = torch.where(torch.isfinite(thr), thr, 0.0).to(torch.float32)
+    w.masked_fill_(w < thr[:, None], 0.0)
+    return lse
     codes = w.to(torch.bfloat16).view(torch.int16)  # 0 .. 0x3F80 (1.0)
     n_bins = 0x3F80 + 1
     mass = torch.zeros((b, n_bins), dtype=torch.float32, device=dev)

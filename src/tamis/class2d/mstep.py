@@ -90,7 +90,7 @@ def _class_block_sums(
     dev = w.device
     fimg = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
     noise = torch.zeros(c, dtype=torch.float64, device=dev)
-    xa = 0.0
+    xa = torch.zeros((), dtype=torch.float64, device=dev)
     inc = in_class[members]
     for kk in range(ka):
         sel = members[torch.nonzero(inc[:, kk]).squeeze(1)]
@@ -110,9 +110,9 @@ def _class_block_sums(
             cross_part.index_add_(0, ii, u.sum(1).to(torch.float64))
             noise += u.sum(0).to(torch.float64)
             if msk is not None:
-                xa += float((u * msk[kk * pf][None]).sum(dtype=torch.float64))
+                xa += (u * msk[kk * pf][None]).sum(dtype=torch.float64)
             del mix, z, u
-    return fimg, noise, xa
+    return fimg, noise, float(xa)
 
 
 def accumulate(
@@ -263,10 +263,8 @@ def _particle_sums(
     s2 = sums.sigma2_noise.view(-1)
     s2.index_add_(0, flat, rp.reshape(-1))
     if cross_pixels is not None:
-        c = cross_pixels.shape[1]
         flat_o = (torch.arange(n_opt, device=dev)[:, None] * nsh + window.shell[None]).reshape(-1)
         s2.index_add_(0, flat_o, -2.0 * cross_pixels.reshape(-1))
-        assert c == len(window.shell)
     beyond = (torch.arange(nsh, device=dev) > window.size // 2).to(torch.float64)
     s2.view(n_opt, nsh).index_add_(0, optics, full_power * beyond)
     sums.sumw_optics.index_add_(0, optics, wsum)
