@@ -15,17 +15,14 @@ the truth, wall time, peak RSS, E-step GEMM rate against torch.matmul on the sam
 RELION on the same particles: ``benchmarks/relion_class2d.py``.
 """
 
-# ruff: noqa: E402
 from __future__ import annotations
 
-import os
+import tamis  # noqa: F401  (before torch: sets its allocation options, see tamis/__init__.py)
 
-# Before torch loads: large CPU tensors on transparent huge pages, as the tamis CLI has it
-# (see src/tamis/__init__.py).
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
+# isort: split
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -270,7 +267,7 @@ def main() -> None:
         wall_s=round(wall, 1),
         setup_s=round(times[1] - t0, 1),
         iteration_s=iteration_s,
-        pmax=[_field(line, "pmax") for line in lines],
+        pmax=[_field(line, "pmax") for line in lines if line.startswith("iteration")],
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         particles_per_s=round(result.particles_evaluated / wall, 1),
         iterations=n_iter,

@@ -222,8 +222,9 @@ class Class2DRun:
         return int(max(8, min(256, self._work_budget() // max(per_particle, 1))))
 
     def _work_budget(self) -> int:
-        """Bytes the batches may use: ``--max_memory`` less the M-step's and the significance
-        step's fixed-size working tensors, at most half of what is free."""
+        """Bytes the batches may use: three quarters of ``--max_memory`` (1 GB on the CPU, half
+        a GPU's free memory when not given; never more than half of what is free), the rest
+        left to the M-step's and the significance step's fixed-size pieces."""
         free_half = _available_bytes(self.device) // 2
         gb = self.options.max_memory
         if gb is None:
@@ -563,11 +564,7 @@ class Class2DRun:
                     fraction=o.adaptive_fraction,
                     max_significant=max_sig,
                 )
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                GEMM_STATS["estep_seconds"] = GEMM_STATS.get("estep_seconds", 0.0) + (
-                    time.perf_counter() - t_e
-                )
+                _add_seconds("estep_seconds", t_e, dev)
                 t_m = time.perf_counter()
                 new_norm = mstep.accumulate(
                     sums,
@@ -590,11 +587,7 @@ class Class2DRun:
                     half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                     max_rows=m_rows,
                 )
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                GEMM_STATS["mstep_seconds"] = GEMM_STATS.get("mstep_seconds", 0.0) + (
-                    time.perf_counter() - t_m
-                )
+                _add_seconds("mstep_seconds", t_m, dev)
                 self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
                 del hyp  # the dense weights go before the next batch's are made
                 bar.advance(len(rows))
@@ -750,6 +743,13 @@ class Class2DRun:
 
 
 # ---- vectorised helpers ----------------------------------------------------------------------
+
+
+def _add_seconds(key: str, start: float, device: torch.device) -> None:
+    """Add the time since ``start`` (the device's work finished) to ``GEMM_STATS[key]``."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    GEMM_STATS[key] += time.perf_counter() - start
 
 
 def _ramps(t_px: torch.Tensor, window: FourierWindow, box: int) -> torch.Tensor:

@@ -7,11 +7,14 @@ For a batch of B particles, R = (active classes x psi) projections P_r and T tra
 
 Pass 0 (coarse size, coarse psi and t) is dense: the cross term is one real GEMM
 ``(B*T, 2C) x (2C, R)`` and the middle one ``(B, C) x (C, R)`` (``c`` = scale x CTF; DC weight 0).
-Pass 1 (current size, oversampled psi and t) works on *pairs* (particle, fine orientation) whose
-coarse parent carried weight: ``Re (conj(P_r) . y_i) @ ramps^T`` is a GEMM ``(M, 2C) x (2C, T_f)``
-over every fine translation, masked to the children of significant coarse translations. The same
-pair x translation layout drives the M-step sums (:func:`tamis.class2d.mstep.accumulate`).
-Log-weights are reduced in float64.
+Pass 1 (current size, oversampled psi and t) has two layouts. With broad posteriors it is dense
+(:func:`_dense_pass`): every fine weight of the active classes in one float32 ``(B, Tf, R)``
+tensor from the same GEMM, children of insignificant coarse samples at -inf. Otherwise it works
+on *pairs* (particle, fine orientation) whose coarse parent carried weight:
+``Re (conj(P_r) . y_i) @ ramps^T`` is a GEMM ``(M, 2C) x (2C, T_f)`` over every fine translation,
+masked to the children of significant coarse translations. Either layout drives the M-step sums
+(:func:`tamis.class2d.mstep.accumulate`). Log-weights relative to the particle's best are
+float32; the per-particle constants and log-sums are float64.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ GEMM_STATS: dict[str, object] = {
 DENSE_PAIRS = 0.25
 
 
-def _count(m: int, k: int, n: int, key: str = "flops") -> None:
+def count_gemm(m: int, k: int, n: int, key: str = "flops") -> None:
+    """Add a GEMM of shape (m, k) x (k, n) to ``GEMM_STATS[key]`` (and its shape, for benchmarks)."""
     GEMM_STATS[key] += 2.0 * m * k * n
     shapes = GEMM_STATS["shapes"]
     if len(shapes) < 64:
@@ -76,6 +80,21 @@ class BatchData:
         """``1 / (2 sigma²)`` with the DC pixel excluded, ``(B, C)``."""
         w = 0.5 / self.sigma2
         return torch.where(self.dc[None], torch.zeros_like(w), w)
+
+    def const(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``sum |X|² / (2 sigma²)`` over ``pixels`` plus half the power beyond the current size:
+        the part of diff2 that does not depend on the hypothesis, ``(B,)`` float64."""
+        x = self.x[:, pixels]
+        w2 = self.weight2[:, pixels]
+        return (w2 * (x.real**2 + x.imag**2)).sum(1).to(torch.float64) + 0.5 * self.high_xi2
+
+    def log_norm(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``sum log(2 pi sigma²)`` over ``pixels`` (DC excluded), the Gaussian's normalisation
+        in the log-likelihood, ``(B,)`` float64."""
+        terms = torch.where(
+            self.dc[None], torch.zeros_like(self.sigma2), torch.log(2 * math.pi * self.sigma2)
+        )
+        return terms[:, pixels].sum(1).to(torch.float64)
 
 
 @dataclass
@@ -152,24 +171,30 @@ def significant_mask(
     return (w >= thr) & (w > 0)
 
 
-def _diff2_dense(
+def _log_weights(
     y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
 ) -> torch.Tensor:
-    """``A(i, r) - 2 cross(i, t, r)`` as ``(B, R, T)`` (float64).
+    """``2 cross(i, t, r) - A(i, r)`` as ``(B, T, R)`` float32: minus diff2 up to the particle's
+    constant. The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (P scaled by
+    2), A by ``(B, C) x (C, R)``; A is subtracted in place.
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``,
     ``ramps`` ``(T, C)``.
     """
     b, c = y_w.shape
-    t = ramps.shape[0]
-    y = (y_w[:, None, :] * ramps[None]).reshape(b * t, c)
-    yr = torch.view_as_real(y).reshape(b * t, 2 * c)
-    pr = torch.view_as_real(proj.contiguous()).reshape(proj.shape[0], 2 * c)
-    cross = (yr @ pr.T).reshape(b, t, -1).transpose(1, 2)  # (B, R, T)
+    t, r = ramps.shape[0], proj.shape[0]
     a = a_w @ (proj.real**2 + proj.imag**2).T  # (B, R)
-    _count(b * t, 2 * c, proj.shape[0])
-    _count(b, c, proj.shape[0])
-    return (a[:, :, None] - 2.0 * cross).to(torch.float64)
+    count_gemm(b, c, r)
+    logw = (shifted_real(y_w, ramps) @ (2.0 * real_rows(proj)).T).view(b, t, r)
+    count_gemm(b * t, 2 * c, r)
+    return logw.sub_(a[:, None, :])
+
+
+def _diff2_dense(
+    y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
+) -> torch.Tensor:
+    """``A(i, r) - 2 cross(i, t, r)`` as ``(B, R, T)`` (float64); see :func:`_log_weights`."""
+    return -_log_weights(y_w, a_w, proj, ramps).transpose(1, 2).to(torch.float64)
 
 
 def expectation(
@@ -216,20 +241,15 @@ def expectation(
     final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
     if final_pass or max_significant > 0:
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
-        const_c = (w2c * (xc.real**2 + xc.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
-        d2 = d2.reshape(b, ka, pc, tc) + const_c[:, None, None, None]
+        d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]
         prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
         logw0 = (prior - d2).reshape(b, -1)
         sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
     else:
-        # Only the mask is needed: log-weights relative to the particle's best, in place in
+        # Only the mask is needed: log-weights without the particle's constant, in place in
         # float32, as in the dense pass 1.
-        a0 = (w2c * ctfc * ctfc) @ (pc_flat.real**2 + pc_flat.imag**2).T  # (B, Ka*Pc)
-        _count(b, pc_flat.shape[1], ka * pc)
-        rel = shifted_real(w2c * ctfc * xc, ramps_coarse) @ (2.0 * real_rows(pc_flat)).T
-        _count(b * tc, 2 * pc_flat.shape[1], ka * pc)
+        rel = _log_weights(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
         rel = rel.view(b, tc, ka, pc)
-        rel.sub_(a0.view(b, 1, ka, pc))
         pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
         rel.add_(pri.to(torch.float32)[..., None])
         dense_significance(rel.view(b, -1), fraction)
@@ -267,12 +287,12 @@ def expectation(
     e = estep_pixels
     w2e, ctfe, xe = w2[:, e], ctf[:, e], x[:, e]
     y = w2e * ctfe * xe  # (B, Ce)
-    const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
+    const_f = data.const(e)
     pf = proj_fine[:, :, e]
     _, npf, ce = pf.shape
     # A(i, k, psi) for every orientation: one GEMM, then gather the pairs.
     a_all = (w2e * ctfe * ctfe) @ (pf.real**2 + pf.imag**2).reshape(k * npf, ce).T  # (B, K*Pf)
-    _count(b, ce, k * npf)
+    count_gemm(b, ce, k * npf)
     r_idx = p_k * npf + p_psi
     a = a_all[p_i, r_idx].to(torch.float64)
     cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e])  # (M, Tf)
@@ -303,7 +323,7 @@ def _pair_cross(
     for s in range(0, m, chunk):
         u = proj[s : s + chunk].conj() * y[particle[s : s + chunk]]
         out[s : s + chunk] = (torch.cat([u.real, -u.imag], dim=1) @ rr).to(torch.float64)
-        _count(u.shape[0], 2 * c, t)
+        count_gemm(u.shape[0], 2 * c, t)
     return out
 
 
@@ -407,9 +427,6 @@ def _finish(
     best = best.scatter_reduce(0, p_i[is_best], rows[is_best], reduce="amin", include_self=True)
     ok = best < len(p_i)
     bb = best.clamp(max=max(len(p_i) - 1, 0))
-    norm_const = torch.where(
-        data.dc[None], torch.zeros_like(data.sigma2), torch.log(2 * math.pi * data.sigma2)
-    )[:, pixels].sum(1)
     none = torch.full((b,), -1, dtype=torch.long, device=dev)
     return Hypotheses(
         particle=p_i,
@@ -421,7 +438,7 @@ def _finish(
         best_trans=torch.where(ok, row_arg[bb], none) if len(p_i) else none,
         pmax=pmax,
         n_significant=n_sig,
-        loglik=lse - norm_const.to(torch.float64),
+        loglik=lse - data.log_norm(pixels),
     )
 
 
@@ -466,19 +483,11 @@ def _dense_pass(
     ka = len(active)
     dev = data.x.device
     w2e, ctfe, xe = data.weight2[:, e], data.ctf[:, e], data.x[:, e]
-    const_f = (w2e * (xe.real**2 + xe.imag**2)).sum(1).to(torch.float64) + 0.5 * data.high_xi2
     pf = proj_fine[active][:, :, e]
-    npf, ce = pf.shape[1], pf.shape[2]
+    npf = pf.shape[1]
     ra = ka * npf
-    p = pf.reshape(ra, ce)
     tf = ramps_fine.shape[0]
-    a = (w2e * ctfe * ctfe) @ (p.real**2 + p.imag**2).T  # (B, Ra)
-    _count(b, ce, ra)
-    # 2 x cross term straight from the GEMM (P scaled by 2), then - A + prior, in place
-    logw = shifted_real(w2e * ctfe * xe, ramps_fine[:, e]) @ (2.0 * real_rows(p)).T
-    _count(b * tf, 2 * ce, ra)
-    logw = logw.view(b, tf, ra)
-    logw.sub_(a[:, None, :])
+    logw = _log_weights(w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_fine[:, e])
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (
@@ -487,13 +496,10 @@ def _dense_pass(
     )
     parent = torch.where(sig.permute(0, 3, 1, 2), parent, -math.inf).to(torch.float32)
     logw.view(b, tc, n_over_trans, ka, pc, n_over_psi).add_(parent[:, :, None, :, :, None])
-    lse = dense_significance(logw.view(b, tf * ra), fraction) - const_f
+    lse = dense_significance(logw.view(b, tf * ra), fraction) - data.const(e)
     w = logw
     pmax, arg = w.view(b, -1).max(1)
     r_best = arg % ra
-    norm_const = torch.where(
-        data.dc[None], torch.zeros_like(data.sigma2), torch.log(2 * math.pi * data.sigma2)
-    )[:, e].sum(1)
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     return Hypotheses(
         particle=empty,
@@ -505,7 +511,7 @@ def _dense_pass(
         best_trans=arg // ra,
         pmax=pmax.to(torch.float64),
         n_significant=n_sig,
-        loglik=lse - norm_const.to(torch.float64),
+        loglik=lse - data.log_norm(e),
         dense=w,
         active=active,
     )
@@ -565,28 +571,4 @@ def dense_significance(
     # keeps every weight rather than none.
     thr = torch.where(torch.isfinite(thr), thr, 0.0).to(torch.float32)
     w.masked_fill_(w < thr[:, None], 0.0)
-    return lse
-    codes = w.to(torch.bfloat16).view(torch.int16)  # 0 .. 0x3F80 (1.0)
-    n_bins = 0x3F80 + 1
-    mass = torch.zeros((b, n_bins), dtype=torch.float32, device=dev)
-    mass.scatter_add_(1, codes.long(), w)
-    mass = mass.to(torch.float64)
-    above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass
-    crossing = ((above <= fraction) & (above + mass > fraction)).to(torch.int8)
-    cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
-    # exact threshold inside the crossing bin: sort only its members
-    rows, cols = torch.nonzero(codes == cbin.to(torch.int16)[:, None], as_tuple=True)
-    thr = _threshold_in_bin(rows, w[rows, cols], above[rows, cbin[rows]], b, fraction)
-    # rows whose crossing bin added nothing (the bins above it hold exactly the fraction) keep
-    # exactly those bins
-    missing = ~torch.isfinite(thr)
-    if bool(missing.any()):
-        above_bin = codes[missing] > cbin[missing].to(torch.int16)[:, None]
-        lowest = torch.where(above_bin, w[missing], math.inf).amin(1).to(torch.float64)
-        thr[missing] = lowest
-    thr = thr.clamp(min=1e-38).to(torch.float32)
-    # keep w >= thr per row, in place: w / thr > 1 - 2^-24 exactly when w >= thr
-    w.div_(thr[:, None])
-    torch.nn.functional.threshold_(w, 1.0 - 2.0**-24, 0.0)
-    w.mul_(thr[:, None])
     return lse

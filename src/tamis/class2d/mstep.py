@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
-from tamis.class2d.likelihood import BatchData, Hypotheses, _count, real_rows
+from tamis.class2d.likelihood import BatchData, Hypotheses, count_gemm, real_rows
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -103,7 +103,7 @@ def _class_block_sums(
             n = len(ii)
             wk = w[:, :, blk][ii].transpose(1, 2).reshape(n * pf, tf)
             mix = torch.view_as_complex((wk @ ramps_re).view(n, pf, c, 2))
-            _count(n * pf, tf, 2 * c, "mstep_flops")
+            count_gemm(n * pf, tf, 2 * c, "mstep_flops")
             fimg[blk] += (mix * q[ii][:, None, :]).sum(0)
             z = (mix * pc[None]).sum(1)  # (n, C): sum_psi conj(P) Mix
             u = (z * cx[ii]).real  # (n, C)
@@ -179,7 +179,7 @@ def accumulate(
         i, r, r_slot = hyp.particle[sl], r_all[sl], slot_all[sl]
         w32 = w[sl].to(torch.float32)
         mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
-        _count(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
+        count_gemm(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
         p = proj_flat[r]
         g = p.conj() * mix
         wp2 = wr32[sl][:, None] * (p.real**2 + p.imag**2)
@@ -334,10 +334,10 @@ def _accumulate_dense(
     msk = ssnr_mask[active].repeat_interleave(pf, 0).to(torch.float32) if with_scale else None
     n_opt = sums.sigma2_noise.shape[0]
     n_groups = sums.xa.shape[0]
-    halves = half if half is not None else torch.zeros(b, dtype=torch.long, device=dev)
-    key = (optics * 2 + halves) * (n_groups if with_scale else 1)
-    if with_scale:
-        key = key + groups
+    zeros = torch.zeros(b, dtype=torch.long, device=dev)
+    halves = half if half is not None else zeros
+    # pieces of one (optics group, half set, group): the group only matters for the scale
+    piece = torch.stack([optics, halves, groups if with_scale else zeros], 1)
     slots = sums.fimg.shape[0]
     fimg = torch.zeros((2, ra, c), dtype=torch.complex64, device=dev)
     cross_pix = torch.zeros((n_opt, c), dtype=torch.float64, device=dev)
@@ -347,11 +347,8 @@ def _accumulate_dense(
     in_class = wr.view(b, ka, pf).sum(2) > 0  # (B, Ka): (particle, class) blocks with weight
     by_class = float(in_class.float().mean()) < BLOCK_FRACTION
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
-    for u in torch.unique(key).tolist():
-        members = torch.nonzero(key == u).squeeze(1)
-        o = u // (2 * (n_groups if with_scale else 1))
-        h = (u // (n_groups if with_scale else 1)) % 2
-        g = u % n_groups if with_scale else 0
+    for o, h, g in torch.unique(piece, dim=0).tolist():
+        members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
         if by_class:
             f_part, noise, xa_part = _class_block_sums(
                 w, members, in_class, q, cx, p, ramps_re, pf, msk, cross_part,
@@ -375,8 +372,8 @@ def _accumulate_dense(
             y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
             wp = w[sl].reshape(n * tf, ra)
             out = torch.view_as_complex((wp.T @ y).reshape(ra, 2, c, 2))
-            _count(ra, n * tf, 4 * c, "mstep_flops")
-            _count(n * tf, 2 * c, ra, "mstep_flops")
+            count_gemm(ra, n * tf, 4 * c, "mstep_flops")
+            count_gemm(n * tf, 2 * c, ra, "mstep_flops")
             fimg[h] += out[:, 0]
             gx += out[:, 1]
             # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
