@@ -181,6 +181,12 @@ def test_back_rotate_is_the_adjoint_of_project():
     lhs = lhs + (mate_vals.conj() * mates).sum()
     rhs = (gm.conj() * d).sum()
     assert abs(lhs - rhs) / abs(rhs) < 1e-5
+    # the weights go through the same splat, per class: real data gives them back
+    w_in = data.real.abs()
+    _, w = back_rotate(data, w_in, psi, window, pad=pad)
+    d_real, _ = back_rotate(w_in.to(torch.complex128), w_in, psi, window, pad=pad)
+    torch.testing.assert_close(w, d_real.real)
+    torch.testing.assert_close(d_real.imag, torch.zeros_like(w))
 
 
 def test_back_rotate_weights_sum_and_hermitian():
@@ -426,7 +432,8 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
     return out
 
 
-@pytest.mark.parametrize("dense_pairs", [2.0, 0.0])  # pair GEMMs, one dense GEMM
+# pair GEMMs, one dense GEMM, and both in one batch (a sharp, a middling and a flat particle)
+@pytest.mark.parametrize("dense_pairs", [2.0, 0.0, 0.5])
 def test_two_pass_expectation_matches_slow_reference(dense_pairs):
     rng, cplx = random_problem(6)
     n = 16
@@ -443,6 +450,11 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
         torch.from_numpy(rng.uniform(-3, 3, size=(4 * tc, len(window)))).float(),
     )
     ramps_c = ramps_f[::4][:, cpix].contiguous()
+    if dense_pairs == 0.5:
+        # sharp: particle 0 is class 1, fine psi 3, translation 5 plus a little noise
+        data.x[0] = data.ctf[0] * proj_f[1, 3] * ramps_f[5].conj() + 0.1 * data.x[0]
+        data.sigma2[0] = 0.05
+        data.sigma2[2] *= 50.0  # flat: every pair, dense
     lpo = torch.from_numpy(rng.normal(size=(b, k, tc)))
     lpc = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))
     hyp = expectation(
@@ -460,7 +472,10 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
         fraction=0.999,
         dense_pairs=dense_pairs,
     )
-    assert (hyp.dense is not None) == (dense_pairs == 0.0)
+    assert (hyp.dense is not None) == (dense_pairs != 2.0)
+    if dense_pairs == 0.5:
+        assert hyp.dense_rows is not None and 2 in hyp.dense_rows.tolist()
+        assert 0 not in hyp.dense_rows.tolist() and 0 in hyp.particle.tolist()
     hyp = hyp.to_pairs()
     ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
     got = [dict() for _ in range(b)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def _slow_sums(data, proj, ramps, active, w, win, extra, half):
     return out, norms
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs"])
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed"])
 @pytest.mark.parametrize("halves", [False, True])
 def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     data, proj, ramps, active, w, win, extra = _problem()
@@ -213,6 +214,23 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     if layout == "pairs":
         hyp = hyp.to_pairs()
         assert hyp.dense is None and len(hyp.particle) > 0
+    if layout == "mixed":  # particles 1, 2 and 5 dense, the others as pairs
+        rows_d = torch.tensor([1, 2, 5])
+        pairs = hyp.to_pairs()
+        keep = ~torch.isin(pairs.particle, rows_d)
+        hyp = replace(
+            pairs,
+            particle=pairs.particle[keep],
+            cls=pairs.cls[keep],
+            psi=pairs.psi[keep],
+            weight=pairs.weight[keep],
+            dense=w[rows_d].clone(),
+            active=active,
+            dense_rows=rows_d,
+        )
+        (rd, hd), (rs, hs) = hyp.split()
+        assert rd.tolist() == [1, 2, 5] and rs.tolist() == [0, 3, 4]
+        assert set(hs.particle.tolist()) == {0, 1, 2} and hd.dense.shape[0] == 3
     sums = WeightedSums.zeros(k, pf, c, 2, extra["nsh"], 3, "cpu", n_slots=2 * k if halves else k)
     norms = accumulate(sums, data, hyp, proj, ramps, win, half=half, max_rows=14, **extra)
     ref, ref_norms = _slow_sums(data, proj, ramps, active, w, win, extra, half)

@@ -212,19 +212,27 @@ def back_rotate(
     y = qy + m // 2
     x0, y0 = torch.floor(x), torch.floor(y)
     e = m + 1  # one periodic extra row/column, folded back below
-    fx, fy = (x - x0)[None], (y - y0)[None]
-    x0, y0 = x0.long(), y0.long()
-    d_flat = torch.zeros(k * e * e, dtype=torch.complex128, device=device)
-    w_flat = torch.zeros(k * e * e, dtype=torch.float64, device=device)
-    base = (torch.arange(k, device=device) * e * e)[:, None, None]
+    fx, fy = (x - x0).reshape(-1), (y - y0).reshape(-1)
+    x0, y0 = x0.long().reshape(-1), y0.long().reshape(-1)
+    # The positions depend on (psi, pixel) only: every class is splatted at once, one row
+    # (Re, Im, weight for each class) per (psi, pixel).
+    rows = torch.cat(
+        [
+            torch.view_as_real(data).permute(1, 2, 0, 3).reshape(-1, 2 * k),
+            weight.permute(1, 2, 0).reshape(-1, k),
+        ],
+        dim=1,
+    )  # (P * C', 3K)
+    flat = torch.zeros((e * e, 3 * k), dtype=torch.float64, device=device)
     for dy in (0, 1):
         for dx in (0, 1):
-            wt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)  # (1, P, C')
+            wt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)  # (P * C',)
             xi, yi = x0 + dx, y0 + dy
-            ok = ((xi >= 0) & (xi < e) & (yi >= 0) & (yi < e))[None].expand(k, -1, -1)
-            idx = (base + (yi * e + xi)[None]).expand(k, -1, -1)
-            d_flat.index_add_(0, idx[ok], (data * wt)[ok])
-            w_flat.index_add_(0, idx[ok], (weight * wt)[ok])
+            ok = (xi >= 0) & (xi < e) & (yi >= 0) & (yi < e)
+            idx = torch.where(ok, yi * e + xi, 0)
+            flat.index_add_(0, idx, rows * torch.where(ok, wt, 0.0)[:, None])
+    d_flat = torch.complex(flat[:, 0 : 2 * k : 2], flat[:, 1 : 2 * k : 2]).T.contiguous()
+    w_flat = flat[:, 2 * k :].T.contiguous()
     return _fold(d_flat.reshape(k, e, e)), _fold(w_flat.reshape(k, e, e))
 
 

@@ -75,6 +75,18 @@ class BatchData:
     high_xi2: torch.Tensor
     offset_px: torch.Tensor
 
+    def subset(self, rows: torch.Tensor) -> BatchData:
+        """The particles ``rows`` of this batch (in that order)."""
+        return replace(
+            self,
+            x=self.x[rows],
+            xu=self.xu[rows],
+            ctf=self.ctf[rows],
+            sigma2=self.sigma2[rows],
+            high_xi2=self.high_xi2[rows],
+            offset_px=self.offset_px[rows],
+        )
+
     @property
     def weight2(self) -> torch.Tensor:
         """``1 / (2 sigma²)`` with the DC pixel excluded, ``(B, C)``."""
@@ -106,9 +118,10 @@ class Hypotheses:
     not significant. Per particle (B,): ``best_cls``, ``best_psi``, ``best_trans``, ``pmax``,
     ``n_significant`` (coarse samples), ``loglik``.
 
-    Broad posteriors come *dense* instead: ``dense`` ``(B, Tf, Ka * Pf)`` float32 holds every
-    fine weight of the active classes ``active`` ``(Ka,)`` (row ``r = ka * Pf + psi``), and the
-    pair fields are empty.
+    Particles with broad posteriors come *dense* instead: ``dense`` ``(Bd, Tf, Ka * Pf)``
+    float32 holds every fine weight of the classes ``active`` ``(Ka,)`` (row
+    ``r = ka * Pf + psi``) for the batch rows ``dense_rows`` ``(Bd,)`` (``None``: every row, in
+    order), and the pair fields hold the other particles' pairs.
     """
 
     particle: torch.Tensor
@@ -123,6 +136,7 @@ class Hypotheses:
     loglik: torch.Tensor
     dense: torch.Tensor | None = None
     active: torch.Tensor | None = None
+    dense_rows: torch.Tensor | None = None
 
     def to_pairs(self) -> Hypotheses:
         """The same weights as (particle, class, psi) pairs with any non-zero weight."""
@@ -130,17 +144,57 @@ class Hypotheses:
             return self
         b, tf, ra = self.dense.shape
         npf = ra // len(self.active)
-        per_pair = self.dense.permute(0, 2, 1)  # (B, Ra, Tf)
+        per_pair = self.dense.permute(0, 2, 1)  # (Bd, Ra, Tf)
         i, r = torch.nonzero((per_pair > 0).any(-1), as_tuple=True)
+        rows = i if self.dense_rows is None else self.dense_rows[i]
         return replace(
             self,
-            particle=i,
-            cls=self.active[r // npf],
-            psi=r % npf,
-            weight=per_pair[i, r].to(torch.float64),
+            particle=torch.cat([self.particle, rows]),
+            cls=torch.cat([self.cls, self.active[r // npf]]),
+            psi=torch.cat([self.psi, r % npf]),
+            weight=torch.cat([self.weight, per_pair[i, r].to(torch.float64)]),
             dense=None,
             active=None,
+            dense_rows=None,
         )
+
+    def split(self) -> tuple[tuple[torch.Tensor, Hypotheses], tuple[torch.Tensor, Hypotheses]]:
+        """A batch with both layouts as two: ``(rows, dense part), (rows, pair part)``, each
+        part's particles numbered within its ``rows``."""
+        assert self.dense is not None and self.dense_rows is not None
+        b = len(self.pmax)
+        rows_d = self.dense_rows
+        dense_mask = torch.zeros(b, dtype=torch.bool, device=rows_d.device)
+        dense_mask[rows_d] = True
+        rows_s = torch.nonzero(~dense_mask).squeeze(1)
+        number = torch.full((b,), -1, dtype=torch.long, device=rows_d.device)
+        number[rows_s] = torch.arange(len(rows_s), device=rows_d.device)
+
+        def per_particle(rows: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {
+                f: getattr(self, f)[rows]
+                for f in ("best_cls", "best_psi", "best_trans", "pmax", "n_significant", "loglik")
+            }
+
+        empty = self.particle[:0]
+        dense = replace(
+            self,
+            particle=empty,
+            cls=empty,
+            psi=empty,
+            weight=self.weight[:0],
+            dense_rows=None,
+            **per_particle(rows_d),
+        )
+        pairs = replace(
+            self,
+            particle=number[self.particle],
+            dense=None,
+            active=None,
+            dense_rows=None,
+            **per_particle(rows_s),
+        )
+        return (rows_d, dense), (rows_s, pairs)
 
 
 def significant_mask(
@@ -268,15 +322,72 @@ def expectation(
 
     n_fine_psi = proj_fine.shape[1]
     dense_pairs = DENSE_PAIRS if dense_pairs is None else dense_pairs
-    if len(pairs) * n_over_psi > dense_pairs * b * k * n_fine_psi:
-        # Broad posteriors: most (particle, orientation) pairs are needed, so every fine weight
-        # is computed by one GEMM and kept dense.
-        return _dense_pass(
-            data, sig, active, proj_fine, estep_pixels, ramps_fine, log_prior_offset,
-            log_prior_class, n_over_psi, n_over_trans, fraction, n_sig,
-        )  # fmt: skip
+    # Significance is per particle, so each particle takes its own layout: broad posteriors
+    # (most of its (class, fine psi) pairs needed) go dense, sharp ones as pairs. Later
+    # iterations of hard data have both kinds in one batch.
+    per_particle = torch.bincount(pairs[:, 0], minlength=b) * n_over_psi
+    broad = per_particle > dense_pairs * k * n_fine_psi
+    fine = (proj_fine, estep_pixels, ramps_fine, log_prior_offset, log_prior_class)
+    over = (n_over_psi, n_over_trans, fraction)
+    if bool(broad.all()):
+        return _dense_pass(data, sig, active, *fine, *over, n_sig)
+    if not bool(broad.any()):
+        return _pair_pass(data, sig, pairs, active, *fine, *over, n_sig)
+    rows_d = torch.nonzero(broad).squeeze(1)
+    rows_s = torch.nonzero(~broad).squeeze(1)
+    sig_d = sig[rows_d]
+    used = sig_d.any(3).any(2).any(0)  # classes any broad particle needs
+    hd = _dense_pass(
+        data.subset(rows_d), sig_d[:, used], active[used], proj_fine, estep_pixels, ramps_fine,
+        log_prior_offset[rows_d], log_prior_class, *over, n_sig[rows_d],
+    )  # fmt: skip
+    sig_s = sig[rows_s]
+    hs = _pair_pass(
+        data.subset(rows_s), sig_s, torch.nonzero(sig_s.any(-1)), active, proj_fine,
+        estep_pixels, ramps_fine, log_prior_offset[rows_s], log_prior_class, *over, n_sig[rows_s],
+    )  # fmt: skip
 
-    # ---- pass 1: (particle, fine psi) pairs x all fine translations, masked ----------------
+    def merged(field: str) -> torch.Tensor:
+        a, c = getattr(hd, field), getattr(hs, field)
+        out = torch.empty((b,), dtype=a.dtype, device=dev)
+        out[rows_d] = a
+        out[rows_s] = c
+        return out
+
+    return replace(
+        hs,
+        particle=rows_s[hs.particle],
+        dense=hd.dense,
+        active=hd.active,
+        dense_rows=rows_d,
+        **{
+            f: merged(f)
+            for f in ("best_cls", "best_psi", "best_trans", "pmax", "n_significant", "loglik")
+        },
+    )
+
+
+def _pair_pass(
+    data: BatchData,
+    sig: torch.Tensor,
+    pairs: torch.Tensor,
+    active: torch.Tensor,
+    proj_fine: torch.Tensor,
+    e: torch.Tensor,
+    ramps_fine: torch.Tensor,
+    log_prior_offset: torch.Tensor,
+    log_prior_class: torch.Tensor,
+    n_over_psi: int,
+    n_over_trans: int,
+    fraction: float,
+    n_sig: torch.Tensor,
+) -> Hypotheses:
+    """Pass 1 on (particle, fine psi) pairs whose coarse parent (``pairs``: particle, active
+    class, coarse psi) was significant, each over all fine translations, masked to the children
+    of significant coarse translations."""
+    b = data.x.shape[0]
+    k = proj_fine.shape[0]
+    dev = data.x.device
     sub = torch.arange(n_over_psi, device=dev)
     p_i = pairs[:, 0].repeat_interleave(n_over_psi)
     p_ka = pairs[:, 1].repeat_interleave(n_over_psi)
@@ -284,7 +395,7 @@ def expectation(
     p_k = active[p_ka]
     tmask = sig[pairs[:, 0], pairs[:, 1], pairs[:, 2]].repeat_interleave(n_over_trans, dim=1)
     tmask = tmask.repeat_interleave(n_over_psi, dim=0)  # (M, Tf)
-    e = estep_pixels
+    w2, ctf, x = data.weight2, data.ctf, data.x
     w2e, ctfe, xe = w2[:, e], ctf[:, e], x[:, e]
     y = w2e * ctfe * xe  # (B, Ce)
     const_f = data.const(e)
