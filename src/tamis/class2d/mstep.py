@@ -59,9 +59,10 @@ def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
 
 #: The dense M-step works by (particle, class) block when fewer than this fraction of the blocks
 #: carry weight; otherwise by GEMMs over every class (three times the block path's GEMM work,
-#: but bigger GEMMs). Measured on the CPU (hard recipe, iterations 1, 3, 11 and 16): the block
-#: path is faster even with every block weighted, so it is always taken.
-BLOCK_FRACTION = 1.01
+#: but bigger GEMMs and no per-pixel pass). Measured on one batch's inputs, alternating
+#: (hard recipe): with every block weighted (iteration 2) the GEMMs took 3.0-3.9 s against
+#: 6.8-11.5 s by block; at ~80% (iteration 16's broad particles) the two are even.
+BLOCK_FRACTION = 0.8
 
 
 def _class_block_sums(
