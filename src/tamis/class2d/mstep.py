@@ -59,10 +59,11 @@ def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
 
 #: The dense M-step works by (particle, class) block when fewer than this fraction of the blocks
 #: carry weight; otherwise by GEMMs over every class (three times the block path's GEMM work,
-#: but bigger GEMMs and no per-pixel pass). Measured on one batch's inputs, alternating
-#: (hard recipe): with every block weighted (iteration 2) the GEMMs took 3.0-3.9 s against
-#: 6.8-11.5 s by block; at ~80% (iteration 16's broad particles) the two are even.
-BLOCK_FRACTION = 0.8
+#: but bigger GEMMs and no per-pixel pass). Measured (hard recipe, 2 CPU threads): with every
+#: block weighted (iteration 2) the GEMMs took 3.0-3.9 s for one batch against 6.8-11.5 s by
+#: block; 25 iterations took 236 s (block always), 244 s (0.8) and 209 s (0.9), the broad
+#: particles of later iterations weighting 80-85% of their blocks.
+BLOCK_FRACTION = 0.9
 
 
 def _class_block_sums(
