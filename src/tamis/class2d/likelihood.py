@@ -327,24 +327,25 @@ def expectation(
     # iterations of hard data have both kinds in one batch.
     per_particle = torch.bincount(pairs[:, 0], minlength=b) * n_over_psi
     broad = per_particle > dense_pairs * k * n_fine_psi
-    fine = (proj_fine, estep_pixels, ramps_fine, log_prior_offset, log_prior_class)
-    over = (n_over_psi, n_over_trans, fraction)
+    fp = _FinePass(
+        proj_fine, estep_pixels, ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction
+    )
     if bool(broad.all()):
-        return _dense_pass(data, sig, active, *fine, *over, n_sig)
+        return _dense_pass(data, sig, active, log_prior_offset, n_sig, fp)
     if not bool(broad.any()):
-        return _pair_pass(data, sig, pairs, active, *fine, *over, n_sig)
+        return _pair_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp)
     rows_d = torch.nonzero(broad).squeeze(1)
     rows_s = torch.nonzero(~broad).squeeze(1)
     sig_d = sig[rows_d]
     used = sig_d.any(3).any(2).any(0)  # classes any broad particle needs
     hd = _dense_pass(
-        data.subset(rows_d), sig_d[:, used], active[used], proj_fine, estep_pixels, ramps_fine,
-        log_prior_offset[rows_d], log_prior_class, *over, n_sig[rows_d],
+        data.subset(rows_d), sig_d[:, used], active[used], log_prior_offset[rows_d],
+        n_sig[rows_d], fp,
     )  # fmt: skip
     sig_s = sig[rows_s]
     hs = _pair_pass(
-        data.subset(rows_s), sig_s, torch.nonzero(sig_s.any(-1)), active, proj_fine,
-        estep_pixels, ramps_fine, log_prior_offset[rows_s], log_prior_class, *over, n_sig[rows_s],
+        data.subset(rows_s), sig_s, torch.nonzero(sig_s.any(-1)), active,
+        log_prior_offset[rows_s], n_sig[rows_s], fp,
     )  # fmt: skip
 
     def merged(field: str) -> torch.Tensor:
@@ -367,24 +368,34 @@ def expectation(
     )
 
 
+@dataclass(frozen=True)
+class _FinePass:
+    """What pass 1 needs besides the particles: the fine projections ``(K, Pf, C)``, the window
+    pixels it uses, the fine translations' ramps, the class priors and the oversampling."""
+
+    proj: torch.Tensor
+    pixels: torch.Tensor
+    ramps: torch.Tensor
+    log_prior_class: torch.Tensor
+    n_over_psi: int
+    n_over_trans: int
+    fraction: float
+
+
 def _pair_pass(
     data: BatchData,
     sig: torch.Tensor,
     pairs: torch.Tensor,
     active: torch.Tensor,
-    proj_fine: torch.Tensor,
-    e: torch.Tensor,
-    ramps_fine: torch.Tensor,
     log_prior_offset: torch.Tensor,
-    log_prior_class: torch.Tensor,
-    n_over_psi: int,
-    n_over_trans: int,
-    fraction: float,
     n_sig: torch.Tensor,
+    fp: _FinePass,
 ) -> Hypotheses:
     """Pass 1 on (particle, fine psi) pairs whose coarse parent (``pairs``: particle, active
     class, coarse psi) was significant, each over all fine translations, masked to the children
     of significant coarse translations."""
+    proj_fine, e, ramps_fine, log_prior_class = fp.proj, fp.pixels, fp.ramps, fp.log_prior_class
+    n_over_psi, n_over_trans, fraction = fp.n_over_psi, fp.n_over_trans, fp.fraction
     b = data.x.shape[0]
     k = proj_fine.shape[0]
     dev = data.x.device
@@ -573,15 +584,9 @@ def _dense_pass(
     data: BatchData,
     sig: torch.Tensor,
     active: torch.Tensor,
-    proj_fine: torch.Tensor,
-    e: torch.Tensor,
-    ramps_fine: torch.Tensor,
     log_prior_offset: torch.Tensor,
-    log_prior_class: torch.Tensor,
-    n_over_psi: int,
-    n_over_trans: int,
-    fraction: float,
     n_sig: torch.Tensor,
+    fp: _FinePass,
 ) -> Hypotheses:
     """Pass 1 with every fine weight of the active classes in one ``(B, Tf, Ka * Pf)`` tensor.
 
@@ -590,6 +595,8 @@ def _dense_pass(
     float64 afterwards), children of coarse samples that were not significant are masked, and
     :func:`dense_significance` turns them into normalised significant weights.
     """
+    proj_fine, e, ramps_fine, log_prior_class = fp.proj, fp.pixels, fp.ramps, fp.log_prior_class
+    n_over_psi, n_over_trans, fraction = fp.n_over_psi, fp.n_over_trans, fp.fraction
     b = data.x.shape[0]
     ka = len(active)
     dev = data.x.device
