@@ -7,10 +7,11 @@ For a batch of B particles, R = (active classes x psi) projections P_r and T tra
 
 Pass 0 (coarse size, coarse psi and t) is dense: the cross term is one real GEMM
 ``(B*T, 2C) x (2C, R)`` and the middle one ``(B, C) x (C, R)`` (``c`` = scale x CTF; DC weight 0).
-Pass 1 (current size, oversampled psi and t) has two layouts. With broad posteriors it is dense
-(:func:`_dense_pass`): every fine weight of the active classes in one float32 ``(B, Tf, R)``
-tensor from the same GEMM, children of insignificant coarse samples at -inf. Otherwise it works
-on *pairs* (particle, fine orientation) whose coarse parent carried weight:
+Pass 1 (current size, oversampled psi and t) has two layouts, chosen per particle (one batch
+may hold both). A particle with a broad posterior is dense (:func:`_dense_pass`): every fine
+weight of the classes it needs in one float32 ``(B, Tf, R)`` tensor from the same GEMM, children
+of insignificant coarse samples at -inf. A sharp one works on *pairs* (particle, fine
+orientation) whose coarse parent carried weight:
 ``Re (conj(P_r) . y_i) @ ramps^T`` is a GEMM ``(M, 2C) x (2C, T_f)`` over every fine translation,
 masked to the children of significant coarse translations. Either layout drives the M-step sums
 (:func:`tamis.class2d.mstep.accumulate`). Log-weights relative to the particle's best are
@@ -43,9 +44,12 @@ GEMM_STATS: dict[str, object] = {
     "mstep_seconds": 0.0,
 }
 
-#: Pass 1 goes dense (every fine weight of the active classes, :func:`_dense_pass`) when more
-#: than this fraction of the (particle, fine orientation) pairs have a significant parent.
+#: A particle's pass 1 goes dense (every fine weight, :func:`_dense_pass`) when more than this
+#: fraction of its (class, fine psi) pairs have a significant parent.
 DENSE_PAIRS = 0.25
+
+# The per-particle fields of Hypotheses (the others are per pair, or the dense weights).
+_PER_PARTICLE = ("best_cls", "best_psi", "best_trans", "pmax", "n_significant", "loglik")
 
 
 def count_gemm(m: int, k: int, n: int, key: str = "flops") -> None:
@@ -171,10 +175,7 @@ class Hypotheses:
         number[rows_s] = torch.arange(len(rows_s), device=rows_d.device)
 
         def per_particle(rows: torch.Tensor) -> dict[str, torch.Tensor]:
-            return {
-                f: getattr(self, f)[rows]
-                for f in ("best_cls", "best_psi", "best_trans", "pmax", "n_significant", "loglik")
-            }
+            return {f: getattr(self, f)[rows] for f in _PER_PARTICLE}
 
         empty = self.particle[:0]
         dense = replace(
@@ -277,8 +278,8 @@ def expectation(
     ``log_prior_offset`` ``(B, K, Tc)`` is evaluated at the unperturbed coarse translations.
     ``log_prior_class`` ``(K,)`` is ``-inf`` for empty classes.
     With ``n_over_psi == n_over_trans == 1`` and ``proj_fine is proj_coarse``
-    (``--oversampling 0``) pass 0 is the only pass. When more than ``dense_pairs`` of all
-    (particle, fine orientation) pairs need evaluating, pass 1 is one dense GEMM instead.
+    (``--oversampling 0``) pass 0 is the only pass. A particle for which more than
+    ``dense_pairs`` of its (class, fine psi) pairs need evaluating takes the dense pass 1.
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
@@ -361,10 +362,7 @@ def expectation(
         dense=hd.dense,
         active=hd.active,
         dense_rows=rows_d,
-        **{
-            f: merged(f)
-            for f in ("best_cls", "best_psi", "best_trans", "pmax", "n_significant", "loglik")
-        },
+        **{f: merged(f) for f in _PER_PARTICLE},
     )
 
 

@@ -255,7 +255,7 @@ def accumulate(
         optics=optics,
         groups=groups,
         scale=scale,
-        with_scale=ssnr_mask is not None,
+        with_scale=with_scale,
         old_norm=old_norm,
         avg_norm=avg_norm,
         nsh=nsh,
