@@ -13,15 +13,22 @@ import torch
 __all__ = ["radius_map", "soft_edge", "soft_mask_outside", "solvent_mask"]
 
 
-def radius_map(size: int, *, device: torch.device | str | None = None) -> torch.Tensor:
-    """Distance of every pixel of a ``size x size`` image from pixel ``(size // 2, size // 2)``."""
+def radius_map(
+    size: int, *, device: torch.device | str | None = None, ndim: int = 2
+) -> torch.Tensor:
+    """Distance of every pixel (voxel, with ``ndim=3``) of a ``size`` box from the origin pixel
+    ``size // 2`` on every axis; ``(size,) * ndim``."""
     c = torch.arange(size, device=device, dtype=torch.float64) - size // 2
-    return torch.sqrt(c[:, None] ** 2 + c[None, :] ** 2)
+    axes = torch.meshgrid(*([c] * ndim), indexing="ij")
+    return torch.sqrt(sum(a * a for a in axes))
 
 
-def soft_edge(size: int, radius: float, width: float, *, device=None) -> torch.Tensor:
-    """The background weight ``c`` (0 inside, raised cosine over the edge, 1 outside), ``(n, n)``."""
-    r = radius_map(size, device=device)
+def soft_edge(
+    size: int, radius: float, width: float, *, device=None, ndim: int = 2
+) -> torch.Tensor:
+    """The background weight ``c`` (0 inside, raised cosine over the edge, 1 outside),
+    ``(size,) * ndim``."""
+    r = radius_map(size, device=device, ndim=ndim)
     c = 0.5 + 0.5 * torch.cos(torch.pi * (radius + width - r) / width)
     c = torch.where(r < radius, torch.zeros_like(r), c)
     return torch.where(r > radius + width, torch.ones_like(r), c)
@@ -33,17 +40,20 @@ def soft_mask_outside(
     width: float = 5.0,
     *,
     background: torch.Tensor | None = None,
+    ndim: int = 2,
 ) -> torch.Tensor:
-    """RELION's ``softMaskOutsideMap`` on ``(..., n, n)`` images.
+    """RELION's ``softMaskOutsideMap`` on ``(..., n, n)`` images (``(..., n, n, n)`` volumes
+    with ``ndim=3``).
 
     ``background`` is either None (use the c-weighted mean of the pixels with ``r >= radius``,
     RELION's ``--zero_mask`` behaviour) or images of the same shape (e.g. noise).
     """
     n = images.shape[-1]
-    c = soft_edge(n, radius, width, device=images.device).to(images.dtype)
+    c = soft_edge(n, radius, width, device=images.device, ndim=ndim).to(images.dtype)
     if background is None:
         # c is 0 inside the radius, so this is the c-weighted mean over r >= radius.
-        bg = (images * c).sum(dim=(-2, -1), keepdim=True) / c.sum().clamp(min=1e-12)
+        dims = tuple(range(-ndim, 0))
+        bg = (images * c).sum(dim=dims, keepdim=True) / c.sum().clamp(min=1e-12)
     else:
         bg = background
     return images * (1 - c) + bg * c

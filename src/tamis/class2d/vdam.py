@@ -25,7 +25,7 @@ from tamis.class2d.em import Class2DRun
 from tamis.class2d.fourier2d import (
     back_rotate,
     grid_shells,
-    padded_to_images,
+    padded_to_real,
     padded_transforms,
     relion_round,
     ssnr_arrays,
@@ -164,7 +164,7 @@ def gradient_update(
     # updated inside |q|² < lim; the ring |q|² = lim keeps the reference (RELION's decenter copies
     # |q|² <= lim), beyond is zero
     f = torch.where(disc, f + step * (fq * u - (1 - fq) * f), f * kept)
-    return padded_to_images(f, box=n, pad=pad, gridding=False)
+    return padded_to_real(f, box=n, pad=pad, gridding=False)
 
 
 def shift_moments(moments: Moments, com: torch.Tensor) -> None:

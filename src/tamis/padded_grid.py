@@ -1,0 +1,255 @@
+"""RELION's padded Fourier grids, in 2D and 3D: transforms, shells, tau2, MAP reconstruction and
+SSNR arrays (``Projector::computeFourierTransformMap``, ``BackProjector::reconstruct``,
+``windowToOridimRealSpace``, ``updateSSNRarrays``).
+
+Grids are full, centred (frequency 0 at index ``M // 2`` on every axis), ``M = pad * N``, complex,
+and scaled as RELION's: the unnormalised transform of the padded map divided by ``N²``, so a
+central section of a volume (or a sample of a 2D grid) is an ``N``-box image transform
+normalised by ``1 / N²`` (forward units). That factor is ``pad^d N^(d-2)`` times the
+forward-normalised ``M^d`` transform. The dimension ``d`` (2 or 3) is read from the batched
+tensors' shapes: ``(K, N, N)`` images or ``(K, N, N, N)`` volumes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tamis.masks import radius_map, soft_mask_outside
+
+__all__ = [
+    "relion_round",
+    "oversampling_correction",
+    "transform_scale",
+    "padded_transforms",
+    "padded_to_real",
+    "with_periodic_edge",
+    "fold_periodic_edge",
+    "reference_grids",
+    "grid_shells",
+    "grid_tau2",
+    "reconstruct",
+    "ssnr_arrays",
+]
+
+
+def relion_round(x: torch.Tensor) -> torch.Tensor:
+    """RELION's ROUND for non-negative values: floor(x + 0.5)."""
+    return torch.floor(x + 0.5).to(torch.int64)
+
+
+def oversampling_correction(pad: int, ndim: int) -> float:
+    """RELION's correction of the prior term for a padded grid: ``pad^d`` (4 in 2D, 8 in 3D)."""
+    return float(pad**ndim)
+
+
+def transform_scale(box: int, pad: int, ndim: int) -> float:
+    """``pad^d N^(d-2)``: RELION's padded transform over the forward-normalised one."""
+    return float(pad**ndim) * float(box) ** (ndim - 2)
+
+
+def _dims(ndim: int) -> tuple[int, ...]:
+    return tuple(range(-ndim, 0))
+
+
+def _sinc2(r: torch.Tensor) -> torch.Tensor:
+    return torch.sinc(r) ** 2
+
+
+def padded_transforms(refs: torch.Tensor, *, pad: int = 2, gridding: bool = True) -> torch.Tensor:
+    """Centred ``(K, M, ..., M)`` complex128 transforms of real maps ``(K, N, ..., N)`` zero-padded
+    to ``M = pad N``, on RELION's scale; with ``gridding``, divided by ``sinc²(r / M)`` first
+    (RELION's gridding pre-correction, radial)."""
+    ndim = refs.ndim - 1
+    k, n = refs.shape[0], refs.shape[-1]
+    m = pad * n
+    img = refs.to(torch.float64)
+    if gridding:
+        r = radius_map(n, device=refs.device, ndim=ndim)
+        img = img / _sinc2(r / m).clamp(min=1e-6)
+    padded = torch.zeros((k,) + (m,) * ndim, dtype=torch.float64, device=refs.device)
+    o = m // 2 - n // 2
+    padded[(slice(None),) + (slice(o, o + n),) * ndim] = img
+    dims = _dims(ndim)
+    spec = torch.fft.fftshift(
+        torch.fft.fftn(torch.fft.ifftshift(padded, dim=dims), dim=dims, norm="forward"), dim=dims
+    )
+    return spec * transform_scale(n, pad, ndim)
+
+
+def padded_to_real(
+    fgrid: torch.Tensor, *, box: int, pad: int = 2, gridding: bool = True
+) -> torch.Tensor:
+    """Inverse of :func:`padded_transforms` as RELION's ``windowToOridimRealSpace``: transform,
+    window to ``box``, soft-mask at radius ``box/2`` (3 px edge, mean outside) and, with
+    ``gridding``, divide by ``sinc²(r / M)``. Returns float32 ``(K, box, ..., box)``."""
+    ndim = fgrid.ndim - 1
+    m = fgrid.shape[-1]
+    dims = _dims(ndim)
+    img = torch.fft.fftshift(
+        torch.fft.ifftn(
+            torch.fft.ifftshift(fgrid / transform_scale(box, pad, ndim), dim=dims),
+            dim=dims,
+            norm="forward",
+        ),
+        dim=dims,
+    ).real
+    o = m // 2 - box // 2
+    img = img[(slice(None),) + (slice(o, o + box),) * ndim]
+    img = soft_mask_outside(img, box / 2, 3.0, ndim=ndim)
+    if gridding:
+        r = radius_map(box, device=fgrid.device, ndim=ndim)
+        img = img / _sinc2(r / m).clamp(min=1e-6)
+    return img.to(torch.float32)
+
+
+def with_periodic_edge(spec: torch.Tensor) -> torch.Tensor:
+    """``(K, M, ..., M)`` -> ``(K, M+1, ..., M+1)``: one periodic extra plane per axis (frequency
+    ``+M/2 = -M/2``), so samples at the edge of the padded grid (the box's Nyquist frequency)
+    interpolate instead of falling outside."""
+    for axis in range(1, spec.ndim):
+        spec = torch.cat([spec, spec.narrow(axis, 0, 1)], dim=axis)
+    return spec
+
+
+def fold_periodic_edge(grid: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`with_periodic_edge`: ``(K, M+1, ..., M+1)`` -> ``(K, M, ..., M)``, the
+    extra plane of each axis added back onto frequency ``-M/2``."""
+    for axis in range(1, grid.ndim):
+        size = grid.shape[axis] - 1
+        out = grid.narrow(axis, 0, size).clone()
+        out.narrow(axis, 0, 1).add_(grid.narrow(axis, size, 1))
+        grid = out
+    return grid
+
+
+def reference_grids(
+    refs: torch.Tensor, *, pad: int = 2, r_max: float | None = None
+) -> torch.Tensor:
+    """Padded, centred Fourier grids ``(K, M + 1, ..., M + 1)`` (complex64) of real references
+    ``(K, N, ..., N)``, ready for interpolation: :func:`padded_transforms` (with the gridding
+    pre-correction), voxels with ``|q|² > ROUND(r_max pad)²`` zeroed when ``r_max`` is given, and
+    :func:`with_periodic_edge`."""
+    ndim = refs.ndim - 1
+    m = pad * refs.shape[-1]
+    spec = padded_transforms(refs, pad=pad)
+    if r_max is not None:
+        q2 = radius_map(m, device=refs.device, ndim=ndim) ** 2
+        spec = spec * (q2 <= _max_r2(r_max, pad))
+    return with_periodic_edge(spec).to(torch.complex64)
+
+
+def grid_shells(
+    m: int, pad: int, device, ndim: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``|q|``, ``ROUND(|q|/pad)`` and ``FLOOR(|q|/pad)`` on a centred ``M^d`` grid."""
+    q = radius_map(m, device=device, ndim=ndim)
+    return q, relion_round(q / pad), torch.floor(q / pad).to(torch.int64)
+
+
+def _max_r2(r_max: float, pad: int) -> float:
+    return float(relion_round(torch.tensor(r_max * pad))) ** 2
+
+
+def grid_tau2(grids: torch.Tensor, r_max: float, n_shells: int, *, pad: int = 2) -> torch.Tensor:
+    """tau2 per class and shell ``(K, n_shells)``: mean ``|F(q)|²/2`` over padded voxels with
+    ``|q|² <= ROUND(r_max pad)²`` and ``ROUND(|q|/pad) = s`` (RELION's
+    ``computeFourierTransformMap``). A periodic extra edge (:func:`with_periodic_edge`) is
+    ignored."""
+    ndim = grids.ndim - 1
+    m = pad * 2 * (grids.shape[-1] // (2 * pad))
+    grids = grids[(slice(None),) + (slice(0, m),) * ndim]
+    k = grids.shape[0]
+    q, ires, _ = grid_shells(m, pad, grids.device, ndim)
+    inside = q**2 <= _max_r2(r_max, pad)
+    ires = torch.where(inside, ires, torch.full_like(ires, n_shells)).reshape(-1)
+    power = (grids.abs().to(torch.float64) ** 2 / 2).reshape(k, -1)
+    sums = torch.zeros((k, n_shells + 1), dtype=torch.float64, device=grids.device)
+    sums.index_add_(1, ires, power)
+    counts = torch.bincount(ires, minlength=n_shells + 1).to(torch.float64)
+    return (sums / counts.clamp(min=1))[:, :n_shells]
+
+
+def reconstruct(
+    d: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    box: int,
+    r_max: float,
+    tau2: torch.Tensor | None,
+    tau2_fudge: float = 1.0,
+    pad: int = 2,
+    minres_map: int = 5,
+) -> torch.Tensor:
+    """RELION's ``BackProjector::reconstruct`` (skip-gridding branch), batched over classes.
+
+    ``F = D / max(W + [ires >= minres_map] / (os T tau2), wbar(FLOOR(|q|/pad)) / 1000)`` inside
+    ``|q|² < ROUND(r_max pad)²`` (``os = pad^d``); ``tau2=None`` reconstructs without the prior.
+    Then :func:`padded_to_real`. ``d`` complex and ``w`` real, ``(K, M, ..., M)``; returns real
+    maps ``(K, box, ..., box)``.
+    """
+    ndim = d.ndim - 1
+    k, m = d.shape[0], d.shape[-1]
+    grid = (m,) * ndim
+    q, ires, ifloor = grid_shells(m, pad, d.device, ndim)
+    inside = q**2 < _max_r2(r_max, pad)
+    w = w.to(torch.float64)
+    if tau2 is not None:
+        n_sh = tau2.shape[1]
+        t2 = tau2[:, ires.clamp(max=n_sh - 1).reshape(-1)].reshape((k,) + grid)
+        os_ = oversampling_correction(pad, ndim)
+        prior = torch.where(
+            t2 > 0, 1.0 / (os_ * tau2_fudge * t2.clamp(min=1e-300)), torch.zeros_like(t2)
+        )
+        zero_tau = (t2 <= 0) & (w > 1e-20)
+        prior = torch.where(zero_tau, 1.0 / (0.001 * w.clamp(min=1e-300)), prior)
+        # No prior below shell minres_map (RELION's minres_map).
+        prior = torch.where((ires >= minres_map)[None], prior, torch.zeros_like(prior))
+        wp = w + prior
+    else:
+        wp = w
+    # Floor: a thousandth of the shell's mean weight (FLOOR shells; beyond r_max use r_max - 1).
+    rm = int(r_max)
+    fl = ifloor.clamp(max=max(rm - 1, 0))
+    fl_in = torch.where(inside, fl, torch.full_like(fl, rm + 1)).reshape(-1)
+    sums = torch.zeros((k, rm + 2), dtype=torch.float64, device=d.device)
+    sums.index_add_(1, fl_in, wp.reshape(k, -1))
+    counts = torch.bincount(fl_in, minlength=rm + 2).to(torch.float64)
+    wbar = sums / counts.clamp(min=1)
+    floor = wbar[:, fl.reshape(-1)].reshape((k,) + grid) / 1000.0
+    denom = torch.maximum(wp, floor)
+    fgrid = torch.where(
+        inside[None] & (denom > 0), d / denom.clamp(min=1e-300), torch.zeros_like(d)
+    )
+    return padded_to_real(fgrid, box=box, pad=pad)
+
+
+def ssnr_arrays(
+    w: torch.Tensor, tau2: torch.Tensor, *, r_max: float, tau2_fudge: float, pad: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RELION's ``updateSSNRarrays``: (sigma2_class, data_vs_prior, fourier_coverage), each
+    ``(K, n_shells)`` with ``n_shells = tau2.shape[1]``; ``w`` ``(K, M, ..., M)``."""
+    ndim = w.ndim - 1
+    k, m = w.shape[0], w.shape[-1]
+    n_sh = tau2.shape[1]
+    os_ = oversampling_correction(pad, ndim)
+    q, ires, _ = grid_shells(m, pad, w.device, ndim)
+    inside = q**2 < _max_r2(r_max, pad)
+    idx = torch.where(inside & (ires < n_sh), ires, torch.full_like(ires, n_sh)).reshape(-1)
+    w = w.to(torch.float64).reshape(k, -1)
+    t2 = tau2[:, idx.clamp(max=n_sh - 1)]
+    snr = torch.where(t2 > 0, w * os_ * tau2_fudge * t2, 0.001 * w * w)
+    counts = torch.bincount(idx, minlength=n_sh + 1).to(torch.float64)[:n_sh]
+
+    def shell_sum(v: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros((k, n_sh + 1), dtype=torch.float64, device=w.device)
+        return out.index_add_(1, idx, v)[:, :n_sh]
+
+    sum_w = shell_sum(os_ * w)
+    sigma2_class = torch.where(sum_w > 0, counts / sum_w.clamp(min=1e-300), torch.zeros_like(sum_w))
+    dvp = shell_sum(snr) / counts.clamp(min=1)
+    coverage = shell_sum((snr >= 1).to(torch.float64)) / counts.clamp(min=1)
+    empty = counts == 0
+    dvp = torch.where(empty[None], torch.full_like(dvp, 999.0), dvp)
+    beyond = torch.arange(n_sh, device=w.device) > r_max
+    dvp = torch.where(beyond[None], torch.zeros_like(dvp), dvp)
+    return sigma2_class, dvp, coverage
