@@ -1,0 +1,165 @@
+"""3D references on RELION's padded Fourier grid: projection (central sections), back-projection
+(its adjoint) and point-group symmetrisation (``Projector::project``,
+``BackProjector::backproject2Dto3D``, ``BackProjector::applyPointGroupSymmetry``).
+
+Volumes are ``(z, y, x)``; their grids come from :func:`tamis.padded_grid.reference_grids`
+(``(K, M+1, M+1, M+1)``, centred, one periodic extra plane per axis). The section of rotation
+``A`` (RELION's ``Euler_angles2matrix``) holds ``F(pad A^T k)`` at image frequency
+``k = (kx, ky, 0)``, read by trilinear interpolation: in real space the image is
+``sum_z V(A^T (x, y, z))``. Splats write each pixel and its conjugated mate at ``-q``, so the
+grids stay Hermitian, which is what RELION's half-grid splat followed by
+``enforceHermitianSymmetry`` gives. Pixels beyond the window's disc (``size // 2``) are neither
+projected nor splatted (RELION's ``r_max``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tamis.class2d.fourier2d import FourierWindow
+from tamis.padded_grid import fold_periodic_edge, grid_shells, relion_round, with_periodic_edge
+
+__all__ = ["section_positions", "project", "back_project", "symmetrise"]
+
+#: Sections interpolated or splatted per call of the underlying kernel: bounds the temporary
+#: coordinate and row tensors to a few hundred MB for 64-px boxes.
+_MAX_POINTS = 1 << 21
+
+
+def section_positions(rotations: torch.Tensor, window: FourierWindow, pad: int) -> torch.Tensor:
+    """Grid positions ``pad A^T (kx, ky, 0)`` ``(R, C, 3)`` as (x, y, z), float64."""
+    a = rotations.to(torch.float64)
+    kx = window.kx.to(a.device)[None, :, None]
+    ky = window.ky.to(a.device)[None, :, None]
+    return pad * (kx * a[:, None, 0, :] + ky * a[:, None, 1, :])
+
+
+def project(
+    grids: torch.Tensor, rotations: torch.Tensor, window: FourierWindow, *, pad: int = 2
+) -> torch.Tensor:
+    """Central sections ``(K, R, C)`` (complex64) of every class at every rotation ``(R, 3, 3)``,
+    on the window's pixels: ``P(k) = F(pad A^T k)``, trilinear; zero outside the disc of the
+    window's size."""
+    k, e = grids.shape[0], grids.shape[-1]
+    m = pad * window.box
+    dev = grids.device
+    vol = torch.view_as_real(grids).permute(0, 4, 1, 2, 3)  # (K, 2, E, E, E)
+    disc = window.in_disc.to(dev)
+    c = len(window)
+    out = torch.empty((k, rotations.shape[0], c), dtype=torch.complex64, device=dev)
+    step = max(1, _MAX_POINTS // max(c, 1))
+    for s in range(0, rotations.shape[0], step):
+        rot = rotations[s : s + step].to(dev)
+        q = section_positions(rot, window, pad)  # (r, C, 3)
+        r = q.shape[0]
+        coords = ((q + m // 2) * (2.0 / (e - 1)) - 1.0).to(vol.dtype)
+        coords = coords.reshape(1, r * c, 1, 1, 3).expand(k, -1, -1, -1, -1)
+        vals = F.grid_sample(vol, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+        vals = vals.reshape(k, 2, r, c)
+        out[:, s : s + r] = torch.complex(vals[:, 0], vals[:, 1]) * disc
+    return out
+
+
+def back_project(
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    rotations: torch.Tensor,
+    window: FourierWindow,
+    *,
+    pad: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trilinear splat of per-(class, rotation) sums into padded grids: the adjoint of
+    :func:`project`.
+
+    ``data`` complex ``(K, R, C)``, ``weight`` real ``(K, R, C)``. Returns ``(D, W)``, complex128
+    and float64 ``(K, M, M, M)``; every pixel is also written, conjugated, at ``-q`` (except the
+    origin)."""
+    k, n_rot, c = data.shape
+    m = pad * window.box
+    e = m + 1  # one periodic extra plane per axis, folded back at the end
+    dev = data.device
+    disc = window.in_disc.to(dev)
+    not_dc = ((window.kx != 0) | (window.ky != 0)).to(dev)
+    flat = torch.zeros((e * e * e, 3 * k), dtype=torch.float64, device=dev)
+    step = max(1, _MAX_POINTS // max(2 * c, 1))
+    for s in range(0, n_rot, step):
+        rot = rotations[s : s + step].to(dev)
+        q = section_positions(rot, window, pad)  # (r, C, 3)
+        d = data[:, s : s + step] * disc
+        w = weight[:, s : s + step] * disc
+        # the Hermitian mates: -q, conjugated; the origin once
+        q = torch.cat([q, -q[:, not_dc]], dim=1) + m // 2
+        d = torch.cat([d, d[..., not_dc].conj()], dim=-1).to(torch.complex128)
+        w = torch.cat([w, w[..., not_dc]], dim=-1).to(torch.float64)
+        # one row (Re, Im, weight of every class) per (rotation, pixel): positions are shared
+        rows = torch.cat(
+            [
+                torch.view_as_real(d).permute(1, 2, 0, 3).reshape(-1, 2 * k),
+                w.permute(1, 2, 0).reshape(-1, k),
+            ],
+            dim=1,
+        )
+        q = q.reshape(-1, 3)
+        lo = torch.floor(q)
+        frac = q - lo
+        lo = lo.long()
+        for dz in (0, 1):
+            for dy in (0, 1):
+                for dx in (0, 1):
+                    fx = frac[:, 0] if dx else 1 - frac[:, 0]
+                    fy = frac[:, 1] if dy else 1 - frac[:, 1]
+                    fz = frac[:, 2] if dz else 1 - frac[:, 2]
+                    xi, yi, zi = lo[:, 0] + dx, lo[:, 1] + dy, lo[:, 2] + dz
+                    ok = (xi >= 0) & (xi < e) & (yi >= 0) & (yi < e) & (zi >= 0) & (zi < e)
+                    idx = torch.where(ok, (zi * e + yi) * e + xi, 0)
+                    wt = torch.where(ok, fx * fy * fz, 0.0)
+                    flat.index_add_(0, idx, rows * wt[:, None])
+    d_grid = torch.complex(flat[:, 0 : 2 * k : 2], flat[:, 1 : 2 * k : 2]).T.reshape(k, e, e, e)
+    w_grid = flat[:, 2 * k :].T.reshape(k, e, e, e)
+    return fold_periodic_edge(d_grid.contiguous()), fold_periodic_edge(w_grid.contiguous())
+
+
+def symmetrise(
+    d: torch.Tensor,
+    w: torch.Tensor,
+    operators: torch.Tensor,
+    *,
+    r_max: float,
+    pad: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RELION's ``applyPointGroupSymmetry``: ``D(q) + sum_g D(R_g q)`` over the group's operators
+    other than the identity (likewise ``W``), trilinear, for voxels with
+    ``|q|² <= ROUND(r_max pad)²``; the others are left as they are. Sums, not means: the
+    orientation search covers one asymmetric unit.
+
+    ``d`` complex and ``w`` real ``(K, M, M, M)``; ``operators`` ``(G, 3, 3)`` (the identity, if
+    present, is skipped).
+    """
+    k, m = d.shape[0], d.shape[-1]
+    dev = d.device
+    ops = operators.to(dev, torch.float64)
+    eye = torch.eye(3, dtype=torch.float64, device=dev)
+    ops = ops[~torch.isclose(ops, eye).flatten(1).all(1)]
+    if len(ops) == 0:
+        return d, w
+    q, _, _ = grid_shells(m, pad, dev, ndim=3)
+    rmax = float(relion_round(torch.tensor(r_max * pad)))
+    inside = torch.nonzero((q * q <= rmax * rmax).reshape(-1)).squeeze(1)
+    # voxel coordinates (x, y, z) about the centre of the voxels inside
+    zz, rem = inside // (m * m), inside % (m * m)
+    xyz = torch.stack([rem % m, rem // m, zz], 1).to(torch.float64) - m // 2
+    src = torch.cat([torch.view_as_real(d).permute(0, 4, 1, 2, 3), w[:, None]], 1)  # (K,3,M,M,M)
+    src = with_periodic_edge(src.reshape(3 * k, m, m, m)).reshape(1, 3 * k, m + 1, m + 1, m + 1)
+    acc = torch.zeros((3 * k, len(inside)), dtype=torch.float64, device=dev)
+    e = m + 1
+    for op in ops:
+        pos = xyz @ op.T + m // 2  # R q, as grid indices
+        coords = (pos * (2.0 / (e - 1)) - 1.0).reshape(1, -1, 1, 1, 3)
+        vals = F.grid_sample(src, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+        acc += vals.reshape(3 * k, -1)
+    acc = acc.reshape(k, 3, -1)
+    d_out, w_out = d.clone().reshape(k, -1), w.to(torch.float64).clone().reshape(k, -1)
+    d_out[:, inside] += torch.complex(acc[:, 0], acc[:, 1])
+    w_out[:, inside] += acc[:, 2]
+    return d_out.reshape(d.shape), w_out.reshape(w.shape)
