@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["euler_to_matrix", "random_euler_angles", "rotation_2d"]
+__all__ = ["euler_to_matrix", "matrix_to_euler", "random_euler_angles", "rotation_2d"]
 
 
 def euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
@@ -24,6 +24,33 @@ def euler_to_matrix(rot: torch.Tensor, tilt: torch.Tensor, psi: torch.Tensor) ->
         [sc, ss, cb],
     ]
     return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
+def matrix_to_euler(a: torch.Tensor) -> torch.Tensor:
+    """RELION's ``Euler_matrix2angles``: matrices ``(..., 3, 3)`` -> angles ``(..., 3)`` (rot, tilt,
+    psi) in degrees, rot and psi in (-180, 180], tilt in [0, 180]; a rotation about z alone
+    (tilt 0 or 180) is given as psi with rot 0."""
+    a = a.to(torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    abs_sb = torch.sqrt(a[..., 0, 2] ** 2 + a[..., 1, 2] ** 2)
+    gamma = torch.atan2(a[..., 1, 2], -a[..., 0, 2])
+    alpha = torch.atan2(a[..., 2, 1], a[..., 2, 0])
+    sign_sb = torch.where(
+        gamma.sin().abs() < eps,
+        torch.sign(-a[..., 0, 2] / gamma.cos()),
+        torch.where(gamma.sin() > 0, torch.sign(a[..., 1, 2]), -torch.sign(a[..., 1, 2])),
+    )
+    beta = torch.atan2(sign_sb * abs_sb, a[..., 2, 2])
+    # degenerate: a rotation about z (tilt 0) or a flip (tilt 180)
+    degenerate = abs_sb <= 16 * eps
+    up = a[..., 2, 2] > 0
+    g_deg = torch.where(
+        up, torch.atan2(-a[..., 1, 0], a[..., 0, 0]), torch.atan2(a[..., 1, 0], -a[..., 0, 0])
+    )
+    alpha = torch.where(degenerate, torch.zeros_like(alpha), alpha)
+    beta = torch.where(degenerate, torch.where(up, 0.0, torch.pi), beta)
+    gamma = torch.where(degenerate, g_deg, gamma)
+    return torch.rad2deg(torch.stack([alpha, beta, gamma], dim=-1))
 
 
 def rotation_2d(psi: torch.Tensor) -> torch.Tensor:

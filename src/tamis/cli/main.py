@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from tamis import __version__
-from tamis.cli import class2d, extract, it, pick, rank, schemer, simulate, star
+from tamis.cli import align_symmetry, class2d, extract, it, pick, rank, schemer, simulate, star
 from tamis.cli._common import console, user_errors
 
 app = typer.Typer(
@@ -29,6 +29,7 @@ app.command(
 )(schemer.schemer)
 app.command("extract", help=extract.__doc__)(extract.extract)
 app.add_typer(it.app, name="it")
+app.command("align_symmetry", help=align_symmetry.__doc__)(align_symmetry.align_symmetry)
 
 
 def _version(value: bool) -> None:
