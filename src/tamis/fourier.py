@@ -27,6 +27,7 @@ __all__ = [
     "fourier_shift",
     "radial_average",
     "frc",
+    "fsc",
     "rescale_images",
     "shift_phases",
     "duplicate_half_column",
@@ -178,6 +179,31 @@ def frc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     cross = radial_average((fa * fb.conj()).real, shells, nsh)
     pa = radial_average(fa.abs() ** 2, shells, nsh)
     pb = radial_average(fb.abs() ** 2, shells, nsh)
+    return cross / torch.sqrt(pa * pb).clamp(min=torch.finfo(pa.dtype).tiny)
+
+
+def fsc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Fourier shell correlation of real volumes ``a`` and ``b`` (``(..., n, n, n)``), shells
+    ``ROUND(|k|)`` = 0..n/2, over the half grid (as :func:`frc`)."""
+    n = a.shape[-1]
+    dims = (-3, -2, -1)
+    fa = torch.fft.rfftn(torch.fft.ifftshift(a, dim=dims), dim=dims, norm="forward")
+    fb = torch.fft.rfftn(torch.fft.ifftshift(b, dim=dims), dim=dims, norm="forward")
+    f = torch.arange(n, device=a.device, dtype=torch.float64)
+    f = torch.where(f <= n // 2, f, f - n)
+    kx = torch.arange(n // 2 + 1, device=a.device, dtype=torch.float64)
+    kz, ky, kxx = torch.meshgrid(f, f, kx, indexing="ij")
+    shells = torch.floor(torch.sqrt(kz**2 + ky**2 + kxx**2) + 0.5).to(torch.int64).reshape(-1)
+    nsh = n // 2 + 1
+    keep = shells < nsh
+
+    def per_shell(v: torch.Tensor) -> torch.Tensor:
+        flat = v.reshape(*v.shape[:-3], -1)[..., keep]
+        out = flat.new_zeros((*flat.shape[:-1], nsh))
+        return out.index_add_(-1, shells[keep], flat)
+
+    cross = per_shell((fa * fb.conj()).real)
+    pa, pb = per_shell(fa.abs() ** 2), per_shell(fb.abs() ** 2)
     return cross / torch.sqrt(pa * pb).clamp(min=torch.finfo(pa.dtype).tiny)
 
 
