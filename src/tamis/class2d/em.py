@@ -33,13 +33,13 @@ from tamis.class2d.files import (
 from tamis.class2d.fourier2d import (
     FourierWindow,
     grid_tau2,
-    project,
     reference_grids,
     relion_round,
 )
 from tamis.class2d.init import initial_sigma2_and_references
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
 from tamis.class2d.sampling import Sampling
+from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
 from tamis.fourier import (
@@ -101,7 +101,7 @@ class EStep:
     """What one E-step hands to the M-step."""
 
     sums: WeightedSums
-    psi_deg: torch.Tensor  # fine psi samples (degrees)
+    orientations: torch.Tensor  # fine orientations (2D: psi in degrees; 3D: rotations)
     window: FourierWindow
     grids: torch.Tensor  # padded Fourier grids of the references used
     tau2: torch.Tensor  # (K, nsh) spectrum of those references
@@ -188,6 +188,7 @@ class Class2DRun:
         self.seed = options.random_seed if options.random_seed is not None else int(time.time())
         self.state: ModelState | None = None
         self.current_size = self.box
+        self.space: ReferenceSpace = InPlaneSpace()
         if options.preread_images:
             particles.preread()
 
@@ -425,8 +426,9 @@ class Class2DRun:
         self.state = mstep.maximize(
             st,
             step.sums,
-            step.psi_deg,
+            step.orientations,
             step.window,
+            space=self.space,
             tau2=step.tau2,
             options=o,
             tau2_fudge=self.tau2_fudge_at(it),
@@ -492,11 +494,11 @@ class Class2DRun:
         smp = self.sampling
         grids = reference_grids(st.refs, pad=o.pad, r_max=cs / 2)
         tau2 = grid_tau2(grids, cs / 2, self.nsh, pad=o.pad)
-        psi_c = torch.as_tensor(smp.coarse_psi(), device=dev)
-        psi_f = torch.as_tensor(smp.fine_psi(), device=dev)
+        psi_c, psi_f, n_over_orient = self.orientation_samples()
         oversampled = o.oversampling > 0
-        proj_c = project(grids, psi_c, cwin, pad=o.pad)
-        proj_f = project(grids, psi_f, window, pad=o.pad) if oversampled else None
+        space = self.space
+        proj_c = space.project(grids, psi_c, cwin, o.pad)
+        proj_f = space.project(grids, psi_f, window, o.pad) if oversampled else None
         t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
         t_c0 = torch.as_tensor(smp.coarse_translations(perturbed=False), device=dev)
         t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
@@ -504,7 +506,7 @@ class Class2DRun:
         ramps_f = _ramps(t_f, window, self.box)
         if not oversampled:
             # single pass at the current size
-            proj_c = project(grids, psi_c, window, pad=o.pad)
+            proj_c = space.project(grids, psi_c, window, o.pad)
             proj_f = proj_c
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
@@ -530,7 +532,7 @@ class Class2DRun:
         n_hyp = k * proj_c.shape[1] * len(t_c)
         bsize = self._batch_size(len(window), n_hyp, k * n_pf * len(t_f), len(t_f))
         old_cls = self.cls[rows_all].copy()
-        old_psi = self.psi[rows_all].copy()
+        old_angles = self.angles_of(rows_all)
         old_origin = self.origin[rows_all].copy()
         max_sig = o.max_significants if max_significants is None else max_significants
         # rows (particle x translation) per M-step GEMM: a quarter of the budget
@@ -559,7 +561,7 @@ class Class2DRun:
                     ramps_fine=ramps_f,
                     log_prior_offset=lpo,
                     log_prior_class=log_pc,
-                    n_over_psi=smp.n_over_psi if oversampled else 1,
+                    n_over_psi=n_over_orient if oversampled else 1,
                     n_over_trans=smp.n_over_trans if oversampled else 1,
                     fraction=o.adaptive_fraction,
                     max_significant=max_sig,
@@ -592,13 +594,13 @@ class Class2DRun:
                 del hyp  # the dense weights go before the next batch's are made
                 bar.advance(len(rows))
         changes = (
-            float(np.mean(np.abs((self.psi[rows_all] - old_psi + 180) % 360 - 180))),
+            self.angle_change(rows_all, old_angles),
             float(np.mean(np.linalg.norm(self.origin[rows_all] - old_origin, axis=1))),
             float(np.mean(self.cls[rows_all] != old_cls)),
         )
         return EStep(
             sums=sums,
-            psi_deg=psi_fine_deg,
+            orientations=psi_fine_deg,
             window=window,
             grids=grids,
             tau2=tau2,
@@ -656,15 +658,34 @@ class Class2DRun:
         )
         return data, full_power
 
-    def _store(self, rows, hyp, psi_deg, t_f, off_px, new_norm) -> None:
+    def orientation_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This iteration's coarse and fine orientations (2D: psi in degrees) and the number
+        of fine children per coarse one (fine ``j * n + a`` refines coarse ``j``)."""
+        smp, dev = self.sampling, self.device
+        coarse = torch.as_tensor(smp.coarse_psi(), device=dev)
+        fine = torch.as_tensor(smp.fine_psi(), device=dev)
+        return coarse, fine, smp.n_over_psi
+
+    def angles_of(self, rows: np.ndarray) -> np.ndarray:
+        """A copy of the particles' angles (2D: psi), to measure their change."""
+        return self.psi[rows].copy()
+
+    def angle_change(self, rows: np.ndarray, old: np.ndarray) -> float:
+        """Mean change of the particles' orientation since ``old`` (degrees)."""
+        return float(np.mean(np.abs((self.psi[rows] - old + 180) % 360 - 180)))
+
+    def set_angles(self, rows: np.ndarray, ok: np.ndarray, best: torch.Tensor) -> None:
+        """Store the best fine orientations ``best`` of the particles at ``rows`` (where ``ok``)."""
+        psi = (best.cpu().numpy() + 180.0) % 360.0 - 180.0
+        self.psi[rows] = np.where(ok, psi, self.psi[rows])
+
+    def _store(self, rows, hyp, orientations, t_f, off_px, new_norm) -> None:
         ok = (hyp.best_cls >= 0).cpu().numpy()
         cls = hyp.best_cls.clamp(min=0)
-        psi = psi_deg[hyp.best_psi.clamp(min=0)].cpu().numpy()
         tr = t_f[hyp.best_trans.clamp(min=0)].cpu().numpy()
         off = off_px.cpu().numpy()
-        psi = (psi + 180.0) % 360.0 - 180.0
         self.cls[rows] = np.where(ok, cls.cpu().numpy(), self.cls[rows])
-        self.psi[rows] = np.where(ok, psi, self.psi[rows])
+        self.set_angles(rows, ok, orientations[hyp.best_psi.clamp(min=0)])
         self.origin[rows] = np.where(ok[:, None], (off + tr) * self.pixel, self.origin[rows])
         self.pmax[rows] = hyp.pmax.cpu().numpy()
         self.nsig[rows] = hyp.n_significant.cpu().numpy()

@@ -8,8 +8,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, ssnr_arrays
+from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import BatchData, Hypotheses, count_gemm, real_rows
+from tamis.class2d.space import ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -471,9 +472,10 @@ def _accumulate_dense(
 def maximize(
     st: ModelState,
     sums: WeightedSums,
-    psi_deg: torch.Tensor,
+    orientations: torch.Tensor,
     window: FourierWindow,
     *,
+    space: ReferenceSpace,
     tau2: torch.Tensor,
     options: Class2DOptions,
     tau2_fudge: float,
@@ -482,11 +484,14 @@ def maximize(
     do_scale: bool,
     n_particles: int,
 ) -> ModelState:
-    """EM M-step: reconstruct the classes and update every other model parameter (mu = 0)."""
+    """EM M-step: reconstruct the classes and update every other model parameter (mu = 0).
+
+    ``space`` splats the per-orientation sums into padded grids (2D: back-rotation over
+    ``orientations`` = psi; 3D: back-projection and symmetrisation)."""
     o = options
     box = st.box
     r_max = current_size / 2
-    d, w = back_rotate(sums.fimg, sums.fweight, psi_deg, window, pad=o.pad)
+    d, w = space.back(sums.fimg, sums.fweight, orientations, window, o.pad, r_max)
     refs = reconstruct(
         d,
         w,
@@ -497,8 +502,8 @@ def maximize(
         pad=o.pad,
         minres_map=o.minres_map,
     )
-    active = (sums.pdf_class > 0) & (st.pdf_class > 0) & (w.sum(dim=(1, 2)) > 1e-20)
-    refs = refs * active[:, None, None]
+    active = (sums.pdf_class > 0) & (st.pdf_class > 0) & (w.flatten(1).sum(1) > 1e-20)
+    refs = refs * active.view(-1, *([1] * (refs.ndim - 1)))
     sigma2_class, dvp, coverage = ssnr_arrays(
         w, tau2, r_max=r_max, tau2_fudge=tau2_fudge, pad=o.pad
     )

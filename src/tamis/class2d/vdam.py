@@ -23,7 +23,6 @@ import torch
 from tamis.class2d import mstep
 from tamis.class2d.em import Class2DRun
 from tamis.class2d.fourier2d import (
-    back_rotate,
     grid_shells,
     padded_to_real,
     padded_transforms,
@@ -60,10 +59,11 @@ class Moments:
     m2: torch.Tensor
 
     @classmethod
-    def initial(cls, k: int, m: int, device: torch.device | str) -> Moments:
+    def initial(cls, k: int, m: int, device: torch.device | str, ndim: int = 2) -> Moments:
+        grid = (m,) * ndim
         return cls(
-            m1=torch.zeros((2 * k, m, m), dtype=torch.complex128, device=device),
-            m2=torch.ones((k, m, m), dtype=torch.float64, device=device),
+            m1=torch.zeros((2 * k,) + grid, dtype=torch.complex128, device=device),
+            m2=torch.ones((k,) + grid, dtype=torch.float64, device=device),
         )
 
     @property
@@ -77,21 +77,28 @@ class Moments:
         self.m2[dst] = self.m2[src]
 
 
-def _disc(m: int, r_max: float, pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _disc(
+    m: int, r_max: float, pad: int, device, ndim: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Voxels with ``|q|² < ROUND(r_max pad)²`` and their shells ``ROUND(|q|/pad)``."""
-    q, ires, _ = grid_shells(m, pad, device)
+    q, ires, _ = grid_shells(m, pad, device, ndim)
     lim = float(relion_round(torch.tensor(r_max * pad))) ** 2
     return q**2 < lim, ires
 
 
 def _shell_mean(values: torch.Tensor, disc: torch.Tensor, ires: torch.Tensor, nsh: int):
-    """Mean of ``values`` ``(K, M, M)`` per shell over the disc; ``(K, nsh)`` and counts."""
+    """Mean of ``values`` ``(K, M, ...)`` per shell over the disc; ``(K, nsh)`` and counts."""
     k = values.shape[0]
     idx = torch.where(disc, ires, torch.full_like(ires, nsh)).reshape(-1).clamp(max=nsh)
     sums = torch.zeros((k, nsh + 1), dtype=torch.float64, device=values.device)
     sums.index_add_(1, idx, values.reshape(k, -1).to(torch.float64))
     counts = torch.bincount(idx, minlength=nsh + 1).to(torch.float64)
     return (sums / counts.clamp(min=1))[:, :nsh], counts[:nsh]
+
+
+def _per_class(v: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``(K,)`` -> ``(K, 1, ..., 1)`` against ``(K, M, ...)`` grids of ``ndim`` dimensions."""
+    return v.view(-1, *([1] * ndim))
 
 
 def update_moments(
@@ -114,17 +121,18 @@ def update_moments(
     """
     k = moments.n_classes
     m = d.shape[-1]
-    disc, ires = _disc(m, r_max, pad, d.device)
+    nd = d.ndim - 1
+    disc, ires = _disc(m, r_max, pad, d.device, nd)
     g = torch.where(disc, d / w.clamp(min=1.0), torch.zeros_like(d))
-    upd2 = torch.cat([update, update])[:, None, None] & disc
-    first = (moments.m1.sum(dim=(1, 2)) == 0)[:, None, None]
+    upd2 = _per_class(torch.cat([update, update]), nd) & disc
+    first = _per_class(moments.m1.flatten(1).sum(1) == 0, nd)
     m1_new = torch.where(first, g, 0.9 * moments.m1 + 0.1 * g)
     moments.m1 = torch.where(upd2, m1_new, moments.m1)
     g1, g2 = g[:k], g[k:]
     n2 = (g2 - g1).abs() ** 2
     s2 = ((g1 + g2) / 2).abs() ** 2
     m2_new = 0.999 * moments.m2 + 0.001 * n2 / (s2 + 1e-12)
-    moments.m2 = torch.where(update[:, None, None] & disc, m2_new, moments.m2)
+    moments.m2 = torch.where(_per_class(update, nd) & disc, m2_new, moments.m2)
     a, b = moments.m1[:k], moments.m1[k:]
     u = torch.where(disc, (a + b) / 2 / (moments.m2.sqrt() + 1e-12), torch.zeros_like(a))
     noise, _ = _shell_mean((a - b).abs(), disc, ires, n_shells)
@@ -148,19 +156,20 @@ def gradient_update(
     ``SNR = 2 T mean|F| / noise`` per shell (0 where the noise is 0), over ``|q|² < ROUND(r_max
     pad)²``, where the update is made. Back to images with a soft edge at ``box/2``.
     """
-    k, n, _ = refs.shape
+    k, n = refs.shape[0], refs.shape[-1]
+    nd = refs.ndim - 1
     m = pad * n
     nsh = noise.shape[1]
-    disc, ires = _disc(m, r_max, pad, refs.device)
+    disc, ires = _disc(m, r_max, pad, refs.device, nd)
     f = padded_transforms(refs, pad=pad, gridding=False)
-    q2 = grid_shells(m, pad, refs.device)[0] ** 2
+    q2 = grid_shells(m, pad, refs.device, nd)[0] ** 2
     kept = q2 <= float(relion_round(torch.tensor(r_max * pad))) ** 2
     f = f * kept
     amp, counts = _shell_mean(f.abs(), disc, ires, nsh)
     snr = torch.where(noise > 0, 2 * tau2_fudge * amp / noise.clamp(min=1e-300), 0.0)
     fsc = torch.where(counts > 0, (snr / (1 + snr)).clamp(0.0, 1.0), 0.0)
-    fq = fsc[:, ires.clamp(max=nsh - 1).reshape(-1)].reshape(k, m, m)
-    step = step.to(torch.float64)[:, None, None]
+    fq = fsc[:, ires.clamp(max=nsh - 1).reshape(-1)].reshape((k,) + (m,) * nd)
+    step = _per_class(step.to(torch.float64), nd)
     # updated inside |q|² < lim; the ring |q|² = lim keeps the reference (RELION's decenter copies
     # |q|² <= lim), beyond is zero
     f = torch.where(disc, f + step * (fq * u - (1 - fq) * f), f * kept)
@@ -232,7 +241,9 @@ class VdamRun(Class2DRun):
     def initialise(self) -> None:
         super().initialise()
         assert self.state is not None
-        self.moments = Moments.initial(self.options.K, self.options.pad * self.box, self.device)
+        self.moments = Moments.initial(
+            self.options.K, self.options.pad * self.box, self.device, self.space.ndim
+        )
 
     def subset_rows(self, it: int) -> np.ndarray:
         """Sorted rows of this iteration's mini-batch (a fresh shuffle per iteration)."""
@@ -258,12 +269,12 @@ class VdamRun(Class2DRun):
         sums = step.sums
         proj = step.proj.to(torch.complex128)
         resid = sums.fimg - sums.fweight * torch.cat([proj, proj])
-        d, w = back_rotate(resid, sums.fweight, step.psi_deg, step.window, pad=o.pad)
-        update = (st.pdf_class > 0) & (w[:k].sum(dim=(1, 2)) > MIN_WEIGHT_SUM)
+        d, w = self.space.back(resid, sums.fweight, step.orientations, step.window, o.pad, r_max)
+        update = (st.pdf_class > 0) & (w[:k].flatten(1).sum(1) > MIN_WEIGHT_SUM)
         u, noise = update_moments(
             self.moments, d, w, update=update, r_max=r_max, pad=o.pad, n_shells=self.nsh
         )
-        avg_err = torch.where(update, (u.abs() ** 2).mean(dim=(1, 2)) * st.pdf_class, 0.0)
+        avg_err = torch.where(update, (u.abs() ** 2).flatten(1).mean(1) * st.pdf_class, 0.0)
         state = replace(
             st,
             pdf_class=st.pdf_class.clone(),
@@ -286,7 +297,7 @@ class VdamRun(Class2DRun):
         keep = ~updated[:, None]
         state = replace(
             state,
-            refs=torch.where(updated[:, None, None], new_refs, state.refs),
+            refs=torch.where(_per_class(updated, new_refs.ndim - 1), new_refs, state.refs),
             data_vs_prior=torch.where(keep, state.data_vs_prior, dvp),
             fourier_coverage=torch.where(keep, state.fourier_coverage, coverage),
             sigma2_class=torch.where(keep, state.sigma2_class, sigma2_class),

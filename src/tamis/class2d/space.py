@@ -1,0 +1,63 @@
+"""Where references live, as the E-step and M-step see them (the one point where 2D and 3D
+differ): projections of the references at a set of orientations, and the splat of the
+per-orientation sums back into padded Fourier grids.
+
+:class:`InPlaneSpace` is 2D classification's: images, orientations are psi angles (degrees).
+The 3D engine's :class:`tamis.refine.space.VolumeSpace` has the same methods over volumes and
+rotation matrices (with point-group symmetrisation after the splat). Everything else (grids,
+reconstruction, SSNR, VDAM's moments) works on either through :mod:`tamis.padded_grid`.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from tamis.class2d.fourier2d import FourierWindow, back_rotate, project
+
+__all__ = ["ReferenceSpace", "InPlaneSpace"]
+
+
+class ReferenceSpace(Protocol):
+    ndim: int
+
+    def project(
+        self, grids: torch.Tensor, orientations: torch.Tensor, window: FourierWindow, pad: int
+    ) -> torch.Tensor:
+        """``(K, P, C)`` projections of every reference at every orientation."""
+        ...
+
+    def back(
+        self,
+        data: torch.Tensor,
+        weight: torch.Tensor,
+        orientations: torch.Tensor,
+        window: FourierWindow,
+        pad: int,
+        r_max: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-(reference, orientation) sums ``(K, P, C)`` -> padded grids ``(D, W)``."""
+        ...
+
+
+class InPlaneSpace:
+    """2D: references are images, orientations psi angles ``(P,)`` in degrees."""
+
+    ndim = 2
+
+    def project(
+        self, grids: torch.Tensor, orientations: torch.Tensor, window: FourierWindow, pad: int
+    ) -> torch.Tensor:
+        return project(grids, orientations, window, pad=pad)
+
+    def back(
+        self,
+        data: torch.Tensor,
+        weight: torch.Tensor,
+        orientations: torch.Tensor,
+        window: FourierWindow,
+        pad: int,
+        r_max: float,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return back_rotate(data, weight, orientations, window, pad=pad)
