@@ -59,6 +59,9 @@ def soft_mask_outside(
     return images * (1 - c) + bg * c
 
 
-def solvent_mask(size: int, radius: float, width: float = 5.0, *, device=None) -> torch.Tensor:
-    """RELION's solvent-flattening mask for class averages: 1 inside, cosine edge to 0 outside."""
-    return 1.0 - soft_edge(size, radius, width, device=device)
+def solvent_mask(
+    size: int, radius: float, width: float = 5.0, *, device=None, ndim: int = 2
+) -> torch.Tensor:
+    """RELION's solvent-flattening mask for class averages (and, with ``ndim=3``, maps): 1
+    inside, cosine edge to 0 outside."""
+    return 1.0 - soft_edge(size, radius, width, device=device, ndim=ndim)

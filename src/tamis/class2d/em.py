@@ -280,6 +280,8 @@ class Class2DRun:
             seed=self.seed,
             pad=o.pad,
             device=self.device,
+            space=self.space,
+            random_orientation=self.random_orientation,
         )
         if odd[0]:
             self.log(
@@ -289,7 +291,7 @@ class Class2DRun:
             )
         k = o.K
         cs0 = int(relion_round(torch.tensor(0.07 * self.box)))
-        tau2 = mstep.spectrum(refs.to(torch.float64), self.shells_full, self.nsh) / 2
+        tau2 = self.reference_spectrum(refs.to(torch.float64)) / 2
         # it000 as RELION's initialiseDataVersusPrior: tau2 = T spectrum / 2
         t0 = self.tau2_fudge_at(0)
         dvp = self.n / k * t0 * tau2 / sigma2.mean(0).clamp(min=1e-30)[None]
@@ -658,6 +660,14 @@ class Class2DRun:
         )
         return data, full_power
 
+    def random_orientation(self, rng: np.random.Generator) -> torch.Tensor:
+        """A random orientation for the initial references (2D: psi ~ U[0, 360))."""
+        return torch.tensor(rng.uniform(0.0, 360.0), dtype=torch.float64)
+
+    def reference_spectrum(self, refs: torch.Tensor) -> torch.Tensor:
+        """Per-shell mean ``|F|²`` of the references ``(K, nsh)`` (RELION's getSpectrum)."""
+        return mstep.spectrum(refs, self.shells_full, self.nsh)
+
     def orientation_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """This iteration's coarse and fine orientations (2D: psi in degrees) and the number
         of fine children per coarse one (fine ``j * n + a`` refines coarse ``j``)."""
@@ -841,6 +851,7 @@ def run_class2d(
     changed: frozenset[str] | set[str] = frozenset(),
     log: Callable[[str], None] = print,
     show_progress: bool = False,
+    run_type: type[Class2DRun] | None = None,
 ) -> Class2DResult:
     """Run 2D classification (``relion_refine`` for 2D: EM, or VDAM with ``options.grad``) and
     write RELION's files.
@@ -848,7 +859,8 @@ def run_class2d(
     ``particles_path`` is a particles STAR or cryoSPARC ``.cs`` file (ignored with
     ``continue_from``, which reads the data.star named in the optimiser file). On continue the
     optimiser file's options are used, except runtime options (iterations, device, threads...)
-    and the fields named in ``changed``, which come from ``options``.
+    and the fields named in ``changed``, which come from ``options``. ``run_type`` replaces the
+    run class (the 3D initial model drives its :class:`Class2DRun` subclass through here).
     """
     control = Path(options.pipeline_control) if options.pipeline_control else None
     if control is not None:
@@ -870,14 +882,15 @@ def run_class2d(
             root = output_root or cont_opt.root
             ps = ParticleSet.from_file(data_path)
             options = continued_options(cont_opt, options, changed)
-            run = _run_class(options)(ps, options, root, log=log, show_progress=show_progress)
+            cls = run_type or _run_class(options)
+            run = cls(ps, options, root, log=log, show_progress=show_progress)
             run.load_continue(continue_from)
             start = run.state.iteration + 1
         else:
             if particles_path is None:
                 raise TamisError("--i is required (or --continue)")
             ps = ParticleSet.from_file(particles_path)
-            run = _run_class(options)(
+            run = (run_type or _run_class(options))(
                 ps, options, output_root, log=log, show_progress=show_progress
             )
             run.initialise()

@@ -62,6 +62,10 @@ class IterationFiles:
     def classes(self) -> Path:
         return self.path("classes", "mrcs")
 
+    def class_map(self, k: int) -> Path:
+        """The map of class ``k`` (1-based) of a 3D run, ``run_itNNN_class00k.mrc``."""
+        return self.path(f"class{k:03d}", "mrc")
+
     @property
     def model(self) -> Path:
         return self.path("model")
@@ -140,14 +144,22 @@ def write_iteration(
     extra_classes: dict | None = None,
     class_priors: bool = False,
 ) -> None:
-    """Write classes.mrcs, model.star, data.star, sampling.star (not at it000), optimiser.star.
+    """Write classes.mrcs (3D: one ``classNNN.mrc`` per class), model.star, data.star,
+    sampling.star (not at it000), optimiser.star.
 
     ``tau2_fudge`` is this iteration's T (VDAM schedules it; default ``options.tau2_fudge``);
     ``extra_optimiser``/``extra_classes`` add or replace optimiser labels and model_classes
     columns (VDAM's); ``class_priors`` adds the E-step class priors to the optimiser file.
     """
     k, n = state.n_classes, state.box
-    write_mrc(files.classes, state.refs.cpu().numpy(), pixel_size)
+    ref_dim = state.refs.ndim - 1
+    if ref_dim == 3:
+        names = [str(files.class_map(c + 1)) for c in range(k)]
+        for c in range(k):
+            write_mrc(names[c], state.refs[c].cpu().numpy(), pixel_size, stack=False)
+    else:
+        write_mrc(files.classes, state.refs.cpu().numpy(), pixel_size)
+        names = [f"{c + 1:08d}@{files.classes}" for c in range(k)]
     nsh = n // 2 + 1
     shells = np.arange(nsh)
     res = shells / (n * pixel_size)
@@ -155,7 +167,7 @@ def write_iteration(
         ang = np.where(shells > 0, 1.0 / np.maximum(res, 1e-30), 999.0)
     current_res_angst = n * pixel_size / max(state.maxres, 1)
     general = {
-        "rlnReferenceDimensionality": 2,
+        "rlnReferenceDimensionality": ref_dim,
         "rlnDataDimensionality": 2,
         "rlnOriginalImageSize": n,
         "rlnCurrentResolution": current_res_angst,
@@ -190,7 +202,7 @@ def write_iteration(
     acc_tr = state.acc_trans.cpu().numpy() if state.acc_trans.numel() == k else np.full(k, 999.0)
     classes = pd.DataFrame(
         {
-            "rlnReferenceImage": [f"{c + 1:08d}@{files.classes}" for c in range(k)],
+            "rlnReferenceImage": names,
             "rlnClassDistribution": state.pdf_class.cpu().numpy(),
             "rlnAccuracyRotations": acc_rot,
             "rlnAccuracyTranslationsAngst": acc_tr,
@@ -239,18 +251,26 @@ def write_iteration(
     write_star(blocks, files.model)
     write_star({"optics": optics, "particles": particles}, files.data)
     if files.iteration > 0:
+        three_d = {}
+        if ref_dim == 3:
+            three_d = {
+                "rlnHealpixOrder": sampling.healpix_order,
+                "rlnSymmetryGroup": sampling.sym,
+                "rlnLimitTilt": -91.0,
+            }
         write_star(
             {
                 "sampling_general": {
-                    "rlnIs3DSampling": 0,
+                    "rlnIs3DSampling": _yes(ref_dim == 3),
                     "rlnIs3DTranslationalSampling": 0,
+                    **three_d,
                     "rlnPsiStep": sampling.psi_step,
                     "rlnOffsetRange": sampling.offset_range * pixel_size,
                     "rlnOffsetStep": sampling.offset_step * pixel_size,
                     "rlnHelicalOffsetStep": -1.0,
                     "rlnSamplingPerturbInstance": sampling.perturbation,
                     "rlnSamplingPerturbFactor": sampling.perturb_factor,
-                    "rlnHealpixOrderOriginal": -1,
+                    "rlnHealpixOrderOriginal": sampling.healpix_order if ref_dim == 3 else -1,
                     "rlnPsiStepOriginal": sampling.psi_step,
                     "rlnOffsetRangeOriginal": sampling.offset_range * pixel_size,
                     "rlnOffsetStepOriginal": sampling.offset_step * pixel_size,
@@ -376,12 +396,23 @@ def read_continue(optimiser_path: str | Path) -> ContinueState:
         classes, ["rlnReferenceImage", "rlnClassDistribution"], model_path, "model_classes"
     )
     k = len(classes)
-    stack = str(classes["rlnReferenceImage"].iloc[0]).split("@", 1)[-1]
-    refs, _ = read_mrc(stack)
-    if refs.ndim == 2:
-        refs = refs[None]
-    if refs.shape[0] < k:
-        raise InputFileError(stack, f"holds {refs.shape[0]} images but the model has {k} classes")
+    first = str(classes["rlnReferenceImage"].iloc[0])
+    if int(general.get("rlnReferenceDimensionality", 2)) == 3 and "@" not in first:
+        maps = []
+        for name in classes["rlnReferenceImage"].astype(str):
+            if not Path(name).is_file():
+                raise InputFileError(model_path, f"class map {name} not found")
+            maps.append(read_mrc(name)[0])
+        refs = np.stack(maps)
+    else:
+        stack = first.split("@", 1)[-1]
+        refs, _ = read_mrc(stack)
+        if refs.ndim == 2:
+            refs = refs[None]
+        if refs.shape[0] < k:
+            raise InputFileError(
+                stack, f"holds {refs.shape[0]} images but the model has {k} classes"
+            )
     sigma2 = {
         int(name.rsplit("_", 1)[1]): table
         for name, table in model.items()

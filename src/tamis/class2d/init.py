@@ -17,28 +17,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tamis.class2d.fourier2d import FourierWindow, back_rotate, reconstruct, relion_round
+from tamis.class2d.fourier2d import FourierWindow, reconstruct, relion_round
 from tamis.class2d.mstep import fill_low_shells
+from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.fourier import irfft2_centered, radial_average, rfft2_centered, shell_index
 from tamis.masks import soft_mask_outside
 
-__all__ = ["initial_sigma2_and_references", "low_pass", "gaussian_blobs"]
+__all__ = ["initial_sigma2_and_references", "low_pass", "gaussian_blobs", "gaussian_blobs_3d"]
 
 
-def low_pass(images: torch.Tensor, shell: float) -> torch.Tensor:
-    """Raised-cosine low-pass: 1 below ``shell - 1``, 0 above ``shell + 1`` (Fourier pixels)."""
+def low_pass(images: torch.Tensor, shell: float, ndim: int = 2) -> torch.Tensor:
+    """Raised-cosine low-pass: 1 below ``shell - 1``, 0 above ``shell + 1`` (Fourier pixels), of
+    images ``(..., N, N)`` (volumes ``(..., N, N, N)`` with ``ndim=3``)."""
     n = images.shape[-1]
-    ky, kx = torch.meshgrid(
-        torch.fft.fftfreq(n, 1.0 / n, device=images.device, dtype=torch.float64),
-        torch.arange(n // 2 + 1, device=images.device, dtype=torch.float64),
-        indexing="ij",
-    )
-    r = torch.sqrt(kx * kx + ky * ky)
+    full = torch.fft.fftfreq(n, 1.0 / n, device=images.device, dtype=torch.float64)
+    half = torch.arange(n // 2 + 1, device=images.device, dtype=torch.float64)
+    axes = torch.meshgrid(*([full] * (ndim - 1) + [half]), indexing="ij")
+    r = torch.sqrt(sum(a * a for a in axes))
     f = 0.5 + 0.5 * torch.cos(torch.pi * (r - (shell - 1)) / 2.0)
     f = torch.where(r < shell - 1, torch.ones_like(f), f)
     f = torch.where(r > shell + 1, torch.zeros_like(f), f)
-    spec = rfft2_centered(images.to(torch.float64)) * f
-    return irfft2_centered(spec, (n, n)).to(images.dtype)
+    if ndim == 2:
+        spec = rfft2_centered(images.to(torch.float64)) * f
+        return irfft2_centered(spec, (n, n)).to(images.dtype)
+    dims = tuple(range(-ndim, 0))
+    spec = torch.fft.rfftn(torch.fft.ifftshift(images.to(torch.float64), dim=dims), dim=dims)
+    out = torch.fft.irfftn(spec * f, s=(n,) * ndim, dim=dims)
+    return torch.fft.fftshift(out, dim=dims).to(images.dtype)
 
 
 def gaussian_blobs(
@@ -58,6 +63,36 @@ def gaussian_blobs(
     return torch.from_numpy(img).to(reference)
 
 
+def gaussian_blobs_3d(
+    reference: torch.Tensor, diameter_px: float, rng: np.random.Generator, n_blobs: int = 40
+) -> torch.Tensor:
+    """One blob volume ``(N, N, N)`` as RELION's ``make_blobs_3d``: centres ``N(N/2, d/6)`` per
+    coordinate, amplitude ``|reference|`` at the truncated centre (0 beyond the box), profile
+    ``exp(-|r - c|² (10/d)²)`` evaluated inside a cube of half-width ``d/3`` about the centre."""
+    n = reference.shape[-1]
+    centres = rng.normal(size=(n_blobs, 3)) * diameter_px / 6.0 + n / 2  # (x, y, z)
+    idx = centres.astype(int)
+    inside = (idx < n).all(1)
+    ref = reference.detach().cpu().numpy()
+    c = np.clip(idx, 0, n - 1)
+    amp = np.where(inside, np.abs(ref[c[:, 2], c[:, 1], c[:, 0]]), 0.0)
+    grid = np.arange(n, dtype=np.float64)
+    out = np.zeros((n, n, n))
+    half = diameter_px / 3.0
+    for (cx, cy, cz), a in zip(centres, amp, strict=True):
+        if a <= 0:
+            continue
+        gx = np.exp(-((grid - cx) ** 2) * (10.0 / diameter_px) ** 2) * (np.abs(grid - cx) <= half)
+        gy = np.exp(-((grid - cy) ** 2) * (10.0 / diameter_px) ** 2) * (np.abs(grid - cy) <= half)
+        gz = np.exp(-((grid - cz) ** 2) * (10.0 / diameter_px) ** 2) * (np.abs(grid - cz) <= half)
+        out += a * gz[:, None, None] * gy[None, :, None] * gx[None, None, :]
+    return torch.from_numpy(out).to(reference)
+
+
+def _random_psi(rng: np.random.Generator) -> torch.Tensor:
+    return torch.tensor(rng.uniform(0.0, 360.0), dtype=torch.float64)
+
+
 def initial_sigma2_and_references(
     images_iter,
     *,
@@ -70,13 +105,20 @@ def initial_sigma2_and_references(
     seed: int,
     pad: int = 2,
     device: torch.device | str = "cpu",
+    space: ReferenceSpace | None = None,
+    random_orientation=_random_psi,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Compute (sigma2 ``(n_optics, N/2+1)``, references ``(K, N, N)``, number of particles used).
+    """Compute (sigma2 ``(n_optics, N/2+1)``, references ``(K, N, N)`` (volumes ``(K, N, N, N)``
+    in a 3D ``space``), number of particles used).
 
     ``images_iter`` yields ``(positions, images (B, N, N), ctf (B, N, N//2+1), optics (B,),
     particle_ids (B,))`` for the particles to use, in order; ``positions`` are their ranks in the
-    sorted list (class = rank mod K), ``particle_ids`` seed their random psi.
+    sorted list (class = rank mod K), ``particle_ids`` seed their random orientation
+    (``random_orientation(rng)``: a psi in 2D, a rotation matrix in 3D). In 3D the blobs are
+    RELION's 3D blobs (centres spread by d/6).
     """
+    space = space if space is not None else InPlaneSpace()
+    nd = space.ndim
     nsh = box // 2 + 1
     shells = shell_index((box, box), device=device)
     cs0 = int(relion_round(torch.tensor(0.07 * box)))
@@ -86,8 +128,8 @@ def initial_sigma2_and_references(
     counts = torch.zeros(n_optics, dtype=torch.float64, device=device)
     mavg = torch.zeros((box, box), dtype=torch.float64, device=device)
     m = pad * box
-    d = torch.zeros((n_classes, m, m), dtype=torch.complex128, device=device)
-    w = torch.zeros((n_classes, m, m), dtype=torch.float64, device=device)
+    d = torch.zeros((n_classes,) + (m,) * nd, dtype=torch.complex128, device=device)
+    w = torch.zeros((n_classes,) + (m,) * nd, dtype=torch.float64, device=device)
     total = 0
     for positions, images, ctf, optics, ids in images_iter:
         images = images.to(device=device, dtype=torch.float64)
@@ -99,18 +141,16 @@ def initial_sigma2_and_references(
         power.index_add_(0, optics.to(device), ps)
         counts.index_add_(0, optics.to(device), torch.ones_like(ps[:, 0]))
         total += images.shape[0]
-        psi = torch.tensor(
-            [np.random.default_rng(seed + int(i)).uniform(0.0, 360.0) for i in ids.tolist()],
-            dtype=torch.float64,
-            device=device,
-        )
+        orient = torch.stack(
+            [random_orientation(np.random.default_rng(seed + int(i))) for i in ids.tolist()]
+        ).to(device)
         cls = torch.as_tensor(positions, device=device) % n_classes
         x = window.gather(spec) * window.gather(ctf.to(device, torch.float64))
         cw = window.gather(ctf.to(device, torch.float64)) ** 2
         for k in range(n_classes):
             sel = cls == k
             if sel.any():
-                dk, wk = back_rotate(x[sel][None], cw[sel][None], psi[sel], window, pad=pad)
+                dk, wk = space.back(x[sel][None], cw[sel][None], orient[sel], window, pad, cs0 / 2)
                 d[k] += dk[0]
                 w[k] += wk[0]
     if total == 0:
@@ -119,17 +159,18 @@ def initial_sigma2_and_references(
     sigma2 = power / (2 * counts.clamp(min=1))[:, None] - avg_power[None] / 2
     sigma2 = fill_low_shells(sigma2)
     refs = reconstruct(d, w, box=box, r_max=cs0 // 2, tau2=None, pad=pad).to(torch.float64)
-    refs = low_pass(refs, float(cs0))
+    refs = low_pass(refs, float(cs0), nd)
+    blobs = gaussian_blobs if nd == 2 else gaussian_blobs_3d
     if init_blobs:
         blobbed = []
         for k in range(n_classes):
             rng = np.random.default_rng([seed, 7919, k])
-            pos = gaussian_blobs(refs[k], diameter_px, rng)
-            neg = gaussian_blobs(refs[k], diameter_px, rng)
+            pos = blobs(refs[k], diameter_px, rng)
+            neg = blobs(refs[k], diameter_px, rng)
             blob = pos - neg / 2
             target = refs[k].std()
             std = blob.std()
             blobbed.append(blob * (target / std) if std > 0 else blob)
-        refs = low_pass(torch.stack(blobbed), float(cs0))
-    refs = soft_mask_outside(refs, diameter_px / 2, 5.0)
+        refs = low_pass(torch.stack(blobbed), float(cs0), nd)
+    refs = soft_mask_outside(refs, diameter_px / 2, 5.0, ndim=nd)
     return sigma2, refs.to(torch.float32), total

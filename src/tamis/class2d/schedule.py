@@ -59,7 +59,12 @@ class VdamSchedule:
     tau2_deflate: float | None  # None: plain
 
     @classmethod
-    def create(cls, options: Class2DOptions, n_particles: int) -> VdamSchedule:
+    def create(
+        cls, options: Class2DOptions, n_particles: int, *, is_3d: bool = False
+    ) -> VdamSchedule:
+        """The schedule of a run; ``is_3d`` takes RELION's 3D initial-model constants (base
+        step 0.5, mini-batches ``max(min(0.005 N, 5000), 200)`` to
+        ``max(min(0.1 N, 50000), 1000)``)."""
         o = options
         if o.iter < 1:
             raise TamisError(f"--iter {o.iter}: VDAM needs at least one iteration")
@@ -79,14 +84,18 @@ class VdamSchedule:
         ini_subset = (
             o.grad_ini_subset
             if o.grad_ini_subset > 0
-            else int(max(min(n_particles * 0.005, 10000), 200))
+            else int(max(min(n_particles * 0.005, 5000 if is_3d else 10000), 200))
         )
         fin_subset = (
             o.grad_fin_subset
             if o.grad_fin_subset > 0
-            else int(max(min(n_particles * 0.05, 100000), 1000))
+            else int(
+                max(min(n_particles * 0.1, 50000), 1000)
+                if is_3d
+                else max(min(n_particles * 0.05, 100000), 1000)
+            )
         )
-        step = o.grad_stepsize if o.grad_stepsize > 0 else 0.3
+        step = o.grad_stepsize if o.grad_stepsize > 0 else (0.5 if is_3d else 0.3)
         inflate = _scheme_factor(
             o.grad_stepsize_scheme or f"{0.9 / step}-step", "--grad_stepsize_scheme"
         )

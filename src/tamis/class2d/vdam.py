@@ -194,37 +194,47 @@ def shift_moments(moments: Moments, com: torch.Tensor) -> None:
 
 
 def moments_to_half(grid: torch.Tensor) -> np.ndarray:
-    """Centred full grids ``(S, M, M)`` -> RELION's half-plane moment images ``(S, M, 2 (M/2+1))``
-    (rows ky = -M/2..M/2-1, columns kx = 0..M/2 as interleaved real, imaginary)."""
-    s, m, _ = grid.shape
-    half = torch.cat([grid[:, :, m // 2 :], grid[:, :, :1]], dim=2).to(torch.complex128)
-    out = torch.view_as_real(half).reshape(s, m, 2 * (m // 2 + 1))
+    """Centred full grids ``(S, M, ..., M)`` -> RELION's half-grid moment arrays
+    ``(S, M, ..., 2 (M/2+1))`` (every axis but the last centred, -M/2..M/2-1; the last kx =
+    0..M/2 as interleaved real, imaginary)."""
+    m = grid.shape[-1]
+    half = torch.cat([grid[..., m // 2 :], grid[..., :1]], dim=-1).to(torch.complex128)
+    out = torch.view_as_real(half).reshape(*half.shape[:-1], 2 * (m // 2 + 1))
     return out.cpu().numpy().astype(np.float32)
 
 
 def moments_from_half(images: np.ndarray) -> torch.Tensor:
     """Inverse of :func:`moments_to_half` for Hermitian grids."""
-    s, m, w2 = images.shape
-    half = torch.view_as_complex(
-        torch.from_numpy(np.ascontiguousarray(images, dtype=np.float64)).reshape(s, m, w2 // 2, 2)
-    )
-    full = torch.zeros((s, m, m), dtype=torch.complex128)
-    full[:, :, m // 2 :] = half[:, :, : m // 2]
-    rows = torch.arange(m)
-    mirror = (m - rows) % m  # row of -ky (row index = ky + M/2, periodic)
-    for x in range(1, m // 2 + 1):  # kx = -x from the column +x at -ky
-        full[:, :, m // 2 - x] = half[:, mirror, x].conj()
+    arr = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float64))
+    w2 = arr.shape[-1]
+    half = torch.view_as_complex(arr.reshape(*arr.shape[:-1], w2 // 2, 2))
+    m = half.shape[1]
+    nd = half.ndim - 1
+    full = torch.zeros(half.shape[:-1] + (m,), dtype=torch.complex128)
+    full[..., m // 2 :] = half[..., : m // 2]
+    # -k on the centred axes (index i holds k = i - M/2, periodic): index (M - i) % M
+    mirror = (m - torch.arange(m)) % m
+    mirrored = half
+    for axis in range(1, nd):
+        mirrored = mirrored.index_select(axis, mirror)
+    for x in range(1, m // 2 + 1):  # kx = -x from the column +x at -k
+        full[..., m // 2 - x] = mirrored[..., x].conj()
     return full
 
 
 class VdamRun(Class2DRun):
     """A :class:`Class2DRun` whose iterations are VDAM mini-batch steps."""
 
+    #: RELION's 3D initial-model constants (schedule, significant-pose cap) when True
+    is_3d = False
+
     def __init__(self, particles: ParticleSet, options: Class2DOptions, root: str, **kw) -> None:
         super().__init__(particles, options, root, **kw)
-        self.schedule = VdamSchedule.create(options, self.n)
+        self.schedule = VdamSchedule.create(options, self.n, is_3d=self.is_3d)
         self.max_significants = (
-            options.max_significants if options.max_significants > 0 else 5 * options.K
+            options.max_significants
+            if options.max_significants > 0
+            else (100 if self.is_3d else 5) * options.K
         )
         self.moments: Moments | None = None
         self.subset = self.n
@@ -353,11 +363,33 @@ class VdamRun(Class2DRun):
         st.maxres = mstep.current_resolution_shell(st.data_vs_prior, st.pdf_class, o.minres_map)
         return unmasked
 
+    def _moment_files(self, files) -> tuple[list[str], list[str]]:
+        """Where the moments go: 2D, one stack each (``name@stack``); 3D, one map per class
+        and half (``run_itNNN_1moment00k.mrc``, k = 1..2K; ``2moment00k``, k = 1..K)."""
+        k = self.options.K
+        if self.space.ndim == 2:
+            m1, m2 = files.path("1moment", "mrcs"), files.path("2moment", "mrcs")
+            return (
+                [f"{c + 1:06d}@{m1}" for c in range(2 * k)],
+                [f"{c + 1:06d}@{m2}" for c in range(k)],
+            )
+        return (
+            [str(files.path(f"1moment{c + 1:03d}", "mrc")) for c in range(2 * k)],
+            [str(files.path(f"2moment{c + 1:03d}", "mrc")) for c in range(k)],
+        )
+
     def write(self, it: int, changes=(0.0, 0.0, 0.0)):
         assert self.moments is not None
         files = self.iteration_files(it)
-        write_mrc(files.path("1moment", "mrcs"), moments_to_half(self.moments.m1), self.pixel)
-        write_mrc(files.path("2moment", "mrcs"), moments_to_half(self.moments.m2 + 0j), self.pixel)
+        m1 = moments_to_half(self.moments.m1)
+        m2 = moments_to_half(self.moments.m2 + 0j)
+        if self.space.ndim == 2:
+            write_mrc(files.path("1moment", "mrcs"), m1, self.pixel)
+            write_mrc(files.path("2moment", "mrcs"), m2, self.pixel)
+        else:
+            n1, n2 = self._moment_files(files)
+            for name, arr in zip(n1 + n2, list(m1) + list(m2), strict=True):
+                write_mrc(name, arr, self.pixel, stack=False)
         return super().write(it, changes)
 
     def extra_optimiser_labels(self) -> dict:
@@ -384,12 +416,8 @@ class VdamRun(Class2DRun):
 
     def extra_class_labels(self, files) -> dict:
         k = self.options.K
-        m1 = files.path("1moment", "mrcs")
-        m2 = files.path("2moment", "mrcs")
-        return {
-            "rlnGradMoment1": [f"{c + 1:06d}@{m1}" for c in range(k)],
-            "rlnGradMoment2": [f"{c + 1:06d}@{m2}" for c in range(k)],
-        }
+        n1, n2 = self._moment_files(files)
+        return {"rlnGradMoment1": n1[:k], "rlnGradMoment2": n2}
 
     def load_continue(self, optimiser: str | Path) -> None:
         super().load_continue(optimiser)
@@ -398,23 +426,36 @@ class VdamRun(Class2DRun):
         cont = read_continue(optimiser)
         k = self.options.K
         m = self.options.pad * self.box
+        nd = self.space.ndim
         if "rlnGradMoment1" not in cont.classes.columns:
-            self.moments = Moments.initial(k, m, self.device)
+            self.moments = Moments.initial(k, m, self.device, nd)
             self.log("no gradient moments in the model file: starting them afresh")
             return
-        stacks = []
-        for label in ("rlnGradMoment1", "rlnGradMoment2"):
-            name = str(cont.classes[label].iloc[0]).split("@", 1)[-1]
-            if not Path(name).is_file():
-                raise InputFileError(
-                    name, f"gradient moments named in the model file ({label}) are missing"
-                )
-            arr, _ = read_mrc(name)
-            stacks.append(arr if arr.ndim == 3 else arr[None])
-        m1, m2 = stacks
-        if m1.shape != (2 * k, m, 2 * (m // 2 + 1)) or m2.shape[0] != k:
+        if nd == 2:
+            stacks = []
+            for label in ("rlnGradMoment1", "rlnGradMoment2"):
+                name = str(cont.classes[label].iloc[0]).split("@", 1)[-1]
+                if not Path(name).is_file():
+                    raise InputFileError(
+                        name, f"gradient moments named in the model file ({label}) are missing"
+                    )
+                arr, _ = read_mrc(name)
+                stacks.append(arr if arr.ndim == 3 else arr[None])
+            m1, m2 = stacks
+        else:
+            files = self.iteration_files(cont.iteration)
+            n1, n2 = self._moment_files(files)
+            maps = []
+            for name in n1 + n2:
+                if not Path(name).is_file():
+                    raise InputFileError(name, "gradient moments of the continued run are missing")
+                maps.append(read_mrc(name)[0])
+            m1, m2 = np.stack(maps[: 2 * k]), np.stack(maps[2 * k :])
+        want = (2 * k,) + (m,) * (nd - 1) + (2 * (m // 2 + 1),)
+        if m1.shape != want or m2.shape[0] != k:
             raise InputFileError(
-                name, f"moment images of shape {m1.shape} do not fit {k} classes of box {self.box}"
+                optimiser,
+                f"moments of shape {m1.shape} do not fit {k} classes of box {self.box}",
             )
         self.moments = Moments(
             m1=moments_from_half(m1).to(self.device),

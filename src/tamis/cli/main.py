@@ -7,7 +7,18 @@ from pathlib import Path
 import typer
 
 from tamis import __version__
-from tamis.cli import align_symmetry, class2d, extract, it, pick, rank, schemer, simulate, star
+from tamis.cli import (
+    align_symmetry,
+    class2d,
+    extract,
+    it,
+    pick,
+    rank,
+    refine,
+    schemer,
+    simulate,
+    star,
+)
 from tamis.cli._common import console, user_errors
 
 app = typer.Typer(
@@ -30,6 +41,7 @@ app.command(
 app.command("extract", help=extract.__doc__)(extract.extract)
 app.add_typer(it.app, name="it")
 app.command("align_symmetry", help=align_symmetry.__doc__)(align_symmetry.align_symmetry)
+app.command("refine", help=refine.__doc__)(refine.refine)
 
 
 def _version(value: bool) -> None:
