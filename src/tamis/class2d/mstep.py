@@ -201,15 +201,17 @@ def accumulate(
     w_pr = torch.zeros((b, k * pf), dtype=torch.float32, device=dev)
     w_pr.index_put_((hyp.particle, r_all), wr.to(torch.float32), accumulate=True)
     m2 = w_pr @ p2  # (B, C)
-    # Per-batch accumulators in single precision; added to the float64 totals once per batch.
-    fimg = torch.zeros((slots * pf, c), dtype=torch.complex64, device=dev)
+    # Per-batch accumulators in single precision over the slots this batch touches (a few of
+    # the K x Pf when orientations are many, as in 3D); added to the float64 totals once.
+    used_slot, slot_of = torch.unique(slot_all, return_inverse=True)
+    fimg = torch.zeros((len(used_slot), c), dtype=torch.complex64, device=dev)
     m1 = torch.zeros((b, c), dtype=torch.complex64, device=dev)
     with_scale = ssnr_mask is not None
     m1_masked = torch.zeros((b, c), dtype=torch.complex64, device=dev) if with_scale else None
     rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
     for s in range(0, len(wr), chunk):
         sl = slice(s, s + chunk)
-        i, r, r_slot = hyp.particle[sl], r_all[sl], slot_all[sl]
+        i, r, r_slot = hyp.particle[sl], r_all[sl], slot_of[sl]
         w32 = w[sl].to(torch.float32)
         mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
         count_gemm(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
@@ -218,21 +220,22 @@ def accumulate(
         if m1_masked is not None:
             m1_masked.index_add_(0, i, g.mul_(ssnr_mask[hyp.cls[sl]]))
         fimg.index_add_(0, r_slot, mix.mul_(q[i]))
+    used_r = torch.unique(r_all)
+    fw_rows = sums.fweight.view(slots * pf, c)
     if half is None:
-        fweight = w_pr.T @ cw  # (K * Pf, C)
+        fw_rows.index_add_(0, used_r, (w_pr[:, used_r].T @ cw).to(torch.float64))  # (U, C)
     else:
-        fweight = torch.zeros((slots * pf, c), dtype=torch.float32, device=dev)
         for h in range(2):
             sel = torch.nonzero(half == h).squeeze(1)
-            fweight[h * k * pf : (h + 1) * k * pf] = w_pr[sel].T @ cw[sel]
+            fw = w_pr[sel][:, used_r].T @ cw[sel]
+            fw_rows.index_add_(0, used_r + h * k * pf, fw.to(torch.float64))
     xa = aa = torch.zeros(b, dtype=torch.float32, device=dev)
     if with_scale:
         ctf = data.ctf
         xa = (ctf * data.x * m1_masked).real.sum(1)
         msk = ssnr_mask.to(torch.float32).repeat_interleave(pf, 0)  # (K * Pf, C)
         aa = (ctf * ctf * (w_pr @ (msk * p2))).sum(1)
-    sums.fimg.view(slots * pf, c).add_(fimg.to(torch.complex128))
-    sums.fweight.view(slots * pf, c).add_(fweight.to(torch.float64))
+    sums.fimg.view(slots * pf, c).index_add_(0, used_slot, fimg.to(torch.complex128))
     m1, m2 = m1.to(torch.complex128), m2.to(torch.float64)
     xa, aa = xa.to(torch.float64), aa.to(torch.float64)
     wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, wr)

@@ -74,24 +74,29 @@ def back_project(
 
     ``data`` complex ``(K, R, C)``, ``weight`` real ``(K, R, C)``. Returns ``(D, W)``, complex128
     and float64 ``(K, M, M, M)``; every pixel is also written, conjugated, at ``-q`` (except the
-    origin)."""
+    origin). The mates are not splatted one by one: the grid lattice is symmetric about the
+    origin, so their splat is the mirror image ``S(-v)`` of the pixels' own, added once at the
+    end (the origin pixel enters with half weight and so counts once)."""
+    # Rotations that carry nothing (no class has weight or data there) are skipped: after a
+    # sparse E-step most of the fine orientations are empty.
+    busy = ((weight != 0).any(-1) | (data != 0).any(-1)).any(0)  # (R,)
+    if not bool(busy.all()):
+        idx = torch.nonzero(busy).squeeze(1)
+        data, weight, rotations = data[:, idx], weight[:, idx], rotations[idx.to(rotations.device)]
     k, n_rot, c = data.shape
     m = pad * window.box
     e = m + 1  # one periodic extra plane per axis, folded back at the end
     dev = data.device
     disc = window.in_disc.to(dev)
-    not_dc = ((window.kx != 0) | (window.ky != 0)).to(dev)
+    dc = ((window.kx == 0) & (window.ky == 0)).to(dev)
+    scale = torch.where(dc, 0.5, 1.0) * disc
     flat = torch.zeros((e * e * e, 3 * k), dtype=torch.float64, device=dev)
-    step = max(1, _MAX_POINTS // max(2 * c, 1))
+    step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, n_rot, step):
         rot = rotations[s : s + step].to(dev)
-        q = section_positions(rot, window, pad)  # (r, C, 3)
-        d = data[:, s : s + step] * disc
-        w = weight[:, s : s + step] * disc
-        # the Hermitian mates: -q, conjugated; the origin once
-        q = torch.cat([q, -q[:, not_dc]], dim=1) + m // 2
-        d = torch.cat([d, d[..., not_dc].conj()], dim=-1).to(torch.complex128)
-        w = torch.cat([w, w[..., not_dc]], dim=-1).to(torch.float64)
+        q = section_positions(rot, window, pad) + m // 2  # (r, C, 3)
+        d = (data[:, s : s + step] * scale).to(torch.complex128)
+        w = (weight[:, s : s + step] * scale).to(torch.float64)
         # one row (Re, Im, weight of every class) per (rotation, pixel): positions are shared
         rows = torch.cat(
             [
@@ -117,7 +122,16 @@ def back_project(
                     flat.index_add_(0, idx, rows * wt[:, None])
     d_grid = torch.complex(flat[:, 0 : 2 * k : 2], flat[:, 1 : 2 * k : 2]).T.reshape(k, e, e, e)
     w_grid = flat[:, 2 * k :].T.reshape(k, e, e, e)
-    return fold_periodic_edge(d_grid.contiguous()), fold_periodic_edge(w_grid.contiguous())
+    d_grid = fold_periodic_edge(d_grid.contiguous())
+    w_grid = fold_periodic_edge(w_grid.contiguous())
+    return d_grid + _mirror(d_grid).conj(), w_grid + _mirror(w_grid)
+
+
+def _mirror(grid: torch.Tensor) -> torch.Tensor:
+    """``G(-v)`` on centred ``(K, M, M, M)`` grids (index ``i`` holds ``i - M/2``, periodic)."""
+    m = grid.shape[-1]
+    idx = (m - torch.arange(m, device=grid.device)) % m
+    return grid[:, idx][:, :, idx][:, :, :, idx]
 
 
 def symmetrise(
