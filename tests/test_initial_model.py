@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tamis.cli.main import app
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc
-from tamis.io.star import read_star
+from tamis.io.star import read_star, write_star
 from tamis.refine.compare import compare_to_truth
 from tamis.refine.initial_model import InitialModelOptions, run_initial_model
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
@@ -33,7 +33,10 @@ def particles(tmp_path_factory) -> Path:
 
 
 def _options(**kw) -> InitialModelOptions:
-    base = dict(iter=8, K=1, particle_diameter=130.0, j=2, random_seed=1, grad_write_iter=4)
+    base = dict(
+        iter=8, K=1, particle_diameter=130.0, j=2, random_seed=1, grad_write_iter=4,
+        grad_ini_subset=150, grad_fin_subset=200,
+    )  # fmt: skip
     base.update(kw)
     return InitialModelOptions(**base)
 
@@ -65,15 +68,15 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
     assert Path(f"{root}_it008_1moment002.mrc").is_file()
     assert res.chosen_class == 1 and res.initial_model == root.parent / "initial_model.mrc"
 
-    # --continue from iteration 4 reaches iteration 8 again
-    cont = tmp_path / "cont" / "run"
-    cont.parent.mkdir()
+    # --continue from iteration 4 reaches iteration 8 again, from the written state
     more = run_initial_model(
         None, "", _options(), continue_from=f"{root}_it004_optimiser.star", log=logs.append
     )
     assert more.run.iteration == 8
-    again = torch.from_numpy(read_mrc(more.initial_model)[0])
-    assert compare_to_truth(again, truth, PIXEL).resolution_05 < 30.0
+    assert any("continuing from iteration 4" in line for line in logs)
+    again = torch.from_numpy(read_mrc(more.initial_model)[0]).to(torch.float64)
+    ref = torch.from_numpy(final).to(torch.float64)
+    assert float(torch.corrcoef(torch.stack([again.flatten(), ref.flatten()]))[0, 1]) > 0.9
 
 
 def test_bad_input_is_one_clear_error(particles: Path, tmp_path: Path):
@@ -88,10 +91,18 @@ def test_bad_input_is_one_clear_error(particles: Path, tmp_path: Path):
 
 
 def test_cli_runs_the_initial_model_job(particles: Path, tmp_path: Path):
+    # the first 60 particles: the job's plumbing, not its result
+    blocks = read_star(particles / "particles.star")
+    table = blocks["particles"].iloc[:60].copy()
+    table["rlnImageName"] = [
+        f"{name.split('@')[0]}@{particles / name.split('@')[1]}" for name in table["rlnImageName"]
+    ]
+    small = tmp_path / "small.star"
+    write_star({"optics": blocks["optics"], "particles": table}, small)
     out = tmp_path / "InitialModel" / "job012"
     r = CliRunner().invoke(
         app,
-        ["refine", "--i", str(particles / "particles.star"), "--o", str(out / "run"),
+        ["refine", "--i", str(small), "--o", str(out / "run"),
          "--denovo_3dref", "--grad", "--iter", "2", "--K", "2", "--ctf", "--zero_mask",
          "--flatten_solvent", "--particle_diameter", "130", "--oversampling", "1",
          "--healpix_order", "1", "--offset_range", "6", "--offset_step", "2", "--auto_sampling",
