@@ -203,6 +203,20 @@ def test_jobs_run_from_job_star_pick_extract_class2d_select(tmp_path, monkeypatc
         },
     )
     assert [n[1] for n in nodes][0] == "ParticleGroupMetadata.star.relion"
+    nodes = run(
+        "InitialModel/job006",
+        "relion.initialmodel",
+        {
+            "fn_img": nodes[0][0],
+            "nr_classes": "2",
+            "nr_iter": "2",
+            "sym_name": "C2",
+            "particle_diameter": "130",
+        },
+    )
+    assert nodes[0][0].endswith("InitialModel/job006/initial_model.mrc")
+    assert nodes[0][1] == "DensityMap.mrc.relion.initialmodel"
+    assert len(nodes) == 4 and (tmp_path / "InitialModel/job006/initial_model.mrc").is_file()
     bad = tmp_path / "Class2D/job006"
     bad.mkdir(parents=True)
     JobStar("relion.class2d", options={"fn_img": "missing.star"}).write(bad)

@@ -129,6 +129,16 @@ def _class_block_sums(
     return fimg, noise, float(xa)
 
 
+def _compact(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The distinct values of ``index`` (in ``[0, size)``), ascending, and each element's position
+    among them: ``torch.unique(..., return_inverse=True)`` by a presence table, without a sort."""
+    present = torch.zeros(size, dtype=torch.bool, device=index.device)
+    present[index] = True
+    used = torch.nonzero(present).squeeze(1)
+    position = torch.cumsum(present, 0) - 1
+    return used, position[index]
+
+
 def accumulate(
     sums: WeightedSums,
     data: BatchData,
@@ -203,7 +213,7 @@ def accumulate(
     m2 = w_pr @ p2  # (B, C)
     # Per-batch accumulators in single precision over the slots this batch touches (a few of
     # the K x Pf when orientations are many, as in 3D); added to the float64 totals once.
-    used_slot, slot_of = torch.unique(slot_all, return_inverse=True)
+    used_slot, slot_of = _compact(slot_all, slots * pf)
     fimg = torch.zeros((len(used_slot), c), dtype=torch.complex64, device=dev)
     m1 = torch.zeros((b, c), dtype=torch.complex64, device=dev)
     with_scale = ssnr_mask is not None
@@ -220,7 +230,7 @@ def accumulate(
         if m1_masked is not None:
             m1_masked.index_add_(0, i, g.mul_(ssnr_mask[hyp.cls[sl]]))
         fimg.index_add_(0, r_slot, mix.mul_(q[i]))
-    used_r = torch.unique(r_all)
+    used_r, _ = _compact(r_all, k * pf)
     fw_rows = sums.fweight.view(slots * pf, c)
     if half is None:
         fw_rows.index_add_(0, used_r, (w_pr[:, used_r].T @ cw).to(torch.float64))  # (U, C)

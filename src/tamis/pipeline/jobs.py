@@ -5,8 +5,9 @@ programs run under the pipeliner (exit markers, ``RELION_OUTPUT_NODES.star``, ru
 Registered: ``relion.external`` (any program, RELION's calling convention), ``relion.import`` (micrographs or movies from a file pattern), ``relion.ctffind``
 (tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
-in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``) and
-``relion.select.class2dauto`` (the class ranker). A label is matched after dropping trailing
+in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``),
+``relion.select.class2dauto`` (the class ranker) and ``relion.initialmodel`` (the de novo 3D
+model). A label is matched after dropping trailing
 ``.xxx`` tokens until a registered one fits, as RELION resolves process types.
 """
 
@@ -277,6 +278,46 @@ def _run_class2d(job: JobStar, out: Path) -> Nodes:
     ]
 
 
+def _run_inimodel(job: JobStar, out: Path) -> Nodes:
+    """RELION's InitialModel job: VDAM in C1 (or in the group with do_run_C1 No), the largest
+    class aligned to ``sym_name`` into ``initial_model.mrc``."""
+    from tamis.refine.initial_model import InitialModelOptions, run_initial_model
+
+    sym = job.options.get("sym_name", "C1") or "C1"
+    in_c1 = job.get_bool("do_run_C1", True)
+    options = InitialModelOptions(
+        K=int(_f(job, "nr_classes", 1)),
+        iter=int(_f(job, "nr_iter", 200)),
+        tau2_fudge=_f(job, "tau_fudge", 4),
+        sym="C1" if in_c1 else sym,
+        particle_diameter=_f(job, "particle_diameter", 200),
+        zero_mask=job.get_bool("do_zero_mask", True),
+        flatten_solvent=job.get_bool("do_solvent", True),
+        ctf=job.get_bool("do_ctf_correction", True),
+        ctf_intact_first_peak=job.get_bool("ctf_intact_first_peak"),
+        j=int(_f(job, "nr_threads", 1)),
+        pipeline_control=out,
+    )
+    cont = job.options.get("fn_cont") if job.is_continue else None
+    result = run_initial_model(
+        None if cont else job.options["fn_img"],
+        str(out / "run"),
+        options,
+        initial_model_sym=sym if in_c1 else None,
+        continue_from=cont or None,
+        log=lambda s: None,
+    )
+    nodes: Nodes = [(str(result.initial_model), "DensityMap.mrc.relion.initialmodel")]
+    if options.K > 1:
+        it = result.run.iteration
+        nodes += [
+            (f"{out}/run_it{it:03d}_class{k + 1:03d}.mrc", "DensityMap.mrc.relion.initialmodel")
+            for k in range(options.K)
+        ]
+    nodes.append((str(result.run.optimiser), "OptimiserData.star.relion.initialmodel"))
+    return nodes
+
+
 def _run_rank(job: JobStar, out: Path) -> Nodes:
     from tamis.rank.screen import ScreenOptions
     from tamis.rank.select import RankOptions, rank_classes
@@ -311,6 +352,7 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.autopick.topaz.pick", "AutoPick", _run_autopick, {"do_log": "No", "do_topaz": "Yes", "do_topaz_pick": "Yes", "topaz_particle_diameter": "-1", "topaz_nr_particles": "-1"}),
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
         JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
+        JobType("relion.initialmodel", "InitialModel", _run_inimodel, {"nr_classes": "1", "nr_iter": "200", "tau_fudge": "4", "sym_name": "C1", "do_run_C1": "Yes", "particle_diameter": "200", "do_solvent": "Yes", "do_zero_mask": "Yes", "do_ctf_correction": "Yes"}),
         JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
     )
 }  # fmt: skip
