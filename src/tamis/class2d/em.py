@@ -64,7 +64,7 @@ class Class2DResult:
     optimiser: Path
     model: Path
     data: Path
-    classes: Path
+    classes: Path  # 2D: the classes stack; 3D: the first class map
     iteration: int
     resolution: float
     class_fractions: np.ndarray
@@ -931,7 +931,7 @@ def run_class2d(
             optimiser=files.optimiser,
             model=files.model,
             data=files.data,
-            classes=files.classes,
+            classes=files.classes if run.space.ndim == 2 else files.class_map(1),
             iteration=st.iteration,
             resolution=run.box * run.pixel / max(st.maxres, 1),
             class_fractions=st.pdf_class.cpu().numpy(),
