@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import subprocess
 import sys
@@ -123,11 +122,11 @@ def _freqs():
 
 
 def run_relion(relion: str, work: Path, star: Path, args, iters: int) -> list[float]:
-    out = work / "relion" / "run"
+    out = (work / "relion" / "run").resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         relion, "--o", str(out), "--iter", str(args.iter), "--grad", "--denovo_3dref",
-        "--i", str(star), "--ctf", "--K", str(args.K), "--sym", "C1", "--flatten_solvent",
+        "--i", star.name, "--ctf", "--K", str(args.K), "--sym", "C1", "--flatten_solvent",
         "--zero_mask", "--dont_combine_weights_via_disc", "--pool", "30", "--pad", "1",
         "--particle_diameter", str(DIAMETER), "--oversampling", "1", "--healpix_order", "1",
         "--offset_range", "6", "--offset_step", "2", "--auto_sampling", "--tau2_fudge", "4",
@@ -135,7 +134,8 @@ def run_relion(relion: str, work: Path, star: Path, args, iters: int) -> list[fl
     ]  # fmt: skip
     log = open(work / "relion" / "relion.log", "w")
     t0 = time.time()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd())
+    # image names in the STAR file are relative to its folder (RELION reads them from the cwd)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=star.parent)
     target = Path(f"{out}_it{iters:03d}_optimiser.star")
     while proc.poll() is None and not target.exists():
         time.sleep(2)
@@ -165,7 +165,9 @@ def main() -> None:
     torch.set_num_threads(args.j)
     star = simulate(work, args.structure, args.n, args.seed)
     truth = torch.from_numpy(read_mrc(work / "sim" / "structures" / "structure_01.mrc")[0])
-    report: dict = {"structure": args.structure, "n": args.n, "seed": args.seed}
+    old = work / "report.json"
+    report: dict = json.loads(old.read_text()) if old.exists() else {}  # runs add to it
+    report.update(structure=args.structure, n=args.n, seed=args.seed)
     ref_path = work / "true_orientations.mrc"
     if not ref_path.exists():
         write_mrc(ref_path, true_orientation_map(work).numpy(), PIXEL, stack=False)

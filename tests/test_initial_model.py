@@ -85,6 +85,11 @@ def test_bad_input_is_one_clear_error(particles: Path, tmp_path: Path):
         run_initial_model(star, str(tmp_path / "a" / "run"), _options(sym="Q7"))
     with pytest.raises(TamisError, match="more classes than particles"):
         run_initial_model(star, str(tmp_path / "b" / "run"), _options(K=500))
+    blocks = read_star(star)
+    empty = tmp_path / "empty.star"
+    write_star({"optics": blocks["optics"], "particles": blocks["particles"].iloc[:0]}, empty)
+    with pytest.raises(TamisError, match="no particles"):
+        run_initial_model(str(empty), str(tmp_path / "d" / "run"), _options())
     r = CliRunner().invoke(app, ["refine", "--i", star, "--o", str(tmp_path / "c" / "run")])
     assert r.exit_code != 0 and "--denovo_3dref --grad" in r.output
     assert "Traceback" not in r.output

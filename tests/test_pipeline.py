@@ -207,7 +207,7 @@ def test_jobs_run_from_job_star_pick_extract_class2d_select(tmp_path, monkeypatc
         "InitialModel/job006",
         "relion.initialmodel",
         {
-            "fn_img": nodes[0][0],
+            "fn_img": parts,
             "nr_classes": "2",
             "nr_iter": "2",
             "sym_name": "C2",

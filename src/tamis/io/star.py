@@ -288,6 +288,8 @@ def parse_image_names(names: pd.Series | Iterable[str]) -> tuple[np.ndarray, np.
     """
     s = pd.Series(list(names) if not isinstance(names, pd.Series) else names, dtype=object)
     s = s.astype(str)
+    if s.empty:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=object)
     has_at = s.str.contains("@", regex=False)
     parts = s.str.split("@", n=1, expand=True)
     if parts.shape[1] == 1:

@@ -66,6 +66,8 @@ class InitialModelRun(VdamRun):
     is_3d = True
 
     def __init__(self, particles: ParticleSet, options: InitialModelOptions, root: str, **kw):
+        if len(particles) == 0:
+            raise TamisError(f"{particles.source or 'particles'}: no particles")
         if options.K > len(particles):
             raise TamisError(f"--K {options.K}: more classes than particles ({len(particles)})")
         super().__init__(particles, options, root, **kw)
