@@ -73,6 +73,7 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
         None, "", _options(), continue_from=f"{root}_it004_optimiser.star", log=logs.append
     )
     assert more.run.iteration == 8
+    assert more.initial_model == res.initial_model  # into the job directory, not the cwd
     assert any("continuing from iteration 4" in line for line in logs)
     again = torch.from_numpy(read_mrc(more.initial_model)[0]).to(torch.float64)
     ref = torch.from_numpy(final).to(torch.float64)

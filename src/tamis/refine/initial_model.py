@@ -217,7 +217,8 @@ def run_initial_model(
         show_progress=show_progress,
         run_type=InitialModelRun,
     )
-    out = Path(output_root).parent / "initial_model.mrc"
+    # the job directory: where the run wrote its files (on --continue the root comes from there)
+    out = Path(result.optimiser).parent / "initial_model.mrc"
     chosen = select_class_map(result.model, "largest")
     sym = initial_model_sym or "C1"
     aligned = align_symmetry_file(result.model, out, sym, select="largest", apply_sym=True)
