@@ -12,7 +12,10 @@ tensors' shapes: ``(K, N, N)`` images or ``(K, N, N, N)`` volumes.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
+import torch.nn.functional as F
 
 from tamis.masks import radius_map, soft_mask_outside
 
@@ -25,6 +28,8 @@ __all__ = [
     "with_periodic_edge",
     "fold_periodic_edge",
     "reference_grids",
+    "interpolate",
+    "GridSplat",
     "grid_shells",
     "grid_tau2",
     "reconstruct",
@@ -136,6 +141,104 @@ def reference_grids(
         q2 = radius_map(m, device=refs.device, ndim=ndim) ** 2
         spec = spec * (q2 <= _max_r2(r_max, pad))
     return with_periodic_edge(spec).to(torch.complex64)
+
+
+def interpolate(
+    planes: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    centre: int | None = None,
+    max_points: int = 1 << 21,
+) -> torch.Tensor:
+    """Linear samples (bilinear in 2D, trilinear in 3D) of real planes ``(K, Ch, E, ..., E)`` of
+    a centred grid at ``positions`` ``(P, d)`` (x, y[, z], about the centre, in grid units);
+    ``(K, Ch, P)``, zero outside. Frequency 0 sits at index ``centre`` (default ``(E - 1) // 2``,
+    a grid with its periodic edge, :func:`with_periodic_edge`). Taken ``max_points`` positions
+    at a time."""
+    k, ch = planes.shape[:2]
+    nd = planes.ndim - 2
+    e = planes.shape[-1]
+    centre = (e - 1) // 2 if centre is None else centre
+    out = []
+    for s in range(0, positions.shape[0], max_points):
+        pos = positions[s : s + max_points]
+        coords = ((pos + centre) * (2.0 / (e - 1)) - 1.0).to(planes.dtype)
+        coords = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
+        coords = coords.expand((k,) + (-1,) * nd + (nd,))
+        v = F.grid_sample(planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
+        out.append(v.reshape(k, ch, -1))
+    return out[0] if len(out) == 1 else torch.cat(out, -1)
+
+
+class GridSplat:
+    """The adjoint of :func:`interpolate` for data and weight sums: per-class complex data and
+    real weights at positions about the centre are spread linearly (4 or 8 grid points) into
+    ``(M + 1)^d`` float64 accumulators (every class at once, the positions being shared), and
+    :meth:`grids` folds the periodic edge back into ``(K, M, ..., M)`` grids.
+
+    The grids are made Hermitian: every sample also counts, conjugated, at ``-q`` (RELION's
+    half-grid splat followed by ``enforceHermitianSymmetry``). The lattice is symmetric about the
+    origin, so the mates' splat is the mirror image ``S(-v)`` of the samples' own; it is added
+    once in :meth:`grids`, less the mates of samples at the origin (they have none)."""
+
+    def __init__(self, k: int, m: int, ndim: int, device) -> None:
+        self.k, self.m, self.ndim = k, m, ndim
+        self.flat = torch.zeros(((m + 1) ** ndim, 3 * k), dtype=torch.float64, device=device)
+        self.at_origin = torch.zeros(3 * k, dtype=torch.float64, device=device)
+
+    def add(self, positions: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
+        """``positions`` ``(N, d)`` (x, y[, z]); ``data`` complex and ``weight`` real
+        ``(K, ...)`` with N elements per class, in the positions' order."""
+        k, e, nd = self.k, self.m + 1, self.ndim
+        rows = torch.cat(
+            [
+                torch.view_as_real(data.to(torch.complex128)).movedim(0, -2).reshape(-1, 2 * k),
+                weight.to(torch.float64).movedim(0, -1).reshape(-1, k),
+            ],
+            dim=1,
+        )  # one row (Re, Im, weight of every class) per position
+        self.at_origin += rows[(positions == 0).all(1)].sum(0)
+        pos = positions + self.m // 2
+        lo = torch.floor(pos)
+        frac = pos - lo
+        lo = lo.long()
+        for corner in itertools.product((0, 1), repeat=nd):
+            off = corner[::-1]  # (dx, dy[, dz]); x varies fastest
+            wt = frac[:, 0] if off[0] else 1 - frac[:, 0]
+            for axis in range(1, nd):
+                wt = wt * (frac[:, axis] if off[axis] else 1 - frac[:, axis])
+            ok = torch.ones_like(wt, dtype=torch.bool)
+            idx = torch.zeros_like(lo[:, 0])
+            for axis in range(nd - 1, -1, -1):  # flat index (z, y, x)
+                i = lo[:, axis] + off[axis]
+                ok &= (i >= 0) & (i < e)
+                idx = idx * e + i
+            idx = torch.where(ok, idx, 0)
+            self.flat.index_add_(0, idx, rows * torch.where(ok, wt, 0.0)[:, None])
+
+    def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D, W)``: complex128 and float64 ``(K, M, ..., M)``."""
+        k, e = self.k, self.m + 1
+        shape = (k,) + (e,) * self.ndim
+        d = torch.complex(self.flat[:, 0 : 2 * k : 2], self.flat[:, 1 : 2 * k : 2]).T
+        w = self.flat[:, 2 * k :].T
+        d = fold_periodic_edge(d.reshape(shape).contiguous())
+        w = fold_periodic_edge(w.reshape(shape).contiguous())
+        d, w = d + _mirror(d).conj(), w + _mirror(w)
+        centre = (slice(None),) + (self.m // 2,) * self.ndim
+        o = self.at_origin
+        d[centre] -= torch.complex(o[0 : 2 * k : 2], -o[1 : 2 * k : 2])
+        w[centre] -= o[2 * k :]
+        return d, w
+
+
+def _mirror(grid: torch.Tensor) -> torch.Tensor:
+    """``G(-v)`` on centred ``(K, M, ..., M)`` grids (index ``i`` holds ``i - M/2``, periodic)."""
+    m = grid.shape[-1]
+    idx = (m - torch.arange(m, device=grid.device)) % m
+    for axis in range(1, grid.ndim):
+        grid = grid.index_select(axis, idx)
+    return grid
 
 
 def grid_shells(

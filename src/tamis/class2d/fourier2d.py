@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from tamis.fourier import duplicate_half_column, rfft_frequencies
 from tamis.padded_grid import (
-    fold_periodic_edge,
+    GridSplat,
     grid_shells,
     grid_tau2,
+    interpolate,
     padded_to_real,
     padded_transforms,
     reconstruct,
@@ -110,15 +110,13 @@ def project(
     ``P(k) = F_ref(A^T k)`` with ``A = [[cos, sin], [-sin, cos]]``, bilinear on the padded grid;
     zero outside the current size's disc.
     """
-    k, size, _ = grids.shape
-    m = pad * window.box
+    k = grids.shape[0]
     qx, qy = _positions(psi_deg.to(grids.device), window, pad)
     p_, c_ = qx.shape
-    coords = torch.stack([(qx + m // 2), (qy + m // 2)], dim=-1) * (2.0 / (size - 1)) - 1.0
-    coords = coords.to(torch.float32).reshape(1, p_ * c_, 1, 2).expand(k, -1, -1, -1)
-    planes = torch.view_as_real(grids).permute(0, 3, 1, 2)  # (K, 2, M, M)
-    out = F.grid_sample(planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-    out = torch.complex(out[:, 0, :, 0], out[:, 1, :, 0]).reshape(k, p_, c_)
+    planes = torch.view_as_real(grids).permute(0, 3, 1, 2)  # (K, 2, M + 1, M + 1)
+    centre = pad * window.box // 2
+    out = interpolate(planes, torch.stack([qx, qy], dim=-1).reshape(-1, 2), centre=centre)
+    out = torch.complex(out[:, 0], out[:, 1]).reshape(k, p_, c_)
     return out * window.in_disc.to(out.device)
 
 
@@ -133,45 +131,12 @@ def back_rotate(
     """Bilinear splat of per-(class, psi) sums into padded grids (adjoint of :func:`project`).
 
     ``data`` complex ``(K, P, C)``, ``weight`` real ``(K, P, C)``. Returns ``(D, W)``, each
-    ``(K, M, M)``; every pixel is also written, conjugated, at ``-q`` (except the origin).
+    ``(K, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`).
     """
-    k, p_, c_ = data.shape
-    m = pad * window.box
-    device = data.device
+    k = data.shape[0]
     # RELION back-rotates only pixels within r_max = size // 2 (not the half shell beyond).
-    disc = window.in_disc.to(device)
-    data = data * disc
-    weight = weight * disc
-    qx, qy = _positions(psi_deg.to(device), window, pad)
-    not_dc = ((window.kx != 0) | (window.ky != 0)).to(device)
-    # Mates: -q, conjugated; DC once.
-    qx = torch.cat([qx, -qx[:, not_dc]], dim=1)
-    qy = torch.cat([qy, -qy[:, not_dc]], dim=1)
-    data = torch.cat([data, data[..., not_dc].conj()], dim=-1).to(torch.complex128)
-    weight = torch.cat([weight, weight[..., not_dc]], dim=-1).to(torch.float64)
-    x = qx + m // 2
-    y = qy + m // 2
-    x0, y0 = torch.floor(x), torch.floor(y)
-    e = m + 1  # one periodic extra row/column, folded back below
-    fx, fy = (x - x0).reshape(-1), (y - y0).reshape(-1)
-    x0, y0 = x0.long().reshape(-1), y0.long().reshape(-1)
-    # The positions depend on (psi, pixel) only: every class is splatted at once, one row
-    # (Re, Im, weight for each class) per (psi, pixel).
-    rows = torch.cat(
-        [
-            torch.view_as_real(data).permute(1, 2, 0, 3).reshape(-1, 2 * k),
-            weight.permute(1, 2, 0).reshape(-1, k),
-        ],
-        dim=1,
-    )  # (P * C', 3K)
-    flat = torch.zeros((e * e, 3 * k), dtype=torch.float64, device=device)
-    for dy in (0, 1):
-        for dx in (0, 1):
-            wt = (fx if dx else 1 - fx) * (fy if dy else 1 - fy)  # (P * C',)
-            xi, yi = x0 + dx, y0 + dy
-            ok = (xi >= 0) & (xi < e) & (yi >= 0) & (yi < e)
-            idx = torch.where(ok, yi * e + xi, 0)
-            flat.index_add_(0, idx, rows * torch.where(ok, wt, 0.0)[:, None])
-    d_flat = torch.complex(flat[:, 0 : 2 * k : 2], flat[:, 1 : 2 * k : 2]).T.contiguous()
-    w_flat = flat[:, 2 * k :].T.contiguous()
-    return fold_periodic_edge(d_flat.reshape(k, e, e)), fold_periodic_edge(w_flat.reshape(k, e, e))
+    disc = window.in_disc.to(data.device)
+    qx, qy = _positions(psi_deg.to(data.device), window, pad)
+    splat = GridSplat(k, pad * window.box, 2, data.device)
+    splat.add(torch.stack([qx, qy], dim=-1).reshape(-1, 2), data * disc, weight * disc)
+    return splat.grids()

@@ -28,6 +28,7 @@ from tamis.refine.maps import (
     rotate_volumes,
     sample,
     shift_volume,
+    symmetrise_map,
 )
 from tamis.symmetry import canonical_symmetry, symmetry_operators
 
@@ -61,10 +62,15 @@ def asymmetry_scores(
     chunk: int = 8,
 ) -> torch.Tensor:
     """Per rotation ``(R, 3, 3)``: the share of the rotated map's power (``|k| <= r_max``) that
-    the group average over ``operators`` ``(G, 3, 3)`` does not keep; ``(R,)`` float64."""
+    the group average over ``operators`` ``(G, 3, 3)`` (the identity among them) does not keep;
+    ``(R,)`` float64."""
     hg = HalfGrid.create(volume.shape[-1], r_max, device=volume.device)
     grid = map_grid(volume, pad=pad)
     ops = operators.to(volume.device, torch.float64)
+    eye = torch.eye(3, dtype=torch.float64, device=ops.device)
+    ident = torch.nonzero(torch.isclose(ops, eye).flatten(1).all(1)).squeeze(1)
+    if len(ident) != 1:
+        raise ValueError("the operators must hold the identity once")
     k_ops = torch.einsum("gij,pj->gpi", ops, hg.k)  # R_g k, (G, P, 3)
     out = torch.empty(rotations.shape[0], dtype=torch.float64, device=volume.device)
     for s in range(0, rotations.shape[0], chunk):
@@ -72,10 +78,9 @@ def asymmetry_scores(
         # F_A(R_g k) = F(A^T R_g k)
         q = pad * torch.einsum("rji,gpj->rgpi", rot, k_ops)
         f = sample(grid, q)  # (r, G, P)
-        ident = sample(grid, pad * torch.einsum("rji,pj->rpi", rot, hg.k))
-        diff = ident - f.mean(1)
-        num = (hg.mult * diff.abs() ** 2).sum(1)
-        den = (hg.mult * ident.abs() ** 2).sum(1).clamp(min=1e-300)
+        turned = f[:, int(ident)]  # F_A(k)
+        num = (hg.mult * (turned - f.mean(1)).abs() ** 2).sum(1)
+        den = (hg.mult * turned.abs() ** 2).sum(1).clamp(min=1e-300)
         out[s : s + len(rot)] = num / den
     return out
 
@@ -130,7 +135,7 @@ def align_symmetry(
     a = euler_to_matrix(*grid[i])
     out = rotate_volumes(vol, a[None], pad=pad)[0]
     if apply_sym:
-        out = rotate_volumes(out, ops, pad=pad).mean(0)
+        out = symmetrise_map(out, ops, pad=pad)
     angles = matrix_to_euler(a)
     cands = torch.cat(
         [torch.cat([ang, scores[:, None]], 1), torch.cat([grid, local[:, None]], 1)], 0

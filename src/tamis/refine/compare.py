@@ -14,12 +14,10 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from tamis.fourier import fsc
-from tamis.geometry import euler_to_matrix, matrix_to_euler
-from tamis.orientations import directions, psi_angles
 from tamis.refine.maps import HalfGrid, flip_hand, map_grid, sample
+from tamis.refine.sampling import Sampling3D
 
 __all__ = ["MapComparison", "superpose", "compare_to_truth", "resolution_at"]
 
@@ -59,15 +57,23 @@ def _transformed(grid, hg: HalfGrid, a: torch.Tensor, t: torch.Tensor, pad: int)
 
 
 def _rotvec_matrix(w: torch.Tensor) -> torch.Tensor:
-    k = torch.zeros((3, 3), dtype=w.dtype)
-    k = k + torch.stack(
+    """The rotation ``exp([w]x)`` of a rotation vector ``w`` (differentiable)."""
+    z = torch.zeros_like(w[0])
+    skew = torch.stack(
         [
-            torch.stack([0 * w[0], -w[2], w[1]]),
-            torch.stack([w[2], 0 * w[0], -w[0]]),
-            torch.stack([-w[1], w[0], 0 * w[0]]),
+            torch.stack([z, -w[2], w[1]]),
+            torch.stack([w[2], z, -w[0]]),
+            torch.stack([-w[1], w[0], z]),
         ]
     )
-    return torch.linalg.matrix_exp(k)
+    return torch.linalg.matrix_exp(skew)
+
+
+def _correlation(truth_f: torch.Tensor, f: torch.Tensor, hg: HalfGrid) -> torch.Tensor:
+    """Normalised correlation of two sets of half-grid samples (Hermitian mates counted)."""
+    cc = (hg.mult * (truth_f * f.conj()).real).sum()
+    norms = (hg.mult * truth_f.abs() ** 2).sum() * (hg.mult * f.abs() ** 2).sum()
+    return cc / norms.sqrt()
 
 
 def _global_search(grid, truth_f, hg: HalfGrid, rots: torch.Tensor, pad: int, w: int):
@@ -100,34 +106,18 @@ def _refine(grid, truth_f, hg: HalfGrid, a0: torch.Tensor, t0: torch.Tensor, pad
     wv = torch.zeros(3, dtype=torch.float64, requires_grad=True)
     t = t0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS([wv, t], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
-    norm_t = (hg.mult * truth_f.abs() ** 2).sum().sqrt()
 
     def loss():
         opt.zero_grad()
-        a = a0 @ _rotvec_matrix(wv)
-        f = _differentiable_sample(grid, pad * (hg.k @ a)) * torch.exp(
-            -2j * math.pi * (hg.k @ t) / hg.box
-        )
-        cc = (hg.mult * (truth_f * f.conj()).real).sum()
-        val = -cc / (norm_t * (hg.mult * f.abs() ** 2).sum().sqrt())
+        val = -_correlation(truth_f, _transformed(grid, hg, a0 @ _rotvec_matrix(wv), t, pad), hg)
         val.backward()
         return val
 
     opt.step(loss)
     with torch.no_grad():
         a = a0 @ _rotvec_matrix(wv)
-        f = _transformed(grid, hg, a, t, pad)
-        cc = (hg.mult * (truth_f * f.conj()).real).sum()
-        score = float(cc / (norm_t * (hg.mult * f.abs() ** 2).sum().sqrt()))
-    return score, a.detach(), t.detach()
-
-
-def _differentiable_sample(grid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    e = grid.shape[-1]
-    m = e - 1
-    coords = ((positions + m // 2) * (2.0 / (e - 1)) - 1.0).reshape(1, -1, 1, 1, 3)
-    v = F.grid_sample(grid, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-    return torch.complex(v[0, 0, :, 0, 0], v[0, 1, :, 0, 0])
+        score = float(_correlation(truth_f, _transformed(grid, hg, a, t, pad), hg))
+    return score, a, t.detach()
 
 
 def superpose(
@@ -145,35 +135,28 @@ def superpose(
     tru = truth.to(torch.float64)
     n = vol.shape[-1]
     refine_shells = refine_shells or max(search_shells, n // 3)
-    d = directions(2)
-    psi, _ = psi_angles(2)
-    rot = d.rot.repeat_interleave(len(psi))
-    tilt = d.tilt.repeat_interleave(len(psi))
-    rots = euler_to_matrix(rot, tilt, psi.repeat(len(d.rot)))
+    rots = Sampling3D(healpix_order=2).coarse_rotations()  # 15-degree grid, unperturbed
     w = 2 * search_shells + 2
     coarse = HalfGrid.create(n, search_shells)
     fine = HalfGrid.create(n, refine_shells)
     truth_grid = map_grid(tru, pad=pad)
+    tf, tf_fine = sample(truth_grid, pad * coarse.k), sample(truth_grid, pad * fine.k)
+    grids = {flipped: map_grid(flip_hand(vol) if flipped else vol, pad=pad) for flipped in (0, 1)}
     found = []
-    for flipped in (False, True):
-        src = flip_hand(vol) if flipped else vol
-        grid = map_grid(src, pad=pad)
-        tf = sample(truth_grid, pad * coarse.k)
+    for flipped, grid in grids.items():
         scores, shifts = _global_search(grid, tf, coarse, rots, pad, w)
-        tf_fine = sample(truth_grid, pad * fine.k)
         for i in torch.argsort(scores, descending=True)[:candidates].tolist():
             score, a, t = _refine(grid, tf_fine, fine, rots[i], shifts[i], pad, steps=40)
             found.append((score, flipped, a, t))
     score, flipped, a, t = max(found, key=lambda x: x[0])
-    src = flip_hand(vol) if flipped else vol
     full = HalfGrid.create(n, n / 2)
-    moved = full.to_volume(_transformed(map_grid(src, pad=pad), full, a, t, pad))
+    moved = full.to_volume(_transformed(grids[flipped], full, a, t, pad))
     curve = fsc(moved, tru)
     return MapComparison(
         volume=moved,
         rotation=a,
         shift=t,
-        flipped=flipped,
+        flipped=bool(flipped),
         correlation=float(
             ((moved - moved.mean()) * (tru - tru.mean())).sum()
             / ((moved - moved.mean()).norm() * (tru - tru.mean()).norm())
@@ -191,8 +174,3 @@ def compare_to_truth(
     res.resolution_05 = resolution_at(res.fsc, 0.5, n, pixel_size)
     res.resolution_0143 = resolution_at(res.fsc, 0.143, n, pixel_size)
     return res
-
-
-def rotation_angles(a: torch.Tensor) -> tuple[float, float, float]:
-    """(rot, tilt, psi) of a superposition's rotation, for reports."""
-    return tuple(float(x) for x in matrix_to_euler(a))

@@ -15,10 +15,15 @@ projected nor splatted (RELION's ``r_max``).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow
-from tamis.padded_grid import fold_periodic_edge, grid_shells, relion_round, with_periodic_edge
+from tamis.padded_grid import (
+    GridSplat,
+    grid_shells,
+    interpolate,
+    relion_round,
+    with_periodic_edge,
+)
 
 __all__ = ["section_positions", "project", "back_project", "symmetrise"]
 
@@ -41,23 +46,18 @@ def project(
     """Central sections ``(K, R, C)`` (complex64) of every class at every rotation ``(R, 3, 3)``,
     on the window's pixels: ``P(k) = F(pad A^T k)``, trilinear; zero outside the disc of the
     window's size."""
-    k, e = grids.shape[0], grids.shape[-1]
-    m = pad * window.box
+    k = grids.shape[0]
     dev = grids.device
-    vol = torch.view_as_real(grids).permute(0, 4, 1, 2, 3)  # (K, 2, E, E, E)
+    planes = torch.view_as_real(grids).permute(0, 4, 1, 2, 3)  # (K, 2, E, E, E)
     disc = window.in_disc.to(dev)
     c = len(window)
     out = torch.empty((k, rotations.shape[0], c), dtype=torch.complex64, device=dev)
+    centre = pad * window.box // 2
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, rotations.shape[0], step):
-        rot = rotations[s : s + step].to(dev)
-        q = section_positions(rot, window, pad)  # (r, C, 3)
-        r = q.shape[0]
-        coords = ((q + m // 2) * (2.0 / (e - 1)) - 1.0).to(vol.dtype)
-        coords = coords.reshape(1, r * c, 1, 1, 3).expand(k, -1, -1, -1, -1)
-        vals = F.grid_sample(vol, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        vals = vals.reshape(k, 2, r, c)
-        out[:, s : s + r] = torch.complex(vals[:, 0], vals[:, 1]) * disc
+        q = section_positions(rotations[s : s + step].to(dev), window, pad)  # (r, C, 3)
+        vals = interpolate(planes, q.reshape(-1, 3), centre=centre).reshape(k, 2, -1, c)
+        out[:, s : s + q.shape[0]] = torch.complex(vals[:, 0], vals[:, 1]) * disc
     return out
 
 
@@ -73,10 +73,7 @@ def back_project(
     :func:`project`.
 
     ``data`` complex ``(K, R, C)``, ``weight`` real ``(K, R, C)``. Returns ``(D, W)``, complex128
-    and float64 ``(K, M, M, M)``; every pixel is also written, conjugated, at ``-q`` (except the
-    origin). The mates are not splatted one by one: the grid lattice is symmetric about the
-    origin, so their splat is the mirror image ``S(-v)`` of the pixels' own, added once at the
-    end (the origin pixel enters with half weight and so counts once)."""
+    and float64 ``(K, M, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`)."""
     # Rotations that carry nothing (no class has weight or data there) are skipped: after a
     # sparse E-step most of the fine orientations are empty.
     busy = ((weight != 0).any(-1) | (data != 0).any(-1)).any(0)  # (R,)
@@ -84,54 +81,14 @@ def back_project(
         idx = torch.nonzero(busy).squeeze(1)
         data, weight, rotations = data[:, idx], weight[:, idx], rotations[idx.to(rotations.device)]
     k, n_rot, c = data.shape
-    m = pad * window.box
-    e = m + 1  # one periodic extra plane per axis, folded back at the end
     dev = data.device
     disc = window.in_disc.to(dev)
-    dc = ((window.kx == 0) & (window.ky == 0)).to(dev)
-    scale = torch.where(dc, 0.5, 1.0) * disc
-    flat = torch.zeros((e * e * e, 3 * k), dtype=torch.float64, device=dev)
+    splat = GridSplat(k, pad * window.box, 3, dev)
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, n_rot, step):
-        rot = rotations[s : s + step].to(dev)
-        q = section_positions(rot, window, pad) + m // 2  # (r, C, 3)
-        d = (data[:, s : s + step] * scale).to(torch.complex128)
-        w = (weight[:, s : s + step] * scale).to(torch.float64)
-        # one row (Re, Im, weight of every class) per (rotation, pixel): positions are shared
-        rows = torch.cat(
-            [
-                torch.view_as_real(d).permute(1, 2, 0, 3).reshape(-1, 2 * k),
-                w.permute(1, 2, 0).reshape(-1, k),
-            ],
-            dim=1,
-        )
-        q = q.reshape(-1, 3)
-        lo = torch.floor(q)
-        frac = q - lo
-        lo = lo.long()
-        for dz in (0, 1):
-            for dy in (0, 1):
-                for dx in (0, 1):
-                    fx = frac[:, 0] if dx else 1 - frac[:, 0]
-                    fy = frac[:, 1] if dy else 1 - frac[:, 1]
-                    fz = frac[:, 2] if dz else 1 - frac[:, 2]
-                    xi, yi, zi = lo[:, 0] + dx, lo[:, 1] + dy, lo[:, 2] + dz
-                    ok = (xi >= 0) & (xi < e) & (yi >= 0) & (yi < e) & (zi >= 0) & (zi < e)
-                    idx = torch.where(ok, (zi * e + yi) * e + xi, 0)
-                    wt = torch.where(ok, fx * fy * fz, 0.0)
-                    flat.index_add_(0, idx, rows * wt[:, None])
-    d_grid = torch.complex(flat[:, 0 : 2 * k : 2], flat[:, 1 : 2 * k : 2]).T.reshape(k, e, e, e)
-    w_grid = flat[:, 2 * k :].T.reshape(k, e, e, e)
-    d_grid = fold_periodic_edge(d_grid.contiguous())
-    w_grid = fold_periodic_edge(w_grid.contiguous())
-    return d_grid + _mirror(d_grid).conj(), w_grid + _mirror(w_grid)
-
-
-def _mirror(grid: torch.Tensor) -> torch.Tensor:
-    """``G(-v)`` on centred ``(K, M, M, M)`` grids (index ``i`` holds ``i - M/2``, periodic)."""
-    m = grid.shape[-1]
-    idx = (m - torch.arange(m, device=grid.device)) % m
-    return grid[:, idx][:, :, idx][:, :, :, idx]
+        q = section_positions(rotations[s : s + step].to(dev), window, pad)  # (r, C, 3)
+        splat.add(q.reshape(-1, 3), data[:, s : s + step] * disc, weight[:, s : s + step] * disc)
+    return splat.grids()
 
 
 def symmetrise(
@@ -166,12 +123,8 @@ def symmetrise(
     src = torch.cat([torch.view_as_real(d).permute(0, 4, 1, 2, 3), w[:, None]], 1)  # (K,3,M,M,M)
     src = with_periodic_edge(src.reshape(3 * k, m, m, m)).reshape(1, 3 * k, m + 1, m + 1, m + 1)
     acc = torch.zeros((3 * k, len(inside)), dtype=torch.float64, device=dev)
-    e = m + 1
     for op in ops:
-        pos = xyz @ op.T + m // 2  # R q, as grid indices
-        coords = (pos * (2.0 / (e - 1)) - 1.0).reshape(1, -1, 1, 1, 3)
-        vals = F.grid_sample(src, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        acc += vals.reshape(3 * k, -1)
+        acc += interpolate(src, xyz @ op.T)[0]  # at R q
     acc = acc.reshape(k, 3, -1)
     d_out, w_out = d.clone().reshape(k, -1), w.to(torch.float64).clone().reshape(k, -1)
     d_out[:, inside] += torch.complex(acc[:, 0], acc[:, 1])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from tamis.padded_grid import reference_grids
+from tamis.padded_grid import interpolate, reference_grids
 
 __all__ = [
     "HalfGrid",
@@ -76,18 +76,10 @@ def map_grid(volume: torch.Tensor, *, pad: int = 2) -> torch.Tensor:
 
 def sample(grid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Trilinear samples of :func:`map_grid`'s ``grid`` at padded-grid positions ``(..., 3)``
-    (x, y, z, about the centre); complex128 ``(...)``, zero outside."""
-    e = grid.shape[-1]
-    m = e - 1
-    shape = positions.shape[:-1]
-    flat = positions.reshape(-1, 3)
-    out = torch.empty(flat.shape[0], dtype=torch.complex128, device=grid.device)
-    for s in range(0, flat.shape[0], _MAX_SAMPLES):
-        pos = flat[s : s + _MAX_SAMPLES]
-        coords = ((pos + m // 2) * (2.0 / (e - 1)) - 1.0).to(grid.dtype).reshape(1, -1, 1, 1, 3)
-        v = F.grid_sample(grid, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        out[s : s + len(pos)] = torch.complex(v[0, 0, :, 0, 0], v[0, 1, :, 0, 0])
-    return out.reshape(shape)
+    (x, y, z, about the centre); complex128 ``(...)``, zero outside. Differentiable in the
+    positions."""
+    v = interpolate(grid, positions.reshape(-1, 3), max_points=_MAX_SAMPLES)[0]
+    return torch.complex(v[0], v[1]).reshape(positions.shape[:-1])
 
 
 def rotate_volumes(
