@@ -20,6 +20,8 @@ import torch
 __all__ = [
     "rfft2_centered",
     "irfft2_centered",
+    "rfft3_centered",
+    "irfft3_centered",
     "rfft_frequencies",
     "shell_index",
     "window_fourier",
@@ -50,35 +52,50 @@ def irfft2_centered(spectra: torch.Tensor, image_shape: tuple[int, int]) -> torc
     return torch.fft.fftshift(img, dim=(-2, -1))
 
 
+def rfft3_centered(volumes: torch.Tensor) -> torch.Tensor:
+    """:func:`rfft2_centered` for volumes: ``(..., n, n, n)`` -> ``(..., n, n, n // 2 + 1)``."""
+    dims = (-3, -2, -1)
+    return torch.fft.rfftn(torch.fft.ifftshift(volumes, dim=dims), dim=dims, norm="forward")
+
+
+def irfft3_centered(spectra: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Inverse of :func:`rfft3_centered`."""
+    dims = (-3, -2, -1)
+    return torch.fft.fftshift(
+        torch.fft.irfftn(spectra, s=shape, dim=dims, norm="forward"), dim=dims
+    )
+
+
 def rfft_frequencies(
-    image_shape: tuple[int, int],
+    image_shape: tuple[int, ...],
     *,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer frequencies ``(ky, kx)`` of the half-plane grid, each ``(h, w // 2 + 1)``.
+) -> tuple[torch.Tensor, ...]:
+    """Integer frequencies of the half grid, one tensor per axis, each ``(..., w // 2 + 1)``:
+    ``(ky, kx)`` for an image ``(h, w)``, ``(kz, ky, kx)`` for a volume.
 
-    ``ky`` follows RELION: row ``i`` is ``i`` for ``i <= h // 2`` and ``i - h`` above.
+    Full axes follow RELION: index ``i`` is ``i`` for ``i <= n // 2`` and ``i - n`` above.
     """
-    h, w = image_shape
-    rows = torch.arange(h, device=device, dtype=dtype)
-    ky = torch.where(rows <= h // 2, rows, rows - h)
-    kx = torch.arange(w // 2 + 1, device=device, dtype=dtype)
-    return torch.meshgrid(ky, kx, indexing="ij")
+    axes = []
+    for n in image_shape[:-1]:
+        rows = torch.arange(n, device=device, dtype=dtype)
+        axes.append(torch.where(rows <= n // 2, rows, rows - n))
+    axes.append(torch.arange(image_shape[-1] // 2 + 1, device=device, dtype=dtype))
+    return torch.meshgrid(*axes, indexing="ij")
 
 
 def shell_index(
-    image_shape: tuple[int, int], *, device: torch.device | str | None = None
+    image_shape: tuple[int, ...], *, device: torch.device | str | None = None
 ) -> torch.Tensor:
-    """``ROUND(|k|)`` on the half-plane grid, int64 ``(h, w // 2 + 1)``.
+    """``ROUND(|k|)`` on the half grid of an image ``(h, w)`` (or a volume), int64.
 
     For non-square images ``|k|`` is measured in units of the longer side's frequency step,
     i.e. ``k = (ky * n / h, kx * n / w)`` with ``n = max(h, w)``.
     """
-    h, w = image_shape
-    ky, kx = rfft_frequencies(image_shape, device=device, dtype=torch.float64)
-    n = max(h, w)
-    r = torch.sqrt((ky * (n / h)) ** 2 + (kx * (n / w)) ** 2)
+    freqs = rfft_frequencies(image_shape, device=device, dtype=torch.float64)
+    n = max(image_shape)
+    r = torch.sqrt(sum((k * (n / size)) ** 2 for k, size in zip(freqs, image_shape, strict=True)))
     return torch.floor(r + 0.5).to(torch.int64)
 
 
@@ -151,11 +168,12 @@ def duplicate_half_column(
 
 
 def radial_average(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> torch.Tensor:
-    """Mean of ``values`` (``(..., h, w')``) per shell index ``shells`` (``(h, w')``), shells >= n dropped.
+    """Mean of ``values`` (``(..., h, w')``, or ``(..., n, n, n')``) per shell index ``shells``
+    (the trailing shape of ``values``), shells >= n dropped.
 
     Returns ``(..., n_shells)``; empty shells give 0.
     """
-    flat = values.reshape(*values.shape[:-2], -1)
+    flat = values.reshape(*values.shape[: values.ndim - shells.ndim], -1)
     s = shells.reshape(-1)
     keep = s < n_shells
     flat = flat[..., keep]
@@ -184,26 +202,14 @@ def frc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def fsc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Fourier shell correlation of real volumes ``a`` and ``b`` (``(..., n, n, n)``), shells
-    ``ROUND(|k|)`` = 0..n/2, over the half grid (as :func:`frc`)."""
+    0..n/2 (as :func:`frc`)."""
     n = a.shape[-1]
-    dims = (-3, -2, -1)
-    fa = torch.fft.rfftn(torch.fft.ifftshift(a, dim=dims), dim=dims, norm="forward")
-    fb = torch.fft.rfftn(torch.fft.ifftshift(b, dim=dims), dim=dims, norm="forward")
-    f = torch.arange(n, device=a.device, dtype=torch.float64)
-    f = torch.where(f <= n // 2, f, f - n)
-    kx = torch.arange(n // 2 + 1, device=a.device, dtype=torch.float64)
-    kz, ky, kxx = torch.meshgrid(f, f, kx, indexing="ij")
-    shells = torch.floor(torch.sqrt(kz**2 + ky**2 + kxx**2) + 0.5).to(torch.int64).reshape(-1)
+    fa, fb = rfft3_centered(a), rfft3_centered(b)
+    shells = shell_index((n, n, n), device=a.device)
     nsh = n // 2 + 1
-    keep = shells < nsh
-
-    def per_shell(v: torch.Tensor) -> torch.Tensor:
-        flat = v.reshape(*v.shape[:-3], -1)[..., keep]
-        out = flat.new_zeros((*flat.shape[:-1], nsh))
-        return out.index_add_(-1, shells[keep], flat)
-
-    cross = per_shell((fa * fb.conj()).real)
-    pa, pb = per_shell(fa.abs() ** 2), per_shell(fb.abs() ** 2)
+    cross = radial_average((fa * fb.conj()).real, shells, nsh)
+    pa = radial_average(fa.abs() ** 2, shells, nsh)
+    pb = radial_average(fb.abs() ** 2, shells, nsh)
     return cross / torch.sqrt(pa * pb).clamp(min=torch.finfo(pa.dtype).tiny)
 
 

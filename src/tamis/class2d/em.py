@@ -25,6 +25,7 @@ from tamis._progress import progress_bar
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
 from tamis.class2d.files import (
+    ContinueState,
     IterationFiles,
     continued_options,
     read_continue,
@@ -36,7 +37,7 @@ from tamis.class2d.fourier2d import (
     reference_grids,
     relion_round,
 )
-from tamis.class2d.init import initial_sigma2_and_references
+from tamis.class2d.init import initial_sigma2_and_references, random_psi
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
@@ -392,7 +393,12 @@ class Class2DRun:
         )
         self.cls = data["rlnClassNumber"].to_numpy(np.int64) - 1
         self.norm = data["rlnNormCorrection"].to_numpy(float).copy()
+        self.restore(cont, data)
         self.log(f"continuing from iteration {cont.iteration} ({optimiser})")
+
+    def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
+        """What a subclass keeps beyond the 2D EM state, from the continued files (read once by
+        :meth:`load_continue`). Nothing here."""
 
     # ---- one iteration -----------------------------------------------------------------------
 
@@ -660,9 +666,8 @@ class Class2DRun:
         )
         return data, full_power
 
-    def random_orientation(self, rng: np.random.Generator) -> torch.Tensor:
-        """A random orientation for the initial references (2D: psi ~ U[0, 360))."""
-        return torch.tensor(rng.uniform(0.0, 360.0), dtype=torch.float64)
+    #: A random orientation for the initial references from a generator (2D: a psi).
+    random_orientation = staticmethod(random_psi)
 
     def reference_spectrum(self, refs: torch.Tensor) -> torch.Tensor:
         """Per-shell mean ``|F|²`` of the references ``(K, nsh)`` (RELION's getSpectrum)."""

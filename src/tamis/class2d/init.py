@@ -20,30 +20,41 @@ import torch
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, relion_round
 from tamis.class2d.mstep import fill_low_shells
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
-from tamis.fourier import irfft2_centered, radial_average, rfft2_centered, shell_index
+from tamis.fourier import (
+    irfft2_centered,
+    irfft3_centered,
+    radial_average,
+    rfft2_centered,
+    rfft3_centered,
+    rfft_frequencies,
+    shell_index,
+)
 from tamis.masks import soft_mask_outside
 
-__all__ = ["initial_sigma2_and_references", "low_pass", "gaussian_blobs", "gaussian_blobs_3d"]
+__all__ = [
+    "initial_sigma2_and_references",
+    "low_pass",
+    "gaussian_blobs",
+    "gaussian_blobs_3d",
+    "random_psi",
+]
 
 
 def low_pass(images: torch.Tensor, shell: float, ndim: int = 2) -> torch.Tensor:
     """Raised-cosine low-pass: 1 below ``shell - 1``, 0 above ``shell + 1`` (Fourier pixels), of
     images ``(..., N, N)`` (volumes ``(..., N, N, N)`` with ``ndim=3``)."""
     n = images.shape[-1]
-    full = torch.fft.fftfreq(n, 1.0 / n, device=images.device, dtype=torch.float64)
-    half = torch.arange(n // 2 + 1, device=images.device, dtype=torch.float64)
-    axes = torch.meshgrid(*([full] * (ndim - 1) + [half]), indexing="ij")
-    r = torch.sqrt(sum(a * a for a in axes))
+    freqs = rfft_frequencies((n,) * ndim, device=images.device, dtype=torch.float64)
+    r = torch.sqrt(sum(k * k for k in freqs))
     f = 0.5 + 0.5 * torch.cos(torch.pi * (r - (shell - 1)) / 2.0)
     f = torch.where(r < shell - 1, torch.ones_like(f), f)
     f = torch.where(r > shell + 1, torch.zeros_like(f), f)
     if ndim == 2:
-        spec = rfft2_centered(images.to(torch.float64)) * f
-        return irfft2_centered(spec, (n, n)).to(images.dtype)
-    dims = tuple(range(-ndim, 0))
-    spec = torch.fft.rfftn(torch.fft.ifftshift(images.to(torch.float64), dim=dims), dim=dims)
-    out = torch.fft.irfftn(spec * f, s=(n,) * ndim, dim=dims)
-    return torch.fft.fftshift(out, dim=dims).to(images.dtype)
+        return irfft2_centered(rfft2_centered(images.to(torch.float64)) * f, (n, n)).to(
+            images.dtype
+        )
+    spec = rfft3_centered(images.to(torch.float64)) * f
+    return irfft3_centered(spec, (n, n, n)).to(images.dtype)
 
 
 def gaussian_blobs(
@@ -89,7 +100,8 @@ def gaussian_blobs_3d(
     return torch.from_numpy(out).to(reference)
 
 
-def _random_psi(rng: np.random.Generator) -> torch.Tensor:
+def random_psi(rng: np.random.Generator) -> torch.Tensor:
+    """RELION's random psi ~ U[0, 360) for the initial references."""
     return torch.tensor(rng.uniform(0.0, 360.0), dtype=torch.float64)
 
 
@@ -106,7 +118,7 @@ def initial_sigma2_and_references(
     pad: int = 2,
     device: torch.device | str = "cpu",
     space: ReferenceSpace | None = None,
-    random_orientation=_random_psi,
+    random_orientation=random_psi,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Compute (sigma2 ``(n_optics, N/2+1)``, references ``(K, N, N)`` (volumes ``(K, N, N, N)``
     in a 3D ``space``), number of particles used).

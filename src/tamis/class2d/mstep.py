@@ -635,10 +635,9 @@ def center_classes(refs: torch.Tensor, max_shift_px: float) -> torch.Tensor:
     return shift_classes(refs, class_centres(refs, max_shift_px))
 
 
-def flatten_solvent(
-    refs: torch.Tensor, radius_px: float, width: float = 5.0, ndim: int = 2
-) -> torch.Tensor:
+def flatten_solvent(refs: torch.Tensor, radius_px: float, width: float = 5.0) -> torch.Tensor:
     """Multiply by RELION's solvent mask (1 inside, cosine edge to 0 outside the diameter);
-    ``refs`` ``(K, N, N)``, or ``(K, N, N, N)`` maps with ``ndim=3``."""
+    ``refs`` ``(K, N, N)`` images or ``(K, N, N, N)`` maps."""
+    ndim = refs.ndim - 1
     mask = solvent_mask(refs.shape[-1], radius_px, width, device=refs.device, ndim=ndim)
     return refs * mask.to(refs.dtype)

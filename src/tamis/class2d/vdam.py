@@ -18,10 +18,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from tamis.class2d import mstep
 from tamis.class2d.em import Class2DRun
+from tamis.class2d.files import ContinueState
 from tamis.class2d.fourier2d import (
     grid_shells,
     padded_to_real,
@@ -419,11 +421,9 @@ class VdamRun(Class2DRun):
         n1, n2 = self._moment_files(files)
         return {"rlnGradMoment1": n1[:k], "rlnGradMoment2": n2}
 
-    def load_continue(self, optimiser: str | Path) -> None:
-        super().load_continue(optimiser)
-        from tamis.class2d.files import read_continue
-
-        cont = read_continue(optimiser)
+    def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
+        """The gradient moments of the continued iteration."""
+        super().restore(cont, data)
         k = self.options.K
         m = self.options.pad * self.box
         nd = self.space.ndim
@@ -454,7 +454,7 @@ class VdamRun(Class2DRun):
         want = (2 * k,) + (m,) * (nd - 1) + (2 * (m // 2 + 1),)
         if m1.shape != want or m2.shape[0] != k:
             raise InputFileError(
-                optimiser,
+                self.iteration_files(cont.iteration).optimiser,
                 f"moments of shape {m1.shape} do not fit {k} classes of box {self.box}",
             )
         self.moments = Moments(

@@ -24,11 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tamis.class2d import mstep
 from tamis.class2d.em import Class2DResult, run_class2d
+from tamis.class2d.files import ContinueState
 from tamis.class2d.state import Class2DOptions
 from tamis.class2d.vdam import VdamRun
 from tamis.errors import TamisError
+from tamis.fourier import radial_average, rfft3_centered, shell_index
 from tamis.geometry import euler_to_matrix, matrix_to_euler
 from tamis.io.particles import ParticleSet
 from tamis.padded_grid import transform_scale
@@ -68,6 +69,8 @@ class InitialModelRun(VdamRun):
     def __init__(self, particles: ParticleSet, options: InitialModelOptions, root: str, **kw):
         if len(particles) == 0:
             raise TamisError(f"{particles.source or 'particles'}: no particles")
+        if options.center_classes:
+            raise TamisError("--center_classes is for 2D classes; the initial model is not centred")
         if options.K > len(particles):
             raise TamisError(f"--K {options.K}: more classes than particles ({len(particles)})")
         super().__init__(particles, options, root, **kw)
@@ -102,19 +105,8 @@ class InitialModelRun(VdamRun):
         """Per-shell mean ``|F|²`` of volumes ``(K, N, N, N)`` on RELION's 3D scale (a central
         section is an image transform)."""
         n = refs.shape[-1]
-        dims = (-3, -2, -1)
-        f = torch.fft.rfftn(torch.fft.ifftshift(refs, dim=dims), dim=dims, norm="forward")
-        f = f * transform_scale(n, 1, 3)
-        k = torch.fft.fftfreq(n, 1.0 / n, device=refs.device, dtype=torch.float64)
-        kx = torch.arange(n // 2 + 1, device=refs.device, dtype=torch.float64)
-        kz, ky, kxx = torch.meshgrid(k, k, kx, indexing="ij")
-        shells = torch.floor(torch.sqrt(kz**2 + ky**2 + kxx**2) + 0.5).to(torch.int64).reshape(-1)
-        keep = shells < self.nsh
-        power = (f.abs() ** 2).reshape(refs.shape[0], -1)[:, keep].to(torch.float64)
-        sums = torch.zeros((refs.shape[0], self.nsh), dtype=torch.float64, device=refs.device)
-        sums.index_add_(1, shells[keep], power)
-        counts = torch.bincount(shells[keep], minlength=self.nsh).to(torch.float64)
-        return sums / counts.clamp(min=1)
+        power = (rfft3_centered(refs) * transform_scale(n, 1, 3)).abs() ** 2
+        return radial_average(power, shell_index((n, n, n), device=refs.device), self.nsh)
 
     def orientation_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         smp, dev = self.sampling, self.device
@@ -143,30 +135,15 @@ class InitialModelRun(VdamRun):
     def estimates_accuracy(self, it: int) -> bool:
         return False
 
-    def post_process(self, it: int = 0) -> torch.Tensor:
-        """RELION's ``solventFlatten`` for the initial model: a sphere of the mask diameter with
-        a raised-cosine edge to zero, every iteration; then the resolution."""
-        o, st = self.options, self.state
-        assert st is not None
-        unmasked = st.refs.clone()
-        if o.flatten_solvent:
-            st.refs = mstep.flatten_solvent(st.refs, self.radius_px, o.maskedge, ndim=3)
-        st.maxres = mstep.current_resolution_shell(st.data_vs_prior, st.pdf_class, o.minres_map)
-        return unmasked
-
     def particle_table(self) -> pd.DataFrame:
         table = super().particle_table()
         table["rlnAngleRot"] = self.rot
         table["rlnAngleTilt"] = self.tilt
         return table
 
-    def load_continue(self, optimiser: str | Path) -> None:
-        super().load_continue(optimiser)
-        from tamis.class2d.files import read_continue
-        from tamis.io.star import read_data_star
-
-        cont = read_continue(optimiser)
-        data = read_data_star(cont.data_path, "particles").table
+    def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
+        """The moments (VDAM's), the first two Euler angles and the HEALPix order."""
+        super().restore(cont, data)
         self.rot = data["rlnAngleRot"].to_numpy(float).copy()
         self.tilt = data["rlnAngleTilt"].to_numpy(float).copy()
         order = cont.sampling.get("rlnHealpixOrder")
@@ -199,7 +176,7 @@ def run_initial_model(
     (``<job>/run``), then ``relion_align_symmetry --select_largest_class`` into
     ``<job>/initial_model.mrc`` (aligned to ``initial_model_sym`` and symmetrised when that is
     not C1; in C1 the largest class is copied)."""
-    from tamis.refine.align_symmetry import align_symmetry_file, select_class_map
+    from tamis.refine.align_symmetry import align_symmetry_file
     from tamis.symmetry import canonical_symmetry
 
     if not options.grad:
@@ -219,11 +196,10 @@ def run_initial_model(
     )
     # the job directory: where the run wrote its files (on --continue the root comes from there)
     out = Path(result.optimiser).parent / "initial_model.mrc"
-    chosen = select_class_map(result.model, "largest")
     sym = initial_model_sym or "C1"
     aligned = align_symmetry_file(result.model, out, sym, select="largest", apply_sym=True)
     score = None if canonical_symmetry(sym) == "C1" else aligned.score
-    k = int(str(chosen.stem).rsplit("class", 1)[-1])
+    k = int(np.argmax(result.class_fractions)) + 1  # the class align_symmetry took
     if score is not None:
         log(f"{sym} axes found in class {k}: {100 * score:.1f}% of its power unsymmetric")
     return InitialModelResult(run=result, initial_model=out, chosen_class=k, symmetry_score=score)

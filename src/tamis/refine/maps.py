@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tamis.fourier import irfft3_centered, rfft_frequencies
 from tamis.padded_grid import interpolate, reference_grids
 
 __all__ = [
@@ -42,10 +43,7 @@ class HalfGrid:
 
     @classmethod
     def create(cls, box: int, r_max: float, device=None) -> HalfGrid:
-        f = torch.arange(box, device=device, dtype=torch.float64)
-        f = torch.where(f <= box // 2, f, f - box)
-        kx = torch.arange(box // 2 + 1, device=device, dtype=torch.float64)
-        kz, ky, kxx = torch.meshgrid(f, f, kx, indexing="ij")
+        kz, ky, kxx = rfft_frequencies((box, box, box), device=device, dtype=torch.float64)
         keep = (kz**2 + ky**2 + kxx**2 <= r_max * r_max).reshape(-1)
         index = torch.nonzero(keep).squeeze(1)
         k = torch.stack([kxx.reshape(-1), ky.reshape(-1), kz.reshape(-1)], 1)[index]
@@ -62,9 +60,7 @@ class HalfGrid:
             lead + (n * n * (n // 2 + 1),), dtype=torch.complex128, device=values.device
         )
         half[..., self.index] = values.to(torch.complex128) / n
-        half = half.reshape(lead + (n, n, n // 2 + 1))
-        vol = torch.fft.irfftn(half, s=(n, n, n), dim=(-3, -2, -1), norm="forward")
-        return torch.fft.fftshift(vol, dim=(-3, -2, -1))
+        return irfft3_centered(half.reshape(lead + (n, n, n // 2 + 1)), (n, n, n))
 
 
 def map_grid(volume: torch.Tensor, *, pad: int = 2) -> torch.Tensor:
