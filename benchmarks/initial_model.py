@@ -1,7 +1,8 @@
 """De novo 3D initial model on simulated particles, judged against the truth.
 
 ``.venv/bin/python benchmarks/initial_model.py --work DIR [--structure asym|c4] [--n 5000]
-[--seed 1] [--iter 200] [--K 3] [--j 2] [--relion PATH/relion_refine] [--relion_iters N]``
+[--seed 1] [--iter 200] [--K 3] [--j 2] [--device cpu|cuda] [--relion PATH/relion_refine]
+[--relion_iters N]``
 
 Data: ``--n`` particles of 64 px at 4 A/px, SNR 0.05, 10% junk (ice, carbon edges, aggregates,
 empty boxes), defocus 0.8-2.5 um, from one structure: ``asym``, the hard 2D recipe's
@@ -157,6 +158,7 @@ def main() -> None:
     ap.add_argument("--iter", type=int, default=200)
     ap.add_argument("--K", type=int, default=3)
     ap.add_argument("--j", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     ap.add_argument("--relion", default="")
     ap.add_argument("--relion_iters", type=int, default=20)
     ap.add_argument("--skip_tamis", action="store_true")
@@ -180,7 +182,7 @@ def main() -> None:
         res = run_initial_model(
             str(star), str(work / "InitialModel" / "run"),
             InitialModelOptions(K=args.K, iter=args.iter, particle_diameter=DIAMETER, j=args.j,
-                                random_seed=args.seed),
+                                random_seed=args.seed, device=args.device),
             initial_model_sym=sym, log=lambda s: (lines.append(s), print(s, flush=True)),
         )  # fmt: skip
         report["tamis_seconds"] = time.perf_counter() - t0
