@@ -398,14 +398,13 @@ def test_pseudo_half_sets_split_the_em_sums_by_row_parity(sim):
     b.initialise()
     step = b.expectation_step(1, rows, halves=False)
     k = 4
-    sh, s = step_h.sums, step.sums
-    assert sh.fimg.shape[0] == 2 * k and s.fimg.shape[0] == k
-    assert torch.allclose(sh.fimg[:k] + sh.fimg[k:], s.fimg, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(sh.fweight[:k] + sh.fweight[k:], s.fweight, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(sh.pdf_class, s.pdf_class)
+    # the splatted weights (the E-step hands over padded grids, 2K of them with half-sets)
+    assert step_h.w.shape[0] == 2 * k and step.w.shape[0] == k
+    assert torch.allclose(step_h.w[:k] + step_h.w[k:], step.w, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(step_h.sums.pdf_class, step.sums.pdf_class)
     # odd rows (RELION's part_id % 2 == 1) only in the second half-set
-    odd = _vdam_run(sim).expectation_step(1, np.arange(1, 200, 2), halves=True).sums
-    assert float(odd.fweight[:k].sum()) == 0.0 and float(odd.fweight[k:].sum()) > 0
+    odd = _vdam_run(sim).expectation_step(1, np.arange(1, 200, 2), halves=True)
+    assert float(odd.w[:k].sum()) == 0.0 and float(odd.w[k:].sum()) > 0
 
 
 def test_inactive_class_replaced_by_the_class_with_largest_gradient(sim):

@@ -121,3 +121,81 @@ def test_cli_runs_the_initial_model_job(particles: Path, tmp_path: Path):
     assert (out / "RELION_JOB_EXIT_SUCCESS").is_file()
     vol, _ = read_mrc(out / "initial_model.mrc")
     assert vol.shape == (BOX, BOX, BOX) and np.isfinite(vol).all()
+
+
+def _run3d(particles: Path, tmp_path: Path, **kw):
+    from tamis.io.particles import ParticleSet
+    from tamis.refine.initial_model import InitialModelRun
+
+    ps = ParticleSet.from_file(particles / "particles.star")
+    run = InitialModelRun(ps, _options(**kw), str(tmp_path / "run"), log=lambda s: None)
+    run.initialise()
+    return run
+
+
+def test_fine_projections_on_demand_give_the_same_e_step(particles, tmp_path, monkeypatch):
+    """With a work budget too small for every fine orientation's projections and sums, the
+    E-step projects only the children of the coarse orientations a batch needs and splats batch
+    by batch: the same grids and assignments as with everything in memory."""
+    from tamis.class2d.em import Class2DRun
+
+    rows = np.arange(0, 120)
+    full = _run3d(particles, tmp_path / "a").expectation_step(1, rows, halves=True)
+    run = _run3d(particles, tmp_path / "b")
+    monkeypatch.setattr(Class2DRun, "_work_budget", lambda self: 1 << 16)
+    streamed = run.expectation_step(1, rows, halves=True)
+    ref = _run3d(particles, tmp_path / "c")
+    ref.expectation_step(1, rows, halves=True)
+    assert streamed.streamed and not full.streamed
+    for a, b in ((streamed.d, full.d), (streamed.w, full.w)):
+        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+    assert torch.allclose(streamed.sums.pdf_class, full.sums.pdf_class)
+    assert np.array_equal(run.cls[rows], ref.cls[rows])
+    assert np.allclose(run.angles_of(rows), ref.angles_of(rows))
+
+
+def test_turned_orientations_turn_by_the_asked_angle(particles, tmp_path):
+    """The 3D accuracy estimate's turns (rot, tilt or psi by turn, per particle) are rotations
+    by about that angle (rot and psi exactly; tilt exactly too, being a rotation about y)."""
+    run = _run3d(particles, tmp_path)
+    angles = np.array([[10.0, 40.0, 70.0], [200.0, 100.0, 300.0], [50.0, 130.0, 20.0]])
+    turns = torch.tensor([1.0, 5.0], dtype=torch.float64)
+    first, moved = run.turned_orientations(angles, turns)
+    moved = moved.reshape(3, 2, 3, 3)
+    for i in range(3):
+        for j in range(2):
+            r = first[i].T @ moved[i, j]
+            cos = (torch.trace(r) - 1) / 2
+            angle = float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))
+            assert angle == pytest.approx(float(turns[j]), abs=1e-6)
+
+
+def test_auto_sampling_refines_when_resolution_stalls(particles, tmp_path):
+    """At iteration 10, after an iteration without resolution gain and with the fine step
+    coarser than 75% of the accuracy, the HEALPix order goes up one and the translations follow
+    RELION's rules; never to the local-search order; not when the accuracy says fine enough."""
+    run = _run3d(particles, tmp_path)
+    st = run.state
+    smp = run.sampling
+    assert smp.healpix_order == 1
+    st.acc_rot = torch.tensor([4.0, 999.0], dtype=torch.float64)
+    st.acc_trans = torch.tensor([2.0, 999.0], dtype=torch.float64)  # Angstrom
+    run._offset_change = 1.0  # RMS offset change, Angstrom
+    for it in (8, 9):
+        run._update_sampling(it)
+    run._update_sampling(10)  # maxres unchanged since 9: one iteration without gain
+    assert smp.healpix_order == 2 and smp.psi_step == pytest.approx(15.0)
+    # RELION: step min(1.5, 0.75 * 2) * 2**os = 3 A; range min(1.3 * 30, 5 * 1) = 5 A >= 4.5 A
+    assert smp.offset_step * run.pixel == pytest.approx(3.0)
+    assert smp.offset_range * run.pixel == pytest.approx(5.0)
+    for it in range(11, 21):
+        run._update_sampling(it)
+    assert smp.healpix_order == 3  # 7.5 deg fine still above 0.75 * 4 deg
+    for it in range(21, 31):
+        run._update_sampling(it)
+    assert smp.healpix_order == 3  # 4 is the local-search order: VDAM stops at 3
+    fine = _run3d(particles, tmp_path / "fine")
+    fine.state.acc_rot = torch.tensor([30.0], dtype=torch.float64)  # 15 deg < 0.75 * 30
+    for it in range(2, 11):
+        fine._update_sampling(it)
+    assert fine.sampling.healpix_order == 1

@@ -1,7 +1,8 @@
-"""Expected alignment accuracy per class (RELION's ``calculateExpectedAngularErrors`` for 2D).
+"""Expected alignment accuracy per class (RELION's ``calculateExpectedAngularErrors``).
 
-For a few particles (their CTF and noise) and each class with at least 1% of the particles: the
-smallest in-plane rotation, and the smallest shift, of the class's projection at which
+For a few particles (their CTF and noise; 10 in 2D, 100 in 3D) and each class with at least 1%
+of the particles: the smallest rotation (2D: of psi; 3D: of rot, tilt or psi, one per particle),
+and the smallest shift, of the class's projection at which
 ``sum_k |CTF (F1 - F2)|² / (2 sigma²)`` over shells >= 1 exceeds ``-ln 0.01 = 4.60517``. Rotations
 are searched from 0.05 to 30 degrees, shifts from 0.1 to 10 pixels (x and y averaged; RELION
 picks one at random); when nothing reaches the threshold RELION's 35 degrees / 12 pixels are
@@ -12,10 +13,12 @@ reported; classes below 1% get 999, as in RELION. Results feed ``rlnAccuracyRota
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from tamis.class2d.fourier2d import FourierWindow, project
+from tamis.class2d.fourier2d import FourierWindow
+from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 
 __all__ = ["expected_accuracy"]
 
@@ -28,14 +31,18 @@ def expected_accuracy(
     window: FourierWindow,
     ctf: torch.Tensor,
     sigma2: torch.Tensor,
-    psi: torch.Tensor,
+    turned: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
     *,
+    space: ReferenceSpace | None = None,
     pad: int = 2,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rotation accuracy in degrees, translation accuracy in pixels), each ``(K,)``.
 
-    ``ctf``, ``sigma2``: ``(P, C)`` on the window for the particles used; ``psi``: their angles.
+    ``ctf``, ``sigma2``: ``(P, C)`` on the window for the particles used; ``turned(turns)``
+    gives their orientations ``(P, ...)`` and those turned by each of ``turns`` (degrees)
+    ``(P * A, ...)``, projected by ``space`` (default: 2D, orientations are psi).
     """
+    space = InPlaneSpace() if space is None else space
     k = grids.shape[0]
     dev = grids.device
     angles = torch.logspace(math.log10(0.05), math.log10(30.0), 60, device=dev, dtype=torch.float64)
@@ -52,9 +59,10 @@ def expected_accuracy(
         if pdf_class[c] < 0.01:
             continue
         g = grids[c : c + 1]
-        f1 = project(g, psi.to(torch.float64), window, pad=pad)[0].to(torch.complex128)  # (P, C)
-        f2 = project(g, (psi[:, None] + angles[None]).reshape(-1), window, pad=pad)[0]
-        f2 = f2.reshape(len(psi), len(angles), -1).to(torch.complex128)
+        first, moved = turned(angles)
+        f1 = space.project(g, first, window, pad)[0].to(torch.complex128)  # (P, C)
+        f2 = space.project(g, moved, window, pad)[0]
+        f2 = f2.reshape(len(f1), len(angles), -1).to(torch.complex128)
         e_rot = ((f1[:, None] - f2).abs() ** 2 * c2w[:, None]).sum(-1)  # (P, A)
         rot[c] = _first_above(e_rot, angles, 35.0).mean()
         p1 = f1.abs() ** 2 * c2w  # (P, C)

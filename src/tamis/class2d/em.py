@@ -10,6 +10,7 @@ back-rotate and reconstruct (:mod:`tamis.class2d.fourier2d`), update the other p
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -54,6 +55,7 @@ from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.star import read_data_star
 from tamis.masks import radius_map, soft_mask_outside
+from tamis.padded_grid import GridSplat
 
 __all__ = ["Class2DResult", "run_class2d", "choose_device"]
 
@@ -101,15 +103,35 @@ class _Abort(Exception):
 class EStep:
     """What one E-step hands to the M-step."""
 
-    sums: WeightedSums
-    orientations: torch.Tensor  # fine orientations (2D: psi in degrees; 3D: rotations)
+    sums: WeightedSums  # fimg/fweight empty: the reconstruction sums are already in d, w
+    d: torch.Tensor  # (S, M, ..., M) padded grids of the run's reconstruction terms
+    w: torch.Tensor  # (S, M, ..., M) (symmetrised in 3D; S = K, or 2K with pseudo-halves)
     window: FourierWindow
     grids: torch.Tensor  # padded Fourier grids of the references used
     tau2: torch.Tensor  # (K, nsh) spectrum of those references
-    proj: torch.Tensor  # (K, P, C) their projections at the fine psi
     current_size: int
     changes: tuple[float, float, float]
     acc_inputs: tuple | None
+    streamed: bool = False  # fine projections made on demand, sums splatted batch by batch
+
+
+class _FineOnDemand:
+    """Fine projections made when the E-step knows which coarse orientations a batch needs:
+    called with those coarse indices ``(U,)``, projects every reference at their
+    ``n_over`` children each (``ids``, in the E-step's compact order) and keeps them."""
+
+    def __init__(self, space, grids, orientations, n_over: int, window, pad: int) -> None:
+        self.space, self.grids, self.orientations = space, grids, orientations
+        self.n_over, self.window, self.pad = n_over, window, pad
+        self.ids: torch.Tensor | None = None
+        self.proj: torch.Tensor | None = None
+
+    def __call__(self, coarse: torch.Tensor) -> torch.Tensor:
+        sub = torch.arange(self.n_over, device=coarse.device)
+        self.ids = (coarse[:, None] * self.n_over + sub[None]).reshape(-1)
+        orient = self.orientations[self.ids.to(self.orientations.device)]
+        self.proj = self.space.project(self.grids, orient, self.window, self.pad)
+        return self.proj
 
 
 class Class2DRun:
@@ -413,7 +435,7 @@ class Class2DRun:
             )
         elif o.oversampling > 0:
             rotated = self.sampling.psi_step / 360.0 * math.pi * self.diameter
-            coarse_res = rotated / 1.5
+            coarse_res = rotated / self.coarse_safety
             coarse = min(cs, 2 * math.ceil(self.pixel * self.box / coarse_res))
         else:
             coarse = cs
@@ -434,9 +456,8 @@ class Class2DRun:
         self.state = mstep.maximize(
             st,
             step.sums,
-            step.orientations,
-            step.window,
-            space=self.space,
+            step.d,
+            step.w,
             tau2=step.tau2,
             options=o,
             tau2_fudge=self.tau2_fudge_at(it),
@@ -457,14 +478,15 @@ class Class2DRun:
         self.state.iteration = it
         self.state.perturbation = self.sampling.perturbation
         if step.acc_inputs is not None and self.estimates_accuracy(it):
-            ctf10, sig10, psi10 = step.acc_inputs
+            ctf10, sig10, angles10 = step.acc_inputs
             rot, tr = expected_accuracy(
                 step.grids,
                 old.pdf_class,
                 step.window,
                 ctf10,
                 sig10,
-                torch.as_tensor(psi10, device=self.device),
+                lambda turns: self.turned_orientations(angles10, turns),
+                space=self.space,
                 pad=self.options.pad,
             )
             self.state.acc_rot = rot
@@ -505,8 +527,17 @@ class Class2DRun:
         psi_c, psi_f, n_over_orient = self.orientation_samples()
         oversampled = o.oversampling > 0
         space = self.space
+        k = st.n_classes
+        slots = 2 * k if halves else k
+        # Fine projections and per-orientation sums of every fine orientation, or (when they
+        # would not fit in half the work budget) only of the children of the coarse orientations
+        # that some particle of the batch needs, splatted batch by batch.
+        n_pf = psi_f.shape[0] if oversampled else psi_c.shape[0]
+        stream = oversampled and k * n_pf * len(window) * (8 + 24 * slots / k) > (
+            self._work_budget() // 2
+        )
         proj_c = space.project(grids, psi_c, cwin, o.pad)
-        proj_f = space.project(grids, psi_f, window, o.pad) if oversampled else None
+        proj_f = space.project(grids, psi_f, window, o.pad) if oversampled and not stream else None
         t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
         t_c0 = torch.as_tensor(smp.coarse_translations(perturbed=False), device=dev)
         t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
@@ -519,32 +550,33 @@ class Class2DRun:
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
         psi_fine_deg = psi_f if oversampled else psi_c
-        k = st.n_classes
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),
             torch.full_like(st.pdf_direction, -math.inf),
         )
-        n_pf = proj_f.shape[1]
         sums = WeightedSums.zeros(
             k,
-            n_pf,
+            0 if stream else n_pf,
             len(window),
             self.n_optics,
             self.nsh,
             len(self.groups),
             dev,
-            n_slots=2 * k if halves else k,
+            n_slots=slots,
         )
+        acc = GridSplat(slots, o.pad * self.box, space.ndim, dev)
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
-        bsize = self._batch_size(len(window), n_hyp, k * n_pf * len(t_f), len(t_f))
+        # streaming: a batch is assumed to need at most an eighth of the orientations
+        n_batch_pf = n_pf // 8 if stream else n_pf
+        bsize = self._batch_size(len(window), n_hyp, k * n_batch_pf * len(t_f), len(t_f))
         old_cls = self.cls[rows_all].copy()
         old_angles = self.angles_of(rows_all)
         old_origin = self.origin[rows_all].copy()
         max_sig = o.max_significants if max_significants is None else max_significants
         # rows (particle x translation) per M-step GEMM: a quarter of the budget
-        m_rows = max(256, self._work_budget() // 4 // (16 * len(window) + 4 * k * n_pf))
+        m_rows = max(256, self._work_budget() // 4 // (16 * len(window) + 4 * k * n_batch_pf))
         acc_inputs = None
         with progress_bar(len(rows_all), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
@@ -554,15 +586,21 @@ class Class2DRun:
                 rows = rows_all[start : start + len(batch.indices)]
                 start += len(rows)
                 data, full_power = self._prepare(batch.images, rows, window, it)
-                if acc_inputs is None:  # RELION uses the first 10 particles
-                    acc_inputs = (data.ctf[:10], data.sigma2[:10], self.psi[rows[:10]].copy())
+                if acc_inputs is None:  # RELION uses the first 10 (3D: 100) particles
+                    n_acc = self.accuracy_trials
+                    acc_inputs = (
+                        data.ctf[:n_acc],
+                        data.sigma2[:n_acc],
+                        self.angles_of(rows[:n_acc]),
+                    )
                 off_px = data.offset_px
                 lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
+                fine = _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
                 t_e = time.perf_counter()
                 hyp = expectation(
                     data,
                     proj_coarse=proj_c,
-                    proj_fine=proj_f,
+                    proj_fine=fine if stream else proj_f,
                     coarse_pixels=coarse_pixels,
                     estep_pixels=estep_pixels,
                     ramps_coarse=ramps_c,
@@ -576,11 +614,24 @@ class Class2DRun:
                 )
                 _add_seconds("estep_seconds", t_e, dev)
                 t_m = time.perf_counter()
+                if stream:
+                    target = dataclasses.replace(
+                        sums,
+                        fimg=torch.zeros(
+                            (slots,) + fine.proj.shape[1:], dtype=torch.complex128, device=dev
+                        ),
+                        fweight=torch.zeros(
+                            (slots,) + fine.proj.shape[1:], dtype=torch.float64, device=dev
+                        ),
+                    )
+                    batch_proj, batch_orient = fine.proj, psi_f[fine.ids]
+                else:
+                    target, batch_proj, batch_orient = sums, proj_f, psi_fine_deg
                 new_norm = mstep.accumulate(
-                    sums,
+                    target,
                     data,
                     hyp,
-                    proj_f,
+                    batch_proj,
                     ramps_f,
                     window,
                     full_power=full_power,
@@ -597,10 +648,23 @@ class Class2DRun:
                     half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                     max_rows=m_rows,
                 )
+                if stream:  # everything but the reconstruction sums back; those into the grids
+                    for f in dataclasses.fields(sums):
+                        if f.name not in ("fimg", "fweight"):
+                            setattr(sums, f.name, getattr(target, f.name))
+                    dd, ww = self.reconstruction_terms(target.fimg, target.fweight, batch_proj)
+                    space.splat(acc, dd, ww, batch_orient, window, o.pad)
+                    del target, dd, ww
                 _add_seconds("mstep_seconds", t_m, dev)
-                self._store(rows, hyp, psi_fine_deg, t_f, off_px, new_norm)
-                del hyp  # the dense weights go before the next batch's are made
+                self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
+                del hyp, fine  # the dense weights go before the next batch's are made
                 bar.advance(len(rows))
+        if not stream:
+            dd, ww = self.reconstruction_terms(sums.fimg, sums.fweight, proj_f)
+            space.splat(acc, dd, ww, psi_fine_deg, window, o.pad)
+            del dd, ww
+            sums.fimg, sums.fweight = sums.fimg[:, :0], sums.fweight[:, :0]
+        d, w = space.finish(acc, cs / 2, o.pad)
         changes = (
             self.angle_change(rows_all, old_angles),
             float(np.mean(np.linalg.norm(self.origin[rows_all] - old_origin, axis=1))),
@@ -608,14 +672,15 @@ class Class2DRun:
         )
         return EStep(
             sums=sums,
-            orientations=psi_fine_deg,
+            d=d,
+            w=w,
             window=window,
             grids=grids,
             tau2=tau2,
-            proj=proj_f,
             current_size=cs,
             changes=changes,
             acc_inputs=acc_inputs,
+            streamed=stream,
         )
 
     def _prepare(
@@ -684,6 +749,26 @@ class Class2DRun:
     def angles_of(self, rows: np.ndarray) -> np.ndarray:
         """A copy of the particles' angles (2D: psi), to measure their change."""
         return self.psi[rows].copy()
+
+    #: Particles the accuracy estimates use (RELION: 10 in 2D, 100 in 3D).
+    accuracy_trials = 10
+    #: RELION's keep-safe factor of the coarse image size (2D references 1.5, 3D 1.2).
+    coarse_safety = 1.5
+
+    def turned_orientations(
+        self, angles: np.ndarray, turns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the accuracy estimates: the particles' orientations ``(P, ...)`` and the same
+        turned by each of ``turns`` degrees ``(P * A, ...)`` (2D: psi + turn)."""
+        psi = torch.as_tensor(angles, device=self.device, dtype=torch.float64)
+        return psi, (psi[:, None] + turns[None]).reshape(-1)
+
+    def reconstruction_terms(
+        self, fimg: torch.Tensor, fweight: torch.Tensor, proj: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What is splatted into the reconstruction grids from the per-orientation sums
+        ``(S, P, C)`` and the projections they were weighed against (EM: the sums)."""
+        return fimg, fweight
 
     def angle_change(self, rows: np.ndarray, old: np.ndarray) -> float:
         """Mean change of the particles' orientation since ``old`` (degrees)."""

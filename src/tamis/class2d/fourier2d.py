@@ -37,6 +37,7 @@ __all__ = [
     "grid_shells",
     "project",
     "back_rotate",
+    "splat_rotated",
     "grid_tau2",
     "reconstruct",
     "ssnr_arrays",
@@ -133,10 +134,22 @@ def back_rotate(
     ``data`` complex ``(K, P, C)``, ``weight`` real ``(K, P, C)``. Returns ``(D, W)``, each
     ``(K, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`).
     """
-    k = data.shape[0]
+    splat = GridSplat(data.shape[0], pad * window.box, 2, data.device)
+    splat_rotated(splat, data, weight, psi_deg, window, pad=pad)
+    return splat.grids()
+
+
+def splat_rotated(
+    splat: GridSplat,
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    psi_deg: torch.Tensor,
+    window: FourierWindow,
+    *,
+    pad: int = 2,
+) -> None:
+    """Add :func:`back_rotate`'s splat of ``data``/``weight`` ``(K, P, C)`` into ``splat``."""
     # RELION back-rotates only pixels within r_max = size // 2 (not the half shell beyond).
     disc = window.in_disc.to(data.device)
     qx, qy = _positions(psi_deg.to(data.device), window, pad)
-    splat = GridSplat(k, pad * window.box, 2, data.device)
     splat.add(torch.stack([qx, qy], dim=-1).reshape(-1, 2), data * disc, weight * disc)
-    return splat.grids()

@@ -19,7 +19,7 @@ import torch
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, relion_round
 from tamis.class2d.mstep import fill_low_shells
-from tamis.class2d.space import InPlaneSpace, ReferenceSpace
+from tamis.class2d.space import InPlaneSpace, ReferenceSpace, back
 from tamis.fourier import (
     irfft2_centered,
     irfft3_centered,
@@ -162,7 +162,7 @@ def initial_sigma2_and_references(
         for k in range(n_classes):
             sel = cls == k
             if sel.any():
-                dk, wk = space.back(x[sel][None], cw[sel][None], orient[sel], window, pad, cs0 / 2)
+                dk, wk = back(space, x[sel][None], cw[sel][None], orient[sel], window, pad, cs0 / 2)
                 d[k] += dk[0]
                 w[k] += wk[0]
     if total == 0:

@@ -21,6 +21,7 @@ float32; the per-particle constants and log-sums are float64.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -122,6 +123,10 @@ class Hypotheses:
     not significant. Per particle (B,): ``best_cls``, ``best_psi``, ``best_trans``, ``pmax``,
     ``n_significant`` (coarse samples), ``loglik``.
 
+    With fine projections made on demand, ``psi`` counts the fine children of the coarse
+    orientations ``coarse_subset`` ``(U,)`` only (fine ``j * n_over + a`` refines coarse
+    ``coarse_subset[j]``).
+
     Particles with broad posteriors come *dense* instead: ``dense`` ``(Bd, Tf, Ka * Pf)``
     float32 holds every fine weight of the classes ``active`` ``(Ka,)`` (row
     ``r = ka * Pf + psi``) for the batch rows ``dense_rows`` ``(Bd,)`` (``None``: every row, in
@@ -141,6 +146,7 @@ class Hypotheses:
     dense: torch.Tensor | None = None
     active: torch.Tensor | None = None
     dense_rows: torch.Tensor | None = None
+    coarse_subset: torch.Tensor | None = None
 
     def to_pairs(self) -> Hypotheses:
         """The same weights as (particle, class, psi) pairs with any non-zero weight."""
@@ -256,7 +262,7 @@ def expectation(
     data: BatchData,
     *,
     proj_coarse: torch.Tensor,
-    proj_fine: torch.Tensor,
+    proj_fine: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
     coarse_pixels: torch.Tensor,
     estep_pixels: torch.Tensor,
     ramps_coarse: torch.Tensor,
@@ -272,7 +278,10 @@ def expectation(
     """Run both E-step passes for one batch.
 
     ``proj_coarse`` ``(K, Pc, Cc)`` on ``coarse_pixels`` (positions in the window);
-    ``proj_fine`` ``(K, Pf, C)`` on the whole current-size window; ``estep_pixels`` are the
+    ``proj_fine`` ``(K, Pf, C)`` on the whole current-size window, or a function that makes
+    them for the coarse orientations ``(U,)`` that pass 0 found significant for any particle
+    (``(K, U * n_over_psi, C)``; the hypotheses then count fine orientations within those,
+    :attr:`Hypotheses.coarse_subset`); ``estep_pixels`` are the
     window positions the fine pass uses (all, or the coarse ones with ``--strict_highres_exp``).
     ``ramps_*`` are phase ramps ``(T, C*)`` of the perturbed translations;
     ``log_prior_offset`` ``(B, K, Tc)`` is evaluated at the unperturbed coarse translations.
@@ -286,7 +295,6 @@ def expectation(
     tc = ramps_coarse.shape[0]
     w2 = data.weight2
     ctf, x = data.ctf, data.x
-    dev = x.device
 
     # ---- pass 0: dense over active classes x coarse psi x coarse t ---------------------------
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
@@ -321,6 +329,37 @@ def expectation(
         p_i, p_k, p_psi = pairs[:, 0], active[pairs[:, 1]], pairs[:, 2]
         return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, coarse_pixels, b)
 
+    subset = None
+    if callable(proj_fine):
+        subset = torch.nonzero(sig.any(3).any(1).any(0)).squeeze(1)
+        proj_fine = proj_fine(subset)
+        sig = sig[:, :, subset]
+        pairs = torch.nonzero(sig.any(-1))
+    hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, proj_fine, estep_pixels,
+                     ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction, dense_pairs)  # fmt: skip
+    return hyp if subset is None else replace(hyp, coarse_subset=subset)
+
+
+def _fine_pass(
+    data: BatchData,
+    sig: torch.Tensor,
+    pairs: torch.Tensor,
+    active: torch.Tensor,
+    log_prior_offset: torch.Tensor,
+    n_sig: torch.Tensor,
+    proj_fine: torch.Tensor,
+    estep_pixels: torch.Tensor,
+    ramps_fine: torch.Tensor,
+    log_prior_class: torch.Tensor,
+    n_over_psi: int,
+    n_over_trans: int,
+    fraction: float,
+    dense_pairs: float | None,
+) -> Hypotheses:
+    """Pass 1 for every particle of the batch, each in its own layout (dense or pairs)."""
+    b = data.x.shape[0]
+    k = proj_fine.shape[0]
+    dev = data.x.device
     n_fine_psi = proj_fine.shape[1]
     dense_pairs = DENSE_PAIRS if dense_pairs is None else dense_pairs
     # Significance is per particle, so each particle takes its own layout: broad posteriors

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import BatchData, Hypotheses, count_gemm, real_rows
-from tamis.class2d.space import ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -485,10 +484,9 @@ def _accumulate_dense(
 def maximize(
     st: ModelState,
     sums: WeightedSums,
-    orientations: torch.Tensor,
-    window: FourierWindow,
+    d: torch.Tensor,
+    w: torch.Tensor,
     *,
-    space: ReferenceSpace,
     tau2: torch.Tensor,
     options: Class2DOptions,
     tau2_fudge: float,
@@ -497,14 +495,11 @@ def maximize(
     do_scale: bool,
     n_particles: int,
 ) -> ModelState:
-    """EM M-step: reconstruct the classes and update every other model parameter (mu = 0).
-
-    ``space`` splats the per-orientation sums into padded grids (2D: back-rotation over
-    ``orientations`` = psi; 3D: back-projection and symmetrisation)."""
+    """EM M-step: reconstruct the classes from the E-step's padded grids ``d``, ``w`` and
+    update every other model parameter (mu = 0)."""
     o = options
     box = st.box
     r_max = current_size / 2
-    d, w = space.back(sums.fimg, sums.fweight, orientations, window, o.pad, r_max)
     refs = reconstruct(
         d,
         w,

@@ -6,6 +6,10 @@ per-orientation sums back into padded Fourier grids.
 The 3D engine's :class:`tamis.refine.space.VolumeSpace` has the same methods over volumes and
 rotation matrices (with point-group symmetrisation after the splat). Everything else (grids,
 reconstruction, SSNR, VDAM's moments) works on either through :mod:`tamis.padded_grid`.
+
+The splat is linear, so sums can be splatted once (:meth:`back`) or batch by batch into one
+:class:`~tamis.padded_grid.GridSplat` (:meth:`splat`, then :meth:`finish`) when the
+per-orientation sums of every orientation would not fit in memory.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Protocol
 
 import torch
 
-from tamis.class2d.fourier2d import FourierWindow, back_rotate, project
+from tamis.class2d.fourier2d import FourierWindow, project, splat_rotated
+from tamis.padded_grid import GridSplat
 
 __all__ = ["ReferenceSpace", "InPlaneSpace"]
 
@@ -28,17 +33,36 @@ class ReferenceSpace(Protocol):
         """``(K, P, C)`` projections of every reference at every orientation."""
         ...
 
-    def back(
+    def splat(
         self,
+        acc: GridSplat,
         data: torch.Tensor,
         weight: torch.Tensor,
         orientations: torch.Tensor,
         window: FourierWindow,
         pad: int,
-        r_max: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-(reference, orientation) sums ``(K, P, C)`` -> padded grids ``(D, W)``."""
+    ) -> None:
+        """Add per-(reference, orientation) sums ``(K, P, C)`` into ``acc``."""
         ...
+
+    def finish(self, acc: GridSplat, r_max: float, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The padded grids ``(D, W)`` of everything splatted into ``acc``."""
+        ...
+
+
+def back(
+    space: ReferenceSpace,
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    orientations: torch.Tensor,
+    window: FourierWindow,
+    pad: int,
+    r_max: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(reference, orientation) sums ``(K, P, C)`` -> padded grids ``(D, W)`` in one go."""
+    acc = GridSplat(data.shape[0], pad * window.box, space.ndim, data.device)
+    space.splat(acc, data, weight, orientations, window, pad)
+    return space.finish(acc, r_max, pad)
 
 
 class InPlaneSpace:
@@ -51,13 +75,16 @@ class InPlaneSpace:
     ) -> torch.Tensor:
         return project(grids, orientations, window, pad=pad)
 
-    def back(
+    def splat(
         self,
+        acc: GridSplat,
         data: torch.Tensor,
         weight: torch.Tensor,
         orientations: torch.Tensor,
         window: FourierWindow,
         pad: int,
-        r_max: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return back_rotate(data, weight, orientations, window, pad=pad)
+    ) -> None:
+        splat_rotated(acc, data, weight, orientations, window, pad=pad)
+
+    def finish(self, acc: GridSplat, r_max: float, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return acc.grids()

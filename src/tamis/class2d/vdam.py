@@ -265,6 +265,14 @@ class VdamRun(Class2DRun):
         perm = np.random.default_rng([self.seed, it, 31]).permutation(self.n)
         return np.sort(perm[:size])
 
+    def reconstruction_terms(
+        self, fimg: torch.Tensor, fweight: torch.Tensor, proj: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """VDAM splats the residual ``fimg - fweight P`` (the gradient's data term), each
+        pseudo-half against the same projections."""
+        p = proj.to(torch.complex128)
+        return fimg - fweight * torch.cat([p, p]), fweight
+
     def iterate(
         self, it: int, *, abort: Callable[[], bool] | None = None
     ) -> tuple[float, float, float]:
@@ -279,9 +287,7 @@ class VdamRun(Class2DRun):
         t_fudge = self.tau2_fudge_at(it)
         r_max = step.current_size / 2
         sums = step.sums
-        proj = step.proj.to(torch.complex128)
-        resid = sums.fimg - sums.fweight * torch.cat([proj, proj])
-        d, w = self.space.back(resid, sums.fweight, step.orientations, step.window, o.pad, r_max)
+        d, w = step.d, step.w
         update = (st.pdf_class > 0) & (w[:k].flatten(1).sum(1) > MIN_WEIGHT_SUM)
         u, noise = update_moments(
             self.moments, d, w, update=update, r_max=r_max, pad=o.pad, n_shells=self.nsh

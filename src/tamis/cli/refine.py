@@ -61,7 +61,9 @@ def refine(
     grad_fin_frac: float = typer.Option(0.2, "--grad_fin_frac", help="VDAM: final phase."),
     grad_write_iter: int = typer.Option(10, "--grad_write_iter", help="VDAM: write every N."),
     auto_sampling: bool = typer.Option(
-        False, "--auto_sampling", help="Accepted; the sampling stays at --healpix_order for now."
+        False,
+        "--auto_sampling",
+        help="Finer angular and translational sampling as the accuracy allows (the InitialModel job's).",
     ),
     cont: Path = typer.Option(
         None, "--continue", help="Continue from run_itNNN_optimiser.star (--iter is the total)."
@@ -93,6 +95,7 @@ def refine(
         iter=iter,
         sym=sym,
         healpix_order=healpix_order,
+        auto_sampling=auto_sampling,
         oversampling=oversampling,
         offset_range=offset_range,
         offset_step=offset_step,

@@ -25,7 +25,7 @@ from tamis.padded_grid import (
     with_periodic_edge,
 )
 
-__all__ = ["section_positions", "project", "back_project", "symmetrise"]
+__all__ = ["section_positions", "project", "back_project", "splat_sections", "symmetrise"]
 
 #: Sections interpolated or splatted per call of the underlying kernel: bounds the temporary
 #: coordinate and row tensors to a few hundred MB for 64-px boxes.
@@ -74,21 +74,34 @@ def back_project(
 
     ``data`` complex ``(K, R, C)``, ``weight`` real ``(K, R, C)``. Returns ``(D, W)``, complex128
     and float64 ``(K, M, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`)."""
+    splat = GridSplat(data.shape[0], pad * window.box, 3, data.device)
+    splat_sections(splat, data, weight, rotations, window, pad=pad)
+    return splat.grids()
+
+
+def splat_sections(
+    splat: GridSplat,
+    data: torch.Tensor,
+    weight: torch.Tensor,
+    rotations: torch.Tensor,
+    window: FourierWindow,
+    *,
+    pad: int = 2,
+) -> None:
+    """Add :func:`back_project`'s splat of ``data``/``weight`` ``(K, R, C)`` into ``splat``."""
     # Rotations that carry nothing (no class has weight or data there) are skipped: after a
     # sparse E-step most of the fine orientations are empty.
     busy = ((weight != 0).any(-1) | (data != 0).any(-1)).any(0)  # (R,)
     if not bool(busy.all()):
         idx = torch.nonzero(busy).squeeze(1)
         data, weight, rotations = data[:, idx], weight[:, idx], rotations[idx.to(rotations.device)]
-    k, n_rot, c = data.shape
+    n_rot, c = data.shape[1:]
     dev = data.device
     disc = window.in_disc.to(dev)
-    splat = GridSplat(k, pad * window.box, 3, dev)
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, n_rot, step):
         q = section_positions(rotations[s : s + step].to(dev), window, pad)  # (r, C, 3)
         splat.add(q.reshape(-1, 3), data[:, s : s + step] * disc, weight[:, s : s + step] * disc)
-    return splat.grids()
 
 
 def symmetrise(

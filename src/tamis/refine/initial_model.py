@@ -9,9 +9,19 @@ Gaussian blobs; RELION's 3D schedule constants (step 0.9 -> 0.5, mini-batches up
 50,000, ``100 K`` significant poses); every iteration ends with a spherical solvent mask to
 zero; no norm, scale or centring.
 
+Auto-sampling (``--auto_sampling``, on in the InitialModel job; RELION's
+``updateAngularSampling`` for VDAM): at iterations 10, 20, ... when the resolution did not improve
+in the last iteration and the fine angular step is not already below 75% of the best class's
+expected rotational accuracy, the HEALPix order goes up by one (never to
+``--auto_local_healpix_order``, 4: so at most 15 -> 7.5 -> 3.75 degrees fine) and the
+translations are re-chosen from the translational accuracy and the offset changes. The accuracy
+estimates (100 particles, one of rot / tilt / psi turned per particle, in turn where RELION draws
+it at random) are made at iteration 1, at iterations 9, 19, ... (so that the decision at 10, 20,
+... has them: RELION estimates at the start of iteration 10 with the references of that moment,
+tamis at the start of iteration 9, one update earlier) and at the last iteration.
+
 Not (yet) as RELION: the direction prior is uniform (RELION learns ``pdf_direction`` per class
-and direction), the sampling stays at ``--healpix_order`` (RELION's ``--auto_sampling`` may
-refine it by up to two orders), and no accuracy estimates are made.
+and direction).
 """
 
 from __future__ import annotations
@@ -59,12 +69,16 @@ class InitialModelOptions(Class2DOptions):
     offset_range: float = 6.0
     offset_step: float = 2.0
     tau2_fudge: float = 4.0
+    auto_sampling: bool = True  # the InitialModel job passes --auto_sampling
+    auto_local_healpix_order: int = 4
 
 
 class InitialModelRun(VdamRun):
     """A VDAM run whose references are volumes."""
 
     is_3d = True
+    accuracy_trials = 100
+    coarse_safety = 1.2  # RELION's keep-safe factor of the coarse image size for 3D references
 
     def __init__(self, particles: ParticleSet, options: InitialModelOptions, root: str, **kw):
         if len(particles) == 0:
@@ -83,6 +97,9 @@ class InitialModelRun(VdamRun):
             healpix_order=options.healpix_order,
             sym=options.sym,
         )
+        self.auto_sampling = options.auto_sampling
+        self.iters_without_resolution_gain = 0
+        self._last_maxres: int | None = None
         table = particles.particles
         self.rot = np.zeros(self.n)
         self.tilt = np.zeros(self.n)
@@ -132,8 +149,81 @@ class InitialModelRun(VdamRun):
         self.tilt[rows] = np.where(ok, ang[:, 1], self.tilt[rows])
         self.psi[rows] = np.where(ok, ang[:, 2], self.psi[rows])
 
+    def turned_orientations(
+        self, angles: np.ndarray, turns: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Particle ``i``'s orientation and the same with rot (i % 3 = 0), tilt (1) or psi (2)
+        turned by each of ``turns`` degrees (RELION picks one of the three at random)."""
+        a = torch.as_tensor(angles, dtype=torch.float64)  # (P, 3)
+        p = len(a)
+        moved = a[:, None, :].repeat(1, len(turns), 1)  # (P, A, 3)
+        axis = torch.arange(p) % 3
+        moved[torch.arange(p), :, axis] += turns.cpu()[None, :].expand(p, -1)
+        moved = moved.reshape(-1, 3)
+        first = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
+        turned = euler_to_matrix(moved[:, 0], moved[:, 1], moved[:, 2])
+        return first.to(self.device), turned.to(self.device)
+
     def estimates_accuracy(self, it: int) -> bool:
-        return False
+        return it == 1 or (it + 1) % 10 == 0 or it == self.options.iter
+
+    def iterate(self, it: int, *, abort=None) -> tuple[float, float, float]:
+        self._update_sampling(it)
+        rows = self.subset_rows(it)
+        before = self.origin[rows].copy()
+        changes = super().iterate(it, abort=abort)
+        self._offset_change = float(np.sqrt(np.mean((self.origin[rows] - before) ** 2)))
+        return changes
+
+    def _update_sampling(self, it: int) -> None:
+        """RELION's auto-sampling for VDAM (``updateAngularSampling``), before iteration ``it``."""
+        st = self.state
+        assert st is not None
+        if self._last_maxres is not None:
+            gained = st.maxres > self._last_maxres
+            self.iters_without_resolution_gain = (
+                0 if gained else self.iters_without_resolution_gain + 1
+            )
+        self._last_maxres = st.maxres
+        if it < 10:
+            self.iters_without_resolution_gain = 0
+        if not (self.auto_sampling and it > 1 and it % 10 == 0):
+            return
+        if self.iters_without_resolution_gain < 1:
+            return
+        smp = self.sampling
+        fine_step = smp.angular_step / 2**smp.oversampling
+        acc = st.acc_rot[st.acc_rot < 999] if st.acc_rot.numel() else st.acc_rot
+        acc_rot = float(acc.min()) if acc.numel() else 999.0
+        if fine_step < 0.75 * acc_rot:
+            return  # fine enough
+        if smp.healpix_order + 1 >= self.options.auto_local_healpix_order:
+            return  # VDAM never enters local searches
+        self._update_translations(st)
+        smp.set_order(smp.healpix_order + 1)
+        self.iters_without_resolution_gain = 0
+        self.log(
+            f"auto-sampling: angular step {smp.angular_step / 2**smp.oversampling:g} deg (HEALPix "
+            f"order {smp.healpix_order}), offsets {smp.offset_range * self.pixel:.1f} A in steps "
+            f"of {smp.offset_step * self.pixel:.1f} A (accuracy {acc_rot:.1f} deg)"
+        )
+
+    def _update_translations(self, st) -> None:
+        """RELION's translational part of auto-sampling, in Angstrom."""
+        smp, px = self.sampling, self.pixel
+        acc = st.acc_trans[st.acc_trans < 999] if st.acc_trans.numel() else st.acc_trans
+        acc_trans = float(acc.min()) if acc.numel() else 999.0
+        old_step, old_range = smp.offset_step * px, smp.offset_range * px
+        step = min(1.5, 0.75 * acc_trans) * 2**smp.oversampling
+        rng = min(1.3 * old_range, 5 * getattr(self, "_offset_change", old_range))
+        rng = max(rng, 1.5 * step)
+        if rng > 4 * step:
+            rng /= 2
+        if rng > 4 * step:
+            step = rng / 4
+        if step > old_step:
+            return
+        smp.offset_step, smp.offset_range = step / px, rng / px
 
     def particle_table(self) -> pd.DataFrame:
         table = super().particle_table()
@@ -149,6 +239,18 @@ class InitialModelRun(VdamRun):
         order = cont.sampling.get("rlnHealpixOrder")
         if order is not None and int(order) != self.sampling.healpix_order:
             self.sampling.set_order(int(order))
+        opt = cont.optimiser
+        if "rlnDoAutoSampling" in opt:
+            self.auto_sampling = bool(int(opt["rlnDoAutoSampling"]))
+        self.iters_without_resolution_gain = int(opt.get("rlnNumberOfIterWithoutResolutionGain", 0))
+        self._last_maxres = self.state.maxres if self.state is not None else None
+
+    def extra_optimiser_labels(self) -> dict:
+        return {
+            **super().extra_optimiser_labels(),
+            "rlnDoAutoSampling": int(self.auto_sampling),
+            "rlnNumberOfIterWithoutResolutionGain": self.iters_without_resolution_gain,
+        }
 
 
 @dataclass

@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from tamis.class2d.fourier2d import FourierWindow
-from tamis.refine.fourier3d import back_project, project, symmetrise
+from tamis.padded_grid import GridSplat
+from tamis.refine.fourier3d import project, splat_sections, symmetrise
 from tamis.symmetry import canonical_symmetry, symmetry_operators
 
 __all__ = ["VolumeSpace"]
@@ -28,16 +29,19 @@ class VolumeSpace:
     ) -> torch.Tensor:
         return project(grids, orientations, window, pad=pad)
 
-    def back(
+    def splat(
         self,
+        acc: GridSplat,
         data: torch.Tensor,
         weight: torch.Tensor,
         orientations: torch.Tensor,
         window: FourierWindow,
         pad: int,
-        r_max: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        d, w = back_project(data, weight, orientations, window, pad=pad)
+    ) -> None:
+        splat_sections(acc, data, weight, orientations, window, pad=pad)
+
+    def finish(self, acc: GridSplat, r_max: float, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d, w = acc.grids()
         if len(self.operators) > 1:
             d, w = symmetrise(d, w, self.operators, r_max=r_max, pad=pad)
         return d, w
