@@ -256,3 +256,23 @@ def test_sections_match_relion_project():
     half[:, N // 2 + 1 :, 0] = half[:, 1 : N // 2, 0].flip(1).conj()  # the dropped half column
     ours = irfft2_centered(half, (N, N)).numpy()
     assert np.abs(ours - ref["images"]).max() < 1e-4 * np.abs(ref["images"]).max()
+
+
+@pytest.mark.parametrize("ndim", [2, 3])
+def test_splat_over_the_reached_cube_equals_the_whole_grid(ndim):
+    """GridSplat(reach=r) accumulates only the cube the positions touch and places it in the
+    whole grid: the same grids as accumulating over the whole grid."""
+    from tamis.padded_grid import GridSplat
+
+    gen = torch.Generator().manual_seed(ndim)
+    m, r = 32, 9.0
+    pos = (torch.rand((3000, ndim), generator=gen, dtype=torch.float64) * 2 - 1) * r / 2**0.5
+    pos[:5] = 0.0  # samples at the origin (no Hermitian mate)
+    data = torch.randn((2, 3000), generator=gen, dtype=torch.complex128)
+    weight = torch.rand((2, 3000), generator=gen, dtype=torch.float64)
+    whole, cube = GridSplat(2, m, ndim, "cpu"), GridSplat(2, m, ndim, "cpu", reach=r)
+    assert cube.flat.shape[0] < whole.flat.shape[0]
+    for s in (whole, cube):
+        s.add(pos, data, weight)
+    for a, b in zip(cube.grids(), whole.grids(), strict=True):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)

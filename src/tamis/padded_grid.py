@@ -13,6 +13,7 @@ tensors' shapes: ``(K, N, N)`` images or ``(K, N, N, N)`` volumes.
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -173,35 +174,47 @@ def interpolate(
 class GridSplat:
     """The adjoint of :func:`interpolate` for data and weight sums: per-class complex data and
     real weights at positions about the centre are spread linearly (4 or 8 grid points) into
-    ``(M + 1)^d`` float64 accumulators (every class at once, the positions being shared), and
-    :meth:`grids` folds the periodic edge back into ``(K, M, ..., M)`` grids.
+    ``K`` float64 accumulators of ``(M + 1)^d`` voxels (Re, Im, weight), and :meth:`grids`
+    folds the periodic edge back into ``(K, M, ..., M)`` grids. Only the (class, position)
+    samples that carry something are splatted: after a sparse E-step most classes (and
+    pseudo-halves) are empty at most orientations.
 
     The grids are made Hermitian: every sample also counts, conjugated, at ``-q`` (RELION's
     half-grid splat followed by ``enforceHermitianSymmetry``). The lattice is symmetric about the
     origin, so the mates' splat is the mirror image ``S(-v)`` of the samples' own; it is added
     once in :meth:`grids`, less the mates of samples at the origin (they have none)."""
 
-    def __init__(self, k: int, m: int, ndim: int, device) -> None:
+    def __init__(self, k: int, m: int, ndim: int, device, reach: float | None = None) -> None:
+        """``reach``: no position lies further than this from the centre along any axis (for
+        example ``pad * size / 2`` for a window of current size ``size``); the accumulator is
+        then the cube around the centre that those positions touch, not the whole grid
+        (less memory, fewer cache misses), and :meth:`grids` places it in the whole grid."""
         self.k, self.m, self.ndim = k, m, ndim
-        self.flat = torch.zeros(((m + 1) ** ndim, 3 * k), dtype=torch.float64, device=device)
-        self.at_origin = torch.zeros(3 * k, dtype=torch.float64, device=device)
+        half = m // 2
+        if reach is not None:
+            half = min(half, int(math.ceil(reach)) + 1)
+        self.half = half
+        self.voxels = (2 * half + 1) ** ndim
+        self.flat = torch.zeros((k * self.voxels, 3), dtype=torch.float64, device=device)
+        self.at_origin = torch.zeros((k, 3), dtype=torch.float64, device=device)
 
     def add(self, positions: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
         """``positions`` ``(N, d)`` (x, y[, z]); ``data`` complex and ``weight`` real
         ``(K, ...)`` with N elements per class, in the positions' order."""
-        k, e, nd = self.k, self.m + 1, self.ndim
-        rows = torch.cat(
-            [
-                torch.view_as_real(data.to(torch.complex128)).movedim(0, -2).reshape(-1, 2 * k),
-                weight.to(torch.float64).movedim(0, -1).reshape(-1, k),
-            ],
-            dim=1,
-        )  # one row (Re, Im, weight of every class) per position
-        self.at_origin += rows[(positions == 0).all(1)].sum(0)
-        pos = positions + self.m // 2
+        k, e, nd = self.k, 2 * self.half + 1, self.ndim
+        n = positions.shape[0]
+        d = torch.view_as_real(data.to(torch.complex128).reshape(k, n))  # (K, N, 2)
+        w = weight.to(torch.float64).reshape(k, n)
+        live = (w != 0) | (d != 0).any(-1)
+        slot, p = torch.nonzero(live, as_tuple=True)
+        rows = torch.cat([d[slot, p], w[slot, p, None]], dim=1)  # (S, 3): Re, Im, weight
+        origin = (positions == 0).all(1)[p]
+        self.at_origin.index_add_(0, slot[origin], rows[origin])
+        pos = positions + self.half
         lo = torch.floor(pos)
         frac = pos - lo
         lo = lo.long()
+        base = slot * self.voxels
         for corner in itertools.product((0, 1), repeat=nd):
             off = corner[::-1]  # (dx, dy[, dz]); x varies fastest
             wt = frac[:, 0] if off[0] else 1 - frac[:, 0]
@@ -213,22 +226,25 @@ class GridSplat:
                 i = lo[:, axis] + off[axis]
                 ok &= (i >= 0) & (i < e)
                 idx = idx * e + i
-            idx = torch.where(ok, idx, 0)
-            self.flat.index_add_(0, idx, rows * torch.where(ok, wt, 0.0)[:, None])
+            wt = torch.where(ok, wt, 0.0)[p]
+            self.flat.index_add_(0, base + torch.where(ok, idx, 0)[p], rows * wt[:, None])
 
     def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, W)``: complex128 and float64 ``(K, M, ..., M)``."""
-        k, e = self.k, self.m + 1
-        shape = (k,) + (e,) * self.ndim
-        d = torch.complex(self.flat[:, 0 : 2 * k : 2], self.flat[:, 1 : 2 * k : 2]).T
-        w = self.flat[:, 2 * k :].T
-        d = fold_periodic_edge(d.reshape(shape).contiguous())
-        w = fold_periodic_edge(w.reshape(shape).contiguous())
+        k, e, h, nd = self.k, self.m + 1, self.half, self.ndim
+        cube = self.flat.view((k,) + (2 * h + 1,) * nd + (3,))
+        if h < self.m // 2:  # the accumulated cube into the whole grid
+            whole = torch.zeros((k,) + (e,) * nd + (3,), dtype=cube.dtype, device=cube.device)
+            o = self.m // 2 - h
+            whole[(slice(None),) + (slice(o, o + 2 * h + 1),) * nd] = cube
+            cube = whole
+        d = fold_periodic_edge(torch.complex(cube[..., 0], cube[..., 1]).contiguous())
+        w = fold_periodic_edge(cube[..., 2].contiguous())
         d, w = d + _mirror(d).conj(), w + _mirror(w)
-        centre = (slice(None),) + (self.m // 2,) * self.ndim
+        centre = (slice(None),) + (self.m // 2,) * nd
         o = self.at_origin
-        d[centre] -= torch.complex(o[0 : 2 * k : 2], -o[1 : 2 * k : 2])
-        w[centre] -= o[2 * k :]
+        d[centre] -= torch.complex(o[:, 0], -o[:, 1])
+        w[centre] -= o[:, 2]
         return d, w
 
 

@@ -234,14 +234,21 @@ class Class2DRun:
             )
         )
 
-    def _batch_size(self, n_pix: int, n_hyp: int, n_fine: int, n_trans: int) -> int:
+    def _batch_size(
+        self, n_pix: int, n_hyp: int, n_fine: int, n_trans: int, hyp_bytes: int = 8
+    ) -> int:
         """Particles per batch from the memory budget (``--max_memory``, at most half the free
         memory): per particle the dense fine weights and their E-step temporaries, the shifted
-        images of both passes, pass 0's log-weights and the image preparation."""
+        images of both passes, pass 0's log-weights (``hyp_bytes`` per coarse hypothesis: float32
+        in place, or float64 temporaries when pass 0 is the last) and the image preparation."""
         if self.options.batch_size:
             return self.options.batch_size
         per_particle = (
-            8 * n_fine + 16 * n_trans * n_pix + 40 * n_hyp + 64 * self.box * self.box + 64 * n_pix
+            8 * n_fine
+            + 16 * n_trans * n_pix
+            + hyp_bytes * n_hyp
+            + 64 * self.box * self.box
+            + 64 * n_pix
         )
         return int(max(8, min(256, self._work_budget() // max(per_particle, 1))))
 
@@ -529,13 +536,13 @@ class Class2DRun:
         space = self.space
         k = st.n_classes
         slots = 2 * k if halves else k
-        # Fine projections and per-orientation sums of every fine orientation, or (when they
-        # would not fit in half the work budget) only of the children of the coarse orientations
-        # that some particle of the batch needs, splatted batch by batch.
+        # Fine projections and per-orientation sums of every fine orientation (held beside the
+        # batches' budget), or, when they would need more than two thirds of the work budget,
+        # only of the children of the coarse orientations that some particle of the batch
+        # needs, splatted batch by batch (3D at HEALPix order 2 and 3).
         n_pf = psi_f.shape[0] if oversampled else psi_c.shape[0]
-        stream = oversampled and k * n_pf * len(window) * (8 + 24 * slots / k) > (
-            self._work_budget() // 2
-        )
+        dense_bytes = int(k * n_pf * len(window) * (8 + 24 * slots / k))
+        stream = oversampled and dense_bytes > self._work_budget() * 2 // 3
         proj_c = space.project(grids, psi_c, cwin, o.pad)
         proj_f = space.project(grids, psi_f, window, o.pad) if oversampled and not stream else None
         t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
@@ -565,12 +572,18 @@ class Class2DRun:
             dev,
             n_slots=slots,
         )
-        acc = GridSplat(slots, o.pad * self.box, space.ndim, dev)
+        acc = GridSplat(slots, o.pad * self.box, space.ndim, dev, reach=o.pad * window.size / 2)
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
         # streaming: a batch is assumed to need at most an eighth of the orientations
         n_batch_pf = n_pf // 8 if stream else n_pf
-        bsize = self._batch_size(len(window), n_hyp, k * n_batch_pf * len(t_f), len(t_f))
+        bsize = self._batch_size(
+            len(window),
+            n_hyp,
+            k * n_batch_pf * len(t_f),
+            len(t_f),
+            8 if oversampled else 40,
+        )
         old_cls = self.cls[rows_all].copy()
         old_angles = self.angles_of(rows_all)
         old_origin = self.origin[rows_all].copy()
@@ -615,6 +628,8 @@ class Class2DRun:
                 _add_seconds("estep_seconds", t_e, dev)
                 t_m = time.perf_counter()
                 if stream:
+                    hyp, keep = _drop_empty_orientations(hyp, fine.proj.shape[1])
+                    fine.proj, fine.ids = fine.proj[:, keep], fine.ids[keep]
                     target = dataclasses.replace(
                         sums,
                         fimg=torch.zeros(
@@ -864,6 +879,33 @@ class Class2DRun:
 
 
 # ---- vectorised helpers ----------------------------------------------------------------------
+
+
+def _drop_empty_orientations(hyp, n_pf: int) -> tuple[object, torch.Tensor]:
+    """The batch's hypotheses over only the fine orientations (of ``n_pf``) that carry weight,
+    and those orientations ``(P',)``: pairs without weight go, psi indices and the dense
+    columns are renumbered."""
+    dev = hyp.pmax.device
+    busy = torch.zeros(n_pf, dtype=torch.bool, device=dev)
+    pair_ok = (hyp.weight > 0).any(1)
+    busy[hyp.psi[pair_ok]] = True
+    if hyp.dense is not None:
+        b, tf, ra = hyp.dense.shape
+        busy |= (hyp.dense > 0).any(1).any(0).view(ra // n_pf, n_pf).any(0)
+    keep = torch.nonzero(busy).squeeze(1)
+    new = torch.full((n_pf,), -1, dtype=torch.long, device=dev)
+    new[keep] = torch.arange(len(keep), device=dev)
+    fields = dict(
+        particle=hyp.particle[pair_ok],
+        cls=hyp.cls[pair_ok],
+        psi=new[hyp.psi[pair_ok]],
+        weight=hyp.weight[pair_ok],
+        best_psi=torch.where(hyp.best_psi >= 0, new[hyp.best_psi.clamp(min=0)], -1),
+    )
+    if hyp.dense is not None:
+        b, tf, ra = hyp.dense.shape
+        fields["dense"] = hyp.dense.view(b, tf, ra // n_pf, n_pf)[..., keep].reshape(b, tf, -1)
+    return dataclasses.replace(hyp, **fields), keep
 
 
 def _add_seconds(key: str, start: float, device: torch.device) -> None:

@@ -232,6 +232,33 @@ def significant_mask(
     return (w >= thr) & (w > 0)
 
 
+def capped_significance(
+    logw: torch.Tensor, fraction: float, max_significant: int, max_elements: int = 1 << 22
+) -> torch.Tensor:
+    """:func:`significant_mask` with a cap, in single precision and bounded memory: ``logw``
+    ``(B, S)`` float32 (overwritten with weights relative to each row's largest) gives the mask
+    of the samples that carry ``fraction`` of the weight, at most ``max_significant`` (RELION's
+    rule: the top weights sorted, the threshold where their running sum exceeds ``fraction`` of
+    the row's total). Rows are taken ``max_elements`` at a time."""
+    b, n = logw.shape
+    k = min(max_significant, n)
+    mask = torch.empty((b, n), dtype=torch.bool, device=logw.device)
+    step = max(1, max_elements // max(n, 1))
+    floor = math.exp(-80.0) * 1.001
+    for s in range(0, b, step):
+        w = logw[s : s + step]
+        # below exp(-80) relative, weights are nothing beside the 1 - fraction cut (and exp is
+        # slow on arguments that underflow): raised to it, then excluded below
+        w.sub_(w.amax(dim=1, keepdim=True)).clamp_(min=-80.0).exp_()
+        total = w.sum(1, keepdim=True, dtype=torch.float64)
+        top, _ = torch.topk(w, k, dim=1, sorted=True)
+        csum = torch.cumsum(top.to(torch.float64), dim=1)
+        pos = torch.searchsorted(csum, (fraction * total).contiguous(), right=True).clamp(max=k - 1)
+        thr = torch.gather(top, 1, pos)
+        mask[s : s + step] = (w >= thr) & (w > floor)
+    return mask
+
+
 def _log_weights(
     y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
 ) -> torch.Tensor:
@@ -302,7 +329,7 @@ def expectation(
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
     pc_flat = proj_coarse[active].reshape(ka * pc, -1)
     final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
-    if final_pass or max_significant > 0:
+    if final_pass:
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
         d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]
         prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
@@ -315,8 +342,12 @@ def expectation(
         rel = rel.view(b, tc, ka, pc)
         pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
         rel.add_(pri.to(torch.float32)[..., None])
-        dense_significance(rel.view(b, -1), fraction)
-        sig = (rel > 0).permute(0, 2, 3, 1)  # (B, Ka, Pc, Tc)
+        if max_significant > 0:
+            sig = capped_significance(rel.view(b, -1), fraction, max_significant).view(rel.shape)
+        else:
+            dense_significance(rel.view(b, -1), fraction)
+            sig = rel > 0
+        sig = sig.permute(0, 2, 3, 1)  # (B, Ka, Pc, Tc)
     n_sig = sig.sum((1, 2, 3))
     pairs = torch.nonzero(sig.any(-1))  # (Mc, 3): particle, active class, coarse psi
 
