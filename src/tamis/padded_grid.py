@@ -198,6 +198,11 @@ class GridSplat:
         self.flat = torch.zeros((k * self.voxels, 3), dtype=torch.float64, device=device)
         self.at_origin = torch.zeros((k, 3), dtype=torch.float64, device=device)
 
+    @classmethod
+    def for_window(cls, k: int, window, pad: int, ndim: int, device) -> GridSplat:
+        """An accumulator for the pixels of a ``FourierWindow`` (box, current size) at ``pad``."""
+        return cls(k, pad * window.box, ndim, device, reach=pad * window.size / 2)
+
     def add(self, positions: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
         """``positions`` ``(N, d)`` (x, y[, z]); ``data`` complex and ``weight`` real
         ``(K, ...)`` with N elements per class, in the positions' order."""

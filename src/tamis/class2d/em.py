@@ -572,7 +572,7 @@ class Class2DRun:
             dev,
             n_slots=slots,
         )
-        acc = GridSplat(slots, o.pad * self.box, space.ndim, dev, reach=o.pad * window.size / 2)
+        acc = GridSplat.for_window(slots, window, o.pad, space.ndim, dev)
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
         # streaming: a batch is assumed to need at most an eighth of the orientations

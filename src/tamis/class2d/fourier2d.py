@@ -134,7 +134,7 @@ def back_rotate(
     ``data`` complex ``(K, P, C)``, ``weight`` real ``(K, P, C)``. Returns ``(D, W)``, each
     ``(K, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`).
     """
-    splat = GridSplat(data.shape[0], pad * window.box, 2, data.device, reach=pad * window.size / 2)
+    splat = GridSplat.for_window(data.shape[0], window, pad, 2, data.device)
     splat_rotated(splat, data, weight, psi_deg, window, pad=pad)
     return splat.grids()
 

@@ -366,8 +366,10 @@ def expectation(
         proj_fine = proj_fine(subset)
         sig = sig[:, :, subset]
         pairs = torch.nonzero(sig.any(-1))
-    hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, proj_fine, estep_pixels,
-                     ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction, dense_pairs)  # fmt: skip
+    fp = _FinePass(
+        proj_fine, estep_pixels, ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction
+    )
+    hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp, dense_pairs)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)
 
 
@@ -378,29 +380,19 @@ def _fine_pass(
     active: torch.Tensor,
     log_prior_offset: torch.Tensor,
     n_sig: torch.Tensor,
-    proj_fine: torch.Tensor,
-    estep_pixels: torch.Tensor,
-    ramps_fine: torch.Tensor,
-    log_prior_class: torch.Tensor,
-    n_over_psi: int,
-    n_over_trans: int,
-    fraction: float,
+    fp: _FinePass,
     dense_pairs: float | None,
 ) -> Hypotheses:
     """Pass 1 for every particle of the batch, each in its own layout (dense or pairs)."""
     b = data.x.shape[0]
-    k = proj_fine.shape[0]
+    k, n_fine_psi = fp.proj.shape[:2]
     dev = data.x.device
-    n_fine_psi = proj_fine.shape[1]
     dense_pairs = DENSE_PAIRS if dense_pairs is None else dense_pairs
     # Significance is per particle, so each particle takes its own layout: broad posteriors
     # (most of its (class, fine psi) pairs needed) go dense, sharp ones as pairs. Later
     # iterations of hard data have both kinds in one batch.
-    per_particle = torch.bincount(pairs[:, 0], minlength=b) * n_over_psi
+    per_particle = torch.bincount(pairs[:, 0], minlength=b) * fp.n_over_psi
     broad = per_particle > dense_pairs * k * n_fine_psi
-    fp = _FinePass(
-        proj_fine, estep_pixels, ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction
-    )
     if bool(broad.all()):
         return _dense_pass(data, sig, active, log_prior_offset, n_sig, fp)
     if not bool(broad.any()):

@@ -60,9 +60,7 @@ def back(
     r_max: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-(reference, orientation) sums ``(K, P, C)`` -> padded grids ``(D, W)`` in one go."""
-    acc = GridSplat(
-        data.shape[0], pad * window.box, space.ndim, data.device, reach=pad * window.size / 2
-    )
+    acc = GridSplat.for_window(data.shape[0], window, pad, space.ndim, data.device)
     space.splat(acc, data, weight, orientations, window, pad)
     return space.finish(acc, r_max, pad)
 

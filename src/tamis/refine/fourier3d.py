@@ -74,7 +74,7 @@ def back_project(
 
     ``data`` complex ``(K, R, C)``, ``weight`` real ``(K, R, C)``. Returns ``(D, W)``, complex128
     and float64 ``(K, M, M, M)``, Hermitian (:class:`~tamis.padded_grid.GridSplat`)."""
-    splat = GridSplat(data.shape[0], pad * window.box, 3, data.device, reach=pad * window.size / 2)
+    splat = GridSplat.for_window(data.shape[0], window, pad, 3, data.device)
     splat_sections(splat, data, weight, rotations, window, pad=pad)
     return splat.grids()
 
