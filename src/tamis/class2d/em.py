@@ -10,7 +10,6 @@ back-rotate and reconstruct (:mod:`tamis.class2d.fourier2d`), update the other p
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import time
@@ -573,6 +572,13 @@ class Class2DRun:
             n_slots=slots,
         )
         acc = GridSplat.for_window(slots, window, o.pad, space.ndim, dev)
+
+        def splat_sums(proj: torch.Tensor, orientations: torch.Tensor) -> None:
+            """The per-orientation sums into the grids; the sums are emptied."""
+            dd, ww = self.reconstruction_terms(sums.fimg, sums.fweight, proj)
+            space.splat(acc, dd, ww, orientations, window, o.pad)
+            sums.fimg, sums.fweight = sums.fimg[:, :0], sums.fweight[:, :0]
+
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
         n_hyp = k * proj_c.shape[1] * len(t_c)
         # streaming: a batch is assumed to need at most an eighth of the orientations
@@ -608,7 +614,11 @@ class Class2DRun:
                     )
                 off_px = data.offset_px
                 lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
-                fine = _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
+                fine = (
+                    _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
+                    if stream
+                    else None
+                )
                 t_e = time.perf_counter()
                 hyp = expectation(
                     data,
@@ -627,23 +637,16 @@ class Class2DRun:
                 )
                 _add_seconds("estep_seconds", t_e, dev)
                 t_m = time.perf_counter()
-                if stream:
-                    hyp, keep = _drop_empty_orientations(hyp, fine.proj.shape[1])
-                    fine.proj, fine.ids = fine.proj[:, keep], fine.ids[keep]
-                    target = dataclasses.replace(
-                        sums,
-                        fimg=torch.zeros(
-                            (slots,) + fine.proj.shape[1:], dtype=torch.complex128, device=dev
-                        ),
-                        fweight=torch.zeros(
-                            (slots,) + fine.proj.shape[1:], dtype=torch.float64, device=dev
-                        ),
-                    )
-                    batch_proj, batch_orient = fine.proj, psi_f[fine.ids]
+                if stream:  # this batch's sums, over the fine orientations it weighted
+                    hyp, keep = hyp.weighted_orientations(fine.proj.shape[1])
+                    batch_proj, batch_orient = fine.proj[:, keep], psi_f[fine.ids[keep]]
+                    shape = (slots,) + batch_proj.shape[1:]
+                    sums.fimg = torch.zeros(shape, dtype=torch.complex128, device=dev)
+                    sums.fweight = torch.zeros(shape, dtype=torch.float64, device=dev)
                 else:
-                    target, batch_proj, batch_orient = sums, proj_f, psi_fine_deg
+                    batch_proj, batch_orient = proj_f, psi_fine_deg
                 new_norm = mstep.accumulate(
-                    target,
+                    sums,
                     data,
                     hyp,
                     batch_proj,
@@ -663,22 +666,14 @@ class Class2DRun:
                     half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                     max_rows=m_rows,
                 )
-                if stream:  # everything but the reconstruction sums back; those into the grids
-                    for f in dataclasses.fields(sums):
-                        if f.name not in ("fimg", "fweight"):
-                            setattr(sums, f.name, getattr(target, f.name))
-                    dd, ww = self.reconstruction_terms(target.fimg, target.fweight, batch_proj)
-                    space.splat(acc, dd, ww, batch_orient, window, o.pad)
-                    del target, dd, ww
+                if stream:
+                    splat_sums(batch_proj, batch_orient)
                 _add_seconds("mstep_seconds", t_m, dev)
                 self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
                 del hyp, fine  # the dense weights go before the next batch's are made
                 bar.advance(len(rows))
         if not stream:
-            dd, ww = self.reconstruction_terms(sums.fimg, sums.fweight, proj_f)
-            space.splat(acc, dd, ww, psi_fine_deg, window, o.pad)
-            del dd, ww
-            sums.fimg, sums.fweight = sums.fimg[:, :0], sums.fweight[:, :0]
+            splat_sums(proj_f, psi_fine_deg)
         d, w = space.finish(acc, cs / 2, o.pad)
         changes = (
             self.angle_change(rows_all, old_angles),
@@ -879,33 +874,6 @@ class Class2DRun:
 
 
 # ---- vectorised helpers ----------------------------------------------------------------------
-
-
-def _drop_empty_orientations(hyp, n_pf: int) -> tuple[object, torch.Tensor]:
-    """The batch's hypotheses over only the fine orientations (of ``n_pf``) that carry weight,
-    and those orientations ``(P',)``: pairs without weight go, psi indices and the dense
-    columns are renumbered."""
-    dev = hyp.pmax.device
-    busy = torch.zeros(n_pf, dtype=torch.bool, device=dev)
-    pair_ok = (hyp.weight > 0).any(1)
-    busy[hyp.psi[pair_ok]] = True
-    if hyp.dense is not None:
-        b, tf, ra = hyp.dense.shape
-        busy |= (hyp.dense > 0).any(1).any(0).view(ra // n_pf, n_pf).any(0)
-    keep = torch.nonzero(busy).squeeze(1)
-    new = torch.full((n_pf,), -1, dtype=torch.long, device=dev)
-    new[keep] = torch.arange(len(keep), device=dev)
-    fields = dict(
-        particle=hyp.particle[pair_ok],
-        cls=hyp.cls[pair_ok],
-        psi=new[hyp.psi[pair_ok]],
-        weight=hyp.weight[pair_ok],
-        best_psi=torch.where(hyp.best_psi >= 0, new[hyp.best_psi.clamp(min=0)], -1),
-    )
-    if hyp.dense is not None:
-        b, tf, ra = hyp.dense.shape
-        fields["dense"] = hyp.dense.view(b, tf, ra // n_pf, n_pf)[..., keep].reshape(b, tf, -1)
-    return dataclasses.replace(hyp, **fields), keep
 
 
 def _add_seconds(key: str, start: float, device: torch.device) -> None:

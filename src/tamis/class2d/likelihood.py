@@ -168,6 +168,33 @@ class Hypotheses:
             dense_rows=None,
         )
 
+    def weighted_orientations(self, n_psi: int) -> tuple[Hypotheses, torch.Tensor]:
+        """The same weights over only the fine orientations (of ``n_psi``) that carry any, and
+        those orientations ``(P',)``: pairs without weight go, ``psi``, ``best_psi`` and the
+        dense columns are renumbered."""
+        dev = self.pmax.device
+        busy = torch.zeros(n_psi, dtype=torch.bool, device=dev)
+        pair_ok = (self.weight > 0).any(1)
+        busy[self.psi[pair_ok]] = True
+        if self.dense is not None:
+            b, tf, ra = self.dense.shape
+            busy |= (self.dense > 0).any(1).any(0).view(ra // n_psi, n_psi).any(0)
+        keep = torch.nonzero(busy).squeeze(1)
+        new = torch.full((n_psi,), -1, dtype=torch.long, device=dev)
+        new[keep] = torch.arange(len(keep), device=dev)
+        fields = dict(
+            particle=self.particle[pair_ok],
+            cls=self.cls[pair_ok],
+            psi=new[self.psi[pair_ok]],
+            weight=self.weight[pair_ok],
+            best_psi=torch.where(self.best_psi >= 0, new[self.best_psi.clamp(min=0)], -1),
+        )
+        if self.dense is not None:
+            fields["dense"] = self.dense.view(b, tf, ra // n_psi, n_psi)[..., keep].reshape(
+                b, tf, -1
+            )
+        return replace(self, **fields), keep
+
     def split(self) -> tuple[tuple[torch.Tensor, Hypotheses], tuple[torch.Tensor, Hypotheses]]:
         """A batch with both layouts as two: ``(rows, dense part), (rows, pair part)``, each
         part's particles numbered within its ``rows``."""
@@ -218,28 +245,18 @@ def significant_mask(
         rel = (logw - logw.max(dim=1, keepdim=True).values).to(torch.float32)
         dense_significance(rel, fraction)
         return rel > 0
-    w = torch.exp(logw - logw.max(dim=1, keepdim=True).values)
-    # Only the max_significant largest weights can set the threshold: the top k, sorted, instead
-    # of a sort of every row (the same threshold).
-    k = min(max_significant, w.shape[1])
-    top, _ = torch.topk(w, k, dim=1, sorted=True)
-    csum = torch.cumsum(top, dim=1)
-    total = w.sum(1, keepdim=True)
-    # index of the first element at which the running sum exceeds fraction * total (capped)
-    pos = torch.searchsorted(csum.contiguous(), (fraction * total).contiguous(), right=True)
-    pos = pos.clamp(max=k - 1)
-    thr = torch.gather(top, 1, pos)
-    return (w >= thr) & (w > 0)
+    return capped_significance(logw.clone(), fraction, max_significant)
 
 
 def capped_significance(
     logw: torch.Tensor, fraction: float, max_significant: int, max_elements: int = 1 << 22
 ) -> torch.Tensor:
-    """:func:`significant_mask` with a cap, in single precision and bounded memory: ``logw``
-    ``(B, S)`` float32 (overwritten with weights relative to each row's largest) gives the mask
+    """:func:`significant_mask` with a cap, in place and in bounded memory: ``logw`` ``(B, S)``
+    (float32 in pass 0; overwritten with weights relative to each row's largest) gives the mask
     of the samples that carry ``fraction`` of the weight, at most ``max_significant`` (RELION's
     rule: the top weights sorted, the threshold where their running sum exceeds ``fraction`` of
-    the row's total). Rows are taken ``max_elements`` at a time."""
+    the row's total; only the top ``max_significant`` can set it, so they are found with topk
+    instead of a sort of every row). Rows are taken ``max_elements`` at a time."""
     b, n = logw.shape
     k = min(max_significant, n)
     mask = torch.empty((b, n), dtype=torch.bool, device=logw.device)

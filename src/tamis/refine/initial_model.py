@@ -42,6 +42,7 @@ from tamis.errors import TamisError
 from tamis.fourier import radial_average, rfft3_centered, shell_index
 from tamis.geometry import euler_to_matrix, matrix_to_euler
 from tamis.io.particles import ParticleSet
+from tamis.orientations import angular_sampling
 from tamis.padded_grid import transform_scale
 from tamis.refine.sampling import Sampling3D
 from tamis.refine.space import VolumeSpace
@@ -100,6 +101,7 @@ class InitialModelRun(VdamRun):
         self.auto_sampling = options.auto_sampling
         self.iters_without_resolution_gain = 0
         self._last_maxres: int | None = None
+        self._offset_change: float | None = None  # RMS offset change (A) of the last iteration
         table = particles.particles
         self.rot = np.zeros(self.n)
         self.tilt = np.zeros(self.n)
@@ -192,10 +194,8 @@ class InitialModelRun(VdamRun):
         if self.iters_without_resolution_gain < 1:
             return
         smp = self.sampling
-        fine_step = smp.angular_step / 2**smp.oversampling
-        acc = st.acc_rot[st.acc_rot < 999] if st.acc_rot.numel() else st.acc_rot
-        acc_rot = float(acc.min()) if acc.numel() else 999.0
-        if fine_step < 0.75 * acc_rot:
+        acc_rot = _best_class(st.acc_rot)
+        if angular_sampling(smp.healpix_order, smp.oversampling) < 0.75 * acc_rot:
             return  # fine enough
         if smp.healpix_order + 1 >= self.options.auto_local_healpix_order:
             return  # VDAM never enters local searches
@@ -203,7 +203,7 @@ class InitialModelRun(VdamRun):
         smp.set_order(smp.healpix_order + 1)
         self.iters_without_resolution_gain = 0
         self.log(
-            f"auto-sampling: angular step {smp.angular_step / 2**smp.oversampling:g} deg (HEALPix "
+            f"auto-sampling: angular step {angular_sampling(smp.healpix_order, smp.oversampling):g} deg (HEALPix "
             f"order {smp.healpix_order}), offsets {smp.offset_range * self.pixel:.1f} A in steps "
             f"of {smp.offset_step * self.pixel:.1f} A (accuracy {acc_rot:.1f} deg)"
         )
@@ -211,11 +211,10 @@ class InitialModelRun(VdamRun):
     def _update_translations(self, st) -> None:
         """RELION's translational part of auto-sampling, in Angstrom."""
         smp, px = self.sampling, self.pixel
-        acc = st.acc_trans[st.acc_trans < 999] if st.acc_trans.numel() else st.acc_trans
-        acc_trans = float(acc.min()) if acc.numel() else 999.0
         old_step, old_range = smp.offset_step * px, smp.offset_range * px
-        step = min(1.5, 0.75 * acc_trans) * 2**smp.oversampling
-        rng = min(1.3 * old_range, 5 * getattr(self, "_offset_change", old_range))
+        step = min(1.5, 0.75 * _best_class(st.acc_trans)) * 2**smp.oversampling
+        change = old_range if self._offset_change is None else self._offset_change
+        rng = min(1.3 * old_range, 5 * change)
         rng = max(rng, 1.5 * step)
         if rng > 4 * step:
             rng /= 2
@@ -251,6 +250,12 @@ class InitialModelRun(VdamRun):
             "rlnDoAutoSampling": int(self.auto_sampling),
             "rlnNumberOfIterWithoutResolutionGain": self.iters_without_resolution_gain,
         }
+
+
+def _best_class(accuracy: torch.Tensor) -> float:
+    """The best (smallest) per-class accuracy estimate, as RELION's auto-sampling takes it;
+    999 for classes without one (under 1% of the particles) and when none was made."""
+    return float(accuracy.min()) if accuracy.numel() else 999.0
 
 
 @dataclass
