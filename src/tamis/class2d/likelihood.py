@@ -45,6 +45,10 @@ GEMM_STATS: dict[str, object] = {
     "mstep_seconds": 0.0,
 }
 
+#: Significance histograms bin float32 weights by their bit patterns shifted right by this
+#: (18: 5 of the 23 mantissa bits, 32 bins per octave).
+_SIG_SHIFT = 18
+
 #: A particle's pass 1 goes dense (every fine weight, :func:`_dense_pass`) when more than this
 #: fraction of its (class, fine psi) pairs have a significant parent.
 DENSE_PAIRS = 0.25
@@ -720,11 +724,11 @@ def dense_significance(
     elsewhere (RELION's rule, as :func:`_pair_significance`); returns the rows' logsumexp
     (float64).
 
-    The weights' mass is histogrammed per row by their bfloat16 bit patterns (the top 16 bits of
-    the float32, rounded: monotone in the value for non-negative floats, 128 bins per octave);
+    The weights' mass is histogrammed per row by the top bits of their float32 patterns
+    (monotone in the value for non-negative floats; :data:`_SIG_SHIFT` sets 32 bins per octave);
     bins above the one where the running sum crosses ``fraction`` are kept whole, and only that
     bin is sorted. Every row needs at least one finite log-weight. Rows are taken
-    ``max_elements`` at a time, which bounds the temporary memory (about 12 bytes per element).
+    ``max_elements`` at a time, which bounds the temporary memory.
     """
     rows = max(1, max_elements // max(logw.shape[1], 1))
     if logw.shape[0] > rows:
@@ -734,7 +738,7 @@ def dense_significance(
                 for s in range(0, logw.shape[0], rows)
             ]
         )
-    b = logw.shape[0]
+    b, n = logw.shape
     dev = logw.device
     mx = logw.amax(dim=1, keepdim=True)
     # Relative log-weights below -80 (weights < 2e-35, and the excluded -inf) are raised to -80
@@ -749,21 +753,29 @@ def dense_significance(
         floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
         w.masked_fill_(w <= floor[:, None], 0.0)
         return lse
-    codes = w.to(torch.bfloat16).view(torch.int16)  # 0 .. 0x3F80 (1.0)
-    n_bins = 0x3F80 + 1
+    bits = w.view(torch.int32)  # 0 .. 0x3F800000 (1.0), monotone in w
+    n_bins = (0x3F800000 >> _SIG_SHIFT) + 1
     # Bin masses in float64: a row holds up to millions of similar weights, and a float32 sum
-    # drifts by percents there, far more than the 1 - fraction margin.
+    # drifts by percents there, far more than the 1 - fraction margin. Columns are taken in
+    # pieces so that the 64-bit temporaries stay small.
     mass = torch.zeros((b, n_bins), dtype=torch.float64, device=dev)
-    mass.scatter_add_(1, codes.long(), w.to(torch.float64))
+    cols = max(1, (1 << 20) // max(b, 1))
+    for s in range(0, n, cols):
+        code = (bits[:, s : s + cols] >> _SIG_SHIFT).long().clamp_(max=n_bins - 1)
+        mass.scatter_add_(1, code, w[:, s : s + cols].to(torch.float64))
+    # mass of the bins above each bin: non-increasing along the row
+    above = mass.sum(1, keepdim=True) - torch.cumsum(mass, 1)
     target = fraction * mass.sum(1)  # (B,): the fraction of the row's own total
-    above = torch.flip(torch.cumsum(torch.flip(mass, [1]), 1), [1]) - mass
-    crossing = ((above <= target[:, None]) & (above + mass > target[:, None])).to(torch.int8)
-    cbin = (n_bins - 1) - torch.flip(crossing, [1]).argmax(1)
+    # The crossing bin, the first (from the top) whose higher bins do not exceed the target:
+    # the bins that do form a prefix of the row.
+    cbin = (above > target[:, None]).sum(1)
     # exact threshold inside the crossing bin: sort only its members
-    rows, cols = torch.nonzero(codes == cbin.to(torch.int16)[:, None], as_tuple=True)
-    thr = _threshold_in_bin(rows, w[rows, cols], above[rows, cbin[rows]], b, target)
+    lo = (cbin << _SIG_SHIFT).to(torch.int32)[:, None]
+    in_bin = (bits >= lo) & (bits < lo + (1 << _SIG_SHIFT))
+    r_idx, c_idx = torch.nonzero(in_bin, as_tuple=True)
+    thr = _threshold_in_bin(r_idx, w[r_idx, c_idx], above[r_idx, cbin[r_idx]], b, target)
     # A row without a threshold (not expected: the crossing bin's first member is always added)
     # keeps every weight rather than none.
     thr = torch.where(torch.isfinite(thr), thr, 0.0).to(torch.float32)
-    w.masked_fill_(w < thr[:, None], 0.0)
+    w.mul_(w >= thr[:, None])  # 3x faster than masked_fill_ on the CPU
     return lse

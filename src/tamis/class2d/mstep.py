@@ -65,6 +65,9 @@ def pixels_per_shell(box: int, nsh: int, device) -> torch.Tensor:
 #: particles of later iterations weighting 80-85% of their blocks.
 BLOCK_FRACTION = 0.9
 
+#: Pixels per piece of the block path's Mix (see :func:`_class_block_sums`).
+_MIX_PIXELS = 32
+
 
 def _class_block_sums(
     w: torch.Tensor,
@@ -78,7 +81,7 @@ def _class_block_sums(
     msk: torch.Tensor | None,
     cross_part: torch.Tensor,
     max_pairs: int,
-) -> tuple[torch.Tensor, torch.Tensor, float]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sums of :func:`_accumulate_dense` over the (particle, class) blocks with weight only.
 
     Per class, ``Mix = ramps^T W`` ``(2C, n * Pf)`` is one GEMM over the class's particles (the
@@ -87,7 +90,7 @@ def _class_block_sums(
     and ``sum_psi conj(P) Mix_i`` (times ``c X_i``: the particle's cross term, per pixel for the
     noise, per particle for the norm and masked for the scale). Adds to ``cross_part``; returns
     the reconstruction sums ``(Ra, C)``, the noise cross term per pixel ``(C,)`` and the
-    scale's cross term.
+    scale's cross term per particle of ``members`` (zeros without ``msk``).
     """
     b, tf, ra = w.shape
     ka = ra // pf
@@ -95,7 +98,7 @@ def _class_block_sums(
     dev = w.device
     fimg = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
     noise = torch.zeros(c, dtype=torch.float64, device=dev)
-    xa = torch.zeros((), dtype=torch.float64, device=dev)
+    xa = torch.zeros(b, dtype=torch.float64, device=dev)
     ramps_t = ramps_re.T.contiguous()  # (2C, Tf), rows (pixel, re/im)
     inc = in_class[members]
     for kk in range(ka):
@@ -109,23 +112,29 @@ def _class_block_sums(
             ii = sel[s : s + max_pairs]
             n = len(ii)
             wt = w[:, :, blk][ii].permute(1, 0, 2).reshape(tf, n * pf)
-            mix = (ramps_t @ wt).view(c, 2 * n, pf)  # per pixel: n real rows, then n imaginary
-            count_gemm(2 * c, tf, n * pf, "mstep_flops")
             qr, qi = q[ii].real.T, q[ii].imag.T  # (C, n)
             qq = torch.stack([torch.cat([qr, -qi], 1), torch.cat([qi, qr], 1)], 1)  # (C, 2, 2n)
-            f = torch.bmm(qq, mix)  # (C, 2, Pf): sum_i q_i Mix_i
+            cxr, cxi = cx[ii].real.T, cx[ii].imag.T  # (C, n)
+            f = torch.empty((c, 2, pf), device=dev)
+            u = torch.empty((c, n), device=dev)
+            # Mix a few pixels at a time: the GEMM's inner dimension is only Tf, and the two
+            # products that read Mix run 1.5x faster while it stays in cache.
+            for c0 in range(0, c, _MIX_PIXELS):
+                c1 = min(c, c0 + _MIX_PIXELS)
+                mix = (ramps_t[2 * c0 : 2 * c1] @ wt).view(c1 - c0, 2 * n, pf)
+                torch.bmm(qq[c0:c1], mix, out=f[c0:c1])  # sum_i q_i Mix_i
+                # Re/Im Mix x Re/Im P, summed over psi
+                o = torch.bmm(mix, p_cols[c0:c1]).view(c1 - c0, 2, n, 2)
+                z_re = o[:, 0, :, 0] + o[:, 1, :, 1]  # Re sum_psi conj(P) Mix, (c, n)
+                z_im = o[:, 1, :, 0] - o[:, 0, :, 1]
+                u[c0:c1] = z_re * cxr[c0:c1] - z_im * cxi[c0:c1]  # Re(c X conj(P) Mix)
+            count_gemm(2 * c, tf, n * pf, "mstep_flops")
             fimg[blk] += torch.complex(f[:, 0], f[:, 1]).T
-            o = torch.bmm(mix, p_cols).view(c, 2, n, 2)  # Re/Im Mix x Re/Im P, summed over psi
-            z_re = o[:, 0, :, 0] + o[:, 1, :, 1]  # Re sum_psi conj(P) Mix, (C, n)
-            z_im = o[:, 1, :, 0] - o[:, 0, :, 1]
-            cxi = cx[ii]
-            u = z_re * cxi.real.T - z_im * cxi.imag.T  # Re(c X conj(P) Mix), (C, n)
             cross_part.index_add_(0, ii, u.sum(0).to(torch.float64))
             noise += u.sum(1).to(torch.float64)
             if msk is not None:
-                xa += (u * msk[kk * pf][:, None]).sum(dtype=torch.float64)
-            del mix, o, u
-    return fimg, noise, float(xa)
+                xa.index_add_(0, ii, (u * msk[kk * pf][:, None]).sum(0, dtype=torch.float64))
+    return fimg, noise, xa[members]
 
 
 def _compact(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +372,8 @@ def _accumulate_dense(
     ``W^T [Y_q | Y_x]`` ``(R, 4C)`` gives the reconstruction sums and, per pixel,
     ``sum_r Re(conj(P_r) W^T Y_x)``, the cross term of the noise (and of the scale, per group);
     ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction.
-    Particles are taken in pieces of one optics group, half set and (with ``--scale``) group.
+    Particles are taken in pieces of one optics group, half set and (with ``--scale``, outside
+    the block path) group.
     """
     w = hyp.dense
     assert w is not None and hyp.active is not None
@@ -387,16 +397,18 @@ def _accumulate_dense(
     n_groups = sums.xa.shape[0]
     zeros = torch.zeros(b, dtype=torch.long, device=dev)
     halves = half if half is not None else zeros
-    # pieces of one (optics group, half set, group): the group only matters for the scale
-    piece = torch.stack([optics, halves, groups if with_scale else zeros], 1)
+    step = max(1, max_rows // tf)
+    in_class = wr.view(b, ka, pf).sum(2) > 0  # (B, Ka): (particle, class) blocks with weight
+    by_class = float(in_class.float().mean()) < BLOCK_FRACTION
+    # pieces of one (optics group, half set, group); the group only matters for the scale, and
+    # not to the block path, which has the scale's cross term per particle
+    per_group = with_scale and not by_class
+    piece = torch.stack([optics, halves, groups if per_group else zeros], 1)
     slots = sums.fimg.shape[0]
     fimg = torch.zeros((2, ra, c), dtype=torch.complex64, device=dev)
     cross_pix = torch.zeros((n_opt, c), dtype=torch.float64, device=dev)
     cross_part = torch.zeros(b, dtype=torch.float64, device=dev)
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
-    step = max(1, max_rows // tf)
-    in_class = wr.view(b, ka, pf).sum(2) > 0  # (B, Ka): (particle, class) blocks with weight
-    by_class = float(in_class.float().mean()) < BLOCK_FRACTION
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
     for o, h, g in torch.unique(piece, dim=0).tolist():
         members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
@@ -408,7 +420,8 @@ def _accumulate_dense(
             fimg[h] += f_part
             cross_pix[o] += noise
             if with_scale:
-                xa_sum[g] += xa_part / float(scale[g])
+                g_m = groups[members]
+                xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
         gx = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
         contiguous = int(members[-1] - members[0]) + 1 == len(members)
