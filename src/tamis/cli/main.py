@@ -13,6 +13,7 @@ from tamis.cli import (
     extract,
     it,
     pick,
+    postprocess,
     rank,
     refine,
     schemer,
@@ -42,6 +43,8 @@ app.command("extract", help=extract.__doc__)(extract.extract)
 app.add_typer(it.app, name="it")
 app.command("align_symmetry", help=align_symmetry.__doc__)(align_symmetry.align_symmetry)
 app.command("refine", help=refine.__doc__)(refine.refine)
+app.command("postprocess", help=postprocess.__doc__)(postprocess.postprocess)
+app.command("mask_create", help=postprocess.__doc__)(postprocess.mask_create)
 
 
 def _version(value: bool) -> None:

@@ -6,8 +6,8 @@ Registered: ``relion.external`` (any program, RELION's calling convention), ``re
 (tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``),
-``relion.select.class2dauto`` (the class ranker) and ``relion.initialmodel`` (the de novo 3D
-model). A label is matched after dropping trailing
+``relion.select.class2dauto`` (the class ranker), ``relion.initialmodel`` (the de novo 3D
+model), ``relion.maskcreate`` and ``relion.postprocess``. A label is matched after dropping trailing
 ``.xxx`` tokens until a registered one fits, as RELION resolves process types.
 """
 
@@ -340,6 +340,54 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
     ]
 
 
+def _run_maskcreate(job: JobStar, out: Path) -> Nodes:
+    """RELION's MaskCreate job (``relion_mask_create``): ``mask.mrc``."""
+    from tamis.refine.automask import MaskOptions, create_mask_file
+
+    opts = MaskOptions(
+        lowpass=_f(job, "lowpass_filter", 15),
+        ini_threshold=_f(job, "inimask_threshold", 0.02),
+        extend_inimask=_f(job, "extend_inimask", 3),
+        width_soft_edge=_f(job, "width_mask_edge", 3),
+    )
+    angpix = _f(job, "angpix", -1)
+    create_mask_file(
+        job.options["fn_in"], out / "mask.mrc", opts, angpix=angpix if angpix > 0 else None
+    )
+    return [(str(out / "mask.mrc"), "Mask3D.mrc.relion")]
+
+
+def _run_postprocess(job: JobStar, out: Path) -> Nodes:
+    """RELION's PostProcess job (``relion_postprocess``): sharpened maps, FSC and Guinier
+    tables in ``postprocess.star``, the FSC plot as ``postprocess_fsc.png``."""
+    from tamis.refine.postprocess import PostprocessOptions, run_postprocess
+
+    skip = job.get_bool("do_skip_fsc_weighting")
+    opts = PostprocessOptions(
+        auto_bfac=job.get_bool("do_auto_bfac", True),
+        autob_lowres=_f(job, "autob_lowres", 10),
+        adhoc_bfac=_f(job, "adhoc_bfac", -1000) if job.get_bool("do_adhoc_bfac") else 0.0,
+        skip_fsc_weighting=skip,
+        low_pass=_f(job, "low_pass", 5) if skip else 0.0,
+    )
+    angpix = _f(job, "angpix", -1)
+    mask = job.options.get("fn_mask") or None
+    run_postprocess(
+        job.options["fn_in"],
+        out / "postprocess",
+        mask=mask,
+        angpix=angpix if angpix > 0 else None,
+        options=opts,
+    )
+    nodes: Nodes = [(str(out / "postprocess.mrc"), "DensityMap.mrc.relion.postprocess")]
+    if mask:
+        nodes.append(
+            (str(out / "postprocess_masked.mrc"), "DensityMap.mrc.relion.postprocess.masked")
+        )
+    nodes.append((str(out / "postprocess.star"), "ProcessData.star.relion.postprocess"))
+    return nodes
+
+
 REGISTRY: dict[str, JobType] = {
     t.label: t
     for t in (
@@ -353,6 +401,8 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
         JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
         JobType("relion.initialmodel", "InitialModel", _run_inimodel, {"nr_classes": "1", "nr_iter": "200", "tau_fudge": "4", "sym_name": "C1", "do_run_C1": "Yes", "particle_diameter": "200", "do_solvent": "Yes", "do_zero_mask": "Yes", "do_ctf_correction": "Yes"}),
+        JobType("relion.maskcreate", "MaskCreate", _run_maskcreate, {"lowpass_filter": "15", "angpix": "-1", "inimask_threshold": "0.02", "extend_inimask": "3", "width_mask_edge": "3"}),
+        JobType("relion.postprocess", "PostProcess", _run_postprocess, {"angpix": "-1", "do_auto_bfac": "Yes", "autob_lowres": "10", "do_adhoc_bfac": "No", "adhoc_bfac": "-1000", "do_skip_fsc_weighting": "No", "low_pass": "5"}),
         JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
     )
 }  # fmt: skip

@@ -44,6 +44,7 @@ from tamis.geometry import euler_to_matrix, matrix_to_euler
 from tamis.io.particles import ParticleSet
 from tamis.orientations import angular_sampling
 from tamis.padded_grid import transform_scale
+from tamis.refine.autosampling import refined_translations
 from tamis.refine.sampling import Sampling3D
 from tamis.refine.space import VolumeSpace
 
@@ -212,16 +213,10 @@ class InitialModelRun(VdamRun):
         """RELION's translational part of auto-sampling, in Angstrom."""
         smp, px = self.sampling, self.pixel
         old_step, old_range = smp.offset_step * px, smp.offset_range * px
-        step = min(1.5, 0.75 * _best_class(st.acc_trans)) * 2**smp.oversampling
         change = old_range if self._offset_change is None else self._offset_change
-        rng = min(1.3 * old_range, 5 * change)
-        rng = max(rng, 1.5 * step)
-        if rng > 4 * step:
-            rng /= 2
-        if rng > 4 * step:
-            step = rng / 4
-        if step > old_step:
-            return
+        step, rng = refined_translations(
+            old_step, old_range, _best_class(st.acc_trans), change, smp.oversampling
+        )
         smp.offset_step, smp.offset_range = step / px, rng / px
 
     def particle_table(self) -> pd.DataFrame:
