@@ -38,7 +38,7 @@ from tamis.class2d.fourier2d import (
     relion_round,
 )
 from tamis.class2d.init import initial_sigma2_and_references, random_psi
-from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation
+from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare_refs
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
@@ -556,6 +556,8 @@ class Class2DRun:
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
         psi_fine_deg = psi_f if oversampled else psi_c
+        # pass 0's projections as its GEMMs read them, once for every batch
+        coarse_refs = prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]))
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),
@@ -634,6 +636,7 @@ class Class2DRun:
                     n_over_trans=smp.n_over_trans if oversampled else 1,
                     fraction=o.adaptive_fraction,
                     max_significant=max_sig,
+                    coarse_refs=coarse_refs,
                 )
                 _add_seconds("estep_seconds", t_e, dev)
                 t_m = time.perf_counter()

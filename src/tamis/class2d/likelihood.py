@@ -27,6 +27,8 @@ from dataclasses import dataclass, replace
 import torch
 
 __all__ = [
+    "PreparedRefs",
+    "prepare_refs",
     "BatchData",
     "Hypotheses",
     "expectation",
@@ -48,6 +50,10 @@ GEMM_STATS: dict[str, object] = {
 #: Significance histograms bin float32 weights by their bit patterns shifted right by this
 #: (18: 5 of the 23 mantissa bits, 32 bins per octave).
 _SIG_SHIFT = 18
+
+#: Capped significance of rows up to this many samples sorts the top k (topk); longer rows (3D
+#: pass 0: ~4 million) find both thresholds from a histogram, 2x faster there, 1.5x slower below.
+_TOPK_COLUMNS = 1 << 20
 
 #: A particle's pass 1 goes dense (every fine weight, :func:`_dense_pass`) when more than this
 #: fraction of its (class, fine psi) pairs have a significant parent.
@@ -256,51 +262,145 @@ def capped_significance(
     logw: torch.Tensor, fraction: float, max_significant: int, max_elements: int = 1 << 22
 ) -> torch.Tensor:
     """:func:`significant_mask` with a cap, in place and in bounded memory: ``logw`` ``(B, S)``
-    (float32 in pass 0; overwritten with weights relative to each row's largest) gives the mask
-    of the samples that carry ``fraction`` of the weight, at most ``max_significant`` (RELION's
-    rule: the top weights sorted, the threshold where their running sum exceeds ``fraction`` of
-    the row's total; only the top ``max_significant`` can set it, so they are found with topk
-    instead of a sort of every row). Rows are taken ``max_elements`` at a time."""
+    (float32 in pass 0; overwritten with normalised weights) gives the mask of the samples that
+    carry ``fraction`` of the weight, at most ``max_significant`` (RELION's rule: the top weights
+    sorted, the threshold where their running sum exceeds ``fraction`` of the row's total, or the
+    ``max_significant``-th largest weight if that comes first). Both thresholds come from one
+    histogram of the weights' bit patterns, sorting only the members of the bins they fall in, as
+    :func:`dense_significance`. Rows are taken ``max_elements`` at a time."""
     b, n = logw.shape
     k = min(max_significant, n)
     mask = torch.empty((b, n), dtype=torch.bool, device=logw.device)
     step = max(1, max_elements // max(n, 1))
-    floor = math.exp(-80.0) * 1.001
     for s in range(0, b, step):
         w = logw[s : s + step]
         # below exp(-80) relative, weights are nothing beside the 1 - fraction cut (and exp is
         # slow on arguments that underflow): raised to it, then excluded below
         w.sub_(w.amax(dim=1, keepdim=True)).clamp_(min=-80.0).exp_()
-        total = w.sum(1, keepdim=True, dtype=torch.float64)
-        top, _ = torch.topk(w, k, dim=1, sorted=True)
-        csum = torch.cumsum(top.to(torch.float64), dim=1)
-        pos = torch.searchsorted(csum, (fraction * total).contiguous(), right=True).clamp(max=k - 1)
-        thr = torch.gather(top, 1, pos)
-        mask[s : s + step] = (w >= thr) & (w > floor)
+        total = w.sum(1).to(torch.float64)  # float32 cascade sum: a scale, not a threshold
+        w.div_(total.to(torch.float32)[:, None])
+        floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
+        if n <= _TOPK_COLUMNS:
+            # short rows (2D): the top k sorted; the threshold where their running sum first
+            # exceeds the fraction, else the k-th
+            top, _ = torch.topk(w, k, dim=1, sorted=True)
+            csum = torch.cumsum(top.to(torch.float64), dim=1)
+            target = fraction * w.sum(1, keepdim=True, dtype=torch.float64)
+            pos = torch.searchsorted(csum, target, right=True).clamp(max=k - 1)
+            thr = torch.gather(top, 1, pos).squeeze(1)
+        else:
+            mass, count = _bin_mass(w, with_counts=True)
+            frac_thr = _fraction_threshold(w, mass, fraction)
+            thr = torch.maximum(frac_thr, _kth_largest(w, count, k)).to(torch.float32)
+        mask[s : s + step] = (w >= thr[:, None]) & (w > floor[:, None])
     return mask
 
 
+def _bin_mass(
+    w: torch.Tensor, with_counts: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per row of normalised weights ``w`` ``(B, S)`` (float32 in [0, 1]): their mass (float64)
+    and, optionally, their number in each bin of the float32 bit patterns shifted by
+    :data:`_SIG_SHIFT` (monotone in the value). Columns are taken in pieces so that the 64-bit
+    temporaries stay small."""
+    b, n = w.shape
+    bits = w.view(torch.int32)
+    n_bins = (0x3F800000 >> _SIG_SHIFT) + 1
+    # Bin masses in float64: a row holds up to millions of similar weights, and a float32 sum
+    # drifts by percents there, far more than the 1 - fraction margin.
+    mass = torch.zeros((b, n_bins), dtype=torch.float64, device=w.device)
+    count = torch.zeros((b, n_bins), dtype=torch.int64, device=w.device) if with_counts else None
+    cols = max(1, (1 << 20) // max(b, 1))
+    for s in range(0, n, cols):
+        code = (bits[:, s : s + cols] >> _SIG_SHIFT).long().clamp_(max=n_bins - 1)
+        mass.scatter_add_(1, code, w[:, s : s + cols].to(torch.float64))
+        if count is not None:
+            count.scatter_add_(1, code, torch.ones_like(code))
+    return mass, count
+
+
+def _members(w: torch.Tensor, bins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the weights that fall in bin ``bins[row]``."""
+    lo = (bins << _SIG_SHIFT).to(torch.int32)[:, None]
+    bits = w.view(torch.int32)
+    return torch.nonzero((bits >= lo) & (bits < lo + (1 << _SIG_SHIFT)), as_tuple=True)
+
+
+def _fraction_threshold(w: torch.Tensor, mass: torch.Tensor, fraction: float) -> torch.Tensor:
+    """RELION's threshold per row (float64): the smallest weight added while the running sum of
+    the weights sorted descending is <= ``fraction`` of the row's total (0 if none)."""
+    b = w.shape[0]
+    # mass of the bins above each bin: non-increasing along the row
+    above = mass.sum(1, keepdim=True) - torch.cumsum(mass, 1)
+    target = fraction * mass.sum(1)  # (B,): the fraction of the row's own total
+    # The crossing bin, the first (from the top) whose higher bins do not exceed the target:
+    # the bins that do form a prefix of the row.
+    cbin = (above > target[:, None]).sum(1)
+    r_idx, c_idx = _members(w, cbin)
+    thr = _threshold_in_bin(r_idx, w[r_idx, c_idx], above[r_idx, cbin[r_idx]], b, target)
+    # A row without a threshold (not expected: the crossing bin's first member is always added)
+    # keeps every weight rather than none.
+    return torch.where(torch.isfinite(thr), thr, 0.0)
+
+
+def _kth_largest(w: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k``-th largest weight of each row (float64), from the bin counts: the bins with at
+    least ``k`` weights above them form a prefix; the next holds it, and only it is sorted."""
+    b = w.shape[0]
+    above = count.sum(1, keepdim=True) - torch.cumsum(count, 1)  # weights above each bin
+    kbin = (above >= k).sum(1).clamp(max=count.shape[1] - 1)
+    need = k - above.gather(1, kbin[:, None]).squeeze(1)  # its rank within that bin (1-based)
+    r_idx, c_idx = _members(w, kbin)
+    vals = w[r_idx, c_idx].to(torch.float64)
+    order = torch.argsort(r_idx.to(torch.float64) + (1.0 - vals))  # by row, then descending
+    sr, sv = r_idx[order], vals[order]
+    per_row = torch.bincount(sr, minlength=b)
+    first = torch.cumsum(per_row, 0) - per_row
+    pos = (first + need - 1).clamp(min=0, max=max(len(sv) - 1, 0))
+    kth = sv[pos] if len(sv) else torch.zeros(b, dtype=torch.float64, device=w.device)
+    return torch.where(per_row >= need, kth, torch.zeros_like(kth))
+
+
+@dataclass(frozen=True)
+class PreparedRefs:
+    """Projections ``(R, C)`` as the E-step's GEMMs read them: real rows ``(R, 2C)`` (a view of
+    contiguous projections) and squared norms ``(R, C)``. Made once per iteration for pass 0, whose
+    projections every batch shares (:func:`prepare_refs`)."""
+
+    rows: torch.Tensor
+    norm2: torch.Tensor
+
+
+def prepare_refs(proj: torch.Tensor) -> PreparedRefs:
+    """:class:`PreparedRefs` of projections ``(R, C)`` (complex)."""
+    return PreparedRefs(real_rows(proj), proj.real**2 + proj.imag**2)
+
+
 def _log_weights(
-    y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
+    y_w: torch.Tensor,
+    a_w: torch.Tensor,
+    proj: torch.Tensor | PreparedRefs,
+    ramps: torch.Tensor,
 ) -> torch.Tensor:
     """``2 cross(i, t, r) - A(i, r)`` as ``(B, T, R)`` float32: minus diff2 up to the particle's
-    constant. The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (P scaled by
-    2), A by ``(B, C) x (C, R)``; A is subtracted in place.
+    constant. The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the
+    particles scaled by 2, exactly), A by ``(B, C) x (C, R)``; A is subtracted in place.
 
-    ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``,
-    ``ramps`` ``(T, C)``.
+    ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
+    (or prepared once for many batches), ``ramps`` ``(T, C)``.
     """
+    refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj)
     b, c = y_w.shape
-    t, r = ramps.shape[0], proj.shape[0]
-    a = a_w @ (proj.real**2 + proj.imag**2).T  # (B, R)
+    t, r = ramps.shape[0], refs.rows.shape[0]
+    a = a_w @ refs.norm2.T  # (B, R)
     count_gemm(b, c, r)
-    logw = (shifted_real(y_w, ramps) @ (2.0 * real_rows(proj)).T).view(b, t, r)
+    logw = (shifted_real(2.0 * y_w, ramps) @ refs.rows.T).view(b, t, r)
     count_gemm(b * t, 2 * c, r)
     return logw.sub_(a[:, None, :])
 
 
 def _diff2_dense(
-    y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor, ramps: torch.Tensor
+    y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor | PreparedRefs, ramps: torch.Tensor
 ) -> torch.Tensor:
     """``A(i, r) - 2 cross(i, t, r)`` as ``(B, R, T)`` (float64); see :func:`_log_weights`."""
     return -_log_weights(y_w, a_w, proj, ramps).transpose(1, 2).to(torch.float64)
@@ -322,6 +422,7 @@ def expectation(
     fraction: float = 0.999,
     max_significant: int = -1,
     dense_pairs: float | None = None,
+    coarse_refs: PreparedRefs | None = None,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -348,7 +449,10 @@ def expectation(
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
     ka = len(active)
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
-    pc_flat = proj_coarse[active].reshape(ka * pc, -1)
+    if ka == k:  # every class active: no copy, and the prepared rows when given
+        pc_flat = coarse_refs if coarse_refs is not None else proj_coarse.reshape(k * pc, -1)
+    else:
+        pc_flat = proj_coarse[active].reshape(ka * pc, -1)
     final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
     if final_pass:
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
@@ -738,8 +842,6 @@ def dense_significance(
                 for s in range(0, logw.shape[0], rows)
             ]
         )
-    b, n = logw.shape
-    dev = logw.device
     mx = logw.amax(dim=1, keepdim=True)
     # Relative log-weights below -80 (weights < 2e-35, and the excluded -inf) are raised to -80
     # before exp: exp is several times slower on arguments that underflow. Their mass (< S x
@@ -753,29 +855,7 @@ def dense_significance(
         floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
         w.masked_fill_(w <= floor[:, None], 0.0)
         return lse
-    bits = w.view(torch.int32)  # 0 .. 0x3F800000 (1.0), monotone in w
-    n_bins = (0x3F800000 >> _SIG_SHIFT) + 1
-    # Bin masses in float64: a row holds up to millions of similar weights, and a float32 sum
-    # drifts by percents there, far more than the 1 - fraction margin. Columns are taken in
-    # pieces so that the 64-bit temporaries stay small.
-    mass = torch.zeros((b, n_bins), dtype=torch.float64, device=dev)
-    cols = max(1, (1 << 20) // max(b, 1))
-    for s in range(0, n, cols):
-        code = (bits[:, s : s + cols] >> _SIG_SHIFT).long().clamp_(max=n_bins - 1)
-        mass.scatter_add_(1, code, w[:, s : s + cols].to(torch.float64))
-    # mass of the bins above each bin: non-increasing along the row
-    above = mass.sum(1, keepdim=True) - torch.cumsum(mass, 1)
-    target = fraction * mass.sum(1)  # (B,): the fraction of the row's own total
-    # The crossing bin, the first (from the top) whose higher bins do not exceed the target:
-    # the bins that do form a prefix of the row.
-    cbin = (above > target[:, None]).sum(1)
-    # exact threshold inside the crossing bin: sort only its members
-    lo = (cbin << _SIG_SHIFT).to(torch.int32)[:, None]
-    in_bin = (bits >= lo) & (bits < lo + (1 << _SIG_SHIFT))
-    r_idx, c_idx = torch.nonzero(in_bin, as_tuple=True)
-    thr = _threshold_in_bin(r_idx, w[r_idx, c_idx], above[r_idx, cbin[r_idx]], b, target)
-    # A row without a threshold (not expected: the crossing bin's first member is always added)
-    # keeps every weight rather than none.
-    thr = torch.where(torch.isfinite(thr), thr, 0.0).to(torch.float32)
+    mass, _ = _bin_mass(w)
+    thr = _fraction_threshold(w, mass, fraction).to(torch.float32)
     w.mul_(w >= thr[:, None])  # 3x faster than masked_fill_ on the CPU
     return lse
