@@ -168,6 +168,9 @@ def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
         raise InputFileError(path, f"not a valid MRC file ({text.splitlines()[0]})") from None
     except OSError as exc:
         raise InputFileError(path, f"cannot read ({exc.strerror or exc})") from None
+    except (OverflowError, MemoryError) as exc:
+        # sizes in the header that no file can have (negative, or beyond the address space)
+        raise InputFileError(path, f"not a valid MRC file (header sizes: {exc})") from None
     mode = int(mrc.header.mode)
     if mode not in _MODE_BYTES:
         mrc.close()

@@ -225,6 +225,14 @@ def read_data_star(path: str | Path, kind: str | None = None) -> DataStar:
     """
     path = Path(path)
     blocks = read_star(path)
+    try:
+        return _read_data_blocks(path, blocks, kind)
+    except (ValueError, TypeError, KeyError) as exc:
+        # a value of the wrong type (text in a number column, NaN in an integer one, ...)
+        raise InputFileError(path, f"malformed data table ({_one_line(exc)})") from None
+
+
+def _read_data_blocks(path: Path, blocks: dict[str, Block], kind: str | None) -> DataStar:
     if "optics" in blocks:
         optics = blocks["optics"]
         if not isinstance(optics, pd.DataFrame):
@@ -258,8 +266,8 @@ def read_data_star(path: str | Path, kind: str | None = None) -> DataStar:
             if len(optics) != 1:
                 raise InputFileError(path, f"data_{found} lacks rlnOpticsGroup")
             table = table.assign(rlnOpticsGroup=1)
-        known = set(optics["rlnOpticsGroup"].astype(int))
-        unknown = sorted(set(table["rlnOpticsGroup"].astype(int)) - known)
+        known = set(_integers(optics["rlnOpticsGroup"], path, "optics"))
+        unknown = sorted(set(_integers(table["rlnOpticsGroup"], path, found)) - known)
         if unknown:
             raise InputFileError(
                 path, f"data_{found} refers to optics group(s) {unknown} missing from data_optics"
@@ -271,6 +279,8 @@ def read_data_star(path: str | Path, kind: str | None = None) -> DataStar:
     if not loops:
         raise InputFileError(path, "has no data table (loop_)")
     name, table = loops[0]
+    if not len(table):
+        raise InputFileError(path, "its data table has no rows")
     if kind is None:
         kind = _guess_kind(table)
     return _convert_30(path, table, kind, {k: v for k, v in blocks.items() if k != name})
@@ -333,6 +343,16 @@ def _plain(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _integers(column: pd.Series, path: Path, block: str) -> list[int]:
+    """The values of an integer column, or one error naming the first value that is not one."""
+    values = pd.to_numeric(column, errors="coerce")
+    bad = ~np.isfinite(values.to_numpy(dtype=float)) | (values != values.round())
+    if bad.any():
+        first = column[bad].iloc[0]
+        raise InputFileError(path, f"{column.name} in data_{block} holds {first!r}, not an integer")
+    return values.astype(int).tolist()
 
 
 def _one_line(exc: BaseException) -> str:

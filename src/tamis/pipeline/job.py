@@ -61,14 +61,16 @@ class JobStar:
         if isinstance(opts, dict):
             opts = pd.DataFrame([opts])
         if isinstance(opts, pd.DataFrame):
+            missing = {"rlnJobOptionVariable", "rlnJobOptionValue"} - set(opts.columns)
+            if missing:
+                raise InputFileError(
+                    path, f"data_joboptions_values lacks {', '.join(sorted(missing))}"
+                )
             for _, row in opts.iterrows():
                 v = row["rlnJobOptionValue"]
                 options[str(row["rlnJobOptionVariable"])] = "" if pd.isna(v) else str(v)
         return cls(
-            label,
-            bool(int(job.get("rlnJobIsContinue", 0))),
-            bool(int(job.get("rlnJobIsTomo", 0))),
-            options,
+            label, _flag(job, "rlnJobIsContinue", path), _flag(job, "rlnJobIsTomo", path), options
         )
 
     @classmethod
@@ -108,6 +110,15 @@ class JobStar:
     def get_bool(self, key: str, default: bool = False) -> bool:
         v = self.options.get(key)
         return default if v is None else v.strip().lower() in ("yes", "true", "1")
+
+
+def _flag(job: dict, key: str, path: Path) -> bool:
+    """A 0/1 field of data_job (RELION writes integers)."""
+    v = job.get(key, 0)
+    try:
+        return bool(int(v))
+    except (TypeError, ValueError):
+        raise InputFileError(path, f"{key} is {v!r}, not 0 or 1") from None
 
 
 def exit_status(job_dir: str | Path) -> str | None:

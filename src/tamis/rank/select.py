@@ -10,7 +10,6 @@ Classes with 10 or fewer estimated particles are not scored (score -999), as in 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from tamis.class2d.em import choose_device
 from tamis.errors import InputFileError, TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.particles import ParticleSet
+from tamis.io.records import read_model_record
 from tamis.io.star import atomic_path, read_data_star, read_star, write_star
 from tamis.rank.features import class_features, cnn_image, feature_vector, network_features
 from tamis.rank.network import ClassRankerNet
@@ -78,17 +78,26 @@ def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
     try:
         state = load_file(str(path))
     except Exception as exc:
-        raise InputFileError(path, f"not a safetensors state dict ({exc})") from None
+        raise InputFileError(
+            path, f"not a safetensors state dict ({' '.join(str(exc).split())})"
+        ) from None
     net = ClassRankerNet()
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise InputFileError(
-            path, f"weights do not fit RELION's class-ranker network ({exc})"
+            path, f"weights do not fit RELION's class-ranker network ({' '.join(str(exc).split())})"
         ) from None
     net.eval()
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = read_model_record(path.with_suffix(".json"))
+    cal = meta.get("calibration")
+    if cal is not None:
+        ok = isinstance(cal, dict) and all(
+            isinstance(cal.get(k, 0.0), (int, float)) and not isinstance(cal.get(k), bool)
+            for k in ("a", "b")
+        )
+        if not ok:
+            raise InputFileError(path.with_suffix(".json"), "calibration must hold numbers a and b")
     return net, meta
 
 

@@ -70,6 +70,16 @@ class Scheme:
         general = blocks.get("scheme_general")
         if not isinstance(general, dict) or "rlnSchemeName" not in general:
             raise InputFileError(path, "has no data_scheme_general with rlnSchemeName")
+        try:
+            return cls._from_blocks(blocks, general)
+        except KeyError as exc:
+            raise InputFileError(path, f"a scheme table lacks the column {exc.args[0]}") from None
+        except (ValueError, TypeError) as exc:
+            msg = str(exc).strip().splitlines()
+            raise InputFileError(path, f"malformed value ({msg[0] if msg else exc!r})") from None
+
+    @classmethod
+    def _from_blocks(cls, blocks: dict, general: dict) -> Scheme:
         sch = cls(
             str(general["rlnSchemeName"]), str(general.get("rlnSchemeCurrentNodeName", UNDEFINED))
         )

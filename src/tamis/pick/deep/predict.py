@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from tamis.errors import InputFileError
+from tamis.io.records import read_model_record
 from tamis.pick.deep.data import TARGET_RADIUS, prepare
 from tamis.pick.deep.network import DIAMETER_PX, PickerNet
 from tamis.pick.micrograph import Micrograph
@@ -45,15 +46,23 @@ def load_model(path: str | Path | None = None) -> tuple[PickerNet, dict]:
     try:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
-        raise InputFileError(path, f"not a safetensors model ({exc})") from None
-    meta_path = path.with_suffix(".json")
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    width = int(meta.get("width", 16))
+        raise InputFileError(
+            path, f"not a safetensors model ({' '.join(str(exc).split())})"
+        ) from None
+    meta = read_model_record(path.with_suffix(".json"))
+    try:
+        width = int(meta.get("width", 16))
+    except (TypeError, ValueError):
+        raise InputFileError(path.with_suffix(".json"), "width is not an integer") from None
+    if not 1 <= width <= 1024:
+        raise InputFileError(path.with_suffix(".json"), f"width {width} is out of range")
     model = PickerNet(width)
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise InputFileError(path, f"weights do not fit the picker network ({exc})") from None
+        raise InputFileError(
+            path, f"weights do not fit the picker network ({' '.join(str(exc).split())})"
+        ) from None
     model.eval()
     return model, meta
 
