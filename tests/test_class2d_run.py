@@ -318,3 +318,39 @@ def test_fine_projections_on_demand_give_the_same_e_step(sim, monkeypatch):
     for x, y in ((streamed.d, full.d), (streamed.w, full.w)):
         assert float((x - y).abs().max()) <= 1e-6 * float(y.abs().max())
     assert np.array_equal(a.cls[rows], b.cls[rows]) and np.allclose(a.psi[rows], b.psi[rows])
+
+
+def test_out_of_memory_splits_the_batch_and_gives_the_same_result(sim, full_run, monkeypatch):
+    # Issue 19: an E-step that cannot allocate is retried on half the batch (nothing was added
+    # to the sums yet), down to one particle; the result equals the unhindered run's.
+    import tamis.class2d.em as em
+
+    real = em.expectation
+    calls = {"oom": 0}
+
+    def small_memory(data, **kw):
+        if data.x.shape[0] > 20:
+            calls["oom"] += 1
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate")
+        return real(data, **kw)
+
+    monkeypatch.setattr(em, "expectation", small_memory)
+    log: list[str] = []
+    result = run_class2d(
+        sim / "sim" / "particles.star", str(sim / "oom" / "run"), options(), log=log.append
+    )
+    assert calls["oom"] > 0 and any("out of memory with 64 particles" in s for s in log)
+    assert_same_classification(full_run[1], result)
+
+    def no_memory(data, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(em, "expectation", no_memory)
+    with pytest.raises(TamisError, match="out of memory with one particle"):
+        run_class2d(sim / "sim" / "particles.star", str(sim / "oom2" / "run"), options(),
+                    log=lambda s: None)  # fmt: skip
+    # other runtime errors are bugs and keep their traceback
+    monkeypatch.setattr(em, "expectation", lambda data, **kw: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        run_class2d(sim / "sim" / "particles.star", str(sim / "oom3" / "run"), options(),
+                    log=lambda s: None)  # fmt: skip

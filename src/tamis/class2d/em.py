@@ -602,79 +602,104 @@ class Class2DRun:
         with progress_bar(len(rows_all), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
             for batch in self._batches(rows_all, bsize):
-                if abort is not None and abort():
-                    raise _Abort
-                rows = rows_all[start : start + len(batch.indices)]
-                start += len(rows)
-                data, full_power = self._prepare(batch.images, rows, window, it)
-                if acc_inputs is None:  # RELION uses the first 10 (3D: 100) particles
-                    n_acc = self.accuracy_trials
-                    acc_inputs = (
-                        data.ctf[:n_acc],
-                        data.sigma2[:n_acc],
-                        self.angles_of(rows[:n_acc]),
+                batch_rows = rows_all[start : start + len(batch.indices)]
+                start += len(batch_rows)
+                # a batch that runs out of memory in the E-step (nothing added to the sums yet)
+                # is split in two and retried, down to one particle
+                pending = [(batch_rows, batch.images)]
+                while pending:
+                    rows, images = pending.pop(0)
+                    if abort is not None and abort():
+                        raise _Abort
+                    data, full_power = self._prepare(images, rows, window, it)
+                    if acc_inputs is None:  # RELION uses the first 10 (3D: 100) particles
+                        n_acc = self.accuracy_trials
+                        acc_inputs = (
+                            data.ctf[:n_acc],
+                            data.sigma2[:n_acc],
+                            self.angles_of(rows[:n_acc]),
+                        )
+                    off_px = data.offset_px
+                    lpo = _log_prior_offset(
+                        off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel
                     )
-                off_px = data.offset_px
-                lpo = _log_prior_offset(off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel)
-                fine = (
-                    _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
-                    if stream
-                    else None
-                )
-                t_e = time.perf_counter()
-                hyp = expectation(
-                    data,
-                    proj_coarse=proj_c,
-                    proj_fine=fine if stream else proj_f,
-                    coarse_pixels=coarse_pixels,
-                    estep_pixels=estep_pixels,
-                    ramps_coarse=ramps_c,
-                    ramps_fine=ramps_f,
-                    log_prior_offset=lpo,
-                    log_prior_class=log_pc,
-                    n_over_psi=n_over_orient if oversampled else 1,
-                    n_over_trans=smp.n_over_trans if oversampled else 1,
-                    fraction=o.adaptive_fraction,
-                    max_significant=max_sig,
-                    coarse_refs=coarse_refs,
-                )
-                _add_seconds("estep_seconds", t_e, dev)
-                t_m = time.perf_counter()
-                if stream:  # this batch's sums, over the fine orientations it weighted
-                    hyp, keep = hyp.weighted_orientations(fine.proj.shape[1])
-                    batch_proj, batch_orient = fine.proj[:, keep], psi_f[fine.ids[keep]]
-                    shape = (slots,) + batch_proj.shape[1:]
-                    sums.fimg = torch.zeros(shape, dtype=torch.complex128, device=dev)
-                    sums.fweight = torch.zeros(shape, dtype=torch.float64, device=dev)
-                else:
-                    batch_proj, batch_orient = proj_f, psi_fine_deg
-                new_norm = mstep.accumulate(
-                    sums,
-                    data,
-                    hyp,
-                    batch_proj,
-                    ramps_f,
-                    window,
-                    full_power=full_power,
-                    optics=torch.as_tensor(self.optics_of[rows], device=dev),
-                    groups=torch.as_tensor(self.group_of[rows], device=dev),
-                    scale=st.scale,
-                    ssnr_mask=ssnr_mask if self.do_scale else None,
-                    translations_px=t_f,
-                    prior_offset=st.prior_offset,
-                    pixel_size=self.pixel,
-                    old_norm=torch.as_tensor(self.norm[rows], device=dev),
-                    avg_norm=st.avg_norm,
-                    nsh=self.nsh,
-                    half=torch.as_tensor(rows % 2, device=dev) if halves else None,
-                    max_rows=m_rows,
-                )
-                if stream:
-                    splat_sums(batch_proj, batch_orient)
-                _add_seconds("mstep_seconds", t_m, dev)
-                self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
-                del hyp, fine  # the dense weights go before the next batch's are made
-                bar.advance(len(rows))
+                    fine = (
+                        _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
+                        if stream
+                        else None
+                    )
+                    t_e = time.perf_counter()
+                    try:
+                        hyp = expectation(
+                            data,
+                            proj_coarse=proj_c,
+                            proj_fine=fine if stream else proj_f,
+                            coarse_pixels=coarse_pixels,
+                            estep_pixels=estep_pixels,
+                            ramps_coarse=ramps_c,
+                            ramps_fine=ramps_f,
+                            log_prior_offset=lpo,
+                            log_prior_class=log_pc,
+                            n_over_psi=n_over_orient if oversampled else 1,
+                            n_over_trans=smp.n_over_trans if oversampled else 1,
+                            fraction=o.adaptive_fraction,
+                            max_significant=max_sig,
+                            coarse_refs=coarse_refs,
+                        )
+                    except (RuntimeError, MemoryError) as exc:
+                        if not _out_of_memory(exc):
+                            raise
+                        if len(rows) == 1:
+                            raise TamisError(
+                                "out of memory with one particle per batch: this box and "
+                                "sampling need more memory than the device has"
+                            ) from None
+                        del data, full_power, fine
+                        _release_memory(dev)
+                        h = len(rows) // 2
+                        pending[:0] = [(rows[:h], images[:h]), (rows[h:], images[h:])]
+                        self.log(
+                            f"out of memory with {len(rows)} particles per batch: "
+                            f"retrying as {h} + {len(rows) - h}"
+                        )
+                        continue
+                    _add_seconds("estep_seconds", t_e, dev)
+                    t_m = time.perf_counter()
+                    if stream:  # this batch's sums, over the fine orientations it weighted
+                        hyp, keep = hyp.weighted_orientations(fine.proj.shape[1])
+                        batch_proj, batch_orient = fine.proj[:, keep], psi_f[fine.ids[keep]]
+                        shape = (slots,) + batch_proj.shape[1:]
+                        sums.fimg = torch.zeros(shape, dtype=torch.complex128, device=dev)
+                        sums.fweight = torch.zeros(shape, dtype=torch.float64, device=dev)
+                    else:
+                        batch_proj, batch_orient = proj_f, psi_fine_deg
+                    new_norm = mstep.accumulate(
+                        sums,
+                        data,
+                        hyp,
+                        batch_proj,
+                        ramps_f,
+                        window,
+                        full_power=full_power,
+                        optics=torch.as_tensor(self.optics_of[rows], device=dev),
+                        groups=torch.as_tensor(self.group_of[rows], device=dev),
+                        scale=st.scale,
+                        ssnr_mask=ssnr_mask if self.do_scale else None,
+                        translations_px=t_f,
+                        prior_offset=st.prior_offset,
+                        pixel_size=self.pixel,
+                        old_norm=torch.as_tensor(self.norm[rows], device=dev),
+                        avg_norm=st.avg_norm,
+                        nsh=self.nsh,
+                        half=torch.as_tensor(rows % 2, device=dev) if halves else None,
+                        max_rows=m_rows,
+                    )
+                    if stream:
+                        splat_sums(batch_proj, batch_orient)
+                    _add_seconds("mstep_seconds", t_m, dev)
+                    self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
+                    del hyp, fine  # the dense weights go before the next batch's are made
+                    bar.advance(len(rows))
         if not stream:
             splat_sums(proj_f, psi_fine_deg)
         d, w = space.finish(acc, cs / 2, o.pad)
@@ -877,6 +902,22 @@ class Class2DRun:
 
 
 # ---- vectorised helpers ----------------------------------------------------------------------
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation (CPU or GPU), as opposed to another runtime error."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower()
+
+
+def _release_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _add_seconds(key: str, start: float, device: torch.device) -> None:

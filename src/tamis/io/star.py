@@ -16,6 +16,7 @@ Data files (particles, micrographs, movies) come in two dialects:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -27,7 +28,7 @@ import numpy as np
 import pandas as pd
 import starfile
 
-from tamis.errors import InputFileError
+from tamis.errors import InputFileError, TamisError
 
 __all__ = [
     "write_relion_star",
@@ -69,18 +70,34 @@ def atomic_path(path: str | Path):
     A kill at any moment leaves either the old file or the complete new one, never a torn file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        _raise_if_disk(exc, path)
+        raise
     os.close(fd)
     try:
         yield Path(tmp)
         # mkstemp makes the file private (0600); give it the usual permissions (0666 & ~umask)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            _raise_if_disk(exc, path)
         raise
+
+
+#: Write failures that are the machine's state, not a bug: one line naming the file.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _raise_if_disk(exc: OSError, path: Path) -> None:
+    if exc.errno in _DISK_ERRNOS:
+        reason = exc.strerror or os.strerror(exc.errno)
+        raise TamisError(f"{path}: cannot write ({reason})") from None
 
 
 def read_star(path: str | Path) -> dict[str, Block]:
