@@ -18,7 +18,15 @@ import numpy as np
 from tamis.errors import InputFileError
 from tamis.io.star import atomic_path
 
-__all__ = ["MrcStack", "open_stack", "read_mrc", "write_mrc", "StackCache"]
+__all__ = [
+    "MrcStack",
+    "open_stack",
+    "read_mrc",
+    "write_mrc",
+    "StackCache",
+    "expected_size",
+    "mrc_is_complete",
+]
 
 #: Bytes per voxel of the modes tamis reads.
 _MODE_BYTES = {0: 1, 1: 2, 2: 4, 6: 2, 12: 2}
@@ -178,20 +186,38 @@ def _open_mmap(path: Path) -> mrcfile.mrcfile.MrcFile:
     return mrc
 
 
-def _check_size(path: Path) -> None:
-    """A truncated file (an interrupted copy or write) is named as such before mapping it."""
+def expected_size(path: str | Path) -> int | None:
+    """The file size (bytes) an MRC header promises: 1024 + extended header + voxels; None when
+    the header cannot be read or does not describe data tamis reads (a file still being written
+    may have no header yet)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with mrcfile.open(path, mode="r", header_only=True, permissive=True) as mrc:
                 h = mrc.header
+                if h is None:
+                    return None
                 mode, nsymbt = int(h.mode), int(h.nsymbt)
                 voxels = int(h.nx) * int(h.ny) * int(h.nz)
     except Exception:
+        return None
+    if mode not in _MODE_BYTES or voxels <= 0 or nsymbt < 0:
+        return None
+    return 1024 + nsymbt + voxels * _MODE_BYTES[mode]
+
+
+def mrc_is_complete(path: str | Path) -> bool:
+    """True when the file holds every byte its header promises (a copy or a write in progress
+    is not complete)."""
+    expected = expected_size(path)
+    return expected is not None and Path(path).stat().st_size >= expected
+
+
+def _check_size(path: Path) -> None:
+    """A truncated file (an interrupted copy or write) is named as such before mapping it."""
+    expected = expected_size(path)
+    if expected is None:
         return  # not readable as a header at all: the full open below says why
-    if mode not in _MODE_BYTES or voxels <= 0:
-        return
-    expected = 1024 + nsymbt + voxels * _MODE_BYTES[mode]
     actual = path.stat().st_size
     if actual < expected:
         raise InputFileError(

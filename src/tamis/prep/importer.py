@@ -2,21 +2,26 @@
 pattern become ``micrographs.star`` (or ``movies.star``) with one optics group.
 
 Re-running the import (a scheme's ``continue`` job) picks up files that appeared since: the
-output is rewritten with every matching file, in sorted order, as RELION does.
+output is rewritten with every matching file, in sorted order, as RELION does. Files still being
+written are left for the next pass: an MRC file until it holds every byte its header promises,
+other formats (TIFF, EER) until they have not changed for ``min_age_s`` seconds.
 """
 
 from __future__ import annotations
 
 import glob
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from tamis.errors import TamisError
+from tamis.io.mrc import mrc_is_complete
 from tamis.io.star import write_star
 
-__all__ = ["ImportOptions", "import_micrographs"]
+__all__ = ["ImportOptions", "import_micrographs", "is_complete"]
 
 
 @dataclass
@@ -31,6 +36,7 @@ class ImportOptions:
     optics_group_name: str = "opticsGroup1"
     is_multiframe: bool = False
     mtf: str = ""
+    min_age_s: float = 10.0  # non-MRC files younger than this may still be being written
 
     def check(self) -> None:
         if self.angpix <= 0:
@@ -41,13 +47,36 @@ class ImportOptions:
             raise TamisError(f"Q0 {self.amplitude_contrast}: must be in [0, 1)")
 
 
-def import_micrographs(pattern: str, out_dir: str | Path, options: ImportOptions) -> Path:
+def is_complete(path: str | Path, min_age_s: float, now: float | None = None) -> bool:
+    """Whether a micrograph or movie file is fully written: an MRC file holds every byte its
+    header promises; another file has not been modified for ``min_age_s`` seconds."""
+    p = Path(path)
+    if p.suffix.lower() in (".mrc", ".mrcs"):
+        return mrc_is_complete(p)
+    age = (time.time() if now is None else now) - p.stat().st_mtime
+    return age >= min_age_s
+
+
+def import_micrographs(
+    pattern: str,
+    out_dir: str | Path,
+    options: ImportOptions,
+    log: Callable[[str], None] = lambda s: None,
+) -> Path:
     """Write ``<out_dir>/micrographs.star`` (``movies.star`` for multi-frame movies) listing every
-    file matching ``pattern`` (a glob, relative to the working directory as in RELION)."""
+    complete file matching ``pattern`` (a glob, relative to the working directory as in RELION);
+    files still being written wait for the next pass."""
     options.check()
-    files = sorted(glob.glob(pattern))
-    if not files:
+    matching = sorted(glob.glob(pattern))
+    if not matching:
         raise TamisError(f"fn_in_raw {pattern!r}: no file matches")
+    files = [f for f in matching if is_complete(f, options.min_age_s)]
+    if len(files) < len(matching):
+        log(f"{len(matching) - len(files)} file(s) still being written, left for the next pass")
+    if not files:
+        raise TamisError(
+            f"fn_in_raw {pattern!r}: all {len(matching)} matching files are still being written"
+        )
     movies = options.is_multiframe
     optics = {
         "rlnOpticsGroupName": [options.optics_group_name],
