@@ -1,0 +1,158 @@
+"""SIGKILL of pipeline jobs at seeded random points: whatever the kill leaves under a final name
+is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
+class2d's continue and the schemer have their own kill tests)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tamis.io.mrc import mrc_is_complete, read_mrc
+from tamis.io.star import read_star
+from tamis.pipeline.job import JobStar, exit_status
+from tamis.pipeline.jobs import run_job
+
+ROOT = Path(__file__).resolve().parents[2]
+
+JOBS = [
+    ("AutoPick/job002", "relion.autopick.log",
+     {"fn_input_autopick": "Import/job001/micrographs.star", "log_diam_min": "90",
+      "log_diam_max": "130"}),
+    ("Extract/job003", "relion.extract",
+     {"star_mics": "Import/job001/micrographs.star",
+      "coords_suffix": "AutoPick/job002/autopick.star", "extract_size": "64",
+      "do_float16": "No"}),
+    ("MaskCreate/job004", "relion.maskcreate",
+     {"fn_in": "Refine3D/job001/run_class001.mrc", "lowpass_filter": "10",
+      "inimask_threshold": "0.3"}),
+    ("PostProcess/job005", "relion.postprocess",
+     {"fn_in": "Refine3D/job001/run_half1_class001_unfil.mrc",
+      "fn_mask": "MaskCreate/job004/mask.mrc"}),
+]  # fmt: skip
+
+
+def _project(root: Path) -> None:
+    from tamis.io.mrc import write_mrc
+    from tests.helpers import tiny_micrographs
+
+    root.mkdir(parents=True)
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        tiny_micrographs("Import/job001", n=2, size=512, per=25, snr=0.3, seed=2)
+        rng = np.random.default_rng(3)
+        n = 32
+        c = np.arange(n) - n // 2
+        z, y, x = np.meshgrid(c, c, c, indexing="ij")
+        truth = np.exp(-(z**2 + y**2 + (x / 2) ** 2) / 20.0)
+        Path("Refine3D/job001").mkdir(parents=True)
+        for h in (1, 2):
+            half = truth + rng.normal(scale=0.05, size=truth.shape)
+            write_mrc(f"Refine3D/job001/run_half{h}_class001_unfil.mrc", half, 3.0)
+        write_mrc("Refine3D/job001/run_class001.mrc", truth, 3.0)
+    finally:
+        os.chdir(cwd)
+
+
+def _outputs(job_dir: Path) -> dict[str, object]:
+    """The job's data outputs, read (logs and markers left out)."""
+    out: dict[str, object] = {}
+    for p in sorted(job_dir.rglob("*")):
+        if (
+            not p.is_file()
+            or p.name.startswith(("run.", "RELION_", ".", "job"))
+            or p.suffix == ".png"
+        ):
+            continue
+        rel = str(p.relative_to(job_dir))
+        if p.suffix == ".star":
+            out[rel] = read_star(p)
+        elif p.suffix in (".mrc", ".mrcs"):
+            out[rel] = np.asarray(read_mrc(p)[0])
+    return out
+
+
+def _same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for k in a:
+        if isinstance(a[k], np.ndarray):
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+        else:
+            assert list(a[k]) == list(b[k]), k
+            for blk in a[k]:
+                x, y = a[k][blk], b[k][blk]
+                if isinstance(x, pd.DataFrame):
+                    pd.testing.assert_frame_equal(x, y, obj=f"{k}/{blk}")
+                else:
+                    assert x == y, (k, blk)
+
+
+def _complete(job_dir: Path) -> None:
+    """Every file under a final name is whole (a kill may leave temporaries, never torn files)."""
+    for p in job_dir.rglob("*"):
+        if p.is_file() and p.suffix in (".mrc", ".mrcs"):
+            assert mrc_is_complete(p), p
+        elif p.is_file() and p.suffix == ".star" and not p.name.startswith("."):
+            read_star(p)
+
+
+def _run(root: Path, job_dir: str) -> str:
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return run_job(job_dir)
+    finally:
+        os.chdir(cwd)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_sigkill_jobs_at_random_points_then_rerun(tmp_path, seed):
+    kills, mid_run = kill_round(tmp_path, seed)
+    assert kills == len(JOBS)
+    # the seeded delays do stop jobs part-way (not only after they finished)
+    assert mid_run >= 1, mid_run
+
+
+def kill_round(tmp_path: Path, seed: int) -> tuple[int, int]:
+    """One round over :data:`JOBS` in a fresh pair of projects: each job runs uninterrupted in
+    one, is killed at a seeded random point of its run and run again in the other; asserts
+    whole files after the kill and equal outputs after the re-run. Returns (kills, kills that
+    landed before the job's exit marker)."""
+    rng = np.random.default_rng(seed)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    _project(ref)
+    _project(killed)
+    mid_run = 0
+    for job_dir, label, opts in JOBS:
+        for root in (ref, killed):
+            (root / job_dir).mkdir(parents=True)
+            JobStar(label, options=opts).write(root / job_dir)
+        t0 = time.perf_counter()
+        assert _run(ref, job_dir) == "Succeeded", (ref / job_dir / "run.err").read_text()
+        seconds = time.perf_counter() - t0
+        # kill at a random point of the job's own run (after the interpreter has started it)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", f"from tamis.pipeline.jobs import run_job; run_job({job_dir!r})"],
+            cwd=killed, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"},
+        )  # fmt: skip
+        started = killed / job_dir / "run.err"
+        t_start = time.time()
+        while not started.exists() and time.time() - t_start < 60:
+            time.sleep(0.01)
+        time.sleep(float(rng.uniform(0.0, 1.0)) * seconds)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        mid_run += exit_status(killed / job_dir) is None  # killed before its exit marker
+        _complete(killed / job_dir)
+        assert _run(killed, job_dir) == "Succeeded", (killed / job_dir / "run.err").read_text()
+        _same(_outputs(ref / job_dir), _outputs(killed / job_dir))
+    return len(JOBS), mid_run
