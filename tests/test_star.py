@@ -186,3 +186,19 @@ def test_atomic_writes_have_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert mode == 0o666 & ~mask
+
+
+def test_a_failed_read_does_not_leave_stale_lines_for_the_next(tmp_path):
+    # starfile reads through linecache; a file that fails to parse (e.g. read while being
+    # written) and is then rewritten under the same name must be read afresh
+    from tamis.errors import InputFileError
+
+    p = tmp_path / "coords.star"
+    p.write_text("data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n1 2 3\n")
+    with pytest.raises(InputFileError, match="line 6: 3 values in a loop of 2 labels"):
+        read_star(p)
+    p.write_text("data_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n5 6\n")
+    assert read_star(p)[""]["rlnCoordinateX"].tolist() == [5]
+    # an empty loop (a micrograph without picks) is a valid file
+    p.write_text("\n# version 30001\n\ndata_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n")
+    assert len(read_star(p)[""]) == 0

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import linecache
 import os
+import shlex
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -122,9 +124,19 @@ def read_star(path: str | Path) -> dict[str, Block]:
     try:
         blocks = starfile.read(path, always_dict=True, parse_as_string=[])
     except Exception as exc:  # starfile/pandas raise many types for malformed text
-        raise InputFileError(path, f"malformed STAR file ({_one_line(exc)})") from None
+        where = _first_bad_line(path)
+        raise InputFileError(path, f"malformed STAR file ({where or _one_line(exc)})") from None
+    finally:
+        # starfile reads lines through linecache and clears it only after a successful parse:
+        # after a failure (a file read while being written) the next read of the same path
+        # would get the old lines
+        linecache.clearcache()
     if not blocks:
         raise InputFileError(path, "not a STAR file (no data_ block)")
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame) and block.columns.duplicated().any():
+            dup = block.columns[block.columns.duplicated()][0]
+            raise InputFileError(path, f"data_{name} has the label _{dup} more than once")
     return dict(blocks)
 
 
@@ -244,7 +256,7 @@ def read_data_star(path: str | Path, kind: str | None = None) -> DataStar:
     blocks = read_star(path)
     try:
         return _read_data_blocks(path, blocks, kind)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, OverflowError) as exc:
         # a value of the wrong type (text in a number column, NaN in an integer one, ...)
         raise InputFileError(path, f"malformed data table ({_one_line(exc)})") from None
 
@@ -362,13 +374,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _first_bad_line(path: Path) -> str | None:
+    """Where a STAR file breaks the format, for the error message: bytes that are not UTF-8, text
+    outside any block, a key without one value, a loop row with another number of fields than
+    the loop has labels (None if none of these is found)."""
+    try:
+        raw_bytes = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        text = raw_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw_bytes[: exc.start].count(b"\n") + 1
+        return f"line {line}: bytes that are not UTF-8 text"
+    labels = 0
+    in_header = in_loop = False
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            fields = shlex.split(line, comments=True)
+        except ValueError:
+            return f"line {number}: unbalanced quotes"
+        if not fields:
+            continue
+        if line.startswith("data_"):
+            in_header = in_loop = False
+        elif line.startswith("loop_"):
+            in_header, in_loop, labels = True, True, 0
+        elif line.startswith("_"):
+            if in_loop and not in_header:
+                return f"line {number}: label {fields[0]} after the loop's rows"
+            if in_header:
+                labels += 1
+            elif len(fields) != 2:
+                what = "no value" if len(fields) < 2 else f"{len(fields) - 1} values"
+                return f"line {number}: {fields[0]} has {what}"
+        elif in_loop:
+            in_header = False
+            if len(fields) != labels:
+                return f"line {number}: {len(fields)} values in a loop of {labels} labels"
+        else:
+            return f"line {number}: {fields[0][:20]!r} outside any loop or label"
+    return None
+
+
 def _integers(column: pd.Series, path: Path, block: str) -> list[int]:
     """The values of an integer column, or one error naming the first value that is not one."""
     values = pd.to_numeric(column, errors="coerce")
     bad = ~np.isfinite(values.to_numpy(dtype=float)) | (values != values.round())
     if bad.any():
         first = column[bad].iloc[0]
-        raise InputFileError(path, f"{column.name} in data_{block} holds {first!r}, not an integer")
+        raise InputFileError(path, f"{column.name} in data_{block} holds {first}, not an integer")
     return values.astype(int).tolist()
 
 

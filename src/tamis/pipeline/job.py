@@ -117,8 +117,8 @@ def _flag(job: dict, key: str, path: Path) -> bool:
     v = job.get(key, 0)
     try:
         return bool(int(v))
-    except (TypeError, ValueError):
-        raise InputFileError(path, f"{key} is {v!r}, not 0 or 1") from None
+    except (TypeError, ValueError, OverflowError):
+        raise InputFileError(path, f"{key} is {v}, not 0 or 1") from None
 
 
 def exit_status(job_dir: str | Path) -> str | None:

@@ -74,7 +74,7 @@ class Scheme:
             return cls._from_blocks(blocks, general)
         except KeyError as exc:
             raise InputFileError(path, f"a scheme table lacks the column {exc.args[0]}") from None
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             msg = str(exc).strip().splitlines()
             raise InputFileError(path, f"malformed value ({msg[0] if msg else exc!r})") from None
 
