@@ -36,6 +36,12 @@ JOBS = [
     ("PostProcess/job005", "relion.postprocess",
      {"fn_in": "Refine3D/job001/run_half1_class001_unfil.mrc",
       "fn_mask": "MaskCreate/job004/mask.mrc"}),
+    ("CtfFind/job006", "relion.ctffind",
+     {"input_star_mics": "Import/job001/micrographs.star", "box": "256", "resmax": "8",
+      "dfmin": "5000", "dfmax": "30000", "dfstep": "1000"}),
+    ("Select/job007", "relion.select.onvalue",
+     {"fn_mic": "CtfFind/job006/micrographs_ctf.star", "select_label": "rlnCtfMaxResolution",
+      "select_maxval": "50"}),
 ]  # fmt: skip
 
 
