@@ -15,8 +15,8 @@ from tamis.errors import TamisError
 
 
 def _full_disk_after(n_bytes: int):
-    """A replacement for ``os.write``/file writes is fragile across libraries; instead the writer
-    below writes ``n_bytes`` to the temporary file, then fails as a full disk does."""
+    """A stand-in for ``mrcfile.new``: writes ``n_bytes`` to the (temporary) file it is given,
+    then fails as a full disk does."""
 
     def fail(path, *args, **kwargs):
         with open(path, "wb") as fh:

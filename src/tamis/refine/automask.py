@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from tamis.class2d.init import low_pass
 from tamis.errors import TamisError
-from tamis.fourier import rfft_frequencies
 
 __all__ = ["MaskOptions", "create_mask", "low_pass_filter", "create_mask_file"]
 
@@ -36,30 +36,12 @@ class MaskOptions:
     invert: bool = False
 
 
-def low_pass_filter(
-    volume: torch.Tensor, pixel_size: float, resolution: float, edge_width: int = 2
-) -> torch.Tensor:
-    """RELION's ``lowPassFilterMap``: keep frequencies below shell ``ROUND(N p / resolution)``
-    minus ``edge_width / 2``, a raised cosine to that shell plus ``edge_width / 2``, zero beyond.
-    Works on images or volumes (square/cubic)."""
+def low_pass_filter(volume: torch.Tensor, pixel_size: float, resolution: float) -> torch.Tensor:
+    """RELION's ``lowPassFilterMap`` (edge width 2): the raised cosine of
+    :func:`tamis.class2d.init.low_pass` around shell ``ROUND(N p / resolution)``, for images or
+    volumes (square/cubic)."""
     n = volume.shape[-1]
-    shape = tuple(volume.shape[-volume.ndim :])
-    ires = round(n * pixel_size / resolution)
-    half = edge_width // 2
-    lo = max(0.0, (ires - half) / n)
-    hi = min(n // 2 + 1, (ires + half) / n)
-    width = hi - lo
-    freqs = rfft_frequencies(shape, device=volume.device, dtype=torch.float64)
-    res = torch.sqrt(sum(k * k for k in freqs)) / n
-    if width > 0:
-        filt = 0.5 + 0.5 * torch.cos(torch.pi * (res - lo) / width)
-    else:
-        filt = torch.zeros_like(res)
-    filt = torch.where(res < lo, torch.ones_like(res), filt)
-    filt = torch.where(res > hi, torch.zeros_like(res), filt)
-    dims = tuple(range(-volume.ndim, 0))
-    spec = torch.fft.rfftn(volume.to(torch.float64), dim=dims)
-    return torch.fft.irfftn(spec * filt, s=shape, dim=dims).to(volume.dtype)
+    return low_pass(volume, round(n * pixel_size / resolution), ndim=volume.ndim)
 
 
 def _extend(binary: np.ndarray, extend: float) -> np.ndarray:

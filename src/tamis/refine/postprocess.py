@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from tamis.errors import TamisError
-from tamis.fourier import rfft_frequencies, shell_index
+from tamis.fourier import fsc, radial_average, rfft_frequencies, shell_index
 from tamis.refine.automask import low_pass_filter
 
 __all__ = [
@@ -82,21 +82,9 @@ def _irfft(spec: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def shell_fsc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """RELION's ``getFSC`` of two cubic maps: sums over every coefficient of the half transform in
-    shells ``ROUND(|k|)`` 0..n/2 (float64)."""
-    n = a.shape[-1]
-    fa, fb = _rfft(a), _rfft(b)
-    sh = shell_index((n, n, n), device=a.device).reshape(-1)
-    keep = sh < n // 2 + 1
-    sh = sh[keep]
-
-    def shells(v: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros(n // 2 + 1, dtype=torch.float64, device=a.device)
-        return out.index_add_(0, sh, v.reshape(-1)[keep])
-
-    num = shells((fa.conj() * fb).real)
-    d1, d2 = shells(fa.abs() ** 2), shells(fb.abs() ** 2)
-    return num / torch.sqrt(d1 * d2).clamp(min=1e-300)
+    """RELION's ``getFSC`` of two cubic maps (shells ``ROUND(|k|)`` 0..n/2 over the whole half
+    transform), in float64: :func:`tamis.fourier.fsc`."""
+    return fsc(a.to(torch.float64), b.to(torch.float64))
 
 
 def randomize_phases_beyond(
@@ -141,20 +129,15 @@ def _last_shell_above(curve: torch.Tensor, threshold: float) -> int:
 def guinier_plot(spec: torch.Tensor, n: int, pixel_size: float) -> tuple[np.ndarray, np.ndarray]:
     """RELION's ``makeGuinierPlot``: per shell ``i`` up to Nyquist, ``x = 1 / d^2`` (Å^-2) and
     ``y = ln`` (mean amplitude), ``-99`` where the shell is empty of amplitude."""
-    sh = shell_index((n, n, n), device=spec.device).reshape(-1)
     nsh = n // 2 + 1
-    keep = sh < nsh
-    amp = torch.zeros(nsh, dtype=torch.float64, device=spec.device)
-    amp.index_add_(0, sh[keep], spec.abs().reshape(-1)[keep])
-    count = torch.bincount(sh[keep], minlength=nsh).to(torch.float64)
+    mean = radial_average(spec.abs(), shell_index((n, n, n), device=spec.device), nsh)
     i = np.arange(nsh, dtype=np.float64)
     with np.errstate(divide="ignore"):
         res = np.where(i > 0, n * pixel_size / i, np.inf)
     x = np.where(np.isfinite(res), 1.0 / res**2, 0.0)
-    a = amp.cpu().numpy()
-    c = count.cpu().numpy()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        y = np.where(a > 0, np.log(a / np.maximum(c, 1)), -99.0)
+    a = mean.cpu().numpy()
+    with np.errstate(divide="ignore"):
+        y = np.where(a > 0, np.log(a), -99.0)
     return x, y
 
 
