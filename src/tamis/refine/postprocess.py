@@ -181,8 +181,11 @@ def postprocess(
     pixel_size: float,
     mask: torch.Tensor | None = None,
     options: PostprocessOptions | None = None,
+    *,
+    mask_name: str = "mask",
 ) -> PostprocessResult:
-    """Post-process two cubic half maps (optionally with a soft mask in [0, 1])."""
+    """Post-process two cubic half maps (optionally with a soft mask in [0, 1]; ``mask_name``
+    names it in errors)."""
     o = options or PostprocessOptions()
     if half1.shape != half2.shape or half1.ndim != 3 or len(set(half1.shape)) != 1:
         raise TamisError(
@@ -209,11 +212,12 @@ def postprocess(
         m = mask.to(torch.float64)
         if m.shape != h1.shape:
             raise TamisError(
-                f"the mask is {tuple(m.shape)} but the half maps are {tuple(h1.shape)}"
+                f"{mask_name}: the mask is {tuple(m.shape)} but the half maps are {tuple(h1.shape)}"
             )
         if float(m.min()) < -1e-6 or float(m.max()) - 1.0 > 1e-6:
             raise TamisError(
-                f"mask values must lie in [0, 1], got {float(m.min()):.4g} .. {float(m.max()):.4g}"
+                f"{mask_name}: mask values must lie in [0, 1], got {float(m.min()):.4g} .. "
+                f"{float(m.max()):.4g}"
             )
         mask_fraction = 0.476 / max(float((m > 0.5).double().mean()), 1e-12)
         fsc_masked = shell_fsc(h1 * m, h2 * m)
@@ -364,18 +368,14 @@ def run_postprocess(
         raise TamisError(f"{i2}: pixel size {p2:.4g} A differs from {i}'s {p1:.4g} A")
     m = None
     if mask:
-        dm, _ = read_mrc(mask)
-        if dm.shape != d1.shape:
-            raise TamisError(f"{mask}: the mask is {dm.shape} but the half maps are {d1.shape}")
-        m = torch.from_numpy(np.asarray(dm, dtype=np.float64))
-        if float(m.min()) < -1e-6 or float(m.max()) - 1.0 > 1e-6:
-            raise TamisError(f"{mask}: mask values must lie in [0, 1]")
+        m = torch.from_numpy(np.asarray(read_mrc(mask)[0], dtype=np.float64))
     res = postprocess(
         torch.from_numpy(np.asarray(d1, dtype=np.float64)),
         torch.from_numpy(np.asarray(d2, dtype=np.float64)),
         pixel,
         m,
         options,
+        mask_name=str(mask),
     )
     root = Path(o)
     root.parent.mkdir(parents=True, exist_ok=True)
