@@ -116,20 +116,28 @@ class EStep:
 
 class _FineOnDemand:
     """Fine projections made when the E-step knows which coarse orientations a batch needs:
-    called with those coarse indices ``(U,)``, projects every reference at their
-    ``n_over`` children each (``ids``, in the E-step's compact order) and keeps them."""
+    called with those coarse indices ``(U,)``, projects every reference at their ``n_over``
+    children each and keeps them with their orientations (``used``, in the E-step's compact
+    order). The children come from ``orientations`` (every fine one, indexed ``j * n_over +
+    a``) or, for local searches, from ``children(coarse)`` (a function of the coarse indices)."""
 
-    def __init__(self, space, grids, orientations, n_over: int, window, pad: int) -> None:
+    def __init__(
+        self, space, grids, orientations, n_over: int, window, pad: int, children=None
+    ) -> None:
         self.space, self.grids, self.orientations = space, grids, orientations
         self.n_over, self.window, self.pad = n_over, window, pad
-        self.ids: torch.Tensor | None = None
+        self.children = children
+        self.used: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
 
     def __call__(self, coarse: torch.Tensor) -> torch.Tensor:
-        sub = torch.arange(self.n_over, device=coarse.device)
-        self.ids = (coarse[:, None] * self.n_over + sub[None]).reshape(-1)
-        orient = self.orientations[self.ids.to(self.orientations.device)]
-        self.proj = self.space.project(self.grids, orient, self.window, self.pad)
+        if self.children is not None:
+            self.used = self.children(coarse)
+        else:
+            sub = torch.arange(self.n_over, device=coarse.device)
+            ids = (coarse[:, None] * self.n_over + sub[None]).reshape(-1)
+            self.used = self.orientations[ids.to(self.orientations.device)]
+        self.proj = self.space.project(self.grids, self.used, self.window, self.pad)
         return self.proj
 
 
@@ -344,6 +352,24 @@ class Class2DRun:
 
     def load_continue(self, optimiser: str | Path) -> None:
         cont = read_continue(optimiser)
+        self.state = self.state_from_continue(cont)
+        self.seed = cont.seed
+        self.sampling.perturbation = float(cont.sampling.get("rlnSamplingPerturbInstance", 0.0))
+        data = read_data_star(cont.data_path, "particles").table
+        if len(data) != self.n:
+            raise TamisError(f"{cont.data_path}: {len(data)} particles, expected {self.n}")
+        # data.star rows are in sorted order already
+        self.psi = data["rlnAnglePsi"].to_numpy(float).copy()
+        self.origin = np.stack(
+            [data["rlnOriginXAngst"].to_numpy(float), data["rlnOriginYAngst"].to_numpy(float)], 1
+        )
+        self.cls = data["rlnClassNumber"].to_numpy(np.int64) - 1
+        self.norm = data["rlnNormCorrection"].to_numpy(float).copy()
+        self.restore(cont, data)
+        self.log(f"continuing from iteration {cont.iteration} ({optimiser})")
+
+    def state_from_continue(self, cont: ContinueState) -> ModelState:
+        """The model state written in a continued run's model.star (and optimiser file)."""
         k = len(cont.classes)
         dev = self.device
         pdf = torch.tensor(
@@ -387,7 +413,7 @@ class Class2DRun:
         g = cont.model_general
         res_angst = float(g.get("rlnCurrentResolution", 0.0))  # written in Å (RELION's quirk)
         maxres = int(round(self.box * self.pixel / res_angst)) if res_angst > 0 else 5
-        self.state = ModelState(
+        return ModelState(
             refs=cont.refs.to(dev, torch.float32),
             sigma2=sigma2,
             pdf_class=pdf,
@@ -409,20 +435,6 @@ class Class2DRun:
             loglik=float(g.get("rlnLogLikelihood", 0.0)),
             avg_pmax=float(g.get("rlnAveragePmax", 0.0)),
         )
-        self.seed = cont.seed
-        self.sampling.perturbation = float(cont.sampling.get("rlnSamplingPerturbInstance", 0.0))
-        data = read_data_star(cont.data_path, "particles").table
-        if len(data) != self.n:
-            raise TamisError(f"{cont.data_path}: {len(data)} particles, expected {self.n}")
-        # data.star rows are in sorted order already
-        self.psi = data["rlnAnglePsi"].to_numpy(float).copy()
-        self.origin = np.stack(
-            [data["rlnOriginXAngst"].to_numpy(float), data["rlnOriginYAngst"].to_numpy(float)], 1
-        )
-        self.cls = data["rlnClassNumber"].to_numpy(np.int64) - 1
-        self.norm = data["rlnNormCorrection"].to_numpy(float).copy()
-        self.restore(cont, data)
-        self.log(f"continuing from iteration {cont.iteration} ({optimiser})")
 
     def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
         """What a subclass keeps beyond the 2D EM state, from the continued files (read once by
@@ -501,6 +513,21 @@ class Class2DRun:
     def estimates_accuracy(self, it: int) -> bool:
         return True
 
+    def local_searches(self) -> bool:
+        """Whether this iteration searches locally around each particle's orientation (3D
+        auto-refine from ``--auto_local_healpix_order`` on); then :meth:`local_prior` gives a
+        batch's coarse orientations and their priors."""
+        return False
+
+    def local_prior(self, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse orientation indices ``(U,)`` near the particles at ``rows`` and each one's
+        log-prior over them ``(B, U)``."""
+        raise NotImplementedError
+
+    def local_union_size(self) -> int:
+        """An estimate of how many coarse orientations a batch's union holds (batch size)."""
+        raise NotImplementedError
+
     def expectation_step(
         self,
         it: int,
@@ -530,7 +557,16 @@ class Class2DRun:
         smp = self.sampling
         grids = reference_grids(st.refs, pad=o.pad, r_max=cs / 2)
         tau2 = grid_tau2(grids, cs / 2, self.nsh, pad=o.pad)
-        psi_c, psi_f, n_over_orient = self.orientation_samples()
+        # Local searches (auto-refine): each batch is compared with the coarse orientations
+        # near its particles' previous ones (``local_prior``), fine children made on demand.
+        local = self.local_searches()
+        if local:
+            if o.oversampling < 1:
+                raise TamisError("local angular searches need --oversampling 1 or more")
+            psi_c = psi_f = None
+            n_over_orient = smp.n_over_orient
+        else:
+            psi_c, psi_f, n_over_orient = self.orientation_samples()
         oversampled = o.oversampling > 0
         space = self.space
         k = st.n_classes
@@ -539,10 +575,10 @@ class Class2DRun:
         # batches' budget), or, when they would need more than two thirds of the work budget,
         # only of the children of the coarse orientations that some particle of the batch
         # needs, splatted batch by batch (3D at HEALPix order 2 and 3).
-        n_pf = psi_f.shape[0] if oversampled else psi_c.shape[0]
+        n_pf = 0 if local else psi_f.shape[0] if oversampled else psi_c.shape[0]
         dense_bytes = int(k * n_pf * len(window) * (8 + 24 * slots / k))
-        stream = oversampled and dense_bytes > self._work_budget() * 2 // 3
-        proj_c = space.project(grids, psi_c, cwin, o.pad)
+        stream = local or (oversampled and dense_bytes > self._work_budget() * 2 // 3)
+        proj_c = None if local else space.project(grids, psi_c, cwin, o.pad)
         proj_f = space.project(grids, psi_f, window, o.pad) if oversampled and not stream else None
         t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
         t_c0 = torch.as_tensor(smp.coarse_translations(perturbed=False), device=dev)
@@ -557,7 +593,7 @@ class Class2DRun:
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
         psi_fine_deg = psi_f if oversampled else psi_c
         # pass 0's projections as its GEMMs read them, once for every batch
-        coarse_refs = prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]))
+        coarse_refs = None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]))
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),
@@ -582,9 +618,10 @@ class Class2DRun:
             sums.fimg, sums.fweight = sums.fimg[:, :0], sums.fweight[:, :0]
 
         ssnr_mask = st.data_vs_prior[:, window.shell.clamp(max=self.nsh - 1)] > 3  # (K, C)
-        n_hyp = k * proj_c.shape[1] * len(t_c)
+        n_coarse = self.local_union_size() if local else proj_c.shape[1]
+        n_hyp = k * n_coarse * len(t_c)
         # streaming: a batch is assumed to need at most an eighth of the orientations
-        n_batch_pf = n_pf // 8 if stream else n_pf
+        n_batch_pf = n_coarse * n_over_orient // 8 if stream else n_pf
         bsize = self._batch_size(
             len(window),
             n_hyp,
@@ -623,16 +660,26 @@ class Class2DRun:
                     lpo = _log_prior_offset(
                         off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel
                     )
-                    fine = (
-                        _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
-                        if stream
-                        else None
-                    )
+                    proj_cb, refs_b, lp_orient = proj_c, coarse_refs, None
+                    if local:
+                        ids, lp = self.local_prior(rows)
+                        proj_cb = space.project(
+                            grids, smp.coarse_rotations(ids).to(dev), cwin, o.pad
+                        )
+                        lp_orient = lp.to(dev)
+                        fine = _FineOnDemand(
+                            space, grids, None, n_over_orient, window, o.pad,
+                            children=lambda j, ids=ids: smp.fine_rotations_of(ids[j.cpu()]).to(dev),
+                        )  # fmt: skip
+                    elif stream:
+                        fine = _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
+                    else:
+                        fine = None
                     t_e = time.perf_counter()
                     try:
                         hyp = expectation(
                             data,
-                            proj_coarse=proj_c,
+                            proj_coarse=proj_cb,
                             proj_fine=fine if stream else proj_f,
                             coarse_pixels=coarse_pixels,
                             estep_pixels=estep_pixels,
@@ -644,7 +691,8 @@ class Class2DRun:
                             n_over_trans=smp.n_over_trans if oversampled else 1,
                             fraction=o.adaptive_fraction,
                             max_significant=max_sig,
-                            coarse_refs=coarse_refs,
+                            coarse_refs=refs_b,
+                            log_prior_orient=lp_orient,
                         )
                     except (RuntimeError, MemoryError) as exc:
                         if not _out_of_memory(exc):
@@ -667,7 +715,7 @@ class Class2DRun:
                     t_m = time.perf_counter()
                     if stream:  # this batch's sums, over the fine orientations it weighted
                         hyp, keep = hyp.weighted_orientations(fine.proj.shape[1])
-                        batch_proj, batch_orient = fine.proj[:, keep], psi_f[fine.ids[keep]]
+                        batch_proj, batch_orient = fine.proj[:, keep], fine.used[keep]
                         shape = (slots,) + batch_proj.shape[1:]
                         sums.fimg = torch.zeros(shape, dtype=torch.complex128, device=dev)
                         sums.fweight = torch.zeros(shape, dtype=torch.float64, device=dev)

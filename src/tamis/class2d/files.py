@@ -143,6 +143,10 @@ def write_iteration(
     extra_optimiser: dict | None = None,
     extra_classes: dict | None = None,
     class_priors: bool = False,
+    model_only: bool = False,
+    fsc: np.ndarray | None = None,
+    extra_general: dict | None = None,
+    extra_blocks: dict | None = None,
 ) -> None:
     """Write classes.mrcs (3D: one ``classNNN.mrc`` per class), model.star, data.star,
     sampling.star (not at it000), optimiser.star.
@@ -150,6 +154,9 @@ def write_iteration(
     ``tau2_fudge`` is this iteration's T (VDAM schedules it; default ``options.tau2_fudge``);
     ``extra_optimiser``/``extra_classes`` add or replace optimiser labels and model_classes
     columns (VDAM's); ``class_priors`` adds the E-step class priors to the optimiser file.
+    Auto-refine: ``model_only`` writes the maps and model.star alone (the second half),
+    ``fsc`` is the gold-standard FSC per shell, ``extra_general`` adds or replaces
+    model_general labels and ``extra_blocks`` are written after the optimiser's own block.
     """
     k, n = state.n_classes, state.box
     ref_dim = state.refs.ndim - 1
@@ -190,6 +197,7 @@ def write_iteration(
         "rlnSigmaPriorPsiAngle": 0.0,
         "rlnLogLikelihood": state.loglik,
         "rlnAveragePmax": state.avg_pmax,
+        **(extra_general or {}),
     }
     dvp = state.data_vs_prior.cpu().numpy()
     est_res = []
@@ -223,7 +231,7 @@ def write_iteration(
                 "rlnResolution": res,
                 "rlnAngstromResolution": ang,
                 "rlnSsnrMap": dvp[c],
-                "rlnGoldStandardFsc": np.zeros(nsh),
+                "rlnGoldStandardFsc": np.zeros(nsh) if fsc is None else np.asarray(fsc)[:nsh],
                 "rlnFourierCompleteness": coverage[c],
                 "rlnReferenceSigma2": state.sigma2_class[c].cpu().numpy(),
                 "rlnReferenceTau2": state.tau2[c].cpu().numpy(),
@@ -249,8 +257,10 @@ def write_iteration(
             }
         )
     write_star(blocks, files.model)
+    if model_only:
+        return
     write_star({"optics": optics, "particles": particles}, files.data)
-    if files.iteration > 0:
+    if files.iteration != 0:
         three_d = {}
         if ref_dim == 3:
             three_d = {
@@ -350,6 +360,7 @@ def write_iteration(
         opt_blocks["tamis_class_priors"] = pd.DataFrame(
             {"rlnClassDistribution": state.pdf_direction.cpu().numpy()}
         )
+    opt_blocks.update(extra_blocks or {})
     write_star(
         opt_blocks,
         files.optimiser,
@@ -376,17 +387,20 @@ class ContinueState:
     class_priors: np.ndarray | None = None
 
 
-def read_continue(optimiser_path: str | Path) -> ContinueState:
-    """Read ``run_itNNN_optimiser.star`` and the model/data/sampling files it names."""
+def read_continue(
+    optimiser_path: str | Path, model_label: str = "rlnModelStarFile"
+) -> ContinueState:
+    """Read ``run_itNNN_optimiser.star`` and the model/data/sampling files it names
+    (``model_label``: ``rlnModelStarFile2`` for the second half of a gold-standard run)."""
     path = Path(optimiser_path)
     blocks = read_star(path)
     opt = blocks.get("optimiser_general")
     if not isinstance(opt, dict):
         raise InputFileError(path, "has no data_optimiser_general block (not an optimiser file)")
-    for label in ("rlnModelStarFile", "rlnExperimentalDataStarFile", "rlnCurrentIteration"):
+    for label in (model_label, "rlnExperimentalDataStarFile", "rlnCurrentIteration"):
         if label not in opt:
             raise InputFileError(path, f"lacks {label}")
-    model_path = Path(str(opt["rlnModelStarFile"]))
+    model_path = Path(str(opt[model_label]))
     model = read_star(model_path)
     general = model.get("model_general")
     classes = model.get("model_classes")

@@ -423,6 +423,7 @@ def expectation(
     max_significant: int = -1,
     dense_pairs: float | None = None,
     coarse_refs: PreparedRefs | None = None,
+    log_prior_orient: torch.Tensor | None = None,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -438,6 +439,9 @@ def expectation(
     With ``n_over_psi == n_over_trans == 1`` and ``proj_fine is proj_coarse``
     (``--oversampling 0``) pass 0 is the only pass. A particle for which more than
     ``dense_pairs`` of its (class, fine psi) pairs need evaluating takes the dense pass 1.
+    ``log_prior_orient`` ``(B, Pc)``: a per-particle log-prior of each coarse orientation (local
+    searches: ``-inf`` outside the particle's neighbourhood), shared by its fine children, as
+    RELION's ``exp_directions_prior * exp_psi_prior``.
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
@@ -458,6 +462,8 @@ def expectation(
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
         d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]
         prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
+        if log_prior_orient is not None:
+            prior = prior + log_prior_orient[:, None, :, None]
         logw0 = (prior - d2).reshape(b, -1)
         sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
     else:
@@ -467,6 +473,8 @@ def expectation(
         rel = rel.view(b, tc, ka, pc)
         pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
         rel.add_(pri.to(torch.float32)[..., None])
+        if log_prior_orient is not None:
+            rel.add_(log_prior_orient.to(torch.float32)[:, None, None, :])
         if max_significant > 0:
             sig = capped_significance(rel.view(b, -1), fraction, max_significant).view(rel.shape)
         else:
@@ -491,8 +499,17 @@ def expectation(
         proj_fine = proj_fine(subset)
         sig = sig[:, :, subset]
         pairs = torch.nonzero(sig.any(-1))
+        if log_prior_orient is not None:
+            log_prior_orient = log_prior_orient[:, subset]
     fp = _FinePass(
-        proj_fine, estep_pixels, ramps_fine, log_prior_class, n_over_psi, n_over_trans, fraction
+        proj_fine,
+        estep_pixels,
+        ramps_fine,
+        log_prior_class,
+        n_over_psi,
+        n_over_trans,
+        fraction,
+        log_prior_orient,
     )
     hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp, dense_pairs)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)
@@ -528,12 +545,12 @@ def _fine_pass(
     used = sig_d.any(3).any(2).any(0)  # classes any broad particle needs
     hd = _dense_pass(
         data.subset(rows_d), sig_d[:, used], active[used], log_prior_offset[rows_d],
-        n_sig[rows_d], fp,
+        n_sig[rows_d], fp.rows(rows_d),
     )  # fmt: skip
     sig_s = sig[rows_s]
     hs = _pair_pass(
         data.subset(rows_s), sig_s, torch.nonzero(sig_s.any(-1)), active,
-        log_prior_offset[rows_s], n_sig[rows_s], fp,
+        log_prior_offset[rows_s], n_sig[rows_s], fp.rows(rows_s),
     )  # fmt: skip
 
     def merged(field: str) -> torch.Tensor:
@@ -565,6 +582,13 @@ class _FinePass:
     n_over_psi: int
     n_over_trans: int
     fraction: float
+    log_prior_orient: torch.Tensor | None = None  # (B, Pc) per particle and coarse orientation
+
+    def rows(self, rows: torch.Tensor) -> _FinePass:
+        """The same for the particles ``rows`` of the batch."""
+        if self.log_prior_orient is None:
+            return self
+        return replace(self, log_prior_orient=self.log_prior_orient[rows])
 
 
 def _pair_pass(
@@ -606,6 +630,8 @@ def _pair_pass(
     d2f = const_f[p_i][:, None] + a[:, None] - 2.0 * cross
     t_coarse = torch.arange(ramps_fine.shape[0], device=dev) // n_over_trans
     pri = log_prior_class[p_k][:, None] + log_prior_offset[p_i, p_k][:, t_coarse]
+    if fp.log_prior_orient is not None:
+        pri = pri + fp.log_prior_orient[p_i, p_psi // n_over_psi][:, None]
     logw = torch.where(tmask, pri - d2f, -math.inf)
     lse, keep = _pair_significance(p_i, logw, b, fraction)
     weight = torch.where(keep, torch.exp(logw - lse[p_i, None]), 0.0)
@@ -797,6 +823,8 @@ def _dense_pass(
         log_prior_class[active][None, None, :, None]
         + log_prior_offset[:, active].transpose(1, 2)[..., None]
     )
+    if fp.log_prior_orient is not None:
+        parent = parent + fp.log_prior_orient[:, None, None, :]
     parent = torch.where(sig.permute(0, 3, 1, 2), parent, -math.inf).to(torch.float32)
     logw.view(b, tc, n_over_trans, ka, pc, n_over_psi).add_(parent[:, :, None, :, :, None])
     lse = dense_significance(logw.view(b, tf * ra), fraction) - data.const(e)

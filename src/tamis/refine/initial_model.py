@@ -39,14 +39,10 @@ from tamis.class2d.files import ContinueState
 from tamis.class2d.state import Class2DOptions
 from tamis.class2d.vdam import VdamRun
 from tamis.errors import TamisError
-from tamis.fourier import radial_average, rfft3_centered, shell_index
-from tamis.geometry import euler_to_matrix, matrix_to_euler
 from tamis.io.particles import ParticleSet
 from tamis.orientations import angular_sampling
-from tamis.padded_grid import transform_scale
 from tamis.refine.autosampling import refined_translations
-from tamis.refine.sampling import Sampling3D
-from tamis.refine.space import VolumeSpace
+from tamis.refine.volume_run import VolumeRun
 
 __all__ = ["InitialModelOptions", "InitialModelRun", "InitialModelResult", "run_initial_model"]
 
@@ -75,12 +71,8 @@ class InitialModelOptions(Class2DOptions):
     auto_local_healpix_order: int = 4
 
 
-class InitialModelRun(VdamRun):
+class InitialModelRun(VolumeRun, VdamRun):
     """A VDAM run whose references are volumes."""
-
-    is_3d = True
-    accuracy_trials = 100
-    coarse_safety = 1.2  # RELION's keep-safe factor of the coarse image size for 3D references
 
     def __init__(self, particles: ParticleSet, options: InitialModelOptions, root: str, **kw):
         if len(particles) == 0:
@@ -90,82 +82,11 @@ class InitialModelRun(VdamRun):
         if options.K > len(particles):
             raise TamisError(f"--K {options.K}: more classes than particles ({len(particles)})")
         super().__init__(particles, options, root, **kw)
-        self.space = VolumeSpace(options.sym)
-        self.sampling = Sampling3D(
-            offset_range=options.offset_range,
-            offset_step=options.offset_step,
-            oversampling=options.oversampling,
-            perturb_factor=options.perturb,
-            healpix_order=options.healpix_order,
-            sym=options.sym,
-        )
+        self._init_volumes(particles, options.healpix_order)
         self.auto_sampling = options.auto_sampling
         self.iters_without_resolution_gain = 0
         self._last_maxres: int | None = None
         self._offset_change: float | None = None  # RMS offset change (A) of the last iteration
-        table = particles.particles
-        self.rot = np.zeros(self.n)
-        self.tilt = np.zeros(self.n)
-        if "rlnAngleRot" in table.columns and "rlnAngleTilt" in table.columns:
-            self.rot = table["rlnAngleRot"].to_numpy(dtype=float)[self.order].copy()
-            self.tilt = table["rlnAngleTilt"].to_numpy(dtype=float)[self.order].copy()
-        if "rlnAnglePsi" in table.columns:
-            self.psi = table["rlnAnglePsi"].to_numpy(dtype=float)[self.order].copy()
-
-    # ---- what differs from 2D ----------------------------------------------------------------
-
-    def random_orientation(self, rng: np.random.Generator) -> torch.Tensor:
-        """RELION's random angles for the initial reconstruction: rot ~ U[0, 360), tilt ~
-        U[0, 180) (uniform in angle, as RELION), psi ~ U[0, 360)."""
-        rot, tilt, psi = rng.uniform(0.0, 360.0), rng.uniform(0.0, 180.0), rng.uniform(0.0, 360.0)
-        a = torch.tensor([rot, tilt, psi], dtype=torch.float64)
-        return euler_to_matrix(a[0], a[1], a[2])
-
-    def reference_spectrum(self, refs: torch.Tensor) -> torch.Tensor:
-        """Per-shell mean ``|F|²`` of volumes ``(K, N, N, N)`` on RELION's 3D scale (a central
-        section is an image transform)."""
-        n = refs.shape[-1]
-        power = (rfft3_centered(refs) * transform_scale(n, 1, 3)).abs() ** 2
-        return radial_average(power, shell_index((n, n, n), device=refs.device), self.nsh)
-
-    def orientation_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        smp, dev = self.sampling, self.device
-        return (
-            smp.coarse_rotations().to(dev),
-            smp.fine_rotations().to(dev),
-            smp.n_over_orient,
-        )
-
-    def angles_of(self, rows: np.ndarray) -> np.ndarray:
-        return np.stack([self.rot[rows], self.tilt[rows], self.psi[rows]], 1)
-
-    def angle_change(self, rows: np.ndarray, old: np.ndarray) -> float:
-        """Mean rotation angle between old and new orientations (degrees)."""
-        a = euler_to_matrix(*torch.from_numpy(old).T)
-        b = euler_to_matrix(*torch.from_numpy(self.angles_of(rows)).T)
-        cos = ((a.transpose(1, 2) @ b).diagonal(dim1=1, dim2=2).sum(1) - 1) / 2
-        return float(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))).mean())
-
-    def set_angles(self, rows: np.ndarray, ok: np.ndarray, best: torch.Tensor) -> None:
-        ang = matrix_to_euler(best.cpu()).numpy()
-        self.rot[rows] = np.where(ok, ang[:, 0], self.rot[rows])
-        self.tilt[rows] = np.where(ok, ang[:, 1], self.tilt[rows])
-        self.psi[rows] = np.where(ok, ang[:, 2], self.psi[rows])
-
-    def turned_orientations(
-        self, angles: np.ndarray, turns: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Particle ``i``'s orientation and the same with rot (i % 3 = 0), tilt (1) or psi (2)
-        turned by each of ``turns`` degrees (RELION picks one of the three at random)."""
-        a = torch.as_tensor(angles, dtype=torch.float64)  # (P, 3)
-        p = len(a)
-        moved = a[:, None, :].repeat(1, len(turns), 1)  # (P, A, 3)
-        axis = torch.arange(p) % 3
-        moved[torch.arange(p), :, axis] += turns.cpu()[None, :].expand(p, -1)
-        moved = moved.reshape(-1, 3)
-        first = euler_to_matrix(a[:, 0], a[:, 1], a[:, 2])
-        turned = euler_to_matrix(moved[:, 0], moved[:, 1], moved[:, 2])
-        return first.to(self.device), turned.to(self.device)
 
     def estimates_accuracy(self, it: int) -> bool:
         return it == 1 or (it + 1) % 10 == 0 or it == self.options.iter
@@ -220,19 +141,12 @@ class InitialModelRun(VdamRun):
         smp.offset_step, smp.offset_range = step / px, rng / px
 
     def particle_table(self) -> pd.DataFrame:
-        table = super().particle_table()
-        table["rlnAngleRot"] = self.rot
-        table["rlnAngleTilt"] = self.tilt
-        return table
+        return self._volume_table(super().particle_table())
 
     def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
         """The moments (VDAM's), the first two Euler angles and the HEALPix order."""
         super().restore(cont, data)
-        self.rot = data["rlnAngleRot"].to_numpy(float).copy()
-        self.tilt = data["rlnAngleTilt"].to_numpy(float).copy()
-        order = cont.sampling.get("rlnHealpixOrder")
-        if order is not None and int(order) != self.sampling.healpix_order:
-            self.sampling.set_order(int(order))
+        self._restore_volumes(cont, data)
         opt = cont.optimiser
         if "rlnDoAutoSampling" in opt:
             self.auto_sampling = bool(int(opt["rlnDoAutoSampling"]))

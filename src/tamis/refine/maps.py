@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from tamis.fourier import irfft3_centered, rfft_frequencies
-from tamis.padded_grid import interpolate, reference_grids
+from tamis.padded_grid import interpolate, reference_grids, relion_round
 
 __all__ = [
     "HalfGrid",
@@ -26,6 +26,7 @@ __all__ = [
     "centre_of_mass",
     "shift_volume",
     "flip_hand",
+    "resize_map",
 ]
 
 #: Interpolated samples per call of grid_sample (bounds the temporaries to ~100 MB).
@@ -137,3 +138,33 @@ def flip_hand(volume: torch.Tensor) -> torch.Tensor:
     n = volume.shape[-1]
     # index i holds z = i - n//2; -z sits at index n - i (mod n)
     return torch.roll(torch.flip(volume, dims=(-3,)), 1 - (n % 2), dims=-3)
+
+
+def resize_map(volume: torch.Tensor, ref_pixel: float, pixel: float, box: int) -> torch.Tensor:
+    """A map of pixel ``ref_pixel`` on the grid of ``box`` voxels of ``pixel`` (RELION's
+    ``--trust_ref_size`` path): Fourier-resized to ``ROUND(N ref_pixel / pixel)`` (made even),
+    keeping the real-space values, then cropped or zero-padded about the centre to ``box``."""
+    n = volume.shape[-1]
+    new = int(relion_round(torch.tensor(n * ref_pixel / pixel)))
+    new += new % 2
+    v = volume.to(torch.float64)
+    if new != n:
+        spec = torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(v)))
+        if new < n:
+            o = n // 2 - new // 2
+            spec = spec[o : o + new, o : o + new, o : o + new]
+        else:
+            o = new // 2 - n // 2
+            big = torch.zeros((new,) * 3, dtype=spec.dtype, device=spec.device)
+            big[o : o + n, o : o + n, o : o + n] = spec
+            spec = big
+        v = torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(spec))).real * (new / n) ** 3
+    if new > box:
+        o = new // 2 - box // 2
+        v = v[o : o + box, o : o + box, o : o + box]
+    elif new < box:
+        o = box // 2 - new // 2
+        out = torch.zeros((box,) * 3, dtype=v.dtype, device=v.device)
+        out[o : o + new, o : o + new, o : o + new] = v
+        v = out
+    return v.to(volume.dtype)

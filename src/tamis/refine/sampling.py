@@ -78,9 +78,41 @@ class Sampling3D(Sampling):
             p.repeat(len(g.rot)),
         )
 
-    def coarse_rotations(self) -> torch.Tensor:
-        """``(D * P, 3, 3)`` perturbed coarse orientations."""
-        return self._perturbed(*self.coarse_angles())
+    def coarse_rotations(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``(D * P, 3, 3)`` perturbed coarse orientations (only those at ``ids`` when given)."""
+        rot, tilt, psi = self.coarse_angles()
+        if ids is not None:
+            ids = ids.cpu()
+            rot, tilt, psi = rot[ids], tilt[ids], psi[ids]
+        return self._perturbed(rot, tilt, psi)
+
+    @property
+    def direction_angles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unperturbed (rot, tilt) of the coarse directions ``(D,)`` each (RELION's order)."""
+        return self._grid.rot, self._grid.tilt
+
+    @property
+    def psi(self) -> torch.Tensor:
+        """The coarse psi angles ``(P,)`` (degrees)."""
+        return self._psi
+
+    def fine_rotations_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """The perturbed fine children ``(U * 8**k, 3, 3)`` of the coarse orientations ``ids``
+        ``(U,)``, in the order of :meth:`fine_rotations` (fine ``j * 8**k + a`` refines
+        ``ids[j]``), without making the others."""
+        ids = ids.cpu()
+        if self.oversampling == 0:
+            return self.coarse_rotations(ids)
+        g, p = self._grid, self._psi
+        d, q = ids // self.nr_psi, ids % self.nr_psi
+        _, krot, ktilt = oversampled_directions(g.pixel[d], self.healpix_order, self.oversampling)
+        kpsi = oversampled_psi(p[q], self.psi_step, self.oversampling)  # (U, 2**k)
+        u, nk = krot.shape
+        npk = kpsi.shape[1]
+        rot = krot[:, :, None].expand(u, nk, npk)
+        tilt = ktilt[:, :, None].expand(u, nk, npk)
+        psi = kpsi[:, None, :].expand(u, nk, npk)
+        return self._perturbed(rot.reshape(-1), tilt.reshape(-1), psi.reshape(-1))
 
     def fine_rotations(self) -> torch.Tensor:
         """``(D * P * 8**k, 3, 3)`` perturbed fine orientations (coarse-major)."""
