@@ -276,11 +276,16 @@ class Class2DRun:
 
     # ---- initialisation ----------------------------------------------------------------------
 
-    def initialise(self) -> None:
+    def initialise(self, pool: np.ndarray | None = None) -> None:
+        """Noise spectra and initial references from the first ``--nr_parts_sigma2noise``
+        particles of each optics group (among the sorted rows ``pool`` when given)."""
         o = self.options
         take = []
         for g in range(self.n_optics):
-            rows = np.flatnonzero(self.optics_of == g)[: o.nr_parts_sigma2noise]
+            rows = np.flatnonzero(self.optics_of == g)
+            if pool is not None:
+                rows = rows[np.isin(rows, pool)]
+            rows = rows[: o.nr_parts_sigma2noise]
             take.append(rows)
         rows = np.sort(np.concatenate(take))
 

@@ -29,7 +29,6 @@ FSC (a per-shell number) and the averaged sums below the join resolution, as in 
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
@@ -220,20 +219,28 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         return ref.to(torch.float32)
 
     def initialise(self) -> None:
-        """Noise spectra from the particles (as every run), the reference for both halves."""
+        """Each half's noise spectra from its own particles (RELION estimates one set from
+        both; here nothing of half 2 reaches half 1 before the FSC), the reference for both.
+        The first iteration's resolution is ``--ini_high``'s (or the reference's SSNR's)."""
         o = self.options
-        super().initialise()
-        st = self.state
-        assert st is not None
         ref = self.reference_map().to(self.device)[None]
         tau2 = self.reference_spectrum(ref.to(torch.float64)) / 2
-        dvp = self.n * tau2 / st.sigma2.mean(0).clamp(min=1e-30)[None]
+        states = []
+        for h in (1, 2):
+            super().initialise(pool=np.flatnonzero(self.half_of == h))
+            st = self.state
+            assert st is not None
+            dvp = self.n * tau2 / st.sigma2.mean(0).clamp(min=1e-30)[None]
+            states.append(replace(st, refs=ref.clone(), tau2=tau2, data_vs_prior=dvp))
         if o.ini_high > 0:
             maxres = int(relion_round(torch.tensor(self.box * self.pixel / o.ini_high)))
         else:
-            maxres = mstep.current_resolution_shell(dvp, st.pdf_class, o.minres_map)
-        st = replace(st, refs=ref, tau2=tau2, data_vs_prior=dvp, maxres=maxres)
-        self.states = [st, copy.deepcopy(st)]
+            maxres = mstep.current_resolution_shell(
+                states[0].data_vs_prior, states[0].pdf_class, o.minres_map
+            )
+        for st in states:
+            st.maxres = maxres
+        self.states = states
         self.state = self.states[0]
         self.cls[:] = 0
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from tamis.fourier import fsc
@@ -174,3 +175,36 @@ def compare_to_truth(
     res.resolution_05 = resolution_at(res.fsc, 0.5, n, pixel_size)
     res.resolution_0143 = resolution_at(res.fsc, 0.143, n, pixel_size)
     return res
+
+
+def orientation_errors(
+    estimated: np.ndarray, true: np.ndarray, sym: str = "C1"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Angular errors (degrees) of estimated particle orientations against the true ones, both
+    (rot, tilt, psi) ``(N, 3)``, after the one rotation ``G`` that best relates the two frames
+    (a refinement's map may sit in another frame than the truth: ``A_est ~ A_true G R_s``);
+    each particle's error is the smallest over the point group's mates ``R_s``. Returns the
+    errors and ``G`` ``(3, 3)``. ``G`` is the projection onto SO(3) of the mean of
+    ``A_true^T A_est R_s`` with each particle's mate chosen nearest to the current estimate
+    (three rounds from the first particle's)."""
+    from tamis.geometry import euler_to_matrix
+    from tamis.refine.volume_run import rotation_angles
+    from tamis.symmetry import symmetry_operators
+
+    e = torch.as_tensor(np.asarray(estimated, dtype=np.float64))
+    t = torch.as_tensor(np.asarray(true, dtype=np.float64))
+    a_est = euler_to_matrix(e[:, 0], e[:, 1], e[:, 2])
+    a_true = euler_to_matrix(t[:, 0], t[:, 1], t[:, 2])
+    rel = a_true.transpose(1, 2) @ a_est  # (N, 3, 3)
+    ops = symmetry_operators(sym).to(torch.float64)  # (S, 3, 3)
+    mates = rel[:, None] @ ops[None]  # (N, S, 3, 3)
+    g = mates[0, 0]
+    for _ in range(3):
+        # the mate of each particle nearest to g
+        tr = torch.einsum("ij,nsij->ns", g, mates)
+        best = mates[torch.arange(len(rel)), tr.argmax(1)]
+        u, _, vt = torch.linalg.svd(best.mean(0))
+        d = torch.sign(torch.det(u @ vt))
+        g = u @ torch.diag(torch.tensor([1.0, 1.0, float(d)], dtype=torch.float64)) @ vt
+    errors = rotation_angles(a_true @ g, a_est, sym)
+    return errors.numpy(), g.numpy()
