@@ -15,7 +15,8 @@ def test_demo_pipeline_end_to_end(tmp_path):
     lines = run_demo(
         project,
         DemoOptions(n_micrographs=4, size_px=768, particles_per_micrograph=40, iterations=15,
-                    nr_classes=6, batches=2, wait_sec=2),
+                    nr_classes=6, batches=2, wait_sec=2, inimodel_iterations=20,
+                    refine_iter_max=6),
         log=lambda s: None,
     )  # fmt: skip
     assert any(line.startswith("pipeline finished") for line in lines)
@@ -24,7 +25,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert summary["pick_f1"] > 0.7
     assert summary["particles_selected"] > 0
     assert summary["selected_true_fraction"] >= summary["extracted_true_fraction"] - 0.05
+    # the 3D branch ran once, after the last micrograph, and ended with a post-processed map
+    for kind in ("InitialModel", "Refine3D", "MaskCreate", "PostProcess"):
+        assert len(list(project.glob(f"{kind}/job*"))) == 1, kind
+    assert summary["map_resolution_A"] < 40 and summary["map_fsc_truth_05_A"] < 40
+    assert (project / "map_slices.png").is_file()
     html = (project / "summary.html").read_text()
+    assert "map_slices.png" in html and "postprocess_fsc.png" in html
     assert "gallery.png" in html and "Class scores" in html
     statuses = Project(project).check()
     assert statuses and all(s == "Succeeded" for s in statuses.values())

@@ -40,14 +40,30 @@ def test_proc_walks_relions_graph_and_stops_when_told():
     assert path == ["WAIT", "EXIT_maxtime", "HAS_ctffind", "select_mics", "COUNT_mics",
                     "HAS_mics_increased", "SET_prev_nr_mics", "SET_do_topaz", "autopick",
                     "extract", "class2d", "select_parts", "COUNT_parts"]  # fmt: skip
-    assert s.next_node("SET_stop") == "WAIT"
+    # after the counts: the 3D branch when enough particles were selected (RELION's
+    # min_nr_parts_3d), else wait (or stop)
+    assert s.next_node("SET_stop") == "SET_final_or_any"
+    assert s.next_node("SET_run_3d") == "CHECK_stop"
+    assert s.next_node("CHECK_stop") == "WAIT"
+    s.bools["run_3d"] = (True, False)
+    assert s.next_node("SET_run_3d") == "CHECK_iniref"
+    path, node = [], "CHECK_iniref"
+    for _ in range(7):
+        path.append(node)
+        node = s.next_node(node)
+    assert path == ["CHECK_iniref", "inimodel3d", "SET_myref_inimodel", "refine3d", "maskcreate",
+                    "postprocess", "CHECK_stop"]  # fmt: skip
+    s.bools["has_iniref"] = (True, False)
+    assert s.next_node("CHECK_iniref") == "SET_myref_user"
+    assert s.next_node("SET_myref_user") == "refine3d"
     s.bools["do_stop"] = (True, False)
-    assert s.next_node("SET_stop") == "EXIT"
+    assert s.next_node("CHECK_stop") == "EXIT"
 
 
 def test_derived_options_follow_relion_it():
     d = it.derived_options(1.0, 200.0)
     assert d["proc__class2d__particle_diameter"] == 220.0
+    assert d["proc__refine3d__particle_diameter"] == d["proc__inimodel3d__particle_diameter"] == 220
     assert d["proc__extract__extract_size"] == 300  # ceil(1.5 * 200) even
     assert d["proc__extract__rescale"] == 96  # first with 1.0 * 300 / box < 3.75
     assert d["proc__autopick__log_diam_min"] == pytest.approx(200 * 150 / 180, abs=0.1)

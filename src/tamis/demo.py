@@ -5,10 +5,12 @@
 2. Lay them out as a RELION project: the first half of the micrographs in ``Micrographs/``, the
    second half arriving later while the schemes run (on-the-fly).
 3. ``tamis it``: the shipped ``prep`` (import, CTF estimation) and ``proc`` (select micrographs,
-   pick, extract, VDAM 2D classification, class ranker) schemes run in the background and stop
-   after the last micrograph (``nr_mics_to_process``).
-4. ``summary.html``: class gallery with scores, selected particles, a picks overlay, and every
-   step checked against the ground truth (CTF, picking, selection).
+   pick, extract, VDAM 2D classification, class ranker; then, once every micrograph is in, the
+   3D branch: initial model, gold-standard auto-refine, mask, post-processing) schemes run in
+   the background and stop after the last micrograph (``nr_mics_to_process``).
+4. ``summary.html``: class gallery with scores, selected particles, a picks overlay, the map's
+   central slices and FSC curve, and every step checked against the ground truth (CTF,
+   picking, selection, the map's FSC with the true structure).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class DemoOptions:
     wait_sec: float = 2.0
     timeout_sec: float = 1800.0
     seed: int = 2
+    do_3d: bool = True  # the proc scheme's 3D branch after the last micrograph
+    inimodel_iterations: int = 60  # VDAM mini-batches of the initial model (RELION: 200)
+    refine_iter_max: int = 30
 
 
 def _newest(project: Path, pattern: str) -> Path | None:
@@ -107,6 +112,12 @@ def run_demo(
         "proc__class2d__nr_threads": os.cpu_count() or 1,
         "prep__wait_sec": o.wait_sec, "proc__wait_sec": o.wait_sec,
         "prep__nr_mics_to_process": o.n_micrographs, "proc__nr_mics_to_process": o.n_micrographs,
+        # 3D once, after the last micrograph (RELION runs it on every pass with enough particles)
+        "proc__min_nr_parts_3d": 0 if o.do_3d else 10**9, "proc__do_3d_every_pass": False,
+        "proc__inimodel3d__nr_iter": o.inimodel_iterations,
+        "proc__inimodel3d__nr_threads": os.cpu_count() or 1,
+        "proc__refine3d__nr_threads": os.cpu_count() or 1,
+        "proc__refine3d__tamis_iter_max": o.refine_iter_max,
     })  # fmt: skip
     it.install_schemes(project)
     opts = it.complete_options(opts, project)
@@ -210,7 +221,10 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
         f"(kept {good_sel.sum()} of {good_all.sum()} true particles)",
         f"summary: {project / 'summary.html'}",
     ]
-    write_html(project, lines, select_dir, pick_star, scores)
+    three_d = _summarise_3d(project, sim_dir)
+    if three_d:
+        lines[-1:-1] = three_d["lines"]
+    write_html(project, lines, select_dir, pick_star, scores, three_d)
     (project / "summary.json").write_text(
         json.dumps(
             {
@@ -225,6 +239,11 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
                 "extracted_true_fraction": float(good_all.mean()),
                 "true_particles_kept": float(good_sel.sum() / max(1, good_all.sum())),
                 "classes_selected": n_classes,
+                **(
+                    {k: v for k, v in three_d.items() if k not in ("lines", "slices", "fsc_png")}
+                    if three_d
+                    else {}
+                ),
             },
             indent=2,
         )
@@ -232,8 +251,69 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     return lines
 
 
+def _summarise_3d(project: Path, sim_dir: Path) -> dict | None:
+    """The 3D branch's results (None when it did not run): post-processed resolution, the map's
+    FSC with the true structure, the refinement's accuracy, and the map's central slices."""
+    import torch
+
+    from tamis.io.mrc import read_mrc
+    from tamis.refine.compare import compare_to_truth
+    from tamis.simulate.structure import load_structure
+
+    post = _newest(project, "PostProcess/job*/postprocess.star")
+    refine = _newest(project, "Refine3D/job*/run_model.star")
+    if post is None or refine is None:
+        return None
+    general = read_star(post)["general"]
+    vol, pixel = read_mrc(post.parent / "postprocess.mrc")
+    sim = json.loads((sim_dir / "simulation.json").read_text())
+    spec = sim.get("config", {}).get("structures", ["builtin:8zpm"])[0]
+    truth = load_structure(spec, box_size=vol.shape[-1], pixel_size=pixel).volume
+    cmp = compare_to_truth(torch.from_numpy(vol), truth, pixel)
+    model = read_star(refine)["model_general"]
+    n_parts = len(read_star(refine.with_name("run_data.star"))["particles"])
+    slices = project / "map_slices.png"
+    _write_slices(vol, slices)
+    res = float(general["rlnFinalResolution"])
+    lines = [
+        f"3D: {n_parts} particles refined to {float(model['rlnCurrentResolution']):.1f} A "
+        f"(gold-standard, unmasked); post-processed {res:.1f} A at FSC 0.143 (masked, B-factor "
+        f"{float(general.get('rlnBfactorUsedForSharpening', 0)):.0f} A^2); FSC with the true "
+        f"structure {cmp.resolution_05:.1f} A at 0.5, {cmp.resolution_0143:.1f} A at 0.143"
+        f"{' (the map has the other hand)' if cmp.flipped else ''}",
+    ]
+    return {
+        "lines": lines,
+        "map_resolution_A": res,
+        "map_fsc_truth_05_A": cmp.resolution_05,
+        "map_fsc_truth_0143_A": cmp.resolution_0143,
+        "particles_refined": n_parts,
+        "slices": slices,
+        "fsc_png": post.parent / "postprocess_fsc.png",
+    }
+
+
+def _write_slices(vol: np.ndarray, path: Path) -> None:
+    """The map's three central slices side by side (z, y, x), each scaled to its range."""
+    from PIL import Image
+
+    n = vol.shape[-1]
+    parts = [vol[n // 2], vol[:, n // 2], vol[:, :, n // 2]]
+    tiles = []
+    for p in parts:
+        lo, hi = np.percentile(p, [1, 99.9])
+        tiles.append(np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1))
+    img = (np.concatenate(tiles, axis=1) * 255).astype(np.uint8)
+    Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
+
+
 def write_html(
-    project: Path, lines: list[str], select_dir: Path, pick_star: Path, scores: pd.DataFrame
+    project: Path,
+    lines: list[str],
+    select_dir: Path,
+    pick_star: Path,
+    scores: pd.DataFrame,
+    three_d: dict | None = None,
 ) -> Path:
     """``summary.html`` beside the project's jobs; images are linked, not copied."""
     overlays = sorted((pick_star.parent / "overlays").glob("*.png"))
@@ -253,6 +333,7 @@ td,th{{padding:2px 10px;text-align:right}} img{{max-width:100%}}</style></head><
 <img src="{rel(select_dir / "gallery.png")}" alt="class gallery">
 <h2>Class scores</h2>
 <table><tr><th>class</th><th>score</th><th>P(good)</th><th>selected</th></tr>{rows}</table>
+{_html_3d(project, three_d)}
 <h2>Picks</h2>
 {"".join(f'<img src="{rel(p)}" alt="picks">' for p in overlays[:1])}
 <p>Project: RELION layout (default_pipeline.star, Schemes/prep, Schemes/proc); open it in
@@ -262,3 +343,15 @@ RELION or follow it with <code>tamis it status</code>.</p>
     out = project / "summary.html"
     out.write_text(page)
     return out
+
+
+def _html_3d(project: Path, three_d: dict | None) -> str:
+    if not three_d:
+        return ""
+    rel = lambda p: html.escape(str(Path(p).relative_to(project)))  # noqa: E731
+    fsc = three_d["fsc_png"]
+    return (
+        "<h2>3D map: central slices (z, y, x) and FSC</h2>"
+        f'<img src="{rel(three_d["slices"])}" alt="central slices">'
+        + (f'<img src="{rel(fsc)}" alt="FSC curve">' if Path(fsc).is_file() else "")
+    )

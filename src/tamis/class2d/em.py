@@ -94,6 +94,10 @@ def _available_bytes(device: torch.device) -> int:
         return 4 << 30
 
 
+#: Particles per batch in local angular searches (the union of their neighbourhoods is searched).
+LOCAL_BATCH = 16
+
+
 class _Abort(Exception):
     pass
 
@@ -634,6 +638,10 @@ class Class2DRun:
             len(t_f),
             8 if oversampled else 40,
         )
+        if local and not o.batch_size:
+            # a batch's union of neighbourhoods grows with the batch: small batches of
+            # particles with nearby orientations waste the least (measured: 16)
+            bsize = min(bsize, LOCAL_BATCH)
         old_cls = self.cls[rows_all].copy()
         old_angles = self.angles_of(rows_all)
         old_origin = self.origin[rows_all].copy()

@@ -7,7 +7,8 @@ Registered: ``relion.external`` (any program, RELION's calling convention), ``re
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``),
 ``relion.select.class2dauto`` (the class ranker), ``relion.initialmodel`` (the de novo 3D
-model), ``relion.maskcreate`` and ``relion.postprocess``. A label is matched after dropping trailing
+model), ``relion.refine3d`` (gold-standard auto-refine), ``relion.maskcreate`` and
+``relion.postprocess``. A label is matched after dropping trailing
 ``.xxx`` tokens until a registered one fits, as RELION resolves process types.
 """
 
@@ -318,6 +319,68 @@ def _run_inimodel(job: JobStar, out: Path) -> Nodes:
     return nodes
 
 
+#: RELION's GUI angular samplings (the oversampled step) in menu order: entry i is HEALPix order
+#: i - 1 after one oversampling (``JobOption::getHealPixOrder``).
+_GUI_SAMPLINGS = ("30", "15", "7.5", "3.7", "1.8", "0.9", "0.5", "0.2", "0.1")
+
+
+def _healpix_order(job: JobStar, key: str, default: str) -> int:
+    """The coarse HEALPix order for a GUI sampling such as ``7.5 degrees`` (one oversampling)."""
+    text = (job.options.get(key) or default).split()[0]
+    if text not in _GUI_SAMPLINGS:
+        raise TamisError(f"{key} {text!r}: choose one of {', '.join(_GUI_SAMPLINGS)} degrees")
+    return _GUI_SAMPLINGS.index(text)  # menu index (1-based) - 1 oversampling
+
+
+def _run_refine3d(job: JobStar, out: Path) -> Nodes:
+    """RELION's Refine3D job (``relion_refine --auto_refine --split_random_halves``): the final
+    map, the unfiltered half maps and the refined particles."""
+    from tamis.refine.auto_refine import AutoRefineOptions, run_auto_refine
+
+    if not job.get_bool("ref_correct_greyscale", True):
+        raise TamisError(
+            "ref_correct_greyscale No (--firstiter_cc) is not implemented: give a reference on "
+            "RELION's grey scale (a map from tamis or RELION is)"
+        )
+    mask = job.options.get("fn_mask") or ""
+    options = AutoRefineOptions(
+        ref=job.options.get("fn_ref", ""),
+        trust_ref_size=job.get_bool("trust_ref_size", True),
+        ini_high=_f(job, "ini_high", 60),
+        sym=job.options.get("sym_name", "C1") or "C1",
+        particle_diameter=_f(job, "particle_diameter", 200),
+        zero_mask=job.get_bool("do_zero_mask", True),
+        ctf=job.get_bool("do_ctf_correction", True),
+        ctf_intact_first_peak=job.get_bool("ctf_intact_first_peak"),
+        pad=1 if job.get_bool("do_pad1") else 2,
+        healpix_order=_healpix_order(job, "sampling", "7.5 degrees"),
+        auto_local_healpix_order=_healpix_order(job, "auto_local_sampling", "1.8 degrees"),
+        offset_range=_f(job, "offset_range", 5),
+        offset_step=2 * _f(job, "offset_step", 1),  # the GUI's step is the oversampled one
+        solvent_mask=mask,
+        solvent_correct_fsc=bool(mask) and job.get_bool("do_solvent_fsc"),
+        auto_ignore_angles=job.get_bool("auto_faster"),
+        auto_resol_angles=job.get_bool("auto_faster"),
+        iter=int(_f(job, "tamis_iter_max", 999)),
+        j=int(_f(job, "nr_threads", 1)),
+        pipeline_control=out,
+    )
+    cont = job.options.get("fn_cont") if job.is_continue else None
+    result = run_auto_refine(
+        None if cont else job.options["fn_img"],
+        str(out / "run"),
+        options,
+        continue_from=cont or None,
+        log=lambda s: None,
+    )
+    return [
+        (str(result.data), "ParticleGroupMetadata.star.relion.refine3d"),
+        (str(result.optimiser), "OptimiserData.star.relion.refine3d"),
+        (str(result.half_maps[0]), "DensityMap.mrc.relion.halfmap.refine3d"),
+        (str(result.map), "DensityMap.mrc.relion.refine3d"),
+    ]
+
+
 def _run_rank(job: JobStar, out: Path) -> Nodes:
     from tamis.rank.screen import ScreenOptions
     from tamis.rank.select import RankOptions, rank_classes
@@ -401,6 +464,7 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.extract", "Extract", _run_extract, {"extract_size": "128", "do_invert": "Yes", "do_float16": "Yes", "do_norm": "Yes", "bg_diameter": "-1", "do_rescale": "No", "rescale": "128"}),
         JobType("relion.class2d", "Class2D", _run_class2d, {"nr_classes": "1", "tau_fudge": "2", "do_em": "No", "nr_iter_em": "25", "do_grad": "Yes", "nr_iter_grad": "200", "particle_diameter": "200", "do_zero_mask": "Yes", "highres_limit": "-1", "do_center": "Yes", "psi_sampling": "6", "offset_range": "5", "offset_step": "1", "do_ctf_correction": "Yes"}),
         JobType("relion.initialmodel", "InitialModel", _run_inimodel, {"nr_classes": "1", "nr_iter": "200", "tau_fudge": "4", "sym_name": "C1", "do_run_C1": "Yes", "particle_diameter": "200", "do_solvent": "Yes", "do_zero_mask": "Yes", "do_ctf_correction": "Yes"}),
+        JobType("relion.refine3d", "Refine3D", _run_refine3d, {"fn_ref": "", "fn_mask": "", "ref_correct_greyscale": "Yes", "trust_ref_size": "Yes", "ini_high": "60", "sym_name": "C1", "particle_diameter": "200", "do_zero_mask": "Yes", "do_ctf_correction": "Yes", "sampling": "7.5 degrees", "auto_local_sampling": "1.8 degrees", "offset_range": "5", "offset_step": "1", "do_solvent_fsc": "No", "auto_faster": "No", "do_pad1": "No"}),
         JobType("relion.maskcreate", "MaskCreate", _run_maskcreate, {"lowpass_filter": "15", "angpix": "-1", "inimask_threshold": "0.02", "extend_inimask": "3", "width_mask_edge": "3"}),
         JobType("relion.postprocess", "PostProcess", _run_postprocess, {"angpix": "-1", "do_auto_bfac": "Yes", "autob_lowres": "10", "do_adhoc_bfac": "No", "adhoc_bfac": "-1000", "do_skip_fsc_weighting": "No", "low_pass": "5"}),
         JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1", "select_nr_classes": "-1"}),

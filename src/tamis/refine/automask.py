@@ -24,13 +24,17 @@ from tamis.errors import TamisError
 __all__ = ["MaskOptions", "create_mask", "low_pass_filter", "create_mask_file"]
 
 
+#: ``--ini_threshold`` <= 0 (tamis): the threshold is this fraction of the low-passed maximum.
+AUTO_THRESHOLD_FRACTION = 0.2
+
+
 @dataclass(frozen=True)
 class MaskOptions:
     """``relion_mask_create``'s options, with the GUI's defaults (the program's own are no
     low-pass, threshold 0.01, no extension, no edge)."""
 
     lowpass: float = 15.0  # Å; 0 for none
-    ini_threshold: float = 0.02
+    ini_threshold: float = 0.02  # <= 0: AUTO_THRESHOLD_FRACTION of the low-passed maximum
     extend_inimask: float = 3.0  # px; negative shrinks
     width_soft_edge: float = 3.0  # px
     invert: bool = False
@@ -58,10 +62,15 @@ def create_mask(volume: torch.Tensor, pixel_size: float, options: MaskOptions) -
     v = volume.to(torch.float64)
     if options.lowpass > 0:
         v = low_pass_filter(v, pixel_size, options.lowpass)
-    binary = (v >= options.ini_threshold).cpu().numpy()
+    threshold = options.ini_threshold
+    if threshold <= 0:
+        # tamis: the threshold follows the map (unattended schemes, where no one picks it):
+        # a fifth of the low-passed map's maximum (cryoSPARC's dynamic-mask default)
+        threshold = AUTO_THRESHOLD_FRACTION * float(v.max())
+    binary = (v >= threshold).cpu().numpy()
     if not binary.any():
         raise TamisError(
-            f"no voxel at or above --ini_threshold {options.ini_threshold} "
+            f"no voxel at or above --ini_threshold {threshold:.4g} "
             f"(map range {float(v.min()):.4g} .. {float(v.max()):.4g}): lower the threshold"
         )
     if options.extend_inimask != 0:

@@ -293,7 +293,15 @@ def postprocess(
         )
         slope, intercept, r2 = fit_straight_line(gx, g_weighted, w)
         bfactor = 4.0 * slope
-        if w.sum() < 2:
+        if math.isfinite(resolution) and resolution > o.autob_lowres:
+            # tamis: the fit would lie beyond the map's resolution, on noise (RELION fits it)
+            warnings.append(
+                f"the resolution ({resolution:.1f} A) is worse than --autob_lowres "
+                f"{o.autob_lowres:g} A: no B-factor fitted (lower --autob_lowres or give "
+                "--adhoc_bfac)"
+            )
+            bfactor = 0.0
+        elif w.sum() < 2:
             warnings.append(
                 f"fewer than two shells between {o.autob_lowres} A and the last weighted shell: "
                 "no B-factor fitted"

@@ -67,6 +67,8 @@ def derived_options(
     out: dict[str, Any] = {
         "prep__importmics__angpix": angpix,
         "proc__class2d__particle_diameter": round(1.1 * diameter, 1),
+        "proc__inimodel3d__particle_diameter": round(1.1 * diameter, 1),
+        "proc__refine3d__particle_diameter": round(1.1 * diameter, 1),
         "proc__autopick__log_diam_max": diameter,
         "proc__autopick__log_diam_min": round(circularity * diameter, 1),
         "proc__autopick__topaz_particle_diameter": diameter,
