@@ -15,7 +15,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     lines = run_demo(
         project,
         DemoOptions(n_micrographs=4, size_px=768, particles_per_micrograph=40, iterations=15,
-                    nr_classes=6, batches=2, wait_sec=2, inimodel_iterations=20,
+                    nr_classes=6, batches=2, wait_sec=2, inimodel_iterations=19,
                     refine_iter_max=6),
         log=lambda s: None,
     )  # fmt: skip

@@ -50,7 +50,9 @@ class DemoOptions:
     timeout_sec: float = 1800.0
     seed: int = 2
     do_3d: bool = True  # the proc scheme's 3D branch after the last micrograph
-    inimodel_iterations: int = 60  # VDAM mini-batches of the initial model (RELION: 200)
+    # VDAM mini-batches of the initial model (RELION: 200). 19 stay at HEALPix orders 1-2:
+    # auto-sampling moves to order 3 (3.75 deg) at mini-batch 20, minutes per mini-batch on 2 CPUs
+    inimodel_iterations: int = 19
     refine_iter_max: int = 30
 
 

@@ -938,12 +938,12 @@ class Class2DRun:
     def extra_class_labels(self, files: IterationFiles) -> dict:
         return {}
 
-    def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
-        assert self.state is not None
-        files = self.iteration_files(it)
+    def write_files(self, files: IterationFiles, state: ModelState, **labels) -> None:
+        """RELION's files of ``state`` (and this run's particles and sampling) as ``files``;
+        ``labels`` go to :func:`write_iteration`."""
         write_iteration(
             files,
-            state=self.state,
+            state=state,
             options=self.options,
             sampling=self.sampling,
             optics=self.ps.optics,
@@ -953,6 +953,15 @@ class Class2DRun:
             current_size=self.current_size,
             diameter=self.diameter,
             seed=self.seed,
+            **labels,
+        )
+
+    def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
+        assert self.state is not None
+        files = self.iteration_files(it)
+        self.write_files(
+            files,
+            self.state,
             changes=changes,
             tau2_fudge=self.tau2_fudge_at(it),
             extra_optimiser=self.extra_optimiser_labels(),

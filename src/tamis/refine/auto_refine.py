@@ -47,7 +47,6 @@ from tamis.class2d.files import (
     IterationFiles,
     continued_options,
     read_continue,
-    write_iteration,
 )
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.init import low_pass
@@ -545,18 +544,9 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         }
 
     def _write(self, files: IterationFiles, st: ModelState, **kw) -> None:
-        write_iteration(
+        self.write_files(
             files,
-            state=st,
-            options=self.options,
-            sampling=self.sampling,
-            optics=self.ps.optics,
-            particles=self.particle_table(),
-            groups=self.groups,
-            pixel_size=self.pixel,
-            current_size=self.current_size,
-            diameter=self.diameter,
-            seed=self.seed,
+            st,
             tau2_fudge=self.options.tau2_fudge,
             fsc=self.history.fsc if len(self.history.fsc) else None,
             extra_general=self._general(),
