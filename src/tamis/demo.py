@@ -53,7 +53,7 @@ class DemoOptions:
     # VDAM mini-batches of the initial model (RELION: 200). 19 stay at HEALPix orders 1-2:
     # auto-sampling moves to order 3 (3.75 deg) at mini-batch 20, minutes per mini-batch on 2 CPUs
     inimodel_iterations: int = 19
-    refine_iter_max: int = 30
+    refine_iter_max: int = 12  # auto-refine iterations at most (the last joins the halves)
 
 
 def _newest(project: Path, pattern: str) -> Path | None:
