@@ -99,6 +99,12 @@ def main() -> None:
     ap.add_argument("--relion", default="")
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--skip_tamis", action="store_true")
+    ap.add_argument("--iter", type=int, default=999, help="--iter (--auto_iter_max) of tamis")
+    ap.add_argument("--tamis_continue", default="", help="run_itNNN_optimiser.star to continue")
+    ap.add_argument(
+        "--tamis_prior_seconds", type=float, default=0.0,
+        help="seconds the continued run had spent up to that iteration (added)",
+    )  # fmt: skip
     a = ap.parse_args()
     sym = "C1" if a.structure == "asym" else "C4"
     sim = simulate(a.work, a.structure, a.n, a.seed)
@@ -108,16 +114,23 @@ def main() -> None:
         root.parent.mkdir(parents=True, exist_ok=True)
         opts = AutoRefineOptions(
             ref=str(sim / "reference.mrc"), ini_high=40.0, particle_diameter=DIAMETER, sym=sym,
-            j=a.j, random_seed=a.seed,
+            j=a.j, random_seed=a.seed, iter=a.iter,
         )  # fmt: skip
         cwd = os.getcwd()
         os.chdir(sim)
         t0 = time.perf_counter()
         try:
-            run_auto_refine("particles.star", "Tamis/run", opts, log=lambda s: print(s, flush=True))
+            run_auto_refine(
+                None if a.tamis_continue else "particles.star",
+                "Tamis/run",
+                opts,
+                continue_from=a.tamis_continue or None,
+                log=lambda s: print(s, flush=True),
+            )
         finally:
             os.chdir(cwd)
-        report["tamis"] = {"seconds": time.perf_counter() - t0, **judge(sim, root, sym)}
+        seconds = time.perf_counter() - t0 + a.tamis_prior_seconds
+        report["tamis"] = {"seconds": seconds, **judge(sim, root, sym)}
         print(json.dumps(report["tamis"]), flush=True)
     if a.relion:
         (sim / "Relion").mkdir(exist_ok=True)
