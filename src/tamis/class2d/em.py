@@ -10,6 +10,7 @@ back-rotate and reconstruct (:mod:`tamis.class2d.fourier2d`), update the other p
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -120,29 +121,32 @@ class EStep:
 
 class _FineOnDemand:
     """Fine projections made when the E-step knows which coarse orientations a batch needs:
-    called with those coarse indices ``(U,)``, projects every reference at their ``n_over``
-    children each and keeps them with their orientations (``used``, in the E-step's compact
-    order). The children come from ``orientations`` (every fine one, indexed ``j * n_over +
-    a``) or, for local searches, from ``children(coarse)`` (a function of the coarse indices)."""
+    called with those coarse indices ``(U,)``, takes their fine children ``children(coarse)``
+    (in the E-step's compact order: ``n_over`` per coarse one), projects every reference at
+    them and keeps both (``used``, ``proj``)."""
 
-    def __init__(
-        self, space, grids, orientations, n_over: int, window, pad: int, children=None
-    ) -> None:
-        self.space, self.grids, self.orientations = space, grids, orientations
-        self.n_over, self.window, self.pad = n_over, window, pad
-        self.children = children
+    def __init__(self, space, grids, children, window, pad: int) -> None:
+        self.space, self.grids, self.children = space, grids, children
+        self.window, self.pad = window, pad
         self.used: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
 
     def __call__(self, coarse: torch.Tensor) -> torch.Tensor:
-        if self.children is not None:
-            self.used = self.children(coarse)
-        else:
-            sub = torch.arange(self.n_over, device=coarse.device)
-            ids = (coarse[:, None] * self.n_over + sub[None]).reshape(-1)
-            self.used = self.orientations[ids.to(self.orientations.device)]
+        self.used = self.children(coarse)
         self.proj = self.space.project(self.grids, self.used, self.window, self.pad)
         return self.proj
+
+
+def _children_of(fine: torch.Tensor, n_over: int):
+    """The fine orientations ``fine`` (every one, ``j * n_over + a`` refining coarse ``j``) of
+    given coarse indices."""
+
+    def children(coarse: torch.Tensor) -> torch.Tensor:
+        sub = torch.arange(n_over, device=coarse.device)
+        ids = (coarse[:, None] * n_over + sub[None]).reshape(-1)
+        return fine[ids.to(fine.device)]
+
+    return children
 
 
 class Class2DRun:
@@ -681,11 +685,14 @@ class Class2DRun:
                         )
                         lp_orient = lp.to(dev)
                         fine = _FineOnDemand(
-                            space, grids, None, n_over_orient, window, o.pad,
-                            children=lambda j, ids=ids: smp.fine_rotations_of(ids[j.cpu()]).to(dev),
+                            space, grids,
+                            lambda j, ids=ids: smp.fine_rotations_of(ids[j.cpu()]).to(dev),
+                            window, o.pad,
                         )  # fmt: skip
                     elif stream:
-                        fine = _FineOnDemand(space, grids, psi_f, n_over_orient, window, o.pad)
+                        fine = _FineOnDemand(
+                            space, grids, _children_of(psi_f, n_over_orient), window, o.pad
+                        )
                     else:
                         fine = None
                     t_e = time.perf_counter()
@@ -947,7 +954,7 @@ class Class2DRun:
             options=self.options,
             sampling=self.sampling,
             optics=self.ps.optics,
-            particles=self.particle_table(),
+            particles=None if labels.get("model_only") else self.particle_table(),
             groups=self.groups,
             pixel_size=self.pixel,
             current_size=self.current_size,
@@ -1048,6 +1055,33 @@ def _noise_images(
     return irfft2_centered(out * std, (n, n))
 
 
+@contextlib.contextmanager
+def pipeline_control(directory: str | Path | None):
+    """RELION's pipeliner markers around a job run in ``directory`` (None: not under the
+    pipeliner): stale exit markers removed first; yields the check for
+    ``RELION_JOB_ABORT_NOW``; ``RELION_JOB_EXIT_SUCCESS`` after a normal end, ``_ABORTED`` after
+    an abort (raised again as one error line) and ``_FAILURE`` after any other exception."""
+    control = Path(directory) if directory else None
+    if control is not None:
+        control.mkdir(parents=True, exist_ok=True)
+        for marker in ("SUCCESS", "FAILURE", "ABORTED"):
+            (control / f"RELION_JOB_EXIT_{marker}").unlink(missing_ok=True)
+
+    def mark(marker: str) -> None:
+        if control is not None:
+            (control / f"RELION_JOB_EXIT_{marker}").touch()
+
+    try:
+        yield lambda: control is not None and (control / "RELION_JOB_ABORT_NOW").exists()
+    except _Abort:
+        mark("ABORTED")
+        raise TamisError("aborted (RELION_JOB_ABORT_NOW)") from None
+    except BaseException:
+        mark("FAILURE")
+        raise
+    mark("SUCCESS")
+
+
 def _run_class(options: Class2DOptions) -> type[Class2DRun]:
     if options.grad:
         from tamis.class2d.vdam import VdamRun
@@ -1076,20 +1110,7 @@ def run_class2d(
     and the fields named in ``changed``, which come from ``options``. ``run_type`` replaces the
     run class (the 3D initial model drives its :class:`Class2DRun` subclass through here).
     """
-    control = Path(options.pipeline_control) if options.pipeline_control else None
-    if control is not None:
-        control.mkdir(parents=True, exist_ok=True)
-        for marker in (
-            "RELION_JOB_EXIT_SUCCESS",
-            "RELION_JOB_EXIT_FAILURE",
-            "RELION_JOB_EXIT_ABORTED",
-        ):
-            (control / marker).unlink(missing_ok=True)
-
-    def abort_requested() -> bool:
-        return control is not None and (control / "RELION_JOB_ABORT_NOW").exists()
-
-    try:
+    with pipeline_control(options.pipeline_control) as abort_requested:
         if continue_from is not None:
             cont_opt = read_continue(continue_from)
             data_path = cont_opt.data_path
@@ -1139,8 +1160,6 @@ def run_class2d(
                 f"{batch / (time.perf_counter() - t0):,.0f} particles/s"
             )
         st = run.state
-        if control is not None:
-            (control / "RELION_JOB_EXIT_SUCCESS").touch()
         return Class2DResult(
             optimiser=files.optimiser,
             model=files.model,
@@ -1151,11 +1170,3 @@ def run_class2d(
             class_fractions=st.pdf_class.cpu().numpy(),
             particles_evaluated=evaluated,
         )
-    except _Abort:
-        if control is not None:
-            (control / "RELION_JOB_EXIT_ABORTED").touch()
-        raise TamisError("aborted (RELION_JOB_ABORT_NOW)") from None
-    except BaseException:
-        if control is not None:
-            (control / "RELION_JOB_EXIT_FAILURE").touch()
-        raise

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -132,7 +132,7 @@ def write_iteration(
     options: Class2DOptions,
     sampling: Sampling,
     optics: pd.DataFrame,
-    particles: pd.DataFrame,
+    particles: pd.DataFrame | None,
     groups: pd.DataFrame,
     pixel_size: float,
     current_size: int,
@@ -385,6 +385,7 @@ class ContinueState:
     data_path: Path
     sampling: dict
     class_priors: np.ndarray | None = None
+    tamis_blocks: dict = field(default_factory=dict)  # the optimiser file's tamis_* blocks
 
 
 def read_continue(
@@ -454,6 +455,7 @@ def read_continue(
         data_path=Path(str(opt["rlnExperimentalDataStarFile"])),
         sampling=sampling,
         class_priors=class_priors,
+        tamis_blocks={k: v for k, v in blocks.items() if k.startswith("tamis_")},
     )
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ import torch
 
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
-from tamis.class2d.em import Class2DRun, _Abort
+from tamis.class2d.em import Class2DRun, pipeline_control
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -54,7 +54,6 @@ from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc, write_mrc
 from tamis.io.particles import ParticleSet
-from tamis.io.star import read_star
 from tamis.orientations import angular_sampling
 from tamis.padded_grid import reconstruct, reference_grids, relion_round, ssnr_arrays
 from tamis.refine.autosampling import AutoSampling, HiddenChanges
@@ -69,7 +68,8 @@ from tamis.refine.gold_standard import (
 )
 from tamis.refine.local_search import local_priors, orientation_order
 from tamis.refine.maps import resize_map
-from tamis.refine.volume_run import VolumeRun
+from tamis.refine.postprocess import check_mask, masked_fscs, shell_fsc
+from tamis.refine.volume_run import VolumeRun, best_accuracy
 from tamis.symmetry import canonical_symmetry
 
 __all__ = ["AutoRefineOptions", "AutoRefineRun", "AutoRefineResult", "run_auto_refine"]
@@ -145,7 +145,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         except TamisError as exc:
             raise TamisError(f"{particles.source or 'particles'}: {exc}") from None
         for h in (1, 2):
-            if not (self.half_of == h).any():
+            if not len(self._rows_of(h)):
                 raise TamisError(f"half set {h} has no particles (rlnRandomSubset)")
         px = self.pixel
         local = options.healpix_order >= options.auto_local_healpix_order
@@ -162,6 +162,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.states: list[ModelState] = []
         self.history = _History()
         self.incr_size = options.incr_size
+        self._offset_change = 0.0  # RMS offset change (A) of the last iteration
         self.mask: torch.Tensor | None = None
         if options.solvent_mask:
             self.mask = self._read_mask(options.solvent_mask)
@@ -182,9 +183,8 @@ class AutoRefineRun(VolumeRun, Class2DRun):
                 f"{path}: mask of {'x'.join(map(str, mask.shape))} voxels, the particles' box "
                 f"is {self.box}^3"
             )
-        if float(mask.min()) < -1e-3 or float(mask.max()) > 1 + 1e-3:
-            raise TamisError(f"{path}: mask values must lie in [0, 1]")
-        return torch.as_tensor(mask, dtype=torch.float32, device=self.device)
+        m = check_mask(torch.as_tensor(mask), mask.shape, path, "the particles' box is")
+        return m.to(self.device, torch.float32)
 
     def reference_map(self) -> torch.Tensor:
         """``--ref`` on the particles' grid (resized with a warning when its pixel size or box
@@ -226,7 +226,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         tau2 = self.reference_spectrum(ref.to(torch.float64)) / 2
         states = []
         for h in (1, 2):
-            super().initialise(pool=np.flatnonzero(self.half_of == h))
+            super().initialise(pool=self._rows_of(h))
             st = self.state
             assert st is not None
             dvp = self.n * tau2 / st.sigma2.mean(0).clamp(min=1e-30)[None]
@@ -272,8 +272,13 @@ class AutoRefineRun(VolumeRun, Class2DRun):
 
     # ---- one iteration -----------------------------------------------------------------------
 
+    def _rows_of(self, h: int) -> np.ndarray:
+        """The sorted rows of half ``h`` (1 or 2)."""
+        return np.flatnonzero(self.half_of == h)
+
     def _half_rows(self, h: int) -> np.ndarray:
-        rows = np.flatnonzero(self.half_of == h + 1)
+        """Half ``h + 1``'s rows in E-step order (by orientation for local searches)."""
+        rows = self._rows_of(h + 1)
         if self.local_searches():
             rows = rows[orientation_order(self.angles_of(rows), self.options.sym)]
         return rows
@@ -285,7 +290,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.state = self.states[0]
         cs, _ = self.sizes()
         window = FourierWindow.create(self.box, cs, device=self.device)
-        rows = np.flatnonzero(self.half_of == 1)[: self.accuracy_trials]
+        rows = self._rows_of(1)[: self.accuracy_trials]
         images = self.ps.load_images(self.order[rows], device=self.device)
         data, _ = self._prepare(images, rows, window, it)
         grids = reference_grids(self.state.refs, pad=o.pad, r_max=cs / 2)
@@ -311,8 +316,8 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.auto = old.updated(
             resolution=st.maxres / (self.box * self.pixel),
             particle_diameter=self.diameter,
-            acc_rot=float(st.acc_rot.min()) if st.acc_rot.numel() else 999.0,
-            acc_trans=float(st.acc_trans.min()) if st.acc_trans.numel() else 999.0,
+            acc_rot=best_accuracy(st.acc_rot),
+            acc_trans=best_accuracy(st.acc_trans),
             offset_change=offset_change,
             auto_resol_angles=o.auto_resol_angles,
             auto_ignore_angles=o.auto_ignore_angles,
@@ -360,7 +365,6 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.incr_size, high = image_size_increment(fsc, self.incr_size, cs)
         hist.has_high_fsc_at_limit = hist.has_high_fsc_at_limit or high
         hist.fsc = fsc.cpu().numpy()
-        counts = [np.flatnonzero(self.half_of == h + 1) for h in (0, 1)]
         if hist.final:
             self._final_maps(d1, w1, d2, w2)
             joined = _add_sums(steps[0].sums, steps[1].sums)
@@ -370,7 +374,9 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             self.states = [st, st]
         else:
             self.states = [
-                self._maximize(self.states[h], steps[h].sums, dj, wj, fsc, cs, counts[h], False)
+                self._maximize(
+                    self.states[h], steps[h].sums, dj, wj, fsc, cs, self._rows_of(h + 1), False
+                )
                 for h, (dj, wj) in enumerate(((d1j, w1j), (d2j, w2j)))
             ]
             for st in self.states:
@@ -395,8 +401,6 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.state = self.states[0]
         self.current_size = cs
         return ang, float(np.mean(np.linalg.norm(moved, axis=1))), 0.0
-
-    _offset_change: float = 0.0
 
     def _maximize(
         self,
@@ -460,28 +464,20 @@ class AutoRefineRun(VolumeRun, Class2DRun):
     def _solvent_corrected_fsc(self, d1, w1, d2, w2, cs: int, fsc: torch.Tensor) -> torch.Tensor:
         """``--solvent_correct_fsc``: the FSC of the unregularised half maps in the mask,
         corrected by phase randomisation beyond the first shell where the unmasked FSC drops
-        below 0.8 (as post-processing), 0 where the randomised FSC exceeds the masked one and
-        beyond the current size."""
-        from tamis.refine.postprocess import corrected_fsc, randomize_phases_beyond, shell_fsc
-
+        below 0.8 (post-processing's :func:`masked_fscs`), 0 where the randomised FSC exceeds
+        the masked one and beyond the current size."""
         o = self.options
         h1, h2 = (
             reconstruct(d, w, box=self.box, r_max=cs / 2, tau2=None, pad=o.pad)[0]
             for d, w in ((d1, w1), (d2, w2))
         )
-        m = self.mask.to(torch.float64)
-        unmasked = shell_fsc(h1, h2)
-        below = torch.nonzero(unmasked[1:] < 0.8).squeeze(1)
-        at = int(below[0]) + 1 if len(below) else len(unmasked) - 1
-        gen = torch.Generator().manual_seed(self.seed)
-        r1 = randomize_phases_beyond(h1.to(torch.float64), at, gen)
-        r2 = randomize_phases_beyond(h2.to(torch.float64), at, gen)
-        masked = shell_fsc(h1 * m, h2 * m)
-        rnd = shell_fsc(r1 * m, r2 * m)
-        corr = corrected_fsc(masked, rnd, at)
-        corr = torch.where(rnd > masked, torch.zeros_like(corr), corr)
+        below = torch.nonzero(shell_fsc(h1, h2)[1:] < 0.8).squeeze(1)
+        at = int(below[0]) + 1 if len(below) else self.nsh - 1
+        masked, rnd, corr = masked_fscs(
+            h1.to(torch.float64), h2.to(torch.float64), self.mask.to(torch.float64), at, self.seed
+        )
         shells = torch.arange(len(corr), device=corr.device)
-        corr = torch.where(shells > cs // 2, torch.zeros_like(corr), corr)
+        corr = torch.where((rnd > masked) | (shells > cs // 2), torch.zeros_like(corr), corr)
         corr[0] = 1.0
         return corr.to(fsc.device, torch.float64)
 
@@ -585,9 +581,8 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         cont2 = read_continue(optimiser, model_label="rlnModelStarFile2")
         st2 = self.state_from_continue(cont2)
         self.states = [self.state, st2]
-        opt = read_continue(optimiser).optimiser
-        blocks = read_star(optimiser)
-        extra = blocks.get("tamis_auto_refine") or {}
+        opt = cont2.optimiser
+        extra = cont2.tamis_blocks.get("tamis_auto_refine") or {}
         a = self.auto
         self.auto = replace(
             a,
@@ -608,6 +603,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self._offset_change = float(extra.get("tamisOffsetChange", 0.0))
         self._apply_sampling()
         self.history.converged = bool(int(opt.get("rlnHasConverged", 0)))
+        self.history.final = bool(int(extra.get("tamisFinal", 0)))
         self.history.has_high_fsc_at_limit = bool(int(opt.get("rlnHasHighFscAtResolLimit", 0)))
         self.incr_size = int(opt.get("rlnIncrementImageSize", self.options.incr_size))
         self.history.fsc = cont2.class_tables[0]["rlnGoldStandardFsc"].to_numpy(float)
@@ -634,25 +630,14 @@ class RefineFiles(IterationFiles):
 
 
 def _add_sums(a: WeightedSums, b: WeightedSums) -> WeightedSums:
-    """Both halves' sums (the final iteration's other parameters)."""
-
-    def add(x, y):
-        return None if x is None else x + y
-
-    return WeightedSums(
-        fimg=a.fimg,
-        fweight=a.fweight,
-        sigma2_noise=a.sigma2_noise + b.sigma2_noise,
-        sumw_optics=a.sumw_optics + b.sumw_optics,
-        pdf_class=a.pdf_class + b.pdf_class,
-        prior_offset=a.prior_offset + b.prior_offset,
-        sigma2_offset=a.sigma2_offset + b.sigma2_offset,
-        xa=add(a.xa, b.xa),
-        aa=add(a.aa, b.aa),
-        norm_sum=a.norm_sum + b.norm_sum,
-        loglik=a.loglik + b.loglik,
-        pmax_sum=a.pmax_sum + b.pmax_sum,
-    )
+    """Both halves' sums (the final iteration's other parameters); the reconstruction sums
+    (``fimg``, ``fweight``) are already in the grids and stay as they are."""
+    added = {
+        f.name: getattr(a, f.name) + getattr(b, f.name)
+        for f in fields(WeightedSums)
+        if f.name not in ("fimg", "fweight") and getattr(a, f.name) is not None
+    }
+    return replace(a, **added)
 
 
 @dataclass
@@ -682,16 +667,7 @@ def run_auto_refine(
 ) -> AutoRefineResult:
     """Gold-standard 3D auto-refine into ``output_root`` (``Refine3D/jobNNN/run``); see the
     module's docstring. ``continue_from``: a ``run_itNNN_optimiser.star`` of this run."""
-    control = Path(options.pipeline_control) if options.pipeline_control else None
-    if control is not None:
-        control.mkdir(parents=True, exist_ok=True)
-        for marker in ("SUCCESS", "FAILURE", "ABORTED"):
-            (control / f"RELION_JOB_EXIT_{marker}").unlink(missing_ok=True)
-
-    def abort_requested() -> bool:
-        return control is not None and (control / "RELION_JOB_ABORT_NOW").exists()
-
-    try:
+    with pipeline_control(options.pipeline_control) as abort_requested:
         if continue_from is not None:
             cont = read_continue(continue_from)
             root = output_root or cont.root
@@ -722,8 +698,8 @@ def run_auto_refine(
             log(
                 f"iteration {it:3d}: resolution {run.box * run.pixel / max(st.maxres, 1):6.2f} A, "
                 f"size {run.current_size}, angular step {a.fine_step:g} deg"
-                f"{' (local)' if a.local_searches else ''}, acc {float(st.acc_rot.min()):.2f} deg"
-                f" / {float(st.acc_trans.min()):.2f} A, orientation changes {changes[0]:.2f} deg, "
+                f"{' (local)' if a.local_searches else ''}, acc {best_accuracy(st.acc_rot):.2f} deg"
+                f" / {best_accuracy(st.acc_trans):.2f} A, orientation changes {changes[0]:.2f} deg, "
                 f"pmax {st.avg_pmax:.2f}, {run.n / (time.perf_counter() - t0):,.0f} particles/s"
             )
             if run.history.final:
@@ -732,13 +708,11 @@ def run_auto_refine(
             raise TamisError("no iteration was run (--iter is not above the continued iteration)")
         fsc = run.history.fsc
         res = run.box * run.pixel / max(run.state.maxres, 1)
-        if float(run.state.acc_rot.min()) > 10:
+        if best_accuracy(run.state.acc_rot) > 10:
             log(
                 "warning: the angular accuracy is worse than 10 degrees: the particles may not be "
                 "aligned (too small, too noisy or too heterogeneous)"
             )
-        if control is not None:
-            (control / "RELION_JOB_EXIT_SUCCESS").touch()
         return AutoRefineResult(
             map=files.class_map(1),
             half_maps=(
@@ -753,11 +727,3 @@ def run_auto_refine(
             fsc=fsc,
             converged=run.history.converged,
         )
-    except _Abort:
-        if control is not None:
-            (control / "RELION_JOB_EXIT_ABORTED").touch()
-        raise TamisError("aborted (RELION_JOB_ABORT_NOW)") from None
-    except BaseException:
-        if control is not None:
-            (control / "RELION_JOB_EXIT_FAILURE").touch()
-        raise

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from tamis.class2d.em import Class2DResult, run_class2d
 from tamis.class2d.files import ContinueState
@@ -42,7 +41,7 @@ from tamis.errors import TamisError
 from tamis.io.particles import ParticleSet
 from tamis.orientations import angular_sampling
 from tamis.refine.autosampling import refined_translations
-from tamis.refine.volume_run import VolumeRun
+from tamis.refine.volume_run import VolumeRun, best_accuracy
 
 __all__ = ["InitialModelOptions", "InitialModelRun", "InitialModelResult", "run_initial_model"]
 
@@ -116,7 +115,7 @@ class InitialModelRun(VolumeRun, VdamRun):
         if self.iters_without_resolution_gain < 1:
             return
         smp = self.sampling
-        acc_rot = _best_class(st.acc_rot)
+        acc_rot = best_accuracy(st.acc_rot)
         if angular_sampling(smp.healpix_order, smp.oversampling) < 0.75 * acc_rot:
             return  # fine enough
         if smp.healpix_order + 1 >= self.options.auto_local_healpix_order:
@@ -136,7 +135,7 @@ class InitialModelRun(VolumeRun, VdamRun):
         old_step, old_range = smp.offset_step * px, smp.offset_range * px
         change = old_range if self._offset_change is None else self._offset_change
         step, rng = refined_translations(
-            old_step, old_range, _best_class(st.acc_trans), change, smp.oversampling
+            old_step, old_range, best_accuracy(st.acc_trans), change, smp.oversampling
         )
         smp.offset_step, smp.offset_range = step / px, rng / px
 
@@ -159,12 +158,6 @@ class InitialModelRun(VolumeRun, VdamRun):
             "rlnDoAutoSampling": int(self.auto_sampling),
             "rlnNumberOfIterWithoutResolutionGain": self.iters_without_resolution_gain,
         }
-
-
-def _best_class(accuracy: torch.Tensor) -> float:
-    """The best (smallest) per-class accuracy estimate, as RELION's auto-sampling takes it;
-    999 for classes without one (under 1% of the particles) and when none was made."""
-    return float(accuracy.min()) if accuracy.numel() else 999.0
 
 
 @dataclass

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from tamis.orientations import direction_vectors
+from tamis.orientations import direction_vectors, directions
 from tamis.refine.sampling import Sampling3D
 from tamis.symmetry import symmetry_operators
 
@@ -83,15 +83,15 @@ def orientation_order(angles: np.ndarray, sym: str, order: int = 3) -> np.ndarra
     """An order of the particles that keeps nearby prior orientations together: by the nearest
     direction of the HEALPix grid at ``order`` (NESTED, so neighbouring indices are mostly
     neighbouring directions), then by psi."""
-    from tamis.orientations import directions
-
     a = torch.as_tensor(angles, dtype=torch.float64)
     grid = directions(order, sym)
-    out = np.empty(len(a), dtype=np.int64)
-    cell = np.empty(len(a), dtype=np.int64)
-    for s in range(0, len(a), 4096):
-        d = direction_distances(a[s : s + 4096, 0], a[s : s + 4096, 1], grid.rot, grid.tilt, sym)
-        cell[s : s + 4096] = d.argmin(1).numpy()
-    psi = np.mod(np.asarray(angles, dtype=float)[:, 2], 360.0)
-    out[:] = np.lexsort((psi, cell))
-    return out
+    chunk = 4096  # bounds the (particles, directions, mates) temporaries
+    cell = np.concatenate(
+        [
+            direction_distances(a[s : s + chunk, 0], a[s : s + chunk, 1], grid.rot, grid.tilt, sym)
+            .argmin(1)
+            .numpy()
+            for s in range(0, len(a), chunk)
+        ]
+    )
+    return np.lexsort((np.mod(np.asarray(angles, dtype=float)[:, 2], 360.0), cell))

@@ -118,6 +118,33 @@ def corrected_fsc(
     return torch.where(shells < randomize_at + 2, m, true)
 
 
+def check_mask(mask: torch.Tensor, shape: tuple[int, ...], name: str, what: str) -> torch.Tensor:
+    """A soft mask as float64, or one error naming ``name`` when it is not of ``shape`` (the
+    shape of ``what``) or has values outside [0, 1]."""
+    m = mask.to(torch.float64)
+    if tuple(m.shape) != tuple(shape):
+        raise TamisError(f"{name}: the mask is {tuple(m.shape)} but {what} {tuple(shape)}")
+    if float(m.min()) < -1e-6 or float(m.max()) - 1.0 > 1e-6:
+        raise TamisError(
+            f"{name}: mask values must lie in [0, 1], got {float(m.min()):.4g} .. "
+            f"{float(m.max()):.4g}"
+        )
+    return m
+
+
+def masked_fscs(
+    h1: torch.Tensor, h2: torch.Tensor, mask: torch.Tensor, randomize_at: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The masked FSC, the masked FSC of the maps with random phases from shell
+    ``randomize_at`` on, and the corrected FSC (:func:`corrected_fsc`)."""
+    gen = torch.Generator().manual_seed(seed)
+    r1 = randomize_phases_beyond(h1, randomize_at, gen)
+    r2 = randomize_phases_beyond(h2, randomize_at, gen)
+    masked = shell_fsc(h1 * mask, h2 * mask)
+    random = shell_fsc(r1 * mask, r2 * mask)
+    return masked, random, corrected_fsc(masked, random, randomize_at)
+
+
 def _last_shell_above(curve: torch.Tensor, threshold: float) -> int:
     """The last shell before ``curve`` first drops below ``threshold`` (0 if shell 0 does)."""
     below = torch.nonzero(curve < threshold).squeeze(1)
@@ -209,18 +236,8 @@ def postprocess(
     mask_fraction = math.nan
     mask_ignored = False
     if mask is not None:
-        m = mask.to(torch.float64)
-        if m.shape != h1.shape:
-            raise TamisError(
-                f"{mask_name}: the mask is {tuple(m.shape)} but the half maps are {tuple(h1.shape)}"
-            )
-        if float(m.min()) < -1e-6 or float(m.max()) - 1.0 > 1e-6:
-            raise TamisError(
-                f"{mask_name}: mask values must lie in [0, 1], got {float(m.min()):.4g} .. "
-                f"{float(m.max()):.4g}"
-            )
+        m = check_mask(mask, tuple(h1.shape), mask_name, "the half maps are")
         mask_fraction = 0.476 / max(float((m > 0.5).double().mean()), 1e-12)
-        fsc_masked = shell_fsc(h1 * m, h2 * m)
         if o.randomize_at_A > 0:
             randomize_at = int(pixel_size * n / o.randomize_at_A)
         else:
@@ -234,11 +251,7 @@ def postprocess(
         if randomize_at <= 0:
             raise TamisError(f"--randomize_at_A {o.randomize_at_A}: beyond the box's lowest shell")
         randomize_from = n * pixel_size / randomize_at
-        gen = torch.Generator().manual_seed(o.random_seed)
-        r1 = randomize_phases_beyond(h1, randomize_at, gen)
-        r2 = randomize_phases_beyond(h2, randomize_at, gen)
-        fsc_random = shell_fsc(r1 * m, r2 * m)
-        fsc_true = corrected_fsc(fsc_masked, fsc_random, randomize_at)
+        fsc_masked, fsc_random, fsc_true = masked_fscs(h1, h2, m, randomize_at, o.random_seed)
         unmasked_ = fsc_unmasked.clone()
         if unmasked_[0] <= 0:
             unmasked_[0] = 1.0

@@ -17,7 +17,7 @@ from tamis.refine.sampling import Sampling3D
 from tamis.refine.space import VolumeSpace
 from tamis.symmetry import symmetry_operators
 
-__all__ = ["VolumeRun", "rotation_angles"]
+__all__ = ["VolumeRun", "rotation_angles", "best_accuracy"]
 
 
 def rotation_angles(a: torch.Tensor, b: torch.Tensor, sym: str = "C1") -> torch.Tensor:
@@ -28,6 +28,12 @@ def rotation_angles(a: torch.Tensor, b: torch.Tensor, sym: str = "C1") -> torch.
     ops = symmetry_operators(sym).to(m.dtype)  # (G, 3, 3)
     trace = torch.einsum("nij,gji->ng", m, ops).amax(1)
     return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0)))
+
+
+def best_accuracy(accuracy: torch.Tensor) -> float:
+    """The best (smallest) per-class accuracy estimate, as RELION's auto-sampling takes it;
+    999 for classes without one (under 1% of the particles) and when none was made."""
+    return float(accuracy.min()) if accuracy.numel() else 999.0
 
 
 class VolumeRun:
