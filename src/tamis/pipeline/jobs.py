@@ -76,7 +76,7 @@ def _run_ctffind(job: JobStar, out: Path) -> Nodes:
         astigmatism_max=max(2000.0, 5 * _f(job, "dast", 100)),  # search range
     )
     star = run_ctffind(
-        job.options["input_star_mics"], out, opts, only_do_unfinished=job.is_continue, log=_quiet
+        job.options["input_star_mics"], out, opts, only_do_unfinished=job.is_continue, log=_job_log
     )
     return [(str(star), "MicrographGroupMetadata.star.relion.ctf")]
 
@@ -110,8 +110,9 @@ def _run_select_values(job: JobStar, out: Path) -> Nodes:
     return [(str(target), "ParticleGroupMetadata.star.relion")]
 
 
-def _quiet(_: str) -> None:
-    pass
+def _job_log(line: str) -> None:
+    """A job's progress lines, to its run.out (the job process's stdout), as RELION writes them."""
+    print(line, flush=True)
 
 
 _EXTERNAL_INPUTS = (("in_mov", "--in_movies"), ("in_mic", "--in_mics"), ("in_part", "--in_parts"),
@@ -174,7 +175,7 @@ def _run_log(job: JobStar, out: Path) -> Nodes:
         out,
         lambda m, _k: pick_log(m, opts),
         PickJob(diameter=opts.diameter_max, only_do_unfinished=job.is_continue),
-        log=_quiet,
+        log=_job_log,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -198,7 +199,7 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
         PickJob(
             diameter=diameter, expected=n if n > 0 else None, only_do_unfinished=job.is_continue
         ),
-        log=_quiet,
+        log=_job_log,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -236,7 +237,7 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
         only_do_unfinished=job.is_continue,
     )
     coords = o["fndata_reextract"] if job.get_bool("do_reextract") else o["coords_suffix"]
-    star = extract_particles(o["star_mics"], coords, out, opts, log=lambda s: None)
+    star = extract_particles(o["star_mics"], coords, out, opts, log=_job_log)
     return [(str(star), "ParticleGroupMetadata.star.relion")]
 
 
@@ -269,10 +270,10 @@ def _run_class2d(job: JobStar, out: Path) -> Nodes:
             str(out / "run"),
             options,
             continue_from=job.options["fn_cont"],
-            log=lambda s: None,
+            log=_job_log,
         )
     else:
-        result = run_class2d(job.options["fn_img"], str(out / "run"), options, log=lambda s: None)
+        result = run_class2d(job.options["fn_img"], str(out / "run"), options, log=_job_log)
     return [
         (str(result.optimiser), "OptimiserData.star.relion.class2d"),
         (str(result.data), "ParticleGroupMetadata.star.relion.class2d"),
@@ -306,7 +307,7 @@ def _run_inimodel(job: JobStar, out: Path) -> Nodes:
         options,
         initial_model_sym=sym if in_c1 else None,
         continue_from=cont or None,
-        log=lambda s: None,
+        log=_job_log,
     )
     nodes: Nodes = [(str(result.initial_model), "DensityMap.mrc.relion.initialmodel")]
     if options.K > 1:
@@ -371,7 +372,7 @@ def _run_refine3d(job: JobStar, out: Path) -> Nodes:
         str(out / "run"),
         options,
         continue_from=cont or None,
-        log=lambda s: None,
+        log=_job_log,
     )
     return [
         (str(result.data), "ParticleGroupMetadata.star.relion.refine3d"),
@@ -395,7 +396,7 @@ def _run_rank(job: JobStar, out: Path) -> Nodes:
         model=job.options.get("tamis_ranker_model") or None,
         screen=ScreenOptions() if job.get_bool("tamis_particle_screen", True) else None,
     )
-    rank_classes(job.options["fn_model"], out, opts, log=lambda s: None)
+    rank_classes(job.options["fn_model"], out, opts, log=_job_log)
     return [
         (str(out / "particles.star"), "ParticleGroupMetadata.star.relion"),
         (str(out / "class_averages.star"), "Image2DGroupMetadata.star.relion.classaverages"),
