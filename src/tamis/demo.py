@@ -128,6 +128,7 @@ def run_demo(
     it.launch(project, ["prep", "proc"])
     log("schemes prep and proc started (follow with: tamis it status --project "
         f"{project})")  # fmt: skip
+    log(f"watch it in a browser: tamis web --project {project}  (then open http://127.0.0.1:8000/)")
     pending = batches[1:]
     seen: set[str] = set()
     while True:
@@ -222,10 +223,11 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
         f"{good_sel.mean() if len(chosen) else 0:.0%} true particles "
         f"(kept {good_sel.sum()} of {good_all.sum()} true particles)",
         f"summary: {project / 'summary.html'}",
+        f"monitor: tamis web --project {project}  (then open http://127.0.0.1:8000/)",
     ]
     three_d = _summarise_3d(project, sim_dir)
     if three_d:
-        lines[-1:-1] = three_d["lines"]
+        lines[-2:-2] = three_d["lines"]
     write_html(project, lines, select_dir, pick_star, scores, three_d)
     (project / "summary.json").write_text(
         json.dumps(

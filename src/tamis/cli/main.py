@@ -19,6 +19,7 @@ from tamis.cli import (
     schemer,
     simulate,
     star,
+    web,
 )
 from tamis.cli._common import console, user_errors
 
@@ -45,6 +46,7 @@ app.command("align_symmetry", help=align_symmetry.__doc__)(align_symmetry.align_
 app.command("refine", help=refine.__doc__)(refine.refine)
 app.command("postprocess", help=postprocess.__doc__)(postprocess.postprocess)
 app.command("mask_create", help=postprocess.__doc__)(postprocess.mask_create)
+app.command("web", help=web.__doc__)(web.web)
 
 
 def _version(value: bool) -> None:

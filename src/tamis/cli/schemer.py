@@ -43,10 +43,9 @@ def schemer(
 ) -> None:
     """As relion_schemer: one action per call, in relion_schemer's priority order."""
     from tamis.errors import TamisError
-    from tamis.pipeline.job import ABORT_NOW
     from tamis.schemes import edit
-    from tamis.schemes.run import SchemeRunner, scheme_dir
-    from tamis.schemes.scheme import UNDEFINED, Scheme
+    from tamis.schemes.run import SchemeRunner, request_abort, scheme_dir
+    from tamis.schemes.scheme import UNDEFINED
 
     def say(text: str) -> None:
         console.print(text, highlight=False)
@@ -59,12 +58,7 @@ def schemer(
             raise typer.Exit(1)
         return
     if abort:
-        s = Scheme.read(d / "scheme.star")
-        node = s.jobs.get(s.current_node)
-        if node is not None and node.current_name != s.current_node:
-            (project / node.current_name).mkdir(parents=True, exist_ok=True)
-            (project / node.current_name / ABORT_NOW).touch()
-        (d / ABORT_NOW).touch()
+        request_abort(project, scheme)
         say(f"abort requested for scheme {scheme}")
         return
     if copy:

@@ -382,6 +382,22 @@ def _run_refine3d(job: JobStar, out: Path) -> Nodes:
     ]
 
 
+def _run_select_interactive(job: JobStar, out: Path) -> Nodes:
+    """RELION's interactive class selection, with the choice written in the job's options
+    (``tamis_selected_classes``: class numbers) by whoever chose (the web monitor)."""
+    from tamis.rank.manual import write_class_selection
+
+    classes = [
+        int(c) for c in job.options.get("tamis_selected_classes", "").replace(",", " ").split()
+    ]
+    if not classes:
+        raise TamisError("no classes chosen (tamis_selected_classes is empty)")
+    n = write_class_selection(job.options["fn_model"], out, classes)
+    _job_log(f"selected classes {' '.join(map(str, classes))}: {n} particles")
+    return [(str(out / "particles.star"), "ParticleGroupMetadata.star.relion"),
+            (str(out / "class_averages.star"), "Image2DGroupMetadata.star.relion.classaverages")]  # fmt: skip
+
+
 def _run_rank(job: JobStar, out: Path) -> Nodes:
     from tamis.rank.screen import ScreenOptions
     from tamis.rank.select import RankOptions, rank_classes
@@ -468,6 +484,7 @@ REGISTRY: dict[str, JobType] = {
         JobType("relion.refine3d", "Refine3D", _run_refine3d, {"fn_ref": "", "fn_mask": "", "ref_correct_greyscale": "Yes", "trust_ref_size": "Yes", "ini_high": "60", "sym_name": "C1", "particle_diameter": "200", "do_zero_mask": "Yes", "do_ctf_correction": "Yes", "sampling": "7.5 degrees", "auto_local_sampling": "1.8 degrees", "offset_range": "5", "offset_step": "1", "do_solvent_fsc": "No", "auto_faster": "No", "do_pad1": "No"}),
         JobType("relion.maskcreate", "MaskCreate", _run_maskcreate, {"lowpass_filter": "15", "angpix": "-1", "inimask_threshold": "0.02", "extend_inimask": "3", "width_mask_edge": "3"}),
         JobType("relion.postprocess", "PostProcess", _run_postprocess, {"angpix": "-1", "do_auto_bfac": "Yes", "autob_lowres": "10", "do_adhoc_bfac": "No", "adhoc_bfac": "-1000", "do_skip_fsc_weighting": "No", "low_pass": "5"}),
+        JobType("relion.select.interactive", "Select", _run_select_interactive, {"fn_model": "", "tamis_selected_classes": ""}),
         JobType("relion.select.class2dauto", "Select", _run_rank, {"do_class_ranker": "Yes", "rank_threshold": "-1", "select_nr_parts": "-1", "select_nr_classes": "-1"}),
     )
 }  # fmt: skip

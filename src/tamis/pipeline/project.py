@@ -8,6 +8,7 @@ gone is taken over with a warning (RELION's lock is a bare file that a crash lea
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -180,8 +181,9 @@ class Project:
             return child
         cwd = Path.cwd()
         os.chdir(self.root)
-        try:
-            run_job(name)
+        try:  # the job's progress lines go to its run.out, as in a background run
+            with open(d / "run.out", "a") as out, contextlib.redirect_stdout(out):
+                run_job(name)
         finally:
             os.chdir(cwd)
         return self.check()[name]

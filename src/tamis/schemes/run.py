@@ -20,7 +20,7 @@ from tamis.pipeline.project import Project, job_process_alive, lock_dir
 from tamis.schemes.operators import Clock, perform, substitute_job_names
 from tamis.schemes.scheme import UNDEFINED, Scheme
 
-__all__ = ["SchemeRunner", "prepare_job", "scheme_dir"]
+__all__ = ["SchemeRunner", "prepare_job", "request_abort", "scheme_dir"]
 
 
 def scheme_dir(project: str | Path, name: str) -> Path:
@@ -181,3 +181,18 @@ class SchemeRunner:
             if exit_status(job_dir) is not None:
                 return self.project.check()[name]
             time.sleep(self.poll)
+
+
+def request_abort(project: str | Path, name: str) -> None:
+    """relion_schemer --abort: ask scheme ``name`` and its current job to stop (the runner and
+    the job see ``RELION_JOB_ABORT_NOW`` and stop at their next check)."""
+    from tamis.schemes.scheme import Scheme
+
+    project = Path(project)
+    d = scheme_dir(project, name)
+    s = Scheme.read(d / "scheme.star")
+    node = s.jobs.get(s.current_node)
+    if node is not None and node.current_name != s.current_node:
+        (project / node.current_name).mkdir(parents=True, exist_ok=True)
+        (project / node.current_name / ABORT_NOW).touch()
+    (d / ABORT_NOW).touch()

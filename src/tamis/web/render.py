@@ -1,0 +1,168 @@
+"""Pictures for the monitor: class-average thumbnails, binned micrographs with picks, a map's
+central slices (PNG bytes), and small line plots (SVG text). PNGs are cached in memory by file
+and modification time, so a page of 200 classes or a list of 10,000 micrographs is drawn once.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from threading import Lock
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy.ndimage import gaussian_filter
+
+from tamis.io.mrc import read_mrc
+
+__all__ = ["PngCache", "class_png", "micrograph_png", "slices_png", "line_plot_svg"]
+
+
+class PngCache:
+    """An LRU of rendered PNGs keyed by (what, file, its mtime)."""
+
+    def __init__(self, size: int = 2048) -> None:
+        self.size, self._items, self._lock = size, OrderedDict(), Lock()
+
+    def get(self, key: tuple, path: Path, make: Callable[[], bytes]) -> bytes:
+        full = (*key, str(path), path.stat().st_mtime_ns)
+        with self._lock:
+            if full in self._items:
+                self._items.move_to_end(full)
+                return self._items[full]
+        png = make()
+        with self._lock:
+            self._items[full] = png
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return png
+
+
+def _to_png(img: np.ndarray, lo: float | None = None, hi: float | None = None) -> Image.Image:
+    a = np.asarray(img, dtype=np.float64)
+    if lo is None or hi is None:
+        lo, hi = np.percentile(a, [1, 99.5])
+    a = np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
+    return Image.fromarray((a * 255).astype(np.uint8))
+
+
+def _png_bytes(im: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def class_png(stack: Path, number: int, size: int = 128) -> bytes:
+    """Class ``number`` (1-based) of an MRC stack as a ``size`` px greyscale PNG."""
+    with open(stack, "rb"):
+        pass  # a missing file fails here with its name
+    import mrcfile
+
+    with mrcfile.mmap(stack, permissive=True) as m:
+        data = m.data
+        img = np.array(data[number - 1] if data.ndim == 3 else data)
+    return _png_bytes(_to_png(img).resize((size, size), Image.BILINEAR))
+
+
+def micrograph_png(path: Path, picks: np.ndarray, radius_px: float, size: int = 768) -> bytes:
+    """A micrograph binned to at most ``size`` px, low-passed, with circles at the picks."""
+    img, _ = read_mrc(path)
+    img = img.reshape(img.shape[-2], img.shape[-1])
+    b = max(1, math.ceil(max(img.shape) / size))
+    h, w = (img.shape[0] // b) * b, (img.shape[1] // b) * b
+    binned = img[:h, :w].reshape(h // b, b, w // b, b).mean((1, 3))
+    im = _to_png(gaussian_filter(binned, 1.0)).convert("RGB")
+    draw = ImageDraw.Draw(im)
+    r = max(2.0, radius_px / b)
+    for x, y in np.asarray(picks, float).reshape(-1, 2):
+        draw.ellipse([x / b - r, y / b - r, x / b + r, y / b + r], outline=(40, 220, 60), width=2)
+    return _png_bytes(im)
+
+
+def slices_png(path: Path, scale: int = 3) -> bytes:
+    """A map's three central slices side by side, each to its own range."""
+    vol, _ = read_mrc(path)
+    n = vol.shape[-1]
+    parts = [vol[n // 2], vol[:, n // 2], vol[:, :, n // 2]]
+    tiles = [np.asarray(_to_png(p), np.uint8) for p in parts]
+    im = Image.fromarray(np.concatenate(tiles, axis=1))
+    return _png_bytes(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def line_plot_svg(
+    x: np.ndarray,
+    series: dict[str, np.ndarray],
+    *,
+    title: str,
+    xlabel: str,
+    hlines: dict[str, float] | None = None,
+    width: int = 520,
+    height: int = 220,
+) -> str:
+    """A small SVG line plot (no scripts); NaN points are skipped; ``hlines`` are dashed
+    reference lines (thresholds)."""
+    x = np.asarray(x, float)
+    pad_l, pad_r, pad_t, pad_b = 48, 12, 24, 32
+    ys = [np.asarray(v, float) for v in series.values()] + [
+        np.asarray([v]) for v in (hlines or {}).values()
+    ]
+    finite = np.concatenate([y[np.isfinite(y)] for y in ys]) if ys else np.zeros(0)
+    y0, y1 = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 1, y1 + 1
+    x0, x1 = (float(np.nanmin(x)), float(np.nanmax(x))) if x.size else (0.0, 1.0)
+    if x1 - x0 < 1e-12:
+        x1 = x0 + 1
+
+    def px(a: float) -> float:
+        return pad_l + (a - x0) / (x1 - x0) * (width - pad_l - pad_r)
+
+    def py(a: float) -> float:
+        return height - pad_b - (a - y0) / (y1 - y0) * (height - pad_t - pad_b)
+
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{pad_l}" y="16" font-size="13">{html.escape(title)}</text>',
+        f'<rect x="{pad_l}" y="{pad_t}" width="{width - pad_l - pad_r}" '
+        f'height="{height - pad_t - pad_b}" fill="none" stroke="#999"/>',
+        f'<text x="{pad_l - 4}" y="{py(y1) + 4:.1f}" font-size="10" text-anchor="end">{y1:.3g}</text>',
+        f'<text x="{pad_l - 4}" y="{py(y0):.1f}" font-size="10" text-anchor="end">{y0:.3g}</text>',
+        f'<text x="{pad_l}" y="{height - 18}" font-size="10">{x0:.3g}</text>',
+        f'<text x="{width - pad_r}" y="{height - 18}" font-size="10" text-anchor="end">{x1:.3g}</text>',
+        f'<text x="{(width + pad_l) / 2:.0f}" y="{height - 4}" font-size="11" '
+        f'text-anchor="middle">{html.escape(xlabel)}</text>',
+    ]
+    for i, (name, y) in enumerate(series.items()):
+        c = _COLOURS[i % len(_COLOURS)]
+        y = np.asarray(y, float)
+        pts = " ".join(
+            f"{px(a):.1f},{py(b):.1f}" for a, b in zip(x, y, strict=False) if np.isfinite(b)
+        )
+        if pts:
+            parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="1.5" points="{pts}"/>')
+        if np.isfinite(y).sum() <= 60:  # few points: mark them
+            parts.extend(
+                f'<circle cx="{px(a):.1f}" cy="{py(b):.1f}" r="2.5" fill="{c}"/>'
+                for a, b in zip(x, y, strict=False)
+                if np.isfinite(b)
+            )
+        parts.append(
+            f'<text x="{width - pad_r - 4}" y="{pad_t + 14 + 13 * i}" font-size="11" fill="{c}" '
+            f'text-anchor="end">{html.escape(name)}</text>'
+        )
+    for name, v in (hlines or {}).items():
+        parts.append(
+            f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{py(v):.1f}" y2="{py(v):.1f}" '
+            f'stroke="#666" stroke-dasharray="4 3"/><text x="{pad_l + 4}" y="{py(v) - 3:.1f}" '
+            f'font-size="10" fill="#666">{html.escape(name)}</text>'
+        )
+    parts.append("</svg>")
+    return "".join(parts)
