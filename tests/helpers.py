@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+
+import pandas as pd
 
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
 
@@ -20,3 +23,80 @@ def tiny_micrographs(
         ),
         dest,
     ).star  # fmt: skip
+
+
+# ---- the web monitor in a real browser --------------------------------------------------------
+
+CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()),
+                None)  # fmt: skip
+CHROMEDRIVER = "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").exists() else None
+
+
+@contextmanager
+def chrome(width: int = 1400, height: int = 1000):
+    """Headless Chromium driven by selenium; skips the test (saying how to enable it) when
+    Chromium, its driver or selenium is missing."""
+    import pytest
+
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("browser tests need Chromium: apt-get install chromium chromium-driver")
+    webdriver = pytest.importorskip("selenium.webdriver")
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                f"--window-size={width},{height}"):  # fmt: skip
+        opts.add_argument(arg)
+    drv = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    drv.set_page_load_timeout(60)
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+@contextmanager
+def serve(project: Path, poll_ms: int = 400):
+    """``tamis web`` on ``project`` at a free 127.0.0.1 port (uvicorn in a thread); yields the
+    base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from tamis.web.app import create_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(create_app(project, poll_ms=poll_ms), host="127.0.0.1",
+                                        port=port, log_level="warning"))  # fmt: skip
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+
+
+def add_micrograph_row(project: Path, name: str) -> bytes:
+    """Append a copy of the first row, renamed ``name``, to the newest CTF job's table (as a new
+    micrograph would arrive); returns the file's old bytes to put back."""
+    from tamis.io.star import read_star, write_star
+
+    star = sorted(project.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
+    before = star.read_bytes()
+    blocks = read_star(star)
+    t = blocks["micrographs"]
+    blocks["micrographs"] = pd.concat(
+        [t, t.iloc[[0]].assign(rlnMicrographName=name)], ignore_index=True
+    )
+    write_star(blocks, star)
+    return before

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tamis.demo import DemoOptions, run_demo
+from tamis.io.star import read_star
 from tamis.pipeline.project import Project
 
 
-def test_demo_pipeline_end_to_end(tmp_path):
-    project = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    project = tmp_path_factory.mktemp("demo") / "demo"
     lines = run_demo(
         project,
         # K 3 and 20 mini-batches: with K 6 and 15 mini-batches over ~170 particles the classes
@@ -21,7 +25,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
                     refine_iter_max=6),
         log=lambda s: None,
     )  # fmt: skip
+    return project, lines
+
+
+def test_demo_pipeline_end_to_end(demo):
+    project, lines = demo
     assert any(line.startswith("pipeline finished") for line in lines)
+    assert any(line.startswith("monitor: tamis web --project") for line in lines)
     summary = json.loads((project / "summary.json").read_text())
     assert summary["ctf_median_abs_error_A"] < 300
     assert summary["pick_f1"] > 0.7
@@ -50,3 +60,57 @@ def test_demo_pipeline_end_to_end(tmp_path):
     for name in ("prep", "proc"):
         assert (project / "Schemes" / name / "RELION_JOB_EXIT_SUCCESS").is_file()
     assert not list(project.glob(".relion_lock*/*"))
+
+
+def test_monitor_on_the_demo_project(demo, tmp_path):
+    """The web monitor on the demo's project in headless Chromium: every page (a screenshot of
+    each in tmp_path), a micrograph arriving without a reload, one class deselected and the
+    corrected selection saved as a new Select job."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.helpers import add_micrograph_row, chrome, serve
+
+    project, _ = demo
+    c2d = sorted(project.glob("Class2D/job*"))[-1]
+    job = f"{c2d.relative_to(project)}/"
+    with chrome() as browser, serve(project) as server:
+        wait = WebDriverWait(browser, 30)
+        for page in ("/", "/micrographs", "/micrograph?name=Micrographs/mic_00001.mrc",
+                     f"/class2d?job={job}", "/map", f"/job?name={job}"):  # fmt: skip
+            browser.get(server + page)
+            assert "tamis" in browser.title and "error" not in browser.page_source[:2000]
+            name = page.strip("/").split("?")[0] or "pipeline"
+            browser.save_screenshot(str(tmp_path / f"{name}.png"))
+        browser.get(server + "/micrographs")
+        browser.execute_script("window.sameDocument = 1")
+        star = sorted(project.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
+        before = add_micrograph_row(project, "Micrographs/mic_99999.mrc")
+        try:
+            wait.until(lambda d: "mic_99999.mrc" in d.find_element(By.ID, "live").text)
+            assert browser.execute_script("return window.sameDocument") == 1
+        finally:
+            star.write_bytes(before)
+        browser.get(server + f"/class2d?job={job}")
+        chosen = browser.find_elements(By.CSS_SELECTOR, ".cls.sel")
+        assert chosen, "the ranker's selection is framed"
+        if len(chosen) >= 2:  # deselect one class
+            chosen[0].click()
+        else:  # the ranker kept one class: add another instead
+            browser.find_elements(By.CSS_SELECTOR, ".cls:not(.sel)")[0].click()
+        value = browser.find_element(By.ID, "classes").get_attribute("value")
+        keep = sorted(int(c) for c in value.split())
+        assert keep and len(keep) != len(chosen)
+        n_before = len(Project(project).read().processes)
+        browser.find_element(By.ID, "save").click()
+        wait.until(lambda d: d.find_elements(By.ID, "msg"))
+        assert "saved classes" in browser.find_element(By.ID, "msg").text
+    procs = Project(project).read().processes
+    assert len(procs) == n_before + 1 and procs[-1].status == "Succeeded"
+    d = project / procs[-1].name
+    flags = next(iter(read_star(d / "backup_selection.star").values()))["rlnSelected"].tolist()
+    assert [i + 1 for i, f in enumerate(flags) if f] == keep
+    data = read_star(sorted(c2d.glob("run_it*_data.star"))[-1])["particles"]
+    want = data["rlnClassNumber"].astype(int).isin(keep)
+    kept = read_star(d / "particles.star")["particles"]
+    assert sorted(kept["rlnImageName"]) == sorted(data.loc[want, "rlnImageName"])

@@ -36,8 +36,12 @@ def _write_side_files(root: Path) -> None:
         "rlnMicrographName": ["Micrographs/m1.mrc", "Micrographs/m2.mrc"],
         "rlnOpticsGroup": [1, 1], "rlnDefocusU": [15000.0, 21000.0],
         "rlnDefocusV": [14000.0, 20500.0], "rlnCtfMaxResolution": [4.5, 7.5],
+        "rlnCtfImage": ["CtfFind/job002/Micrographs/m1.ctf:mrc",
+                        "CtfFind/job002/Micrographs/m2.ctf:mrc"],
     })  # fmt: skip
-    (root / "CtfFind" / "job002").mkdir(parents=True)
+    (root / "CtfFind" / "job002" / "Micrographs").mkdir(parents=True)
+    write_mrc(root / "CtfFind/job002/Micrographs/m1.ctf",
+              rng.random((128, 128)).astype(np.float32), 1.0)  # fmt: skip
     optics = pd.DataFrame({"rlnOpticsGroupName": ["opticsGroup1"], "rlnOpticsGroup": [1],
                            "rlnMicrographPixelSize": [2.0]})  # fmt: skip
     write_star({"optics": optics, "micrographs": ctf}, root / "CtfFind/job002/micrographs_ctf.star")
@@ -107,6 +111,10 @@ def test_every_page_renders(project):
     assert "2 micrographs" in mics.text
     one = c.get("/micrograph", params={"name": "Micrographs/m1.mrc"})
     assert one.status_code == 200
+    assert "power spectrum" in one.text and "15000 / 14000 A" in one.text
+    ctf = c.get("/img/ctf", params={"name": "Micrographs/m1.mrc"})
+    assert ctf.status_code == 200 and ctf.content[:4] == b"\x89PNG"
+    assert c.get("/img/ctf", params={"name": "Micrographs/m2.mrc"}).status_code == 404
     img = c.get("/img/micrograph", params={"name": "Micrographs/m1.mrc"})
     assert img.status_code == 200 and img.content[:4] == b"\x89PNG"
     two = c.get("/class2d")
@@ -234,95 +242,43 @@ def test_not_a_project(tmp_path):
 
 # ---- in a real browser (headless Chromium) -------------------------------------------------------
 
-CHROMIUM = next((p for p in ("/usr/bin/chromium", "/usr/bin/chromium-browser") if Path(p).exists()),
-                None)  # fmt: skip
-DRIVER = next((p for p in ("/usr/bin/chromedriver",) if Path(p).exists()), None)
 
-
-@pytest.fixture
-def browser():
-    if CHROMIUM is None or DRIVER is None:
-        pytest.skip("browser tests need Chromium: apt-get install chromium chromium-driver")
-    webdriver = pytest.importorskip("selenium.webdriver")
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=1400,1000", "--disable-gpu"):  # fmt: skip
-        opts.add_argument(arg)
-    drv = webdriver.Chrome(service=Service(DRIVER), options=opts)
-    drv.set_page_load_timeout(60)
-    yield drv
-    drv.quit()
-
-
-@pytest.fixture
-def server(project):
-    import socket
-    import threading
-    import time
-
-    import uvicorn
-
-    root = project[0]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(create_app(root, poll_ms=400), host="127.0.0.1",
-                                        port=port, log_level="warning"))  # fmt: skip
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(10)
-
-
-def test_in_a_browser(project, browser, server, tmp_path):
+def test_in_a_browser(project, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from tests.helpers import add_micrograph_row, chrome, serve
+
     root, c2d, _ = project
-    wait = WebDriverWait(browser, 20)
-    for page in ("/", f"/job?name={c2d}", "/micrographs", "/class2d", "/map"):
-        browser.get(server + page)
-        assert "tamis" in browser.title
-        browser.save_screenshot(
-            str(tmp_path / f"{page.strip('/').split('?')[0] or 'pipeline'}.png")
-        )
-    # a new micrograph appears without a reload
-    browser.get(server + "/micrographs")
-    browser.execute_script("window.sameDocument = 42")
-    star = root / "CtfFind/job002/micrographs_ctf.star"
-    before = star.read_bytes()
-    try:
-        blocks = read_star(star)
-        t = blocks["micrographs"]
-        blocks["micrographs"] = pd.concat(
-            [t, t.iloc[[0]].assign(rlnMicrographName="Micrographs/m9.mrc")], ignore_index=True
-        )
-        write_star(blocks, star)
-        wait.until(lambda d: "m9.mrc" in d.find_element(By.ID, "live").text)
-        assert browser.execute_script("return window.sameDocument") == 42
-    finally:
-        star.write_bytes(before)
-    # deselect / select classes, save, check the new Select job
-    browser.get(server + f"/class2d?job={c2d}")
-    n_before = len(Project(root).read().processes)
-    tiles = browser.find_elements(By.CSS_SELECTOR, ".cls")
-    for el in tiles:  # start from none chosen, then choose class 2
-        if "sel" in el.get_attribute("class"):
-            el.click()
-    browser.find_element(By.ID, "class-2").click()
-    assert browser.find_element(By.ID, "classes").get_attribute("value") == "2"
-    browser.save_screenshot(str(tmp_path / "class2d_changed.png"))
-    browser.find_element(By.ID, "save").click()
-    wait.until(lambda d: d.find_elements(By.ID, "msg"))
-    assert "saved classes 2" in browser.find_element(By.ID, "msg").text
+    with chrome() as browser, serve(root) as server:
+        wait = WebDriverWait(browser, 20)
+        for page in ("/", f"/job?name={c2d}", "/micrographs", "/class2d", "/map"):
+            browser.get(server + page)
+            assert "tamis" in browser.title
+            name = page.strip("/").split("?")[0] or "pipeline"
+            browser.save_screenshot(str(tmp_path / f"{name}.png"))
+        # a new micrograph appears without a reload
+        browser.get(server + "/micrographs")
+        browser.execute_script("window.sameDocument = 42")
+        star = sorted(root.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
+        before = add_micrograph_row(root, "Micrographs/m9.mrc")
+        try:
+            wait.until(lambda d: "m9.mrc" in d.find_element(By.ID, "live").text)
+            assert browser.execute_script("return window.sameDocument") == 42
+        finally:
+            star.write_bytes(before)
+        # choose class 2 alone, save, check the new Select job
+        browser.get(server + f"/class2d?job={c2d}")
+        n_before = len(Project(root).read().processes)
+        for el in browser.find_elements(By.CSS_SELECTOR, ".cls"):
+            if "sel" in el.get_attribute("class"):
+                el.click()
+        browser.find_element(By.ID, "class-2").click()
+        assert browser.find_element(By.ID, "classes").get_attribute("value") == "2"
+        browser.save_screenshot(str(tmp_path / "class2d_changed.png"))
+        browser.find_element(By.ID, "save").click()
+        wait.until(lambda d: d.find_elements(By.ID, "msg"))
+        assert "saved classes 2" in browser.find_element(By.ID, "msg").text
     procs = Project(root).read().processes
     assert len(procs) == n_before + 1 and procs[-1].type_label == "relion.select.interactive"
     flags = next(iter(read_star(root / procs[-1].name / "backup_selection.star").values()))

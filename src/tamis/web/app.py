@@ -407,6 +407,18 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
         name = request.query_params.get("name", "")
         view.inside(root, name)
         body = f'<img alt="micrograph" src="/img/micrograph?name={_q(name)}">'
+        fit = view.ctf_of(root, name)
+        if fit is not None:
+            body += (
+                f"<p>defocus {fit['defocus_u']:.0f} / {fit['defocus_v']:.0f} A, angle "
+                f"{fit['defocus_angle']:.0f} deg, CTF max resolution {_fmt(fit['max_resolution'])}"
+                " A</p>"
+            )
+            if fit["spectrum"] is not None:
+                body += (
+                    f'<p><img alt="power spectrum" src="/img/ctf?name={_q(name)}"><br>'
+                    "amplitude spectrum (left) and the fitted |CTF| (right)</p>"
+                )
         return mon.page(name, "micrographs", body)
 
     def class2d(request: Request) -> Response:
@@ -460,6 +472,12 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
             png = mon.pngs.get(
                 ("mic", len(picks)), path, lambda: render.micrograph_png(path, picks, 20.0)
             )
+        elif which == "ctf":
+            fit = view.ctf_of(root, q.get("name", ""))
+            if fit is None or fit["spectrum"] is None:
+                raise view.PathOutsideProject("no CTF spectrum for this micrograph")
+            spectrum = fit["spectrum"]
+            png = mon.pngs.get(("ctf",), spectrum, lambda: render.ctf_png(spectrum, fit))
         elif which == "slices":
             m = view.newest_map(root)
             if m is None:

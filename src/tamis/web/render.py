@@ -19,7 +19,7 @@ from scipy.ndimage import gaussian_filter
 
 from tamis.io.mrc import read_mrc
 
-__all__ = ["PngCache", "class_png", "micrograph_png", "slices_png", "line_plot_svg"]
+__all__ = ["PngCache", "class_png", "ctf_png", "micrograph_png", "slices_png", "line_plot_svg"]
 
 
 class PngCache:
@@ -91,6 +91,33 @@ def slices_png(path: Path, scale: int = 3) -> bytes:
     tiles = [np.asarray(_to_png(p), np.uint8) for p in parts]
     im = Image.fromarray(np.concatenate(tiles, axis=1))
     return _png_bytes(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
+
+
+def ctf_png(spectrum: Path, fit: dict, size: int = 384) -> bytes:
+    """CTFFIND's diagnostic picture: the micrograph's amplitude spectrum on the left half, the
+    fitted CTF's ``|CTF|`` on the right, so the Thon rings can be compared across the middle."""
+    import torch
+
+    from tamis.ctf import compute_ctf
+
+    ps, _ = read_mrc(spectrum)
+    ps = ps.reshape(ps.shape[-2], ps.shape[-1]).astype(np.float64)
+    n = ps.shape[-1]
+    model = compute_ctf(
+        (n, n), pixel_size=fit["pixel_size"], defocus_u=fit["defocus_u"],
+        defocus_v=fit["defocus_v"], defocus_angle=fit["defocus_angle"], voltage=fit["voltage"],
+        spherical_aberration=fit["cs"], amplitude_contrast=fit["q0"], rfft=False,
+        dtype=torch.float64,
+    )  # fmt: skip
+    model = np.fft.fftshift(np.abs(model.numpy()))
+    res = fit.get("max_resolution", float("nan"))
+    if np.isfinite(res) and res > 0:  # the model only where the fit saw rings
+        yy, xx = np.mgrid[:n, :n] - n // 2
+        model[np.hypot(yy, xx) > n * fit["pixel_size"] / res] = 0.5
+    left = np.asarray(_to_png(ps), np.uint8)
+    right = np.asarray(_to_png(model, 0.0, 1.0), np.uint8)
+    img = np.concatenate([left[:, : n // 2], right[:, n // 2 :]], axis=1)
+    return _png_bytes(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")

@@ -30,6 +30,7 @@ __all__ = [
     "class2d_classes",
     "newest_map",
     "cached_star",
+    "ctf_of",
 ]
 
 
@@ -146,6 +147,38 @@ def micrographs(root: Path) -> pd.DataFrame:
     counts = _pick_counts(root)
     out["picks"] = [counts.get(n, np.nan) for n in out["name"]]
     return out.reset_index(drop=True)
+
+
+def ctf_of(root: Path, micrograph: str) -> dict | None:
+    """The newest CTF job's fit of ``micrograph``: its amplitude-spectrum file (``rlnCtfImage``,
+    when present) and the CTF parameters (defocus U/V/angle, voltage, Cs, Q0, pixel size)."""
+    star = _newest(root, "CtfFind/job*/micrographs_ctf.star")
+    if star is None:
+        return None
+    blocks = _cached(star, read_star)
+    t = blocks["micrographs"]
+    rows = t[t["rlnMicrographName"].astype(str) == micrograph]
+    if not len(rows):
+        return None
+    r = rows.iloc[0]
+    optics = blocks.get("optics")
+    o = {}
+    if isinstance(optics, pd.DataFrame) and len(optics):
+        group = optics[optics["rlnOpticsGroup"].astype(int) == int(r.get("rlnOpticsGroup", 1))]
+        o = (group if len(group) else optics).iloc[0].to_dict()
+    image = str(r.get("rlnCtfImage", "")).split(":")[0]
+    spectrum = root / image if image else None
+    return {
+        "spectrum": spectrum if spectrum is not None and spectrum.is_file() else None,
+        "defocus_u": float(r["rlnDefocusU"]),
+        "defocus_v": float(r["rlnDefocusV"]),
+        "defocus_angle": float(r.get("rlnDefocusAngle", 0.0)),
+        "voltage": float(o.get("rlnVoltage", 300.0)),
+        "cs": float(o.get("rlnSphericalAberration", 2.7)),
+        "q0": float(o.get("rlnAmplitudeContrast", 0.1)),
+        "pixel_size": float(o.get("rlnMicrographPixelSize", 1.0)),
+        "max_resolution": float(r.get("rlnCtfMaxResolution", float("nan"))),
+    }
 
 
 def _count_rows(path: Path) -> int:
