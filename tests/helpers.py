@@ -100,3 +100,29 @@ def add_micrograph_row(project: Path, name: str) -> bytes:
     )
     write_star(blocks, star)
     return before
+
+
+def screenshot_pages(browser, server: str, pages, out_dir: Path) -> None:
+    """Open each page (its title must be tamis's) and save a screenshot of it in ``out_dir``."""
+    for page in pages:
+        browser.get(server + page)
+        assert "tamis" in browser.title, page
+        name = page.strip("/").split("?")[0] or "pipeline"
+        browser.save_screenshot(str(out_dir / f"{name}.png"))
+
+
+def new_micrograph_appears(browser, server: str, project: Path, name: str) -> None:
+    """Open the micrographs page, add ``name`` to the CTF table, and wait until the page lists it
+    without a reload (a value set in the page survives); the table is put back after."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/micrographs")
+    browser.execute_script("window.sameDocument = 1")
+    star = sorted(project.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
+    before = add_micrograph_row(project, name)
+    try:
+        WebDriverWait(browser, 30).until(lambda d: name in d.find_element(By.ID, "live").text)
+        assert browser.execute_script("return window.sameDocument") == 1
+    finally:
+        star.write_bytes(before)

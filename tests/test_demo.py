@@ -69,28 +69,17 @@ def test_monitor_on_the_demo_project(demo, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.helpers import add_micrograph_row, chrome, serve
+    from tests.helpers import chrome, new_micrograph_appears, screenshot_pages, serve
 
     project, _ = demo
     c2d = sorted(project.glob("Class2D/job*"))[-1]
     job = f"{c2d.relative_to(project)}/"
     with chrome() as browser, serve(project) as server:
         wait = WebDriverWait(browser, 30)
-        for page in ("/", "/micrographs", "/micrograph?name=Micrographs/mic_00001.mrc",
-                     f"/class2d?job={job}", "/map", f"/job?name={job}"):  # fmt: skip
-            browser.get(server + page)
-            assert "tamis" in browser.title and "error" not in browser.page_source[:2000]
-            name = page.strip("/").split("?")[0] or "pipeline"
-            browser.save_screenshot(str(tmp_path / f"{name}.png"))
-        browser.get(server + "/micrographs")
-        browser.execute_script("window.sameDocument = 1")
-        star = sorted(project.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
-        before = add_micrograph_row(project, "Micrographs/mic_99999.mrc")
-        try:
-            wait.until(lambda d: "mic_99999.mrc" in d.find_element(By.ID, "live").text)
-            assert browser.execute_script("return window.sameDocument") == 1
-        finally:
-            star.write_bytes(before)
+        pages = ("/", "/micrographs", "/micrograph?name=Micrographs/mic_00001.mrc",
+                 f"/class2d?job={job}", "/map", f"/job?name={job}")  # fmt: skip
+        screenshot_pages(browser, server, pages, tmp_path)
+        new_micrograph_appears(browser, server, project, "Micrographs/mic_99999.mrc")
         browser.get(server + f"/class2d?job={job}")
         chosen = browser.find_elements(By.CSS_SELECTOR, ".cls.sel")
         assert chosen, "the ranker's selection is framed"

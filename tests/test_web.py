@@ -247,26 +247,14 @@ def test_in_a_browser(project, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from tests.helpers import add_micrograph_row, chrome, serve
+    from tests.helpers import chrome, new_micrograph_appears, screenshot_pages, serve
 
     root, c2d, _ = project
     with chrome() as browser, serve(root) as server:
         wait = WebDriverWait(browser, 20)
-        for page in ("/", f"/job?name={c2d}", "/micrographs", "/class2d", "/map"):
-            browser.get(server + page)
-            assert "tamis" in browser.title
-            name = page.strip("/").split("?")[0] or "pipeline"
-            browser.save_screenshot(str(tmp_path / f"{name}.png"))
-        # a new micrograph appears without a reload
-        browser.get(server + "/micrographs")
-        browser.execute_script("window.sameDocument = 42")
-        star = sorted(root.glob("CtfFind/job*/micrographs_ctf.star"))[-1]
-        before = add_micrograph_row(root, "Micrographs/m9.mrc")
-        try:
-            wait.until(lambda d: "m9.mrc" in d.find_element(By.ID, "live").text)
-            assert browser.execute_script("return window.sameDocument") == 42
-        finally:
-            star.write_bytes(before)
+        pages = ("/", f"/job?name={c2d}", "/micrographs", "/class2d", "/map")
+        screenshot_pages(browser, server, pages, tmp_path)
+        new_micrograph_appears(browser, server, root, "Micrographs/m9.mrc")
         # choose class 2 alone, save, check the new Select job
         browser.get(server + f"/class2d?job={c2d}")
         n_before = len(Project(root).read().processes)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from tamis.errors import InputFileError, TamisError
+from tamis.errors import TamisError
 from tamis.io.star import read_data_star, read_star, write_star
 
 __all__ = ["write_class_selection"]
@@ -22,12 +22,10 @@ def write_class_selection(
 ) -> int:
     """Select the particles of ``classes`` (1-based numbers) of the 2D job whose
     ``run_itNNN_optimiser.star`` is ``optimiser``; returns the number of particles kept."""
+    from tamis.rank.select import read_optimiser
+
     path = Path(optimiser)
-    if not path.is_file():
-        raise InputFileError(path, "optimiser file not found")
-    opt = read_star(path).get("optimiser_general")
-    if not isinstance(opt, dict) or "rlnModelStarFile" not in opt:
-        raise InputFileError(path, "is not a run_itNNN_optimiser.star (no optimiser_general)")
+    opt = read_optimiser(path)
     model_classes = read_star(Path(str(opt["rlnModelStarFile"])))["model_classes"]
     k = len(model_classes)
     chosen = sorted({int(c) for c in classes})

@@ -115,14 +115,22 @@ def _probability(scores: np.ndarray, meta: dict) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-(cal["a"] * scores + cal["b"])))
 
 
-def job_inputs(optimiser: str | Path) -> dict:
-    """Everything the ranker reads from a 2D job: options, model classes and images, data."""
+def read_optimiser(optimiser: str | Path) -> dict:
+    """A 2D job's ``run_itNNN_optimiser.star`` options (``optimiser_general``); a clear error
+    when the file is missing or is something else."""
     path = Path(optimiser)
     if not path.is_file():
         raise InputFileError(path, "optimiser file not found")
     opt = read_star(path).get("optimiser_general")
     if not isinstance(opt, dict) or "rlnModelStarFile" not in opt:
         raise InputFileError(path, "is not a run_itNNN_optimiser.star (no optimiser_general)")
+    return opt
+
+
+def job_inputs(optimiser: str | Path) -> dict:
+    """Everything the ranker reads from a 2D job: options, model classes and images, data."""
+    path = Path(optimiser)
+    opt = read_optimiser(path)
     if not int(opt.get("rlnDoCorrectCtf", 0)):
         raise InputFileError(path, "the 2D job did not correct CTFs; the class ranker needs --ctf")
     model_path = Path(str(opt["rlnModelStarFile"]))
