@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 
-from tamis.errors import InputFileError
+from tamis.errors import InputFileError, TamisError
 from tamis.io.star import read_star, write_relion_star
 
 __all__ = [
     "JobStar",
     "EXIT_MARKERS",
+    "checked_job_dir",
     "exit_status",
     "clear_markers",
     "read_output_nodes",
@@ -119,6 +120,21 @@ def _flag(job: dict, key: str, path: Path) -> bool:
         return bool(int(v))
     except (TypeError, ValueError, OverflowError):
         raise InputFileError(path, f"{key} is {v}, not 0 or 1") from None
+
+
+def checked_job_dir(project: str | Path, name: str) -> Path:
+    """``project / name`` when it stays inside the project once links are followed; a clear
+    error otherwise (a job directory, or its type directory, that links elsewhere is never
+    written: nothing of a job lands outside its project)."""
+    root = Path(project).resolve()
+    d = Path(project) / name
+    target = d.resolve()
+    if not target.is_relative_to(root):
+        raise TamisError(
+            f"{d}: the job directory leads outside the project (to {target}); tamis writes job "
+            "outputs only inside the project"
+        )
+    return d
 
 
 def exit_status(job_dir: str | Path) -> str | None:

@@ -15,13 +15,20 @@ model), ``relion.refine3d`` (gold-standard auto-refine), ``relion.maskcreate`` a
 from __future__ import annotations
 
 import contextlib
+import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tamis.errors import TamisError
-from tamis.pipeline.job import EXIT_MARKERS, JobStar, clear_markers, write_output_nodes
+from tamis.pipeline.job import (
+    EXIT_MARKERS,
+    JobStar,
+    checked_job_dir,
+    clear_markers,
+    write_output_nodes,
+)
 
 __all__ = ["JobType", "REGISTRY", "job_type", "run_job"]
 
@@ -505,7 +512,10 @@ def run_job(job_dir: str | Path) -> str:
     """Run the job in ``job_dir`` (its ``job.star``); returns the final status. Writes
     ``RELION_OUTPUT_NODES.star`` and ``RELION_JOB_EXIT_SUCCESS``/``FAILURE``/``ABORTED``; the
     traceback or error goes to ``run.err``."""
-    d = Path(job_dir)
+    # <project>/<Type>/jobNNN/, taken apart lexically; checked before anything is written there
+    lexical = Path(os.path.abspath(job_dir))
+    checked_job_dir(lexical.parent.parent, f"{lexical.parent.name}/{lexical.name}")
+    d = Path(job_dir)  # as given: outputs are named relative to the project, as RELION does
     job = JobStar.read(d)
     clear_markers(d)
     jt = job_type(job.type_label)

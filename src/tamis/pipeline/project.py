@@ -23,6 +23,7 @@ from pathlib import Path
 from tamis.errors import TamisError
 from tamis.pipeline.job import (
     JobStar,
+    checked_job_dir,
     clear_markers,
     exit_status,
     read_output_nodes,
@@ -134,7 +135,7 @@ class Project:
                     if token in pipe.nodes:
                         inputs[token] = pipe.nodes[token].type_label
             proc = pipe.add_process(jt.dirname, type_label, inputs=inputs, alias=alias)
-        d = self.root / proc.name
+        d = checked_job_dir(self.root, proc.name)
         d.mkdir(parents=True, exist_ok=True)
         JobStar(type_label, options={**jt.defaults, **options}).write(d)
         return proc
@@ -146,7 +147,7 @@ class Project:
         in this process (returns its final status), in a background process (returns it), or,
         when its options say ``do_queue Yes``, submitted to the queue (returns None);
         :meth:`check` records the outcome of the last two."""
-        d = self.root / name
+        d = checked_job_dir(self.root, name)
         job = JobStar.read(d)
         job.is_continue = is_continue
         job.write(d)

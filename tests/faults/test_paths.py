@@ -1,0 +1,71 @@
+"""Path safety when writing: a job directory (or its type directory) that links out of the
+project is refused before anything is written; an output name that is a link to a file outside
+is replaced by the new file, the outside file left untouched."""
+
+from __future__ import annotations
+
+import os
+
+import pandas as pd
+import pytest
+
+from tamis.errors import TamisError
+from tamis.io.star import write_star
+from tamis.pipeline.jobs import run_job
+from tamis.pipeline.project import Project
+
+
+def _project(tmp_path):
+    root = tmp_path / "proj"
+    root.mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    return root, outside
+
+
+def test_job_directory_linking_outside_is_refused(tmp_path, monkeypatch):
+    root, outside = _project(tmp_path)
+    p = Project(root)
+    name = p.schedule(
+        "relion.select.interactive", {"fn_model": "x", "tamis_selected_classes": "1"}
+    ).name
+    d = root / name
+    moved = outside / "job"
+    d.rename(moved)  # the job directory is now a link to somewhere else
+    d.symlink_to(moved, target_is_directory=True)
+    before = sorted(os.listdir(moved))
+    with pytest.raises(TamisError, match="leads outside the project"):
+        p.run(name)
+    monkeypatch.chdir(root)
+    with pytest.raises(TamisError, match="leads outside the project"):
+        run_job(name)
+    with pytest.raises(TamisError, match="leads outside the project"):
+        run_job(str(root / name))
+    assert sorted(os.listdir(moved)) == before  # nothing was written there
+
+
+def test_type_directory_linking_outside_is_refused(tmp_path):
+    root, outside = _project(tmp_path)
+    (root / "Select").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(TamisError, match="leads outside the project"):
+        Project(root).schedule("relion.select.interactive", {"fn_model": "x"})
+    assert list(outside.iterdir()) == []
+
+
+def test_links_inside_the_project_are_fine(tmp_path):
+    root, _ = _project(tmp_path)
+    (root / "store").mkdir()
+    (root / "Select").symlink_to(root / "store", target_is_directory=True)
+    proc = Project(root).schedule("relion.select.interactive", {"fn_model": "x"})
+    assert (root / "store" / proc.name.split("/", 1)[1] / "job.star").is_file()
+
+
+def test_an_output_link_is_replaced_not_followed(tmp_path):
+    root, outside = _project(tmp_path)
+    victim = outside / "precious.star"
+    victim.write_text("keep me\n")
+    out = root / "particles.star"
+    out.symlink_to(victim)
+    write_star({"particles": pd.DataFrame({"rlnCoordinateX": [1.0]})}, out)
+    assert victim.read_text() == "keep me\n"
+    assert not out.is_symlink() and "rlnCoordinateX" in out.read_text()
