@@ -224,6 +224,16 @@ def test_security(project, tmp_path):
     assert evil.status_code == 403
     assert c.get("/class2d/select").status_code == 405
     assert len(Project(root).read().processes) == n_jobs
+    # a scheme name with a quote stays inside the confirm() string
+    import shutil
+
+    odd = root / "Schemes" / "q'x"
+    shutil.copytree(root / "Schemes" / "proc", odd)
+    try:
+        page = c.get("/").text
+        assert "return confirm(&quot;start scheme q&#x27;x?&quot;)" in page
+    finally:
+        shutil.rmtree(odd)
     # a token: required, checked, then kept in a cookie
     t = TestClient(create_app(root, token="correct-horse"))
     assert t.get("/").status_code == 401

@@ -79,6 +79,12 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
+def _confirm(question: str) -> str:
+    """An ``onsubmit`` value asking ``question``: the text as a JSON string, so a name with
+    quotes cannot break out of it, then escaped for the attribute."""
+    return _e(f"return confirm({json.dumps(question)})")
+
+
 def _q(x) -> str:
     return quote(str(x), safe="")
 
@@ -136,7 +142,7 @@ class _Monitor:
             state = "running" if s["running"] else (s["outcome"] or "stopped")
             buttons = "".join(
                 f'<form method="post" action="/scheme" style="display:inline" '
-                f"onsubmit=\"return confirm('{a} scheme {_e(s['scheme'])}?')\">"
+                f'onsubmit="{_confirm(a + " scheme " + s["scheme"] + "?")}">'
                 f'{self.csrf_field()}<input type="hidden" name="name" value="{_e(s["scheme"])}">'
                 f'<input type="hidden" name="action" value="{a}">'
                 f'<button type="submit" id="{a}-{_e(s["scheme"])}">{a}</button></form>'
