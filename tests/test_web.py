@@ -120,6 +120,7 @@ def test_every_page_renders(project):
     two = c.get("/class2d")
     assert two.status_code == 200 and 'class="cls' in two.text
     assert "framed" in two.text  # the ranker's Select job was found
+    assert "Class distribution (the 3 largest classes)" in two.text
     n_tiles = len(re.findall(r'id="class-\d+"', two.text))
     assert n_tiles == 3
     cls = c.get("/img/class", params={"job": c2d, "n": 1})

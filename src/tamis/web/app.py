@@ -315,19 +315,24 @@ def _ctf_threshold(root: Path) -> float | None:
     return None
 
 
-def _convergence_svg(models: list[Path]) -> str:
-    its, res, largest = [], [], []
+def _convergence_svg(models: list[Path], top: int = 6) -> str:
+    """Resolution per iteration, and the class distribution per iteration of the ``top``
+    classes largest at the last one."""
+    its, res, dist = [], [], []
     for m in models[-200:]:
         b = view.cached_star(m)
         its.append(int(m.name[6:9]))
         res.append(float(b["model_general"].get("rlnCurrentResolution", np.nan)))
-        largest.append(float(b["model_classes"]["rlnClassDistribution"].astype(float).max()))
+        dist.append(b["model_classes"]["rlnClassDistribution"].astype(float).to_numpy())
     x = np.asarray(its, float)
+    k = min(len(d) for d in dist)
+    fractions = np.stack([d[:k] for d in dist])  # (iterations, K)
+    largest = np.argsort(fractions[-1])[::-1][:top]
     return render.line_plot_svg(
         x, {"resolution (A)": np.asarray(res)}, title="Resolution per iteration", xlabel="iteration"
     ) + render.line_plot_svg(
-        x, {"largest class": np.asarray(largest)}, title="Largest class fraction",
-        xlabel="iteration",
+        x, {f"class {c + 1}": fractions[:, c] for c in largest},
+        title=f"Class distribution (the {len(largest)} largest classes)", xlabel="iteration",
     )  # fmt: skip
 
 

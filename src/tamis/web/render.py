@@ -120,7 +120,7 @@ def ctf_png(spectrum: Path, fit: dict, size: int = 384) -> bytes:
     return _png_bytes(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 
 
-_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf")
 
 
 def line_plot_svg(
@@ -136,7 +136,8 @@ def line_plot_svg(
     """A small SVG line plot (no scripts); NaN points are skipped; ``hlines`` are dashed
     reference lines (thresholds)."""
     x = np.asarray(x, float)
-    pad_l, pad_r, pad_t, pad_b = 48, 12, 24, 32
+    pad_l, pad_t, pad_b = 48, 24, 32
+    pad_r = 12 if len(series) <= 1 else 78  # several series: the legend beside the plot
     ys = [np.asarray(v, float) for v in series.values()] + [
         np.asarray([v]) for v in (hlines or {}).values()
     ]
@@ -181,9 +182,10 @@ def line_plot_svg(
                 for a, b in zip(x, y, strict=False)
                 if np.isfinite(b)
             )
+        lx, anchor = (width - 2, "end") if len(series) > 1 else (width - pad_r - 4, "end")
         parts.append(
-            f'<text x="{width - pad_r - 4}" y="{pad_t + 14 + 13 * i}" font-size="11" fill="{c}" '
-            f'text-anchor="end">{html.escape(name)}</text>'
+            f'<text x="{lx}" y="{pad_t + 14 + 13 * i}" font-size="11" fill="{c}" '
+            f'text-anchor="{anchor}">{html.escape(name)}</text>'
         )
     for name, v in (hlines or {}).items():
         parts.append(
