@@ -307,13 +307,9 @@ def _write_slices(vol: np.ndarray, path: Path) -> None:
     """The map's three central slices side by side (z, y, x), each scaled to its range."""
     from PIL import Image
 
-    n = vol.shape[-1]
-    parts = [vol[n // 2], vol[:, n // 2], vol[:, :, n // 2]]
-    tiles = []
-    for p in parts:
-        lo, hi = np.percentile(p, [1, 99.9])
-        tiles.append(np.clip((p - lo) / max(hi - lo, 1e-12), 0, 1))
-    img = (np.concatenate(tiles, axis=1) * 255).astype(np.uint8)
+    from tamis.pictures import central_slices
+
+    img = central_slices(vol)
     Image.fromarray(img).resize((img.shape[1] * 4, img.shape[0] * 4), Image.NEAREST).save(path)
 
 

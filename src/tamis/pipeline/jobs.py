@@ -6,7 +6,8 @@ Registered: ``relion.external`` (any program, RELION's calling convention), ``re
 (tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``),
-``relion.select.class2dauto`` (the class ranker), ``relion.initialmodel`` (the de novo 3D
+``relion.select.class2dauto`` (the class ranker), ``relion.select.interactive`` (a person's
+class choice, written in ``tamis_selected_classes`` by the web monitor), ``relion.initialmodel`` (the de novo 3D
 model), ``relion.refine3d`` (gold-standard auto-refine), ``relion.maskcreate`` and
 ``relion.postprocess``. A label is matched after dropping trailing
 ``.xxx`` tokens until a registered one fits, as RELION resolves process types.

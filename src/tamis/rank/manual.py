@@ -9,10 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import pandas as pd
-
 from tamis.errors import TamisError
-from tamis.io.star import read_data_star, read_star, write_star
+from tamis.io.star import read_data_star, read_star
+from tamis.rank.select import read_optimiser, write_selection
 
 __all__ = ["write_class_selection"]
 
@@ -22,8 +21,6 @@ def write_class_selection(
 ) -> int:
     """Select the particles of ``classes`` (1-based numbers) of the 2D job whose
     ``run_itNNN_optimiser.star`` is ``optimiser``; returns the number of particles kept."""
-    from tamis.rank.select import read_optimiser
-
     path = Path(optimiser)
     opt = read_optimiser(path)
     model_classes = read_star(Path(str(opt["rlnModelStarFile"])))["model_classes"]
@@ -33,16 +30,8 @@ def write_class_selection(
     if bad:
         raise TamisError(f"{path}: the job has classes 1-{k}; no class {bad[0]}")
     data = read_data_star(str(opt["rlnExperimentalDataStarFile"]), "particles")
-    table = data.table
-    keep = table["rlnClassNumber"].astype(int).isin(chosen)
+    keep = data.table["rlnClassNumber"].astype(int).isin(chosen).to_numpy()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_star({"optics": data.optics, "particles": table[keep]}, out / "particles.star")
-    flags = pd.DataFrame({"rlnSelected": [int(c + 1 in chosen) for c in range(k)]})
-    write_star({"": flags}, out / "backup_selection.star")
-    cols = ["rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
-            "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution"]  # fmt: skip
-    picked = model_classes.iloc[[c - 1 for c in chosen]]
-    write_star({"": picked[[c for c in cols if c in picked.columns]].reset_index(drop=True)},
-               out / "class_averages.star")  # fmt: skip
+    write_selection(out, data, model_classes, [c - 1 for c in chosen], keep)
     return int(keep.sum())

@@ -24,7 +24,8 @@ from tamis.errors import InputFileError, TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.records import read_model_record
-from tamis.io.star import atomic_path, read_data_star, read_star, write_star
+from tamis.io.star import DataStar, atomic_path, read_data_star, read_star, write_star
+from tamis.pictures import to_uint8
 from tamis.rank.features import class_features, cnn_image, feature_vector, network_features
 from tamis.rank.network import ClassRankerNet
 from tamis.rank.screen import ScreenOptions, noise_spectra, particle_fit, screen_particles
@@ -36,6 +37,8 @@ __all__ = [
     "select_classes",
     "load_ranker",
     "job_particle_fit",
+    "read_optimiser",
+    "write_selection",
     "SHIPPED_RANKER",
 ]
 
@@ -250,12 +253,10 @@ def rank_classes(
     n_in_classes = int(np.asarray(keep_rows).sum())
     if options.screen is not None and n_in_classes:
         keep_rows = _screen(job, np.flatnonzero(keep_rows), out, options.screen, log)
-    particles = table[keep_rows]
-    write_star({"optics": data.optics, "particles": particles}, out / "particles.star")
+    write_selection(out, data, classes, chosen, keep_rows, scores)
     write_star({"optics": data.optics, "particles": table}, Path(f"{root}_data.star"))
-    model_cols = ["rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
-                  "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution",
-                  "rlnOverallFourierCompleteness", "rlnClassPriorOffsetX", "rlnClassPriorOffsetY"]  # fmt: skip
+    model_cols = [*_CLASS_AVERAGE_COLUMNS, "rlnOverallFourierCompleteness",
+                  "rlnClassPriorOffsetX", "rlnClassPriorOffsetY"]  # fmt: skip
     mc = classes[[c for c in model_cols if c in classes.columns]].copy()
     mc.insert(1, "rlnClassScore", scores)
     write_star({"model_classes": mc}, Path(f"{root}_model.star"))
@@ -263,13 +264,6 @@ def rank_classes(
     ropt["rlnModelStarFile"] = f"{root}_model.star"
     ropt["rlnExperimentalDataStarFile"] = f"{root}_data.star"
     write_star({"optimiser_general": ropt}, Path(f"{root}_optimiser.star"))
-    write_star(
-        {"": pd.DataFrame({"rlnSelected": [1 if c in chosen else 0 for c in range(k)]})},
-        out / "backup_selection.star",
-    )
-    ca = classes.iloc[chosen][[c for c in model_cols[:5] if c in classes.columns]].copy()
-    ca.insert(1, "rlnPredictedClassScore", scores[chosen])
-    write_star({"": ca.reset_index(drop=True)}, out / "class_averages.star")
     probs = pd.DataFrame({"rlnClassNumber": np.arange(1, k + 1), "rlnClassScore": scores,
                           "tamisProbabilityGood": prob, "rlnSelected": [int(c in chosen) for c in range(k)]})  # fmt: skip
     with atomic_path(out / "class_scores.csv") as tmp:
@@ -285,6 +279,32 @@ def rank_classes(
     return RankResult(
         scores, prob, numbers, int(keep_rows.sum()), out / "particles.star", n_in_classes
     )
+
+
+_CLASS_AVERAGE_COLUMNS = ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
+                          "rlnAccuracyTranslationsAngst", "rlnEstimatedResolution")  # fmt: skip
+
+
+def write_selection(
+    out: Path,
+    data: DataStar,
+    classes: pd.DataFrame,
+    chosen: list[int],
+    keep_rows: np.ndarray | pd.Series,
+    scores: np.ndarray | None = None,
+) -> None:
+    """RELION's Select-job files in ``out``: ``particles.star`` (the rows ``keep_rows`` of the
+    2D job's particle ``data``), ``backup_selection.star`` (a flag per class) and
+    ``class_averages.star`` (the ``chosen`` 0-based classes, with their predicted ``scores``
+    when ranked)."""
+    write_star({"optics": data.optics, "particles": data.table[keep_rows]}, out / "particles.star")
+    k = len(classes)
+    flags = pd.DataFrame({"rlnSelected": [int(c in chosen) for c in range(k)]})
+    write_star({"": flags}, out / "backup_selection.star")
+    ca = classes.iloc[chosen][[c for c in _CLASS_AVERAGE_COLUMNS if c in classes.columns]].copy()
+    if scores is not None:
+        ca.insert(1, "rlnPredictedClassScore", np.asarray(scores)[chosen])
+    write_star({"": ca.reset_index(drop=True)}, out / "class_averages.star")
 
 
 def job_particle_fit(
@@ -386,10 +406,7 @@ def write_gallery(path: Path, images: np.ndarray, scores: np.ndarray, chosen: li
     canvas = Image.new("RGB", (cols * tile, rows * (tile + 14)), "black")
     draw = ImageDraw.Draw(canvas)
     for pos, c in enumerate(order):
-        a = images[c].astype(np.float64)
-        lo, hi = np.percentile(a, [1, 99])
-        a = np.clip((a - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8)
-        im = Image.fromarray(a).resize((tile - 6, tile - 6))
+        im = Image.fromarray(to_uint8(images[c])).resize((tile - 6, tile - 6))
         x, y = (pos % cols) * tile, (pos // cols) * (tile + 14)
         canvas.paste(im, (x + 3, y + 3))
         if c in chosen:

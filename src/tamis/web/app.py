@@ -35,6 +35,7 @@ from tamis.web import actions, render, view
 __all__ = ["create_app"]
 
 TABLE_ROWS = 300  # micrograph table rows per page view
+PICK_CIRCLE_PX = 40.0  # diameter of the circles drawn at picks (micrograph pixels)
 
 _STYLE = """body{font-family:sans-serif;margin:0}nav{background:#223;padding:8px 16px}
 nav a{color:#dde;margin-right:18px;text-decoration:none}nav a.on{color:#fff;font-weight:bold}
@@ -172,9 +173,7 @@ class _Monitor:
         )
 
     def job_live(self, name: str) -> str:
-        d = self.root / name
-        if not d.resolve().is_relative_to(self.root) or not d.is_dir():
-            raise view.PathOutsideProject(f"{name!r}: no such job")
+        d = view.job_dir(self.root, name)
         info = next((j for j in view.jobs(self.root) if j["name"] == name), None)
         head = ""
         if info:
@@ -196,7 +195,7 @@ class _Monitor:
         if not len(t):
             return "<p>No CTF estimation yet.</p>"
         x = np.arange(1, len(t) + 1)
-        threshold = _ctf_threshold(self.root)
+        threshold = view.ctf_threshold(self.root)
         plots = [
             render.line_plot_svg(x, {"defocus (A)": t["defocus"].to_numpy(float)},
                                  title="Defocus", xlabel="micrograph"),
@@ -297,24 +296,6 @@ def _age_text(s: float) -> str:
     return f"{s / 3600:.1f} h ago"
 
 
-def _ctf_threshold(root: Path) -> float | None:
-    """The CTF-resolution selection's upper value (Å) of the newest Select-on-value job."""
-    from tamis.pipeline.job import JobStar
-
-    for d in sorted(root.glob("Select/job*"), reverse=True):
-        try:
-            js = JobStar.read(d)
-        except (OSError, TamisError, KeyError, ValueError):
-            continue
-        if js.options.get("select_label") == "rlnCtfMaxResolution":
-            try:
-                v = float(js.options.get("select_maxval", "9999"))
-            except ValueError:
-                return None
-            return v if v < 9999 else None
-    return None
-
-
 def _convergence_svg(models: list[Path], top: int = 6) -> str:
     """Resolution per iteration, and the class distribution per iteration of the ``top``
     classes largest at the last one."""
@@ -363,6 +344,8 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
                     return PlainTextResponse("wrong token", 403)
             try:
                 response = await fn(request)
+            except _Forbidden as exc:
+                return PlainTextResponse(str(exc), 403)
             except view.PathOutsideProject as exc:
                 return PlainTextResponse(str(exc), 404)
             except TamisError as exc:
@@ -388,15 +371,6 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
         if not secrets.compare_digest(form.get("csrf", ""), mon.csrf):
             raise _Forbidden("missing or stale form token: reload the page")
         return form
-
-    def forbidden(fn):
-        async def run(request: Request) -> Response:
-            try:
-                return await fn(request)
-            except _Forbidden as exc:
-                return PlainTextResponse(str(exc), 403)
-
-        return run
 
     # pages
     def pipeline(request: Request) -> Response:
@@ -481,7 +455,9 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
             path = view.inside(root, name)
             picks = view.picks_of(root, name)
             png = mon.pngs.get(
-                ("mic", len(picks)), path, lambda: render.micrograph_png(path, picks, 20.0)
+                ("mic", len(picks)),
+                path,
+                lambda: render.micrograph_png(path, picks, PICK_CIRCLE_PX),
             )
         elif which == "ctf":
             fit = view.ctf_of(root, q.get("name", ""))
@@ -531,12 +507,6 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
         actions.log_action(root, request.client.host if request.client else "?", done)
         return RedirectResponse(f"/class2d?job={_q(job_)}&msg={_q(done)}", status_code=303)
 
-    async def api_state(request: Request) -> Response:
-        data = await run_in_threadpool(
-            lambda: {"project": str(root), "jobs": view.jobs(root), "schemes": view.schemes(root)}
-        )
-        return live_response(request, json.dumps(data, default=str))
-
     routes = [
         Route("/", sync(pipeline)),
         Route("/job", sync(job)),
@@ -547,9 +517,8 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
         Route("/live/{which}", sync(live)),
         Route("/img/{which}", sync(img)),
         Route("/file", sync(file)),
-        Route("/api/state", guarded(api_state)),
-        Route("/scheme", guarded(forbidden(scheme)), methods=["POST"]),
-        Route("/class2d/select", guarded(forbidden(select)), methods=["POST"]),
+        Route("/scheme", guarded(scheme), methods=["POST"]),
+        Route("/class2d/select", guarded(select), methods=["POST"]),
     ]
     return Starlette(routes=routes)
 

@@ -1,5 +1,6 @@
-"""Pictures for the monitor: class-average thumbnails, binned micrographs with picks, a map's
-central slices (PNG bytes), and small line plots (SVG text). PNGs are cached in memory by file
+"""Pictures for the monitor: class-average thumbnails, binned micrographs with picks (the pick
+jobs' overlay), a map's central slices, the CTF fit (PNG bytes), and small line plots (SVG
+text). PNGs are cached in memory by file
 and modification time, so a page of 200 classes or a list of 10,000 micrographs is drawn once.
 """
 
@@ -7,17 +8,18 @@ from __future__ import annotations
 
 import html
 import io
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from threading import Lock
 
 import numpy as np
-from PIL import Image, ImageDraw
-from scipy.ndimage import gaussian_filter
+from PIL import Image
 
-from tamis.io.mrc import read_mrc
+from tamis.io.images import read_micrograph
+from tamis.io.mrc import open_stack, read_mrc
+from tamis.pick.overlay import overlay_image
+from tamis.pictures import central_slices, to_uint8
 
 __all__ = ["PngCache", "class_png", "ctf_png", "micrograph_png", "slices_png", "line_plot_svg"]
 
@@ -42,14 +44,6 @@ class PngCache:
         return png
 
 
-def _to_png(img: np.ndarray, lo: float | None = None, hi: float | None = None) -> Image.Image:
-    a = np.asarray(img, dtype=np.float64)
-    if lo is None or hi is None:
-        lo, hi = np.percentile(a, [1, 99.5])
-    a = np.clip((a - lo) / max(hi - lo, 1e-12), 0, 1)
-    return Image.fromarray((a * 255).astype(np.uint8))
-
-
 def _png_bytes(im: Image.Image) -> bytes:
     buf = io.BytesIO()
     im.save(buf, format="PNG")
@@ -58,38 +52,23 @@ def _png_bytes(im: Image.Image) -> bytes:
 
 def class_png(stack: Path, number: int, size: int = 128) -> bytes:
     """Class ``number`` (1-based) of an MRC stack as a ``size`` px greyscale PNG."""
-    with open(stack, "rb"):
-        pass  # a missing file fails here with its name
-    import mrcfile
-
-    with mrcfile.mmap(stack, permissive=True) as m:
-        data = m.data
-        img = np.array(data[number - 1] if data.ndim == 3 else data)
-    return _png_bytes(_to_png(img).resize((size, size), Image.BILINEAR))
+    with open_stack(stack) as st:
+        img = st.read([number - 1])[0]
+    return _png_bytes(Image.fromarray(to_uint8(img, 1, 99.5)).resize((size, size), Image.BILINEAR))
 
 
-def micrograph_png(path: Path, picks: np.ndarray, radius_px: float, size: int = 768) -> bytes:
-    """A micrograph binned to at most ``size`` px, low-passed, with circles at the picks."""
-    img, _ = read_mrc(path)
-    img = img.reshape(img.shape[-2], img.shape[-1])
-    b = max(1, math.ceil(max(img.shape) / size))
-    h, w = (img.shape[0] // b) * b, (img.shape[1] // b) * b
-    binned = img[:h, :w].reshape(h // b, b, w // b, b).mean((1, 3))
-    im = _to_png(gaussian_filter(binned, 1.0)).convert("RGB")
-    draw = ImageDraw.Draw(im)
-    r = max(2.0, radius_px / b)
-    for x, y in np.asarray(picks, float).reshape(-1, 2):
-        draw.ellipse([x / b - r, y / b - r, x / b + r, y / b + r], outline=(40, 220, 60), width=2)
-    return _png_bytes(im)
+def micrograph_png(path: Path, picks: np.ndarray, diameter_px: float, size: int = 768) -> bytes:
+    """A micrograph binned to at most ``size`` px and low-passed, its picks circled (the pick
+    jobs' overlay picture)."""
+    mic = read_micrograph(path)
+    xy = np.asarray(picks, float).reshape(-1, 2)
+    return _png_bytes(overlay_image(mic.image, xy[:, 0], xy[:, 1], diameter_px, max_side=size))
 
 
 def slices_png(path: Path, scale: int = 3) -> bytes:
     """A map's three central slices side by side, each to its own range."""
     vol, _ = read_mrc(path)
-    n = vol.shape[-1]
-    parts = [vol[n // 2], vol[:, n // 2], vol[:, :, n // 2]]
-    tiles = [np.asarray(_to_png(p), np.uint8) for p in parts]
-    im = Image.fromarray(np.concatenate(tiles, axis=1))
+    im = Image.fromarray(central_slices(vol))
     return _png_bytes(im.resize((im.width * scale, im.height * scale), Image.NEAREST))
 
 
@@ -114,8 +93,8 @@ def ctf_png(spectrum: Path, fit: dict, size: int = 384) -> bytes:
     if np.isfinite(res) and res > 0:  # the model only where the fit saw rings
         yy, xx = np.mgrid[:n, :n] - n // 2
         model[np.hypot(yy, xx) > n * fit["pixel_size"] / res] = 0.5
-    left = np.asarray(_to_png(ps), np.uint8)
-    right = np.asarray(_to_png(model, 0.0, 1.0), np.uint8)
+    left = to_uint8(ps, 1, 99.5)
+    right = (np.clip(model, 0.0, 1.0) * 255).astype(np.uint8)  # |CTF| is already in [0, 1]
     img = np.concatenate([left[:, : n // 2], right[:, n // 2 :]], axis=1)
     return _png_bytes(Image.fromarray(img).resize((size, size), Image.BILINEAR))
 

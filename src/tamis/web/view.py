@@ -21,6 +21,7 @@ __all__ = [
     "PathOutsideProject",
     "check_project",
     "inside",
+    "job_dir",
     "jobs",
     "schemes",
     "tail",
@@ -31,6 +32,7 @@ __all__ = [
     "newest_map",
     "cached_star",
     "ctf_of",
+    "ctf_threshold",
 ]
 
 
@@ -63,6 +65,15 @@ def inside(root: Path, relative: str) -> Path:
 
 _CACHE: dict[tuple, object] = {}
 _CACHE_MAX = 50_000
+
+
+def job_dir(root: Path, name: str) -> Path:
+    """``root / name`` when that is a directory inside the project; :class:`PathOutsideProject`
+    otherwise."""
+    d = root / name
+    if not d.is_dir() or not d.resolve().is_relative_to(root):
+        raise PathOutsideProject(f"{name!r}: no such job")
+    return d
 
 
 def _cached(path: Path, reader):
@@ -239,9 +250,7 @@ class ClassTable:
 def class2d_classes(root: Path, job: str) -> ClassTable:
     """The last iteration's classes of a 2D job with, when a Select job chose from it, its
     scores and selection."""
-    d = root / job
-    if not d.is_dir() or not d.resolve().is_relative_to(root):
-        raise PathOutsideProject(f"{job!r}: no such job")
+    d = job_dir(root, job)
     models = sorted(d.glob("run_it*_model.star"))
     if not models:
         raise TamisError(f"{job}: no iteration written yet")
@@ -263,34 +272,64 @@ def class2d_classes(root: Path, job: str) -> ClassTable:
         "score": np.nan, "p_good": np.nan, "selected": 0,
     })  # fmt: skip
     optimiser = model.with_name(model.name.replace("_model.star", "_optimiser.star"))
-    sel_job = None
-    for sel in sorted(root.glob("Select/job*"), key=lambda p: p.stat().st_mtime):
-        js = sel / "job.star"
-        if (
-            js.is_file()
-            and job.rstrip("/") in js.read_text()
-            and (sel / "backup_selection.star").is_file()
-        ):
-            sel_job = f"{sel.relative_to(root)}/"
+    # the newest Select job of this 2D job gives the selection; the newest ranker job the scores
+    chosen_from = [sel for sel in _select_jobs(root) if sel["fn_model"].startswith(job)]
+    picked = [sel for sel in chosen_from if (sel["dir"] / "backup_selection.star").is_file()]
+    sel_job = f"{picked[-1]['dir'].relative_to(root)}/" if picked else None
     if sel_job is not None:
-        chosen = read_star(root / sel_job / "backup_selection.star")
+        chosen = _cached(root / sel_job / "backup_selection.star", read_star)
         flags = next(iter(chosen.values()))["rlnSelected"].astype(int).to_numpy()
         if len(flags) == k:
             table["selected"] = flags
-        scores = root / sel_job / "class_scores.csv"
-        if scores.is_file():
-            s = pd.read_csv(scores)
-            if len(s) == k:
-                table["score"] = s["rlnClassScore"].where(s["rlnClassScore"] > -998)
-                table["p_good"] = s.get("tamisProbabilityGood", np.nan)
+    ranked = [sel["dir"] / "class_scores.csv" for sel in chosen_from]
+    ranked = [f for f in ranked if f.is_file()]
+    if ranked:
+        s = _cached(ranked[-1], pd.read_csv)
+        if len(s) == k:
+            table["score"] = s["rlnClassScore"].where(s["rlnClassScore"] > -998).to_numpy()
+            table["p_good"] = s.get(
+                "tamisProbabilityGood", pd.Series(np.nan, index=s.index)
+            ).to_numpy()
     return ClassTable(job, it, str(optimiser.relative_to(root)), root / ref, table, sel_job)
+
+
+def _job_options(job_star: Path) -> dict:
+    from tamis.pipeline.job import JobStar
+
+    return JobStar.read(job_star.parent).options
+
+
+def _select_jobs(root: Path) -> list[dict]:
+    """Every Select job, oldest first: its directory and options (a job.star that cannot be
+    read is skipped: the monitor shows what it can)."""
+    out = []
+    for d in sorted(root.glob("Select/job*"), key=lambda p: p.stat().st_mtime):
+        js = d / "job.star"
+        try:
+            options = _cached(js, _job_options)
+        except (OSError, TamisError, KeyError, ValueError):
+            continue
+        out.append({"dir": d, "fn_model": str(options.get("fn_model", "")), **options})
+    return out
+
+
+def ctf_threshold(root: Path) -> float | None:
+    """The upper CTF-resolution value (Å) of the newest selection on rlnCtfMaxResolution."""
+    for sel in reversed(_select_jobs(root)):
+        if sel.get("select_label") == "rlnCtfMaxResolution":
+            try:
+                v = float(sel.get("select_maxval", "9999"))
+            except ValueError:
+                return None
+            return v if v < 9999 else None
+    return None
 
 
 def newest_map(root: Path) -> dict | None:
     """The newest post-processed map (else refined map): its file, resolution and FSC curves."""
     post = _newest(root, "PostProcess/job*/postprocess.star")
     if post is not None:
-        blocks = read_star(post)
+        blocks = _cached(post, read_star)
         g, f = blocks["general"], blocks["fsc"]
         curves = {
             "corrected": f["rlnFourierShellCorrelationCorrected"].astype(float).to_numpy(),
@@ -307,7 +346,7 @@ def newest_map(root: Path) -> dict | None:
     ref = _newest(root, "Refine3D/job*/run_model.star")
     if ref is None:
         return None
-    model = read_star(ref)
+    model = _cached(ref, read_star)
     shells = model["model_class_1"] if "model_class_1" in model else None
     out = {
         "map": ref.with_name("run_class001.mrc"),
