@@ -25,6 +25,7 @@ __all__ = [
     "rfft_frequencies",
     "shell_index",
     "window_fourier",
+    "crop_fourier",
     "pad_fourier",
     "fourier_shift",
     "radial_average",
@@ -115,6 +116,24 @@ def window_fourier(spectra: torch.Tensor, size: int) -> torch.Tensor:
     bottom = (
         spectra[..., n - (half - 1) :, : half + 1] if half > 1 else spectra[..., :0, : half + 1]
     )
+    return torch.cat([top, bottom], dim=-2)
+
+
+def crop_fourier(spectra: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
+    """Keep the lowest frequencies of half-plane spectra of ``(h, w)`` images, for images of
+    ``out_shape = (ch, cw)`` (both even, <= the input): rows ``ky`` from ``-(ch/2 - 1)`` to
+    ``ch/2``, columns ``kx`` from 0 to ``cw/2`` (RELION's ``cropInFourierSpace``; with the
+    forward normalisation the mean per pixel is kept, so binning averages).
+    ``(..., h, w // 2 + 1)`` -> ``(..., ch, cw // 2 + 1)``."""
+    h = spectra.shape[-2]
+    ch, cw = out_shape
+    if ch % 2 or cw % 2 or ch > h or cw // 2 + 1 > spectra.shape[-1]:
+        raise ValueError(f"crop to {out_shape}: sizes must be even and not above the input")
+    if ch == h and cw // 2 + 1 == spectra.shape[-1]:
+        return spectra
+    half = ch // 2
+    top = spectra[..., : half + 1, : cw // 2 + 1]
+    bottom = spectra[..., h - (half - 1) :, : cw // 2 + 1] if half > 1 else top[..., :0, :]
     return torch.cat([top, bottom], dim=-2)
 
 

@@ -2,7 +2,8 @@
 names and GUI defaults, and :func:`run_job`, which runs one job directory the way RELION's
 programs run under the pipeliner (exit markers, ``RELION_OUTPUT_NODES.star``, run.out/run.err).
 
-Registered: ``relion.external`` (any program, RELION's calling convention), ``relion.import`` (micrographs or movies from a file pattern), ``relion.ctffind``
+Registered: ``relion.external`` (any program, RELION's calling convention), ``relion.import`` (micrographs or movies from a file pattern), ``relion.motioncorr``
+(RELION's own motion correction), ``relion.ctffind``
 (tamis's CTF estimation stands in for CTFFIND-4), ``relion.select`` / ``relion.select.onvalue``
 (selection on a metadata value), ``relion.autopick.log``, ``relion.autopick.topaz.pick`` (tamis's deep picker stands
 in for Topaz), ``relion.extract``, ``relion.class2d`` (EM or VDAM as ``do_grad``/``do_em``),
@@ -84,9 +85,74 @@ def _run_ctffind(job: JobStar, out: Path) -> Nodes:
         astigmatism_max=max(2000.0, 5 * _f(job, "dast", 100)),  # search range
     )
     star = run_ctffind(
-        job.options["input_star_mics"], out, opts, only_do_unfinished=job.is_continue, log=_job_log
+        job.options["input_star_mics"],
+        out,
+        opts,
+        only_do_unfinished=job.is_continue,
+        use_noDW=job.get_bool("use_noDW"),
+        log=_job_log,
     )
     return [(str(star), "MicrographGroupMetadata.star.relion.ctf")]
+
+
+def _gui_number(value: str, name: str) -> int:
+    """RELION's GUI radio strings ("90 degrees (1)", "Flip upside down (1)") or a plain number."""
+    text = (value or "0").strip()
+    if text.endswith(")") and "(" in text:
+        text = text[text.rindex("(") + 1 : -1]
+    try:
+        return int(float(text))
+    except ValueError:
+        raise TamisError(f"{name} {value!r}: expected a number or RELION's GUI choice") from None
+
+
+def _run_motioncorr(job: JobStar, out: Path) -> Nodes:
+    from tamis.pipeline.job import ABORT_NOW
+    from tamis.prep.motioncorr import MotionCorrOptions, parse_other_args, run_motioncorr
+
+    if not job.get_bool("do_own_motioncor", True):
+        _job_log("do_own_motioncor No: tamis runs its own implementation of the same model")
+    dose = _f(job, "dose_per_frame", 1)
+    opts = MotionCorrOptions(
+        first_frame_sum=int(_f(job, "first_frame_sum", 1)),
+        last_frame_sum=int(_f(job, "last_frame_sum", -1)),
+        bfactor=_f(job, "bfactor", 150),
+        patch_x=int(_f(job, "patch_x", 1)),
+        patch_y=int(_f(job, "patch_y", 1)),
+        group_frames=int(_f(job, "group_frames", 1)),
+        bin_factor=_f(job, "bin_factor", 1),
+        dose_per_frame=dose,
+        preexposure=_f(job, "pre_exposure", 0),
+        dose_weighting=job.get_bool("do_dose_weighting", True),
+        save_noDW=job.get_bool("do_save_noDW"),
+        grouping_for_ps=(
+            max(1, round(_f(job, "group_for_ps", 4) / dose))
+            if job.get_bool("do_save_ps") and dose > 0
+            else -1
+        ),
+        float16=job.get_bool("do_float16"),
+        gain=job.options.get("fn_gain_ref", ""),
+        gain_rot=_gui_number(job.options.get("gain_rot", "0"), "gain_rot"),
+        gain_flip=_gui_number(job.options.get("gain_flip", "0"), "gain_flip"),
+        defect_file=job.options.get("fn_defect", ""),
+        eer_grouping=int(_f(job, "eer_grouping", 32)),
+    )
+    if job.get_bool("do_save_ps") and dose <= 0:
+        raise TamisError("do_save_ps: give dose_per_frame (e/A² per frame) to group the spectra")
+    extra = parse_other_args(job.options.get("other_args", ""), opts)
+    star = run_motioncorr(
+        job.options.get("input_star_mics", ""),
+        out,
+        opts,
+        only_do_unfinished=job.is_continue,
+        do_at_most=extra.get("do_at_most", -1),
+        log=_job_log,
+        is_aborted=lambda: (out / ABORT_NOW).exists(),
+    )
+    return [
+        (str(star), "MicrographGroupMetadata.star.relion.motioncorr"),
+        (str(out / "logfile.pdf"), "LogFile.pdf.relion.motioncorr"),
+    ]
 
 
 def _run_select_values(job: JobStar, out: Path) -> Nodes:
@@ -480,6 +546,7 @@ REGISTRY: dict[str, JobType] = {
     t.label: t
     for t in (
         JobType("relion.import", "Import", _run_import, {"do_raw": "Yes", "fn_in_raw": "Micrographs/*.mrc", "is_multiframe": "Yes", "optics_group_name": "opticsGroup1", "angpix": "1.4", "kV": "300", "Cs": "2.7", "Q0": "0.1", "do_other": "No"}),
+        JobType("relion.motioncorr", "MotionCorr", _run_motioncorr, {"input_star_mics": "", "first_frame_sum": "1", "last_frame_sum": "-1", "dose_per_frame": "1", "pre_exposure": "0", "eer_grouping": "32", "do_float16": "Yes", "do_dose_weighting": "Yes", "do_save_noDW": "No", "do_save_ps": "Yes", "group_for_ps": "4", "bfactor": "150", "patch_x": "1", "patch_y": "1", "group_frames": "1", "bin_factor": "1", "fn_gain_ref": "", "gain_rot": "No rotation (0)", "gain_flip": "No flipping (0)", "fn_defect": "", "do_own_motioncor": "Yes", "other_args": ""}),
         JobType("relion.ctffind", "CtfFind", _run_ctffind, {"input_star_mics": "", "box": "512", "resmin": "30", "resmax": "5", "dfmin": "5000", "dfmax": "50000", "dfstep": "500", "do_phaseshift": "No"}),
         JobType("relion.select", "Select", _run_select_values, {"do_select_values": "No", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),
         JobType("relion.select.onvalue", "Select", _run_select_values, {"do_select_values": "Yes", "select_label": "rlnCtfMaxResolution", "select_minval": "-9999", "select_maxval": "9999"}),

@@ -299,15 +299,32 @@ def run_ctffind(
     options: CtfFindOptions | None = None,
     *,
     only_do_unfinished: bool = False,
+    use_noDW: bool = False,
     log: Callable[[str], None] = print,
     show_progress: bool = False,
 ) -> Path:
     """Estimate the CTF of every micrograph of a micrographs STAR file; write per micrograph a
     CTFFIND-style ``.txt`` and its amplitude spectrum (``.ctf``, MRC, ``rlnCtfImage``), and
     ``<out_dir>/micrographs_ctf.star``. With ``only_do_unfinished``, micrographs with a result
-    file are not estimated again."""
+    file are not estimated again. With ``use_noDW`` the CTF is estimated on the sums that are
+    not dose-weighted (``rlnMicrographNameNoDW``, from motion correction's ``save_noDW``), whose
+    Thon rings reach further; the output still names the dose-weighted micrographs."""
     o = options or CtfFindOptions()
     ms = MicrographSet.from_star(micrographs)
+    if use_noDW:
+        if "rlnMicrographNameNoDW" not in ms.micrographs:
+            raise TamisError(
+                f"{micrographs}: use_noDW needs rlnMicrographNameNoDW (motion correction with "
+                "do_save_noDW Yes)"
+            )
+        estimate_on = MicrographSet(
+            ms.optics,
+            ms.micrographs.assign(rlnMicrographName=ms.micrographs["rlnMicrographNameNoDW"]),
+            ms.root,
+            ms.source,
+        )
+    else:
+        estimate_on = ms
     out = Path(out_dir)
     fits, images, n_new = [], [], 0
     with progress_bar(len(ms), "CTF estimation", enabled=show_progress) as bar:
@@ -316,7 +333,7 @@ def run_ctffind(
             if only_do_unfinished and txt.is_file():
                 fit = _read_result(txt)
             else:
-                mic = read_micrograph(ms.path(i), ms.pixel_size(i))
+                mic = read_micrograph(estimate_on.path(i), ms.pixel_size(i))
                 fit = estimate_ctf(
                     mic.image,
                     mic.pixel_size,

@@ -1,0 +1,147 @@
+"""Motion-correction metadata per movie: RELION's ``Micrograph`` STAR file (blocks
+``general``, ``global_shift``, ``local_motion_model``, ``hot_pixels``, ``local_shift``), read
+and written; shifts in unbinned pixels of the movie, -9999 for frames not used."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from tamis.errors import InputFileError
+from tamis.io.star import read_star, write_star
+
+__all__ = ["MovieMotion", "write_motion_star", "read_motion_star", "NOT_OBSERVED"]
+
+NOT_OBSERVED = -9999.0
+
+
+@dataclass
+class MovieMotion:
+    """What motion correction found for one movie (shifts in unbinned pixels of the movie)."""
+
+    n_frames: int  # frames (EER: fractions) in the movie
+    shape: tuple[int, int]  # (ny, nx) of the frames as read
+    first: int  # 0-based first frame used
+    global_shifts: np.ndarray  # (n_frames, 2); NaN for frames not used
+    local_coeffs: np.ndarray | None  # (2, 18) or None
+    local_obs: pd.DataFrame = field(default_factory=pd.DataFrame)  # frame, x, y, shift x, y
+    hot_pixels: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))  # (x, y)
+    converged: bool = True
+    fit_rmsd: tuple[float, float] = (0.0, 0.0)
+    n_patches_kept: int = 0
+    seconds: float = 0.0
+
+
+def write_motion_star(
+    path: Path,
+    motion: MovieMotion,
+    *,
+    movie: str,
+    pixel_size: float,
+    voltage: float,
+    dose_per_frame: float,
+    pre_exposure: float = 0.0,
+    binning: float = 1.0,
+    gain_name: str = "",
+    defect_file: str = "",
+    eer: tuple[int, int] | None = None,
+) -> None:
+    """RELION's per-movie metadata STAR (``Micrograph::write``), shifts in unbinned pixels;
+    ``eer`` is ``(upsampling, grouping)`` for EER movies."""
+    general: dict[str, object] = {
+        "rlnImageSizeX": motion.shape[1],
+        "rlnImageSizeY": motion.shape[0],
+        "rlnImageSizeZ": motion.n_frames,
+        "rlnMicrographMovieName": movie,
+    }
+    if gain_name:
+        general["rlnMicrographGainName"] = gain_name
+    if defect_file:
+        general["rlnMicrographDefectFile"] = defect_file
+    general.update(
+        {
+            "rlnMicrographBinning": binning,
+            "rlnMicrographOriginalPixelSize": pixel_size,
+            "rlnMicrographDoseRate": dose_per_frame,
+            "rlnMicrographPreExposure": pre_exposure,
+            "rlnVoltage": voltage,
+            "rlnMicrographStartFrame": motion.first + 1,
+        }
+    )
+    if eer is not None:
+        general["rlnEERUpsampling"] = eer[0]
+        general["rlnEERGrouping"] = eer[1]
+    general["rlnMotionModelVersion"] = 1 if motion.local_coeffs is not None else 0
+    s = np.where(np.isfinite(motion.global_shifts), motion.global_shifts, NOT_OBSERVED)
+    blocks: dict[str, object] = {
+        "general": general,
+        "global_shift": pd.DataFrame(
+            {
+                "rlnMicrographFrameNumber": np.arange(1, motion.n_frames + 1),
+                "rlnMicrographShiftX": s[:, 0],
+                "rlnMicrographShiftY": s[:, 1],
+            }
+        ),
+    }
+    if motion.local_coeffs is not None:
+        blocks["local_motion_model"] = pd.DataFrame(
+            {
+                "rlnMotionModelCoeffsIdx": np.arange(36),
+                "rlnMotionModelCoeff": motion.local_coeffs.reshape(-1),
+            }
+        )
+    blocks["hot_pixels"] = pd.DataFrame(
+        {
+            "rlnCoordinateX": motion.hot_pixels[:, 0].astype(float),
+            "rlnCoordinateY": motion.hot_pixels[:, 1].astype(float),
+        }
+    )
+    if len(motion.local_obs) and "frame" in motion.local_obs:
+        ob = motion.local_obs
+        blocks["local_shift"] = pd.DataFrame(
+            {
+                "rlnMicrographFrameNumber": ob["frame"].astype(int),
+                "rlnCoordinateX": ob["x"],
+                "rlnCoordinateY": ob["y"],
+                "rlnMicrographShiftX": ob["sx"],
+                "rlnMicrographShiftY": ob["sy"],
+            }
+        )
+    write_star(
+        blocks,  # type: ignore[arg-type]
+        path,
+        comment="Written by tamis: local motion model coefficients in unbinned pixels "
+        "(RELION 5.0.1 writes them in binned pixels under early binning, 3dem/relion#771)",
+    )
+
+
+def read_motion_star(path: str | Path) -> MovieMotion:
+    """Read a per-movie metadata STAR (RELION's or tamis's) back."""
+    blocks = read_star(path)
+    if "general" not in blocks or "global_shift" not in blocks:
+        raise InputFileError(path, "not a motion-correction metadata file (no data_general)")
+    g = blocks["general"]
+    gs = blocks["global_shift"]
+    s = gs[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(float)
+    s[s == NOT_OBSERVED] = np.nan
+    coeffs = None
+    if int(g.get("rlnMotionModelVersion", 0)) == 1 and "local_motion_model" in blocks:
+        c = blocks["local_motion_model"].sort_values("rlnMotionModelCoeffsIdx")
+        coeffs = c["rlnMotionModelCoeff"].to_numpy(float).reshape(2, 18)
+    hp = blocks.get("hot_pixels")
+    hot = (
+        hp[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy().astype(np.int64)
+        if isinstance(hp, pd.DataFrame) and len(hp)
+        else np.zeros((0, 2), np.int64)
+    )
+    return MovieMotion(
+        n_frames=int(g["rlnImageSizeZ"]),
+        shape=(int(g["rlnImageSizeY"]), int(g["rlnImageSizeX"])),
+        first=int(g.get("rlnMicrographStartFrame", 1)) - 1,
+        global_shifts=s,
+        local_coeffs=coeffs,
+        hot_pixels=hot,
+    )

@@ -1,0 +1,233 @@
+"""The numeric kernels of RELION's own motion correction (MotionCor2's model), batched as tensors:
+frame alignment by iterated leave-one-out cross-correlation, frame groups, dose weighting
+(Grant & Grigorieff 2015) and accumulated motion. The deformation model, its fit and the
+resampler are in :mod:`tamis.motion_model`.
+
+Conventions (``relion-motioncorr-mdcatch.md`` §0, §A2):
+
+- Spectra are ``torch.fft.rfft2(..., norm="forward")`` of images with the origin at pixel 0
+  (``(..., h, w // 2 + 1)``), so Fourier cropping keeps the mean per pixel.
+- A shift ``s = (sx, sy)`` is what is *applied to a frame* to bring it into register:
+  ``aligned(x, y) = raw(x - sx, y - sy)``; the first frame's shift is 0.
+- Time in the deformation model is the frame index counted from the first frame used: frame
+  ``i`` is at ``z = i`` when fitted and when applied, and a group of frames at the mean of its
+  frame indices (RELION fits at ``start + size/2`` and applies at ``z = i``: half a frame apart).
+- The B-factor weight of the alignment is isotropic, ``exp(-2 B ((ky/h)² + (kx/w)²))`` (RELION
+  divides kx by ``w/2+1``, which weights x about four times more in d²).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from tamis.fourier import crop_fourier, rfft_frequencies, shift_phases
+from tamis.motion_model import critical_exposure
+
+__all__ = [
+    "GOOD_SIZES",
+    "good_size",
+    "ccf_shape",
+    "align_spectra",
+    "frame_groups",
+    "dose_weights",
+    "accumulated_motion",
+]
+
+#: RELION's ``findGoodSize`` list (sizes with small prime factors for the CCF box).
+GOOD_SIZES = (192, 216, 256, 288, 324, 384, 432, 486, 512, 576, 648, 768, 800, 864, 972, 1024,
+              1296, 1536, 1728, 1944, 2048, 2304, 2592, 3072, 3200, 3456, 3888, 4096, 4608, 5000,
+              5184, 6144, 6250, 6400, 6912, 7776, 8192, 9216, 10240, 12288, 12500)  # fmt: skip
+
+
+def good_size(n: int) -> int:
+    """The first of :data:`GOOD_SIZES` that is >= ``n``, or ``n`` itself above them all."""
+    for s in GOOD_SIZES:
+        if s >= n:
+            return s
+    return n
+
+
+def ccf_shape(
+    image_shape: tuple[int, int], bfactor: float, ccf_downsample: float = 0.0
+) -> tuple[int, int]:
+    """The cross-correlation box for images of ``image_shape``: the frequencies the B-factor
+    weight leaves above 1e-8, ``sqrt(-ln(1e-8) / (2 B))`` of the size (or ``ccf_downsample``),
+    rounded up to a good size, capped at the image, made even."""
+    r = ccf_downsample if ccf_downsample > 0 else math.sqrt(-math.log(1e-8) / (2.0 * bfactor))
+    out = []
+    for n in image_shape:
+        s = min(good_size(int(n * r)), n)
+        out.append(s + s % 2 if s + s % 2 <= n else s - 1)
+    return out[0], out[1]
+
+
+def _peaks(ccf: torch.Tensor, search: int) -> torch.Tensor:
+    """Sub-pixel argmax ``(..., 2)`` (x, y) of cross-correlations ``(..., h, w)`` within
+    ``|dx|, |dy| <= search`` of the origin (wrapped indices), refined by a 3-point parabola on
+    each axis."""
+    h, w = ccf.shape[-2:]
+    dy = torch.arange(h, device=ccf.device)
+    dy = torch.where(dy < h // 2, dy, dy - h)
+    dx = torch.arange(w, device=ccf.device)
+    dx = torch.where(dx < w // 2, dx, dx - w)
+    allowed = (dy.abs()[:, None] <= search) & (dx.abs()[None, :] <= search)
+    masked = ccf.masked_fill(~allowed, float("-inf"))
+    flat = masked.flatten(-2).argmax(-1)
+    iy, ix = flat // w, flat % w
+
+    def value(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        idx = (y % h) * w + (x % w)
+        return torch.gather(ccf.flatten(-2), -1, idx[..., None])[..., 0].double()
+
+    v0 = value(iy, ix)
+    out = []
+    for d_pos, neighbours in (
+        (dx[ix], (value(iy, ix - 1), value(iy, ix + 1))),
+        (dy[iy], (value(iy - 1, ix), value(iy + 1, ix))),
+    ):
+        vm, vp = neighbours
+        den = vp + vm - 2.0 * v0
+        offset = torch.where(den < -1e-15, -0.5 * (vp - vm) / den.clamp(max=-1e-15), 0.0)
+        out.append(d_pos.double() + offset.clamp(-1.0, 1.0))
+    return torch.stack(out, -1)
+
+
+def align_spectra(
+    spectra: torch.Tensor,
+    image_shape: tuple[int, int],
+    bfactor: float,
+    *,
+    max_iter: int = 5,
+    tolerance: float = 0.5,
+    search: float = 50.0,
+    ccf_downsample: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Align K images to each other (RELION's ``alignPatch``), for every leading batch entry.
+
+    Each iteration correlates every image with the sum of the others (all shifted by the
+    current estimate), under the weight ``exp(-2 B d²)``, in the cross-correlation box of
+    :func:`ccf_shape`; the peak within ``search`` pixels, refined by a parabola, is the
+    increment; increments are re-referenced to the first image. Iterations stop when the RMS
+    increment is below ``tolerance`` pixels (a batch entry stops on its own).
+
+    Parameters
+    ----------
+    spectra
+        ``(..., K, h', w'//2+1)`` complex: rfft2 (forward norm) of images of ``image_shape``,
+        already cropped to any box at least as large as the CCF box.
+    image_shape
+        ``(h, w)`` of the images, in pixels (shifts are in these pixels).
+    bfactor
+        In pixel² (RELION's ``--bfactor`` divided by the square of any early binning).
+
+    Returns
+    -------
+    shifts
+        ``(..., K, 2)`` float64 (x, y), the first image's 0.
+    converged
+        ``(...,)`` bool.
+    """
+    h, w = image_shape
+    cy, cx = ccf_shape(image_shape, bfactor, ccf_downsample)
+    f = crop_fourier(spectra, (cy, cx)).clone()
+    ky, kx = rfft_frequencies((cy, cx), device=f.device, dtype=torch.float32)
+    weight = torch.exp(-2.0 * bfactor * ((ky / h) ** 2 + (kx / w) ** 2))
+    scale = torch.tensor([w / cx, h / cy], dtype=torch.float64, device=f.device)
+    reach = int(min(search / max(w / cx, h / cy), cx // 2 - 1, cy // 2 - 1))
+    batch = f.shape[:-3]
+    total = torch.zeros((*batch, f.shape[-3], 2), dtype=torch.float64, device=f.device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=f.device)
+    for _ in range(max_iter):
+        ref = f.sum(-3, keepdim=True)
+        ccf = torch.fft.irfft2((ref - f) * f.conj() * weight, s=(cy, cx))
+        inc = _peaks(ccf, reach) * scale
+        inc = inc - inc[..., :1, :]
+        inc = torch.where(converged[..., None, None], 0.0, inc)
+        total += inc
+        f *= shift_phases(inc[..., None, None, :].float(), kx, ky, (h, w))
+        rmsd = torch.sqrt((inc**2).sum((-1, -2)) / inc.shape[-2])
+        converged |= rmsd < tolerance
+        if bool(converged.all()):
+            break
+    return total, converged
+
+
+def frame_groups(n_frames: int, group: int) -> list[range]:
+    """Frames ``0..n-1`` in groups of ``group`` (RELION: ``n // group`` groups; the remainder
+    goes one frame at a time to the last groups, never to the first)."""
+    n_groups = n_frames // group
+    if n_groups < 1:
+        return []
+    sizes = [group] * n_groups
+    extra = n_frames - group * n_groups
+    i = n_groups - 1
+    while extra > 0:
+        sizes[i] += 1
+        extra -= 1
+        i = i - 1 if i > 1 else n_groups - 1
+        if n_groups == 1:
+            i = 0
+    out, start = [], 0
+    for s in sizes:
+        out.append(range(start, start + s))
+        start += s
+    return out
+
+
+def dose_weights(
+    image_shape: tuple[int, int],
+    pixel_size: float,
+    doses: torch.Tensor,
+    voltage: float,
+    *,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Per-frame amplitude weights ``(F, h, w//2+1)`` (RELION's ``doseWeighting``):
+    ``w_i(k) = exp(-N_i / (2 Ne(k)))`` normalised by ``sqrt(sum_j w_j²)`` per Fourier pixel.
+
+    ``doses`` ``(F,)`` are the exposures (e/Å²) at the *end* of each frame, pre-exposure
+    included; they are divided by 0.8 at 200 kV and by 0.64 at 100 kV.
+    """
+    if abs(voltage - 300) <= 2:
+        factor = 1.0
+    elif abs(voltage - 200) <= 2:
+        factor = 0.8
+    elif abs(voltage - 100) <= 2:
+        factor = 0.64
+    else:
+        from tamis.errors import TamisError
+
+        raise TamisError(f"dose weighting: voltage {voltage} kV (only 100, 200 or 300 kV)")
+    h, w = image_shape
+    ky, kx = rfft_frequencies(image_shape, device=device, dtype=torch.float64)
+    k = torch.sqrt((ky / h) ** 2 + (kx / w) ** 2) / pixel_size
+    ne = critical_exposure(k)
+    n = doses.to(device=device, dtype=torch.float64)[:, None, None] / factor
+    wts = torch.exp(-n / (2.0 * ne))
+    return (wts / torch.sqrt((wts**2).sum(0))).float()
+
+
+def accumulated_motion(
+    shifts: np.ndarray, dose_per_frame: float, pre_exposure: float = 0.0, cutoff: float = 4.0
+) -> tuple[float, float, float]:
+    """RELION's ``rlnAccumMotionTotal/Early/Late`` (pixels) from global shifts ``(n, 2)`` of
+    every frame of the movie (NaN for frames not used): the summed frame-to-frame distances,
+    early for frames (1-based) up to ``(cutoff - pre_exposure) / dose_per_frame``."""
+    frame_cut = (cutoff - pre_exposure) / dose_per_frame if dose_per_frame > 0 else 0.0
+    total = early = late = 0.0
+    prev = None
+    for f, s in enumerate(np.asarray(shifts, dtype=np.float64), start=1):
+        if not np.all(np.isfinite(s)):
+            continue
+        if prev is not None:
+            d = float(np.hypot(*(s - prev)))
+            total += d
+            if f <= frame_cut:
+                early += d
+            else:
+                late += d
+        prev = s
+    return total, early, late
