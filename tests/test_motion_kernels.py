@@ -211,3 +211,21 @@ def test_accumulated_motion_early_and_late():
     total, early, late = accumulated_motion(s, dose_per_frame=2.0, cutoff=4.0)
     # frames 2..6; cutoff frame (4 - 0) / 2 = 2: frame 2's step (5) is early
     assert (total, early, late) == pytest.approx((11.0, 5.0, 6.0))
+
+
+def test_resampling_by_the_model_equals_the_per_pixel_field():
+    from tamis.fourier import irfft2
+    from tamis.motion_model import resample_polynomial
+
+    rng = np.random.default_rng(7)
+    frames = torch.from_numpy(rng.normal(size=(3, 20, 28)).astype(np.float32))
+    coeffs = torch.from_numpy(rng.normal(size=(2, 18)) * 0.05)
+    z = torch.tensor([0.0, 4.0, 9.0])
+    slow = resample(frames, shift_field(coeffs, (20, 28), z))
+    fast = resample_polynomial(frames, coeffs, z)
+    np.testing.assert_allclose(fast.numpy(), slow.numpy(), atol=2e-5)
+    spec = torch.fft.rfft2(frames, norm="forward")
+    np.testing.assert_allclose(
+        irfft2(spec, s=(20, 28)).numpy(), torch.fft.irfft2(spec, s=(20, 28), norm="forward").numpy(),
+        atol=1e-5,
+    )  # fmt: skip

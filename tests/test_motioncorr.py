@@ -38,9 +38,11 @@ def movies(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def project(movies, tmp_path, monkeypatch) -> Path:
-    for name in ("Movies", "truth", "gain.mrc", "movies.star"):
+    for name in ("Movies", "truth", "gain.mrc", "movies.star", "micrographs.star"):
         src = movies / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / name)
+    for movie in (tmp_path / "Movies").iterdir():  # written a minute ago: complete for import
+        os.utime(movie, (movie.stat().st_atime - 60, movie.stat().st_mtime - 60))
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -220,3 +222,38 @@ def test_the_motioncorr_job_in_a_project(project):
     assert run_job(bad) == "Failed"
     assert "gain_rot" in (bad / "run.err").read_text()
     assert os.path.exists(bad / "RELION_JOB_EXIT_FAILURE")
+
+
+def test_the_prep_scheme_from_movies(project):
+    """RELION's prep scheme: import movies, motion correction, CTF estimation (on the sums
+    without dose weighting), through the schemer, with the options `tamis it --movies` sets."""
+    from tamis.schemes import it
+    from tamis.schemes.run import SchemeRunner
+
+    it.install_schemes(project)
+    opts = it.complete_options(
+        {
+            "prep__importmovies__fn_in_raw": "Movies/*.tif",
+            "prep__importmovies__angpix": SIM.pixel_size,
+            "prep__motioncorr__fn_gain_ref": "gain.mrc",
+            "prep__motioncorr__dose_per_frame": 1.0,
+            "prep__motioncorr__patch_x": 1,
+            "prep__motioncorr__patch_y": 1,
+            "prep__ctffind__box": 256,
+            "prep__ctffind__resmax": 6,
+            "prep__nr_mics_to_process": 2,
+            "prep__wait_sec": 0,
+        },
+        project,
+    )
+    assert opts["prep__do_movies"] is True
+    it.apply_options(project, opts)
+    outcome = SchemeRunner(project, "prep", log=lambda s: None, background=False).run()
+    assert outcome == "Succeeded"
+    ctf = read_star("CtfFind/job003/micrographs_ctf.star")["micrographs"]
+    assert ctf["rlnMicrographName"].tolist() == [
+        "MotionCorr/job002/Movies/movie_00001.mrc", "MotionCorr/job002/Movies/movie_00002.mrc"
+    ]  # fmt: skip
+    assert "rlnMicrographNameNoDW" in ctf
+    true = read_star("micrographs.star")["micrographs"]["rlnDefocusU"].to_numpy()  # the truth
+    assert np.abs(ctf["rlnDefocusU"].to_numpy() - true).max() < 0.05 * true.max()

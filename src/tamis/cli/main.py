@@ -12,6 +12,7 @@ from tamis.cli import (
     class2d,
     extract,
     it,
+    motioncorr,
     pick,
     postprocess,
     rank,
@@ -40,6 +41,7 @@ app.command(
     help=schemer.__doc__,
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
 )(schemer.schemer)
+app.command("motioncorr", help=motioncorr.__doc__)(motioncorr.motioncorr)
 app.command("extract", help=extract.__doc__)(extract.extract)
 app.add_typer(it.app, name="it")
 app.command("align_symmetry", help=align_symmetry.__doc__)(align_symmetry.align_symmetry)

@@ -5,6 +5,7 @@ Examples::
     tamis simulate particles --o sim/ --n 2000 --box 64 --angpix 2.8 --snr 0.05 \\
         --structure builtin:8zpm --structure builtin:8zpm@R --junk 0.15
     tamis simulate micrographs --o mics/ --n 10 --size 2048 --angpix 1.5 --per_mic 120
+    tamis simulate movies --o movies/ --n 2 --size 4096 --frames 40 --dose_per_frame 1.0
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ from tamis.simulate.junk import JUNK_KINDS
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
 
-app = typer.Typer(help="Simulate particles or micrographs with ground truth.", no_args_is_help=True)
+app = typer.Typer(
+    help="Simulate particles, micrographs or movies with ground truth.", no_args_is_help=True
+)
 
 STRUCTURE_HELP = (
     "Structure spec, repeatable for heterogeneity: a PDB/mmCIF model, an MRC map, or "
@@ -150,3 +153,36 @@ def micrographs(
         f"truth: {result.coordinates}",
         highlight=False,
     )
+
+
+@app.command("movies")
+@user_errors
+def movies(
+    o: Path = typer.Option(..., "--o", help="Output directory."),
+    n: int = typer.Option(2, "--n", help="Number of movies."),
+    size: int = typer.Option(1024, "--size", help="Frame width and height in pixels."),
+    frames: int = typer.Option(40, "--frames", help="Frames per movie."),
+    dose_per_frame: float = typer.Option(1.0, "--dose_per_frame", help="e/A^2 per frame."),
+    angpix: float = typer.Option(1.0, "--angpix", help="Pixel size in A."),
+    per_mic: int = typer.Option(30, "--per_mic", help="Particles per movie."),
+    structure: list[str] = typer.Option(["builtin:8zpm"], "--structure", help=STRUCTURE_HELP),
+    drift: float = typer.Option(20.0, "--drift", help="Length of the global track (px)."),
+    local: float = typer.Option(2.0, "--local", help="Largest local displacement (px)."),
+    gain_spread: float = typer.Option(0.1, "--gain_spread", help="Detector sensitivity spread."),
+    file_format: str = typer.Option("tiff", "--format", help="tiff (LZW, uint8) or mrc (uint16)."),
+    seed: int = typer.Option(0, "--random_seed", help="Random seed."),
+    device: str = typer.Option("cpu", "--device", help="torch device (cpu, cuda, cuda:1...)."),
+) -> None:
+    """Movies with known global and local motion, Poisson counts, damage, gain and hot pixels;
+    movies.star, gain.mrc and the true motion as RELION metadata files."""
+    from tamis.simulate.movies import MovieSimulation, simulate_movies
+
+    config = MovieSimulation(
+        n_movies=n, height_px=size, width_px=size, n_frames=frames,
+        dose_per_frame=dose_per_frame, pixel_size=angpix, particles_per_movie=per_mic,
+        structures=tuple(structure), drift_px=drift, local_px=local, gain_spread=gain_spread,
+        file_format=file_format, seed=seed,
+    )  # fmt: skip
+    star = simulate_movies(config, o, device=device, show_progress=True)
+    console.print(f"wrote {n} movies: {star}, gain {o / 'gain.mrc'}, truth {o / 'truth'}",
+                  highlight=False)  # fmt: skip

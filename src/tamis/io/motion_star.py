@@ -33,6 +33,7 @@ class MovieMotion:
     fit_rmsd: tuple[float, float] = (0.0, 0.0)
     n_patches_kept: int = 0
     seconds: float = 0.0
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per step
 
 
 def write_motion_star(

@@ -77,7 +77,11 @@ class Movie:
     eer_upsampling: int = 1
     _handle: object = None
 
-    def read(self, first: int = 0, stop: int | None = None) -> np.ndarray:
+    def read(
+        self, first: int = 0, stop: int | None = None, dtype: type | None = np.float32
+    ) -> np.ndarray:
+        """Frames ``first..stop-1`` ``(n, ny, nx)``, as ``dtype`` (None: as stored; TIFF pages
+        then come as a flipped view)."""
         stop = self.n_frames if stop is None else stop
         if not 0 <= first <= stop <= self.n_frames:
             raise InputFileError(
@@ -85,32 +89,38 @@ class Movie:
             )
         try:
             if self.kind == "mrc":
-                return np.asarray(self._handle.data[first:stop], dtype=np.float32)  # type: ignore[attr-defined]
-            if self.kind == "tiff":
-                return self._read_tiff(first, stop)
-            return self._read_eer(first, stop)
+                out = self._handle.data[first:stop]  # type: ignore[attr-defined]
+            elif self.kind == "tiff":
+                out = self._read_tiff(first, stop)
+            else:
+                out = self._read_eer(first, stop)
+            return out if dtype is None else np.asarray(out, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as exc:  # a truncated or corrupt file
             raise InputFileError(
                 self.path, f"cannot read frames {first + 1}-{stop}: {exc}"
             ) from exc
 
     def _read_tiff(self, first: int, stop: int) -> np.ndarray:
-        out = np.empty((stop - first, *self.shape), dtype=np.float32)
-        pages = self._handle.pages  # type: ignore[attr-defined]
-        for i in range(first, stop):
-            page = pages[i].asarray()
-            if page.shape[-1] * 2 == self.shape[1] and page.dtype == np.uint8:
-                page = unpack_4bit(page)
-            if page.shape != self.shape:
-                raise InputFileError(
-                    self.path, f"frame {i + 1} is {page.shape}, the first one {self.shape}"
-                )
-            out[i - first] = page[::-1]  # TIFF -> MRC orientation, as RELION reads it
-        return out
+        """Pages as stored (tifffile decodes them two at a time), flipped upside down as a
+        view: TIFF's origin is top-left, MRC's (and RELION's frames') bottom-left."""
+        tif = self._handle
+        try:
+            data = tif.asarray(key=slice(first, stop), maxworkers=2)  # type: ignore[attr-defined]
+        except ValueError as exc:  # pages of different sizes
+            raise InputFileError(self.path, f"frames {first + 1}-{stop}: {exc}") from exc
+        if data.ndim == 2:
+            data = data[None]
+        if data.shape[-1] * 2 == self.shape[1] and data.dtype == np.uint8:
+            data = unpack_4bit(data)
+        if data.shape[1:] != self.shape:
+            raise InputFileError(
+                self.path, f"frames {first + 1}-{stop} are {data.shape[1:]}, expected {self.shape}"
+            )
+        return data[:, ::-1]
 
     def _read_eer(self, first: int, stop: int) -> np.ndarray:
         g = self.eer_grouping
-        out = np.zeros((stop - first, *self.shape), dtype=np.float32)
+        out = np.zeros((stop - first, *self.shape), dtype=np.uint16 if g < 65536 else np.float32)
         pages = self._eer_pages()
         for i in range(first, stop):
             for raw in range(i * g, (i + 1) * g):

@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from tamis.fourier import crop_fourier, rfft_frequencies, shift_phases
+from tamis.fourier import crop_fourier, irfft2, rfft_frequencies, shift_phases
 from tamis.motion_model import critical_exposure
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "align_spectra",
     "frame_groups",
     "dose_weights",
+    "DoseWeighting",
     "accumulated_motion",
 ]
 
@@ -138,21 +139,28 @@ def align_spectra(
     scale = torch.tensor([w / cx, h / cy], dtype=torch.float64, device=f.device)
     reach = int(min(search / max(w / cx, h / cy), cx // 2 - 1, cy // 2 - 1))
     batch = f.shape[:-3]
-    total = torch.zeros((*batch, f.shape[-3], 2), dtype=torch.float64, device=f.device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=f.device)
+    k = f.shape[-3]
+    # a flat batch; entries that converged drop out of the next iterations
+    f = f.reshape(-1, *f.shape[-3:])
+    total = torch.zeros((f.shape[0], k, 2), dtype=torch.float64, device=f.device)
+    converged = torch.zeros(f.shape[0], dtype=torch.bool, device=f.device)
+    active = torch.arange(f.shape[0], device=f.device)
     for _ in range(max_iter):
-        ref = f.sum(-3, keepdim=True)
-        ccf = torch.fft.irfft2((ref - f) * f.conj() * weight, s=(cy, cx))
+        fa = f[active]
+        prod = fa.sum(-3, keepdim=True) - fa  # the others' sum, times conj(image), weighted:
+        prod.mul_(fa.conj()).mul_(weight)  # in place (this product costs as much as the FFT)
+        ccf = irfft2(prod, s=(cy, cx), norm="backward")
         inc = _peaks(ccf, reach) * scale
-        inc = inc - inc[..., :1, :]
-        inc = torch.where(converged[..., None, None], 0.0, inc)
-        total += inc
-        f *= shift_phases(inc[..., None, None, :].float(), kx, ky, (h, w))
-        rmsd = torch.sqrt((inc**2).sum((-1, -2)) / inc.shape[-2])
-        converged |= rmsd < tolerance
-        if bool(converged.all()):
+        inc = inc - inc[:, :1, :]
+        total[active] += inc
+        f[active] = fa * shift_phases(inc[:, :, None, None, :].float(), kx, ky, (h, w))
+        rmsd = torch.sqrt((inc**2).sum((-1, -2)) / k)
+        done = rmsd < tolerance
+        converged[active[done]] = True
+        active = active[~done]
+        if not len(active):
             break
-    return total, converged
+    return total.reshape(*batch, k, 2), converged.reshape(batch)
 
 
 def frame_groups(n_frames: int, group: int) -> list[range]:
@@ -177,6 +185,50 @@ def frame_groups(n_frames: int, group: int) -> list[range]:
     return out
 
 
+class DoseWeighting:
+    """RELION's dose weighting (``doseWeighting``) for frames of ``image_shape`` at
+    ``pixel_size`` (Å), one batch of frames at a time: ``weights(doses)`` are
+    ``w_i(k) = exp(-N_i / (2 Ne(k))) / sqrt(sum_j w_j(k)²)``, the sum over ``all_doses``.
+
+    Doses (e/Å², at the *end* of each frame, pre-exposure included) are divided by 0.8 at 200
+    kV and by 0.64 at 100 kV; other voltages are refused, as in RELION.
+    """
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int],
+        pixel_size: float,
+        all_doses: torch.Tensor,
+        voltage: float,
+        *,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if abs(voltage - 300) <= 2:
+            factor = 1.0
+        elif abs(voltage - 200) <= 2:
+            factor = 0.8
+        elif abs(voltage - 100) <= 2:
+            factor = 0.64
+        else:
+            from tamis.errors import TamisError
+
+            raise TamisError(f"dose weighting: voltage {voltage} kV (only 100, 200 or 300 kV)")
+        h, w = image_shape
+        ky, kx = rfft_frequencies(image_shape, device=device, dtype=torch.float32)
+        k = torch.sqrt((ky / h) ** 2 + (kx / w) ** 2) / pixel_size
+        self._inv = 1.0 / (2.0 * critical_exposure(k))  # 0 at k = 0
+        self._factor = factor
+        norm = torch.zeros_like(k)
+        for n in all_doses.tolist():
+            norm += torch.exp(-2.0 * (n / factor) * self._inv)
+        self._scale = torch.rsqrt(norm)
+
+    def weights(self, doses: torch.Tensor) -> torch.Tensor:
+        """``(F, h, w // 2 + 1)`` float32 weights for frames with exposures ``doses`` ``(F,)``."""
+        n = (doses.to(self._inv.device, torch.float32) / self._factor)[:, None, None]
+        return torch.exp(-n * self._inv) * self._scale
+
+
 def dose_weights(
     image_shape: tuple[int, int],
     pixel_size: float,
@@ -185,29 +237,8 @@ def dose_weights(
     *,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """Per-frame amplitude weights ``(F, h, w//2+1)`` (RELION's ``doseWeighting``):
-    ``w_i(k) = exp(-N_i / (2 Ne(k)))`` normalised by ``sqrt(sum_j w_j²)`` per Fourier pixel.
-
-    ``doses`` ``(F,)`` are the exposures (e/Å²) at the *end* of each frame, pre-exposure
-    included; they are divided by 0.8 at 200 kV and by 0.64 at 100 kV.
-    """
-    if abs(voltage - 300) <= 2:
-        factor = 1.0
-    elif abs(voltage - 200) <= 2:
-        factor = 0.8
-    elif abs(voltage - 100) <= 2:
-        factor = 0.64
-    else:
-        from tamis.errors import TamisError
-
-        raise TamisError(f"dose weighting: voltage {voltage} kV (only 100, 200 or 300 kV)")
-    h, w = image_shape
-    ky, kx = rfft_frequencies(image_shape, device=device, dtype=torch.float64)
-    k = torch.sqrt((ky / h) ** 2 + (kx / w) ** 2) / pixel_size
-    ne = critical_exposure(k)
-    n = doses.to(device=device, dtype=torch.float64)[:, None, None] / factor
-    wts = torch.exp(-n / (2.0 * ne))
-    return (wts / torch.sqrt((wts**2).sum(0))).float()
+    """All frames' weights of :class:`DoseWeighting` at once: ``(F, h, w // 2 + 1)``."""
+    return DoseWeighting(image_shape, pixel_size, doses, voltage, device=device).weights(doses)
 
 
 def accumulated_motion(

@@ -37,11 +37,10 @@ import pandas as pd
 import torch
 
 from tamis.errors import InputFileError, TamisError
-from tamis.fourier import crop_fourier
+from tamis.fourier import crop_fourier, irfft2
 from tamis.io.coords import pipeline_relative
 from tamis.io.motion_star import MovieMotion, read_motion_star, write_motion_star
 from tamis.io.movies import (
-    Movie,
     fill_bad_pixels,
     hot_pixel_mask,
     open_movie,
@@ -50,8 +49,8 @@ from tamis.io.movies import (
 )
 from tamis.io.mrc import write_mrc
 from tamis.io.star import atomic_path, read_star, write_star
-from tamis.motion_model import evaluate_polynomial, fit_polynomial, resample, shift_field
-from tamis.prep.motion import accumulated_motion, align_spectra, dose_weights, frame_groups
+from tamis.motion_model import evaluate_polynomial, fit_polynomial, resample_polynomial
+from tamis.prep.motion import DoseWeighting, accumulated_motion, align_spectra, frame_groups
 
 __all__ = [
     "MotionCorrOptions",
@@ -172,14 +171,6 @@ def _patches(shape: tuple[int, int], px: int, py: int) -> list[tuple[int, int, i
     return out
 
 
-def _read_used(movie: Movie, first: int, last: int, chunk: int) -> np.ndarray:
-    out = np.empty((last - first, *movie.shape), dtype=np.float32)
-    for a in range(first, last, chunk):
-        b = min(a + chunk, last)
-        out[a - first : b - first] = movie.read(a, b)
-    return out
-
-
 def correct_movie(
     path: str | Path,
     options: MotionCorrOptions,
@@ -201,6 +192,14 @@ def correct_movie(
     """
     o = options
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    mark = [t0]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = stages.get(name, 0.0) + now - mark[0]
+        mark[0] = now
+
     dev = torch.device(o.device)
     with open_movie(path, eer_grouping=o.eer_grouping, eer_upsampling=o.eer_upsampling) as movie:
         n_total = movie.n_frames
@@ -219,67 +218,93 @@ def correct_movie(
             )
         if defects is not None and defects.shape != movie.shape:
             raise InputFileError(path, f"the defect map is {defects.shape}, frames {movie.shape}")
-        frames = _read_used(movie, first, last, o.chunk)
+        raw = movie.read(first, last, dtype=None)  # counts as stored: 1-2 bytes a pixel
+        kind = movie.kind
         shape = movie.shape
+    stage("read")
     n = last - first
-    # gain, defects, hot pixels (in the frame grid as read)
-    if gain is not None:
-        frames *= gain
+    # gain, defects, hot pixels (in the frame grid as read); the sum of gain-corrected frames
+    # is the gain times the sum of the counts
     hot = np.zeros((0, 2), np.int64)
+    bad = None
     if not o.skip_defect:
         bad = np.zeros(shape, dtype=bool) if defects is None else defects.copy()
         if gain is not None:
             bad |= gain == 0
-        hot_mask = hot_pixel_mask(frames.sum(0, dtype=np.float64)) & ~bad
+        total = raw.sum(0, dtype=np.float64)
+        hot_mask = hot_pixel_mask(total * gain if gain is not None else total) & ~bad
         hy, hx = np.nonzero(hot_mask)
         hot = np.stack([hx, hy], 1)
         bad |= hot_mask
-        fill_bad_pixels(frames, bad, seed=o.seed, half_width=4 if movie.kind == "eer" else 2)
-    # spectra of every frame, Fourier-cropped at once with early binning
+    gain_t = None if gain is None else torch.from_numpy(gain).to(dev)
+    stage("gain, defects")
+    # spectra of every frame (gain, repair, FFT a batch at a time), Fourier-cropped at once with
+    # early binning
     early = o.early_binning and abs(o.bin_factor - 1.0) >= 0.01
     out_shape = _binned_shape(shape, o.bin_factor)
     work = out_shape if early else shape
     prescale = o.bin_factor if early else 1.0
     spectra = torch.empty((n, work[0], work[1] // 2 + 1), dtype=torch.complex64, device=dev)
     for a in range(0, n, o.chunk):
-        f = torch.fft.rfft2(torch.from_numpy(frames[a : a + o.chunk]).to(dev), norm="forward")
-        spectra[a : a + o.chunk] = crop_fourier(f, work)
-    del frames
+        # the (possibly flipped) counts made contiguous first: converting a negative-stride
+        # view to float directly is several times slower
+        frames = np.ascontiguousarray(raw[a : a + o.chunk]).astype(np.float32, copy=False)
+        if gain_t is None and bad is None:
+            batch = torch.from_numpy(frames).to(dev)
+        else:
+            if gain is not None:
+                frames *= gain
+            if bad is not None and bad.any():
+                fill_bad_pixels(frames, bad, seed=o.seed, half_width=4 if kind == "eer" else 2)
+            batch = torch.from_numpy(frames).to(dev)
+        if work == shape:
+            torch.fft.rfft2(batch, norm="forward", out=spectra[a : a + o.chunk])
+        else:
+            spectra[a : a + o.chunk] = crop_fourier(torch.fft.rfft2(batch, norm="forward"), work)
+    del raw, frames, batch
     images: dict[str, np.ndarray] = {}
     apix_work = pixel_size * prescale
     if o.grouping_for_ps > 0:
         images["PS"], ps_apix = _power_spectrum(spectra, work, apix_work, o)
         images["_ps_apix"] = np.array(ps_apix)
-    # global alignment
+    stage("FFT")
+    # global alignment (the shifts are applied later, where the spectra are used)
     bf = o.bfactor / prescale**2
     g_shift, g_conv = align_spectra(
         spectra, work, bf, max_iter=o.max_iter, ccf_downsample=o.ccf_downsample
     )
     if not bool(g_conv):
         log(f"{path}: global alignment did not converge in {o.max_iter} iterations")
-    for a in range(0, n, o.chunk):
-        spectra[a : a + o.chunk] = _shift(spectra[a : a + o.chunk], g_shift[a : a + o.chunk], work)
     global_px = g_shift.cpu().numpy() * prescale  # unbinned pixels
+    stage("global alignment")
     # local alignment
     coeffs, obs, rmsd, kept = None, pd.DataFrame(), (0.0, 0.0), 0
     if o.local:
-        coeffs, obs, rmsd, kept = _local_model(spectra, work, shape, prescale, first, o, log, path)
+        coeffs, obs, rmsd, kept = _local_model(
+            spectra, g_shift, work, shape, prescale, first, o, log, path
+        )
+    stage("local alignment")
     # sums
     z = torch.arange(n, dtype=torch.float64, device=dev)
     model = None if coeffs is None else torch.as_tensor(coeffs / prescale, device=dev)
-    if not o.dose_weighting or o.save_noDW:
-        images["noDW" if o.dose_weighting else "sum"] = _sum(spectra, work, model, z, None, o)
+    dose = doses = None
     if o.dose_weighting:
         doses = pre_exposure + o.preexposure + o.dose_per_frame * (torch.arange(first, last) + 1.0)
-        weights = dose_weights(work, apix_work, doses, voltage, device=dev)
-        images["sum"] = _sum(spectra, work, model, z, weights, o)
+        dose = DoseWeighting(work, apix_work, doses, voltage, device=dev)
+    plain = not o.dose_weighting or o.save_noDW
+    sums = _sums(spectra, g_shift, work, model, z, dose, doses, plain, o)
+    if o.dose_weighting:
+        images["sum"] = sums[-1]
+        if plain:
+            images["noDW"] = sums[0]
+    else:
+        images["sum"] = sums[0]
     if not early and out_shape != shape:
         for k in ("sum", "noDW"):
             if k in images:
                 f = torch.fft.rfft2(torch.from_numpy(images[k]), norm="forward")
-                images[k] = torch.fft.irfft2(
-                    crop_fourier(f, out_shape), s=out_shape, norm="forward"
-                ).numpy()
+                images[k] = irfft2(crop_fourier(f, out_shape), s=out_shape).numpy()
+    stage("sums")
     shifts = np.full((n_total, 2), np.nan)
     shifts[first:last] = global_px
     motion = MovieMotion(
@@ -294,18 +319,33 @@ def correct_movie(
         fit_rmsd=rmsd,
         n_patches_kept=kept,
         seconds=time.perf_counter() - t0,
+        stages=stages,
     )
     return motion, images
 
 
 def _shift(spectra: torch.Tensor, shifts: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    from tamis.fourier import fourier_shift
-
-    return fourier_shift(spectra, shifts.float(), shape)
+    """Spectra ``(F, h', w')`` (cropped from images of ``shape`` or not) moved by ``shifts``
+    ``(F, 2)`` pixels of ``shape``: the phase ramp is a product of a row and a column factor,
+    so no exponential is taken per pixel."""
+    h, w = shape
+    dev = spectra.device
+    ky = torch.arange(spectra.shape[-2], device=dev, dtype=torch.float64)
+    ky = torch.where(ky <= spectra.shape[-2] // 2, ky, ky - spectra.shape[-2])
+    kx = torch.arange(spectra.shape[-1], device=dev, dtype=torch.float64)
+    s = shifts.to(dev, torch.float64)
+    ey = torch.polar(
+        torch.ones(1, device=dev, dtype=torch.float64), -2 * torch.pi * ky[None] * s[:, 1:2] / h
+    )
+    ex = torch.polar(
+        torch.ones(1, device=dev, dtype=torch.float64), -2 * torch.pi * kx[None] * s[:, :1] / w
+    )
+    return spectra * ey.to(torch.complex64)[:, :, None] * ex.to(torch.complex64)[:, None, :]
 
 
 def _local_model(
     spectra: torch.Tensor,
+    g_shift: torch.Tensor,
     work: tuple[int, int],
     shape: tuple[int, int],
     prescale: float,
@@ -333,10 +373,22 @@ def _local_model(
     sums = torch.zeros(
         (len(patches), len(groups), cy, cx // 2 + 1), dtype=torch.complex64, device=spectra.device
     )
+    # Only the CCF box of each patch is used: cut the patches from a Fourier-binned copy of
+    # the frames in which a patch is cy x cx pixels (the same frequencies, a fraction of the
+    # transforms; exact when the box is the whole patch)
+    by = min(work[0], 2 * round(work[0] * cy / ph / 2))
+    bx = min(work[1], 2 * round(work[1] * cx / pw / 2))
+    starts = [
+        (min(round(y0 * by / work[0]), by - cy), min(round(x0 * bx / work[1]), bx - cx))
+        for y0, x0, _, _ in patches
+    ]
     for a in range(0, n, o.chunk):
-        real = torch.fft.irfft2(spectra[a : a + o.chunk], s=work, norm="forward")
-        cut = torch.stack([real[:, y0 : y0 + ph, x0 : x0 + pw] for y0, x0, _, _ in patches], 0)
-        f = crop_fourier(torch.fft.rfft2(cut, norm="forward"), (cy, cx))  # (P, c, cy, cx')
+        small = _shift(
+            crop_fourier(spectra[a : a + o.chunk], (by, bx)), g_shift[a : a + o.chunk], work
+        )
+        real = irfft2(small, s=(by, bx), norm="forward").to(spectra.device)
+        cut = torch.stack([real[:, y0 : y0 + cy, x0 : x0 + cx] for y0, x0 in starts], 0)
+        f = torch.fft.rfft2(cut, norm="forward")  # (P, c, cy, cx // 2 + 1)
         sums.index_add_(1, group_of[a : a + o.chunk], f)
     shifts, conv = align_spectra(
         sums, (ph, pw), bf, max_iter=o.max_iter, ccf_downsample=o.ccf_downsample
@@ -375,28 +427,37 @@ def _local_model(
     return coeffs, obs, (float(rmsd[0]), float(rmsd[1])), kept
 
 
-def _sum(
+def _sums(
     spectra: torch.Tensor,
+    g_shift: torch.Tensor,
     work: tuple[int, int],
     model: torch.Tensor | None,
     z: torch.Tensor,
-    weights: torch.Tensor | None,
+    dose: DoseWeighting | None,
+    doses: torch.Tensor | None,
+    plain: bool,
     o: MotionCorrOptions,
-) -> np.ndarray:
-    total = torch.zeros(work, dtype=torch.float64, device=spectra.device)
-    if model is None:  # globally aligned sum: one inverse FFT
-        acc = torch.zeros_like(spectra[0])
-        for a in range(0, spectra.shape[0], o.chunk):
-            f = spectra[a : a + o.chunk]
-            acc += (f * weights[a : a + o.chunk] if weights is not None else f).sum(0)
-        return torch.fft.irfft2(acc, s=work, norm="forward").cpu().numpy().astype(np.float32)
-    for a in range(0, spectra.shape[0], o.chunk):
-        f = spectra[a : a + o.chunk]
-        if weights is not None:
-            f = f * weights[a : a + o.chunk]
-        real = torch.fft.irfft2(f, s=work, norm="forward")
-        total += resample(real, shift_field(model, work, z[a : a + o.chunk])).sum(0)
-    return total.cpu().numpy().astype(np.float32)
+) -> list[np.ndarray]:
+    """The sums of the globally aligned frames: the plain one (with ``plain``) and the
+    dose-weighted one (with ``dose``), in that order. With a local model each frame is resampled
+    by it, both sums through one sampling grid per frame (batches sized to ~64 M pixels)."""
+    n = spectra.shape[0]
+    kinds = ([None] if plain else []) + ([dose] if dose is not None else [])
+    if model is None:  # globally aligned sums: one inverse FFT each
+        acc = [torch.zeros_like(spectra[0]) for _ in kinds]
+        for a in range(0, n, o.chunk):
+            f = _shift(spectra[a : a + o.chunk], g_shift[a : a + o.chunk], work)
+            for k, d in enumerate(kinds):
+                acc[k] += (f if d is None else f * d.weights(doses[a : a + o.chunk])).sum(0)
+        return [irfft2(x, s=work).cpu().numpy().astype(np.float32) for x in acc]
+    total = torch.zeros((len(kinds), *work), dtype=torch.float64, device=spectra.device)
+    step = max(1, min(o.chunk, (1 << 26) // (work[0] * work[1] * len(kinds))))
+    for a in range(0, n, step):
+        f = _shift(spectra[a : a + step], g_shift[a : a + step], work)
+        parts = [f if d is None else f * d.weights(doses[a : a + step]) for d in kinds]
+        real = irfft2(torch.stack(parts, 1), s=work).to(spectra.device)  # (F, kinds, h, w)
+        total += resample_polynomial(real, model, z[a : a + step]).sum(0)
+    return [t.cpu().numpy().astype(np.float32) for t in total]
 
 
 def _power_spectrum(
@@ -431,7 +492,7 @@ def _power_spectrum(
             pad[: h + 1, : h + 1] = f[: h + 1]
             pad[o.ps_size - (h - 1) :, : h + 1] = f[h + 1 :]
             f = pad
-        full = torch.fft.irfft2(f, s=(o.ps_size, o.ps_size), norm="forward")
+        full = irfft2(f, s=(o.ps_size, o.ps_size)).to(f.device)
         # the same frequency range on ps_size pixels: Nyquist, hence the pixel size, is kept
     return full.cpu().numpy().astype(np.float32), float(apix_ps)
 
@@ -706,7 +767,9 @@ def _write_movie(
             + (f"{motion.n_patches_kept} patches, fit RMSD {motion.fit_rmsd[0]:.3f} "
                f"{motion.fit_rmsd[1]:.3f} px\n" if motion.local_coeffs is not None else "none\n")
             + f"hot pixels repaired: {len(motion.hot_pixels)}\n"
-            f"time {motion.seconds:.2f} s\n"
+            f"time {motion.seconds:.2f} s ("
+            + ", ".join(f"{k} {v:.2f}" for k, v in motion.stages.items())
+            + ")\n"
         )  # fmt: skip
     plot_shifts(motion, f"{root}_shifts.png", title=movie)
     # the micrograph last: its presence marks the movie done

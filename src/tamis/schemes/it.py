@@ -238,9 +238,36 @@ def status(project: str | Path, last: int = 3) -> list[dict[str, Any]]:
     return out
 
 
+def movies_or_micrographs(options: dict[str, Any]) -> dict[str, Any]:
+    """The prep scheme starts from movies (RELION's: import, motion correction, CTF) unless
+    ``prep__do_movies`` is False; when the options name only micrograph import, it is. The CTF
+    job then reads the matching STAR file (``prep__ctf_input``) and, after motion correction,
+    the sums without dose weighting (``use_noDW``)."""
+    out = dict(options)
+    movies = out.get("prep__do_movies")
+    if movies is None:
+        if any(k.startswith(("prep__importmovies__", "prep__motioncorr__")) for k in out):
+            movies = True
+        elif "prep__importmics__fn_in_raw" in out:
+            movies = False
+    if movies is None:
+        return out
+    movies = movies if isinstance(movies, bool) else str(movies).lower() in ("1", "true", "yes")
+    out["prep__do_movies"] = movies
+    out["prep__ctf_input"] = (
+        "Schemes/prep/motioncorr/corrected_micrographs.star"
+        if movies
+        else "Schemes/prep/importmics/micrographs.star"
+    )
+    out.setdefault("prep__ctffind__use_noDW", movies)
+    return out
+
+
 def complete_options(options: dict[str, Any], project: str | Path) -> dict[str, Any]:
-    """Keep the ranker pointed at the optimiser file 2D classification will write last
+    """Options that follow from others: movies or micrographs (:func:`movies_or_micrographs`);
+    the ranker pointed at the optimiser file 2D classification will write last
     (``run_itNNN_optimiser.star``) when its iteration count or algorithm changes."""
+    options = movies_or_micrographs(options)
     keys = ("proc__class2d__nr_iter_grad", "proc__class2d__nr_iter_em", "proc__class2d__do_em",
             "proc__class2d__do_grad")  # fmt: skip
     if not any(k in options for k in keys):
