@@ -33,6 +33,15 @@ def it(
     angpix: float = typer.Option(
         None, "--angpix", help="Pixel size (A) of what is imported (movies or micrographs)."
     ),
+    session: Path = typer.Option(
+        None,
+        "--session",
+        help="An EPU session folder or a SerialEM movie folder: parameters "
+        "from its metadata (MDCatch's role), recorded in session.json.",
+    ),
+    profile: Path = typer.Option(
+        None, "--profile", help="JSON profile: Cs per microscope ID, gain/defects per detector."
+    ),
     gain: str = typer.Option(None, "--gain", help="Gain reference for the movies."),
     dose: float = typer.Option(None, "--dose_per_frame", help="Movies: e/A^2 per frame."),
     bin_factor: float = typer.Option(
@@ -66,8 +75,27 @@ def it(
     opts: dict = dict(lib.SCRIPT_OPTIONS)
     for f in options or []:
         opts.update(lib.read_options_file(f))
-    if mics and movies:
-        raise TamisError("give --mics or --movies, not both")
+    if sum(bool(x) for x in (mics, movies, session)) > 1:
+        raise TamisError("give one of --mics, --movies, --session")
+    session_record = None
+    if session is not None:
+        from tamis.prep.session import read_session, session_options
+
+        acq = read_session(session, profile=profile)
+        for w in acq.warnings:
+            console.print(f"warning: {w}", highlight=False)
+        found = session_options(acq, angpix=angpix, voltage=kv, cs=cs, dose_per_frame=dose)
+        link = project / "Movies"  # RELION imports project-relative paths: link the session
+        base = _session_base_dir(acq)
+        if link.is_symlink() or link.exists():
+            if link.resolve() != base.resolve():
+                raise TamisError(f"{link} exists and is not a link to {base}: move it away")
+        else:
+            project.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(base.resolve())
+        opts.update(found)
+        session_record = (acq, project / "session.json")
+        angpix = kv = cs = dose = None  # applied through the session's options
     imp = "importmovies" if movies or "prep__importmovies__fn_in_raw" in opts else "importmics"
     if diameter is not None:
         mic_angpix = angpix or float(opts.get(f"prep__{imp}__angpix", 0))
@@ -93,6 +121,19 @@ def it(
         opts[key.strip()] = lib._literal(value.strip())
     lib.install_schemes(project)
     opts = lib.complete_options(opts, project)
+    if session_record is not None:
+        from tamis.prep.session import write_record
+
+        acq, record = session_record
+        write_record(acq, {k: v for k, v in opts.items() if k.startswith("prep__")}, record)
+        console.print(
+            f"{acq.software} session: {len(acq.movies)} movies, "
+            + ", ".join(f"{k} {getattr(acq, k)} ({src})" for k, src in acq.sources.items()
+                        if k in ("pixel_size", "voltage", "spherical_aberration", "total_dose",
+                                 "n_frames", "mode"))
+            + f"; recorded in {record}",
+            highlight=False,
+        )  # fmt: skip
     lib.apply_options(project, opts)
     saved = lib.save_options(project, opts)
     console.print(f"options saved to {saved}", highlight=False)
@@ -125,3 +166,11 @@ def it_status(
         )
         for name, node, st in r["jobs"]:
             console.print(f"  {name} ({node}): {st}", highlight=False)
+
+
+def _session_base_dir(acq) -> Path:
+    from tamis.prep.session import _session_base
+
+    import os
+
+    return _session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)

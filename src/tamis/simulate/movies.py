@@ -64,9 +64,14 @@ class MovieSimulation:
     hot_pixels: int = 8
     damage: bool = True
     file_format: str = "tiff"  # "tiff" or "mrc"
+    #: "epu": also an EPU-like session tree (Images-Disc1/GridSquare_*/Data/ with one exposure
+    #: XML beside each movie, *_fractions.tiff), for `tamis it --session`
+    session: str = ""
     seed: int = 0
 
     def check(self) -> None:
+        if self.session not in ("", "epu"):
+            raise TamisError(f"session {self.session!r}: use epu or leave it empty")
         if self.file_format not in ("tiff", "mrc"):
             raise TamisError(f"file format {self.file_format!r}: use tiff or mrc")
         if self.n_frames < 3:
@@ -94,6 +99,52 @@ def write_tiff_movie(path: str | Path, frames: np.ndarray, pixel_size: float) ->
                 resolutionunit="CENTIMETER",
                 contiguous=False,
             )
+
+
+_EPU_XML = """<MicroscopeImage xmlns="http://schemas.datacontract.org/2004/07/Fei.SharedObjects" \
+xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
+<CustomData xmlns:a="http://schemas.microsoft.com/2003/10/Serialization/Arrays">
+<a:KeyValueOfstringanyType><a:Key>Dose</a:Key><a:Value>{dose_m2!r}</a:Value></a:KeyValueOfstringanyType>
+<a:KeyValueOfstringanyType><a:Key>AppliedDefocus</a:Key><a:Value>-1.5E-06</a:Value></a:KeyValueOfstringanyType>
+<a:KeyValueOfstringanyType><a:Key>DetectorCommercialName</a:Key><a:Value>tamis simulated counting camera</a:Value></a:KeyValueOfstringanyType>
+</CustomData>
+<SpatialScale><pixelSize><x><numericValue>{pixel_m!r}</numericValue></x><y><numericValue>{pixel_m!r}</numericValue></y></pixelSize></SpatialScale>
+<microscopeData><acquisition><camera>
+<Binning xmlns:a="http://schemas.datacontract.org/2004/07/System.Drawing"><a:x>1</a:x><a:y>1</a:y></Binning>
+<CameraSpecificInput xmlns:a="http://schemas.microsoft.com/2003/10/Serialization/Arrays">
+<a:KeyValueOfstringanyType><a:Key>SuperResolutionFactor</a:Key><a:Value>1</a:Value></a:KeyValueOfstringanyType>
+<a:KeyValueOfstringanyType><a:Key>FractionationSettings</a:Key>\
+<a:Value xmlns:b="http://schemas.datacontract.org/2004/07/Fei.Applications.Common.Omp.Interface">\
+<b:NumberOffractions>{frames}</b:NumberOffractions></a:Value></a:KeyValueOfstringanyType>
+<a:KeyValueOfstringanyType><a:Key>ElectronCountingEnabled</a:Key><a:Value>true</a:Value></a:KeyValueOfstringanyType>
+</CameraSpecificInput>
+<ExposureTime>{seconds}</ExposureTime><Name>EF-CCD</Name>
+</camera></acquisition>
+<gun><AccelerationVoltage>{volts}</AccelerationVoltage></gun>
+<instrument><InstrumentID>9999</InstrumentID></instrument>
+</microscopeData>
+</MicroscopeImage>
+"""
+
+
+def _epu_exposure(root: Path, m: int, movie: Path, config: MovieSimulation) -> None:
+    """One EPU exposure: its XML (the fields MDCatch reads, EPU's namespaces and units: metres,
+    volts, e/m²) and the movie linked beside it as ``*_fractions.tiff``."""
+    data = root / "Images-Disc1" / f"GridSquare_{1000 + m // 4}" / "Data"
+    data.mkdir(parents=True, exist_ok=True)
+    stem = f"FoilHole_{2000 + m}_Data_3000_{m + 1}_20261204_120000"
+    dose = config.dose_per_frame * config.n_frames
+    (data / f"{stem}.xml").write_text(
+        _EPU_XML.format(
+            dose_m2=dose * 1e20, pixel_m=config.pixel_size * 1e-10, frames=config.n_frames,
+            seconds=1.0, volts=int(config.voltage * 1000),
+        )
+    )  # fmt: skip
+    link = data / f"{stem}_fractions{movie.suffix}f" if movie.suffix == ".tif" else None
+    link = link or data / f"{stem}_fractions{movie.suffix}"
+    if link.exists() or link.is_symlink():
+        link.unlink()
+    link.symlink_to(Path("../../../..") / movie.relative_to(root.parent))
 
 
 def _write_mrc_counts(path: Path, frames: np.ndarray, pixel_size: float) -> None:
@@ -235,6 +286,8 @@ def simulate_movies(
             else:
                 _write_mrc_counts(out / name, frames, config.pixel_size)
             names.append(name)
+            if config.session == "epu":
+                _epu_exposure(out / "session", m, out / name, config)
             # truth in motion-correction terms: the shift that aligns is minus the displacement
             shifts = -track
             truth = MovieMotion(
