@@ -169,8 +169,8 @@ def it_status(
 
 
 def _session_base_dir(acq) -> Path:
-    from tamis.prep.session import _session_base
-
     import os
 
-    return _session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)
+    from tamis.prep.session import session_base
+
+    return session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)

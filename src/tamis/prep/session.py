@@ -44,6 +44,7 @@ __all__ = [
     "parse_mdoc",
     "read_session",
     "session_options",
+    "session_base",
     "write_record",
 ]
 
@@ -381,7 +382,7 @@ def session_options(
         grouping = max(1, round(eer_target_dose / per))
         opts["prep__motioncorr__eer_grouping"] = grouping
         per = per * grouping  # the true dose per fraction
-    base = _session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)
+    base = session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)
     pattern = _pattern([Path(os.path.abspath(m)) for m in acq.movies], base)
     opts.update(
         {
@@ -403,7 +404,7 @@ def session_options(
     return opts
 
 
-def _session_base(metadata_file: Path, software: str) -> Path:
+def session_base(metadata_file: Path, software: str) -> Path:
     """The session folder: above ``Images-Disc*`` for EPU, the .mdoc's folder for SerialEM."""
     if software == "EPU":
         for parent in metadata_file.parents:
