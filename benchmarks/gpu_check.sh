@@ -9,6 +9,8 @@
 #      (measured differences in $OUT/agreement.jsonl)
 #   2. benchmarks/class2d.py, hard recipe, EM (5 iterations) and VDAM (30 mini-batches), --device cuda
 #   3. benchmarks/initial_model.py, asymmetric structure, 30 iterations, --device cuda
+#   3b. benchmarks/motioncorr.py, one simulated 4096² x 40 movie, --device cuda (tifffile and
+#      imagecodecs from .whl/ when the machine has no package index)
 #   4. (when asked) the whole test suite with CUDA as the "auto" device (pytest-xdist)
 set -u
 OUT=${OUT:?set OUT to a folder for the logs}
@@ -46,5 +48,8 @@ grep -E '"(wall_s|particles_per_s|estep_fraction_of_matmul)' "$OUT/vdam_hard.log
 step initial_model 120 python3 benchmarks/initial_model.py --structure asym --n 5000 --iter 30 \
     --device cuda --j 16 --work /tmp/im
 grep -E '^iteration' "$OUT/initial_model.log" | tail -n 3
+step motioncorr 180 python3 benchmarks/motioncorr.py --dir /tmp/mc4k --size 4096 --frames 40 \
+    --n 1 --device cuda
+grep -E '"(seconds_per_movie|global_median_px|total_rms_last_px)' "$OUT/motioncorr.log" | head -4
 [ "$SUITE_S" -gt 0 ] && step suite "$SUITE_S" python3 -m pytest -q -p no:cacheprovider -n 8 -x tests
 cat "$OUT/summary.txt"

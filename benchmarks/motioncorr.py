@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--patches", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--relion", default="")
+    ap.add_argument("--device", default="cpu", help="tamis's torch device (cpu, cuda)")
     ap.add_argument("--skip_tamis", action="store_true")
     ap.add_argument(
         "--no_noDW", action="store_true", help="RELION's GUI default: no sum without weighting"
@@ -96,6 +97,7 @@ def main() -> None:
                 drift_px=20.0, local_px=3.0, seed=11,
             ),
             d,
+            device=args.device,
         )  # fmt: skip
         print(f"simulated {args.n} movies in {time.perf_counter() - t0:.0f} s", flush=True)
     flags = ["--bfactor", "150", "--patch_x", str(args.patches), "--patch_y", str(args.patches),
@@ -104,12 +106,12 @@ def main() -> None:
         flags.append("--save_noDW")
     results: dict[str, object] = {
         "size": args.size, "frames": args.frames, "movies": args.n, "threads": args.threads,
-        "flags": " ".join(flags), "torch_threads": args.threads,
+        "flags": " ".join(flags), "torch_threads": args.threads, "device": args.device,
     }  # fmt: skip
     runs = {}
     if not args.skip_tamis:
         tamis = [sys.executable, "-m", "tamis.cli.main", "motioncorr", "--i", "movies.star",
-                 "--o", "tamis_mc/", *flags]  # fmt: skip
+                 "--o", "tamis_mc/", "--device", args.device, *flags]  # fmt: skip
         subprocess.run(["rm", "-rf", str(d / "tamis_mc")], check=True)
         runs["tamis"] = ("tamis_mc", tamis)
     if args.relion:
