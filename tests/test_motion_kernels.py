@@ -229,3 +229,15 @@ def test_resampling_by_the_model_equals_the_per_pixel_field():
         irfft2(spec, s=(20, 28)).numpy(), torch.fft.irfft2(spec, s=(20, 28), norm="forward").numpy(),
         atol=1e-5,
     )  # fmt: skip
+
+
+def test_shifting_cropped_spectra_matches_the_full_shift_then_the_crop():
+    from tamis.fourier import fourier_shift_cropped
+
+    rng = np.random.default_rng(8)
+    img = torch.from_numpy(rng.normal(size=(2, 24, 20)))
+    spec = torch.fft.rfft2(img, norm="forward").to(torch.complex64)
+    shifts = torch.tensor([[1.3, -2.2], [-0.4, 3.7]])
+    full = fourier_shift(spec, shifts, (24, 20))  # content moves by +shift
+    crop = fourier_shift_cropped(crop_fourier(spec, (12, 8)), shifts, (24, 20))
+    np.testing.assert_allclose(crop.numpy(), crop_fourier(full, (12, 8)).numpy(), atol=1e-6)

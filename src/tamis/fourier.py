@@ -29,6 +29,7 @@ __all__ = [
     "irfft2",
     "pad_fourier",
     "fourier_shift",
+    "fourier_shift_cropped",
     "radial_average",
     "frc",
     "fsc",
@@ -179,6 +180,27 @@ def fourier_shift(
     ky, kx = rfft_frequencies(image_shape, device=spectra.device, dtype=real)
     shifts = shifts.to(device=spectra.device, dtype=real)
     return spectra * shift_phases(shifts[..., None, None, :], kx, ky, image_shape)
+
+
+def fourier_shift_cropped(
+    spectra: torch.Tensor, shifts: torch.Tensor, image_shape: tuple[int, int]
+) -> torch.Tensor:
+    """:func:`fourier_shift` for spectra ``(F, h', w' // 2 + 1)`` that may be Fourier-cropped
+    from images of ``image_shape`` (their integer frequencies are the images'), by ``shifts``
+    ``(F, 2)`` pixels of ``image_shape``. The phase ramp is a row factor times a column factor,
+    so no exponential is taken per pixel (the motion-correction sums shift 40 x 4096² spectra).
+    Origin at pixel 0 (plain rfft2), as :func:`fourier_shift` with uncentred spectra."""
+    h, w = image_shape
+    dev = spectra.device
+    n = spectra.shape[-2]
+    ky = torch.arange(n, device=dev, dtype=torch.float64)
+    ky = torch.where(ky <= n // 2, ky, ky - n)
+    kx = torch.arange(spectra.shape[-1], device=dev, dtype=torch.float64)
+    s = shifts.to(dev, torch.float64)
+    one = torch.ones(1, device=dev, dtype=torch.float64)
+    ey = torch.polar(one, -2 * torch.pi * ky[None] * s[:, 1:2] / h).to(torch.complex64)
+    ex = torch.polar(one, -2 * torch.pi * kx[None] * s[:, :1] / w).to(torch.complex64)
+    return spectra * ey[:, :, None] * ex[:, None, :]
 
 
 def shift_phases(

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from tamis.errors import InputFileError, TamisError
-from tamis.fourier import crop_fourier, irfft2
+from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2
 from tamis.io.coords import pipeline_relative
 from tamis.io.motion_star import MovieMotion, read_motion_star, write_motion_star
 from tamis.io.movies import (
@@ -324,25 +324,6 @@ def correct_movie(
     return motion, images
 
 
-def _shift(spectra: torch.Tensor, shifts: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """Spectra ``(F, h', w')`` (cropped from images of ``shape`` or not) moved by ``shifts``
-    ``(F, 2)`` pixels of ``shape``: the phase ramp is a product of a row and a column factor,
-    so no exponential is taken per pixel."""
-    h, w = shape
-    dev = spectra.device
-    ky = torch.arange(spectra.shape[-2], device=dev, dtype=torch.float64)
-    ky = torch.where(ky <= spectra.shape[-2] // 2, ky, ky - spectra.shape[-2])
-    kx = torch.arange(spectra.shape[-1], device=dev, dtype=torch.float64)
-    s = shifts.to(dev, torch.float64)
-    ey = torch.polar(
-        torch.ones(1, device=dev, dtype=torch.float64), -2 * torch.pi * ky[None] * s[:, 1:2] / h
-    )
-    ex = torch.polar(
-        torch.ones(1, device=dev, dtype=torch.float64), -2 * torch.pi * kx[None] * s[:, :1] / w
-    )
-    return spectra * ey.to(torch.complex64)[:, :, None] * ex.to(torch.complex64)[:, None, :]
-
-
 def _local_model(
     spectra: torch.Tensor,
     g_shift: torch.Tensor,
@@ -383,7 +364,7 @@ def _local_model(
         for y0, x0, _, _ in patches
     ]
     for a in range(0, n, o.chunk):
-        small = _shift(
+        small = fourier_shift_cropped(
             crop_fourier(spectra[a : a + o.chunk], (by, bx)), g_shift[a : a + o.chunk], work
         )
         real = irfft2(small, s=(by, bx), norm="forward").to(spectra.device)
@@ -446,14 +427,14 @@ def _sums(
     if model is None:  # globally aligned sums: one inverse FFT each
         acc = [torch.zeros_like(spectra[0]) for _ in kinds]
         for a in range(0, n, o.chunk):
-            f = _shift(spectra[a : a + o.chunk], g_shift[a : a + o.chunk], work)
+            f = fourier_shift_cropped(spectra[a : a + o.chunk], g_shift[a : a + o.chunk], work)
             for k, d in enumerate(kinds):
                 acc[k] += (f if d is None else f * d.weights(doses[a : a + o.chunk])).sum(0)
         return [irfft2(x, s=work).cpu().numpy().astype(np.float32) for x in acc]
     total = torch.zeros((len(kinds), *work), dtype=torch.float64, device=spectra.device)
     step = max(1, min(o.chunk, (1 << 26) // (work[0] * work[1] * len(kinds))))
     for a in range(0, n, step):
-        f = _shift(spectra[a : a + step], g_shift[a : a + step], work)
+        f = fourier_shift_cropped(spectra[a : a + step], g_shift[a : a + step], work)
         parts = [f if d is None else f * d.weights(doses[a : a + step]) for d in kinds]
         real = irfft2(torch.stack(parts, 1), s=work).to(spectra.device)  # (F, kinds, h, w)
         total += resample_polynomial(real, model, z[a : a + step]).sum(0)
