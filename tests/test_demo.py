@@ -1,6 +1,7 @@
-"""End to end: the demo pipeline (simulated micrographs -> prep + proc schemes in the background ->
-import, CTF, micrograph selection, picking, extraction, VDAM, ranker selection) on a tiny data
-set, checked against the ground truth. Runs without ../shared."""
+"""End to end: the demo pipeline (simulated movies in an EPU session -> prep + proc schemes in the
+background -> movie import, motion correction, CTF, micrograph selection, picking, extraction,
+VDAM, ranker selection, 3D) on a tiny data set, checked against the ground truth. Runs without
+../shared."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def test_demo_pipeline_end_to_end(demo):
     assert any(line.startswith("pipeline finished") for line in lines)
     assert any(line.startswith("monitor: tamis web --project") for line in lines)
     summary = json.loads((project / "summary.json").read_text())
+    # from the microscope: the session's parameters, motion correction against the truth
+    assert json.loads((project / "session.json").read_text())["software"] == "EPU"
+    assert summary["movies"] == 4 and summary["motion_global_error_px"] < 0.3
     assert summary["ctf_median_abs_error_A"] < 300
     assert summary["pick_f1"] > 0.7
     assert summary["particles_selected"] > 0
@@ -74,9 +78,11 @@ def test_monitor_on_the_demo_project(demo, tmp_path):
     project, _ = demo
     c2d = sorted(project.glob("Class2D/job*"))[-1]
     job = f"{c2d.relative_to(project)}/"
+    ctf = read_star(sorted(project.glob("CtfFind/job*/micrographs_ctf.star"))[-1])
+    first = ctf["micrographs"]["rlnMicrographName"].iloc[0]
     with chrome() as browser, serve(project) as server:
         wait = WebDriverWait(browser, 30)
-        pages = ("/", "/micrographs", "/micrograph?name=Micrographs/mic_00001.mrc",
+        pages = ("/", "/micrographs", f"/micrograph?name={first}",
                  f"/class2d?job={job}", "/map", f"/job?name={job}")  # fmt: skip
         screenshot_pages(browser, server, pages, tmp_path)
         new_micrograph_appears(browser, server, project, "Micrographs/mic_99999.mrc")

@@ -1,16 +1,21 @@
-"""The built-in example behind ``make demo``: the automated pipeline on simulated micrographs.
+"""The built-in example behind ``make demo``: the automated pipeline from the microscope.
 
-1. Simulate micrographs of a known structure with junk (ice, aggregates, a carbon edge) and
-   CTF-modulated ice scattering; the ground truth stays in ``_simulation/``.
-2. Lay them out as a RELION project: the first half of the micrographs in ``Micrographs/``, the
-   second half arriving later while the schemes run (on-the-fly).
-3. ``tamis it``: the shipped ``prep`` (import, CTF estimation) and ``proc`` (select micrographs,
+1. Simulate movies of a known structure: the specimens are micrographs with junk (ice,
+   aggregates, a carbon edge) and CTF-modulated ice scattering, moved by a global track and a
+   local deformation frame by frame, counted (Poisson) through a detector with a gain pattern;
+   an EPU-like session (one XML per exposure); the ground truth stays in ``_simulation/``.
+   (``movies=False``: the micrographs themselves, as before motion correction was in tamis.)
+2. Lay them out as a RELION project: the session arrives in ``_epu/`` (linked as ``Movies``,
+   as ``tamis it --session`` does), its first half at once, the second half later while the
+   schemes run (on-the-fly); the parameters come from the session's XML (``session.json``).
+3. ``tamis it``: the shipped ``prep`` (import movies, motion correction, CTF estimation) and
+   ``proc`` (select micrographs,
    pick, extract, VDAM 2D classification, class ranker; then, once every micrograph is in, the
    3D branch: initial model, gold-standard auto-refine, mask, post-processing) schemes run in
    the background and stop after the last micrograph (``nr_mics_to_process``).
 4. ``summary.html``: class gallery with scores, selected particles, a picks overlay, the map's
-   central slices and FSC curve, and every step checked against the ground truth (CTF,
-   picking, selection, the map's FSC with the true structure).
+   central slices and FSC curve, and every step checked against the ground truth (motion,
+   CTF, picking, selection, the map's FSC with the true structure).
 """
 
 from __future__ import annotations
@@ -59,6 +64,14 @@ class DemoOptions:
     # gold-standard 7.8 A; K 1 gave 16 A in 39 s and a refinement honest to the truth (7.4 / 7.9 A)
     inimodel_classes: int = 1
     refine_iter_max: int = 12  # auto-refine iterations at most (the last joins the halves)
+    # From the microscope: movies in an EPU session, motion-corrected by prep (False: the
+    # micrographs themselves arrive, prep imports them)
+    movies: bool = True
+    frames: int = 20
+    dose_per_frame: float = 2.0  # e/A^2: 40 in all
+    contrast: float = 0.3  # sd of the specimen's exposure modulation (its noise is the ice's)
+    drift_px: float = 15.0
+    local_px: float = 2.0
 
 
 def _newest(project: Path, pattern: str) -> Path | None:
@@ -83,36 +96,21 @@ def run_demo(
     t0 = time.time()
     structure = "builtin:8zpm"
     sim_dir = project / "_simulation"
-    sim = simulate_micrographs(
-        MicrographSimulation(
-            structures=[structure], n_micrographs=o.n_micrographs, height_px=o.size_px,
-            width_px=o.size_px, pixel_size=o.pixel_size,
-            particles_per_micrograph=o.particles_per_micrograph, snr=o.snr,
-            ice_per_micrograph=0.5, aggregates_per_micrograph=0.5, carbon_fraction=0.2,
-            ice_scattering=0.3, seed=o.seed,
-        ),
-        sim_dir,
+    specimen = MicrographSimulation(
+        structures=[structure], n_micrographs=o.n_micrographs, height_px=o.size_px,
+        width_px=o.size_px, pixel_size=o.pixel_size,
+        particles_per_micrograph=o.particles_per_micrograph, snr=o.snr,
+        ice_per_micrograph=0.5, aggregates_per_micrograph=0.5, carbon_fraction=0.2,
+        ice_scattering=0.3, seed=o.seed,
     )  # fmt: skip
-    log(f"simulated {o.n_micrographs} micrographs ({sim.n_particles} particles) in {sim_dir}")
-    names = sorted(p.name for p in (sim_dir / "Micrographs").glob("*.mrc"))
-    batches = [list(b) for b in np.array_split(names, max(1, o.batches)) if len(b)]
-    mic_dir = project / "Micrographs"
-    mic_dir.mkdir(exist_ok=True)
-
-    def arrive(batch: list[str]) -> None:
-        for n in batch:  # copy then rename: a micrograph appears whole
-            tmp = mic_dir / f".{n}.part"
-            shutil.copy(sim_dir / "Micrographs" / n, tmp)
-            tmp.rename(mic_dir / n)
-        log(f"{len(batch)} micrographs arrived in {mic_dir}")
-
-    arrive(batches[0])
     diameter = structure_diameter(structure)
     opts = dict(it.SCRIPT_OPTIONS)
     opts.update(it.derived_options(o.pixel_size, diameter, picker=o.picker))
+    if o.movies:
+        arrive, batches = _movies_arrive(project, sim_dir, specimen, o, opts, log)
+    else:
+        arrive, batches = _micrographs_arrive(project, sim_dir, specimen, o, opts, log)
     opts.update({
-        "prep__importmics__fn_in_raw": "Micrographs/*.mrc", "prep__importmics__kV": 300,
-        "prep__importmics__Cs": 2.7, "prep__importmics__Q0": 0.1,
         "prep__ctffind__box": 256, "prep__ctffind__resmax": 6,
         "proc__select_mics__select_maxval": 10,
         "proc__class2d__nr_classes": o.nr_classes, "proc__class2d__nr_iter_grad": o.iterations,
@@ -170,6 +168,86 @@ def run_demo(
     return lines
 
 
+def _micrographs_arrive(
+    project: Path, sim_dir: Path, specimen: MicrographSimulation, o: DemoOptions,
+    opts: dict, log: Callable[[str], None],
+) -> tuple[Callable[[list[str]], None], list[list[str]]]:  # fmt: skip
+    """Motion-corrected micrographs arriving in ``Micrographs/``: prep imports them."""
+    sim = simulate_micrographs(specimen, sim_dir)
+    log(f"simulated {o.n_micrographs} micrographs ({sim.n_particles} particles) in {sim_dir}")
+    names = sorted(p.name for p in (sim_dir / "Micrographs").glob("*.mrc"))
+    mic_dir = project / "Micrographs"
+    mic_dir.mkdir(exist_ok=True)
+
+    def arrive(batch: list[str]) -> None:
+        for n in batch:  # copy then rename: a micrograph appears whole
+            tmp = mic_dir / f".{n}.part"
+            shutil.copy(sim_dir / "Micrographs" / n, tmp)
+            tmp.rename(mic_dir / n)
+        log(f"{len(batch)} micrographs arrived in {mic_dir}")
+
+    batches = [list(b) for b in np.array_split(names, max(1, o.batches)) if len(b)]
+    arrive(batches[0])
+    opts.update({"prep__importmics__fn_in_raw": "Micrographs/*.mrc", "prep__importmics__kV": 300,
+                 "prep__importmics__Cs": 2.7, "prep__importmics__Q0": 0.1})  # fmt: skip
+    return arrive, batches
+
+
+def _movies_arrive(
+    project: Path, sim_dir: Path, specimen: MicrographSimulation, o: DemoOptions,
+    opts: dict, log: Callable[[str], None],
+) -> tuple[Callable[[list[str]], None], list[list[str]]]:  # fmt: skip
+    """Movies arriving in an EPU session (``_epu/``, linked into the project as ``Movies``, as
+    ``tamis it --session`` does): the parameters come from the session's metadata, prep imports
+    the movies and corrects their motion."""
+    from tamis.prep.session import read_session, session_options, write_record
+    from tamis.simulate.movies import MovieSimulation, simulate_movies
+
+    simulate_movies(
+        MovieSimulation(
+            n_movies=o.n_micrographs, height_px=o.size_px, width_px=o.size_px,
+            n_frames=o.frames, dose_per_frame=o.dose_per_frame, pixel_size=o.pixel_size,
+            contrast=o.contrast, drift_px=o.drift_px, local_px=o.local_px, session="epu",
+            seed=o.seed,
+        ),
+        sim_dir,
+        specimen=specimen,
+    )  # fmt: skip
+    index = pd.read_csv(sim_dir / "truth" / "movies.csv")
+    log(f"simulated {len(index)} movies of {o.frames} frames (an EPU session) in {sim_dir}")
+    past = time.time() - 60  # written a minute ago: complete for the import's age check
+    for movie in (sim_dir / "Movies").iterdir():
+        os.utime(movie, (past, past))
+    epu = project / "_epu"
+    (project / "Movies").symlink_to("_epu")  # as tamis it --session links the session
+
+    def arrive(batch: list[str]) -> None:
+        for rel in batch:  # the movie first, then its XML (EPU writes the XML last)
+            src = sim_dir / "session" / rel
+            dest = epu / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(os.path.abspath(src.resolve()))
+            stem = src.name.split("_fractions")[0]
+            for extra in (f"{stem}_gain.mrc", f"{stem}.xml"):  # gain (first exposure), XML
+                if (src.parent / extra).is_file():
+                    shutil.copy(src.parent / extra, dest.with_name(extra))
+        log(f"{len(batch)} movies arrived in {epu} (linked as Movies)")
+
+    batches = [list(b) for b in np.array_split(index["session_movie"].tolist(),
+                                               max(1, o.batches)) if len(b)]  # fmt: skip
+    arrive(batches[0])
+    acq = read_session(epu)
+    found = session_options(acq, cs=2.7)
+    write_record(acq, found, project / "session.json")
+    log(
+        f"EPU session: {acq.pixel_size:.3f} A/px, {acq.voltage:.0f} kV, "
+        f"{acq.total_dose:.1f} e/A^2 in {acq.n_frames} frames (from {acq.sources['pixel_size']}); "
+        f"recorded in {project / 'session.json'}"
+    )
+    opts.update(found)
+    return arrive, batches
+
+
 def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> list[str]:
     """Check the pipeline's outputs against the truth; write ``summary.html``; return lines."""
     from tamis.io.coords import read_coordinate_list, read_coordinates
@@ -177,6 +255,19 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
 
     truth = pd.read_csv(sim_dir / "ground_truth.csv")
     sim_mics = read_star(sim_dir / "micrographs.star")["micrographs"].set_index("rlnMicrographName")
+    # micrographs made from movies are named after the movies: map them to their specimens
+    movies_csv = sim_dir / "truth" / "movies.csv"
+    movies = pd.read_csv(movies_csv) if movies_csv.is_file() else None
+    by_stem: dict[str, str] = {}
+    if movies is not None:
+        for r in movies.itertuples():
+            for name in (r.session_movie, r.movie):
+                if isinstance(name, str) and name:
+                    by_stem[Path(name).stem] = r.specimen
+
+    def specimen(name: str) -> str:
+        return name if name in sim_mics.index else by_stem.get(Path(name).stem, name)
+
     ctf_star = _newest(project, "CtfFind/job*/micrographs_ctf.star")
     pick_star = _newest(project, "AutoPick/job*/autopick.star")
     parts_star = _newest(project, "Extract/job*/particles.star")
@@ -187,8 +278,10 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     # CTF
     ctf = read_star(ctf_star)["micrographs"]
     est = (ctf["rlnDefocusU"] + ctf["rlnDefocusV"]) / 2
-    true_def = ctf["rlnMicrographName"].map(
-        lambda n: (sim_mics.loc[n, "rlnDefocusU"] + sim_mics.loc[n, "rlnDefocusV"]) / 2
+    true_def = (
+        ctf["rlnMicrographName"]
+        .map(specimen)
+        .map(lambda n: (sim_mics.loc[n, "rlnDefocusU"] + sim_mics.loc[n, "rlnDefocusV"]) / 2)
     )
     ctf_err = float(np.median(np.abs(est - true_def)))
     n_sel_mics = len(read_star(_newest(project, "Select/job*/micrographs.star"))["micrographs"])
@@ -198,7 +291,7 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     for mic, f in read_coordinate_list(pick_star).items():
         t = read_coordinates(f if Path(f).is_absolute() else project / f)
         picks = t[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
-        tr = truth[(truth["micrograph_name"] == mic) & (truth["kind"] == "particle")]
+        tr = truth[(truth["micrograph_name"] == specimen(mic)) & (truth["kind"] == "particle")]
         score = score + score_picks(picks, tr[["x", "y"]].to_numpy(float), radius)
     # selection
     all_parts = read_star(parts_star)["particles"]
@@ -207,7 +300,7 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     def is_true(table: pd.DataFrame) -> np.ndarray:
         out = np.zeros(len(table), bool)
         for mic, idx in table.groupby("rlnMicrographName").groups.items():
-            tr = truth[(truth["micrograph_name"] == mic) & (truth["kind"] == "particle")]
+            tr = truth[(truth["micrograph_name"] == specimen(mic)) & (truth["kind"] == "particle")]
             xy = table.loc[idx, ["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
             out[table.index.get_indexer(idx)] = (
                 match_picks(xy, tr[["x", "y"]].to_numpy(float), radius) >= 0
@@ -218,8 +311,10 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     good_sel = is_true(chosen.reset_index(drop=True))
     scores = pd.read_csv(select_dir / "class_scores.csv")
     n_classes = int((scores["rlnSelected"] == 1).sum())
+    motion = _summarise_motion(project, sim_dir, movies)
     lines = [
         f"pipeline finished in {seconds:.0f} s: {project}",
+        *([motion["line"]] if motion else []),
         f"CTF: {len(ctf)} micrographs, median |defocus error| {ctf_err:.0f} A against the truth; "
         f"{n_sel_mics} kept by the CTF-resolution selection",
         f"picking: {score.n_picks} picks, precision {score.precision:.2f}, recall "
@@ -249,6 +344,7 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
                 "extracted_true_fraction": float(good_all.mean()),
                 "true_particles_kept": float(good_sel.sum() / max(1, good_all.sum())),
                 "classes_selected": n_classes,
+                **({k: v for k, v in motion.items() if k != "line"} if motion else {}),
                 **(
                     {k: v for k, v in three_d.items() if k not in ("lines", "slices", "fsc_png")}
                     if three_d
@@ -259,6 +355,37 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
         )
     )
     return lines
+
+
+def _summarise_motion(project: Path, sim_dir: Path, movies: pd.DataFrame | None) -> dict | None:
+    """Motion correction against the simulated motion: the global tracks' error (median over
+    frames and movies, and the worst movie's median) and the accumulated motion."""
+    from tamis.io.motion_star import read_motion_star
+
+    star = _newest(project, "MotionCorr/job*/corrected_micrographs.star")
+    if star is None or movies is None:
+        return None
+    mics = read_star(star)["micrographs"]
+    truth_of = {
+        Path(name).stem: r.motion
+        for r in movies.itertuples()
+        for name in (r.session_movie, r.movie)
+        if isinstance(name, str) and name
+    }
+    medians = []
+    for meta in mics["rlnMicrographMetadata"]:
+        est = read_motion_star(project / meta)
+        true = read_motion_star(sim_dir / truth_of[Path(meta).stem])
+        err = np.hypot(*(est.global_shifts - true.global_shifts).T)
+        medians.append(float(np.nanmedian(err)))
+    acc = mics["rlnAccumMotionTotal"].to_numpy(float)
+    line = (
+        f"motion correction: {len(mics)} movies, global track error {np.median(medians):.2f} px "
+        f"median (worst movie {max(medians):.2f}) against the simulated motion; accumulated "
+        f"motion {np.median(acc):.1f} px median"
+    )
+    return {"line": line, "motion_global_error_px": float(np.median(medians)),
+            "motion_global_error_worst_px": float(max(medians)), "movies": len(mics)}  # fmt: skip
 
 
 def _summarise_3d(project: Path, sim_dir: Path) -> dict | None:

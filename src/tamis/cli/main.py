@@ -70,20 +70,24 @@ def _root(
 @user_errors
 def demo(
     o: Path = typer.Option(Path("demo"), "--o", help="Project directory to create."),
-    n: int = typer.Option(16, "--n", help="Micrographs to simulate."),
-    size: int = typer.Option(1024, "--size", help="Micrograph side (px)."),
+    n: int = typer.Option(16, "--n", help="Movies (micrographs) to simulate."),
+    size: int = typer.Option(1024, "--size", help="Frame side (px)."),
     iterations: int = typer.Option(40, "--iter", help="VDAM mini-batches."),
     nr_classes: int = typer.Option(12, "--K", help="2D classes."),
     picker: str = typer.Option("deep", "--picker", help="deep or log."),
+    micrographs: bool = typer.Option(
+        False, "--micrographs", help="Start from motion-corrected micrographs, not movies."
+    ),
 ) -> None:
-    """The built-in example: simulated micrographs through the automated pipeline (import, CTF,
-    pick, extract, 2D, rank, select) as a RELION project, with an HTML summary."""
+    """The built-in example: simulated movies in an EPU session through the automated pipeline
+    (import, motion correction, CTF, pick, extract, 2D, rank, select, 3D) as a RELION project,
+    with an HTML summary."""
     from tamis.demo import DemoOptions, run_demo
 
     run_demo(
         o,
         DemoOptions(n_micrographs=n, size_px=size, iterations=iterations, nr_classes=nr_classes,
-                    picker=picker),
+                    picker=picker, movies=not micrographs),
         log=lambda line: console.print(line, highlight=False),
     )  # fmt: skip
 

@@ -54,6 +54,7 @@ _NS = {
     "dr": "http://schemas.datacontract.org/2004/07/System.Drawing",
 }
 EPU_XML = "Images-Disc*/GridSquare_*/Data/FoilHole_*_Data_*.xml"
+GAIN_PATTERNS = ("*_gain.tiff", "*_gain.mrc", "*-gain-ref.MRC", "*.gain")
 MOVIE_PATTERNS = ("*_fractions.tiff", "*_Fractions.tiff", "*_fractions.tif", "*_EER.eer",
                   "*.eer", "*_fractions.mrc", "*_Fractions.mrc")  # fmt: skip
 
@@ -282,6 +283,12 @@ def read_session(directory: str | Path, *, profile: str | Path | None = None) ->
     if acq.software == "SerialEM" and not movies:
         movies = [m[: -len(".mdoc")] for m in mdocs if Path(m[: -len(".mdoc")]).is_file()]
     acq.movies = sorted(set(movies))
+    if not acq.gain:  # a gain reference beside the movies (MDCatch's K2/K3 names, EPU's .gain)
+        for md in movie_dirs:
+            found = sorted(f for pat in GAIN_PATTERNS for f in glob.glob(str(Path(md) / pat)))
+            if found:
+                acq.set("gain", found[0], "found beside the movies")
+                break
     if acq.movies:
         head = _movie_header(Path(acq.movies[0]))
         src = f"header of {Path(acq.movies[0]).name}"
@@ -397,10 +404,13 @@ def session_options(
             "prep__motioncorr__gain_flip": acq.gain_flip,
         }
     )
-    if acq.gain:
-        opts["prep__motioncorr__fn_gain_ref"] = acq.gain
-    if acq.defect_file:
-        opts["prep__motioncorr__fn_defect"] = acq.defect_file
+    for key, value in (("fn_gain_ref", acq.gain), ("fn_defect", acq.defect_file)):
+        if value:  # through the project's link when the file is in the session
+            full = Path(os.path.abspath(value))
+            inside = base in full.parents
+            opts[f"prep__motioncorr__{key}"] = (
+                f"{movies_link}/{full.relative_to(base)}" if inside else value
+            )
     return opts
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +35,11 @@ from tamis.errors import TamisError
 from tamis.fourier import fourier_shift, rfft_frequencies
 from tamis.io.motion_star import MovieMotion, write_motion_star
 from tamis.io.mrc import read_mrc, write_mrc
-from tamis.io.star import write_star
+from tamis.io.star import atomic_path, write_star
 from tamis.motion_model import critical_exposure, polynomial_basis, resample, shift_field
 from tamis.simulate.common import write_json
 from tamis.simulate.junk import smooth_noise
+from tamis.simulate.micrographs import MicrographSimulation
 
 __all__ = ["MovieSimulation", "simulate_movies", "write_tiff_movie"]
 
@@ -127,7 +128,7 @@ xmlns:i="http://www.w3.org/2001/XMLSchema-instance">
 """
 
 
-def _epu_exposure(root: Path, m: int, movie: Path, config: MovieSimulation) -> None:
+def _epu_exposure(root: Path, m: int, movie: Path, config: MovieSimulation) -> str:
     """One EPU exposure: its XML (the fields MDCatch reads, EPU's namespaces and units: metres,
     volts, e/m²) and the movie linked beside it as ``*_fractions.tiff``."""
     data = root / "Images-Disc1" / f"GridSquare_{1000 + m // 4}" / "Data"
@@ -145,6 +146,9 @@ def _epu_exposure(root: Path, m: int, movie: Path, config: MovieSimulation) -> N
     if link.exists() or link.is_symlink():
         link.unlink()
     link.symlink_to(Path("../../../..") / movie.relative_to(root.parent))
+    if m == 0:  # the camera's gain reference, where EPU's K3 sessions keep it
+        shutil.copy(root.parent / "gain.mrc", data / f"{stem}_gain.mrc")
+    return str(link.relative_to(root))
 
 
 def _write_mrc_counts(path: Path, frames: np.ndarray, pixel_size: float) -> None:
@@ -200,9 +204,14 @@ def simulate_movies(
     *,
     device: str | torch.device = "cpu",
     show_progress: bool = False,
+    specimen: MicrographSimulation | None = None,
 ) -> Path:
-    """Simulate movies into ``out_dir`` (see the module docstring); returns ``movies.star``."""
-    from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
+    """Simulate movies into ``out_dir`` (see the module docstring); returns ``movies.star``.
+
+    ``specimen``: the micrograph simulation whose images are the specimens (its noise then moves
+    with the specimen, as ice does; its size, pixel size, count and seed are the movies'); by
+    default noise-free micrographs of ``config.structures``."""
+    from tamis.simulate.micrographs import simulate_micrographs
 
     config.check()
     out = Path(out_dir)
@@ -212,22 +221,19 @@ def simulate_movies(
     h, w, n = config.height_px, config.width_px, config.n_frames
     # the specimens: noise-free micrographs with particles (and their truth files)
     with tempfile.TemporaryDirectory(dir=out) as tmp:
-        simulate_micrographs(
-            MicrographSimulation(
+        if specimen is None:
+            specimen = MicrographSimulation(
                 structures=list(config.structures),
-                n_micrographs=config.n_movies,
-                height_px=h,
-                width_px=w,
-                pixel_size=config.pixel_size,
                 particles_per_micrograph=config.particles_per_movie,
                 snr=1e9,
                 ice_gradient=0.0,
                 ice_per_micrograph=0.0,
-                seed=config.seed,
-            ),
-            tmp,
-            device=device,
-        )
+            )
+        specimen = replace(
+            specimen, n_micrographs=config.n_movies, height_px=h, width_px=w,
+            pixel_size=config.pixel_size, seed=config.seed,
+        )  # fmt: skip
+        simulate_micrographs(specimen, tmp, device=device)
         cleans = []
         for m in range(config.n_movies):
             img, _ = read_mrc(Path(tmp) / "Micrographs" / f"mic_{m + 1:05d}.mrc")
@@ -253,7 +259,8 @@ def simulate_movies(
     ky, kx = rfft_frequencies((h, w), device=device, dtype=torch.float64)
     k = torch.sqrt((ky / h) ** 2 + (kx / w) ** 2) / config.pixel_size
     ne = critical_exposure(k)
-    names = []
+    names: list[str] = []
+    index: list[tuple[str, str, str, str]] = []
     suffix = ".tif" if config.file_format == "tiff" else ".mrc"
     sens_t = torch.as_tensor(sens, dtype=torch.float32, device=device)
     with progress_bar(config.n_movies, "simulating movies", enabled=show_progress) as bar:
@@ -286,8 +293,11 @@ def simulate_movies(
             else:
                 _write_mrc_counts(out / name, frames, config.pixel_size)
             names.append(name)
+            exposure = ""
             if config.session == "epu":
-                _epu_exposure(out / "session", m, out / name, config)
+                exposure = _epu_exposure(out / "session", m, out / name, config)
+            index.append((name, exposure, f"Micrographs/mic_{m + 1:05d}.mrc",
+                          f"truth/movie_{m + 1:05d}.star"))  # fmt: skip
             # truth in motion-correction terms: the shift that aligns is minus the displacement
             shifts = -track
             truth = MovieMotion(
@@ -320,5 +330,9 @@ def simulate_movies(
         },  # fmt: skip
         star,
     )
+    with atomic_path(out / "truth" / "movies.csv") as tmp:
+        pd.DataFrame(index, columns=["movie", "session_movie", "specimen", "motion"]).to_csv(
+            tmp, index=False
+        )
     write_json(out / "simulation.json", {"product": "movies", "config": config})
     return star
