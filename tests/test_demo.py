@@ -36,7 +36,7 @@ def test_demo_pipeline_end_to_end(demo):
     summary = json.loads((project / "summary.json").read_text())
     # from the microscope: the session's parameters, motion correction against the truth
     assert json.loads((project / "session.json").read_text())["software"] == "EPU"
-    assert summary["movies"] == 4 and summary["motion_global_error_px"] < 0.3
+    assert summary["movies"] == 4 and summary["motion_error_worst_px"] < 0.3
     assert summary["ctf_median_abs_error_A"] < 300
     assert summary["pick_f1"] > 0.7
     assert summary["particles_selected"] > 0
