@@ -23,7 +23,7 @@ import math
 import numpy as np
 import torch
 
-from tamis.fourier import crop_fourier, irfft2, rfft_frequencies, shift_phases
+from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2, rfft_frequencies
 from tamis.motion_model import critical_exposure
 
 __all__ = [
@@ -74,10 +74,13 @@ def _peaks(ccf: torch.Tensor, search: int) -> torch.Tensor:
     dy = torch.where(dy < h // 2, dy, dy - h)
     dx = torch.arange(w, device=ccf.device)
     dx = torch.where(dx < w // 2, dx, dx - w)
-    allowed = (dy.abs()[:, None] <= search) & (dx.abs()[None, :] <= search)
-    masked = ccf.masked_fill(~allowed, float("-inf"))
-    flat = masked.flatten(-2).argmax(-1)
-    iy, ix = flat // w, flat % w
+    # the argmax over the window |d| <= search only: its rows and columns gathered from both
+    # ends of the wrapped axes (no mask over the whole map)
+    rows = torch.nonzero(dy.abs() <= search)[:, 0]
+    cols = torch.nonzero(dx.abs() <= search)[:, 0]
+    window = ccf.index_select(-2, rows).index_select(-1, cols)
+    flat = window.flatten(-2).argmax(-1)
+    iy, ix = rows[flat // len(cols)], cols[flat % len(cols)]
 
     def value(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         idx = (y % h) * w + (x % w)
@@ -153,7 +156,7 @@ def align_spectra(
         inc = _peaks(ccf, reach) * scale
         inc = inc - inc[:, :1, :]
         total[active] += inc
-        f[active] = fa * shift_phases(inc[:, :, None, None, :].float(), kx, ky, (h, w))
+        f[active] = fourier_shift_cropped(fa.flatten(0, 1), inc.flatten(0, 1), (h, w)).view_as(fa)
         rmsd = torch.sqrt((inc**2).sum((-1, -2)) / k)
         done = rmsd < tolerance
         converged[active[done]] = True
