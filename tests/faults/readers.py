@@ -170,6 +170,51 @@ def _star_seeds() -> list[tuple[str, bytes]]:
     return seeds + [("particles.star", PARTICLES_31), ("particles_30.star", PARTICLES_30)]
 
 
+def _movie_mrc() -> bytes:
+    import tempfile
+
+    import mrcfile
+
+    counts = np.random.default_rng(1).poisson(2.0, size=(4, 24, 20)).astype(np.uint16)
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "movie.mrcs"
+        with mrcfile.new(p) as mrc:
+            mrc.set_data(counts)
+            mrc.set_image_stack()
+        return p.read_bytes()
+
+
+def _movie_tiff() -> bytes:
+    import io
+
+    import tifffile
+
+    counts = np.random.default_rng(2).poisson(2.0, size=(3, 24, 20)).astype(np.uint8)
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        for f in counts:
+            tif.write(f, compression="lzw", contiguous=False)
+    return buf.getvalue()
+
+
+def _motion_star() -> bytes:
+    import tempfile
+
+    from tamis.io.motion_star import MovieMotion, write_motion_star
+
+    shifts = np.cumsum(np.random.default_rng(3).normal(size=(6, 2)), 0)
+    shifts[0] = 0
+    shifts[5] = np.nan
+    motion = MovieMotion(n_frames=6, shape=(24, 20), first=0, global_shifts=shifts,
+                         local_coeffs=np.arange(36.0).reshape(2, 18) * 1e-3,
+                         hot_pixels=np.array([[3, 4]]))  # fmt: skip
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "movie.star"
+        write_motion_star(p, motion, movie="Movies/movie.tif", pixel_size=1.0, voltage=300.0,
+                          dose_per_frame=1.0)  # fmt: skip
+        return p.read_bytes()
+
+
 def readers() -> list[Reader]:
     from tamis.io.coords import read_coordinate_file
     from tamis.io.mrc import open_stack, read_mrc
@@ -203,7 +248,33 @@ def readers() -> list[Reader]:
         path.with_suffix(".json").unlink(missing_ok=True)
         load_model(path)
 
+    from tamis.io.motion_star import read_motion_star
+    from tamis.io.movies import open_movie, read_gain
+    from tamis.prep.session import parse_epu_xml, parse_mdoc
+
+    def read_movie(path: Path) -> None:
+        with open_movie(path) as m:
+            m.read(0, m.n_frames)
+
+    metadata = DATA / "metadata"
     return [
+        Reader(
+            "epu_xml",
+            parse_epu_xml,
+            [("exposure.xml", (metadata / "epu_k3_exposure.xml").read_bytes())],
+        ),
+        Reader(
+            "mdoc",
+            parse_mdoc,
+            [
+                (f"{n}.mdoc", (metadata / f"{n}.mdoc").read_bytes())
+                for n in ("serialem_frame_set_single", "serialem_de_no_dose")
+            ],
+        ),  # fmt: skip
+        Reader("movie_mrc", read_movie, [("movie.mrcs", _movie_mrc())], binary=True),
+        Reader("movie_tiff", read_movie, [("movie.tif", _movie_tiff())], binary=True),
+        Reader("gain", read_gain, [("gain.mrc", mrc_bytes(image + 2.0))], binary=True),
+        Reader("motion_star", read_motion_star, [("movie.star", _motion_star())]),
         Reader("star", read_star, _star_seeds()),
         Reader(
             "ranker_record",

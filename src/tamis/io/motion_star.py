@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from tamis.errors import InputFileError
-from tamis.io.star import read_star, write_star
+from tamis.io.star import read_star, require_columns, write_star
 
 __all__ = ["MovieMotion", "write_motion_star", "read_motion_star", "NOT_OBSERVED"]
 
@@ -120,28 +120,66 @@ def write_motion_star(
 
 
 def read_motion_star(path: str | Path) -> MovieMotion:
-    """Read a per-movie metadata STAR (RELION's or tamis's) back."""
+    """Read a per-movie metadata STAR (RELION's or tamis's) back; anything missing or not a
+    number is one :class:`InputFileError` naming the file and the value."""
     blocks = read_star(path)
-    if "general" not in blocks or "global_shift" not in blocks:
-        raise InputFileError(path, "not a motion-correction metadata file (no data_general)")
-    g = blocks["general"]
-    gs = blocks["global_shift"]
-    s = gs[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(float)
+    g = blocks.get("general")
+    gs = blocks.get("global_shift")
+    if not isinstance(g, dict) or not isinstance(gs, pd.DataFrame):
+        raise InputFileError(
+            path, "not a motion-correction metadata file (no data_general key/value list and "
+            "data_global_shift loop)"
+        )  # fmt: skip
+    require_columns(gs, ("rlnMicrographShiftX", "rlnMicrographShiftY"), path, "global_shift")
+
+    def number(value: object, what: str, kind: type = float) -> float:
+        try:
+            out = kind(float(value))  # type: ignore[arg-type]
+        except (TypeError, ValueError, OverflowError):
+            raise InputFileError(path, f"{what} {value!r} is not a number") from None
+        return out
+
+    for key in ("rlnImageSizeX", "rlnImageSizeY", "rlnImageSizeZ"):
+        if key not in g:
+            raise InputFileError(path, f"data_general lacks {key}")
+    n = number(g["rlnImageSizeZ"], "rlnImageSizeZ", int)
+    try:
+        s = gs[["rlnMicrographShiftX", "rlnMicrographShiftY"]].to_numpy(float)
+    except (TypeError, ValueError):
+        raise InputFileError(path, "data_global_shift holds shifts that are not numbers") from None
+    if len(s) != n:
+        raise InputFileError(path, f"data_global_shift has {len(s)} rows for {n} frames")
     s[s == NOT_OBSERVED] = np.nan
     coeffs = None
-    if int(g.get("rlnMotionModelVersion", 0)) == 1 and "local_motion_model" in blocks:
-        c = blocks["local_motion_model"].sort_values("rlnMotionModelCoeffsIdx")
-        coeffs = c["rlnMotionModelCoeff"].to_numpy(float).reshape(2, 18)
+    model = blocks.get("local_motion_model")
+    if number(g.get("rlnMotionModelVersion", 0), "rlnMotionModelVersion", int) == 1:
+        if not isinstance(model, pd.DataFrame):
+            raise InputFileError(path, "rlnMotionModelVersion 1 without data_local_motion_model")
+        require_columns(model, ("rlnMotionModelCoeffsIdx", "rlnMotionModelCoeff"), path,
+                        "local_motion_model")  # fmt: skip
+        try:
+            c = model.sort_values("rlnMotionModelCoeffsIdx")["rlnMotionModelCoeff"]
+            coeffs = c.to_numpy(float)
+        except (TypeError, ValueError):
+            raise InputFileError(path, "data_local_motion_model is not numeric") from None
+        if coeffs.size != 36:
+            raise InputFileError(path, f"{coeffs.size} local model coefficients, expected 36")
+        coeffs = coeffs.reshape(2, 18)
     hp = blocks.get("hot_pixels")
-    hot = (
-        hp[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy().astype(np.int64)
-        if isinstance(hp, pd.DataFrame) and len(hp)
-        else np.zeros((0, 2), np.int64)
-    )
+    hot = np.zeros((0, 2), np.int64)
+    if isinstance(hp, pd.DataFrame) and len(hp):
+        require_columns(hp, ("rlnCoordinateX", "rlnCoordinateY"), path, "hot_pixels")
+        try:
+            hot = hp[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float).astype(np.int64)
+        except (TypeError, ValueError):
+            raise InputFileError(path, "data_hot_pixels is not numeric") from None
     return MovieMotion(
-        n_frames=int(g["rlnImageSizeZ"]),
-        shape=(int(g["rlnImageSizeY"]), int(g["rlnImageSizeX"])),
-        first=int(g.get("rlnMicrographStartFrame", 1)) - 1,
+        n_frames=n,
+        shape=(
+            number(g["rlnImageSizeY"], "rlnImageSizeY", int),
+            number(g["rlnImageSizeX"], "rlnImageSizeX", int),
+        ),
+        first=number(g.get("rlnMicrographStartFrame", 1), "rlnMicrographStartFrame", int) - 1,
         global_shifts=s,
         local_coeffs=coeffs,
         hot_pixels=hot,

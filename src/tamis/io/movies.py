@@ -95,10 +95,12 @@ class Movie:
             else:
                 out = self._read_eer(first, stop)
             return out if dtype is None else np.asarray(out, dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as exc:  # a truncated or corrupt file
+        except InputFileError:
+            raise
+        except Exception as exc:  # a truncated or corrupt file: codecs raise many kinds
             raise InputFileError(
-                self.path, f"cannot read frames {first + 1}-{stop}: {exc}"
-            ) from exc
+                self.path, f"cannot read frames {first + 1}-{stop}: {_why(exc)}"
+            ) from None
 
     def _read_tiff(self, first: int, stop: int) -> np.ndarray:
         """Pages as stored (tifffile decodes them two at a time), flipped upside down as a
@@ -107,7 +109,7 @@ class Movie:
         try:
             data = tif.asarray(key=slice(first, stop), maxworkers=2)  # type: ignore[attr-defined]
         except ValueError as exc:  # pages of different sizes
-            raise InputFileError(self.path, f"frames {first + 1}-{stop}: {exc}") from exc
+            raise InputFileError(self.path, f"frames {first + 1}-{stop}: {_why(exc)}") from None
         if data.ndim == 2:
             data = data[None]
         if data.shape[-1] * 2 == self.shape[1] and data.dtype == np.uint8:
@@ -148,6 +150,11 @@ class Movie:
         self.close()
 
 
+def _why(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:160]}" if text else type(exc).__name__
+
+
 def open_movie(path: str | Path, *, eer_grouping: int = 0, eer_upsampling: int = 1) -> Movie:
     """Open a movie by its extension (``.mrc``/``.mrcs``, ``.tif``/``.tiff``, ``.eer``).
 
@@ -159,12 +166,17 @@ def open_movie(path: str | Path, *, eer_grouping: int = 0, eer_upsampling: int =
     if not p.is_file():
         raise InputFileError(p, "movie not found")
     suffix = p.suffix.lower()
-    if suffix in (".mrc", ".mrcs"):
-        return _open_mrc(p)
-    if suffix in (".tif", ".tiff"):
-        return _open_tiff(p)
-    if suffix == ".eer":
-        return _open_eer(p, eer_grouping, eer_upsampling)
+    try:
+        if suffix in (".mrc", ".mrcs"):
+            return _open_mrc(p)
+        if suffix in (".tif", ".tiff"):
+            return _open_tiff(p)
+        if suffix == ".eer":
+            return _open_eer(p, eer_grouping, eer_upsampling)
+    except InputFileError:
+        raise
+    except Exception as exc:  # a corrupt header: tifffile/mrcfile raise many kinds
+        raise InputFileError(p, f"not a readable movie: {_why(exc)}") from None
     if suffix in (".dm3", ".dm4"):
         raise InputFileError(p, "DM3/DM4 movies are not read (as in RELION): convert them to MRC")
     raise InputFileError(p, f"unknown movie format {suffix!r} (have {', '.join(MOVIE_SUFFIXES)})")
@@ -181,7 +193,7 @@ def _open_mrc(p: Path) -> Movie:
     try:
         mrc = mrcfile.mmap(p, mode="r", permissive=True)
     except (ValueError, OSError) as exc:
-        raise InputFileError(p, f"not a readable MRC movie: {exc}") from exc
+        raise InputFileError(p, f"not a readable MRC movie: {_why(exc)}") from None
     if mrc.data is None or mrc.data.ndim not in (2, 3):
         mrc.close()
         raise InputFileError(p, "not an MRC image stack")
@@ -213,7 +225,7 @@ def _open_tiff(p: Path) -> Movie:
         first = pages.first
         n = len(pages)
     except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
-        raise InputFileError(p, f"not a readable TIFF movie: {exc}") from exc
+        raise InputFileError(p, f"not a readable TIFF movie: {_why(exc)}") from None
     h, w = first.shape[-2:]
     if first.compression in (65000, 65001, 65002):
         tif.close()
@@ -258,7 +270,7 @@ def _open_eer(p: Path, grouping: int, upsampling: int) -> Movie:
         tif = tifffile.TiffFile(p, superres=upsampling - 1)
         pages = [pg for pg in tif.pages if pg.compression in (65000, 65001, 65002)]
     except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
-        raise InputFileError(p, f"not a readable EER movie: {exc}") from exc
+        raise InputFileError(p, f"not a readable EER movie: {_why(exc)}") from None
     if not pages:
         tif.close()
         raise InputFileError(p, "no EER-compressed frames (compression 65000-65002)")
@@ -325,8 +337,10 @@ def read_gain(
                 g = g[::-1]
         else:
             raise InputFileError(p, f"unknown gain format {suffix!r} (MRC, TIFF or EPU .gain)")
-    except (OSError, ValueError) as exc:
-        raise InputFileError(p, f"cannot read the gain reference: {exc}") from exc
+    except InputFileError:
+        raise
+    except Exception as exc:  # a corrupt file: tifffile/mrcfile raise many kinds
+        raise InputFileError(p, f"cannot read the gain reference: {_why(exc)}") from None
     g = np.asarray(g, dtype=np.float32)
     if not np.all(np.isfinite(g)):
         raise InputFileError(p, "the gain reference holds NaN or infinite values")
@@ -368,14 +382,19 @@ def read_defects(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
                 raise InputFileError(p, f"line {n}: expected 'x y w h', got {line!r}")
             mask[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = True
         return mask
-    if p.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    try:
+        if p.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
 
-        img = tifffile.imread(p)[::-1]
-    else:
-        from tamis.io.mrc import read_mrc
+            img = tifffile.imread(p)[::-1]
+        else:
+            from tamis.io.mrc import read_mrc
 
-        img, _ = read_mrc(p)
+            img, _ = read_mrc(p)
+    except InputFileError:
+        raise
+    except Exception as exc:  # a corrupt file
+        raise InputFileError(p, f"cannot read the defect map: {_why(exc)}") from None
     img = img[0] if img.ndim == 3 else img
     if img.shape != shape:
         raise InputFileError(p, f"defect map is {img.shape}, the movie frames {shape}")

@@ -101,6 +101,11 @@ def _f(text: str | None) -> float | None:
         return None
 
 
+def _i(text: str | None) -> int | None:
+    v = _f(text)
+    return int(v) if v is not None and math.isfinite(v) and abs(v) < 2**31 else None
+
+
 def _key_values(elem: ET.Element | None) -> dict[str, ET.Element]:
     out: dict[str, ET.Element] = {}
     if elem is None:
@@ -129,7 +134,9 @@ def parse_epu_xml(path: str | Path) -> dict[str, Any]:
     custom = _key_values(root.find("so:CustomData", _NS))
     sr = 1
     if "SuperResolutionFactor" in specific:
-        sr = int(float(specific["SuperResolutionFactor"].text or 1))
+        sr = _i(specific["SuperResolutionFactor"].text) or 1
+        if sr not in (1, 2):
+            raise InputFileError(p, f"SuperResolutionFactor {sr}: expected 1 or 2")
     px = _f(root.findtext("so:SpatialScale/so:pixelSize/so:x/so:numericValue", None, _NS))
     if px:
         out["pixel_size"] = px * 1e10 / sr
@@ -149,16 +156,16 @@ def parse_epu_xml(path: str | Path) -> dict[str, Any]:
     if frac is not None:
         n = frac.find("{*}NumberOffractions")
         if n is not None and n.text:
-            out["n_frames"] = int(n.text)
+            out["n_frames"] = _i(n.text)
         fractions = frac.find("{*}DoseFractions")
         if fractions is not None:
             out["n_frames"] = len(list(fractions))
     dose = custom.get("Dose")
     if dose is not None and _f(dose.text):
-        out["total_dose"] = float(dose.text) * 1e-20  # e/m² -> e/Å²
+        out["total_dose"] = _f(dose.text) * 1e-20  # e/m² -> e/Å²
     defocus = custom.get("AppliedDefocus")
     if defocus is not None and _f(defocus.text) is not None:
-        out["defocus_um"] = float(defocus.text) * 1e6
+        out["defocus_um"] = _f(defocus.text) * 1e6
     name = custom.get("DetectorCommercialName")
     if name is not None and name.text:
         out["detector"] = name.text
@@ -167,10 +174,14 @@ def parse_epu_xml(path: str | Path) -> dict[str, Any]:
             out["mode"] = "EER"
             out["gain"] = Path(value.text.replace("\\", "/")).name
         elif key.endswith("].FrameRate") and _f(value.text):
-            out["eer_frame_rate"] = float(value.text)
+            out["eer_frame_rate"] = _f(value.text)
     out["instrument_id"] = (
         root.findtext("so:microscopeData/so:instrument/so:InstrumentID", "", _NS) or ""
     )
+    for key in ("pixel_size", "voltage", "total_dose", "exposure_time"):
+        v = out.get(key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise InputFileError(p, f"{key} {v}: not a positive finite number")
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 
@@ -188,7 +199,8 @@ def parse_mdoc(path: str | Path) -> dict[str, Any]:
     try:
         mdoc = Mdoc.from_file(p)
     except Exception as exc:  # mdocfile raises pydantic/parsing errors of several types
-        raise InputFileError(p, f"not a readable SerialEM .mdoc file: {exc}") from None
+        why = " ".join(str(exc).split())[:200]
+        raise InputFileError(p, f"not a readable SerialEM .mdoc file: {why}") from None
     if not mdoc.section_data:
         raise InputFileError(p, "no frame set in the .mdoc file")
     sec, glob_ = mdoc.section_data[0], mdoc.global_data
