@@ -121,3 +121,17 @@ def test_it_session_sets_up_prep_and_records(epu, tmp_path):
                                  str(epu / "session"), "--only_save"])  # fmt: skip
     assert r.exit_code == 1 and "--Cs" in r.output
     assert not (tmp_path / "p2" / "Schemes").exists()
+
+
+def test_mdoc_reader_agrees_with_mdocfile_where_it_is_installed():
+    """The text reader against teamtomo's mdocfile (a cross-check; it is not a dependency)."""
+    mdocfile = pytest.importorskip("mdocfile", reason="mdocfile not installed: cross-check skipped")
+    from tamis.prep.session import read_mdoc
+
+    for name in ("serialem_frame_set_single", "serialem_de_no_dose"):
+        header, sections = read_mdoc(DATA / f"{name}.mdoc")
+        df = mdocfile.read(DATA / f"{name}.mdoc")
+        assert len(sections) == len(df)
+        for key in ("NumSubFrames", "ExposureTime", "TargetDefocus", "ExposureDose"):
+            assert float(sections[0][key]) == pytest.approx(float(df[key].iloc[0]))
+        assert float(header["Voltage"]) == float(df["Voltage"].iloc[0])

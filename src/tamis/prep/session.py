@@ -10,7 +10,7 @@ Sources, in order (a later one fills what an earlier one lacks; a typed flag ove
    (``CustomData`` ``Dose``, e/m² -> e/Å²), fractions (``FractionationSettings`` or
    ``DoseFractions``), mode (counting, super-resolution, EER), detector, instrument ID, applied
    defocus; for EER the frame rate and the gain file name.
-2. SerialEM (``*.mdoc`` beside the movies, through ``mdocfile``): ``PixelSpacing`` (the saved
+2. SerialEM (``*.mdoc`` beside the movies): ``PixelSpacing`` (the saved
    frames'), ``Voltage``, ``FrameDosesAndNumber`` (else ``ExposureDose`` / ``NumSubFrames``),
    ``Binning`` (0.5: super-resolution), ``GainReference``, ``DefectFile``, ``TargetDefocus``.
 3. The movies' own headers: frame count and size (MRC, TIFF pages, EER frames), MRC voxel size,
@@ -42,6 +42,7 @@ __all__ = [
     "Acquisition",
     "parse_epu_xml",
     "parse_mdoc",
+    "read_mdoc",
     "read_session",
     "session_options",
     "session_base",
@@ -185,61 +186,84 @@ def parse_epu_xml(path: str | Path) -> dict[str, Any]:
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 
-def parse_mdoc(path: str | Path) -> dict[str, Any]:
-    """The values of a SerialEM ``.mdoc`` (its first frame set, the header for what the frame
-    set lacks) that set processing parameters; absent values are left out. Read through
-    ``mdocfile``'s data model (its DataFrame view drops a frame set's ``PixelSpacing`` when the
-    header has the same key)."""
-    import logging
-
-    from mdocfile.data_models import Mdoc
-
+def read_mdoc(path: str | Path) -> tuple[dict[str, str], list[dict[str, str]]]:
+    """A SerialEM ``.mdoc`` as text: the header's ``key = value`` pairs and one dict per section
+    (``[ZValue = n]``, ``[FrameSet = n]``, ``[MontSection = n]`` ...), values as written. Title
+    lines (``[T = ...]`` or a bare ``T = ...``) are skipped. (Written here rather than through
+    ``mdocfile``, which is not in the package indexes this project installs from, and whose
+    DataFrame view drops a frame set's ``PixelSpacing`` when the header has one.)"""
     p = Path(path)
-    logging.getLogger("mdocfile").setLevel(logging.ERROR)  # it warns about every unknown key
     try:
-        mdoc = Mdoc.from_file(p)
-    except Exception as exc:  # mdocfile raises pydantic/parsing errors of several types
-        why = " ".join(str(exc).split())[:200]
-        raise InputFileError(p, f"not a readable SerialEM .mdoc file: {why}") from None
-    if not mdoc.section_data:
-        raise InputFileError(p, "no frame set in the .mdoc file")
-    sec, glob_ = mdoc.section_data[0], mdoc.global_data
+        text = p.read_bytes().decode("utf-8", errors="strict")
+    except UnicodeDecodeError:
+        raise InputFileError(p, "not a SerialEM .mdoc file (not UTF-8 text)") from None
+    except OSError as exc:
+        raise InputFileError(p, f"cannot read ({exc.strerror})") from None
+    header: dict[str, str] = {}
+    sections: list[dict[str, str]] = []
+    current = header
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line:
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            key = line[1:-1].split("=", 1)[0].strip()
+            if key != "T":
+                current = {"__section__": line[1:-1].strip()}
+                sections.append(current)
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip():
+            raise InputFileError(p, f"line {n}: expected 'key = value', got {raw[:60]!r}")
+        if key.strip() != "T":
+            current[key.strip()] = value.strip()
+    if not header and not sections:
+        raise InputFileError(p, "not a SerialEM .mdoc file (no 'key = value' line)")
+    return header, sections
 
-    def get(name: str) -> Any:
-        for obj in (sec, glob_):
-            v = getattr(obj, name, None)
-            if v is None and obj.model_extra:
-                v = obj.model_extra.get(name)
-            if v is not None and not (isinstance(v, float) and math.isnan(v)):
-                return v
-        return None
+
+def parse_mdoc(path: str | Path) -> dict[str, Any]:
+    """The values of a SerialEM ``.mdoc`` (its first section, the header for what the section
+    lacks) that set processing parameters; absent values are left out."""
+    p = Path(path)
+    header, sections = read_mdoc(p)
+    if not sections:
+        raise InputFileError(p, "no frame set or section in the .mdoc file")
+    sec = sections[0]
+
+    def get(name: str) -> str | None:
+        return sec.get(name, header.get(name))
 
     out: dict[str, Any] = {}
-    out["pixel_size"] = _f(str(get("PixelSpacing") or ""))
-    out["voltage"] = _f(str(get("Voltage") or ""))
-    out["exposure_time"] = _f(str(get("ExposureTime") or ""))
-    binning = _f(str(get("Binning") or ""))
+    out["pixel_size"] = _f(get("PixelSpacing"))
+    out["voltage"] = _f(get("Voltage"))
+    out["exposure_time"] = _f(get("ExposureTime"))
+    binning = _f(get("Binning"))
     out["mode"] = "Super-resolution" if binning == 0.5 else "Counting"
-    fd = get("FrameDosesAndNumbers") or get("FrameDosesAndNumber")
-    if fd is not None:
-        flat = str(fd).replace("(", " ").replace(")", " ").replace(",", " ").replace("[", " ")
-        vals = [float(v) for v in flat.replace("]", " ").split()]
+    fd = get("FrameDosesAndNumber")
+    if fd:
+        vals = [_f(v) for v in fd.split()]
+        if len(vals) % 2 or any(v is None or not math.isfinite(v) for v in vals):
+            raise InputFileError(p, f"FrameDosesAndNumber {fd!r}: expected dose/count pairs")
         doses, counts = vals[0::2], vals[1::2]
-        if counts and sum(counts) > 0:
-            out["n_frames"] = int(sum(counts))
+        if sum(counts) > 0:
+            out["n_frames"] = _i(str(sum(counts)))
             if any(doses):
-                out["total_dose"] = sum(d * c for d, c in zip(doses, counts, strict=False))
-    n_sub = get("NumSubFrames")
-    if "n_frames" not in out and n_sub is not None:
-        out["n_frames"] = int(float(n_sub))
-    exposure = _f(str(get("ExposureDose") or ""))
+                out["total_dose"] = sum(d * c for d, c in zip(doses, counts, strict=True))
+    if "n_frames" not in out:
+        out["n_frames"] = _i(get("NumSubFrames"))
+    exposure = _f(get("ExposureDose"))
     if "total_dose" not in out and exposure:
         out["total_dose"] = exposure
-    out["gain"] = str(get("GainReference") or "")
-    out["defect_file"] = str(get("DefectFile") or "")
-    target = _f(str(get("TargetDefocus") or ""))
+    out["gain"] = get("GainReference") or ""
+    out["defect_file"] = get("DefectFile") or ""
+    target = _f(get("TargetDefocus"))
     if target is not None:
         out["defocus_um"] = target
+    for key in ("pixel_size", "voltage", "total_dose", "exposure_time"):
+        v = out.get(key)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise InputFileError(p, f"{key} {v}: not a positive finite number")
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 
