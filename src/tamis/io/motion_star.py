@@ -34,6 +34,7 @@ class MovieMotion:
     n_patches_kept: int = 0
     seconds: float = 0.0
     stages: dict[str, float] = field(default_factory=dict)  # seconds per step
+    ps_pixel_size: float = 0.0  # header pixel size of the power spectrum written, if any
 
 
 def write_motion_star(

@@ -119,8 +119,6 @@ class MotionCorrOptions:
             raise TamisError("--float16 needs --grouping_for_ps > 0 (CTF estimation reads the PS)")
         if self.ps_size % 2:
             raise TamisError(f"--ps_size {self.ps_size}: must be even")
-        if self.patch_x == 2 or self.patch_y == 2:
-            pass  # RELION warns; local alignment needs both > 2 and is simply not done
 
     @property
     def local(self) -> bool:
@@ -236,7 +234,6 @@ def correct_movie(
         hy, hx = np.nonzero(hot_mask)
         hot = np.stack([hx, hy], 1)
         bad |= hot_mask
-    gain_t = None if gain is None else torch.from_numpy(gain).to(dev)
     stage("gain, defects")
     # spectra of every frame (gain, repair, FFT a batch at a time), Fourier-cropped at once with
     # early binning
@@ -249,7 +246,7 @@ def correct_movie(
         # the (possibly flipped) counts made contiguous first: converting a negative-stride
         # view to float directly is several times slower
         frames = np.ascontiguousarray(raw[a : a + o.chunk]).astype(np.float32, copy=False)
-        if gain_t is None and bad is None:
+        if gain is None and bad is None:
             batch = torch.from_numpy(frames).to(dev)
         else:
             if gain is not None:
@@ -263,10 +260,10 @@ def correct_movie(
             spectra[a : a + o.chunk] = crop_fourier(torch.fft.rfft2(batch, norm="forward"), work)
     del raw, frames, batch
     images: dict[str, np.ndarray] = {}
+    ps_apix = 0.0
     apix_work = pixel_size * prescale
     if o.grouping_for_ps > 0:
         images["PS"], ps_apix = _power_spectrum(spectra, work, apix_work, o)
-        images["_ps_apix"] = np.array(ps_apix)
     stage("FFT")
     # global alignment (the shifts are applied later, where the spectra are used)
     bf = o.bfactor / prescale**2
@@ -320,6 +317,7 @@ def correct_movie(
         n_patches_kept=kept,
         seconds=time.perf_counter() - t0,
         stages=stages,
+        ps_pixel_size=ps_apix,
     )
     return motion, images
 
@@ -730,7 +728,7 @@ def _write_movie(
     if "noDW" in images:
         write_mrc(f"{root}_noDW.mrc", images["noDW"], apix_out, float16=o.float16)
     if "PS" in images:
-        write_mrc(f"{root}_PS.mrc", images["PS"], float(images["_ps_apix"]))
+        write_mrc(f"{root}_PS.mrc", images["PS"], motion.ps_pixel_size)
     write_motion_star(
         root.with_suffix(".star"), motion, movie=movie, pixel_size=apix, voltage=kv,
         dose_per_frame=o.dose_per_frame, pre_exposure=pre + o.preexposure,
