@@ -257,3 +257,16 @@ def test_the_prep_scheme_from_movies(project):
     assert "rlnMicrographNameNoDW" in ctf
     true = read_star("micrographs.star")["micrographs"]["rlnDefocusU"].to_numpy()  # the truth
     assert np.abs(ctf["rlnDefocusU"].to_numpy() - true).max() < 0.05 * true.max()
+
+
+def test_relions_motion_metadata_reads_and_gives_relions_accumulated_motion():
+    """A per-movie STAR written by RELION 5.0.1 (tests/data): read back, and the accumulated
+    motion recomputed from its shifts equals what RELION wrote in corrected_micrographs.star."""
+    from tamis.prep.motion import accumulated_motion
+
+    m = read_motion_star(Path(__file__).parent / "data" / "star" / "relion_motioncorr_movie.star")
+    assert (m.n_frames, m.shape, m.first) == (40, (1024, 1024), 0)
+    assert m.local_coeffs is not None and m.local_coeffs.shape == (2, 18)
+    assert m.global_shifts[1] == pytest.approx([-0.06941, -0.26835])
+    total, early, late = accumulated_motion(m.global_shifts, dose_per_frame=1.0)
+    assert (total, early, late) == pytest.approx((16.672851, 2.462960, 14.209891), abs=2e-5)
