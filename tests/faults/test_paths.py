@@ -5,6 +5,7 @@ is replaced by the new file, the outside file left untouched."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -69,3 +70,46 @@ def test_an_output_link_is_replaced_not_followed(tmp_path):
     write_star({"particles": pd.DataFrame({"rlnCoordinateX": [1.0]})}, out)
     assert victim.read_text() == "keep me\n"
     assert not out.is_symlink() and "rlnCoordinateX" in out.read_text()
+
+
+def test_reads_are_confined_to_the_project_inside_a_job(tmp_path, monkeypatch):
+    from tamis.errors import InputFileError
+    from tamis.io.paths import checked, confined_to
+
+    root, outside = _project(tmp_path)
+    (outside / "data").mkdir()
+    (root / "Movies").symlink_to(outside / "data")  # raw data linked in, as RELION expects
+    monkeypatch.chdir(root)
+    with confined_to(root):
+        for ok in ("Micrographs/a.mrc", str(root / "Extract/x.mrcs"), "Movies/m.tif"):
+            assert checked(ok, "in.star") == Path(ok)
+        for bad in ("../outside/data/m.tif", str(outside / "data/m.tif"), "a/../../x.mrc"):
+            with pytest.raises(InputFileError, match="outside the project"):
+                checked(bad, "in.star")
+        with confined_to(root, allow_outside=True):
+            assert checked("../outside/data/m.tif", "in.star")
+    monkeypatch.setenv("TAMIS_ALLOW_OUTSIDE", "1")
+    with confined_to(root):
+        assert checked("../outside/data/m.tif", "in.star")
+    assert checked("/anywhere/at/all.mrc", None)  # outside a job nothing is confined
+
+
+def test_a_job_reading_micrographs_named_outside_fails_unless_asked(tmp_path, monkeypatch):
+    from tamis.io.star import read_star
+    from tests.helpers import tiny_micrographs
+
+    root, outside = _project(tmp_path)
+    star = tiny_micrographs(outside / "sim", size=256, per=3)
+    blocks = read_star(star)
+    blocks["micrographs"]["rlnMicrographName"] = [
+        str(outside / "sim" / n) for n in blocks["micrographs"]["rlnMicrographName"]
+    ]
+    monkeypatch.chdir(root)
+    write_star(blocks, root / "mics.star")
+    p = Project(root)
+    opts = {"input_star_mics": "mics.star", "box": "128", "resmax": "8"}
+    job = p.schedule("relion.ctffind", opts)
+    assert p.run(job.name) == "Failed"
+    assert "outside the project" in (root / job.name / "run.err").read_text()
+    job = p.schedule("relion.ctffind", {**opts, "tamis_allow_outside": "Yes"})
+    assert p.run(job.name) == "Succeeded"

@@ -54,8 +54,10 @@ class MicrographSet:
         return self.micrographs["rlnMicrographName"].astype(str).tolist()
 
     def path(self, i: int) -> Path:
+        from tamis.io.paths import checked
+
         p = Path(self.names[i])
-        return p if p.is_absolute() else self.root / p
+        return checked(p if p.is_absolute() else self.root / p, self.source)
 
     def _optics_row(self, i: int) -> pd.Series | None:
         if self.optics is None or not len(self.optics):

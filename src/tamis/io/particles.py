@@ -231,8 +231,10 @@ class ParticleSet:
     # ---- images -------------------------------------------------------------------------
 
     def stack_path(self, code: int) -> Path:
+        from tamis.io.paths import checked
+
         p = Path(self._stack_paths[code])
-        return p if p.is_absolute() else self.root / p
+        return checked(p if p.is_absolute() else self.root / p, self.source)
 
     def validate(self) -> None:
         """Check that every stack exists, has the box size, and holds every index asked of it."""

@@ -589,7 +589,10 @@ def run_job(job_dir: str | Path) -> str:
     jt = job_type(job.type_label)
     merged = JobStar(job.type_label, job.is_continue, job.is_tomo, {**jt.defaults, **job.options})
     status = "Succeeded"
-    with open(d / "run.err", "a") as err:
+    from tamis.io.paths import confined_to
+
+    allow = merged.get_bool("tamis_allow_outside")
+    with open(d / "run.err", "a") as err, confined_to(lexical.parent.parent, allow):
         try:
             nodes = jt.run(merged, d)
             if nodes is not None:

@@ -48,6 +48,7 @@ from tamis.io.movies import (
     read_gain,
 )
 from tamis.io.mrc import write_mrc
+from tamis.io.paths import checked
 from tamis.io.star import atomic_path, read_star, write_star
 from tamis.motion_model import evaluate_polynomial, fit_polynomial, resample_polynomial
 from tamis.prep.motion import DoseWeighting, accumulated_motion, align_spectra, frame_groups
@@ -641,6 +642,7 @@ def run_motioncorr(
     with progress_bar(len(movies), "Motion correction", enabled=show_progress) as bar:
         for _, row in movies.iterrows():
             name = str(row["rlnMicrographMovieName"])
+            checked(name, movies_star)
             root = output_root(name, out)
             done = root.with_suffix(".mrc").is_file() and root.with_suffix(".star").is_file()
             if o.grouping_for_ps > 0:
