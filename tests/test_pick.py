@@ -33,11 +33,13 @@ def test_log_fom_single_scale_against_numpy():
     g = np.random.default_rng(0)
     img = g.standard_normal((48, 64))
     best, size = log_fom(torch.from_numpy(img).float(), 2.0, [30.0])
-    f = np.fft.fft2(img)
-    fy = np.fft.fftfreq(48, d=2.0)[:, None]
-    fx = np.fft.fftfreq(64, d=2.0)[None, :]
+    pad = 15  # the filter's reach (30 A at 2 A/px): the image mirrored at its sides
+    big = np.pad(img, pad, mode="reflect")
+    f = np.fft.fft2(big)
+    fy = np.fft.fftfreq(big.shape[0], d=2.0)[:, None]
+    fx = np.fft.fftfreq(big.shape[1], d=2.0)[None, :]
     x2 = 4 * 30.0**2 * (fx**2 + fy**2)
-    want = np.fft.ifft2(f * x2 * np.exp(-x2 / 2)).real
+    want = np.fft.ifft2(f * x2 * np.exp(-x2 / 2)).real[pad:-pad, pad:-pad]
     np.testing.assert_allclose(best.numpy(), want, atol=1e-4)
     assert (size == 30.0).all()
     assert log_diameters(100, 150) == [20, 25, 33, 50, 100, 125, 150, 300, 450, 600, 750]
@@ -244,3 +246,40 @@ def test_cli_pick_and_extract(mics, tmp_path, monkeypatch):
         ],
     )
     assert bad.exit_code == 1 and "LoG diameters" in bad.output
+
+
+def test_a_bright_side_is_neither_wrapped_round_nor_picked_within_half_a_box():
+    """A flat micrograph with bright bands along two sides: no LoG pick on the opposite sides
+    (the filters mirror the image instead of wrapping it), and none at all with the default edge
+    exclusion of the pipeline (half a box; RELION's box 1.5 x the diameter)."""
+    from tamis.io.coords import read_coordinate_list, read_coordinates
+    from tamis.io.micrographs import MicrographSet
+    from tamis.io.mrc import write_mrc
+    from tamis.pick.jobs import PickJob, run_picker
+    from tamis.schemes.it import derived_options
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(size=(1024, 1024)).astype(np.float32)
+    img[:, :30] += 5.0  # left side
+    img[-25:, :] += 5.0  # last rows
+    mic = Micrograph("band", torch.from_numpy(img), 1.5)
+    p = pick_log(mic, LogOptions(100, 150))
+    far = (p.x > 900) | ((p.y < 100) & (p.x > 100))  # the sides opposite the bands
+    assert len(p.x) and not far.any(), np.c_[p.x, p.y]
+    edge = derived_options(1.5, 150)["proc__autopick__tamis_edge"]
+    assert edge == pytest.approx(150 * 1.5 / 2)  # box ceil(1.5 x 150 A / 1.5 A) = 150 px
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        write_mrc(f"{d}/band.mrc", img, 1.5)
+        ms = MicrographSet(
+            pd.DataFrame({"rlnOpticsGroup": [1], "rlnMicrographPixelSize": [1.5]}),
+            pd.DataFrame({"rlnMicrographName": [f"{d}/band.mrc"], "rlnOpticsGroup": [1]}),
+            Path(d),
+        )
+        star = run_picker(ms, f"{d}/out", lambda m, _k: pick_log(m, LogOptions(100, 150)),
+                          PickJob(diameter=150, edge=edge), log=lambda s: None)  # fmt: skip
+        (coords,) = read_coordinate_list(star).values()
+        table = read_coordinates(coords)
+        xy = table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(float)
+        assert not ((xy[:, 0] < 100) | (xy[:, 1] > 1024 - 100)).any(), xy

@@ -118,3 +118,20 @@ def test_spectrum_image_is_the_full_plane_power_spectrum():
     full = full_plane(amp)
     t = img.numpy() - img.numpy().mean()
     np.testing.assert_allclose(full.numpy(), np.abs(np.fft.fft2(t)), rtol=1e-8, atol=1e-8)
+
+
+def test_ctf_on_pure_noise_reports_no_confidence():
+    """No Thon rings (white noise, or noise smoothed as in a denoised JPEG): the fit resolution
+    stays at the lowest resolution searched and the figure of merit near 0, so the pipeline's
+    micrograph selection (rlnCtfMaxResolution <= 6 A by default) drops the micrograph."""
+    import torch
+
+    from tamis.prep.ctffind import CtfFindOptions, estimate_ctf
+
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn((1024, 1024), generator=g)
+    smooth = torch.nn.functional.avg_pool2d(white[None, None], 5, 1, 2)[0, 0]
+    for img in (white, smooth):
+        fit = estimate_ctf(img, 1.5, voltage=300, spherical_aberration=2.7,
+                           amplitude_contrast=0.1, options=CtfFindOptions(box=256))  # fmt: skip
+        assert fit.max_resolution >= 30 and fit.figure_of_merit < 0.15

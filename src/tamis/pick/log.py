@@ -56,9 +56,15 @@ def log_diameters(dmin: float, dmax: float, max_search: int = 5) -> list[float]:
 def log_fom(
     image: torch.Tensor, pixel_size: float, diameters: list[float]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best LoG response and its diameter per pixel of ``image`` (already prepared)."""
+    """Best LoG response and its diameter per pixel of ``image`` (already prepared). The image
+    is mirrored at its sides by the widest filter's reach before the FFT filters, so a bright
+    border does not wrap round onto the opposite side (where it would be picked)."""
+    h0, w0 = image.shape
+    pad = min(h0 - 1, w0 - 1, int(np.ceil(max(diameters) / pixel_size)))
+    image = torch.nn.functional.pad(image.to(torch.float32)[None, None], (pad,) * 4,
+                                    mode="reflect")[0, 0]  # fmt: skip
     h, w = image.shape
-    spec = torch.fft.rfft2(image.to(torch.float32), norm="forward")
+    spec = torch.fft.rfft2(image, norm="forward")
     fy = torch.fft.fftfreq(h, d=pixel_size, device=image.device)[:, None]
     fx = torch.fft.rfftfreq(w, d=pixel_size, device=image.device)[None, :]
     f2 = fx * fx + fy * fy
@@ -70,7 +76,7 @@ def log_fom(
         better = resp > best
         best = torch.where(better, resp, best)
         size = torch.where(better, torch.full_like(size, d), size)
-    return best, size
+    return best[pad : pad + h0, pad : pad + w0], size[pad : pad + h0, pad : pad + w0]
 
 
 def pick_log(mic: Micrograph, options: LogOptions) -> Picks:

@@ -85,9 +85,13 @@ def _rotate(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
 def template_fom(image: torch.Tensor, templates: torch.Tensor, mask_radius: float, batch: int = 64):
     """Best normalised cross-correlation per pixel of ``image`` ``(h, w)`` over ``templates``
     ``(R, m, m)`` (zero-mean, unit-norm, masked; centred at ``m // 2``), and the best index."""
-    h, w = image.shape
+    h0, w0 = image.shape
     m = templates.shape[-1]
-    img = image.to(torch.float32)
+    # mirrored at the sides by half a template: correlations near a side see the mirror, not
+    # the opposite side wrapped round
+    pad = min(h0 - 1, w0 - 1, m // 2)
+    img = F.pad(image.to(torch.float32)[None, None], (pad,) * 4, mode="reflect")[0, 0]
+    h, w = img.shape
     spec = torch.fft.rfft2(img)
     mask = (radius_map(m, device=img.device) <= mask_radius).to(torch.float32)
     k = float(mask.sum())
@@ -111,7 +115,7 @@ def template_fom(image: torch.Tensor, templates: torch.Tensor, mask_radius: floa
         better = v > best
         best = torch.where(better, v, best)
         arg = torch.where(better, i + s, arg)
-    return best, arg
+    return best[pad : pad + h0, pad : pad + w0], arg[pad : pad + h0, pad : pad + w0]
 
 
 def pick_template(

@@ -175,7 +175,17 @@ def _run_select_values(job: JobStar, out: Path) -> Nodes:
     if label not in table.columns:
         raise TamisError(f"{source}: has no column {label} to select on")
     v = table[label].astype(float)
-    keep = (v >= _f(job, "select_minval", -9999)) & (v <= _f(job, "select_maxval", 9999))
+    lo, hi = _f(job, "select_minval", -9999), _f(job, "select_maxval", 9999)
+    keep = (v >= lo) & (v <= hi)
+    if (~keep).any():  # say which were dropped and why
+        first = "rlnMicrographName" if "rlnMicrographName" in table else table.columns[0]
+        dropped = ", ".join(
+            f"{n} ({x:g})" for n, x in zip(table.loc[~keep, first][:5], v[~keep][:5], strict=True)
+        )
+        _job_log(
+            f"kept {int(keep.sum())} of {len(table)} {name}: {label} outside [{lo:g}, {hi:g}] "
+            f"for {int((~keep).sum())}: {dropped}{' ...' if (~keep).sum() > 5 else ''}"
+        )
     blocks[name] = table[keep].reset_index(drop=True)
     target = out / f"{name}.star"
     write_star(blocks, target)
@@ -248,7 +258,11 @@ def _run_log(job: JobStar, out: Path) -> Nodes:
         ms,
         out,
         lambda m, _k: pick_log(m, opts),
-        PickJob(diameter=opts.diameter_max, only_do_unfinished=job.is_continue),
+        PickJob(
+            diameter=opts.diameter_max,
+            edge=_f(job, "tamis_edge", 0),
+            only_do_unfinished=job.is_continue,
+        ),  # fmt: skip
         log=_job_log,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
@@ -271,8 +285,11 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
         out,
         lambda m, _k: picker.pick(m),
         PickJob(
-            diameter=diameter, expected=n if n > 0 else None, only_do_unfinished=job.is_continue
-        ),
+            diameter=diameter,
+            expected=n if n > 0 else None,
+            edge=_f(job, "tamis_edge", 0),
+            only_do_unfinished=job.is_continue,
+        ),  # fmt: skip
         log=_job_log,
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]

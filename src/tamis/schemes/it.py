@@ -12,7 +12,8 @@ and keyword values override earlier ones. The options in force are saved as
 Derived values, as relion_it.py's GUI: mask diameter 1.1 x the particle diameter; box
 ceil(1.5 x diameter / angpix) made even; the down-sampled box the first of RELION's list with
 angpix x box / small < 3.75 A (never larger than the box); LoG diameters ``circularity`` x
-diameter to the diameter; the deep picker's diameter the particle diameter.
+diameter to the diameter; the deep picker's diameter the particle diameter. tamis's own: no
+picks within half a box of a micrograph side (``proc__autopick__tamis_edge``, Å).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def derived_options(
                 "proc__extract__extract_size": box,
                 "proc__extract__do_rescale": small < box,
                 "proc__extract__rescale": small,
+                # no picks within half a box of a side: their boxes would cross the border
+                "proc__autopick__tamis_edge": round(box * angpix / 2, 1),
             }
         )
     return out
