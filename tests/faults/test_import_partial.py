@@ -41,3 +41,30 @@ def test_import_waits_for_files_being_written(tmp_path, monkeypatch):
                      "Micrographs/e.tif"]  # fmt: skip
     with pytest.raises(TamisError, match="still being written"):
         import_micrographs("Micrographs/d.mrc", tmp_path / "I2", opts)
+
+
+def test_a_continued_import_keeps_earlier_rows_first(tmp_path, monkeypatch):
+    """RELION's --continue: rows already listed keep their order, new files follow (sorted),
+    even when a new file sorts before the old ones."""
+    import mrcfile
+    import numpy as np
+
+    from tamis.io.star import read_star
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Micrographs").mkdir()
+
+    def mic(name):
+        with mrcfile.new(tmp_path / "Micrographs" / name) as m:
+            m.set_data(np.zeros((8, 8), np.float32))
+
+    mic("b.mrc")
+    mic("d.mrc")
+    opts = ImportOptions(angpix=1.0)
+    star = import_micrographs("Micrographs/*.mrc", tmp_path / "Import", opts)
+    mic("a.mrc")
+    mic("c.mrc")
+    star = import_micrographs("Micrographs/*.mrc", tmp_path / "Import", opts)
+    names = read_star(star)["micrographs"]["rlnMicrographName"].tolist()
+    assert names == ["Micrographs/b.mrc", "Micrographs/d.mrc", "Micrographs/a.mrc",
+                     "Micrographs/c.mrc"]  # fmt: skip

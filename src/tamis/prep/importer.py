@@ -1,10 +1,11 @@
 """Importing micrographs or movies into a RELION project (``relion_import``): the files matching a
 pattern become ``micrographs.star`` (or ``movies.star``) with one optics group.
 
-Re-running the import (a scheme's ``continue`` job) picks up files that appeared since: the
-output is rewritten with every matching file, in sorted order, as RELION does. Files still being
-written are left for the next pass: an MRC file until it holds every byte its header promises,
-other formats (TIFF, EER) until they have not changed for ``min_age_s`` seconds.
+Re-running the import (a scheme's ``continue`` job) picks up files that appeared since, as
+RELION's ``--continue``: the rows already listed keep their order, new files follow in sorted
+order. Files still being written are left for the next pass: an MRC file until it holds every
+byte its header promises, other formats (TIFF, EER) until they have not changed for
+``min_age_s`` seconds.
 """
 
 from __future__ import annotations
@@ -95,7 +96,15 @@ def import_micrographs(
     if not movies:
         optics["rlnMicrographPixelSize"] = [options.angpix]
     label = "rlnMicrographMovieName" if movies else "rlnMicrographName"
-    table = pd.DataFrame({label: files, "rlnOpticsGroup": 1})
     out = Path(out_dir) / ("movies.star" if movies else "micrographs.star")
+    if out.is_file():  # a continued import: earlier rows first, in their order
+        from tamis.io.star import read_star
+
+        old = read_star(out).get("movies" if movies else "micrographs")
+        if isinstance(old, pd.DataFrame) and label in old:
+            listed = [str(n) for n in old[label]]
+            seen = set(listed)
+            files = listed + [f for f in files if f not in seen]
+    table = pd.DataFrame({label: files, "rlnOpticsGroup": 1})
     write_star({"optics": pd.DataFrame(optics), "movies" if movies else "micrographs": table}, out)
     return out
