@@ -236,3 +236,43 @@ def test_hot_pixels_and_seeded_repair():
         assert match, (y, x)
     untouched = ~bad
     np.testing.assert_array_equal(a[:, untouched], frames[:, untouched])
+
+
+def test_motion_correction_of_an_eer_movie(tmp_path, monkeypatch):
+    """An EER movie through motion correction: fractions of --eer_grouping raw frames, RELION's
+    EER labels in the per-movie STAR."""
+    import pandas as pd
+
+    from tamis.io.star import read_star, write_star
+    from tamis.prep.motioncorr import MotionCorrOptions, run_motioncorr
+
+    side, n_raw = 64, 30
+    rng = np.random.default_rng(4)
+    events = []
+    for _ in range(n_raw):
+        pos = np.sort(rng.choice(side * side, 400, replace=False))
+        events.append((pos, rng.integers(0, 16, pos.size)))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "Movies").mkdir()
+    _write_eer(tmp_path / "Movies" / "m.eer", events, side)
+    write_star(
+        {
+            "optics": pd.DataFrame(
+                {
+                    "rlnOpticsGroupName": ["g"],
+                    "rlnOpticsGroup": [1],
+                    "rlnMicrographOriginalPixelSize": [1.0],
+                    "rlnVoltage": [300.0],
+                }
+            ),  # fmt: skip
+            "movies": pd.DataFrame(
+                {"rlnMicrographMovieName": ["Movies/m.eer"], "rlnOpticsGroup": [1]}
+            ),  # fmt: skip
+        },
+        "movies.star",
+    )
+    o = MotionCorrOptions(eer_grouping=10, dose_per_frame=1.0)
+    star = run_motioncorr("movies.star", "MC", o, log=lambda s: None)
+    assert len(read_star(star)["micrographs"]) == 1
+    g = read_star("MC/Movies/m.star")["general"]
+    assert (g["rlnImageSizeZ"], g["rlnEERGrouping"], g["rlnEERUpsampling"]) == (3, 10, 1)
