@@ -85,6 +85,8 @@ def test_monitor_on_the_demo_project(demo, tmp_path):
         pages = ("/", "/micrographs", f"/micrograph?name={first}",
                  f"/class2d?job={job}", "/map", f"/job?name={job}")  # fmt: skip
         screenshot_pages(browser, server, pages, tmp_path)
+        browser.get(server + pages[2])  # a micrograph made from a movie: its motion plot
+        assert browser.find_elements(By.CSS_SELECTOR, 'img[alt="motion"]')
         new_micrograph_appears(browser, server, project, "Micrographs/mic_99999.mrc")
         browser.get(server + f"/class2d?job={job}")
         chosen = browser.find_elements(By.CSS_SELECTOR, ".cls.sel")

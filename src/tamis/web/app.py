@@ -208,7 +208,7 @@ class _Monitor:
                                  title="Picks per micrograph", xlabel="micrograph"),
         ]  # fmt: skip
         if "motion" in t:
-            plots.insert(0, render.line_plot_svg(x, {"motion (A)": t["motion"].to_numpy(float)},
+            plots.insert(0, render.line_plot_svg(x, {"motion (px)": t["motion"].to_numpy(float)},
                                                  title="Accumulated motion", xlabel="micrograph"))  # fmt: skip
         shown = t.iloc[::-1].iloc[:TABLE_ROWS]  # the newest first; plots hold them all
         rows = "".join(
@@ -404,6 +404,14 @@ def create_app(project: str | Path, *, token: str | None = None, poll_ms: int = 
                     f'<p><img alt="power spectrum" src="/img/ctf?name={_q(name)}"><br>'
                     "amplitude spectrum (left) and the fitted |CTF| (right)</p>"
                 )
+        shifts, movie_log = view.motion_files(root, name)
+        if shifts is not None:
+            body += (
+                f'<p><img alt="motion" src="/file?path={_q(shifts)}"><br>motion correction: the '
+                "global track and the local model's residual tracks"
+                + (f' (<a href="/file?path={_q(movie_log)}">log</a>)' if movie_log else "")
+                + "</p>"
+            )
         return mon.page(name, "micrographs", body)
 
     def class2d(request: Request) -> Response:

@@ -143,8 +143,9 @@ def _newest(root: Path, pattern: str) -> Path | None:
 
 def micrographs(root: Path) -> pd.DataFrame:
     """One row per micrograph of the newest CTF job, in acquisition (file) order: name, defocus
-    (mean of U and V, Å), astigmatism (Å), CTF max resolution (Å), accumulated motion (Å, when
-    the motion job wrote it) and picks from the newest picking job (NaN when not picked)."""
+    (mean of U and V, Å), astigmatism (Å), CTF max resolution (Å), accumulated motion (pixels,
+    as RELION writes it, when motion correction ran) and picks from the newest picking job (NaN
+    when not picked)."""
     star = _newest(root, "CtfFind/job*/micrographs_ctf.star")
     if star is None:
         return pd.DataFrame(columns=["name", "defocus", "astigmatism", "max_resolution", "picks"])
@@ -158,6 +159,22 @@ def micrographs(root: Path) -> pd.DataFrame:
     counts = _pick_counts(root)
     out["picks"] = [counts.get(n, np.nan) for n in out["name"]]
     return out.reset_index(drop=True)
+
+
+def motion_files(root: Path, micrograph: str) -> tuple[str | None, str | None]:
+    """A motion-corrected micrograph's shift plot and log (``<root>_shifts.png``, ``<root>.log``
+    beside it, as motion correction writes them), project-relative, or None."""
+    p = Path(micrograph)
+    if p.suffix.lower() != ".mrc":
+        return None, None
+    plot = p.with_name(p.stem + "_shifts.png")
+    log = p.with_suffix(".log")
+    try:
+        plot_ok = inside(root, str(plot)).is_file()
+        log_ok = inside(root, str(log)).is_file()
+    except PathOutsideProject:
+        return None, None
+    return (str(plot) if plot_ok else None), (str(log) if log_ok and plot_ok else None)
 
 
 def ctf_of(root: Path, micrograph: str) -> dict | None:
