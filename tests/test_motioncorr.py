@@ -17,7 +17,7 @@ from tamis.fourier import frc
 from tamis.io.motion_star import read_motion_star
 from tamis.io.movies import open_movie
 from tamis.io.mrc import read_mrc
-from tamis.io.star import read_star
+from tamis.io.star import read_star, write_star
 from tamis.motion_model import evaluate_polynomial
 from tamis.prep.motioncorr import MotionCorrOptions, output_root, parse_other_args, run_motioncorr
 from tamis.simulate.movies import MovieSimulation, simulate_movies
@@ -270,3 +270,23 @@ def test_relions_motion_metadata_reads_and_gives_relions_accumulated_motion():
     assert m.global_shifts[1] == pytest.approx([-0.06941, -0.26835])
     total, early, late = accumulated_motion(m.global_shifts, dose_per_frame=1.0)
     assert (total, early, late) == pytest.approx((16.672851, 2.462960, 14.209891), abs=2e-5)
+
+
+def test_ctf_from_motion_corrections_power_spectrum(project):
+    """RELION's use_given_ps: the CTF fitted on motion correction's _PS.mrc (amplitudes of
+    unaligned frame groups) instead of the sum; defocus within 10% of the truth. (On the demo's
+    16 movies it was less accurate than the noDW sum: median error 20 A against 11 A.)"""
+    from tamis.prep.ctffind import CtfFindOptions, run_ctffind
+
+    o = MotionCorrOptions(gain="gain.mrc", grouping_for_ps=4, ps_size=256)
+    star = run_motioncorr("movies.star", "MC", o, log=lambda s: None)
+    ctf = run_ctffind(star, "CTF", CtfFindOptions(box=256, max_resolution=6), use_given_ps=True,
+                      log=lambda s: None)  # fmt: skip
+    est = read_star(ctf)["micrographs"]["rlnDefocusU"].to_numpy()
+    true = read_star("micrographs.star")["micrographs"]["rlnDefocusU"].to_numpy()
+    assert np.abs(est - true).max() < 0.1 * true.max()
+    blocks = read_star(star)
+    blocks["micrographs"] = blocks["micrographs"].drop(columns="rlnCtfPowerSpectrum")
+    write_star(blocks, "no_ps.star")
+    with pytest.raises(TamisError, match="rlnCtfPowerSpectrum"):
+        run_ctffind("no_ps.star", "CTF2", use_given_ps=True)

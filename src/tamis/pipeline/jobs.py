@@ -90,6 +90,7 @@ def _run_ctffind(job: JobStar, out: Path) -> Nodes:
         opts,
         only_do_unfinished=job.is_continue,
         use_noDW=job.get_bool("use_noDW"),
+        use_given_ps=job.get_bool("use_given_ps"),
         log=_job_log,
     )
     return [(str(star), "MicrographGroupMetadata.star.relion.ctf")]

@@ -29,7 +29,7 @@ import torch
 
 from tamis._progress import progress_bar
 from tamis.ctf import compute_ctf, electron_wavelength
-from tamis.errors import TamisError
+from tamis.errors import InputFileError, TamisError
 from tamis.io.coords import pipeline_relative
 from tamis.io.images import read_micrograph
 from tamis.io.micrographs import MicrographSet
@@ -122,11 +122,18 @@ def estimate_ctf(
     spherical_aberration: float = 2.7,
     amplitude_contrast: float = 0.1,
     options: CtfFindOptions | None = None,
+    spectrum: torch.Tensor | None = None,
 ) -> CtfFit:
-    """Estimate defocus U/V/angle of one micrograph (see the module docstring)."""
+    """Estimate defocus U/V/angle of one micrograph (see the module docstring). With
+    ``spectrum`` (an amplitude spectrum ``(n, n // 2 + 1)`` in rfft2 order at ``pixel_size``,
+    e.g. motion correction's ``_PS.mrc``) the fit uses it and ``image`` is not read."""
     o = options or CtfFindOptions()
-    box = min(o.box, *(2 * (d // 2) for d in image.shape))
-    amp = amplitude_spectrum(image, box)
+    if spectrum is not None:
+        amp = spectrum.to(torch.float64)
+        box = amp.shape[-2]
+    else:
+        box = min(o.box, *(2 * (d // 2) for d in image.shape))
+        amp = amplitude_spectrum(image, box)
     r = _radius(box, pixel_size)
     s_lo = 1.0 / o.min_resolution
     s_hi = min(1.0 / o.max_resolution, 0.45 / pixel_size)
@@ -293,6 +300,23 @@ def _read_result(txt: Path) -> CtfFit:
     return CtfFit(vals[1], vals[2], vals[3], vals[5], vals[6])
 
 
+def _given_spectrum(ms: MicrographSet, i: int, star: str | Path) -> tuple[float, torch.Tensor]:
+    """Motion correction's ``_PS.mrc`` of micrograph ``i`` (centred full-plane amplitudes, its
+    own pixel size in the header) as the fit's half-plane spectrum."""
+    from tamis.io.mrc import read_mrc
+    from tamis.io.paths import checked
+
+    name = str(ms.micrographs["rlnCtfPowerSpectrum"].iloc[i]).split(":")[0]
+    p = checked(Path(name) if Path(name).is_absolute() else ms.root / name, star)
+    full, pixel = read_mrc(p)
+    full = full[0] if full.ndim == 3 else full
+    n = full.shape[-1]
+    if full.shape != (n, n) or n % 2 or pixel <= 0:
+        raise InputFileError(p, f"not a square power spectrum with a pixel size ({full.shape})")
+    half = torch.fft.ifftshift(torch.from_numpy(full))[:, : n // 2 + 1]
+    return float(pixel), half
+
+
 def run_ctffind(
     micrographs: str | Path,
     out_dir: str | Path,
@@ -300,6 +324,7 @@ def run_ctffind(
     *,
     only_do_unfinished: bool = False,
     use_noDW: bool = False,
+    use_given_ps: bool = False,
     log: Callable[[str], None] = print,
     show_progress: bool = False,
 ) -> Path:
@@ -311,6 +336,11 @@ def run_ctffind(
     Thon rings reach further; the output still names the dose-weighted micrographs."""
     o = options or CtfFindOptions()
     ms = MicrographSet.from_star(micrographs)
+    if use_given_ps and "rlnCtfPowerSpectrum" not in ms.micrographs:
+        raise TamisError(
+            f"{micrographs}: use_given_ps needs rlnCtfPowerSpectrum (motion correction with "
+            "do_save_ps Yes)"
+        )
     if use_noDW:
         if "rlnMicrographNameNoDW" not in ms.micrographs:
             raise TamisError(
@@ -333,10 +363,15 @@ def run_ctffind(
             if only_do_unfinished and txt.is_file():
                 fit = _read_result(txt)
             else:
-                mic = read_micrograph(estimate_on.path(i), ms.pixel_size(i))
+                if use_given_ps:
+                    image, pixel, given = None, *_given_spectrum(ms, i, micrographs)
+                else:
+                    mic = read_micrograph(estimate_on.path(i), ms.pixel_size(i))
+                    image, pixel, given = mic.image, mic.pixel_size, None
                 fit = estimate_ctf(
-                    mic.image,
-                    mic.pixel_size,
+                    image,
+                    pixel,
+                    spectrum=given,
                     voltage=ms.optics_value(i, "rlnVoltage", 300.0),
                     spherical_aberration=ms.optics_value(i, "rlnSphericalAberration", 2.7),
                     amplitude_contrast=ms.optics_value(i, "rlnAmplitudeContrast", 0.1),
