@@ -131,6 +131,12 @@ def test_continue_and_do_at_most(project):
     run_motioncorr("movies.star", "MC", o, only_do_unfinished=True, log=lambda s: None)
     assert first.stat().st_mtime_ns == stamp  # not redone
     assert len(read_star("MC/corrected_micrographs.star")["micrographs"]) == 2
+    # past the limit, movies done before are still listed (RELION's --do_at_most)
+    first.unlink()
+    run_motioncorr("movies.star", "MC", o, only_do_unfinished=True, do_at_most=0,
+                   log=lambda s: None)  # fmt: skip
+    names = read_star("MC/corrected_micrographs.star")["micrographs"]["rlnMicrographName"]
+    assert names.tolist() == ["MC/Movies/movie_00002.mrc"]
 
 
 def test_binning_keeps_shifts_in_unbinned_pixels(project):

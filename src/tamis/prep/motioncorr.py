@@ -651,8 +651,9 @@ def run_motioncorr(
                 bar.advance(1)
                 continue
             if not (only_do_unfinished and done):
-                if 0 <= do_at_most <= n_new:
-                    break
+                if 0 <= do_at_most <= n_new:  # left for a later pass (done ones still listed)
+                    bar.advance(1)
+                    continue
                 if is_aborted():
                     raise TamisError("ABORT_NOW: aborted by the user")
                 group = by_group.get(int(row.get("rlnOpticsGroup", 1)))
