@@ -1,6 +1,7 @@
 """SIGKILL of pipeline jobs at seeded random points: whatever the kill leaves under a final name
 is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
-class2d's continue and the schemer have their own kill tests)."""
+class2d's continue and the schemer have their own kill tests). Movie import and motion
+correction included."""
 
 from __future__ import annotations
 
@@ -42,6 +43,12 @@ JOBS = [
     ("Select/job007", "relion.select.onvalue",
      {"fn_mic": "CtfFind/job006/micrographs_ctf.star", "select_label": "rlnCtfMaxResolution",
       "select_maxval": "50"}),
+    ("Import/job008", "relion.import.movies",
+     {"fn_in_raw": "MovieSim/Movies/*.tif", "is_multiframe": "Yes", "angpix": "2.0"}),
+    ("MotionCorr/job009", "relion.motioncorr.own",
+     {"input_star_mics": "Import/job008/movies.star", "fn_gain_ref": "MovieSim/gain.mrc",
+      "patch_x": "3", "patch_y": "3", "do_float16": "No", "do_save_noDW": "Yes",
+      "group_for_ps": "4", "dose_per_frame": "1"}),
 ]  # fmt: skip
 
 
@@ -64,6 +71,15 @@ def _project(root: Path) -> None:
             half = truth + rng.normal(scale=0.05, size=truth.shape)
             write_mrc(f"Refine3D/job001/run_half{h}_class001_unfil.mrc", half, 3.0)
         write_mrc("Refine3D/job001/run_class001.mrc", truth, 3.0)
+        from tamis.simulate.movies import MovieSimulation, simulate_movies
+
+        simulate_movies(
+            MovieSimulation(n_movies=2, height_px=256, width_px=256, n_frames=8, pixel_size=2.0,
+                            particles_per_movie=3, seed=5),
+            "MovieSim",
+        )  # fmt: skip
+        for movie in Path("MovieSim/Movies").iterdir():  # finished writing a minute ago
+            os.utime(movie, (time.time() - 60, time.time() - 60))
     finally:
         os.chdir(cwd)
 
