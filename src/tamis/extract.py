@@ -29,6 +29,7 @@ from tamis.io.coords import pipeline_relative, read_coordinate_file, read_coordi
 from tamis.io.images import read_micrograph
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
+from tamis.io.paths import checked
 from tamis.io.star import format_image_names, read_data_star, read_star, write_star
 
 __all__ = [
@@ -160,7 +161,7 @@ def coordinates_by_micrograph(
                         break
             if not cpath.is_file():
                 raise InputFileError(cfile, f"coordinate file named in {path} not found")
-            out[mic] = read_coordinate_file(cpath)
+            out[mic] = read_coordinate_file(checked(cpath, path))
         return out
     data = read_data_star(path, "particles")
     table = data.table

@@ -113,3 +113,24 @@ def test_a_job_reading_micrographs_named_outside_fails_unless_asked(tmp_path, mo
     assert "outside the project" in (root / job.name / "run.err").read_text()
     job = p.schedule("relion.ctffind", {**opts, "tamis_allow_outside": "Yes"})
     assert p.run(job.name) == "Succeeded"
+
+
+def test_coordinate_files_named_outside_are_refused_inside_a_job(tmp_path, monkeypatch):
+    from tamis.errors import InputFileError
+    from tamis.extract import coordinates_by_micrograph
+    from tamis.io.coords import write_coordinate_list, write_coordinates
+    from tamis.io.micrographs import MicrographSet
+    from tamis.io.paths import confined_to
+
+    root, outside = _project(tmp_path)
+    write_coordinates(outside / "mic_autopick.star", [10.0], [12.0])
+    monkeypatch.chdir(root)
+    write_coordinate_list(
+        root / "autopick.star", {"Micrographs/mic.mrc": str(outside / "mic_autopick.star")}
+    )
+    ms = MicrographSet(
+        pd.DataFrame(), pd.DataFrame({"rlnMicrographName": ["Micrographs/mic.mrc"]}), root
+    )
+    with confined_to(root), pytest.raises(InputFileError, match="outside the project"):
+        coordinates_by_micrograph(root / "autopick.star", ms)
+    assert len(coordinates_by_micrograph(root / "autopick.star", ms)) == 1  # outside a job: read

@@ -1,5 +1,5 @@
 """Where a job may read from: inside a pipeline job, files that a STAR file names (particle
-stacks, micrographs, movies) must lie inside the project, lexically -- a name that is absolute
+stacks, micrographs, movies, coordinate files) must lie inside the project, lexically -- a name that is absolute
 outside the project or climbs out of it with ``..`` is refused with one line -- unless the user
 asked otherwise (the job option ``tamis_allow_outside Yes`` or ``TAMIS_ALLOW_OUTSIDE=1``).
 
