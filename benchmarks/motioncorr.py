@@ -79,6 +79,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=1)
     ap.add_argument("--angpix", type=float, default=1.0)
     ap.add_argument("--patches", type=int, default=5)
+    ap.add_argument("--contrast", type=float, default=0.15, help="specimen contrast (sd)")
+    ap.add_argument("--dose", type=float, default=1.0, help="e/A^2 per frame")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--relion", default="")
     ap.add_argument("--device", default="cpu", help="tamis's torch device (cpu, cuda)")
@@ -93,20 +95,22 @@ def main() -> None:
         simulate_movies(
             MovieSimulation(
                 n_movies=args.n, height_px=args.size, width_px=args.size, n_frames=args.frames,
-                dose_per_frame=1.0, pixel_size=args.angpix, particles_per_movie=args.size // 25,
-                drift_px=20.0, local_px=3.0, seed=11,
+                dose_per_frame=args.dose, pixel_size=args.angpix,
+                particles_per_movie=args.size // 25, contrast=args.contrast, drift_px=20.0,
+                local_px=3.0, seed=11,
             ),
             d,
             device=args.device,
         )  # fmt: skip
         print(f"simulated {args.n} movies in {time.perf_counter() - t0:.0f} s", flush=True)
     flags = ["--bfactor", "150", "--patch_x", str(args.patches), "--patch_y", str(args.patches),
-             "--dose_weighting", "--dose_per_frame", "1.0", "--gainref", "gain.mrc"]  # fmt: skip
+             "--dose_weighting", "--dose_per_frame", str(args.dose), "--gainref", "gain.mrc"]  # fmt: skip
     if not args.no_noDW:
         flags.append("--save_noDW")
     results: dict[str, object] = {
         "size": args.size, "frames": args.frames, "movies": args.n, "threads": args.threads,
         "flags": " ".join(flags), "torch_threads": args.threads, "device": args.device,
+        "contrast": args.contrast, "dose_per_frame": args.dose,
     }  # fmt: skip
     runs = {}
     if not args.skip_tamis:

@@ -66,6 +66,8 @@ FIT_RMSD_THRESHOLD = 10.0
 #: Converged patches a local model needs: its 6 spatial terms per power of time are left
 #: unconstrained between fewer patches (RELION asks only for more than 18 observations).
 MIN_PATCHES = 9
+#: Share of the patches' local shifts (median square length) a local model must explain.
+MIN_EXPLAINED = 0.3
 
 
 @dataclass
@@ -402,6 +404,21 @@ def _local_model(
     )  # fmt: skip
     if max(rmsd) >= FIT_RMSD_THRESHOLD:
         log(f"{path}: local fit RMSD {rmsd[0]:.2f}, {rmsd[1]:.2f} px, model discarded")
+        return None, obs, (float(rmsd[0]), float(rmsd[1])), kept
+    # a model that explains little of the patches' shifts fits their noise (low-dose, low-
+    # contrast movies): resampling by it would add motion, not remove it
+    # (medians of squared lengths: a few patches locked onto noise do not decide it)
+    seen = obs[["sx", "sy"]].to_numpy()
+    fitted = evaluate_polynomial(
+        coeffs, obs["x"] / shape[1] - 0.5, obs["y"] / shape[0] - 0.5, obs["z"]
+    )
+    resid = float(np.median(((fitted - seen) ** 2).sum(1)))
+    explained = 1.0 - resid / max(float(np.median((seen**2).sum(1))), 1e-12)
+    if explained < MIN_EXPLAINED:
+        log(
+            f"{path}: the local model explains {100 * max(explained, 0):.0f}% of the patches' "
+            f"shifts (median), below {100 * MIN_EXPLAINED:.0f}%: no local model"
+        )
         return None, obs, (float(rmsd[0]), float(rmsd[1])), kept
     obs["frame"] = np.floor(obs["z"]).astype(int) + first + 1
     return coeffs, obs, (float(rmsd[0]), float(rmsd[1])), kept
