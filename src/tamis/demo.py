@@ -256,17 +256,12 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     truth = pd.read_csv(sim_dir / "ground_truth.csv")
     sim_mics = read_star(sim_dir / "micrographs.star")["micrographs"].set_index("rlnMicrographName")
     # micrographs made from movies are named after the movies: map them to their specimens
-    movies_csv = sim_dir / "truth" / "movies.csv"
-    movies = pd.read_csv(movies_csv) if movies_csv.is_file() else None
-    by_stem: dict[str, str] = {}
-    if movies is not None:
-        for r in movies.itertuples():
-            for name in (r.session_movie, r.movie):
-                if isinstance(name, str) and name:
-                    by_stem[Path(name).stem] = r.specimen
+    by_stem = _movies_by_stem(sim_dir / "truth" / "movies.csv")
 
     def specimen(name: str) -> str:
-        return name if name in sim_mics.index else by_stem.get(Path(name).stem, name)
+        if name in sim_mics.index or Path(name).stem not in by_stem:
+            return name
+        return by_stem[Path(name).stem].specimen
 
     ctf_star = _newest(project, "CtfFind/job*/micrographs_ctf.star")
     pick_star = _newest(project, "AutoPick/job*/autopick.star")
@@ -311,7 +306,7 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     good_sel = is_true(chosen.reset_index(drop=True))
     scores = pd.read_csv(select_dir / "class_scores.csv")
     n_classes = int((scores["rlnSelected"] == 1).sum())
-    motion = _summarise_motion(project, sim_dir, movies)
+    motion = _summarise_motion(project, sim_dir, by_stem)
     lines = [
         f"pipeline finished in {seconds:.0f} s: {project}",
         *([motion["line"]] if motion else []),
@@ -357,7 +352,21 @@ def summarise(project: Path, sim_dir: Path, diameter: float, seconds: float) -> 
     return lines
 
 
-def _summarise_motion(project: Path, sim_dir: Path, movies: pd.DataFrame | None) -> dict | None:
+def _movies_by_stem(path: Path) -> dict:
+    """The simulator's ``truth/movies.csv`` by the stem of each movie name (as simulated and as
+    in the session): rows with ``specimen`` (its micrograph) and ``motion`` (its true motion
+    file). Empty without the file (the demo started from micrographs)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for r in pd.read_csv(path).itertuples():
+        for name in (r.session_movie, r.movie):
+            if isinstance(name, str) and name:
+                out[Path(name).stem] = r
+    return out
+
+
+def _summarise_motion(project: Path, sim_dir: Path, by_stem: dict) -> dict | None:
     """Motion correction against the simulated motion: the full shift (global track + local
     model, as Polishing reads it) on a 5 x 5 grid of each frame, RMS over the grid, median over
     frames and movies (and the worst movie's median), and the accumulated motion. (The global
@@ -367,15 +376,9 @@ def _summarise_motion(project: Path, sim_dir: Path, movies: pd.DataFrame | None)
     from tamis.motion_model import evaluate_polynomial
 
     star = _newest(project, "MotionCorr/job*/corrected_micrographs.star")
-    if star is None or movies is None:
+    if star is None or not by_stem:
         return None
     mics = read_star(star)["micrographs"]
-    truth_of = {
-        Path(name).stem: r.motion
-        for r in movies.itertuples()
-        for name in (r.session_movie, r.movie)
-        if isinstance(name, str) and name
-    }
     g = np.linspace(-0.4, 0.4, 5)
     xx, yy = (a.ravel() for a in np.meshgrid(g, g))
 
@@ -390,7 +393,7 @@ def _summarise_motion(project: Path, sim_dir: Path, movies: pd.DataFrame | None)
     medians = []
     for meta in mics["rlnMicrographMetadata"]:
         est = read_motion_star(project / meta)
-        true = read_motion_star(sim_dir / truth_of[Path(meta).stem])
+        true = read_motion_star(sim_dir / by_stem[Path(meta).stem].motion)
         used = np.flatnonzero(np.all(np.isfinite(est.global_shifts), 1))
         rms = [np.sqrt(((full(est, z) - full(true, z)) ** 2).sum(1).mean()) for z in used]
         medians.append(float(np.median(rms)))

@@ -79,14 +79,16 @@ def it(
         raise TamisError("give one of --mics, --movies, --session")
     session_record = None
     if session is not None:
-        from tamis.prep.session import read_session, session_options
+        import os
+
+        from tamis.prep.session import read_session, session_base, session_options
 
         acq = read_session(session, profile=profile)
         for w in acq.warnings:
             console.print(f"warning: {w}", highlight=False)
         found = session_options(acq, angpix=angpix, voltage=kv, cs=cs, dose_per_frame=dose)
         link = project / "Movies"  # RELION imports project-relative paths: link the session
-        base = _session_base_dir(acq)
+        base = session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)
         if link.is_symlink() or link.exists():
             if link.resolve() != base.resolve():
                 raise TamisError(f"{link} exists and is not a link to {base}: move it away")
@@ -166,11 +168,3 @@ def it_status(
         )
         for name, node, st in r["jobs"]:
             console.print(f"  {name} ({node}): {st}", highlight=False)
-
-
-def _session_base_dir(acq) -> Path:
-    import os
-
-    from tamis.prep.session import session_base
-
-    return session_base(Path(os.path.abspath(acq.metadata_file)), acq.software)

@@ -89,7 +89,7 @@ class Movie:
             )
         try:
             if self.kind == "mrc":
-                out = self._handle.data[first:stop]  # type: ignore[attr-defined]
+                out = self._handle.frames(first, stop)  # type: ignore[attr-defined]
             elif self.kind == "tiff":
                 out = self._read_tiff(first, stop)
             else:
@@ -183,37 +183,11 @@ def open_movie(path: str | Path, *, eer_grouping: int = 0, eer_upsampling: int =
 
 
 def _open_mrc(p: Path) -> Movie:
-    import mrcfile
+    from tamis.io.mrc import open_stack
 
-    from tamis.io.mrc import expected_size
-
-    want = expected_size(p)
-    if want is not None and p.stat().st_size < want:
-        raise InputFileError(p, f"truncated: {p.stat().st_size} bytes, the header promises {want}")
-    try:
-        mrc = mrcfile.mmap(p, mode="r", permissive=True)
-    except (ValueError, OSError) as exc:
-        raise InputFileError(p, f"not a readable MRC movie: {_why(exc)}") from None
-    if mrc.data is None or mrc.data.ndim not in (2, 3):
-        mrc.close()
-        raise InputFileError(p, "not an MRC image stack")
-    n = 1 if mrc.data.ndim == 2 else mrc.data.shape[0]
-    if mrc.data.ndim == 2:
-        data = mrc.data[None]
-
-        class _One:  # a single image seen as a one-frame stack
-            def __init__(self) -> None:
-                self.data = data
-
-            def close(self) -> None:
-                mrc.close()
-
-        handle: object = _One()
-    else:
-        handle = mrc
-    vs = float(mrc.voxel_size.x)
-    shape = (int(mrc.data.shape[-2]), int(mrc.data.shape[-1]))
-    return Movie(p, "mrc", n, shape, vs if vs > 0 else 0.0, _handle=handle)
+    stack = open_stack(p)  # memory-mapped; truncation and unsupported modes refused there
+    n, h, w = stack.shape
+    return Movie(p, "mrc", n, (h, w), stack.pixel_size, _handle=stack)
 
 
 def _open_tiff(p: Path) -> Movie:
@@ -301,6 +275,26 @@ def transform_gain(gain: np.ndarray, rot: int = 0, flip: int = 0) -> np.ndarray:
     return np.ascontiguousarray(g, dtype=np.float32)
 
 
+def _read_image(p: Path, what: str, flip_tiff: bool = True) -> np.ndarray:
+    """The first image of an MRC or TIFF file (``.gain`` is TIFF) as float32, TIFF flipped
+    upside down as RELION reads TIFF (unless ``flip_tiff`` is False); one error line otherwise."""
+    try:
+        if p.suffix.lower() in (".tif", ".tiff", ".gain"):
+            import tifffile
+
+            img = np.asarray(tifffile.imread(p), dtype=np.float32)
+            img = img[0] if img.ndim == 3 else img
+            return img[::-1] if flip_tiff else img
+        from tamis.io.mrc import read_mrc
+
+        img, _ = read_mrc(p)
+        return img[0] if img.ndim == 3 else img
+    except InputFileError:
+        raise
+    except Exception as exc:  # a corrupt file: tifffile/mrcfile raise many kinds
+        raise InputFileError(p, f"cannot read the {what}: {_why(exc)}") from None
+
+
 def read_gain(
     path: str | Path,
     *,
@@ -322,25 +316,10 @@ def read_gain(
     suffix = p.suffix.lower()
     if suffix in (".dm3", ".dm4"):
         raise InputFileError(p, "DM3/DM4 gain references are not read: convert to MRC")
-    try:
-        if suffix in (".mrc", ".mrcs"):
-            from tamis.io.mrc import read_mrc
-
-            g, _ = read_mrc(p)
-            g = g[0] if g.ndim == 3 else g
-        elif suffix in (".tif", ".tiff", ".gain"):
-            import tifffile
-
-            g = tifffile.imread(p).astype(np.float32)
-            g = g[0] if g.ndim == 3 else g
-            if not (eer and suffix == ".gain"):  # EPU's EER gain is in the EER frames' grid
-                g = g[::-1]
-        else:
-            raise InputFileError(p, f"unknown gain format {suffix!r} (MRC, TIFF or EPU .gain)")
-    except InputFileError:
-        raise
-    except Exception as exc:  # a corrupt file: tifffile/mrcfile raise many kinds
-        raise InputFileError(p, f"cannot read the gain reference: {_why(exc)}") from None
+    if suffix not in (".mrc", ".mrcs", ".tif", ".tiff", ".gain"):
+        raise InputFileError(p, f"unknown gain format {suffix!r} (MRC, TIFF or EPU .gain)")
+    # EPU's EER .gain is in the EER frames' grid: no TIFF flip
+    g = _read_image(p, "gain reference", flip_tiff=not (eer and suffix == ".gain"))
     g = np.asarray(g, dtype=np.float32)
     if not np.all(np.isfinite(g)):
         raise InputFileError(p, "the gain reference holds NaN or infinite values")
@@ -382,20 +361,7 @@ def read_defects(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
                 raise InputFileError(p, f"line {n}: expected 'x y w h', got {line!r}")
             mask[max(y, 0) : max(y + h, 0), max(x, 0) : max(x + w, 0)] = True
         return mask
-    try:
-        if p.suffix.lower() in (".tif", ".tiff"):
-            import tifffile
-
-            img = tifffile.imread(p)[::-1]
-        else:
-            from tamis.io.mrc import read_mrc
-
-            img, _ = read_mrc(p)
-    except InputFileError:
-        raise
-    except Exception as exc:  # a corrupt file
-        raise InputFileError(p, f"cannot read the defect map: {_why(exc)}") from None
-    img = img[0] if img.ndim == 3 else img
+    img = _read_image(p, "defect map")
     if img.shape != shape:
         raise InputFileError(p, f"defect map is {img.shape}, the movie frames {shape}")
     return np.asarray(img != 0)

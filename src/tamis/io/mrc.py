@@ -74,6 +74,10 @@ class MrcStack:
             return np.asarray(self._data[idx[0] : idx[-1] + 1], dtype=np.float32)
         return np.asarray(self._data[idx], dtype=np.float32)
 
+    def frames(self, start: int, stop: int) -> np.ndarray:
+        """Images ``start..stop-1`` as stored (the memory map's dtype, no copy)."""
+        return self._data[start:stop]
+
     def close(self) -> None:
         self._mrc.close()
 

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 
 from tamis.errors import InputFileError, TamisError
-from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2
+from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2, pad_fourier
 from tamis.io.coords import pipeline_relative
 from tamis.io.motion_star import MovieMotion, read_motion_star, write_motion_star
 from tamis.io.movies import (
@@ -51,7 +51,13 @@ from tamis.io.mrc import write_mrc
 from tamis.io.paths import checked
 from tamis.io.star import atomic_path, read_star, write_star
 from tamis.motion_model import evaluate_polynomial, fit_polynomial, resample_polynomial
-from tamis.prep.motion import DoseWeighting, accumulated_motion, align_spectra, frame_groups
+from tamis.prep.motion import (
+    DoseWeighting,
+    accumulated_motion,
+    align_spectra,
+    ccf_shape,
+    frame_groups,
+)
 
 __all__ = [
     "MotionCorrOptions",
@@ -337,8 +343,6 @@ def _local_model(
     path: str | Path,
 ) -> tuple[np.ndarray | None, pd.DataFrame, tuple[float, float], int]:
     """Patch alignment of the globally aligned frames and the polynomial fit (unbinned px)."""
-    from tamis.prep.motion import ccf_shape
-
     n = spectra.shape[0]
     groups = frame_groups(n, o.group_frames)
     if len(groups) < 3:
@@ -484,11 +488,7 @@ def _power_spectrum(
         if o.ps_size < side:
             f = crop_fourier(f, (o.ps_size, o.ps_size))
         else:
-            pad = torch.zeros((o.ps_size, o.ps_size // 2 + 1), dtype=f.dtype, device=f.device)
-            h = side // 2
-            pad[: h + 1, : h + 1] = f[: h + 1]
-            pad[o.ps_size - (h - 1) :, : h + 1] = f[h + 1 :]
-            f = pad
+            f = pad_fourier(f, o.ps_size)
         full = irfft2(f, s=(o.ps_size, o.ps_size)).to(f.device)
         # the same frequency range on ps_size pixels: Nyquist, hence the pixel size, is kept
     return full.cpu().numpy().astype(np.float32), float(apix_ps)

@@ -36,7 +36,7 @@ from tamis.fourier import fourier_shift, rfft_frequencies
 from tamis.io.motion_star import MovieMotion, write_motion_star
 from tamis.io.mrc import read_mrc, write_mrc
 from tamis.io.star import atomic_path, write_star
-from tamis.motion_model import critical_exposure, polynomial_basis, resample, shift_field
+from tamis.motion_model import critical_exposure, polynomial_basis, resample_polynomial
 from tamis.simulate.common import write_json
 from tamis.simulate.junk import smooth_noise
 from tamis.simulate.micrographs import MicrographSimulation
@@ -278,11 +278,10 @@ def simulate_movies(
                 f = fourier_shift(f, torch.as_tensor(track[i], device=device), (h, w))
                 img = torch.fft.irfft2(f, s=(h, w), norm="forward").float()
                 # local part: out(x) = img(x - d_loc(x)) (displacement d moves content by +d)
-                field = shift_field(
-                    torch.as_tensor(coeffs, device=device), (h, w),
+                img = resample_polynomial(
+                    img[None], torch.as_tensor(coeffs, device=device),
                     torch.tensor([float(i)], device=device),
-                )  # fmt: skip
-                img = resample(img[None], field)[0]
+                )[0]  # fmt: skip
                 rate = (lam * sens_t * (1.0 + img).clamp(min=0.0)).float()
                 counts = torch.poisson(rate, generator=gen if device == "cpu" else None)
                 counts.view(-1)[torch.as_tensor(hot, device=device)] += 20.0 * lam + 5
