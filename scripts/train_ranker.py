@@ -9,6 +9,11 @@ junk 10-40% of every kind), classified by EM (12 iterations) or VDAM (50 mini-ba
 K = 10-30; every class labelled from the truth of its members (``tiers_from_truth``: majority
 structure and purity -> RELION's target tiers). Test jobs use structures and seeds of their own.
 
+Variety jobs (``--variety-jobs``): assemblies of random pseudo-proteins (a ribosome-like large
+and small subunit, rings, rods, single proteins) filling 45-90% of a 64-px box, VDAM or EM; the
+first family's particles are small in their boxes, and a ranker trained on them alone rejected
+every class of box-filling particles on data of another generator (BENCHMARKS.md).
+
 Run: ``.venv/bin/python scripts/train_ranker.py --jobs 40 --test-jobs 8 [--install]``
 """
 
@@ -79,6 +84,97 @@ def make_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     else:
         optimiser = opt[-1]
     cfg.update(K=k, algorithm="vdam" if grad else "em")
+    return optimiser, d / "sim" / "ground_truth.csv", cfg
+
+
+def assembly_map(folder: Path, kind: str, seed: int) -> str:
+    """Write a random assembly's map (2 A/px) once and return its path as a structure spec:
+    ``two_lobe`` (a ribosome-like large and small subunit), ``ring`` (4-9 copies of a domain on a
+    circle), ``rod`` (3-6 domains in a twisted line, elongated) or ``single`` (one pseudo-protein
+    of 250-3,000 residues)."""
+    from tamis.io.mrc import write_mrc
+    from tamis.simulate.structure import atoms_to_volume, random_protein
+
+    path = folder / f"{kind}_{seed}.mrc"
+    if path.exists():
+        return str(path)
+    rng = np.random.default_rng(seed)
+
+    def centred(n_res: int) -> tuple[np.ndarray, np.ndarray]:
+        xyz, w = random_protein(f"random:{int(rng.integers(0, 10**6))}:{n_res}")
+        return xyz - (xyz * w[:, None]).sum(0) / w.sum(), w
+
+    def rot_z(a: float) -> np.ndarray:
+        c, s = np.cos(a), np.sin(a)
+        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+    if kind == "two_lobe":
+        big, wb = centred(int(rng.integers(6000, 20000)))
+        small, ws = centred(int(rng.integers(2000, 9000)))
+        r = float(np.percentile(np.linalg.norm(big, axis=1), 90))
+        xyz, w = np.concatenate([big, small + [0.8 * r, 0.0, 0.0]]), np.concatenate([wb, ws])
+    elif kind == "ring":
+        dom, wd = centred(int(rng.integers(500, 1500)))
+        n, radius = int(rng.integers(4, 10)), float(rng.uniform(45.0, 90.0))
+        xyz = np.concatenate([(rot_z(2 * np.pi * k / n) @ (dom + [radius, 0, 0]).T).T
+                              for k in range(n)])  # fmt: skip
+        w = np.tile(wd, n)
+    elif kind == "rod":
+        dom, wd = centred(int(rng.integers(400, 1200)))
+        n = int(rng.integers(3, 7))
+        step, twist = 2.0 * float(np.percentile(np.linalg.norm(dom, axis=1), 70)), rng.uniform(0, 1)
+        xyz = np.concatenate([(rot_z(twist * k) @ dom.T).T + [0.0, 0.0, step * k]
+                              for k in range(n)])  # fmt: skip
+        w = np.tile(wd, n)
+    else:
+        xyz, w = centred(int(rng.integers(250, 3000)))
+    folder.mkdir(parents=True, exist_ok=True)
+    vol = atoms_to_volume(xyz - (xyz * w[:, None]).sum(0) / w.sum(), w, 192, 2.0, bfactor=50.0)
+    write_mrc(path, vol.numpy(), 2.0)
+    return str(path)
+
+
+def make_variety_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
+    """A particle-stack job of more variety than ``make_job``: assemblies (two-lobe, ring, rod,
+    single) filling 45-90% of a 64-px box (so pixel sizes of about 1.5-8 A/px), 800-1,300
+    particles, VDAM (30 or 50 mini-batches) or EM (10 iterations)."""
+    from tamis.simulate.structure import structure_diameter
+
+    rng = np.random.default_rng(40_000 * (2 if test else 1) + j)
+    kinds = ["two_lobe", "ring", "rod", "single"]
+    n_struct = int(rng.integers(1, 3))
+    chosen = [str(k) for k in rng.choice(kinds, size=n_struct, replace=False)]
+    base = 900_000 if test else 800_000
+    structures = [assembly_map(work / "structures", k, base + 1000 * j + i)
+                  for i, k in enumerate(chosen)]  # fmt: skip
+    diam = max(structure_diameter(s) for s in structures)
+    fill = float(rng.uniform(0.45, 0.9))
+    pixel = round(diam / (fill * 64), 3)
+    cfg = dict(
+        structures=structures, n_particles=int(rng.integers(800, 1300)), box_size=64,
+        pixel_size=pixel, snr=float(rng.uniform(0.02, 0.12)),
+        junk_fraction=float(rng.uniform(0.1, 0.3)), seed=int(rng.integers(0, 1_000_000)),
+    )  # fmt: skip
+    d = work / f"{'vtest' if test else 'vtrain'}_{j:03d}"
+    if not (d / "sim" / "particles.star").exists():
+        simulate_particles(ParticleSimulation(**cfg), d / "sim")
+    k = int(rng.integers(10, 25))
+    grad = bool(rng.random() < 0.75)
+    mask = min(1.1 * diam, 0.98 * 64 * pixel)
+    common = dict(K=k, particle_diameter=round(mask, 1), random_seed=cfg["seed"],
+                  j=os.cpu_count() or 1)  # fmt: skip
+    opts = (
+        Class2DOptions.gui_vdam(iter=int(rng.choice([30, 50])), **common)
+        if grad
+        else Class2DOptions.gui_em(iter=10, **common)
+    )
+    opt = sorted((d / "c2d").glob(f"run_it{opts.iter:03d}_optimiser.star"))
+    if opt:
+        optimiser = opt[-1]
+    else:
+        result = run_class2d(d / "sim" / "particles.star", str(d / "c2d" / "run"), opts, log=_quiet)
+        optimiser = result.optimiser
+    cfg.update(K=k, algorithm="vdam" if grad else "em", kinds=chosen, diameter=diam, fill=fill)
     return optimiser, d / "sim" / "ground_truth.csv", cfg
 
 
@@ -175,6 +271,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=150)
     ap.add_argument("--mic-jobs", type=int, default=0, help="pipeline-style training jobs")
     ap.add_argument("--mic-test-jobs", type=int, default=0, help="pipeline-style test jobs")
+    ap.add_argument("--variety-jobs", type=int, default=0, help="assembly jobs (two-lobe, ...)")
+    ap.add_argument("--variety-test-jobs", type=int, default=0, help="held-out assembly jobs")
     ap.add_argument("--install", action="store_true")
     ap.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the model already in --work/ranker"
@@ -184,8 +282,10 @@ def main() -> None:
     train_parts, test_parts, records, test_jobs = [], [], [], []
     specs = [(make_job, j, False) for j in range(args.jobs)]
     specs += [(make_mic_job, j, False) for j in range(args.mic_jobs)]
+    specs += [(make_variety_job, j, False) for j in range(args.variety_jobs)]
     specs += [(make_job, j, True) for j in range(args.test_jobs)]
     specs += [(make_mic_job, j, True) for j in range(args.mic_test_jobs)]
+    specs += [(make_variety_job, j, True) for j in range(args.variety_test_jobs)]
     for j, (maker, jj, test) in enumerate(specs):
         optimiser, truth, cfg = maker(work, jj, test)
         tiers = tiers_from_truth(optimiser, truth)
@@ -246,6 +346,7 @@ def main() -> None:
         p = {k: sum(r[k] for r in rs) for k in ("tp", "fp", "fn", "tn")}
         return p["fp"] / max(1, p["fp"] + p["tn"]), p["fn"] / max(1, p["fn"] + p["tp"])
 
+    n_stack, n_old = args.test_jobs, args.test_jobs + args.mic_test_jobs
     pooled = {k: sum(r[k] for r in rates) for k in ("tp", "fp", "fn", "tn")}
     report = {
         "test_auroc_good_vs_bad": auroc(s[clear], test.good[clear]),
@@ -258,16 +359,24 @@ def main() -> None:
         "particles_junk_in_selection": pooled["fp"] / max(1, pooled["fp"] + pooled["tp"]),
         "class_selection_only_false_positive_rate": pooled_rates(class_only)[0],
         "class_selection_only_false_negative_rate": pooled_rates(class_only)[1],
-        "stack_jobs_false_positive_rate": pooled_rates(rates[: args.test_jobs])[0],
-        "stack_jobs_false_negative_rate": pooled_rates(rates[: args.test_jobs])[1],
-        "pipeline_jobs_false_positive_rate": pooled_rates(rates[args.test_jobs :])[0],
-        "pipeline_jobs_false_negative_rate": pooled_rates(rates[args.test_jobs :])[1],
+        "stack_jobs_false_positive_rate": pooled_rates(rates[:n_stack])[0],
+        "stack_jobs_false_negative_rate": pooled_rates(rates[:n_stack])[1],
+        "pipeline_jobs_false_positive_rate": pooled_rates(rates[n_stack:n_old])[0],
+        "pipeline_jobs_false_negative_rate": pooled_rates(rates[n_stack:n_old])[1],
         "pipeline_jobs_class_selection_only_false_positive_rate": pooled_rates(
-            class_only[args.test_jobs :]
+            class_only[n_stack:n_old]
         )[0],
         "pipeline_jobs_class_selection_only_false_negative_rate": pooled_rates(
-            class_only[args.test_jobs :]
+            class_only[n_stack:n_old]
         )[1],
+        "tamis_family_false_positive_rate": pooled_rates(rates[:n_old])[0],
+        "tamis_family_false_negative_rate": pooled_rates(rates[:n_old])[1],
+        "variety_jobs_false_positive_rate": pooled_rates(rates[n_old:])[0]
+        if rates[n_old:]
+        else None,
+        "variety_jobs_false_negative_rate": pooled_rates(rates[n_old:])[1]
+        if rates[n_old:]
+        else None,
         "reference_classes_false_positive_rate": pooled_rates(ref_rates)[0],
         "reference_classes_false_negative_rate": pooled_rates(ref_rates)[1],
         "oracle_selection_false_positive_rate": pooled_rates(oracle_rates)[0],

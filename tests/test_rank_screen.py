@@ -195,3 +195,72 @@ def test_screen_options_are_checked():
         ScreenOptions(min_amplitude=1.5)
     with pytest.raises(TamisError, match="screen_max_misfit"):
         ScreenOptions(max_misfit=0)
+
+
+def _slow_excess_cut(values, centre, spread, near, far, upper):
+    """Reference: try every allowed cut, count clean dropped and outliers kept from the
+    symmetric normal core, one cut at a time."""
+    from math import erf, sqrt
+
+    sign = 1.0 if upper else -1.0
+    y = [sign * (v - centre) / spread for v in values]
+    lo, hi = sign * (near - centre) / spread, sign * (far - centre) / spread
+    if lo >= hi:
+        return far
+    n_clean = min(len(y), 2 * sum(1 for v in y if v <= 0))
+    n_out = len(y) - n_clean
+    best, best_cost = None, None
+    for cut in [lo] + sorted(v for v in y if lo < v < hi) + [hi]:
+        dropped = sum(1 for v in y if v > cut)
+        clean_dropped = n_clean * 0.5 * (1 - erf(cut / sqrt(2)))
+        junk_kept = n_out - (dropped - clean_dropped)
+        cost = clean_dropped + junk_kept
+        if best_cost is None or cost < best_cost - 1e-9:
+            best, best_cost = cut, cost
+    return centre + sign * best * spread
+
+
+@pytest.mark.parametrize("upper", [True, False])
+def test_excess_threshold_matches_slow_reference(upper):
+    from tamis.rank.screen import excess_threshold
+
+    rng = np.random.default_rng(3)
+    sign = 1 if upper else -1
+    for trial in range(5):
+        clean = rng.normal(0.2, 1.3, 300)
+        junk = 0.2 + sign * rng.uniform(2, 9, int(rng.integers(0, 60)))
+        values = np.concatenate([clean, junk])
+        near, far = 0.2 + sign * 1.3 * 2.0, 0.2 + sign * 1.3 * 6.0
+        got = excess_threshold(values, 0.2, 1.3, near, far, upper=upper)
+        want = _slow_excess_cut(values, 0.2, 1.3, near, far, upper)
+        assert got == pytest.approx(want, abs=1e-9), trial
+
+
+def test_adaptive_screen_finds_the_junk_tail_and_spares_clean_data():
+    from tamis.rank.screen import core_of
+
+    rng = np.random.default_rng(5)
+    n = 2000
+    clean_mis = rng.normal(-2.5, 1.0, n)
+    # a job without junk: almost nothing dropped (the cut stays at min_misfit spreads or beyond)
+    fit = pd.DataFrame({"amplitude": rng.normal(1.0, 0.12, n), "misfit": clean_mis,
+                        "class": rng.integers(1, 5, n)})  # fmt: skip
+    assert screen_particles(fit, ScreenOptions()).mean() > 0.995
+    # 15% clumps whose misfit sits 3.5-7 above the core (under the fixed rule's 5 SDs for
+    # many of them) and 5% empty boxes at 0.3-0.7 of the class median
+    n_clump, n_empty = 300, 100
+    mis = np.concatenate([clean_mis, rng.uniform(1.0, 4.5, n_clump), rng.normal(-2.5, 1, n_empty)])
+    amp = np.concatenate([rng.normal(1.0, 0.12, n + n_clump), rng.uniform(0.3, 0.7, n_empty)])
+    kind = np.array(["real"] * n + ["clump"] * n_clump + ["empty"] * n_empty)
+    fit = pd.DataFrame({"amplitude": amp, "misfit": mis, "class": rng.integers(1, 5, len(amp))})
+    centre, spread = core_of(mis, upper=True, floor=1.0)
+    assert centre == pytest.approx(-2.5, abs=0.15) and spread == pytest.approx(1.0, abs=0.1)
+    adaptive = screen_particles(fit, ScreenOptions())
+    fixed = screen_particles(fit, ScreenOptions(adaptive=False))
+    assert adaptive[kind == "real"].mean() > 0.98
+    assert adaptive[kind == "clump"].mean() < 0.2 < fixed[kind == "clump"].mean()
+    assert adaptive[kind == "empty"].mean() < 0.5
+    from tamis.errors import TamisError
+
+    with pytest.raises(TamisError, match="screen_min_misfit"):
+        ScreenOptions(min_misfit=6.0)

@@ -35,7 +35,18 @@ def select(
         help="Check every selected particle against its class average (tamis); drop bad fits.",
     ),
     screen_max_misfit: float = typer.Option(
-        5.0, "--screen_max_misfit", help="Drop misfits this many robust SDs above the median."
+        5.0, "--screen_max_misfit", help="Always drop misfits this many spreads above the core."
+    ),
+    screen_min_misfit: float = typer.Option(
+        3.0,
+        "--screen_min_misfit",
+        help="Never drop misfits (or amplitudes) within this many spreads of the core.",
+    ),
+    screen_adaptive: bool = typer.Option(
+        True,
+        "--screen_adaptive/--screen_fixed",
+        help="Place the screen's cuts per job where junk outnumbers particles (default), or "
+        "use the fixed --screen_max_misfit / --screen_min_amplitude cuts.",
     ),
     screen_min_amplitude: float = typer.Option(
         0.5, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
@@ -67,6 +78,8 @@ def select(
         screen=ScreenOptions(
             max_misfit=screen_max_misfit,
             min_amplitude=screen_min_amplitude,
+            adaptive=screen_adaptive,
+            min_misfit=screen_min_misfit,
             device=device,
         )
         if particle_screen

@@ -16,11 +16,20 @@ classified it. For particle ``X`` with class average ``A`` in its pose (psi, ori
   by a bright background is not favoured); the masked residual's excess over pure noise, as a
   z-score. Neighbouring particles, ice, film and clumps add density the class does not have.
 
-A particle is dropped when its amplitude is below ``min_amplitude`` x its class's median, or
-its misfit is more than ``max_misfit`` robust standard deviations (1.4826 x MAD, at least 1: the
-misfit's own spread for pure noise) above the selection's median. Both are relative to the
-selected particles of the same job, so they do not depend on the noise model's calibration.
-Defaults chosen on the ranker's training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
+Thresholds adapt to the job (``adaptive``, the default). The misfits of the particles that
+look like their class form a core whose centre and spread are estimated robustly (a median
+trimmed to the core, the spread from the core's outlier-free side, at least 1: the misfit's own
+spread for pure noise); junk adds an excess above it. With the core taken as symmetric, the
+expected number of clean particles beyond any threshold follows from it, the rest of what lies
+beyond is junk, and the threshold is put where the expected errors (clean dropped + junk kept)
+are fewest: where junk becomes as common as clean particles. It is never closer to the core
+than ``min_misfit`` spreads (a data set without junk loses almost nothing) and never further than
+``max_misfit``. The amplitude, as a fraction of its class's median, gets the same treatment on
+its low side, between ``min_amplitude`` (always dropped below: an empty box explains the data as
+well as the class does) and ``min_misfit`` spreads under the core. With ``adaptive=False``, the
+fixed rule of earlier versions: amplitude below ``min_amplitude`` x the class median, misfit more
+than ``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
+training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
 
 The sums use the E-step's own projector (:func:`tamis.class2d.fourier2d.project`) and RELION's
 pose convention: the class rotated by psi, then moved by ``-origin``.
@@ -49,7 +58,14 @@ from tamis.fourier import (
 from tamis.io.particles import ParticleSet
 from tamis.masks import soft_edge
 
-__all__ = ["ScreenOptions", "particle_fit", "screen_particles", "noise_spectra"]
+__all__ = [
+    "ScreenOptions",
+    "particle_fit",
+    "screen_particles",
+    "noise_spectra",
+    "core_of",
+    "excess_threshold",
+]
 
 
 @dataclass
@@ -59,6 +75,10 @@ class ScreenOptions:
     #: drop particles whose amplitude is below this fraction of their class's median (0.5: the
     #: box is better explained by no particle than by its class scaled to the median)
     min_amplitude: float = 0.5
+    #: thresholds placed per job where junk outnumbers clean particles (see the module text),
+    #: no closer to the core than this many spreads; False: the fixed thresholds above
+    adaptive: bool = True
+    min_misfit: float = 3.0
     #: the misfit is measured up to this resolution (Angstrom)
     lowres: float = 25.0
     #: fewer selected particles than this: no screen (the medians would mean little)
@@ -72,6 +92,10 @@ class ScreenOptions:
             raise TamisError(f"--screen_max_misfit {self.max_misfit}: must be > 0")
         if not 0 <= self.min_amplitude < 1:
             raise TamisError(f"--screen_min_amplitude {self.min_amplitude}: must be in [0, 1)")
+        if self.adaptive and not 0 < self.min_misfit <= self.max_misfit:
+            raise TamisError(
+                f"--screen_min_misfit {self.min_misfit}: must be > 0 and <= --screen_max_misfit"
+            )
         if not self.lowres > 0:
             raise TamisError(f"screen resolution {self.lowres}: must be > 0")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -247,7 +271,7 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
     The amplitude is compared with the median of the particle's class (of the whole ``fit`` for
     classes with fewer than ``options.min_particles``): a class average can be brighter or fainter
     than its members, and a whole class of real particles must not fail together. The misfit is
-    already in noise units and is compared with the median of ``fit``. Particles without a defined
+    already in noise units and is compared with the core of ``fit``. Particles without a defined
     amplitude (a blank class average) are kept. With fewer than ``options.min_particles`` rows
     everything is kept."""
     amp = fit["amplitude"].to_numpy(np.float64)
@@ -261,11 +285,78 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
         members = cls == c
         if members.sum() >= options.min_particles:
             ref[members] = np.nanmedian(amp[members])
-    with np.errstate(invalid="ignore"):
-        keep &= ~((ref > 0) & (amp < options.min_amplitude * ref))
-    med_m = np.nanmedian(mis)
-    # The misfit is a z-score against noise, so its spread is at least 1 whatever the MAD says.
-    scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis - med_m))))
-    if np.isfinite(med_m):
-        keep &= ~((mis - med_m) / scale > options.max_misfit)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(ref > 0, amp / ref, np.nan)
+    if not options.adaptive:
+        with np.errstate(invalid="ignore"):
+            keep &= ~(ratio < options.min_amplitude)
+        med_m = np.nanmedian(mis)
+        # The misfit is a z-score against noise: its spread is at least 1 whatever the MAD says.
+        scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis - med_m))))
+        if np.isfinite(med_m):
+            keep &= ~((mis - med_m) / scale > options.max_misfit)
+        return keep
+    # misfit: junk in the upper tail, spread at least 1 (pure noise)
+    centre, spread = core_of(mis, upper=True, floor=1.0)
+    if np.isfinite(centre):
+        limit = excess_threshold(
+            mis, centre, spread, centre + options.min_misfit * spread,
+            centre + options.max_misfit * spread, upper=True,
+        )  # fmt: skip
+        keep &= ~(mis > limit)
+    # amplitude / class median: junk (empty boxes) in the lower tail
+    centre, spread = core_of(ratio, upper=False, floor=0.0)
+    if np.isfinite(centre):
+        low = options.min_amplitude
+        limit = excess_threshold(
+            ratio, centre, spread, centre - options.min_misfit * spread, low, upper=False
+        )
+        with np.errstate(invalid="ignore"):
+            keep &= ~(ratio < max(low, limit))
     return keep
+
+
+def core_of(values: np.ndarray, *, upper: bool, floor: float) -> tuple[float, float]:
+    """Centre and spread of the core of ``values`` whose outliers lie on one side (``upper``:
+    above). The centre is the median of the values within two spreads of a first estimate (so
+    that a tail of junk does not pull it), the spread the normal-consistent median deviation of
+    the values on the side without outliers, at least ``floor``."""
+    x = values[np.isfinite(values)]
+    if len(x) < 3:
+        return math.nan, math.nan
+    centre = float(np.median(x))
+    spread = floor
+    for _ in range(3):
+        clean = x[x <= centre] if upper else x[x >= centre]
+        spread = max(floor, 1.4826 * float(np.median(np.abs(clean - centre))), 1e-12)
+        core = x[np.abs(x - centre) <= 2.0 * spread]
+        if len(core) < 3:
+            break
+        centre = float(np.median(core))
+    return centre, spread
+
+
+def excess_threshold(
+    values: np.ndarray, centre: float, spread: float, near: float, far: float, *, upper: bool
+) -> float:
+    """Where to cut a tail of outliers (``upper``: values above the cut are dropped): the cut
+    between ``near`` (closest to the core allowed) and ``far`` that minimises the expected
+    clean values dropped plus outliers kept, with the clean values a normal core of ``centre``
+    and ``spread`` counted from the side without outliers (twice the values beyond the
+    centre on that side). Returns ``far`` when ``near`` lies beyond it."""
+    from scipy.special import ndtr
+
+    x = values[np.isfinite(values)]
+    sign = 1.0 if upper else -1.0
+    y = np.sort(sign * (x - centre) / spread)  # outliers now at large y
+    lo, hi = sign * (near - centre) / spread, sign * (far - centre) / spread
+    if not len(y) or lo >= hi:
+        return far
+    n_clean = min(len(y), 2.0 * float((y <= 0).sum()))
+    cuts = np.concatenate([[lo], y[(y > lo) & (y < hi)], [hi]])
+    beyond = len(y) - np.searchsorted(y, cuts, side="right")  # values dropped at each cut
+    clean_beyond = n_clean * ndtr(-cuts)
+    # clean dropped + (outliers - outliers dropped); the outlier total is a constant
+    cost = 2.0 * clean_beyond - beyond
+    best = cuts[int(np.argmin(cost))]
+    return centre + sign * best * spread
