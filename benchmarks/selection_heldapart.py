@@ -27,6 +27,7 @@ from heldapart_family import KINDS, make_family_job  # noqa: E402
 
 from tamis.class2d import Class2DOptions, run_class2d  # noqa: E402
 from tamis.rank.evaluate import auroc  # noqa: E402
+from tamis.rank.screen import ScreenOptions  # noqa: E402
 from tamis.rank.select import RankOptions, job_inputs, rank_classes  # noqa: E402
 from tamis.rank.train import tiers_from_truth  # noqa: E402
 from tamis.simulate.truth import image_key, truth_for  # noqa: E402
@@ -129,18 +130,23 @@ def main() -> None:
     ap.add_argument("--first", type=int, default=0)
     ap.add_argument("--classify-only", action="store_true")
     ap.add_argument("--out", default=None, help="JSON report")
+    ap.add_argument("--model", default=None, help="ranker weights (default: the shipped ones)")
+    ap.add_argument("--tag", default="", help="suffix of the rank_* folders")
     args = ap.parse_args()
     work = Path(args.work)
-    results: dict[str, list[dict]] = {"default": [], "classes_only": []}
+    variants = {
+        "default": RankOptions(model=args.model),
+        "fixed_screen": RankOptions(model=args.model, screen=ScreenOptions(adaptive=False)),
+        "classes_only": RankOptions(model=args.model, screen=None, gallery=False),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in variants}
     for j in range(args.first, args.first + args.jobs):
         optimiser, truth, cfg = classify(work, j)
         print(f"job {j}: {cfg}", flush=True)
         if args.classify_only:
             continue
-        results["default"].append(evaluate(work, j, optimiser, truth, RankOptions(), "default"))
-        results["classes_only"].append(
-            evaluate(work, j, optimiser, truth, RankOptions(screen=None, gallery=False), "classes")
-        )
+        for name, options in variants.items():
+            results[name].append(evaluate(work, j, optimiser, truth, options, name + args.tag))
     if args.classify_only:
         return
     report = {name: summary(rows) for name, rows in results.items()}

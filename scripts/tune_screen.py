@@ -1,10 +1,13 @@
 """Choose the particle screen's default thresholds (:mod:`tamis.rank.screen`) on the ranker's
 *training* jobs (made by ``scripts/train_ranker.py`` in ``--work``), never on its held-out ones.
 
-For each job: the class selection with the shipped ranker and no screen, then every selected
-particle's amplitude and misfit; a grid over (max_misfit, min_amplitude) gives the pooled
-particle-level false-positive rate (junk kept / all junk) and false-negative rate (real particles
-dropped / all real particles) against the simulator's truth.
+For each job: the class selection with the ranker (``--model``, default the shipped one) and no
+screen, then every selected particle's amplitude and misfit; a grid over the adaptive rule's
+(min_misfit, max_misfit, min_amplitude), and the fixed rule's (max_misfit, min_amplitude) for
+comparison, gives the pooled particle-level false-positive rate (junk kept / all junk) and
+false-negative rate (real particles dropped / all real particles) against the simulator's truth.
+Training jobs of every family are used: ``train_*``, ``mtrain_*`` (pipeline-style) and
+``vtrain_*`` (assemblies).
 
 Run: ``.venv/bin/python scripts/tune_screen.py --work /tmp/ranker_jobs``
 """
@@ -23,10 +26,12 @@ from tamis.rank.select import RankOptions, job_inputs, job_particle_fit, rank_cl
 from tamis.simulate.truth import truth_for
 
 
-def job_fit(d: Path, out: Path) -> pd.DataFrame:
+def job_fit(d: Path, out: Path, model: str | None = None) -> pd.DataFrame:
     """Selected particles of one job with their screen statistics and truth."""
     optimiser = sorted((d / "c2d").glob("run_it*_optimiser.star"))[-1]
-    res = rank_classes(optimiser, out, RankOptions(screen=None, gallery=False), log=lambda s: None)
+    res = rank_classes(
+        optimiser, out, RankOptions(model=model, screen=None, gallery=False), log=lambda s: None
+    )
     job = job_inputs(optimiser)
     table = job["data"].table
     truth_file = (
@@ -46,28 +51,42 @@ def main() -> None:
     ap.add_argument(
         "--out", default=None, help="JSON of the grid (default WORK/screen_tuning.json)"
     )
+    ap.add_argument("--model", default=None, help="ranker weights (default: the shipped ones)")
     args = ap.parse_args()
     work = Path(args.work)
     jobs = sorted(work.glob("train_*")) + sorted(work.glob("mtrain_*"))
+    jobs += sorted(work.glob("vtrain_*"))
     fits = []
     for d in jobs:
-        fits.append(job_fit(d, work / "tune" / d.name))
+        fits.append(job_fit(d, work / "tune" / d.name, args.model))
         print(f"{d.name}: {len(fits[-1])} selected particles", flush=True)
     n_pos = sum(f.attrs["n_positive"] for f in fits)
     n_junk = sum(f.attrs["n_junk"] for f in fits)
     rows = []
-    for max_misfit in (2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, np.inf):
-        for min_amplitude in (0.0, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75):
-            opts = ScreenOptions(max_misfit=max_misfit, min_amplitude=min_amplitude)
-            fp = fn = 0
-            for f in fits:
-                keep = screen_particles(f, opts)
-                pos = f["positive"].to_numpy()
-                fp += int((keep & ~pos).sum())
-                fn += int((~keep & pos).sum())
-            fn += sum(f.attrs["n_positive"] - int(f["positive"].sum()) for f in fits)
-            rows.append({"max_misfit": max_misfit, "min_amplitude": min_amplitude,
-                         "fp_rate": fp / n_junk, "fn_rate": fn / n_pos})  # fmt: skip
+    grid_points = [
+        (True, lo, hi, amp)
+        for lo in (2.0, 2.5, 3.0, 3.5, 4.0)
+        for hi in (5.0, 6.0, 8.0)
+        for amp in (0.5, 0.6)
+    ]
+    grid_points += [
+        (False, np.nan, hi, amp) for hi in (3.0, 4.0, 5.0, 6.0, np.inf) for amp in (0.0, 0.5, 0.6)
+    ]
+    for adaptive, min_misfit, max_misfit, min_amplitude in grid_points:
+        opts = ScreenOptions(
+            max_misfit=max_misfit, min_amplitude=min_amplitude, adaptive=adaptive,
+            min_misfit=min_misfit if adaptive else 3.0,
+        )  # fmt: skip
+        fp = fn = 0
+        for f in fits:
+            keep = screen_particles(f, opts)
+            pos = f["positive"].to_numpy()
+            fp += int((keep & ~pos).sum())
+            fn += int((~keep & pos).sum())
+        fn += sum(f.attrs["n_positive"] - int(f["positive"].sum()) for f in fits)
+        rows.append({"adaptive": adaptive, "min_misfit": min_misfit, "max_misfit": max_misfit,
+                     "min_amplitude": min_amplitude, "fp_rate": fp / n_junk,
+                     "fn_rate": fn / n_pos})  # fmt: skip
     grid = pd.DataFrame(rows)
     grid["worse"] = grid[["fp_rate", "fn_rate"]].max(axis=1)
     print(grid.sort_values("worse").head(20).to_string(index=False))
