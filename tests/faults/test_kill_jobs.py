@@ -1,7 +1,7 @@
 """SIGKILL of pipeline jobs at seeded random points: whatever the kill leaves under a final name
 is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
 class2d's continue and the schemer have their own kill tests). Movie import and motion
-correction included."""
+correction, 2D classification and the class ranker with its particle screen included."""
 
 from __future__ import annotations
 
@@ -49,6 +49,12 @@ JOBS = [
      {"input_star_mics": "Import/job008/movies.star", "fn_gain_ref": "MovieSim/gain.mrc",
       "patch_x": "3", "patch_y": "3", "do_float16": "No", "do_save_noDW": "Yes",
       "group_for_ps": "4", "dose_per_frame": "1"}),
+    ("Class2D/job010", "relion.class2d",
+     {"fn_img": "Extract/job003/particles.star", "do_em": "Yes", "do_grad": "No",
+      "nr_classes": "2", "nr_iter_em": "3", "particle_diameter": "120", "nr_threads": "1",
+      "other_args": "--random_seed 7 --pool 3"}),
+    ("Select/job011", "relion.select.class2dauto",
+     {"fn_model": "Class2D/job010/run_it003_optimiser.star", "rank_threshold": "0.0"}),
 ]  # fmt: skip
 
 

@@ -333,6 +333,42 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
     return [(str(star), "ParticleGroupMetadata.star.relion")]
 
 
+def _class2d_other_args(text: str) -> dict[str, object]:
+    """RELION's ``other_args`` of a 2D job: ``--random_seed N`` (RELION seeds from the clock
+    otherwise) is applied; RELION's performance flags, which do not change results (``--pool``,
+    ``--dont_combine_weights_via_disc``, ``--preread_images``, ``--scratch_dir``, ``--gpu``,
+    ``--j``), are accepted and ignored; anything else is an error, not silently dropped."""
+    import shlex
+
+    words = shlex.split(text or "")
+    out: dict[str, object] = {}
+    with_value = {"--pool", "--scratch_dir", "--j", "--gpu"}
+    switches = {
+        "--dont_combine_weights_via_disc",
+        "--preread_images",
+        "--gpu",
+        "--no_parallel_disc_io",
+    }
+    i = 0
+    while i < len(words):
+        w = words[i]
+        if w == "--random_seed" and i + 1 < len(words):
+            try:
+                out["random_seed"] = int(words[i + 1])
+            except ValueError:
+                raise TamisError(
+                    f"other_args: --random_seed {words[i + 1]!r} is not an integer"
+                ) from None
+            i += 2
+        elif w in with_value and i + 1 < len(words) and not words[i + 1].startswith("--"):
+            i += 2
+        elif w in switches:
+            i += 1
+        else:
+            raise TamisError(f"other_args: {w!r} is not supported by tamis's 2D classification")
+    return out
+
+
 def _run_class2d(job: JobStar, out: Path) -> Nodes:
     from tamis.class2d import Class2DOptions, run_class2d
 
@@ -352,6 +388,7 @@ def _run_class2d(job: JobStar, out: Path) -> Nodes:
         j=int(_f(job, "nr_threads", 1)),
         pipeline_control=out,
     )
+    common.update(_class2d_other_args(job.options.get("other_args", "")))
     if grad:
         options = Class2DOptions.gui_vdam(iter=int(_f(job, "nr_iter_grad", 200)), **common)
     else:
