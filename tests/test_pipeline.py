@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from tamis.io.star import read_star
 from tamis.pipeline import Pipeline
