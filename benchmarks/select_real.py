@@ -126,15 +126,16 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=50)
     ap.add_argument("--iter", type=int, default=200)
     ap.add_argument("--gallery", default=None, help="copy the class gallery PNG here")
+    ap.add_argument("--j", type=int, default=os.cpu_count() or 1, help="threads")
     args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.j)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     star, n_manual = pick_and_extract(Path(args.data), work)
     der = derived_options(PIXEL, DIAMETER, picker="deep")
     opts = Class2DOptions.gui_vdam(
         iter=args.iter, K=args.K, particle_diameter=der["proc__class2d__particle_diameter"],
-        random_seed=1, j=os.cpu_count() or 1,
+        random_seed=1, j=args.j,
     )  # fmt: skip
     done = sorted((work / "c2d").glob(f"run_it{args.iter:03d}_optimiser.star"))
     t = time.time()

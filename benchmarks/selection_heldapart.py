@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from heldapart_family import KINDS, make_family_job  # noqa: E402
+from heldapart_family import KINDS, STRUCTURES, make_family_job  # noqa: E402
 
 from tamis.class2d import Class2DOptions, run_class2d  # noqa: E402
 from tamis.rank.evaluate import auroc  # noqa: E402
@@ -57,7 +57,7 @@ def classify(work: Path, j: int) -> tuple[Path, Path, dict]:
 
 
 def evaluate(work: Path, j: int, optimiser: Path, truth_csv: Path, options: RankOptions,
-             tag: str) -> dict:  # fmt: skip
+             tag: str, structures: list[str]) -> dict:  # fmt: skip
     out = work / f"job_{j:03d}" / f"rank_{tag}"
     res = rank_classes(optimiser, out, options, log=lambda s: None)
     data = job_inputs(optimiser)["data"].table
@@ -83,11 +83,17 @@ def evaluate(work: Path, j: int, optimiser: Path, truth_csv: Path, options: Rank
     for k in KINDS:
         row[f"{k}_n"] = int((kinds == k).sum())
         row[f"{k}_kept"] = int((chosen & (kinds == k)).sum())
+    which = truth["structure"].to_numpy()
+    for s, name in enumerate(structures, 1):
+        real = (kinds == "particle") & (which == s)
+        row[f"{name}_n"] = row.get(f"{name}_n", 0) + int(real.sum())
+        row[f"{name}_kept"] = row.get(f"{name}_kept", 0) + int((chosen & real).sum())
     return row
 
 
 def summary(rows: list[dict]) -> dict:
-    tot = {k: sum(r[k] for r in rows) for k in rows[0] if k.endswith(("_n", "_kept"))}
+    keys = {k for r in rows for k in r if k.endswith(("_n", "_kept"))}
+    tot = {k: sum(r.get(k, 0) for r in rows) for k in keys}
     junk_n = sum(tot[f"{k}_n"] for k in KINDS)
     junk_kept = sum(tot[f"{k}_kept"] for k in KINDS)
     parts = sum(r["particles"] for r in rows)
@@ -98,6 +104,9 @@ def summary(rows: list[dict]) -> dict:
         "FNR": 1 - kept / max(1, parts),
         "AUROC_mean": float(np.nanmean([r["auroc"] for r in rows])),
         "per_kind_FPR": {k: tot[f"{k}_kept"] / max(1, tot[f"{k}_n"]) for k in KINDS},
+        "per_structure_FNR": {
+            s: 1 - tot[f"{s}_kept"] / tot[f"{s}_n"] for s in STRUCTURES if tot.get(f"{s}_n")
+        },
         "per_job": [
             (
                 r["job"],
@@ -146,7 +155,9 @@ def main() -> None:
         if args.classify_only:
             continue
         for name, options in variants.items():
-            results[name].append(evaluate(work, j, optimiser, truth, options, name + args.tag))
+            results[name].append(
+                evaluate(work, j, optimiser, truth, options, name + args.tag, cfg["structures"])
+            )
     if args.classify_only:
         return
     report = {name: summary(rows) for name, rows in results.items()}
