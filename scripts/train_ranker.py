@@ -31,6 +31,7 @@ import torch
 from tamis.class2d import Class2DOptions, run_class2d
 from tamis.rank.evaluate import auroc, class_reference_rates, particle_rates
 from tamis.rank.features import network_features
+from tamis.rank.screen import ScreenOptions
 from tamis.rank.select import RankOptions, job_inputs, load_ranker, rank_classes
 from tamis.rank.train import (
     Examples,
@@ -273,6 +274,8 @@ def main() -> None:
     ap.add_argument("--mic-test-jobs", type=int, default=0, help="pipeline-style test jobs")
     ap.add_argument("--variety-jobs", type=int, default=0, help="assembly jobs (two-lobe, ...)")
     ap.add_argument("--variety-test-jobs", type=int, default=0, help="held-out assembly jobs")
+    ap.add_argument("--model", default=None, help="evaluate these weights (no training)")
+    ap.add_argument("--report", default=None, help="write the evaluation JSON here")
     ap.add_argument("--install", action="store_true")
     ap.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the model already in --work/ranker"
@@ -304,8 +307,8 @@ def main() -> None:
         )
         print(f"job {j}: {cfg}", flush=True)
     train = Examples.concat(train_parts)
-    model = work / "ranker.safetensors"
-    if not (args.evaluate_only and model.exists()):
+    model = Path(args.model) if args.model else work / "ranker.safetensors"
+    if not args.model and not (args.evaluate_only and model.exists()):
         model = train_ranker(
             train,
             work / "ranker",
@@ -322,19 +325,26 @@ def main() -> None:
     clear = np.isin(test.tiers, (0, 1, 2))
     # particle level: the default selection (the model's threshold, then the particle screen) on
     # every held-out job, and the class selection alone
-    rates, ref_rates, oracle_rates, class_only = [], [], [], []
+    rates, ref_rates, oracle_rates, class_only, fixed = [], [], [], [], []
+    ev = work / f"eval_{model.stem}"
     for j, (optimiser, truth, tiers) in enumerate(test_jobs):
         res = rank_classes(
-            optimiser, work / "eval" / f"test_{j:03d}", RankOptions(model=str(model)), log=_quiet
+            optimiser, ev / "default" / f"test_{j:03d}", RankOptions(model=str(model)), log=_quiet
         )
         data = job_inputs(optimiser)["data"].table
         r = particle_rates(data, res.particles, truth)
         rates.append(r)
         res0 = rank_classes(
-            optimiser, work / "eval_classes" / f"test_{j:03d}",
+            optimiser, ev / "classes" / f"test_{j:03d}",
             RankOptions(model=str(model), screen=None, gallery=False), log=_quiet,
         )  # fmt: skip
         class_only.append(particle_rates(data, res0.particles, truth))
+        res1 = rank_classes(
+            optimiser, ev / "fixed" / f"test_{j:03d}",
+            RankOptions(model=str(model), screen=ScreenOptions(adaptive=False), gallery=False),
+            log=_quiet,
+        )  # fmt: skip
+        fixed.append(particle_rates(data, res1.particles, truth))
         good = [c + 1 for c in np.flatnonzero(np.isin(tiers, (1, 2)))]
         classes = data["rlnClassNumber"].astype(int).to_numpy()
         ref_rates.append(class_reference_rates(classes, res.selected, good))
@@ -357,6 +367,8 @@ def main() -> None:
         "particles_false_positive_rate": pooled["fp"] / max(1, pooled["fp"] + pooled["tn"]),
         "particles_false_negative_rate": pooled["fn"] / max(1, pooled["fn"] + pooled["tp"]),
         "particles_junk_in_selection": pooled["fp"] / max(1, pooled["fp"] + pooled["tp"]),
+        "fixed_screen_false_positive_rate": pooled_rates(fixed)[0],
+        "fixed_screen_false_negative_rate": pooled_rates(fixed)[1],
         "class_selection_only_false_positive_rate": pooled_rates(class_only)[0],
         "class_selection_only_false_negative_rate": pooled_rates(class_only)[1],
         "stack_jobs_false_positive_rate": pooled_rates(rates[:n_stack])[0],
@@ -384,7 +396,10 @@ def main() -> None:
         "per_job": rates,
     }
     meta["test"] = report
-    model.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
+    if not args.model:
+        model.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "per_job"}, indent=2))
     if args.install:
         shutil.copy(model, TARGET.with_suffix(".safetensors"))
