@@ -138,7 +138,8 @@ def assembly_map(folder: Path, kind: str, seed: int) -> str:
 def make_variety_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
     """A particle-stack job of more variety than ``make_job``: assemblies (two-lobe, ring, rod,
     single) filling 45-90% of a 64-px box (so pixel sizes of about 1.5-8 A/px), 800-1,300
-    particles, VDAM (30 or 50 mini-batches) or EM (10 iterations)."""
+    particles, VDAM (30 or 50 mini-batches) or EM (10 iterations); coloured noise from job 30
+    on (and in odd test jobs)."""
     from tamis.simulate.structure import structure_diameter
 
     rng = np.random.default_rng(40_000 * (2 if test else 1) + j)
@@ -156,6 +157,12 @@ def make_variety_job(work: Path, j: int, test: bool) -> tuple[Path, Path, dict]:
         pixel_size=pixel, snr=float(rng.uniform(0.02, 0.12)),
         junk_fraction=float(rng.uniform(0.1, 0.3)), seed=int(rng.integers(0, 1_000_000)),
     )  # fmt: skip
+    # coloured noise (ice, beam-induced blur) from job 30 on and in every other test job; its
+    # own generator, so the draws above stay those of the first jobs
+    noise_rng = np.random.default_rng(60_000 * (2 if test else 1) + j)
+    if (j >= 30) if not test else (j % 2 == 1):
+        cfg.update(low_res_noise=float(noise_rng.uniform(1.0, 4.0)),
+                   low_res_noise_scale=float(noise_rng.uniform(30.0, 100.0)))  # fmt: skip
     d = work / f"{'vtest' if test else 'vtrain'}_{j:03d}"
     if not (d / "sim" / "particles.star").exists():
         simulate_particles(ParticleSimulation(**cfg), d / "sim")

@@ -228,3 +228,26 @@ def test_random_pseudo_proteins():
     assert float(big.sum()) > 2.5 * float(a.sum())
     with pytest.raises(InputFileError, match="random:SEED"):
         load_structure("random:x", box_size=16, pixel_size=3.0)
+
+
+def test_coloured_noise_has_more_low_resolution_power_and_unit_variance():
+    import torch
+
+    from tamis.simulate.particles import ParticleSimulation, _noise
+
+    n, pixel = 64, 4.0
+    cfg = ParticleSimulation(
+        box_size=n, pixel_size=pixel, low_res_noise=3.0, low_res_noise_scale=60.0
+    )
+    x = _noise(torch.Size([400, n, n]), cfg, torch.Generator().manual_seed(1)).double()
+    assert float(x.var()) == pytest.approx(1.0, abs=0.02)
+    power = (torch.fft.rfft2(x).abs() ** 2).mean(0)
+    k = torch.sqrt(
+        torch.fft.fftfreq(n, d=pixel)[:, None] ** 2 + torch.fft.rfftfreq(n, d=pixel)[None] ** 2
+    )
+    expect = 1.0 + 3.0 * torch.exp(-((k * 60.0) ** 2))
+    low, high = (k > 0) & (k < 0.004), k > 0.08
+    ratio = float(power[low].mean() / power[high].mean())
+    assert ratio == pytest.approx(float(expect[low].mean() / expect[high].mean()), rel=0.1)
+    white = _noise(torch.Size([4, n, n]), ParticleSimulation(), torch.Generator().manual_seed(1))
+    assert white.shape == (4, n, n)

@@ -58,6 +58,11 @@ class ParticleSimulation:
     junk_fraction: float = 0.0
     junk_kinds: tuple[str, ...] = JUNK_KINDS
     shift_sigma_px: float = 1.5
+    #: coloured noise, as ice and beam-induced blur make it: the noise power is raised by
+    #: ``1 + low_res_noise x exp(-(k x low_res_noise_scale)^2)`` at frequency ``k`` (1/A), then
+    #: scaled back to the same total variance (0: white noise)
+    low_res_noise: float = 0.0
+    low_res_noise_scale: float = 60.0
     particles_per_micrograph: int = 100
     bfactor: float = 50.0
     optics: Optics = field(default_factory=Optics)
@@ -67,6 +72,8 @@ class ParticleSimulation:
     def check(self) -> None:
         if self.n_particles < 1:
             raise TamisError("--n must be at least 1")
+        if self.low_res_noise < 0 or self.low_res_noise_scale <= 0:
+            raise TamisError("low_res_noise must be >= 0 and low_res_noise_scale > 0")
         if self.box_size < 8 or self.box_size % 2:
             raise TamisError(f"--box {self.box_size}: must be even and >= 8")
         if self.pixel_size <= 0:
@@ -95,6 +102,20 @@ class SimulationResult:
     n_particles: int
     noise_std: float
     signal_variance: float
+
+
+def _noise(shape: torch.Size, config: ParticleSimulation, gen: torch.Generator) -> torch.Tensor:
+    """Unit-variance noise images: white, or coloured by ``config.low_res_noise``."""
+    white = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if config.low_res_noise <= 0:
+        return white
+    n = shape[-1]
+    ky = torch.fft.fftfreq(n, d=config.pixel_size, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(n, d=config.pixel_size, dtype=torch.float64)
+    k2 = ky[:, None] ** 2 + kx[None, :] ** 2
+    power = 1.0 + config.low_res_noise * torch.exp(-k2 * config.low_res_noise_scale**2)
+    amp = torch.sqrt(power / power.mean())
+    return torch.fft.irfft2(torch.fft.rfft2(white) * amp.float(), s=(n, n))
 
 
 def simulate_particles(
@@ -163,9 +184,7 @@ def simulate_particles(
                 peak,
                 device,
             )
-            images += (
-                torch.randn(images.shape, generator=gen, dtype=torch.float32).to(device) * noise_std
-            )
+            images += _noise(images.shape, config, gen).to(device) * noise_std
             # RELION's extraction convention: background noise of standard deviation 1
             images /= noise_std
             images_np = images.cpu().numpy()
