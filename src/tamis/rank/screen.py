@@ -70,7 +70,8 @@ __all__ = [
 
 @dataclass
 class ScreenOptions:
-    #: drop particles whose low-resolution misfit is this many robust SDs above the median
+    #: drop particles whose low-resolution misfit is this many spreads above the core (the
+    #: fixed rule: robust SDs above the median)
     max_misfit: float = 5.0
     #: drop particles whose amplitude is below this fraction of their class's median (0.5: the
     #: box is better explained by no particle than by its class scaled to the median)
