@@ -264,3 +264,37 @@ def test_adaptive_screen_finds_the_junk_tail_and_spares_clean_data():
 
     with pytest.raises(TamisError, match="screen_min_misfit"):
         ScreenOptions(min_misfit=6.0)
+
+
+def test_realign_recovers_stale_poses(tmp_path):
+    """Stored poses off by a psi step multiple and whole pixels (as VDAM leaves them): the
+    re-alignment finds the true pose again, and at the true pose its amplitude is the one the
+    stored-pose path gives."""
+    rng = np.random.default_rng(7)
+    classes = blobs(rng, 2)
+    b = 24
+    psi = rng.uniform(0, 360, b)
+    origin = rng.uniform(-2, 2, (b, 2))
+    cls = rng.integers(1, 3, b)
+    defocus = rng.uniform(10000, 20000, b)
+    images = np.stack([
+        image_from(exact_spectrum(classes[cls[i] - 1], psi[i], tuple(-origin[i])) * full_ctf(defocus[i]))
+        + rng.normal(0, 0.01, (N, N))
+        for i in range(b)
+    ])  # fmt: skip
+    sigma2 = np.full(N // 2 + 1, 0.01**2 / N**2)
+    truth = particle_fit(
+        write_set(tmp_path, images, psi, origin, cls, defocus), classes, {1: sigma2}
+    )
+    # stale: psi off by -30 degrees (a multiple of the 6-degree search step), origin by whole px
+    off = rng.integers(-2, 3, (b, 2))
+    stale = write_set(tmp_path, images, psi - 30.0, origin + off, cls, defocus)
+    bad = particle_fit(stale, classes, {1: sigma2})
+    assert np.median(bad["amplitude"]) < 0.7
+    fixed = particle_fit(stale, classes, {1: sigma2}, realign=(6.0, 4.0))
+    np.testing.assert_allclose(fixed["amplitude"], truth["amplitude"], rtol=1e-3)
+    np.testing.assert_allclose(fixed["misfit"], truth["misfit"], rtol=1e-3, atol=1e-3)
+    dpsi = (fixed["psi"].to_numpy() - psi + 180) % 360 - 180
+    np.testing.assert_allclose(dpsi, 0.0, atol=1e-6)
+    # the stored origin moved the class by -origin; re-alignment moves it back by the offset
+    np.testing.assert_array_equal(fixed[["shift_x", "shift_y"]].to_numpy(), off)

@@ -80,6 +80,9 @@ class ScreenOptions:
     #: no closer to the core than this many spreads; False: the fixed thresholds above
     adaptive: bool = True
     min_misfit: float = 3.0
+    #: re-align each particle to its class average first (the job's psi step and offset
+    #: range): a job's stored poses can be stale (VDAM), and a stale pose misfits any particle
+    realign: bool = True
     #: the misfit is measured up to this resolution (Angstrom)
     lowres: float = 25.0
     #: fewer selected particles than this: no screen (the medians would mean little)
@@ -129,12 +132,20 @@ def particle_fit(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    realign: tuple[float, float] | None = None,
 ) -> pd.DataFrame:
     """Amplitude and low-resolution misfit of each particle (``rows``, 0-based; default all)
     against its class average in its pose. ``classes`` is ``(K, n, n)``; the particles' table
     needs ``rlnClassNumber``, ``rlnAnglePsi`` and ``rlnOriginX/YAngst``. Returns a table indexed
     by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``) and
-    ``class`` (1-based)."""
+    ``class`` (1-based).
+
+    ``realign=(psi_step, offset_range_px)``: first re-align every particle to its class average,
+    the pose with the largest amplitude over psi (the stored psi plus multiples of ``psi_step``,
+    all round) and whole-pixel shifts within ``offset_range_px`` of the stored origin (the stored
+    pose is one of them). A job's stored poses can be stale: VDAM updates a particle only in
+    the mini-batches it belongs to, and the class averages keep moving after that. The table then
+    also has ``psi`` and ``shift_x``/``shift_y`` (pixels, the change of origin) of the pose used."""
     table = particles.particles
     where = particles.source or Path("<particles>")
     need = ["rlnClassNumber", "rlnAnglePsi"]
@@ -218,9 +229,25 @@ def particle_fit(
                                   torch.as_tensor(oy[idx], device=dev)], -1) / px[:, None]  # fmt: skip
             ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
             ctf = ctf_all[torch.as_tensor(idx)].compute((n, n), **flags).to(dev, torch.float32)
+            moved = np.zeros((b, 2))
+            if realign is not None:
+                psi, extra = _realign(
+                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, weights,
+                    ogroup[idx], realign, n,
+                )  # fmt: skip
+                moved = extra.cpu().numpy()
+                proj = torch.empty_like(proj)
+                for c in torch.unique(k).tolist():
+                    m = k == c
+                    proj[m] = project(grids[c : c + 1], psi[m], window)[0]
+                shift = shift + extra.to(shift.dtype)
+                ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
             ca = (proj * ramp.to(torch.complex64)).reshape(x.shape) * ctf
             stats = {key: np.empty(b) for key in ("amplitude", "misfit", "signal")}
             stats["class"] = k_of[idx] + 1
+            if realign is not None:
+                stats["psi"] = psi.cpu().numpy()
+                stats["shift_x"], stats["shift_y"] = moved[:, 0], moved[:, 1]
             for g in np.unique(ogroup[idx]):
                 sel = torch.as_tensor(ogroup[idx] == g, device=dev)
                 wc, hw, n_high, lowpass, n_full = weights[int(g)]
@@ -248,6 +275,70 @@ def particle_fit(
     )  # batches come in the order of rows
     fit.loc[fit["signal"] <= 0, ["amplitude", "misfit"]] = np.nan
     return fit
+
+
+def _realign(
+    x: torch.Tensor,
+    grids: torch.Tensor,
+    k: torch.Tensor,
+    psi: torch.Tensor,
+    ramp: torch.Tensor,
+    ctf: torch.Tensor,
+    window: FourierWindow,
+    weights: dict,
+    groups: np.ndarray,
+    search: tuple[float, float],
+    n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pose of largest amplitude for a batch: psi (degrees) and the whole-pixel change of
+    shift (``(B, 2)``, x, y) from the stored pose (``ramp``: its phase shift). For every trial psi
+    the amplitude at every shift comes from one inverse FFT of the weighted cross-spectrum."""
+    step, radius = search
+    n_psi = max(1, int(round(360.0 / step)))
+    dev = x.device
+    b = len(psi)
+    # the E-step's sums count each independent Fourier component once (half the full plane,
+    # the kx = n/2 column whole); irfft2 sums the full plane: halve all, keep that column whole
+    full = torch.zeros((b,) + x.shape[1:], dtype=torch.float32, device=dev)
+    once = torch.zeros_like(full)
+    for g in np.unique(groups):
+        sel = torch.as_tensor(groups == g, device=dev)
+        wc = weights[int(g)][0]
+        once[sel] = wc
+        sym = wc.clone()
+        mate = duplicate_half_column((n, n), device=dev)
+        ky_neg = torch.nonzero(mate, as_tuple=True)
+        sym[ky_neg] = wc[(-ky_neg[0]) % n, ky_neg[1]]  # the kx = 0 mirror pixels, as their mates
+        if n % 2 == 0:
+            sym[n // 2, 0] = 0.0
+            sym[:, -1] = 2.0 * sym[:, -1]
+        full[sel] = 0.5 * sym
+    yy = torch.fft.fftfreq(n, d=1.0 / n, device=dev)
+    d2 = yy[:, None] ** 2 + yy[None, :] ** 2
+    allowed = d2 <= radius * radius + 1e-9
+    best = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
+    best_psi = psi.clone()
+    best_shift = torch.zeros((b, 2), dtype=torch.float64, device=dev)
+    xw = x * full
+    for j in range(n_psi):
+        trial = psi + j * step
+        proj = torch.empty((b, len(window)), dtype=torch.complex64, device=dev)
+        for c in torch.unique(k).tolist():
+            m = k == c
+            proj[m] = project(grids[c : c + 1], trial[m], window)[0]
+        ca = proj.reshape(x.shape) * ramp.to(torch.complex64) * ctf
+        signal = _sum(once * (ca.real**2 + ca.imag**2))
+        cross = torch.fft.irfft2(xw * ca.conj(), s=(n, n)) * (n * n)
+        cross = torch.where(allowed, cross, -torch.inf)
+        peak, where = cross.reshape(b, -1).max(dim=1)
+        amp = peak.double() / signal.clamp(min=1e-30)
+        better = amp > best
+        best = torch.where(better, amp, best)
+        best_psi = torch.where(better, trial, best_psi)
+        dy = yy[torch.div(where, n, rounding_mode="floor")].double()
+        dx = yy[where % n].double()
+        best_shift = torch.where(better[:, None], torch.stack([dx, dy], -1), best_shift)
+    return torch.remainder(best_psi + 180.0, 360.0) - 180.0, best_shift
 
 
 def _sum(values: torch.Tensor) -> torch.Tensor:
@@ -296,15 +387,20 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
         scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis - med_m))))
         if np.isfinite(med_m):
             keep &= ~((mis - med_m) / scale > options.max_misfit)
+        fit.attrs["cuts"] = {"amplitude": options.min_amplitude, "centre": med_m,
+                             "spread": scale, "spreads": options.max_misfit,
+                             "misfit": med_m + options.max_misfit * scale}  # fmt: skip
         return keep
     # misfit: junk in the upper tail, spread at least 1 (pure noise)
     centre, spread = core_of(mis, upper=True, floor=1.0)
+    cuts = {"centre": centre, "spread": spread, "misfit": math.nan, "spreads": math.nan}
     if np.isfinite(centre):
         limit = excess_threshold(
             mis, centre, spread, centre + options.min_misfit * spread,
             centre + options.max_misfit * spread, upper=True,
         )  # fmt: skip
         keep &= ~(mis > limit)
+        cuts.update(misfit=limit, spreads=(limit - centre) / spread)
     # amplitude / class median: junk (empty boxes) in the lower tail
     centre, spread = core_of(ratio, upper=False, floor=0.0)
     if np.isfinite(centre):
@@ -314,6 +410,8 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
         )
         with np.errstate(invalid="ignore"):
             keep &= ~(ratio < max(low, limit))
+        cuts["amplitude"] = max(low, limit)
+    fit.attrs["cuts"] = cuts
     return keep
 
 

@@ -329,12 +329,29 @@ def job_particle_fit(
     diameter = float(opt.get("rlnParticleDiameter", 0) or 0)
     pixel = float(np.median(particles.pixel_sizes))  # optics groups share the box
     diameter_px = diameter / pixel if diameter > 0 else None
+    search = _realign_search(job, pixel) if options.realign else None
     fit = particle_fit(
         particles, job["images"], noise_spectra(job["model"], opt["rlnModelStarFile"]), rows,
         lowres=options.lowres, diameter_px=diameter_px, ctf_flags=flags,
-        batch_size=options.batch_size, device=choose_device(options.device),
+        batch_size=options.batch_size, device=choose_device(options.device), realign=search,
     )  # fmt: skip
     return particles, fit
+
+
+def _realign_search(job: dict, pixel: float) -> tuple[float, float]:
+    """The particle screen's re-alignment search from the 2D job's own sampling: its fine psi
+    step (``rlnPsiStep`` / 2^oversampling) and its offset range in pixels (RELION's GUI
+    defaults, 6 degrees and 5 pixels, when the sampling file is missing)."""
+    path = Path(str(job["optimiser_path"]))
+    sampling = path.with_name(path.name.replace("_optimiser.star", "_sampling.star"))
+    over = int(job["optimiser"].get("rlnAdaptiveOversampleOrder", 1) or 0)
+    step, radius = 6.0, 5.0
+    if sampling.is_file():
+        general = read_star(sampling).get("sampling_general")
+        if isinstance(general, dict) and "rlnPsiStep" in general:
+            step = float(general["rlnPsiStep"]) / 2**over
+            radius = float(general.get("rlnOffsetRange", radius * pixel)) / pixel
+    return max(step, 0.5), max(radius, 1.0)
 
 
 def _screen(
@@ -352,16 +369,24 @@ def _screen(
         "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
         "tamisKept": keep.astype(int),
     })  # fmt: skip
+    if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
+        report["tamisAnglePsi"] = fit["psi"].to_numpy()
+        report["tamisShiftX"] = fit["shift_x"].to_numpy()
+        report["tamisShiftY"] = fit["shift_y"].to_numpy()
     with atomic_path(out / "particle_screen.csv") as tmp:
         report.to_csv(tmp, index=False)
     if len(rows) < options.min_particles:
         log(f"particle screen: {len(rows)} particles, fewer than {options.min_particles}; all kept")
     else:
-        log(
-            f"particle screen: kept {int(keep.sum())} of {len(rows)} particles of the selected "
-            f"classes (amplitude >= {options.min_amplitude} x median, misfit <= median + "
-            f"{options.max_misfit} robust SD)"
+        cuts = fit.attrs.get("cuts", {})
+        rule = (
+            f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
+            f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
+            f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
+            f"{'adaptive' if options.adaptive else 'fixed'} cuts"
         )
+        log(f"particle screen: kept {int(keep.sum())} of {len(rows)} particles of the selected "
+            f"classes ({rule})")  # fmt: skip
     mask = np.zeros(len(table), dtype=bool)
     mask[rows[keep]] = True
     return mask
