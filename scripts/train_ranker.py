@@ -313,7 +313,7 @@ def main() -> None:
             }
         )
         print(f"job {j}: {cfg}", flush=True)
-    train = Examples.concat(train_parts)
+    train = Examples.concat(train_parts) if train_parts else None
     model = Path(args.model) if args.model else work / "ranker.safetensors"
     if not args.model and not (args.evaluate_only and model.exists()):
         model = train_ranker(

@@ -68,7 +68,9 @@ class Examples:
 def target_scores(tiers: np.ndarray, resolution: np.ndarray, job_score: float = 1.0) -> np.ndarray:
     best = resolution[tiers == 1]
     min_res = float(best.min()) if len(best) else 999.0
-    w = (min_res / resolution) ** 2
+    # the best tier-1 class's resolution gets the full 0.25; a class of a lower tier that is
+    # sharper than every tier-1 class (or a job without one) gets no more than that
+    w = np.minimum(1.0, (min_res / resolution) ** 2)
     base = {1: 0.75, 2: 0.50, 3: 0.25, 4: 0.0}
     out = np.array([(base[t] + 0.25 * w[i]) if t in base else 0.0 for i, t in enumerate(tiers)])
     return out * job_score
