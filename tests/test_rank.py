@@ -56,7 +56,7 @@ def test_target_scores_are_relions():
     t = target_scores(np.array([1, 2, 3]), np.array([20.0, 5.0, 10.0]))
     np.testing.assert_allclose(t, [1.0, 0.75, 0.5])
     t = target_scores(np.array([2, 4, 0]), np.array([9.0, 12.0, 6.0]))
-    np.testing.assert_allclose(t, [0.75, 0.5, 0.0])
+    np.testing.assert_allclose(t, [0.75, 0.25, 0.0])
 
 
 @pytest.fixture(scope="module")
