@@ -54,8 +54,12 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="ranker weights (default: the shipped ones)")
     args = ap.parse_args()
     work = Path(args.work)
-    jobs = sorted(work.glob("train_*")) + sorted(work.glob("mtrain_*"))
-    jobs += sorted(work.glob("vtrain_*"))
+    jobs = [
+        d
+        for pattern in ("train_*", "mtrain_*", "vtrain_*")
+        for d in sorted(work.glob(pattern))
+        if d.is_dir()
+    ]
     fits = []
     for d in jobs:
         fits.append(job_fit(d, work / "tune" / d.name, args.model))

@@ -38,7 +38,7 @@ def select(
         5.0, "--screen_max_misfit", help="Always drop misfits this many spreads above the core."
     ),
     screen_min_misfit: float = typer.Option(
-        3.0,
+        4.0,
         "--screen_min_misfit",
         help="Never drop misfits (or amplitudes) within this many spreads of the core.",
     ),
@@ -49,7 +49,7 @@ def select(
         "use the fixed --screen_max_misfit / --screen_min_amplitude cuts.",
     ),
     screen_min_amplitude: float = typer.Option(
-        0.5, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
+        0.6, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
     ),
     device: str = typer.Option(
         "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."

@@ -73,13 +73,13 @@ class ScreenOptions:
     #: drop particles whose low-resolution misfit is this many spreads above the core (the
     #: fixed rule: robust SDs above the median)
     max_misfit: float = 5.0
-    #: drop particles whose amplitude is below this fraction of their class's median (0.5: the
-    #: box is better explained by no particle than by its class scaled to the median)
-    min_amplitude: float = 0.5
+    #: drop particles whose amplitude is below this fraction of their class's median (below 0.5
+    #: the box is better explained by no particle than by its class scaled to the median)
+    min_amplitude: float = 0.6
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than this many spreads; False: the fixed thresholds above
     adaptive: bool = True
-    min_misfit: float = 3.0
+    min_misfit: float = 4.0
     #: re-align each particle to its class average first (the job's psi step and offset
     #: range): a job's stored poses can be stale (VDAM), and a stale pose misfits any particle
     realign: bool = True
