@@ -253,3 +253,10 @@ def test_cli_rank_particle_screen_switch(job, tmp_path):
         app, [*base, "--o", str(tmp_path / "C"), "--screen_min_amplitude", "2"]
     )
     assert out.exit_code == 1 and "screen_min_amplitude" in out.output
+    out = CliRunner().invoke(app, [*base, "--o", str(tmp_path / "D"), "--screen_fixed"])
+    assert out.exit_code == 0, out.output
+    assert "fixed cuts" in out.output
+    report = (tmp_path / "A" / "particle_screen.csv").read_text().splitlines()[0]
+    assert "tamisAnglePsi" in report  # the re-aligned pose is reported
+    out = CliRunner().invoke(app, [*base, "--o", str(tmp_path / "E"), "--screen_min_misfit", "6"])
+    assert out.exit_code == 1 and "screen_min_misfit" in out.output
