@@ -6,8 +6,8 @@ Written apart from ``tamis.simulate`` on purpose: structures are clouds of Gauss
 noise is coloured (stronger at low resolution, as ice makes it), every image is normalised by its
 own background ring as RELION's extraction does, and the junk is drawn another way:
 
-* ``ice``: a blob cut from a thresholded random field (irregular, not faceted), 1.5-4x the peak density
-  of a particle, often off-centre;
+* ``ice``: a blob cut from a thresholded random field (irregular, not faceted), 1.5-4x the
+  median particle's peak density, often off-centre;
 * ``carbon``: a curved film edge (an arc of a large circle) with bead texture;
 * ``aggregate``: two to four particles and an amorphous cloud of denatured protein;
 * ``empty``: background only, half of them with a neighbour entering from the edge.
@@ -51,8 +51,8 @@ def _blob_cloud(rng: np.random.Generator, n: int, radii: np.ndarray) -> np.ndarr
 
 
 def structure_beads(kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
-    """Bead positions ``(m, 3)`` (A, centred), weights ``(m,)`` and bead sigma (A); and the
-    structure's largest diameter is the caller's to measure."""
+    """Bead positions ``(m, 3)`` (A, centred), weights ``(m,)`` and bead sigma (A) of one
+    structure of ``kind`` (:func:`diameter` measures it)."""
     if kind == "ribosome":  # large and small subunit, ~240 x 180 A
         big = _blob_cloud(rng, 900, np.array([110.0, 95.0, 90.0]))
         small = _blob_cloud(rng, 450, np.array([85.0, 60.0, 55.0])) + [70.0, 0.0, 95.0]
@@ -243,13 +243,12 @@ def make_family_job(work: Path, j: int) -> dict:
     probe = [render_beads(p, w, sig, random_rotations(rng, 16), np.zeros((16, 2)), box, pixel)
              for p, w, sig in beads]  # fmt: skip
     scale = 1.0 / math.sqrt(float(np.mean([(x**2).mean() for x in probe])))
-    norms = [scale] * len(beads)
     for s, (p, w, sig) in enumerate(beads):
         idx = np.flatnonzero((kinds == "particle") & (which == s))
         for chunk in np.array_split(idx, max(1, len(idx) // 64)):
             if len(chunk):
                 rot = random_rotations(rng, len(chunk))
-                clean[chunk] = norms[s] * render_beads(p, w, sig, rot, shift[chunk], box, pixel)
+                clean[chunk] = scale * render_beads(p, w, sig, rot, shift[chunk], box, pixel)
     level = float(np.median(clean[kinds == "particle"].max(axis=(1, 2))))
     for kind in KINDS:
         idx = np.flatnonzero(kinds == kind)
@@ -267,10 +266,10 @@ def make_family_job(work: Path, j: int) -> dict:
                     s = int(rng.integers(0, len(beads)))
                     p, w, sig = beads[s]
                     off = rng.uniform(-0.35, 0.35, (1, 2)) * diam
-                    img += norms[s] * render_beads(p, w, sig, random_rotations(rng, 1), off,
+                    img += scale * render_beads(p, w, sig, random_rotations(rng, 1), off,
                                                    box, pixel)[0]  # fmt: skip
                 cloud = _blob_cloud(rng, 300, np.full(3, 0.45 * diam))
-                img += norms[0] * render_beads(cloud, np.ones(300), 8.0, random_rotations(rng, 1),
+                img += scale * render_beads(cloud, np.ones(300), 8.0, random_rotations(rng, 1),
                                                np.zeros((1, 2)), box, pixel)[0]  # fmt: skip
                 clean[i] = img
         else:  # empty: half with a neighbour entering from the side
@@ -280,7 +279,7 @@ def make_family_job(work: Path, j: int) -> dict:
                     p, w, sig = beads[s]
                     a = rng.uniform(0, 2 * np.pi)
                     off = rng.uniform(0.5, 0.65) * box * pixel * np.array([[np.cos(a), np.sin(a)]])
-                    clean[i] = norms[s] * render_beads(p, w, sig, random_rotations(rng, 1), off,
+                    clean[i] = scale * render_beads(p, w, sig, random_rotations(rng, 1), off,
                                                        box, pixel)[0]  # fmt: skip
     # CTF per micrograph (groups of ~60), coloured noise at the job's SNR, background normalised
     n_mics = max(1, n // 60)

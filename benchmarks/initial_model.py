@@ -47,7 +47,11 @@ from tamis.refine.compare import compare_to_truth  # noqa: E402
 from tamis.refine.fourier3d import back_project  # noqa: E402
 from tamis.refine.initial_model import InitialModelOptions, run_initial_model  # noqa: E402
 from tamis.simulate.particles import ParticleSimulation, simulate_particles  # noqa: E402
-from tamis.simulate.structure import atoms_to_volume, random_protein  # noqa: E402
+from tamis.simulate.structure import (  # noqa: E402
+    atoms_to_volume,
+    random_protein,
+    rotate_about_z,
+)
 
 BOX, PIXEL, DIAMETER = 64, 4.0, 260.0
 
@@ -57,12 +61,8 @@ def _c4_structure(folder: Path) -> str:
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
         dom, w = random_protein("random:41:2500")
-        dom = dom - (dom * w[:, None]).sum(0) / w.sum() + np.array([38.0, 0.0, 10.0])
-        copies = []
-        for k in range(4):
-            a = np.pi / 2 * k
-            r = np.array([[np.cos(a), -np.sin(a), 0.0], [np.sin(a), np.cos(a), 0.0], [0, 0, 1.0]])
-            copies.append(dom @ r.T)
+        dom = dom + np.array([38.0, 0.0, 10.0])
+        copies = [rotate_about_z(dom, np.pi / 2 * k) for k in range(4)]
         vol = atoms_to_volume(np.concatenate(copies), np.tile(w, 4), 160, 2.0, bfactor=50.0)
         write_mrc(path, vol.numpy(), 2.0)
     return str(path)

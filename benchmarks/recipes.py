@@ -20,7 +20,7 @@ import numpy as np
 
 from tamis.io.mrc import write_mrc
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
-from tamis.simulate.structure import atoms_to_volume, random_protein
+from tamis.simulate.structure import atoms_to_volume, random_protein, rotate_about_z
 
 __all__ = ["Recipe", "RECIPES", "make_recipe"]
 
@@ -39,24 +39,14 @@ RECIPES = {
 }
 
 
-def _centred(spec: str) -> tuple[np.ndarray, np.ndarray]:
-    coords, weights = random_protein(spec)
-    return coords - (coords * weights[:, None]).sum(0) / weights.sum(), weights
-
-
-def _rot_z(a: float) -> np.ndarray:
-    c, s = np.cos(a), np.sin(a)
-    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
-
-
 def hard_structures(folder: Path) -> list[str]:
     """Write the hard recipe's two maps (2 A/px, 160 px) and return their paths as specs."""
     folder.mkdir(parents=True, exist_ok=True)
-    big, wb = _centred("random:72:20000")
-    small, ws = _centred("random:5:9000")
+    big, wb = random_protein("random:72:20000")
+    small, ws = random_protein("random:5:9000")
     ribo = (np.concatenate([big, small + np.array([100.0, 0.0, 0.0])]), np.concatenate([wb, ws]))
-    dom, wd = _centred("random:31:1200")
-    ring_xyz = [(_rot_z(2 * np.pi * k / 9) @ (dom + [80.0, 0.0, 0.0]).T).T for k in range(9)]
+    dom, wd = random_protein("random:31:1200")
+    ring_xyz = [rotate_about_z(dom + [80.0, 0.0, 0.0], 2 * np.pi * k / 9) for k in range(9)]
     ring = (np.concatenate(ring_xyz), np.tile(wd, 9))
     specs = []
     for name, (xyz, w) in (("ribosome_like", ribo), ("ring9", ring)):

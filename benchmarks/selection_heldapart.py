@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heldapart_family import KINDS, STRUCTURES, make_family_job  # noqa: E402
 
 from tamis.class2d import Class2DOptions, run_class2d  # noqa: E402
+from tamis.io.star import read_data_star  # noqa: E402
 from tamis.rank.evaluate import auroc  # noqa: E402
 from tamis.rank.screen import ScreenOptions  # noqa: E402
 from tamis.rank.select import RankOptions, job_inputs, rank_classes  # noqa: E402
@@ -63,8 +64,6 @@ def evaluate(work: Path, j: int, optimiser: Path, truth_csv: Path, options: Rank
     data = job_inputs(optimiser)["data"].table
     truth = truth_for(data, truth_csv)
     kinds = truth["kind"].to_numpy()
-    from tamis.io.star import read_data_star
-
     sel = read_data_star(res.particles).table if res.particles else data.iloc[:0]
     chosen = data["rlnImageName"].map(image_key).isin(set(sel["rlnImageName"].map(image_key)))
     chosen = chosen.to_numpy()

@@ -94,43 +94,38 @@ def assembly_map(folder: Path, kind: str, seed: int) -> str:
     circle), ``rod`` (3-6 domains in a twisted line, elongated) or ``single`` (one pseudo-protein
     of 250-3,000 residues)."""
     from tamis.io.mrc import write_mrc
-    from tamis.simulate.structure import atoms_to_volume, random_protein
+    from tamis.simulate.structure import atoms_to_volume, random_protein, rotate_about_z
 
     path = folder / f"{kind}_{seed}.mrc"
     if path.exists():
         return str(path)
     rng = np.random.default_rng(seed)
 
-    def centred(n_res: int) -> tuple[np.ndarray, np.ndarray]:
-        xyz, w = random_protein(f"random:{int(rng.integers(0, 10**6))}:{n_res}")
-        return xyz - (xyz * w[:, None]).sum(0) / w.sum(), w
-
-    def rot_z(a: float) -> np.ndarray:
-        c, s = np.cos(a), np.sin(a)
-        return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+    def protein(n_res: int) -> tuple[np.ndarray, np.ndarray]:  # centred on its centroid
+        return random_protein(f"random:{int(rng.integers(0, 10**6))}:{n_res}")
 
     if kind == "two_lobe":
-        big, wb = centred(int(rng.integers(6000, 20000)))
-        small, ws = centred(int(rng.integers(2000, 9000)))
+        big, wb = protein(int(rng.integers(6000, 20000)))
+        small, ws = protein(int(rng.integers(2000, 9000)))
         r = float(np.percentile(np.linalg.norm(big, axis=1), 90))
         xyz, w = np.concatenate([big, small + [0.8 * r, 0.0, 0.0]]), np.concatenate([wb, ws])
     elif kind == "ring":
-        dom, wd = centred(int(rng.integers(500, 1500)))
+        dom, wd = protein(int(rng.integers(500, 1500)))
         n, radius = int(rng.integers(4, 10)), float(rng.uniform(45.0, 90.0))
-        xyz = np.concatenate([(rot_z(2 * np.pi * k / n) @ (dom + [radius, 0, 0]).T).T
+        xyz = np.concatenate([rotate_about_z(dom + [radius, 0, 0], 2 * np.pi * k / n)
                               for k in range(n)])  # fmt: skip
         w = np.tile(wd, n)
     elif kind == "rod":
-        dom, wd = centred(int(rng.integers(400, 1200)))
+        dom, wd = protein(int(rng.integers(400, 1200)))
         n = int(rng.integers(3, 7))
         step, twist = 2.0 * float(np.percentile(np.linalg.norm(dom, axis=1), 70)), rng.uniform(0, 1)
-        xyz = np.concatenate([(rot_z(twist * k) @ dom.T).T + [0.0, 0.0, step * k]
+        xyz = np.concatenate([rotate_about_z(dom, twist * k) + [0.0, 0.0, step * k]
                               for k in range(n)])  # fmt: skip
         w = np.tile(wd, n)
     else:
-        xyz, w = centred(int(rng.integers(250, 3000)))
+        xyz, w = protein(int(rng.integers(250, 3000)))
     folder.mkdir(parents=True, exist_ok=True)
-    vol = atoms_to_volume(xyz - (xyz * w[:, None]).sum(0) / w.sum(), w, 192, 2.0, bfactor=50.0)
+    vol = atoms_to_volume(xyz, w, 192, 2.0, bfactor=50.0)  # it centres the atoms itself
     write_mrc(path, vol.numpy(), 2.0)
     return str(path)
 

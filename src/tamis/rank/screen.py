@@ -218,12 +218,8 @@ def particle_fit(
             idx = batch.indices
             b = len(idx)
             x = rfft2_centered(batch.images.to(torch.float32))  # (B, n, n//2+1)
-            proj = torch.empty((b, len(window)), dtype=torch.complex64, device=dev)
             k = torch.as_tensor(k_of[idx], device=dev)
             psi = torch.as_tensor(psi_all[idx], device=dev)
-            for c in torch.unique(k).tolist():
-                m = k == c
-                proj[m] = project(grids[c : c + 1], psi[m], window)[0]
             px = torch.as_tensor(pixel_of[idx], device=dev)
             shift = -torch.stack([torch.as_tensor(ox[idx], device=dev),
                                   torch.as_tensor(oy[idx], device=dev)], -1) / px[:, None]  # fmt: skip
@@ -236,12 +232,9 @@ def particle_fit(
                     ogroup[idx], realign, n,
                 )  # fmt: skip
                 moved = extra.cpu().numpy()
-                proj = torch.empty_like(proj)
-                for c in torch.unique(k).tolist():
-                    m = k == c
-                    proj[m] = project(grids[c : c + 1], psi[m], window)[0]
                 shift = shift + extra.to(shift.dtype)
                 ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
+            proj = _own_class_projections(grids, k, psi, window)
             ca = (proj * ramp.to(torch.complex64)).reshape(x.shape) * ctf
             stats = {key: np.empty(b) for key in ("amplitude", "misfit", "signal")}
             stats["class"] = k_of[idx] + 1
@@ -301,13 +294,12 @@ def _realign(
     # the kx = n/2 column whole); irfft2 sums the full plane: halve all, keep that column whole
     full = torch.zeros((b,) + x.shape[1:], dtype=torch.float32, device=dev)
     once = torch.zeros_like(full)
+    ky_neg = torch.nonzero(duplicate_half_column((n, n), device=dev), as_tuple=True)
     for g in np.unique(groups):
         sel = torch.as_tensor(groups == g, device=dev)
         wc = weights[int(g)][0]
         once[sel] = wc
         sym = wc.clone()
-        mate = duplicate_half_column((n, n), device=dev)
-        ky_neg = torch.nonzero(mate, as_tuple=True)
         sym[ky_neg] = wc[(-ky_neg[0]) % n, ky_neg[1]]  # the kx = 0 mirror pixels, as their mates
         if n % 2 == 0:
             sym[n // 2, 0] = 0.0
@@ -322,11 +314,11 @@ def _realign(
     xw = x * full
     for j in range(n_psi):
         trial = psi + j * step
-        proj = torch.empty((b, len(window)), dtype=torch.complex64, device=dev)
-        for c in torch.unique(k).tolist():
-            m = k == c
-            proj[m] = project(grids[c : c + 1], trial[m], window)[0]
-        ca = proj.reshape(x.shape) * ramp.to(torch.complex64) * ctf
+        ca = (
+            _own_class_projections(grids, k, trial, window).reshape(x.shape)
+            * ramp.to(torch.complex64)
+            * ctf
+        )
         signal = _sum(once * (ca.real**2 + ca.imag**2))
         cross = torch.fft.irfft2(xw * ca.conj(), s=(n, n)) * (n * n)
         cross = torch.where(allowed, cross, -torch.inf)
@@ -339,6 +331,17 @@ def _realign(
         dx = yy[where % n].double()
         best_shift = torch.where(better[:, None], torch.stack([dx, dy], -1), best_shift)
     return torch.remainder(best_psi + 180.0, 360.0) - 180.0, best_shift
+
+
+def _own_class_projections(
+    grids: torch.Tensor, k: torch.Tensor, psi: torch.Tensor, window: FourierWindow
+) -> torch.Tensor:
+    """``(B, C)``: each particle's own class (0-based ``k``) projected at its ``psi``."""
+    out = torch.empty((len(k), len(window)), dtype=torch.complex64, device=grids.device)
+    for c in torch.unique(k).tolist():
+        m = k == c
+        out[m] = project(grids[c : c + 1], psi[m], window)[0]
+    return out
 
 
 def _sum(values: torch.Tensor) -> torch.Tensor:
@@ -365,7 +368,7 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
     than its members, and a whole class of real particles must not fail together. The misfit is
     already in noise units and is compared with the core of ``fit``. Particles without a defined
     amplitude (a blank class average) are kept. With fewer than ``options.min_particles`` rows
-    everything is kept."""
+    everything is kept. The cuts used are left in ``fit.attrs["cuts"]`` (for the log)."""
     amp = fit["amplitude"].to_numpy(np.float64)
     mis = fit["misfit"].to_numpy(np.float64)
     keep = np.ones(len(fit), dtype=bool)

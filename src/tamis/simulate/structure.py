@@ -23,7 +23,15 @@ import torch
 from tamis.errors import InputFileError
 from tamis.fourier import rfft_frequencies
 
-__all__ = ["Structure", "load_structure", "structure_diameter", "BUILTIN_STRUCTURES"]
+__all__ = [
+    "Structure",
+    "load_structure",
+    "structure_diameter",
+    "random_protein",
+    "rotate_about_z",
+    "atoms_to_volume",
+    "BUILTIN_STRUCTURES",
+]
 
 BUILTIN_STRUCTURES = {"8zpm": "8zpm.cif.gz"}
 
@@ -94,7 +102,9 @@ def random_protein(spec: str) -> tuple[np.ndarray, np.ndarray]:
     """A random pseudo-protein for ``random:SEED[:RESIDUES]`` (default 400 residues): a few
     compact domains, each a self-avoiding-ish random walk of C-alpha beads (3.8 Å steps) pulled
     towards its domain centre, with one carbon-weighted bead of 7 electrons per residue plus a
-    side-chain bead. Distinct seeds give distinct shapes (for training on varied structures)."""
+    side-chain bead. Distinct seeds give distinct shapes (for training on varied structures).
+    Coordinates are centred on their weighted centroid (as :func:`atoms_to_volume` places
+    them), so copies can be placed around it."""
     parts = spec.split(":")
     try:
         seed = int(parts[1])
@@ -128,7 +138,14 @@ def random_protein(spec: str) -> tuple[np.ndarray, np.ndarray]:
     side = ca + rng.normal(size=ca.shape) * 1.5
     coords = np.concatenate([ca, side])
     weights = np.concatenate([np.full(len(ca), 7.0), np.full(len(side), 6.0 * 3)])
-    return coords, weights
+    return coords - (coords * weights[:, None]).sum(0) / weights.sum(), weights
+
+
+def rotate_about_z(coords: np.ndarray, angle: float) -> np.ndarray:
+    """Atom coordinates ``(n, 3)`` (x, y, z) turned by ``angle`` radians about the z axis, for
+    building rings and twisted rods of copies."""
+    c, s = np.cos(angle), np.sin(angle)
+    return coords @ np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]]).T
 
 
 def structure_diameter(spec: str, *, bfactor: float = 50.0) -> float:
