@@ -160,12 +160,36 @@ def run_demo(
         time.sleep(1.0)
     failed = [r["scheme"] for r in rows.values() if r["outcome"] != "Succeeded"]
     if failed:
-        raise TamisError(f"scheme(s) {', '.join(failed)} stopped: see {project}/Schemes/*/run.err "
-                         "and the last job's run.err")  # fmt: skip
+        raise TamisError(f"scheme(s) {', '.join(failed)} stopped: {_why_stopped(project, failed)}")
     lines = summarise(project, sim_dir, diameter, time.time() - t0)
     for line in lines:
         log(line)
     return lines
+
+
+def _why_stopped(project: Path, schemes: list[str]) -> str:
+    """The last error lines of the stopped schemes and of their failed jobs, so a failure seen
+    only in a log (CI) says what went wrong."""
+    from tamis.schemes import it
+
+    parts = []
+    for r in it.status(project, last=0):
+        if r["scheme"] not in schemes:
+            continue
+        err = project / "Schemes" / r["scheme"] / "run.err"
+        parts.append(f"{err}: {_tail(err)}")
+        for name, _, st in r["jobs"]:
+            if st in ("Failed", "Aborted"):
+                parts.append(f"{name} {st}: {_tail(project / name / 'run.err')}")
+    return " | ".join(parts) or "no error recorded"
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return "(no file)"
+    return " / ".join(lines[-n:]) or "(empty)"
 
 
 def _micrographs_arrive(
