@@ -231,7 +231,8 @@ def main() -> None:
     lines = []
 
     per_iter = []
-    last = {"f": 0.0, "s": 0.0}
+    last = {"f": 0.0, "s": 0.0, "e": 0.0, "m": 0.0}
+    split = []  # per iteration: E-step and M-step seconds
 
     def log(line: str) -> None:
         times.append(time.perf_counter())
@@ -240,7 +241,9 @@ def main() -> None:
             f = GEMM_STATS["flops"] + GEMM_STATS["mstep_flops"]
             sec = GEMM_STATS["estep_seconds"] + GEMM_STATS["mstep_seconds"]
             per_iter.append((f - last["f"], sec - last["s"]))
-            last.update(f=f, s=sec)
+            e, m = GEMM_STATS["estep_seconds"], GEMM_STATS["mstep_seconds"]
+            split.append((round(e - last["e"], 2), round(m - last["m"], 2)))
+            last.update(f=f, s=sec, e=e, m=m)
         print(f"[{times[-1] - times[-2]:7.1f} s] {line}", flush=True)
 
     t0 = time.perf_counter()
@@ -281,6 +284,7 @@ def main() -> None:
         ),
     )
     name = f"report_{args.algo}.json"
+    report["estep_mstep_seconds_per_iteration"] = split
     report["em_gemm_gflops_per_iteration"] = [round(f / max(t, 1e-9) / 1e9, 1) for f, t in per_iter]
     report["em_fraction_of_matmul_per_iteration"] = [
         round(f / max(t, 1e-9) / rate, 2) for f, t in per_iter
