@@ -5,6 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
@@ -23,6 +24,63 @@ def tiny_micrographs(
         ),
         dest,
     ).star  # fmt: skip
+
+
+# ---- EER movies: an encoder written from the format description (run length, then sub-pixel
+# code), independent of the reader --------------------------------------------------------------
+
+
+def eer_encode(
+    positions: np.ndarray, symbols: np.ndarray, n_pixels: int, run_bits: int = 7, sub_bits: int = 4
+) -> bytes:
+    """One EER frame (compression 65001): for each electron the run of empty pixels before
+    it (7 bits; a run of 127 continues without an electron), then its 4-bit sub-pixel symbol
+    XOR 0x0A; bits least significant first; a final run reaching the last pixel ends it; the
+    strip is padded to whole 16-bit words."""
+    bits: list[int] = []
+
+    def put(value, n):
+        bits.extend((value >> b) & 1 for b in range(n))
+
+    top = (1 << run_bits) - 1
+    cursor = 0
+    for pos, sym in zip(positions, symbols, strict=True):
+        gap = pos - cursor
+        while gap >= top:
+            put(top, run_bits)
+            gap -= top
+        put(gap, run_bits)
+        put(sym ^ 0x0A, sub_bits)
+        cursor = pos + 1
+    gap = n_pixels - cursor
+    while gap >= top:
+        put(top, run_bits)
+        gap -= top
+    put(gap, run_bits)
+    put(0, sub_bits)
+    while len(bits) % 16:
+        bits.append(0)
+    arr = np.array(bits, np.uint8).reshape(-1, 8)[:, ::-1]
+    return np.packbits(arr).tobytes()
+
+
+def write_eer(path: str | Path, frames_events: list, side: int) -> None:
+    """A BigTIFF with one EER-compressed page per raw frame (written uncompressed as bytes,
+    then the page tags set to the EER geometry and compression 65001)."""
+    meta = b'<metadata><item name="numberOfFrames">%d</item></metadata>' % len(frames_events)
+    import tifffile
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for k, (pos, sym) in enumerate(frames_events):
+            data = np.frombuffer(eer_encode(pos, sym, side * side), np.uint8)
+            tif.write(data[None], contiguous=False,
+                      extratags=[(65001, 7, None, meta, True)] if k == 0 else None)  # fmt: skip
+    with tifffile.TiffFile(path, mode="r+") as tif:
+        for page in tif.pages:
+            page.tags["ImageWidth"].overwrite(side)
+            page.tags["ImageLength"].overwrite(side)
+            page.tags["RowsPerStrip"].overwrite(side)
+            page.tags["Compression"].overwrite(65001)
 
 
 # ---- the web monitor in a real browser --------------------------------------------------------

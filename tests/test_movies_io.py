@@ -19,6 +19,7 @@ from tamis.io.movies import (
     transform_gain,
     unpack_4bit,
 )
+from tests.helpers import write_eer
 
 
 def _frames(n=3, h=6, w=8, seed=0):
@@ -79,56 +80,7 @@ def test_mixed_frame_sizes_and_truncated_files_are_refused(tmp_path):
         open_movie(tmp_path / "a.dat")
 
 
-# ---- EER: an encoder written from the format description (run length, then sub-pixel code) --
-
-
-def _eer_encode(positions, symbols, n_pixels, run_bits=7, sub_bits=4):
-    """One EER frame (compression 65001): for each electron the run of empty pixels before
-    it (7 bits; a run of 127 continues without an electron), then its 4-bit sub-pixel symbol
-    XOR 0x0A; bits least significant first; a final run reaching the last pixel ends it; the
-    strip is padded to whole 16-bit words."""
-    bits: list[int] = []
-
-    def put(value, n):
-        bits.extend((value >> b) & 1 for b in range(n))
-
-    top = (1 << run_bits) - 1
-    cursor = 0
-    for pos, sym in zip(positions, symbols, strict=True):
-        gap = pos - cursor
-        while gap >= top:
-            put(top, run_bits)
-            gap -= top
-        put(gap, run_bits)
-        put(sym ^ 0x0A, sub_bits)
-        cursor = pos + 1
-    gap = n_pixels - cursor
-    while gap >= top:
-        put(top, run_bits)
-        gap -= top
-    put(gap, run_bits)
-    put(0, sub_bits)
-    while len(bits) % 16:
-        bits.append(0)
-    arr = np.array(bits, np.uint8).reshape(-1, 8)[:, ::-1]
-    return np.packbits(arr).tobytes()
-
-
-def _write_eer(path, frames_events, side):
-    """A BigTIFF with one EER-compressed page per raw frame (written uncompressed as bytes,
-    then the page tags set to the EER geometry and compression 65001)."""
-    meta = b'<metadata><item name="numberOfFrames">%d</item></metadata>' % len(frames_events)
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for k, (pos, sym) in enumerate(frames_events):
-            data = np.frombuffer(_eer_encode(pos, sym, side * side), np.uint8)
-            tif.write(data[None], contiguous=False,
-                      extratags=[(65001, 7, None, meta, True)] if k == 0 else None)  # fmt: skip
-    with tifffile.TiffFile(path, mode="r+") as tif:
-        for page in tif.pages:
-            page.tags["ImageWidth"].overwrite(side)
-            page.tags["ImageLength"].overwrite(side)
-            page.tags["RowsPerStrip"].overwrite(side)
-            page.tags["Compression"].overwrite(65001)
+# ---- EER (the encoder is tests/helpers.write_eer) ----------------------------------------
 
 
 def test_eer_fractions_and_8k_rendering(tmp_path):
@@ -139,7 +91,7 @@ def test_eer_fractions_and_8k_rendering(tmp_path):
         pos = np.sort(rng.choice(side * side, 60, replace=False))
         events.append((pos, rng.integers(0, 16, pos.size)))
     p = tmp_path / "m.eer"
-    _write_eer(p, events, side)
+    write_eer(p, events, side)
     with open_movie(p, eer_grouping=grouping) as m:
         assert m.n_frames == n_raw // grouping  # the remainder (1 raw frame) is dropped
         got = m.read()
@@ -254,7 +206,7 @@ def test_motion_correction_of_an_eer_movie(tmp_path, monkeypatch):
         events.append((pos, rng.integers(0, 16, pos.size)))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Movies").mkdir()
-    _write_eer(tmp_path / "Movies" / "m.eer", events, side)
+    write_eer(tmp_path / "Movies" / "m.eer", events, side)
     write_star(
         {
             "optics": pd.DataFrame(

@@ -276,14 +276,14 @@ def test_project_schedules_runs_and_records_jobs(tmp_path):
     assert not proj.lock_path.exists()
 
 
-def test_class2d_other_args_seed_and_performance_flags():
+def test_refine_other_args_seed_and_performance_flags():
     from tamis.errors import TamisError
-    from tamis.pipeline.jobs import _class2d_other_args
+    from tamis.pipeline.jobs import _refine_other_args
 
-    assert _class2d_other_args("") == {}
-    got = _class2d_other_args("--dont_combine_weights_via_disc --pool 30 --random_seed 4 --j 2")
+    assert _refine_other_args("") == {}
+    got = _refine_other_args("--dont_combine_weights_via_disc --pool 30 --random_seed 4 --j 2")
     assert got == {"random_seed": 4}
     with pytest.raises(TamisError, match="random_seed"):
-        _class2d_other_args("--random_seed x")
+        _refine_other_args("--random_seed x")
     with pytest.raises(TamisError, match="--maxsig"):
-        _class2d_other_args("--maxsig 5")
+        _refine_other_args("--maxsig 5")

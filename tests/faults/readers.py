@@ -197,6 +197,22 @@ def _movie_tiff() -> bytes:
     return buf.getvalue()
 
 
+def _movie_eer() -> bytes:
+    import tempfile
+
+    from tests.helpers import write_eer
+
+    rng = np.random.default_rng(4)
+    side, events = 16, []
+    for _ in range(5):
+        pos = np.sort(rng.choice(side * side, 20, replace=False))
+        events.append((pos, rng.integers(0, 16, pos.size)))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "movie.eer"
+        write_eer(p, events, side)
+        return p.read_bytes()
+
+
 def _motion_star() -> bytes:
     import tempfile
 
@@ -256,6 +272,11 @@ def readers() -> list[Reader]:
         with open_movie(path) as m:
             m.read(0, m.n_frames)
 
+    def read_eer(path: Path) -> None:  # 4K and 8K rendering, fractions of 2 raw frames
+        for up in (1, 2):
+            with open_movie(path, eer_grouping=2, eer_upsampling=up) as m:
+                m.read(0, m.n_frames)
+
     metadata = DATA / "metadata"
     return [
         Reader(
@@ -273,6 +294,7 @@ def readers() -> list[Reader]:
         ),  # fmt: skip
         Reader("movie_mrc", read_movie, [("movie.mrcs", _movie_mrc())], binary=True),
         Reader("movie_tiff", read_movie, [("movie.tif", _movie_tiff())], binary=True),
+        Reader("movie_eer", read_eer, [("movie.eer", _movie_eer())], binary=True),
         Reader("gain", read_gain, [("gain.mrc", mrc_bytes(image + 2.0))], binary=True),
         Reader("motion_star", read_motion_star, [("movie.star", _motion_star())]),
         Reader("star", read_star, _star_seeds()),

@@ -1,7 +1,8 @@
 """SIGKILL of pipeline jobs at seeded random points: whatever the kill leaves under a final name
 is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
 class2d's continue and the schemer have their own kill tests). Movie import and motion
-correction, 2D classification and the class ranker with its particle screen included."""
+correction, micrograph import, 2D classification, the class ranker with its particle screen, the
+3D initial model and auto-refine included."""
 
 from __future__ import annotations
 
@@ -55,6 +56,16 @@ JOBS = [
       "other_args": "--random_seed 7 --pool 3"}),
     ("Select/job011", "relion.select.class2dauto",
      {"fn_model": "Class2D/job010/run_it003_optimiser.star", "rank_threshold": "0.0"}),
+    ("Import/job012", "relion.import",
+     {"fn_in_raw": "Import/job001/Micrographs/*.mrc", "is_multiframe": "No", "angpix": "3.0"}),
+    ("InitialModel/job013", "relion.initialmodel",
+     {"fn_img": "Extract/job003/particles.star", "nr_iter": "4", "particle_diameter": "120",
+      "nr_threads": "1", "other_args": "--random_seed 7"}),
+    ("Refine3D/job014", "relion.refine3d",
+     {"fn_img": "Extract/job003/particles.star", "fn_ref": "InitialModel/job013/initial_model.mrc",
+      "particle_diameter": "120", "ini_high": "30", "sampling": "30 degrees",
+      "auto_local_sampling": "15 degrees", "tamis_iter_max": "2", "nr_threads": "1",
+      "other_args": "--random_seed 7"}),
 ]  # fmt: skip
 
 

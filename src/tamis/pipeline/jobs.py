@@ -333,8 +333,9 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
     return [(str(star), "ParticleGroupMetadata.star.relion")]
 
 
-def _class2d_other_args(text: str) -> dict[str, object]:
-    """RELION's ``other_args`` of a 2D job: ``--random_seed N`` (RELION seeds from the clock
+def _refine_other_args(text: str, what: str = "2D classification") -> dict[str, object]:
+    """RELION's ``other_args`` of a ``relion_refine`` job (2D classification, initial model,
+    auto-refine): ``--random_seed N`` (RELION seeds from the clock
     otherwise) is applied; RELION's performance flags, which do not change results (``--pool``,
     ``--dont_combine_weights_via_disc``, ``--preread_images``, ``--scratch_dir``, ``--gpu``,
     ``--j``), are accepted and ignored; anything else is an error, not silently dropped."""
@@ -365,7 +366,7 @@ def _class2d_other_args(text: str) -> dict[str, object]:
         elif w in switches:
             i += 1
         else:
-            raise TamisError(f"other_args: {w!r} is not supported by tamis's 2D classification")
+            raise TamisError(f"other_args: {w!r} is not supported by tamis's {what}")
     return out
 
 
@@ -388,7 +389,7 @@ def _run_class2d(job: JobStar, out: Path) -> Nodes:
         j=int(_f(job, "nr_threads", 1)),
         pipeline_control=out,
     )
-    common.update(_class2d_other_args(job.options.get("other_args", "")))
+    common.update(_refine_other_args(job.options.get("other_args", "")))
     if grad:
         options = Class2DOptions.gui_vdam(iter=int(_f(job, "nr_iter_grad", 200)), **common)
     else:
@@ -428,6 +429,7 @@ def _run_inimodel(job: JobStar, out: Path) -> Nodes:
         ctf_intact_first_peak=job.get_bool("ctf_intact_first_peak"),
         j=int(_f(job, "nr_threads", 1)),
         pipeline_control=out,
+        **_refine_other_args(job.options.get("other_args", ""), "initial model"),
     )
     cont = job.options.get("fn_cont") if job.is_continue else None
     result = run_initial_model(
@@ -494,6 +496,7 @@ def _run_refine3d(job: JobStar, out: Path) -> Nodes:
         iter=int(_f(job, "tamis_iter_max", 999)),
         j=int(_f(job, "nr_threads", 1)),
         pipeline_control=out,
+        **_refine_other_args(job.options.get("other_args", ""), "auto-refine"),
     )
     cont = job.options.get("fn_cont") if job.is_continue else None
     result = run_auto_refine(
