@@ -266,6 +266,32 @@ def test_adaptive_screen_finds_the_junk_tail_and_spares_clean_data():
         ScreenOptions(min_misfit=6.0)
 
 
+def test_adaptive_amplitude_cut_moves_below_min_amplitude_for_a_broad_core():
+    """Particles whose amplitudes spread widely around their class median (faint averages,
+    varied contrast): min_amplitude alone would drop a quarter of them; the adaptive cut drops
+    few, and still takes empty boxes that stand out below the core."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    amp = rng.normal(1.0, 0.5, n)
+    mis = rng.normal(-2.5, 1.0, n)
+    fit = pd.DataFrame({"amplitude": amp, "misfit": mis, "class": rng.integers(1, 4, n)})
+    fixed = screen_particles(fit, ScreenOptions(adaptive=False, max_misfit=np.inf))
+    assert fixed.mean() < 0.85  # 0.6 x the median is 0.8 SD under it: ~20% dropped
+    adaptive = screen_particles(fit, ScreenOptions())
+    assert adaptive.mean() > 0.96
+    assert fit.attrs["cuts"]["amplitude"] < 0.6
+    # 20% empty boxes near zero amplitude: most go, the particles stay
+    n_empty = 750
+    amp2 = np.concatenate([amp, np.abs(rng.normal(0.0, 0.08, n_empty))])
+    mis2 = np.concatenate([mis, rng.normal(-2.5, 1.0, n_empty)])
+    kind = np.array(["real"] * n + ["empty"] * n_empty)
+    fit2 = pd.DataFrame({"amplitude": amp2, "misfit": mis2,
+                         "class": rng.integers(1, 4, len(amp2))})  # fmt: skip
+    keep = screen_particles(fit2, ScreenOptions())
+    assert keep[kind == "empty"].mean() < 0.2
+    assert keep[kind == "real"].mean() > 0.9
+
+
 def test_realign_recovers_stale_poses(tmp_path):
     """Stored poses off by a psi step multiple and whole pixels (as VDAM leaves them): the
     re-alignment finds the true pose again, and at the true pose its amplitude is the one the

@@ -25,8 +25,10 @@ beyond is junk, and the threshold is put where the expected errors (clean droppe
 are fewest: where junk becomes as common as clean particles. It is never closer to the core
 than ``min_misfit`` spreads (a data set without junk loses almost nothing) and never further than
 ``max_misfit``. The amplitude, as a fraction of its class's median, gets the same treatment on
-its low side, between ``min_amplitude`` (always dropped below: an empty box explains the data as
-well as the class does) and ``min_misfit`` spreads under the core. With ``adaptive=False``, the
+its low side, between ``min_amplitude`` (dropped below: an empty box explains the data as well as
+the class does) and ``min_misfit`` spreads under the core; when the core itself reaches below
+``min_amplitude`` (faint class averages, particles of varied contrast), the cut moves below it,
+down to zero, only as far as low values outnumber what the core accounts for. With ``adaptive=False``, the
 fixed rule of earlier versions: amplitude below ``min_amplitude`` x the class median, misfit more
 than ``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
 training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
@@ -74,7 +76,8 @@ class ScreenOptions:
     #: fixed rule: robust SDs above the median)
     max_misfit: float = 5.0
     #: drop particles whose amplitude is below this fraction of their class's median (below 0.5
-    #: the box is better explained by no particle than by its class scaled to the median)
+    #: the box is better explained by no particle than by its class scaled to the median);
+    #: adaptive: lower where the class's own core of amplitudes reaches below it
     min_amplitude: float = 0.6
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than this many spreads; False: the fixed thresholds above
@@ -408,12 +411,18 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
     centre, spread = core_of(ratio, upper=False, floor=0.0)
     if np.isfinite(centre):
         low = options.min_amplitude
-        limit = excess_threshold(
-            ratio, centre, spread, centre - options.min_misfit * spread, low, upper=False
-        )
+        edge = centre - options.min_misfit * spread
+        if edge >= low:  # the usual core: the cut between min_amplitude and the core's edge
+            limit = max(low, excess_threshold(ratio, centre, spread, edge, low, upper=False))
+        else:
+            # A core so broad that min_amplitude would cut into it (faint class averages,
+            # particles of varied contrast: real data seen through little signal): the cut goes
+            # below min_amplitude, down to zero, only as far as the low values outnumber what
+            # the core accounts for there.
+            limit = excess_threshold(ratio, centre, spread, low, 0.0, upper=False)
         with np.errstate(invalid="ignore"):
-            keep &= ~(ratio < max(low, limit))
-        cuts["amplitude"] = max(low, limit)
+            keep &= ~(ratio < limit)
+        cuts["amplitude"] = limit
     fit.attrs["cuts"] = cuts
     return keep
 
