@@ -210,6 +210,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--max_memory", type=float, default=None, help="GB (tamis's --max_memory)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top entries")
+    ap.add_argument("--mstep_bf16", action="store_true", help="tamis's --mstep_bf16")
     args = ap.parse_args()
     work = Path(args.work)
     recipe = make_recipe(args.recipe, work, args.n, seed=args.seed, snr=args.snr)
@@ -218,6 +219,8 @@ def main() -> None:
     extra = {} if args.iter is None else {"iter": args.iter}
     if args.max_memory is not None:
         extra["max_memory"] = args.max_memory
+    if args.mstep_bf16:
+        extra["mstep_bf16"] = True
     options = make(
         K=args.K,
         particle_diameter=recipe.diameter,

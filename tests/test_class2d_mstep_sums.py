@@ -239,3 +239,37 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         got = getattr(sums, name)
         got = got.numpy() if isinstance(got, torch.Tensor) else got
         np.testing.assert_allclose(got, value, rtol=2e-4, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs"])
+def test_bfloat16_sums_stay_close_to_the_float32_ones(layout, monkeypatch):
+    """``--mstep_bf16``: the same sums through bfloat16 GEMMs, within bfloat16's precision of
+    the float32 path (each sum as a whole: relative error of its norm below 2%)."""
+    data, proj, ramps, active, w, win, extra = _problem()
+    w /= w.sum((1, 2), keepdim=True)
+    monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
+    b = w.shape[0]
+    k, pf, c = proj.shape
+    zero = torch.zeros(0, dtype=torch.long)
+    hyp = Hypotheses(
+        particle=zero, cls=zero, psi=zero, weight=torch.zeros((0, w.shape[1]), dtype=torch.float64),
+        best_cls=torch.zeros(b, dtype=torch.long), best_psi=torch.zeros(b, dtype=torch.long),
+        best_trans=torch.zeros(b, dtype=torch.long), pmax=torch.zeros(b, dtype=torch.float64),
+        n_significant=torch.ones(b, dtype=torch.long), loglik=torch.zeros(b, dtype=torch.float64),
+        dense=w.clone(), active=active,
+    )  # fmt: skip
+    if layout == "pairs":
+        hyp = hyp.to_pairs()
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        sums = WeightedSums.zeros(k, pf, c, 2, extra["nsh"], 3, "cpu")
+        norms = accumulate(sums, data, hyp, proj, ramps, win, max_rows=14, gemm_dtype=dtype,
+                           **extra)  # fmt: skip
+        out[dtype] = (sums, norms)
+    (s32, n32), (s16, n16) = out[torch.float32], out[torch.bfloat16]
+    for name in ("fimg", "fweight", "sigma2_noise", "prior_offset"):
+        a, b_ = getattr(s32, name), getattr(s16, name)
+        assert float((a - b_).abs().norm() / a.abs().norm()) < 2e-2, name
+    assert float((n32 - n16).abs().max() / n32.abs().max()) < 2e-2
+    # and it is not the float32 path under another name
+    assert not torch.equal(s32.fimg, s16.fimg)

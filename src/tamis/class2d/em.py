@@ -761,6 +761,7 @@ class Class2DRun:
                         nsh=self.nsh,
                         half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                         max_rows=m_rows,
+                        gemm_dtype=torch.bfloat16 if o.mstep_bf16 else torch.float32,
                     )
                     if stream:
                         splat_sums(batch_proj, batch_orient)

@@ -41,6 +41,7 @@ RUNTIME_OPTIONS = frozenset(
         "pool",
         "batch_size",
         "max_memory",
+        "mstep_bf16",
         "preread_images",
         "pipeline_control",
         "center_classes",

@@ -69,6 +69,14 @@ BLOCK_FRACTION = 0.9
 _MIX_PIXELS = 32
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` (float32), through ``dtype`` GEMMs when it is a lower precision (the product is
+    returned as float32)."""
+    if dtype == torch.float32:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).float()
+
+
 def _class_block_sums(
     w: torch.Tensor,
     members: torch.Tensor,
@@ -81,6 +89,7 @@ def _class_block_sums(
     msk: torch.Tensor | None,
     cross_part: torch.Tensor,
     max_pairs: int,
+    gemm_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sums of :func:`_accumulate_dense` over the (particle, class) blocks with weight only.
 
@@ -121,7 +130,7 @@ def _class_block_sums(
             # products that read Mix run 1.5x faster while it stays in cache.
             for c0 in range(0, c, _MIX_PIXELS):
                 c1 = min(c, c0 + _MIX_PIXELS)
-                mix = (ramps_t[2 * c0 : 2 * c1] @ wt).view(c1 - c0, 2 * n, pf)
+                mix = _mm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype).view(c1 - c0, 2 * n, pf)
                 torch.bmm(qq[c0:c1], mix, out=f[c0:c1])  # sum_i q_i Mix_i
                 # Re/Im Mix x Re/Im P, summed over psi
                 o = torch.bmm(mix, p_cols[c0:c1]).view(c1 - c0, 2, n, 2)
@@ -169,8 +178,11 @@ def accumulate(
     half: torch.Tensor | None = None,
     chunk: int = 8192,
     max_rows: int = 8192,
+    gemm_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
+    ``gemm_dtype`` torch.bfloat16: the sums over translations as bfloat16 GEMMs
+    (:attr:`Class2DOptions.mstep_bf16`).
 
     Per (particle, orientation) pair ``m`` with weights ``W_m(t)`` over the fine translations,
     ``Mix_m = W_m @ ramps`` is one GEMM. The reconstruction sums per (class, psi) then take
@@ -187,7 +199,7 @@ def accumulate(
                 scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
                 prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm[rows],
                 avg_norm=avg_norm, nsh=nsh, half=None if half is None else half[rows],
-                chunk=chunk, max_rows=max_rows,
+                chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype,
             )  # fmt: skip
 
         new_norm = torch.empty_like(old_norm, dtype=torch.float64)
@@ -199,7 +211,7 @@ def accumulate(
             sums, data, hyp, proj_f, ramps_f, window, full_power=full_power, optics=optics,
             groups=groups, scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
             prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm,
-            avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows,
+            avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows, gemm_dtype=gemm_dtype,
         )  # fmt: skip
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
@@ -231,7 +243,7 @@ def accumulate(
         sl = slice(s, s + chunk)
         i, r, r_slot = hyp.particle[sl], r_all[sl], slot_of[sl]
         w32 = w[sl].to(torch.float32)
-        mix = torch.complex(w32 @ rr, w32 @ ri)  # (m, C)
+        mix = torch.complex(_mm(w32, rr, gemm_dtype), _mm(w32, ri, gemm_dtype))  # (m, C)
         count_gemm(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
         g = proj_flat[r].conj_physical_().mul_(mix)
         m1.index_add_(0, i, g)
@@ -364,6 +376,7 @@ def _accumulate_dense(
     nsh: int,
     half: torch.Tensor | None,
     max_rows: int = 8192,
+    gemm_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """:func:`accumulate` for dense weights ``W`` ``(B, Tf, R)`` (R = active classes x psi).
 
@@ -415,7 +428,7 @@ def _accumulate_dense(
         if by_class:
             f_part, noise, xa_part = _class_block_sums(
                 w, members, in_class, q, cx, p, ramps_re, pf, msk, cross_part,
-                max_pairs=max(1, max_rows // pf),
+                max_pairs=max(1, max_rows // pf), gemm_dtype=gemm_dtype,
             )  # fmt: skip
             fimg[h] += f_part
             cross_pix[o] += noise
@@ -435,13 +448,13 @@ def _accumulate_dense(
             torch.mul(cx[sl][:, None, :], ramps_f[None], out=buf[:, :, 1])
             y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
             wp = w[sl].reshape(n * tf, ra)
-            out = torch.view_as_complex((wp.T @ y).reshape(ra, 2, c, 2))
+            out = torch.view_as_complex(_mm(wp.T, y, gemm_dtype).reshape(ra, 2, c, 2))
             count_gemm(ra, n * tf, 4 * c, "mstep_flops")
             count_gemm(n * tf, 2 * c, ra, "mstep_flops")
             fimg[h] += out[:, 0]
             gx += out[:, 1]
             # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
-            xc = y.view(n * tf, 2, 2 * c)[:, 1] @ p_re.T  # (n*Tf, Ra)
+            xc = _mm(y.view(n * tf, 2, 2 * c)[:, 1], p_re.T, gemm_dtype)  # (n*Tf, Ra)
             dots = torch.bmm(xc.view(n, 1, tf * ra), wp.view(n, tf * ra, 1)).view(n)
             cross_part[idx] = dots.to(torch.float64)
             del y, buf

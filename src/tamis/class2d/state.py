@@ -44,6 +44,10 @@ class Class2DOptions:
     device: str = "auto"
     batch_size: int | None = None
     max_memory: float | None = None  # GB the batches may use; None: 1 on the CPU, half a GPU's free
+    # tamis: the M-step's sums over translations as bfloat16 GEMMs (float32 sums across
+    # batches): ~4x the float32 rate on CPUs with AVX512-BF16 and on GPUs, each batch's partial
+    # sums rounded to 8 significant bits; off by default (BENCHMARKS.md)
+    mstep_bf16: bool = False
     adaptive_fraction: float = 0.999
     max_significants: int = -1
     incr_size: int = 10
