@@ -23,7 +23,11 @@ import math
 import numpy as np
 import torch
 
-from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2, rfft_frequencies
+from tamis.fourier import (
+    crop_fourier,
+    fourier_shift_cropped,
+    rfft_frequencies,
+)
 from tamis.motion_model import critical_exposure
 
 __all__ = [
@@ -99,6 +103,63 @@ def _peaks(ccf: torch.Tensor, search: int) -> torch.Tensor:
     return torch.stack(out, -1)
 
 
+def _ccf_window(prod: torch.Tensor, ccf_box: tuple[int, int], reach: int) -> torch.Tensor:
+    """The cross-correlation ``irfft2(prod, s=ccf_box, norm="backward")`` at the shifts
+    ``|dy|, |dx| <= reach`` only: ``(..., 2 reach + 1, 2 reach + 1)``, row ``i`` for
+    ``dy = i - reach`` (wrapped on the CCF grid). ``prod`` is a half-plane spectrum cropped as
+    :func:`crop_fourier` leaves it, ``(..., ey, ex // 2 + 1)``, for images of ``ccf_box``. Two
+    GEMMs over the frequencies instead of an inverse FFT of the whole box, of which the peak
+    search reads a window."""
+    cy, cx = ccf_box
+    ey, exh = prod.shape[-2:]
+    dev = prod.device
+    ky, kx = rfft_frequencies((ey, 2 * (exh - 1)), device=dev, dtype=torch.float64)
+    d = torch.arange(-reach, reach + 1, device=dev, dtype=torch.float64)
+    phase_y = 2 * math.pi * d[:, None] * ky[:, 0][None] / cy
+    ey_mat = torch.polar(torch.ones_like(phase_y), phase_y)
+    # the half plane's columns count twice, but for kx = 0 and the box's Nyquist column
+    twice = torch.full((exh,), 2.0, dtype=torch.float64, device=dev)
+    twice[0] = 1.0
+    if exh - 1 == cx // 2:
+        twice[-1] = 1.0
+    phase_x = 2 * math.pi * kx[0][:, None] * d[None] / cx
+    ex_mat = twice[:, None] * torch.polar(torch.ones_like(phase_x), phase_x)
+    ey_mat, ex_mat = ey_mat.to(torch.complex64), ex_mat.to(torch.complex64)
+    batch = prod.shape[:-2]
+    m = prod.reshape(-1, ey, exh)
+    n = m.shape[0]
+    rows = ey_mat @ m.permute(1, 0, 2).reshape(ey, n * exh)  # (2R+1, M * exh)
+    rows = rows.view(len(d), n, exh).permute(1, 0, 2).reshape(n * len(d), exh)
+    out = (rows @ ex_mat).real / (cy * cx)
+    return out.view(*batch, len(d), len(d))
+
+
+def _peaks_window(ccf: torch.Tensor, search: int) -> torch.Tensor:
+    """:func:`_peaks` on CCF windows from :func:`_ccf_window` with a reach of ``search + 1``
+    (the border holds the parabola's neighbours): sub-pixel argmax ``(..., 2)`` (x, y) within
+    ``|dx|, |dy| <= search``."""
+    size = ccf.shape[-1]
+    inner = ccf[..., 1:-1, 1:-1]
+    flat = inner.flatten(-2).argmax(-1)
+    n_in = size - 2
+    iy, ix = flat // n_in + 1, flat % n_in + 1
+    flat_ccf = ccf.flatten(-2)
+
+    def value(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return torch.gather(flat_ccf, -1, (y * size + x)[..., None])[..., 0].double()
+
+    v0 = value(iy, ix)
+    out = []
+    for pos, (vm, vp) in (
+        (ix, (value(iy, ix - 1), value(iy, ix + 1))),
+        (iy, (value(iy - 1, ix), value(iy + 1, ix))),
+    ):
+        den = vp + vm - 2.0 * v0
+        offset = torch.where(den < -1e-15, -0.5 * (vp - vm) / den.clamp(max=-1e-15), 0.0)
+        out.append((pos - (search + 1)).double() + offset.clamp(-1.0, 1.0))
+    return torch.stack(out, -1)
+
+
 def align_spectra(
     spectra: torch.Tensor,
     image_shape: tuple[int, int],
@@ -121,7 +182,8 @@ def align_spectra(
     ----------
     spectra
         ``(..., K, h', w'//2+1)`` complex: rfft2 (forward norm) of images of ``image_shape``,
-        already cropped to any box at least as large as the CCF box.
+        already cropped to any box at least as large as the CCF box or as the band where the
+        B-factor weight exceeds 1e-8, whichever is smaller.
     image_shape
         ``(h, w)`` of the images, in pixels (shifts are in these pixels).
     bfactor
@@ -136,8 +198,15 @@ def align_spectra(
     """
     h, w = image_shape
     cy, cx = ccf_shape(image_shape, bfactor, ccf_downsample)
-    f = crop_fourier(spectra, (cy, cx)).clone()
-    ky, kx = rfft_frequencies((cy, cx), device=f.device, dtype=torch.float32)
+    # The B-factor weight is below 1e-8 beyond r = sqrt(-ln(1e-8) / (2 B)) of each axis (the
+    # criterion of the CCF box before RELION rounds it up to a good FFT size, 192 at least): the
+    # products and shifts are made on that band only, and the CCF of the box is evaluated on
+    # the search window only (:func:`_ccf_window`; the same CCF up to terms weighted < 1e-8).
+    r = math.sqrt(-math.log(1e-8) / (2.0 * bfactor)) if bfactor > 0 else 1.0
+    ey = min(cy, 2 * math.ceil(r * h) + 2)
+    ex = min(cx, 2 * math.ceil(r * w) + 2)
+    f = crop_fourier(spectra, (ey, ex)).clone()
+    ky, kx = rfft_frequencies((ey, ex), device=f.device, dtype=torch.float32)
     weight = torch.exp(-2.0 * bfactor * ((ky / h) ** 2 + (kx / w) ** 2))
     scale = torch.tensor([w / cx, h / cy], dtype=torch.float64, device=f.device)
     reach = int(min(search / max(w / cx, h / cy), cx // 2 - 1, cy // 2 - 1))
@@ -152,8 +221,7 @@ def align_spectra(
         fa = f[active]
         prod = fa.sum(-3, keepdim=True) - fa  # the others' sum, times conj(image), weighted:
         prod.mul_(fa.conj()).mul_(weight)  # in place (this product costs as much as the FFT)
-        ccf = irfft2(prod, s=(cy, cx), norm="backward")
-        inc = _peaks(ccf, reach) * scale
+        inc = _peaks_window(_ccf_window(prod, (cy, cx), reach + 1), reach) * scale
         inc = inc - inc[:, :1, :]
         total[active] += inc
         f[active] = fourier_shift_cropped(fa.flatten(0, 1), inc.flatten(0, 1), (h, w)).view_as(fa)

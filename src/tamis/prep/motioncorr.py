@@ -353,6 +353,12 @@ def _local_model(
     pw = min(p[3] for p in patches)
     bf = o.bfactor / prescale**2
     cy, cx = ccf_shape((ph, pw), bf, o.ccf_downsample)
+    # The patches are cut at the CCF box, or smaller where the B-factor weight vanishes (below
+    # 1e-8) well inside it: RELION's smallest CCF box, 192, is four times the band a 200-px
+    # patch needs at B 150 (align_spectra uses the band only); 8 frequencies of margin.
+    r = math.sqrt(-math.log(1e-8) / (2.0 * bf)) if bf > 0 else 1.0
+    cy = min(cy, 2 * math.ceil(r * ph) + 18)
+    cx = min(cx, 2 * math.ceil(r * pw) + 18)
     group_of = torch.zeros(n, dtype=torch.long, device=spectra.device)
     for gi, g in enumerate(groups):
         group_of[list(g)] = gi
