@@ -118,7 +118,10 @@ def run_demo(
         "prep__wait_sec": o.wait_sec, "proc__wait_sec": o.wait_sec,
         "prep__nr_mics_to_process": o.n_micrographs, "proc__nr_mics_to_process": o.n_micrographs,
         # 3D once, after the last micrograph (RELION runs it on every pass with enough particles)
-        "proc__min_nr_parts_3d": 0 if o.do_3d else 10**9, "proc__do_3d_every_pass": False,
+        "proc__min_nr_parts_3d": 1 if o.do_3d else 10**9, "proc__do_3d_every_pass": False,
+        # at least the best class (RELION's select_nr_classes): with a few hundred particles all
+        # classes can score under the ranker's threshold, and an empty selection ends the demo
+        "proc__select_parts__select_nr_classes": 1,
         "proc__inimodel3d__nr_iter": o.inimodel_iterations,
         "proc__inimodel3d__nr_classes": o.inimodel_classes,
         "proc__inimodel3d__nr_threads": os.cpu_count() or 1,
