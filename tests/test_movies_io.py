@@ -228,3 +228,35 @@ def test_motion_correction_of_an_eer_movie(tmp_path, monkeypatch):
     assert len(read_star(star)["micrographs"]) == 1
     g = read_star("MC/Movies/m.star")["general"]
     assert (g["rlnImageSizeZ"], g["rlnEERGrouping"], g["rlnEERUpsampling"]) == (3, 10, 1)
+
+
+def test_eer_with_a_page_chain_looping_back_is_read_once(tmp_path):
+    """A corrupt EER whose last page points back at the first (found by the fuzzer: following
+    the chain ran until memory ran out): the pages are counted once, quickly."""
+    import signal
+    import struct
+
+    side, rng = 16, np.random.default_rng(5)
+    events = [(np.sort(rng.choice(side * side, 10, replace=False)), rng.integers(0, 16, 10))
+              for _ in range(4)]  # fmt: skip
+    p = tmp_path / "loop.eer"
+    write_eer(p, events, side)
+    with tifffile.TiffFile(p) as tif:
+        first, last = tif.pages[0].offset, tif.pages[-1].offset
+    data = bytearray(p.read_bytes())
+    n_tags = struct.unpack_from("<Q", data, last)[0]  # BigTIFF: 8-byte count, 20-byte entries
+    struct.pack_into("<Q", data, last + 8 + 20 * n_tags, first)
+    p.write_bytes(bytes(data))
+
+    def hang(signum, frame):
+        raise TimeoutError("the page chain was followed round and round")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(20)
+    try:
+        with open_movie(p, eer_grouping=2) as m:
+            assert m.n_frames == 2
+            assert m.read().shape == (2, side, side)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

@@ -136,8 +136,7 @@ class Movie:
         return out
 
     def _eer_pages(self) -> list:
-        tif = self._handle
-        return [p for p in tif.pages if p.compression in (65000, 65001, 65002)]  # type: ignore[attr-defined]
+        return _eer_pages(self._handle)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -233,6 +232,15 @@ def _tiff_pixel_size(page) -> float:
     return 0.0
 
 
+def _eer_pages(tif: object) -> list:
+    """The EER-compressed pages of an open TIFF. The page count comes first: counting them is
+    where tifffile notices a chain of pages that loops back on itself (a corrupt file), which
+    iterating the pages alone would follow until memory runs out."""
+    pages = tif.pages  # type: ignore[attr-defined]
+    every = [pages[i] for i in range(len(pages))]
+    return [pg for pg in every if pg.compression in (65000, 65001, 65002)]
+
+
 def _open_eer(p: Path, grouping: int, upsampling: int) -> Movie:
     import tifffile
 
@@ -242,7 +250,7 @@ def _open_eer(p: Path, grouping: int, upsampling: int) -> Movie:
         raise InputFileError(p, f"--eer_upsampling {upsampling}: use 1 (4K) or 2 (8K)")
     try:
         tif = tifffile.TiffFile(p, superres=upsampling - 1)
-        pages = [pg for pg in tif.pages if pg.compression in (65000, 65001, 65002)]
+        pages = _eer_pages(tif)
     except (tifffile.TiffFileError, OSError, ValueError, KeyError) as exc:
         raise InputFileError(p, f"not a readable EER movie: {_why(exc)}") from None
     if not pages:
