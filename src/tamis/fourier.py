@@ -154,24 +154,6 @@ def crop_fourier(spectra: torch.Tensor, out_shape: tuple[int, int]) -> torch.Ten
     return torch.cat([top, bottom], dim=-2)
 
 
-def uncrop_fourier(spectra: torch.Tensor, out_shape: tuple[int, int]) -> torch.Tensor:
-    """Inverse of :func:`crop_fourier`: half-plane spectra of ``(ch, cw)`` images placed at their
-    frequencies in the spectra of ``out_shape`` images (both even, not below), zeros elsewhere.
-    ``(..., ch, cw // 2 + 1)`` -> ``(..., h, w // 2 + 1)``."""
-    ch, cwh = spectra.shape[-2:]
-    h, w = out_shape
-    if h % 2 or w % 2 or h < ch or w // 2 + 1 < cwh or ch % 2:
-        raise ValueError(f"uncrop {tuple(spectra.shape[-2:])} to {out_shape}: sizes must be even")
-    if (h, w // 2 + 1) == (ch, cwh):
-        return spectra
-    half = ch // 2
-    out = spectra.new_zeros((*spectra.shape[:-2], h, w // 2 + 1))
-    out[..., : half + 1, :cwh] = spectra[..., : half + 1, :]
-    if half > 1:
-        out[..., h - (half - 1) :, :cwh] = spectra[..., half + 1 :, :]
-    return out
-
-
 def pad_fourier(spectra: torch.Tensor, size: int) -> torch.Tensor:
     """Inverse of :func:`window_fourier`: zero-pad a square half-plane spectrum to ``size``."""
     n = spectra.shape[-2]
