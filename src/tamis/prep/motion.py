@@ -69,40 +69,6 @@ def ccf_shape(
     return out[0], out[1]
 
 
-def _peaks(ccf: torch.Tensor, search: int) -> torch.Tensor:
-    """Sub-pixel argmax ``(..., 2)`` (x, y) of cross-correlations ``(..., h, w)`` within
-    ``|dx|, |dy| <= search`` of the origin (wrapped indices), refined by a 3-point parabola on
-    each axis."""
-    h, w = ccf.shape[-2:]
-    dy = torch.arange(h, device=ccf.device)
-    dy = torch.where(dy < h // 2, dy, dy - h)
-    dx = torch.arange(w, device=ccf.device)
-    dx = torch.where(dx < w // 2, dx, dx - w)
-    # the argmax over the window |d| <= search only: its rows and columns gathered from both
-    # ends of the wrapped axes (no mask over the whole map)
-    rows = torch.nonzero(dy.abs() <= search)[:, 0]
-    cols = torch.nonzero(dx.abs() <= search)[:, 0]
-    window = ccf.index_select(-2, rows).index_select(-1, cols)
-    flat = window.flatten(-2).argmax(-1)
-    iy, ix = rows[flat // len(cols)], cols[flat % len(cols)]
-
-    def value(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        idx = (y % h) * w + (x % w)
-        return torch.gather(ccf.flatten(-2), -1, idx[..., None])[..., 0].double()
-
-    v0 = value(iy, ix)
-    out = []
-    for d_pos, neighbours in (
-        (dx[ix], (value(iy, ix - 1), value(iy, ix + 1))),
-        (dy[iy], (value(iy - 1, ix), value(iy + 1, ix))),
-    ):
-        vm, vp = neighbours
-        den = vp + vm - 2.0 * v0
-        offset = torch.where(den < -1e-15, -0.5 * (vp - vm) / den.clamp(max=-1e-15), 0.0)
-        out.append(d_pos.double() + offset.clamp(-1.0, 1.0))
-    return torch.stack(out, -1)
-
-
 def _ccf_window(prod: torch.Tensor, ccf_box: tuple[int, int], reach: int) -> torch.Tensor:
     """The cross-correlation ``irfft2(prod, s=ccf_box, norm="backward")`` at the shifts
     ``|dy|, |dx| <= reach`` only: ``(..., 2 reach + 1, 2 reach + 1)``, row ``i`` for
@@ -135,9 +101,9 @@ def _ccf_window(prod: torch.Tensor, ccf_box: tuple[int, int], reach: int) -> tor
 
 
 def _peaks_window(ccf: torch.Tensor, search: int) -> torch.Tensor:
-    """:func:`_peaks` on CCF windows from :func:`_ccf_window` with a reach of ``search + 1``
-    (the border holds the parabola's neighbours): sub-pixel argmax ``(..., 2)`` (x, y) within
-    ``|dx|, |dy| <= search``."""
+    """Sub-pixel argmax ``(..., 2)`` (x, y) within ``|dx|, |dy| <= search`` of CCF windows from
+    :func:`_ccf_window` with a reach of ``search + 1`` (the border holds the neighbours), refined
+    by a 3-point parabola on each axis (RELION's)."""
     size = ccf.shape[-1]
     inner = ccf[..., 1:-1, 1:-1]
     flat = inner.flatten(-2).argmax(-1)
