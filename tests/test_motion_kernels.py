@@ -20,7 +20,7 @@ from tamis.motion_model import (
     shift_field,
 )
 from tamis.prep.motion import (
-    _peaks,
+    _peaks_window,
     accumulated_motion,
     align_spectra,
     ccf_shape,
@@ -58,7 +58,9 @@ def test_peak_search_matches_a_loop_with_parabolic_refinement():
     ccf[0, 1, 14], ccf[0, 3, 14] = 4, 6  # y neighbours
     ccf[0, 2, 13], ccf[0, 2, 15] = 5, 5
     ccf[1, 8, 8] = 50  # outside a search of 4: must be ignored
-    got = _peaks(torch.from_numpy(ccf), 4).numpy()
+    d = np.arange(-5, 6)  # the window _ccf_window gives for a search of 4: reach 5
+    window = ccf[:, d[:, None] % 16, d[None, :] % 16]
+    got = _peaks_window(torch.from_numpy(window), 4).numpy()
     for b in range(3):
         best, arg = -np.inf, None
         for y in range(16):
