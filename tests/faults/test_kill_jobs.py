@@ -1,8 +1,8 @@
 """SIGKILL of pipeline jobs at seeded random points: whatever the kill leaves under a final name
 is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
 class2d's continue and the schemer have their own kill tests). Movie import and motion
-correction, micrograph import, 2D classification, the class ranker with its particle screen, the
-3D initial model and auto-refine included."""
+correction, micrograph import, 2D classification, the class ranker with its particle screen, a person's
+class selection, the 3D initial model and auto-refine included."""
 
 from __future__ import annotations
 
@@ -66,6 +66,8 @@ JOBS = [
       "particle_diameter": "120", "ini_high": "30", "sampling": "30 degrees",
       "auto_local_sampling": "15 degrees", "tamis_iter_max": "2", "nr_threads": "1",
       "other_args": "--random_seed 7"}),
+    ("Select/job015", "relion.select.interactive",
+     {"fn_model": "Class2D/job010/run_it003_optimiser.star", "tamis_selected_classes": "1 2"}),
 ]  # fmt: skip
 
 
