@@ -186,18 +186,10 @@ def _slow_sums(data, proj, ramps, active, w, win, extra, half):
     return out, norms
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed"])
-@pytest.mark.parametrize("halves", [False, True])
-def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
-    data, proj, ramps, active, w, win, extra = _problem()
-    pf = proj.shape[1]
-    w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
-    w /= w.sum((1, 2), keepdim=True)
-    monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
+def _dense_hypotheses(w: torch.Tensor, active: torch.Tensor) -> Hypotheses:
+    """Dense E-step output carrying the weights ``w`` ``(B, Tf, Ra)`` (best poses unused)."""
     b = w.shape[0]
-    k, pf, c = proj.shape
-    half = torch.tensor([0, 1] * (b // 2)) if halves else None
-    hyp = Hypotheses(
+    return Hypotheses(
         particle=torch.zeros(0, dtype=torch.long),
         cls=torch.zeros(0, dtype=torch.long),
         psi=torch.zeros(0, dtype=torch.long),
@@ -211,6 +203,20 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         dense=w.clone(),
         active=active,
     )
+
+
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed"])
+@pytest.mark.parametrize("halves", [False, True])
+def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
+    data, proj, ramps, active, w, win, extra = _problem()
+    pf = proj.shape[1]
+    w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
+    w /= w.sum((1, 2), keepdim=True)
+    monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
+    b = w.shape[0]
+    k, pf, c = proj.shape
+    half = torch.tensor([0, 1] * (b // 2)) if halves else None
+    hyp = _dense_hypotheses(w, active)
     if layout == "pairs":
         hyp = hyp.to_pairs()
         assert hyp.dense is None and len(hyp.particle) > 0
@@ -248,16 +254,8 @@ def test_bfloat16_sums_stay_close_to_the_float32_ones(layout, monkeypatch):
     data, proj, ramps, active, w, win, extra = _problem()
     w /= w.sum((1, 2), keepdim=True)
     monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
-    b = w.shape[0]
     k, pf, c = proj.shape
-    zero = torch.zeros(0, dtype=torch.long)
-    hyp = Hypotheses(
-        particle=zero, cls=zero, psi=zero, weight=torch.zeros((0, w.shape[1]), dtype=torch.float64),
-        best_cls=torch.zeros(b, dtype=torch.long), best_psi=torch.zeros(b, dtype=torch.long),
-        best_trans=torch.zeros(b, dtype=torch.long), pmax=torch.zeros(b, dtype=torch.float64),
-        n_significant=torch.ones(b, dtype=torch.long), loglik=torch.zeros(b, dtype=torch.float64),
-        dense=w.clone(), active=active,
-    )  # fmt: skip
+    hyp = _dense_hypotheses(w, active)
     if layout == "pairs":
         hyp = hyp.to_pairs()
     out = {}

@@ -60,7 +60,7 @@ def test_peak_search_matches_a_loop_with_parabolic_refinement():
     ccf[1, 8, 8] = 50  # outside a search of 4: must be ignored
     d = np.arange(-5, 6)  # the window _ccf_window gives for a search of 4: reach 5
     window = ccf[:, d[:, None] % 16, d[None, :] % 16]
-    got = _peaks_window(torch.from_numpy(window), 4).numpy()
+    got = _peaks_window(torch.from_numpy(window)).numpy()
     for b in range(3):
         best, arg = -np.inf, None
         for y in range(16):

@@ -16,7 +16,7 @@ Conventions (RELION's, ``relion-motioncorr-mdcatch.md`` §A1):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +76,7 @@ class Movie:
     eer_grouping: int = 0
     eer_upsampling: int = 1
     _handle: object = None
+    _pages: list = field(default_factory=list)  # EER: its compressed pages, listed once
 
     def read(
         self, first: int = 0, stop: int | None = None, dtype: type | None = np.float32
@@ -123,7 +124,7 @@ class Movie:
     def _read_eer(self, first: int, stop: int) -> np.ndarray:
         g = self.eer_grouping
         out = np.zeros((stop - first, *self.shape), dtype=np.uint16 if g < 65536 else np.float32)
-        pages = self._eer_pages()
+        pages = self._pages
         for i in range(first, stop):
             for raw in range(i * g, (i + 1) * g):
                 frame = pages[raw].asarray()
@@ -134,9 +135,6 @@ class Movie:
                     )
                 out[i - first] += frame
         return out
-
-    def _eer_pages(self) -> list:
-        return _eer_pages(self._handle)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -261,7 +259,9 @@ def _open_eer(p: Path, grouping: int, upsampling: int) -> Movie:
     if n < 1:
         tif.close()
         raise InputFileError(p, f"{len(pages)} EER frames, fewer than --eer_grouping {grouping}")
-    return Movie(p, "eer", n, (int(h), int(w)), 0.0, grouping, upsampling, _handle=tif)
+    return Movie(
+        p, "eer", n, (int(h), int(w)), 0.0, grouping, upsampling, _handle=tif, _pages=pages
+    )
 
 
 # ---------------------------------------------------------------------------------------------

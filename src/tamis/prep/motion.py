@@ -23,17 +23,15 @@ import math
 import numpy as np
 import torch
 
-from tamis.fourier import (
-    crop_fourier,
-    fourier_shift_cropped,
-    rfft_frequencies,
-)
+from tamis.fourier import crop_fourier, fourier_shift_cropped, rfft_frequencies
 from tamis.motion_model import critical_exposure
 
 __all__ = [
     "GOOD_SIZES",
     "good_size",
     "ccf_shape",
+    "weight_band",
+    "weight_radius",
     "align_spectra",
     "frame_groups",
     "dose_weights",
@@ -55,13 +53,33 @@ def good_size(n: int) -> int:
     return n
 
 
+def weight_radius(bfactor: float) -> float:
+    """``sqrt(-ln(1e-8) / (2 B))``: beyond this fraction of an image's size the alignment's
+    B-factor weight ``exp(-2 B d²)`` is below 1e-8 (RELION's criterion; 1 for ``B <= 0``)."""
+    return math.sqrt(-math.log(1e-8) / (2.0 * bfactor)) if bfactor > 0 else 1.0
+
+
+def weight_band(
+    image_shape: tuple[int, int], bfactor: float, box: tuple[int, int], margin: int = 0
+) -> tuple[int, int]:
+    """The even half-plane crop ``(h', w')`` that holds every frequency of ``image_shape`` with a
+    B-factor weight above 1e-8 (plus ``margin`` frequencies on each side), no larger than
+    ``box`` (the CCF box: RELION rounds it up to a good FFT size, 192 at least, so for small
+    images the band is the smaller one)."""
+    r = weight_radius(bfactor)
+    return (
+        min(box[0], 2 * math.ceil(r * image_shape[0]) + 2 + 2 * margin),
+        min(box[1], 2 * math.ceil(r * image_shape[1]) + 2 + 2 * margin),
+    )
+
+
 def ccf_shape(
     image_shape: tuple[int, int], bfactor: float, ccf_downsample: float = 0.0
 ) -> tuple[int, int]:
     """The cross-correlation box for images of ``image_shape``: the frequencies the B-factor
-    weight leaves above 1e-8, ``sqrt(-ln(1e-8) / (2 B))`` of the size (or ``ccf_downsample``),
+    weight leaves above 1e-8, :func:`weight_radius` of the size (or ``ccf_downsample``),
     rounded up to a good size, capped at the image, made even."""
-    r = ccf_downsample if ccf_downsample > 0 else math.sqrt(-math.log(1e-8) / (2.0 * bfactor))
+    r = ccf_downsample if ccf_downsample > 0 else weight_radius(bfactor)
     out = []
     for n in image_shape:
         s = min(good_size(int(n * r)), n)
@@ -100,14 +118,13 @@ def _ccf_window(prod: torch.Tensor, ccf_box: tuple[int, int], reach: int) -> tor
     return out.view(*batch, len(d), len(d))
 
 
-def _peaks_window(ccf: torch.Tensor, search: int) -> torch.Tensor:
-    """Sub-pixel argmax ``(..., 2)`` (x, y) within ``|dx|, |dy| <= search`` of CCF windows from
-    :func:`_ccf_window` with a reach of ``search + 1`` (the border holds the neighbours), refined
-    by a 3-point parabola on each axis (RELION's)."""
+def _peaks_window(ccf: torch.Tensor) -> torch.Tensor:
+    """Sub-pixel argmax ``(..., 2)`` (x, y) of CCF windows from :func:`_ccf_window`, searched
+    inside their one-pixel border (which holds the neighbours), refined by a 3-point parabola on
+    each axis (RELION's)."""
     size = ccf.shape[-1]
-    inner = ccf[..., 1:-1, 1:-1]
-    flat = inner.flatten(-2).argmax(-1)
     n_in = size - 2
+    flat = ccf[..., 1:-1, 1:-1].flatten(-2).argmax(-1)
     iy, ix = flat // n_in + 1, flat % n_in + 1
     flat_ccf = ccf.flatten(-2)
 
@@ -122,7 +139,7 @@ def _peaks_window(ccf: torch.Tensor, search: int) -> torch.Tensor:
     ):
         den = vp + vm - 2.0 * v0
         offset = torch.where(den < -1e-15, -0.5 * (vp - vm) / den.clamp(max=-1e-15), 0.0)
-        out.append((pos - (search + 1)).double() + offset.clamp(-1.0, 1.0))
+        out.append((pos - size // 2).double() + offset.clamp(-1.0, 1.0))
     return torch.stack(out, -1)
 
 
@@ -164,13 +181,10 @@ def align_spectra(
     """
     h, w = image_shape
     cy, cx = ccf_shape(image_shape, bfactor, ccf_downsample)
-    # The B-factor weight is below 1e-8 beyond r = sqrt(-ln(1e-8) / (2 B)) of each axis (the
-    # criterion of the CCF box before RELION rounds it up to a good FFT size, 192 at least): the
-    # products and shifts are made on that band only, and the CCF of the box is evaluated on
-    # the search window only (:func:`_ccf_window`; the same CCF up to terms weighted < 1e-8).
-    r = math.sqrt(-math.log(1e-8) / (2.0 * bfactor)) if bfactor > 0 else 1.0
-    ey = min(cy, 2 * math.ceil(r * h) + 2)
-    ex = min(cx, 2 * math.ceil(r * w) + 2)
+    # The products and shifts are made on the B-factor band only (:func:`weight_band`), and the
+    # CCF of the box is evaluated on the search window only (:func:`_ccf_window`): the same CCF
+    # up to terms weighted < 1e-8.
+    ey, ex = weight_band(image_shape, bfactor, (cy, cx))
     f = crop_fourier(spectra, (ey, ex)).clone()
     ky, kx = rfft_frequencies((ey, ex), device=f.device, dtype=torch.float32)
     weight = torch.exp(-2.0 * bfactor * ((ky / h) ** 2 + (kx / w) ** 2))
@@ -186,8 +200,8 @@ def align_spectra(
     for _ in range(max_iter):
         fa = f[active]
         prod = fa.sum(-3, keepdim=True) - fa  # the others' sum, times conj(image), weighted:
-        prod.mul_(fa.conj()).mul_(weight)  # in place (this product costs as much as the FFT)
-        inc = _peaks_window(_ccf_window(prod, (cy, cx), reach + 1), reach) * scale
+        prod.mul_(fa.conj()).mul_(weight)  # in place
+        inc = _peaks_window(_ccf_window(prod, (cy, cx), reach + 1)) * scale
         inc = inc - inc[:, :1, :]
         total[active] += inc
         f[active] = fourier_shift_cropped(fa.flatten(0, 1), inc.flatten(0, 1), (h, w)).view_as(fa)

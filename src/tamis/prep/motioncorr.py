@@ -57,6 +57,7 @@ from tamis.prep.motion import (
     align_spectra,
     ccf_shape,
     frame_groups,
+    weight_band,
 )
 
 __all__ = [
@@ -352,13 +353,10 @@ def _local_model(
     ph = min(p[2] for p in patches)
     pw = min(p[3] for p in patches)
     bf = o.bfactor / prescale**2
-    cy, cx = ccf_shape((ph, pw), bf, o.ccf_downsample)
-    # The patches are cut at the CCF box, or smaller where the B-factor weight vanishes (below
-    # 1e-8) well inside it: RELION's smallest CCF box, 192, is four times the band a 200-px
-    # patch needs at B 150 (align_spectra uses the band only); 8 frequencies of margin.
-    r = math.sqrt(-math.log(1e-8) / (2.0 * bf)) if bf > 0 else 1.0
-    cy = min(cy, 2 * math.ceil(r * ph) + 18)
-    cx = min(cx, 2 * math.ceil(r * pw) + 18)
+    # The patches are cut at the CCF box, or at the B-factor band where that is smaller (align_
+    # spectra uses the band only; RELION's smallest CCF box, 192, is four times the band a 200-px
+    # patch needs at B 150), with 8 frequencies of margin.
+    cy, cx = weight_band((ph, pw), bf, ccf_shape((ph, pw), bf, o.ccf_downsample), margin=8)
     group_of = torch.zeros(n, dtype=torch.long, device=spectra.device)
     for gi, g in enumerate(groups):
         group_of[list(g)] = gi

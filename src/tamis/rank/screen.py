@@ -28,9 +28,9 @@ than ``min_misfit`` spreads (a data set without junk loses almost nothing) and n
 its low side, between ``min_amplitude`` (dropped below: an empty box explains the data as well as
 the class does) and ``min_misfit`` spreads under the core; when the core itself reaches below
 ``min_amplitude`` (faint class averages, particles of varied contrast), the cut moves below it,
-down to zero, only as far as low values outnumber what the core accounts for. With ``adaptive=False``, the
-fixed rule of earlier versions: amplitude below ``min_amplitude`` x the class median, misfit more
-than ``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
+down to zero, only as far as low values outnumber what the core accounts for. With
+``adaptive=False``, the fixed rule of earlier versions: amplitude below ``min_amplitude`` x the
+class median, misfit more than ``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
 training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
 
 The sums use the E-step's own projector (:func:`tamis.class2d.fourier2d.project`) and RELION's
@@ -413,7 +413,7 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
         low = options.min_amplitude
         edge = centre - options.min_misfit * spread
         if edge >= low:  # the usual core: the cut between min_amplitude and the core's edge
-            limit = max(low, excess_threshold(ratio, centre, spread, edge, low, upper=False))
+            limit = excess_threshold(ratio, centre, spread, edge, low, upper=False)
         else:
             # A core so broad that min_amplitude would cut into it (faint class averages,
             # particles of varied contrast: real data seen through little signal): the cut goes
