@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tamis import distributed
 from tamis._progress import progress_bar
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
@@ -77,10 +78,10 @@ class Class2DResult:
 def choose_device(name: str) -> torch.device:
     """``auto``: CUDA when present, else CPU; otherwise the torch device named."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TamisError(f"--device {name}: no CUDA device available")
-    return torch.device(name)
+    return distributed.local_device(torch.device(name))
 
 
 def _available_bytes(device: torch.device) -> int:
@@ -99,8 +100,8 @@ def _available_bytes(device: torch.device) -> int:
 LOCAL_BATCH = 16
 
 
-class _Abort(Exception):
-    pass
+class JobAborted(Exception):
+    """RELION_JOB_ABORT_NOW seen: :func:`pipeline_control` marks the job aborted."""
 
 
 @dataclass
@@ -223,7 +224,12 @@ class Class2DRun:
             oversampling=options.oversampling,
             perturb_factor=options.perturb,
         )
-        self.seed = options.random_seed if options.random_seed is not None else int(time.time())
+        # a seed from the clock is rank 0's on every rank (under torchrun)
+        self.seed = (
+            options.random_seed
+            if options.random_seed is not None
+            else distributed.broadcast_object(int(time.time()))
+        )
         self.state: ModelState | None = None
         self.current_size = self.box
         self.space: ReferenceSpace = InPlaneSpace()
@@ -653,10 +659,16 @@ class Class2DRun:
         # rows (particle x translation) per M-step GEMM: a quarter of the budget
         m_rows = max(256, self._work_budget() // 4 // (16 * len(window) + 4 * k * n_batch_pf))
         acc_inputs = None
-        with progress_bar(len(rows_all), f"iteration {it:3d}", enabled=self.show_progress) as bar:
+        # Ranks (torchrun) take contiguous runs of whole batches: each particle sees the same
+        # batch as in a single process, and only the sums' order of addition differs.
+        ranks = distributed.world()
+        lo, hi = distributed.share(-(-len(rows_all) // bsize), ranks)
+        lo, hi = lo * bsize, min(hi * bsize, len(rows_all))
+        rows_mine = rows_all[lo:hi]
+        with progress_bar(len(rows_mine), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
-            for batch in self._batches(rows_all, bsize):
-                batch_rows = rows_all[start : start + len(batch.indices)]
+            for batch in self._batches(rows_mine, bsize):
+                batch_rows = rows_mine[start : start + len(batch.indices)]
                 start += len(batch_rows)
                 # a batch that runs out of memory in the E-step (nothing added to the sums yet)
                 # is split in two and retried, down to one particle
@@ -664,7 +676,7 @@ class Class2DRun:
                 while pending:
                     rows, images = pending.pop(0)
                     if abort is not None and abort():
-                        raise _Abort
+                        raise JobAborted
                     data, full_power = self._prepare(images, rows, window, it)
                     if acc_inputs is None:  # RELION uses the first 10 (3D: 100) particles
                         n_acc = self.accuracy_trials
@@ -769,6 +781,8 @@ class Class2DRun:
                     self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
                     del hyp, fine  # the dense weights go before the next batch's are made
                     bar.advance(len(rows))
+        if ranks.size > 1:
+            acc_inputs = self._share_estep(rows_all, lo, hi, sums, acc, stream, acc_inputs)
         if not stream:
             splat_sums(proj_f, psi_fine_deg)
         d, w = space.finish(acc, cs / 2, o.pad)
@@ -789,6 +803,59 @@ class Class2DRun:
             acc_inputs=acc_inputs,
             streamed=stream,
         )
+
+    def row_arrays(self) -> list[np.ndarray]:
+        """The per-particle arrays the E-step writes (indexed by sorted row); a subclass that
+        stores more per particle adds its arrays."""
+        return [self.psi, self.origin, self.cls, self.norm, self.loglik, self.pmax, self.nsig]
+
+    def _share_estep(self, rows_all, lo, hi, sums, acc, stream, acc_inputs):
+        """After each rank's E-step over ``rows_all[lo:hi]``: the weighted sums added up over
+        ranks, every rank's particle results on every rank (so that any rank can take any
+        particle next time and rank 0 writes them all), and rank 0's accuracy inputs (the
+        first particles) everywhere."""
+        if stream:  # the per-orientation sums were splatted batch by batch
+            grids = [acc.flat, acc.at_origin]
+        else:
+            grids = [sums.fimg, sums.fweight]
+        distributed.all_sum(
+            [
+                *grids,
+                sums.sigma2_noise,
+                sums.sumw_optics,
+                sums.pdf_class,
+                sums.prior_offset,
+                sums.xa,
+                sums.aa,
+            ]
+        )
+        (sums.sigma2_offset, sums.norm_sum, sums.loglik, sums.pmax_sum) = (
+            distributed.all_sum_floats(
+                [sums.sigma2_offset, sums.norm_sum, sums.loglik, sums.pmax_sum]
+            )
+        )
+        arrays = self.row_arrays()
+        n = len(rows_all)
+        cols = [a[rows_all].reshape(n, -1).astype(np.float64) for a in arrays]
+        block = np.concatenate(cols, axis=1)
+        block[:lo] = 0.0
+        block[hi:] = 0.0
+        table = torch.from_numpy(block)
+        distributed.all_sum([table])
+        block = table.numpy()
+        c = 0
+        for a, col in zip(arrays, cols, strict=True):
+            width = col.shape[1]
+            a[rows_all] = block[:, c : c + width].reshape(a[rows_all].shape).astype(a.dtype)
+            c += width
+        if acc_inputs is not None:
+            acc_inputs = tuple(x.cpu() if isinstance(x, torch.Tensor) else x for x in acc_inputs)
+        acc_inputs = distributed.broadcast_object(acc_inputs)
+        if acc_inputs is not None:
+            acc_inputs = tuple(
+                x.to(self.device) if isinstance(x, torch.Tensor) else x for x in acc_inputs
+            )
+        return acc_inputs
 
     def _prepare(
         self, images: torch.Tensor, rows: np.ndarray, window: FourierWindow, it: int
@@ -1074,7 +1141,7 @@ def pipeline_control(directory: str | Path | None):
 
     try:
         yield lambda: control is not None and (control / "RELION_JOB_ABORT_NOW").exists()
-    except _Abort:
+    except JobAborted:
         mark("ABORTED")
         raise TamisError("aborted (RELION_JOB_ABORT_NOW)") from None
     except BaseException:
@@ -1111,63 +1178,110 @@ def run_class2d(
     and the fields named in ``changed``, which come from ``options``. ``run_type`` replaces the
     run class (the 3D initial model drives its :class:`Class2DRun` subclass through here).
     """
-    with pipeline_control(options.pipeline_control) as abort_requested:
-        if continue_from is not None:
-            cont_opt = read_continue(continue_from)
-            data_path = cont_opt.data_path
-            root = output_root or cont_opt.root
-            ps = ParticleSet.from_file(data_path)
-            options = continued_options(cont_opt, options, changed)
-            cls = run_type or _run_class(options)
-            run = cls(ps, options, root, log=log, show_progress=show_progress)
-            run.load_continue(continue_from)
-            start = run.state.iteration + 1
-        else:
-            if particles_path is None:
-                raise TamisError("--i is required (or --continue)")
-            ps = ParticleSet.from_file(particles_path)
-            run = (run_type or _run_class(options))(
-                ps, options, output_root, log=log, show_progress=show_progress
-            )
-            run.initialise()
-            run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
-            run.write(0)
-            start = 1
-        Path(run.root).parent.mkdir(parents=True, exist_ok=True)
-        files = IterationFiles(run.root, start - 1)
-        evaluated = 0
-        for it in range(start, options.iter + 1):
-            t0 = time.perf_counter()
-            changes = run.iterate(it, abort=abort_requested)
-            batch = getattr(run, "subset", run.n)
-            evaluated += batch
-            unmasked = run.post_process(it)
-            if not options.grad:  # RELION writes unmasked classes for EM only
-                write_mrc(
-                    Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel
-                )
-            if run.writes(it):
-                files = run.write(it, changes)
-            st = run.state
-            frac = st.pdf_class.cpu().numpy()
-            nonempty = int((frac >= 0.005).sum())
-            grad = ""
-            if options.grad:
-                grad = f"{batch} particles, step {run.schedule.step_size(it):.2f}, T {run.tau2_fudge_at(it):.2f}, "
-            log(
-                f"iteration {it:3d}: {grad}resolution {run.box * run.pixel / max(st.maxres, 1):6.1f} A, "
-                f"size {run.current_size}, {nonempty}/{len(frac)} classes with >= 0.5%, largest "
-                f"{frac.max():.1%}, class changes {changes[2]:.1%}, pmax {st.avg_pmax:.2f}, "
-                f"{batch / (time.perf_counter() - t0):,.0f} particles/s"
-            )
-        st = run.state
-        return Class2DResult(
-            optimiser=files.optimiser,
-            model=files.model,
-            data=files.data,
-            classes=files.classes if run.space.ndim == 2 else files.class_map(1),
-            iteration=st.iteration,
-            resolution=run.box * run.pixel / max(st.maxres, 1),
-            class_fractions=st.pdf_class.cpu().numpy(),
-            particles_evaluated=evaluated,
+    with contextlib.ExitStack() as stack:
+        ranks = stack.enter_context(distributed.session(choose_device(options.device)))
+        main = ranks.rank == 0
+        # rank 0 alone writes files, exit markers and the log
+        abort_requested = stack.enter_context(
+            pipeline_control(options.pipeline_control if main else None)
         )
+        if not main:
+            log, show_progress = _silent, False
+        return _run(
+            particles_path,
+            output_root,
+            options,
+            continue_from=continue_from,
+            changed=changed,
+            log=log,
+            show_progress=show_progress,
+            run_type=run_type,
+            ranks=ranks,
+            abort_requested=abort_requested,
+        )
+
+
+def _silent(text: str) -> None:
+    pass
+
+
+def _run(
+    particles_path,
+    output_root,
+    options,
+    *,
+    continue_from,
+    changed,
+    log,
+    show_progress,
+    run_type,
+    ranks: distributed.Ranks,
+    abort_requested: Callable[[], bool],
+) -> Class2DResult:
+    main = ranks.rank == 0
+    parallel = ranks.size > 1
+    if continue_from is not None:
+        cont_opt = read_continue(continue_from)
+        data_path = cont_opt.data_path
+        root = output_root or cont_opt.root
+        ps = ParticleSet.from_file(data_path)
+        options = continued_options(cont_opt, options, changed)
+        cls = run_type or _run_class(options)
+        run = cls(ps, options, root, log=log, show_progress=show_progress)
+        run.load_continue(continue_from)
+        start = run.state.iteration + 1
+    else:
+        if particles_path is None:
+            raise TamisError("--i is required (or --continue)")
+        ps = ParticleSet.from_file(particles_path)
+        run = (run_type or _run_class(options))(
+            ps, options, output_root, log=log, show_progress=show_progress
+        )
+        run.seed = distributed.broadcast_object(run.seed)  # a seed from the clock: rank 0's
+        run.initialise()
+        distributed.broadcast_tensors(run.state)
+        run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
+        if main:
+            run.write(0)
+        start = 1
+    Path(run.root).parent.mkdir(parents=True, exist_ok=True)
+    files = IterationFiles(run.root, start - 1)
+    evaluated = 0
+    for it in range(start, options.iter + 1):
+        t0 = time.perf_counter()
+        # under torchrun one check for all ranks at the start of each iteration (a rank that
+        # stopped alone would leave the others waiting for its sums)
+        if parallel and distributed.any_flag(main and abort_requested()):
+            raise JobAborted
+        changes = run.iterate(it, abort=None if parallel else abort_requested)
+        batch = getattr(run, "subset", run.n)
+        evaluated += batch
+        unmasked = run.post_process(it)
+        distributed.broadcast_tensors(run.state)
+        if not options.grad and main:  # RELION writes unmasked classes for EM only
+            write_mrc(Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel)
+        if run.writes(it):
+            files = run.write(it, changes) if main else run.iteration_files(it)
+        st = run.state
+        frac = st.pdf_class.cpu().numpy()
+        nonempty = int((frac >= 0.005).sum())
+        grad = ""
+        if options.grad:
+            grad = f"{batch} particles, step {run.schedule.step_size(it):.2f}, T {run.tau2_fudge_at(it):.2f}, "
+        log(
+            f"iteration {it:3d}: {grad}resolution {run.box * run.pixel / max(st.maxres, 1):6.1f} A, "
+            f"size {run.current_size}, {nonempty}/{len(frac)} classes with >= 0.5%, largest "
+            f"{frac.max():.1%}, class changes {changes[2]:.1%}, pmax {st.avg_pmax:.2f}, "
+            f"{batch / (time.perf_counter() - t0):,.0f} particles/s"
+        )
+    st = run.state
+    return Class2DResult(
+        optimiser=files.optimiser,
+        model=files.model,
+        data=files.data,
+        classes=files.classes if run.space.ndim == 2 else files.class_map(1),
+        iteration=st.iteration,
+        resolution=run.box * run.pixel / max(st.maxres, 1),
+        class_fractions=st.pdf_class.cpu().numpy(),
+        particles_evaluated=evaluated,
+    )

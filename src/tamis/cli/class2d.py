@@ -27,6 +27,7 @@ from pathlib import Path
 
 import typer
 
+from tamis import distributed
 from tamis.cli._common import console, user_errors
 
 
@@ -197,7 +198,8 @@ def class2d(
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
     )
-    console.print(
-        f"done: {result.optimiser} (iteration {result.iteration}, resolution {result.resolution:.1f} A)",
-        highlight=False,
-    )
+    if distributed.is_main():
+        console.print(
+            f"done: {result.optimiser} (iteration {result.iteration}, resolution {result.resolution:.1f} A)",
+            highlight=False,
+        )

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import typer
 
+from tamis import distributed
 from tamis.cli._common import console, user_errors
 
 
@@ -202,12 +203,13 @@ def refine(
         result = run_auto_refine(
             i, o, options, continue_from=cont, changed=changed, log=log, show_progress=True
         )
-        console.print(
-            f"done: {result.map} and the half maps {result.half_maps[0].name}, "
-            f"{result.half_maps[1].name} (iteration {result.iteration}, resolution "
-            f"{result.resolution:.2f} A{'' if result.converged else ', not converged'})",
-            highlight=False,
-        )
+        if distributed.is_main():
+            console.print(
+                f"done: {result.map} and the half maps {result.half_maps[0].name}, "
+                f"{result.half_maps[1].name} (iteration {result.iteration}, resolution "
+                f"{result.resolution:.2f} A{'' if result.converged else ', not converged'})",
+                highlight=False,
+            )
         return
     from tamis.refine.initial_model import InitialModelOptions, run_initial_model
 
@@ -232,11 +234,12 @@ def refine(
         log=log,
         show_progress=True,
     )
-    console.print(
-        f"done: {result.initial_model} (class {result.chosen_class} of iteration "
-        f"{result.run.iteration}, resolution {result.run.resolution:.1f} A)",
-        highlight=False,
-    )
+    if distributed.is_main():
+        console.print(
+            f"done: {result.initial_model} (class {result.chosen_class} of iteration "
+            f"{result.run.iteration}, resolution {result.run.resolution:.1f} A)",
+            highlight=False,
+        )
 
 
 def _is_auto_refine(optimiser: Path) -> bool:

@@ -32,7 +32,16 @@ from tamis.pipeline.job import (
     write_output_nodes,
 )
 
-__all__ = ["JobType", "REGISTRY", "job_type", "run_job"]
+__all__ = [
+    "JobType",
+    "REGISTRY",
+    "job_type",
+    "run_job",
+    "executor",
+    "job_command",
+    "RANKED",
+    "PER_MICROGRAPH",
+]
 
 Nodes = list[tuple[str, str]]
 
@@ -634,33 +643,94 @@ def job_type(label: str) -> JobType:
     raise TamisError(f"job type {label!r} is not available in tamis (have {sorted(REGISTRY)})")
 
 
+#: Job types whose work is shared over ranks by particles (``torchrun``, one rank per GPU).
+RANKED = frozenset({"relion.class2d", "relion.initialmodel", "relion.refine3d"})
+#: Job types whose work goes micrograph by micrograph (dask workers).
+PER_MICROGRAPH = frozenset(
+    {
+        "relion.motioncorr",
+        "relion.ctffind",
+        "relion.autopick.log",
+        "relion.autopick.topaz.pick",
+        "relion.extract",
+    }
+)
+EXECUTORS = ("auto", "local", "torchrun", "dask")
+
+
+def executor(job: JobStar) -> tuple[str, int]:
+    """How a job runs: ``("local", 1)``, ``("torchrun", ranks)`` or ``("dask", workers)``.
+
+    ``tamis_executor`` (job option) names it; ``auto`` (the default) follows RELION's
+    ``nr_mpi``: more than one MPI process means that many ``torchrun`` ranks for the jobs that
+    share particles (2D, initial model, auto-refine) and that many dask workers for the jobs that
+    go micrograph by micrograph; other jobs run as one process."""
+    label = job_type(job.type_label).label
+    name = (job.options.get("tamis_executor") or "auto").strip().lower()
+    if name not in EXECUTORS:
+        raise TamisError(f"tamis_executor {name!r}: expected one of {', '.join(EXECUTORS)}")
+    n = int(_f(job, "nr_mpi", 1))
+    if n < 1:
+        raise TamisError(f"nr_mpi {n}: must be at least 1")
+    if name == "auto":
+        if n <= 1:
+            return "local", 1
+        name = "torchrun" if label in RANKED else "dask" if label in PER_MICROGRAPH else "local"
+    if name == "torchrun" and label not in RANKED:
+        raise TamisError(f"tamis_executor torchrun: {label} jobs do not run over ranks")
+    if name == "dask" and label not in PER_MICROGRAPH:
+        raise TamisError(f"tamis_executor dask: {label} jobs do not go micrograph by micrograph")
+    return name, (1 if name == "local" else n)
+
+
+def job_command(job: JobStar, name: str) -> list[str]:
+    """The command that runs job directory ``name`` on this machine, from the project directory:
+    one process, or ``torchrun --standalone`` with the job's ranks."""
+    import sys
+
+    kind, n = executor(job)
+    if kind == "torchrun":
+        from tamis import distributed
+
+        return distributed.launch_command(n, "tamis.pipeline.execute", [name])
+    return [sys.executable, "-m", "tamis.pipeline.execute", name]
+
+
 def run_job(job_dir: str | Path) -> str:
     """Run the job in ``job_dir`` (its ``job.star``); returns the final status. Writes
     ``RELION_OUTPUT_NODES.star`` and ``RELION_JOB_EXIT_SUCCESS``/``FAILURE``/``ABORTED``; the
-    traceback or error goes to ``run.err``."""
+    traceback or error goes to ``run.err``. Under ``torchrun`` only rank 0 does so; the other
+    ranks compute, add their errors to ``run.err`` and return their status."""
+    from tamis import distributed
+
     # <project>/<Type>/jobNNN/, taken apart lexically; checked before anything is written there
     lexical = Path(os.path.abspath(job_dir))
     checked_job_dir(lexical.parent.parent, f"{lexical.parent.name}/{lexical.name}")
     d = Path(job_dir)  # as given: outputs are named relative to the project, as RELION does
     job = JobStar.read(d)
-    clear_markers(d)
+    main = distributed.is_main()
+    if main:
+        clear_markers(d)
     jt = job_type(job.type_label)
     merged = JobStar(job.type_label, job.is_continue, job.is_tomo, {**jt.defaults, **job.options})
     status = "Succeeded"
     from tamis.io.paths import confined_to
 
     allow = merged.get_bool("tamis_allow_outside")
+    who = "" if main else f"rank {os.environ.get('RANK')}: "
     with open(d / "run.err", "a") as err, confined_to(lexical.parent.parent, allow):
         try:
             nodes = jt.run(merged, d)
-            if nodes is not None:
+            if nodes is not None and main:
                 write_output_nodes(d, nodes)
         except TamisError as exc:
             status = "Aborted" if "ABORT_NOW" in str(exc) else "Failed"
-            err.write(f"error: {exc}\n")
+            err.write(f"{who}error: {exc}\n")
         except Exception:  # a bug: keep the traceback for the report
             status = "Failed"
-            err.write(traceback.format_exc())
+            err.write(who + traceback.format_exc())
+    if not main:
+        return status
     for marker in EXIT_MARKERS.values():
         with contextlib.suppress(FileNotFoundError):
             (d / marker).unlink()

@@ -13,7 +13,6 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from tamis.errors import TamisError
 from tamis.pipeline.job import (
+    EXIT_MARKERS,
     JobStar,
     checked_job_dir,
     clear_markers,
@@ -29,7 +29,7 @@ from tamis.pipeline.job import (
     read_output_nodes,
     touch_node_marker,
 )
-from tamis.pipeline.jobs import job_type, run_job
+from tamis.pipeline.jobs import executor, job_command, job_type, run_job
 from tamis.pipeline.star import Node, Pipeline, Process
 
 __all__ = ["Project", "process_alive", "job_process_alive", "JOB_PROCESS"]
@@ -168,10 +168,11 @@ class Project:
             with open(d / "note.txt", "a") as note:
                 note.write(f"++++ submitted: {reply}\n")
             return None
-        if background:
+        kind, n = executor(job)
+        if background or kind == "torchrun":
             out = open(d / "run.out", "a")  # noqa: SIM115 - handed to the child process
             child = subprocess.Popen(
-                [sys.executable, "-m", "tamis.pipeline.execute", name],
+                job_command(job, name),
                 cwd=self.root,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -179,7 +180,13 @@ class Project:
             (d / JOB_PROCESS).write_text(
                 json.dumps({"host": socket.gethostname(), "pid": child.pid, "time": time.time()})
             )
-            return child
+            if background:
+                return child
+            child.wait()  # the ranks of a torchrun job, in the foreground
+            out.close()
+            if exit_status(d) is None:  # the ranks died without a marker
+                (d / EXIT_MARKERS["Failed"]).touch()
+            return self.check()[name]
         cwd = Path.cwd()
         os.chdir(self.root)
         try:  # the job's progress lines go to its run.out, as in a background run

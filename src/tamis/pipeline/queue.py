@@ -24,7 +24,7 @@ from pathlib import Path
 from tamis.errors import TamisError
 from tamis.pipeline.job import JobStar
 
-__all__ = ["submission_script", "submit"]
+__all__ = ["submission_script", "submit", "queue_command"]
 
 
 def _int(job: JobStar, key: str, default: int) -> int:
@@ -64,16 +64,35 @@ def submission_script(job: JobStar, name: str, project: str | Path) -> str:
     for i in range(1, int(os.environ.get("RELION_QSUB_EXTRA_COUNT", "2")) + 1):
         if f"qsub_extra{i}" in job.options:
             replace[f"XXXextra{i}XXX"] = job.options[f"qsub_extra{i}"]
-    command = (
-        f"cd {shlex.quote(str(Path(project).resolve()))} && "
-        f"{shlex.quote(sys.executable)} -m tamis.pipeline.execute {shlex.quote(name)}"
-    )
+    command = f"cd {shlex.quote(str(Path(project).resolve()))} && " + queue_command(job, name)
     lines = []
     for line in path.read_text().splitlines():
         for key, value in replace.items():
             line = line.replace(key, value)
         lines.append(line.replace("XXXcommandXXX", command))
     return "\n".join(lines) + "\n\n"
+
+
+def queue_command(job: JobStar, name: str) -> str:
+    """The shell command a submission script runs for job directory ``name``.
+
+    One process, or for a job with ``torchrun`` ranks (``nr_mpi`` of them) one ``torchrun``
+    agent per node, as in PyTorch's multi-node recipe: the template starts it on each node
+    (``srun --ntasks-per-node=1 bash -c "XXXcommandXXX"``) and sets ``TAMIS_RDZV_ENDPOINT`` to
+    the first node's ``host:port``; the ranks are spread evenly over ``SLURM_NNODES`` (1 outside
+    SLURM) and meet through torch's c10d rendezvous, named by ``SLURM_JOB_ID``."""
+    from tamis.pipeline.jobs import executor
+
+    kind, n = executor(job)
+    python = shlex.quote(sys.executable)
+    if kind != "torchrun":
+        return f"{python} -m tamis.pipeline.execute {shlex.quote(name)}"
+    return (
+        f"{python} -m torch.distributed.run --nnodes=${{SLURM_NNODES:-1}} "
+        f"--nproc-per-node=$(( {n} / ${{SLURM_NNODES:-1}} )) --rdzv-backend=c10d "
+        f"--rdzv-endpoint=${{TAMIS_RDZV_ENDPOINT:-localhost:29500}} "
+        f"--rdzv-id=${{SLURM_JOB_ID:-tamis}} -m tamis.pipeline.execute {shlex.quote(name)}"
+    )
 
 
 def submit(job: JobStar, name: str, project: str | Path) -> str:

@@ -29,6 +29,7 @@ FSC (a per-shell number) and the averaged sums below the join resolution, as in 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -39,9 +40,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tamis import distributed
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
-from tamis.class2d.em import Class2DRun, pipeline_control
+from tamis.class2d.em import Class2DRun, JobAborted, choose_device, pipeline_control
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -452,6 +454,8 @@ class AutoRefineRun(VolumeRun, Class2DRun):
     def _final_maps(self, d1, w1, d2, w2) -> None:
         """The unregularised half maps from each half's own sums (before the join)."""
         o = self.options
+        if not distributed.is_main():
+            return
         for h, (d, w) in enumerate(((d1, w1), (d2, w2))):
             unfil = reconstruct(d, w, box=self.box, r_max=self.box / 2, tau2=None, pad=o.pad)
             write_mrc(
@@ -667,7 +671,16 @@ def run_auto_refine(
 ) -> AutoRefineResult:
     """Gold-standard 3D auto-refine into ``output_root`` (``Refine3D/jobNNN/run``); see the
     module's docstring. ``continue_from``: a ``run_itNNN_optimiser.star`` of this run."""
-    with pipeline_control(options.pipeline_control) as abort_requested:
+    with contextlib.ExitStack() as stack:
+        ranks = stack.enter_context(distributed.session(choose_device(options.device)))
+        main = ranks.rank == 0
+        parallel = ranks.size > 1
+        # rank 0 alone writes files, exit markers and the log
+        abort_requested = stack.enter_context(
+            pipeline_control(options.pipeline_control if main else None)
+        )
+        if not main:
+            log, show_progress = (lambda s: None), False
         if continue_from is not None:
             cont = read_continue(continue_from)
             root = output_root or cont.root
@@ -685,14 +698,22 @@ def run_auto_refine(
             Path(output_root).parent.mkdir(parents=True, exist_ok=True)
             run = AutoRefineRun(ps, options, output_root, log=log, show_progress=show_progress)
             run.initialise()
+            for st in run.states:
+                distributed.broadcast_tensors(st)
             run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
-            run.write(0)
+            if main:
+                run.write(0)
             start = 1
         files = None
         for it in range(start, options.iter + 1):
             t0 = time.perf_counter()
-            changes = run.iterate(it, abort=abort_requested)
-            files = run.write(it, changes)
+            # under torchrun one check for all ranks at the start of each iteration
+            if parallel and distributed.any_flag(main and abort_requested()):
+                raise JobAborted
+            changes = run.iterate(it, abort=None if parallel else abort_requested)
+            for st in run.states:
+                distributed.broadcast_tensors(st)
+            files = run.write(it, changes) if main else run.iteration_files(it)
             st = run.state
             a = run.auto
             log(

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from tamis import distributed
 from tamis.class2d.em import Class2DResult, run_class2d
 from tamis.class2d.files import ContinueState
 from tamis.class2d.state import Class2DOptions
@@ -205,10 +206,14 @@ def run_initial_model(
     )
     # the job directory: where the run wrote its files (on --continue the root comes from there)
     out = Path(result.optimiser).parent / "initial_model.mrc"
+    k = int(np.argmax(result.class_fractions)) + 1  # the class align_symmetry takes
+    if not distributed.is_main():  # under torchrun rank 0 writes the model
+        return InitialModelResult(
+            run=result, initial_model=out, chosen_class=k, symmetry_score=None
+        )
     sym = initial_model_sym or "C1"
     aligned = align_symmetry_file(result.model, out, sym, select="largest", apply_sym=True)
     score = None if canonical_symmetry(sym) == "C1" else aligned.score
-    k = int(np.argmax(result.class_fractions)) + 1  # the class align_symmetry took
     if score is not None:
         log(f"{sym} axes found in class {k}: {100 * score:.1f}% of its power unsymmetric")
     return InitialModelResult(run=result, initial_model=out, chosen_class=k, symmetry_score=score)

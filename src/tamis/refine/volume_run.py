@@ -85,6 +85,9 @@ class VolumeRun:
     def angles_of(self, rows: np.ndarray) -> np.ndarray:
         return np.stack([self.rot[rows], self.tilt[rows], self.psi[rows]], 1)
 
+    def row_arrays(self) -> list[np.ndarray]:
+        return [self.rot, self.tilt, *super().row_arrays()]
+
     def angle_change(self, rows: np.ndarray, old: np.ndarray) -> float:
         """Mean rotation angle between old and new orientations (degrees), up to the point
         group."""
