@@ -14,6 +14,7 @@ origin, like RELION.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from tamis._progress import progress_bar
 from tamis.errors import InputFileError, TamisError
 from tamis.fourier import rescale_images
 from tamis.io.coords import pipeline_relative, read_coordinate_file, read_coordinate_list
@@ -31,6 +31,7 @@ from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
 from tamis.io.paths import checked
 from tamis.io.star import format_image_names, read_data_star, read_star, write_star
+from tamis.workers import Workers, map_items
 
 __all__ = [
     "ExtractOptions",
@@ -182,6 +183,78 @@ def coordinates_by_micrograph(
     }
 
 
+@dataclass
+class _Task:
+    """One micrograph's extraction, as sent to a worker."""
+
+    slot: int
+    mic_name: str
+    table: pd.DataFrame
+    path: Path
+    pixel: float | None
+    micrograph: pd.Series  # its row of the micrographs STAR file (optics group, CTF)
+    stack: Path
+    done: Path
+
+
+def _extract_one(task: _Task, *, options: ExtractOptions, box: int) -> tuple[pd.DataFrame, float]:
+    """Extract one micrograph's particles: its stack and ``*_extract.star`` written (each
+    atomically, the STAR file last); returns its particle rows and the micrograph's pixel size."""
+    table = task.table.copy()
+    if options.minimum_pick_fom is not None and "rlnAutopickFigureOfMerit" in table:
+        table = table[table["rlnAutopickFigureOfMerit"] >= options.minimum_pick_fom]
+    if not len(table):
+        empty = pd.DataFrame({"rlnImageName": []})
+        write_star({"particles": empty}, task.done)
+        return empty, task.pixel or 0.0
+    mic = read_micrograph(task.path, task.pixel)
+    p = mic.pixel_size
+    x = table["rlnCoordinateX"].to_numpy(float)
+    y = table["rlnCoordinateY"].to_numpy(float)
+    if options.recenter and "rlnOriginXAngst" in table:
+        ox = table["rlnOriginXAngst"].to_numpy(float) / p
+        oy = table["rlnOriginYAngst"].to_numpy(float) / p
+        rx, ry = (
+            np.sign(ox) * np.floor(np.abs(ox) + 0.5),
+            np.sign(oy) * np.floor(np.abs(oy) + 0.5),
+        )
+        x, y = x - rx, y - ry
+        table["rlnCoordinateX"], table["rlnCoordinateY"] = x, y
+        table["rlnOriginXAngst"] = (ox - rx) * p
+        table["rlnOriginYAngst"] = (oy - ry) * p
+    h, w = mic.shape
+    outside = (x < -options.extract_size / 2) | (x >= w + options.extract_size / 2)
+    outside |= (y < -options.extract_size / 2) | (y >= h + options.extract_size / 2)
+    if outside.any():
+        raise InputFileError(
+            task.mic_name, f"{int(outside.sum())} coordinates lie outside the micrograph"
+        )
+    parts = window_particles(mic.image, x, y, options.extract_size).to(torch.float64)
+    if options.rescale and options.rescale != options.extract_size:
+        parts = rescale_images(parts, options.rescale)
+    if options.norm:
+        parts = normalise_particles(parts, options.background_radius)
+    if options.invert_contrast:
+        parts = -parts
+    task.stack.parent.mkdir(parents=True, exist_ok=True)
+    out_pixel = p * options.extract_size / box
+    write_mrc(task.stack, parts.to(torch.float32).numpy(), out_pixel, float16=options.float16)
+    keep = [c for c in table.columns if not c.startswith("_")]
+    for label in ("rlnImageName", "rlnMicrographName", "rlnOpticsGroup", *_CTF_LABELS):
+        if label in keep:
+            keep.remove(label)
+    out = table[keep].reset_index(drop=True)
+    out.insert(0, "rlnMicrographName", task.mic_name)
+    out.insert(0, "rlnImageName", format_image_names(range(len(out)), task.stack))
+    mrow = task.micrograph
+    for label in _CTF_LABELS:
+        if label in mrow.index:
+            out[label] = mrow[label]
+    out["rlnOpticsGroup"] = int(mrow["rlnOpticsGroup"]) if "rlnOpticsGroup" in mrow.index else 1
+    write_star({"particles": out}, task.done)
+    return out, p
+
+
 def extract_particles(
     micrographs: str | Path | MicrographSet,
     coordinates: str | Path | Mapping[str, pd.DataFrame],
@@ -190,8 +263,10 @@ def extract_particles(
     *,
     log=print,
     show_progress: bool = False,
+    workers: Workers = Workers(),
 ) -> Path:
-    """Extract every picked particle; returns the written ``<out_dir>/particles.star``."""
+    """Extract every picked particle; returns the written ``<out_dir>/particles.star``.
+    ``workers``: micrographs in this process (default) or on dask workers."""
     options.check()
     ms = (
         micrographs
@@ -206,79 +281,39 @@ def extract_particles(
     box = options.box
     n_done = 0
     n_before = 0
-    with progress_bar(len(coords), "extracting", enabled=show_progress) as bar:
-        for mic_name, table in coords.items():
-            bar.advance(1)
-            if mic_name not in index:
-                raise InputFileError(
-                    mic_name, "micrograph of these coordinates is not in the micrographs STAR file"
-                )
-            i = index[mic_name]
-            stack = _stack_name(mic_name, out_dir)
-            done = stack.with_name(f"{stack.stem}_extract.star")
-            if options.only_do_unfinished and stack.is_file() and done.is_file():
-                previous = read_star(done)["particles"]
-                if len(previous):
-                    rows.append(previous)
-                    optics_used.update(previous["rlnOpticsGroup"].astype(int).tolist())
-                n_before += len(previous)
-                continue
-            table = table.copy()
-            if options.minimum_pick_fom is not None and "rlnAutopickFigureOfMerit" in table:
-                table = table[table["rlnAutopickFigureOfMerit"] >= options.minimum_pick_fom]
-            if not len(table):
-                write_star({"particles": pd.DataFrame({"rlnImageName": []})}, done)
-                continue
-            p = ms.pixel_size(i)
-            mic = read_micrograph(ms.path(i), p)
-            p = mic.pixel_size
-            x = table["rlnCoordinateX"].to_numpy(float)
-            y = table["rlnCoordinateY"].to_numpy(float)
-            if options.recenter and "rlnOriginXAngst" in table:
-                ox = table["rlnOriginXAngst"].to_numpy(float) / p
-                oy = table["rlnOriginYAngst"].to_numpy(float) / p
-                rx, ry = (
-                    np.sign(ox) * np.floor(np.abs(ox) + 0.5),
-                    np.sign(oy) * np.floor(np.abs(oy) + 0.5),
-                )
-                x, y = x - rx, y - ry
-                table["rlnCoordinateX"], table["rlnCoordinateY"] = x, y
-                table["rlnOriginXAngst"] = (ox - rx) * p
-                table["rlnOriginYAngst"] = (oy - ry) * p
-            h, w = mic.shape
-            outside = (x < -options.extract_size / 2) | (x >= w + options.extract_size / 2)
-            outside |= (y < -options.extract_size / 2) | (y >= h + options.extract_size / 2)
-            if outside.any():
-                raise InputFileError(
-                    mic_name, f"{int(outside.sum())} coordinates lie outside the micrograph"
-                )
-            parts = window_particles(mic.image, x, y, options.extract_size).to(torch.float64)
-            if options.rescale and options.rescale != options.extract_size:
-                parts = rescale_images(parts, options.rescale)
-            if options.norm:
-                parts = normalise_particles(parts, options.background_radius)
-            if options.invert_contrast:
-                parts = -parts
-            stack.parent.mkdir(parents=True, exist_ok=True)
-            out_pixel = p * options.extract_size / box
-            write_mrc(stack, parts.to(torch.float32).numpy(), out_pixel, float16=options.float16)
-            keep = [c for c in table.columns if not c.startswith("_")]
-            for label in ("rlnImageName", "rlnMicrographName", "rlnOpticsGroup", *_CTF_LABELS):
-                if label in keep:
-                    keep.remove(label)
-            out = table[keep].reset_index(drop=True)
-            out.insert(0, "rlnMicrographName", mic_name)
-            out.insert(0, "rlnImageName", format_image_names(range(len(out)), stack))
-            mrow = ms.micrographs.iloc[i]
-            for label in _CTF_LABELS:
-                if label in ms.micrographs.columns:
-                    out[label] = mrow[label]
-            og = int(mrow["rlnOpticsGroup"]) if "rlnOpticsGroup" in ms.micrographs.columns else 1
-            out["rlnOpticsGroup"] = og
-            optics_used.add(og)
-            write_star({"particles": out}, done)
-            rows.append(out)
-            n_done += len(out)
+    # per micrograph: (rows of an earlier run) or a task for the workers
+    slots: list[pd.DataFrame | None] = []
+    tasks: list[_Task] = []
+    for mic_name, table in coords.items():
+        if mic_name not in index:
+            raise InputFileError(
+                mic_name, "micrograph of these coordinates is not in the micrographs STAR file"
+            )
+        i = index[mic_name]
+        stack = _stack_name(mic_name, out_dir)
+        done = stack.with_name(f"{stack.stem}_extract.star")
+        if options.only_do_unfinished and stack.is_file() and done.is_file():
+            previous = read_star(done)["particles"]
+            slots.append(previous)
+            n_before += len(previous)
+            continue
+        slots.append(None)
+        tasks.append(
+            _Task(len(slots) - 1, mic_name, table, ms.path(i), ms.pixel_size(i),
+                  ms.micrographs.iloc[i], stack, done)
+        )  # fmt: skip
+    pixels = []
+    work = functools.partial(_extract_one, options=options, box=box)
+    for k, (out, pixel) in map_items(
+        work, tasks, workers, label="extracting", show_progress=show_progress, log=log
+    ):
+        slots[tasks[k].slot] = out
+        pixels.append(pixel)
+        n_done += len(out)
+    for table in slots:
+        if table is not None and len(table):
+            rows.append(table)
+            optics_used.update(table["rlnOpticsGroup"].astype(int).tolist())
     if not rows:
         raise TamisError(
             "no particles to extract (no coordinates, or all below --minimum_pick_fom)"
@@ -293,7 +328,7 @@ def extract_particles(
         optics = optics[optics["rlnOpticsGroup"].astype(int).isin(optics_used)].reset_index(
             drop=True
         )
-    mic_pixel = ms.pixel_size(0) or p
+    mic_pixel = ms.pixel_size(0) or (pixels[-1] if pixels else None)
     if "rlnMicrographOriginalPixelSize" not in optics:
         optics["rlnMicrographOriginalPixelSize"] = mic_pixel
     optics["rlnImagePixelSize"] = mic_pixel * options.extract_size / box

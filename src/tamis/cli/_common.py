@@ -45,3 +45,29 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
             sys.exit(130)
 
     return wrapper
+
+
+def dask_workers_option():
+    """``--dask_workers N``: micrographs on N dask worker processes (a LocalCluster here)."""
+    import typer
+
+    return typer.Option(
+        1, "--dask_workers", help="Micrographs on N dask worker processes (1: this process)."
+    )
+
+
+def dask_cluster_option():
+    import typer
+
+    return typer.Option(
+        "local",
+        "--dask_cluster",
+        help="With --dask_workers: local (LocalCluster), slurm (dask-jobqueue) or a scheduler "
+        "address tcp://host:port.",
+    )
+
+
+def workers_of(n: int, cluster: str, threads: int = 1):
+    from tamis.workers import Workers
+
+    return Workers(n=max(1, n), threads=max(1, threads), cluster=cluster)

@@ -6,7 +6,13 @@ from pathlib import Path
 
 import typer
 
-from tamis.cli._common import console, user_errors
+from tamis.cli._common import (
+    console,
+    dask_cluster_option,
+    dask_workers_option,
+    user_errors,
+    workers_of,
+)
 
 
 @user_errors
@@ -31,6 +37,8 @@ def extract(
         None, "--minimum_pick_fom", help="Skip picks with a lower rlnAutopickFigureOfMerit."
     ),
     recenter: bool = typer.Option(False, "--recenter", help="Recentre on rlnOriginX/YAngst."),
+    dask_workers: int = dask_workers_option(),
+    dask_cluster: str = dask_cluster_option(),
 ) -> None:
     """Extract particles into per-micrograph stacks and particles.star (RELION's options)."""
     from tamis.errors import TamisError
@@ -55,4 +63,5 @@ def extract(
         options,
         log=lambda s: console.print(s, highlight=False),
         show_progress=True,
+        workers=workers_of(dask_workers, dask_cluster),
     )

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import typer
 
-from tamis.cli._common import console, user_errors
+from tamis.cli._common import (
+    console,
+    dask_cluster_option,
+    dask_workers_option,
+    user_errors,
+    workers_of,
+)
 
 
 @user_errors
@@ -71,6 +77,8 @@ def motioncorr(
         -1, "--do_at_most", help="Process at most this many new movies."
     ),
     device: str = typer.Option("cpu", "--device", help="torch device (cpu, cuda, cuda:1...)."),
+    dask_workers: int = dask_workers_option(),
+    dask_cluster: str = dask_cluster_option(),
 ) -> None:
     """Align movie frames (global, then patches fitted by MotionCor2's polynomial model), sum with
     dose weighting; RELION's output files."""
@@ -88,4 +96,5 @@ def motioncorr(
     run_motioncorr(
         i, o, opts, only_do_unfinished=only_do_unfinished, do_at_most=do_at_most,
         log=lambda s: console.print(s, highlight=False), show_progress=True,
+        workers=workers_of(dask_workers, dask_cluster),
     )  # fmt: skip

@@ -7,6 +7,7 @@ and PNG overlays of the first micrographs in ``<out>/overlays/``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tamis._progress import progress_bar
 from tamis.errors import InputFileError, TamisError
 from tamis.io.coords import coordinate_file_name, write_coordinate_list, write_coordinates
 from tamis.io.micrographs import MicrographSet
 from tamis.pick.micrograph import IMAGE_SUFFIXES, Micrograph, read_micrograph
 from tamis.pick.overlay import write_overlay
 from tamis.pick.peaks import Picks
+from tamis.workers import Workers, map_items
 
 __all__ = ["PickJob", "micrograph_inputs", "run_picker"]
 
@@ -69,6 +70,38 @@ def micrograph_inputs(inputs: Sequence[str | Path], angpix: float | None = None)
     return MicrographSet(optics, table, Path.cwd())
 
 
+def _pick_one(task, *, picker, job: PickJob, out_dir: Path) -> int:
+    """Pick one micrograph ``(index, path, pixel size, coordinate file)``: its coordinate file
+    (and overlay) written; returns the number of picks."""
+    i, path, pixel, target = task
+    mic = read_micrograph(path, pixel)
+    picks = picker(mic, i)
+    if job.edge > 0:
+        e = job.edge / mic.pixel_size
+        h, w = mic.shape
+        keep = (picks.x >= e) & (picks.x < w - e) & (picks.y >= e) & (picks.y < h - e)
+        picks = Picks(
+            picks.x[keep],
+            picks.y[keep],
+            picks.fom[keep],
+            None if picks.diameter is None else picks.diameter[keep],
+        )
+    if job.threshold is not None:
+        picks = picks.above(job.threshold)
+    if job.expected is not None:
+        picks = picks.top(job.expected)
+    write_coordinates(target, picks.x, picks.y, fom=picks.fom)
+    if i < job.overlays:
+        write_overlay(
+            out_dir / "overlays" / f"{target.stem}.png",
+            mic.image,
+            picks.x,
+            picks.y,
+            job.diameter / mic.pixel_size,
+        )
+    return len(picks)
+
+
 def run_picker(
     micrographs: MicrographSet,
     out_dir: str | Path,
@@ -77,48 +110,27 @@ def run_picker(
     *,
     log: Callable[[str], None] = print,
     show_progress: bool = False,
+    workers: Workers = Workers(),
 ) -> Path:
-    """Run ``picker(micrograph, index)`` on every micrograph; returns ``<out_dir>/autopick.star``."""
+    """Run ``picker(micrograph, index)`` on every micrograph (in this process, or on dask
+    ``workers``: the picker travels to them once); returns ``<out_dir>/autopick.star``."""
     out_dir = Path(out_dir)
     files: dict[str, Path] = {}
     total = 0
     done_before = 0
-    with progress_bar(len(micrographs), "picking", enabled=show_progress) as bar:
-        for i, name in enumerate(micrographs.names):
-            target = coordinate_file_name(name, out_dir)
-            if job.only_do_unfinished and target.is_file():
-                files[name] = target
-                done_before += 1
-                bar.advance(1)
-                continue
-            mic = read_micrograph(micrographs.path(i), micrographs.pixel_size(i))
-            picks = picker(mic, i)
-            if job.edge > 0:
-                e = job.edge / mic.pixel_size
-                h, w = mic.shape
-                keep = (picks.x >= e) & (picks.x < w - e) & (picks.y >= e) & (picks.y < h - e)
-                picks = Picks(
-                    picks.x[keep],
-                    picks.y[keep],
-                    picks.fom[keep],
-                    None if picks.diameter is None else picks.diameter[keep],
-                )
-            if job.threshold is not None:
-                picks = picks.above(job.threshold)
-            if job.expected is not None:
-                picks = picks.top(job.expected)
-            write_coordinates(target, picks.x, picks.y, fom=picks.fom)
-            files[name] = target
-            total += len(picks)
-            if i < job.overlays:
-                write_overlay(
-                    out_dir / "overlays" / f"{target.stem}.png",
-                    mic.image,
-                    picks.x,
-                    picks.y,
-                    job.diameter / mic.pixel_size,
-                )
-            bar.advance(1)
+    tasks = []
+    for i, name in enumerate(micrographs.names):
+        target = coordinate_file_name(name, out_dir)
+        files[name] = target
+        if job.only_do_unfinished and target.is_file():
+            done_before += 1
+            continue
+        tasks.append((i, micrographs.path(i), micrographs.pixel_size(i), target))
+    work = functools.partial(_pick_one, picker=picker, job=job, out_dir=out_dir)
+    for _, n_picks in map_items(
+        work, tasks, workers, label="picking", show_progress=show_progress, log=log
+    ):
+        total += n_picks
     listing = out_dir / "autopick.star"
     write_coordinate_list(listing, files)
     n_new = len(files) - done_before

@@ -59,6 +59,27 @@ def _f(job: JobStar, key: str, default: float) -> float:
     return float(v) if v not in ("", None) else default
 
 
+def _workers(job: JobStar):
+    """Where a per-micrograph job's micrographs go: this process, or dask workers (``nr_mpi`` of
+    them with ``nr_threads`` threads each, see :func:`executor`) on ``tamis_dask_cluster``:
+    ``local`` (default), ``slurm`` (dask-jobqueue, queue ``queuename``, ``tamis_dask_memory``
+    and ``tamis_dask_walltime`` per worker) or a running scheduler's address."""
+    from tamis.workers import Workers
+
+    kind, n = executor(job)
+    if kind != "dask":
+        return Workers()
+    o = job.options
+    return Workers(
+        n=n,
+        threads=max(1, int(_f(job, "nr_threads", 1))),
+        cluster=(o.get("tamis_dask_cluster") or "local").strip(),
+        queue=o.get("queuename") or None,
+        memory=o.get("tamis_dask_memory") or "8GB",
+        walltime=o.get("tamis_dask_walltime") or "04:00:00",
+    )
+
+
 def _run_import(job: JobStar, out: Path) -> Nodes:
     from tamis.prep.importer import ImportOptions, import_micrographs
 
@@ -101,6 +122,7 @@ def _run_ctffind(job: JobStar, out: Path) -> Nodes:
         use_noDW=job.get_bool("use_noDW"),
         use_given_ps=job.get_bool("use_given_ps"),
         log=_job_log,
+        workers=_workers(job),
     )
     return [(str(star), "MicrographGroupMetadata.star.relion.ctf")]
 
@@ -158,6 +180,7 @@ def _run_motioncorr(job: JobStar, out: Path) -> Nodes:
         do_at_most=extra.get("do_at_most", -1),
         log=_job_log,
         is_aborted=lambda: (out / ABORT_NOW).exists(),
+        workers=_workers(job),
     )
     return [
         (str(star), "MicrographGroupMetadata.star.relion.motioncorr"),
@@ -274,6 +297,7 @@ def _run_log(job: JobStar, out: Path) -> Nodes:
             only_do_unfinished=job.is_continue,
         ),  # fmt: skip
         log=_job_log,
+        workers=_workers(job),
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -301,6 +325,7 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
             only_do_unfinished=job.is_continue,
         ),  # fmt: skip
         log=_job_log,
+        workers=_workers(job),
     )
     return [(str(out / "autopick.star"), "MicrographCoordsGroup.star.relion.autopick")]
 
@@ -338,7 +363,7 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
         only_do_unfinished=job.is_continue,
     )
     coords = o["fndata_reextract"] if job.get_bool("do_reextract") else o["coords_suffix"]
-    star = extract_particles(o["star_mics"], coords, out, opts, log=_job_log)
+    star = extract_particles(o["star_mics"], coords, out, opts, log=_job_log, workers=_workers(job))
     return [(str(star), "ParticleGroupMetadata.star.relion")]
 
 

@@ -19,15 +19,15 @@ job), on the CTF of :mod:`tamis.ctf`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tamis._progress import progress_bar
 from tamis.ctf import compute_ctf, electron_wavelength
 from tamis.errors import InputFileError, TamisError
 from tamis.io.coords import pipeline_relative
@@ -35,6 +35,7 @@ from tamis.io.images import read_micrograph
 from tamis.io.micrographs import MicrographSet
 from tamis.io.mrc import write_mrc
 from tamis.io.star import atomic_path, write_star
+from tamis.workers import Workers, map_items
 
 __all__ = ["CtfFindOptions", "CtfFit", "amplitude_spectrum", "estimate_ctf", "run_ctffind"]
 
@@ -317,6 +318,40 @@ def _given_spectrum(ms: MicrographSet, i: int, star: str | Path) -> tuple[float,
     return float(pixel), half
 
 
+def _estimate_one(
+    i: int,
+    *,
+    ms: MicrographSet,
+    estimate_on: MicrographSet,
+    source: str | Path,
+    out: Path,
+    options: CtfFindOptions,
+    use_given_ps: bool,
+) -> CtfFit:
+    """Micrograph ``i``'s fit; its amplitude spectrum (``.ctf``) and ``.txt`` written, each
+    atomically, the ``.txt`` (what a continued job looks for) last."""
+    txt, spectrum = _result_files(ms.names[i], out)
+    if use_given_ps:
+        image, pixel, given = None, *_given_spectrum(ms, i, source)
+    else:
+        mic = read_micrograph(estimate_on.path(i), ms.pixel_size(i))
+        image, pixel, given = mic.image, mic.pixel_size, None
+    fit = estimate_ctf(
+        image,
+        pixel,
+        spectrum=given,
+        voltage=ms.optics_value(i, "rlnVoltage", 300.0),
+        spherical_aberration=ms.optics_value(i, "rlnSphericalAberration", 2.7),
+        amplitude_contrast=ms.optics_value(i, "rlnAmplitudeContrast", 0.1),
+        options=options,
+    )
+    centred = torch.fft.fftshift(full_plane(fit.spectrum)).to(torch.float32).numpy()
+    spectrum.parent.mkdir(parents=True, exist_ok=True)
+    write_mrc(spectrum, np.log1p(centred / max(float(centred.mean()), 1e-30)), 1.0)
+    _write_result(txt, fit)
+    return replace(fit, spectrum=None)  # the numbers only travel back
+
+
 def run_ctffind(
     micrographs: str | Path,
     out_dir: str | Path,
@@ -327,8 +362,10 @@ def run_ctffind(
     use_given_ps: bool = False,
     log: Callable[[str], None] = print,
     show_progress: bool = False,
+    workers: Workers = Workers(),
 ) -> Path:
-    """Estimate the CTF of every micrograph of a micrographs STAR file; write per micrograph a
+    """Estimate the CTF of every micrograph of a micrographs STAR file (in this process, or on
+    dask ``workers``); write per micrograph a
     CTFFIND-style ``.txt`` and its amplitude spectrum (``.ctf``, MRC, ``rlnCtfImage``), and
     ``<out_dir>/micrographs_ctf.star``. With ``only_do_unfinished``, micrographs with a result
     file are not estimated again. With ``use_noDW`` the CTF is estimated on the sums that are
@@ -356,35 +393,30 @@ def run_ctffind(
     else:
         estimate_on = ms
     out = Path(out_dir)
-    fits, images, n_new = [], [], 0
-    with progress_bar(len(ms), "CTF estimation", enabled=show_progress) as bar:
-        for i, name in enumerate(ms.names):
-            txt, spectrum = _result_files(name, out)
-            if only_do_unfinished and txt.is_file():
-                fit = _read_result(txt)
-            else:
-                if use_given_ps:
-                    image, pixel, given = None, *_given_spectrum(ms, i, micrographs)
-                else:
-                    mic = read_micrograph(estimate_on.path(i), ms.pixel_size(i))
-                    image, pixel, given = mic.image, mic.pixel_size, None
-                fit = estimate_ctf(
-                    image,
-                    pixel,
-                    spectrum=given,
-                    voltage=ms.optics_value(i, "rlnVoltage", 300.0),
-                    spherical_aberration=ms.optics_value(i, "rlnSphericalAberration", 2.7),
-                    amplitude_contrast=ms.optics_value(i, "rlnAmplitudeContrast", 0.1),
-                    options=o,
-                )
-                centred = torch.fft.fftshift(full_plane(fit.spectrum)).to(torch.float32).numpy()
-                spectrum.parent.mkdir(parents=True, exist_ok=True)
-                write_mrc(spectrum, np.log1p(centred / max(float(centred.mean()), 1e-30)), 1.0)
-                _write_result(txt, fit)
-                n_new += 1
-            fits.append(fit)
-            images.append(f"{spectrum}:mrc")
-            bar.advance(1)
+    fits: list[CtfFit | None] = []
+    images, todo = [], []
+    for i, name in enumerate(ms.names):
+        txt, spectrum = _result_files(name, out)
+        images.append(f"{spectrum}:mrc")
+        if only_do_unfinished and txt.is_file():
+            fits.append(_read_result(txt))
+        else:
+            fits.append(None)
+            todo.append(i)
+    work = functools.partial(
+        _estimate_one,
+        ms=ms,
+        estimate_on=estimate_on,
+        source=micrographs,
+        out=out,
+        options=o,
+        use_given_ps=use_given_ps,
+    )
+    for k, fit in map_items(
+        work, todo, workers, label="CTF estimation", show_progress=show_progress, log=log
+    ):
+        fits[todo[k]] = fit
+    n_new = len(todo)
     table = ms.micrographs.copy()
     table["rlnCtfImage"] = images
     table["rlnDefocusU"] = [f.defocus_u for f in fits]

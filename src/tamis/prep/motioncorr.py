@@ -25,6 +25,7 @@ batched on the device: the FFTs, the CCFs of all frames or all patches, the resa
 
 from __future__ import annotations
 
+import functools
 import math
 import shlex
 import time
@@ -59,6 +60,7 @@ from tamis.prep.motion import (
     frame_groups,
     weight_band,
 )
+from tamis.workers import Workers, map_items
 
 __all__ = [
     "MotionCorrOptions",
@@ -600,6 +602,48 @@ def parse_other_args(text: str, options: MotionCorrOptions) -> dict[str, int]:
     return extra
 
 
+@dataclass
+class _MovieTask:
+    movie: str
+    root: Path  # output root
+    apix: float
+    kv: float
+    pre: float  # pre-exposure (e/A^2)
+
+
+def _correct_one(
+    task: _MovieTask, *, options: MotionCorrOptions, gain: np.ndarray | None, gain_name: str
+) -> tuple[str | None, list[str]]:
+    """One movie corrected and its files written (each atomically); returns ``(None, log
+    lines)``, or ``(reason, log lines)`` when the movie is unusable (recorded as failed)."""
+    o = options
+    messages: list[str] = []
+    try:
+        defects = None
+        if o.defect_file and not o.skip_defect:
+            with open_movie(
+                task.movie, eer_grouping=o.eer_grouping, eer_upsampling=o.eer_upsampling
+            ) as mv:
+                defects = read_defects(o.defect_file, mv.shape)
+        motion, images = correct_movie(
+            task.movie, o, pixel_size=task.apix, voltage=task.kv, gain=gain, defects=defects,
+            pre_exposure=task.pre, log=messages.append,
+        )  # fmt: skip
+    except InputFileError as exc:
+        return str(exc), messages
+    _write_movie(task.root, task.movie, motion, images, o, task.apix, task.kv, gain_name, task.pre)
+    local = (
+        f", local model from {motion.n_patches_kept} patches"
+        if motion.local_coeffs is not None
+        else ""
+    )
+    messages.append(
+        f"{task.movie}: {motion.seconds:.1f} s, accumulated motion "
+        f"{_accumulated(motion, o, task.pre)[0]:.1f} px{local}"
+    )
+    return None, messages
+
+
 def run_motioncorr(
     movies_star: str | Path,
     out_dir: str | Path,
@@ -610,17 +654,17 @@ def run_motioncorr(
     log: Callable[[str], None] = print,
     show_progress: bool = False,
     is_aborted: Callable[[], bool] = lambda: False,
+    workers: Workers = Workers(),
 ) -> Path:
     """Motion-correct the movies of a ``movies.star`` (RELION's import output) into
-    ``<out_dir>``; returns ``corrected_micrographs.star``.
+    ``<out_dir>``, in this process or on dask ``workers``; returns
+    ``corrected_micrographs.star``.
 
     Pixel size and voltage come from each movie's optics group (``rlnMicrographOriginalPixelSize``,
     ``rlnVoltage``). With ``only_do_unfinished`` a movie whose outputs exist is not redone;
     ``do_at_most`` caps the movies processed in this call (others wait for the next). A movie
     that fails is recorded in ``failed_movies.star`` with the reason and not retried.
     """
-    from tamis._progress import progress_bar
-
     o = options or MotionCorrOptions()
     o.check()
     out = Path(out_dir)
@@ -658,73 +702,56 @@ def run_motioncorr(
             write_mrc(gain_name, gain, 1.0)
     failed_path = out / "failed_movies.star"
     failed = _read_failed(failed_path)
-    defects_cache: dict[tuple[int, int], np.ndarray | None] = {}
-    rows, n_new, batch = [], 0, []
-    with progress_bar(len(movies), "Motion correction", enabled=show_progress) as bar:
-        for _, row in movies.iterrows():
-            name = str(row["rlnMicrographMovieName"])
-            checked(name, movies_star)
-            root = output_root(name, out)
-            done = root.with_suffix(".mrc").is_file() and root.with_suffix(".star").is_file()
-            if o.grouping_for_ps > 0:
-                done = done and Path(f"{root}_PS.mrc").is_file()
-            if name in failed:
-                bar.advance(1)
-                continue
-            if not (only_do_unfinished and done):
-                if 0 <= do_at_most <= n_new:  # left for a later pass (done ones still listed)
-                    bar.advance(1)
-                    continue
-                if is_aborted():
-                    raise TamisError("ABORT_NOW: aborted by the user")
-                group = by_group.get(int(row.get("rlnOpticsGroup", 1)))
-                if group is None:
-                    raise InputFileError(movies_star, f"{name}: optics group not in data_optics")
-                apix = float(group.rlnMicrographOriginalPixelSize)
-                kv = float(getattr(group, "rlnVoltage", 300.0))
-                pre = float(row.get("rlnMicrographPreExposure", 0.0) or 0.0)
-                try:
-                    defects = None
-                    if o.defect_file and not o.skip_defect:
-                        with open_movie(
-                            name, eer_grouping=o.eer_grouping, eer_upsampling=o.eer_upsampling
-                        ) as mv:
-                            shape = mv.shape
-                        if shape not in defects_cache:
-                            defects_cache[shape] = read_defects(o.defect_file, shape)
-                        defects = defects_cache[shape]
-                    motion, images = correct_movie(
-                        name, o, pixel_size=apix, voltage=kv, gain=gain, defects=defects,
-                        pre_exposure=pre, log=log,
-                    )  # fmt: skip
-                except InputFileError as exc:
-                    failed[name] = str(exc)
-                    _write_failed(failed_path, failed)
-                    log(f"failed: {exc}")
-                    bar.advance(1)
-                    continue
-                _write_movie(root, name, motion, images, o, apix, kv, gain_name or "", pre)
-                n_new += 1
-                batch.append(root)
-                log(
-                    f"{name}: {motion.seconds:.1f} s, accumulated motion "
-                    f"{_accumulated(motion, o, pre)[0]:.1f} px"
-                    + (
-                        f", local model from {motion.n_patches_kept} patches"
-                        if motion.local_coeffs is not None
-                        else ""
-                    )  # fmt: skip
-                )
-            if root.with_suffix(".mrc").is_file():
-                m = read_motion_star(root.with_suffix(".star"))
-                rows.append(
-                    (
-                        row,
-                        root,
-                        _accumulated(m, o, float(row.get("rlnMicrographPreExposure", 0) or 0)),
-                    )
-                )
-            bar.advance(1)
+    tasks, listed = [], []
+    for _, row in movies.iterrows():
+        name = str(row["rlnMicrographMovieName"])
+        checked(name, movies_star)
+        root = output_root(name, out)
+        if name in failed:
+            continue
+        listed.append((row, root))
+        done = root.with_suffix(".mrc").is_file() and root.with_suffix(".star").is_file()
+        if o.grouping_for_ps > 0:
+            done = done and Path(f"{root}_PS.mrc").is_file()
+        if only_do_unfinished and done:
+            continue
+        if 0 <= do_at_most <= len(tasks):  # left for a later pass (done ones still listed)
+            continue
+        group = by_group.get(int(row.get("rlnOpticsGroup", 1)))
+        if group is None:
+            raise InputFileError(movies_star, f"{name}: optics group not in data_optics")
+        tasks.append(
+            _MovieTask(
+                name, root, float(group.rlnMicrographOriginalPixelSize),
+                float(getattr(group, "rlnVoltage", 300.0)),
+                float(row.get("rlnMicrographPreExposure", 0.0) or 0.0),
+            )
+        )  # fmt: skip
+    n_new = 0
+    if is_aborted():
+        raise TamisError("ABORT_NOW: aborted by the user")
+    work = functools.partial(_correct_one, options=o, gain=gain, gain_name=gain_name or "")
+    for k, (error, messages) in map_items(
+        work, tasks, workers, label="Motion correction", show_progress=show_progress, log=log
+    ):
+        for line in messages:
+            log(line)
+        if error is not None:
+            failed[tasks[k].movie] = error
+            _write_failed(failed_path, failed)
+            log(f"failed: {error}")
+        else:
+            n_new += 1
+        if is_aborted():  # between movies, as RELION checks
+            raise TamisError("ABORT_NOW: aborted by the user")
+    rows = []
+    for row, root in listed:
+        if str(row["rlnMicrographMovieName"]) in failed:
+            continue
+        if root.with_suffix(".mrc").is_file():
+            m = read_motion_star(root.with_suffix(".star"))
+            pre = float(row.get("rlnMicrographPreExposure", 0) or 0)
+            rows.append((row, root, _accumulated(m, o, pre)))
     if not rows:
         raise TamisError(
             f"{movies_star}: no movie was motion-corrected"
