@@ -277,3 +277,57 @@ def test_slurm_template_starts_one_torchrun_agent_per_node(project, tmp_path_fac
     out = (project / name / "run.out").read_text()
     assert out.count("Succeeded") == 1
     assert (project / name / "run_it002_classes.mrcs").is_file()
+
+
+def _assert_same_3d(a: Path, b: Path, names: list[str]) -> None:
+    for name in names:
+        da = read_star(a / name)["particles"]
+        db = read_star(b / name)["particles"]
+        for label in ("rlnClassNumber", "rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"):
+            if label in da:
+                np.testing.assert_allclose(
+                    da[label].to_numpy(float), db[label].to_numpy(float), atol=1e-6,
+                    err_msg=f"{name} {label}",
+                )  # fmt: skip
+
+
+def test_initial_model_and_auto_refine_two_ranks_equal_one(project):
+    p = Project(project)
+    jobs = {}
+    for mpi in ("1", "2"):
+        ini = p.schedule("relion.initialmodel", {
+            "fn_img": "sim/particles.star", "nr_iter": "4", "particle_diameter": "130",
+            "nr_threads": "1", "nr_mpi": mpi, "other_args": "--random_seed 7"}).name  # fmt: skip
+        assert p.run(ini) == "Succeeded", (project / ini / "run.err").read_text()
+        ref = p.schedule("relion.refine3d", {
+            "fn_img": "sim/particles.star", "fn_ref": f"{ini}initial_model.mrc",
+            "particle_diameter": "130", "ini_high": "30", "sampling": "30 degrees",
+            "auto_local_sampling": "15 degrees", "tamis_iter_max": "2", "nr_threads": "1",
+            "nr_mpi": mpi, "other_args": "--random_seed 7"}).name  # fmt: skip
+        assert p.run(ref) == "Succeeded", (project / ref / "run.err").read_text()
+        jobs[mpi] = (ini, ref)
+    (ini1, ref1), (ini2, ref2) = jobs["1"], jobs["2"]
+    _assert_same_3d(project / ini1, project / ini2, ["run_it004_data.star"])
+    m1, _ = read_mrc(project / ini1 / "initial_model.mrc")
+    m2, _ = read_mrc(project / ini2 / "initial_model.mrc")
+    assert np.abs(m1 - m2).max() <= CLASS_IMAGE_RTOL * np.ptp(m1)
+    _assert_same_3d(project / ref1, project / ref2, ["run_data.star"])
+    h1, _ = read_mrc(project / ref1 / "run_class001.mrc")
+    h2, _ = read_mrc(project / ref2 / "run_class001.mrc")
+    assert np.abs(h1 - h2).max() <= CLASS_IMAGE_RTOL * np.ptp(h1)
+
+
+def test_abort_stops_every_rank(project):
+    p = Project(project)
+    name = _job(project, nr_iter_em="50", nr_mpi="2")
+    d = project / name
+    child = p.run(name, background=True)
+    deadline = time.time() + 300
+    while not (d / "run_it001_optimiser.star").exists():
+        assert child.poll() is None and time.time() < deadline, (d / "run.err").read_text()
+        time.sleep(0.05)
+    (d / "RELION_JOB_ABORT_NOW").touch()
+    child.wait(timeout=120)
+    assert exit_status(d) == "Aborted"
+    assert child.returncode == 0  # no rank failed: all stopped at the same iteration
+    assert not (d / "run_it050_optimiser.star").exists()

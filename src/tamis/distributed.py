@@ -35,7 +35,11 @@ __all__ = [
     "broadcast_tensors",
     "broadcast_object",
     "launch_command",
+    "COMM_STATS",
 ]
+
+#: Bytes and seconds spent in :func:`all_sum` by this process (benchmarks read them).
+COMM_STATS = {"bytes": 0, "seconds": 0.0, "calls": 0}
 
 #: Tensors below this many bytes are added up in one flat buffer per dtype (one collective
 #: instead of many small ones); larger ones go on their own, without a copy.
@@ -158,8 +162,11 @@ def all_sum(tensors: Iterable[torch.Tensor | None]) -> None:
     and empty tensors skipped). Small tensors travel together in one buffer per dtype."""
     if not _dist():
         return
+    import time
+
     import torch.distributed as dist
 
+    t0 = time.perf_counter()
     comm = _comm_device()
     small: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for t in tensors:
@@ -171,6 +178,8 @@ def all_sum(tensors: Iterable[torch.Tensor | None]) -> None:
         if real.numel() * real.element_size() < _COALESCE_BYTES:
             small.setdefault((real.dtype, real.device), []).append(real)
             continue
+        COMM_STATS["bytes"] += real.numel() * real.element_size()
+        COMM_STATS["calls"] += 1
         if comm is None and real.is_contiguous():
             dist.all_reduce(real)
         else:
@@ -179,11 +188,14 @@ def all_sum(tensors: Iterable[torch.Tensor | None]) -> None:
             real.copy_(buf)
     for (_dtype, dev), group in small.items():
         flat = torch.cat([g.reshape(-1) for g in group]).to(comm or dev)
+        COMM_STATS["bytes"] += flat.numel() * flat.element_size()
+        COMM_STATS["calls"] += 1
         dist.all_reduce(flat)
         start = 0
         for g in group:
             g.copy_(flat[start : start + g.numel()].view(g.shape))
             start += g.numel()
+    COMM_STATS["seconds"] += time.perf_counter() - t0
 
 
 def all_sum_floats(values: Sequence[float]) -> list[float]:

@@ -781,10 +781,10 @@ class Class2DRun:
                     self._store(rows, hyp, batch_orient, t_f, off_px, new_norm)
                     del hyp, fine  # the dense weights go before the next batch's are made
                     bar.advance(len(rows))
-        if ranks.size > 1:
-            acc_inputs = self._share_estep(rows_all, lo, hi, sums, acc, stream, acc_inputs)
         if not stream:
             splat_sums(proj_f, psi_fine_deg)
+        if ranks.size > 1:
+            acc_inputs = self._share_estep(rows_all, lo, hi, sums, acc, acc_inputs)
         d, w = space.finish(acc, cs / 2, o.pad)
         changes = (
             self.angle_change(rows_all, old_angles),
@@ -809,18 +809,16 @@ class Class2DRun:
         stores more per particle adds its arrays."""
         return [self.psi, self.origin, self.cls, self.norm, self.loglik, self.pmax, self.nsig]
 
-    def _share_estep(self, rows_all, lo, hi, sums, acc, stream, acc_inputs):
+    def _share_estep(self, rows_all, lo, hi, sums, acc, acc_inputs):
         """After each rank's E-step over ``rows_all[lo:hi]``: the weighted sums added up over
-        ranks, every rank's particle results on every rank (so that any rank can take any
-        particle next time and rank 0 writes them all), and rank 0's accuracy inputs (the
+        ranks (the reconstruction sums as each rank's splatted grids, smaller than the sums per
+        orientation), every rank's particle results on every rank (so that any rank can take
+        any particle next time and rank 0 writes them all), and rank 0's accuracy inputs (the
         first particles) everywhere."""
-        if stream:  # the per-orientation sums were splatted batch by batch
-            grids = [acc.flat, acc.at_origin]
-        else:
-            grids = [sums.fimg, sums.fweight]
         distributed.all_sum(
             [
-                *grids,
+                acc.flat,
+                acc.at_origin,
                 sums.sigma2_noise,
                 sums.sumw_optics,
                 sums.pdf_class,
