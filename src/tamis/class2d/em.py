@@ -275,9 +275,12 @@ class Class2DRun:
 
     def _work_budget(self) -> int:
         """Bytes the batches may use: three quarters of ``--max_memory`` (1 GB on the CPU, half
-        a GPU's free memory when not given; never more than half of what is free), the rest
-        left to the M-step's and the significance step's fixed-size pieces."""
+        a GPU's free memory when not given; never more than half of what is free, shared by the
+        ranks of this node on the CPU), the rest left to the M-step's and the significance
+        step's fixed-size pieces."""
         free_half = _available_bytes(self.device) // 2
+        if self.device.type == "cpu":  # ranks on this node share its memory
+            free_half //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         gb = self.options.max_memory
         if gb is None:
             budget = free_half if self.device.type == "cuda" else min(1 << 30, free_half)
