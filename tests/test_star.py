@@ -202,3 +202,34 @@ def test_a_failed_read_does_not_leave_stale_lines_for_the_next(tmp_path):
     # an empty loop (a micrograph without picks) is a valid file
     p.write_text("\n# version 30001\n\ndata_\n\nloop_\n_rlnCoordinateX #1\n_rlnCoordinateY #2\n")
     assert len(read_star(p)[""]) == 0
+
+
+def test_fast_loop_writer_matches_starfile_byte_for_byte():
+    """write_star formats plain loops itself (speed); the text must be starfile's, line for line
+    after its timestamp comment, including the loops it hands back to starfile."""
+    from starfile.writer import StarWriter
+
+    from tamis.io.star import _shortest_floats, _star_text
+
+    rng = np.random.default_rng(0)
+    n = 50
+    table = pd.DataFrame(
+        {
+            "rlnImageName": [f"{i:06d}@Extract/job003/mic {i}.mrcs" for i in range(n)],
+            "rlnMicrographName": ["" if i % 7 == 0 else f"m{i}.mrc" for i in range(n)],
+            "rlnClassNumber": rng.integers(-3, 10, n),
+            "rlnAnglePsi": rng.normal(size=n) * 1e3,
+            "rlnDefocusU": rng.normal(size=n).astype(np.float32),
+            "rlnIsFlipped": rng.integers(0, 2, n).astype(bool),
+            "rlnNaN": np.where(np.arange(n) % 5 == 0, np.nan, 1.5),
+        }
+    )
+    blocks = {
+        "general": {"rlnFinalResolution": 3.5, "rlnName": "a b", "rlnEmpty": ""},
+        "particles": _shortest_floats(table),
+        "empty": _shortest_floats(table.iloc[:0]),
+        "mixed": pd.DataFrame({"rlnA": ["x", None, "y"], "rlnB": [1, 2, 3]}),  # starfile's path
+    }
+    ours = _star_text(blocks).split("\n", 1)[1]
+    theirs = StarWriter(blocks).to_string().split("\n", 1)[1]
+    assert ours == theirs

@@ -158,7 +158,7 @@ def write_star(
         else:
             raise TypeError(f"block {name!r}: expected a DataFrame or a dict, got {type(block)}")
     with atomic_path(path) as tmp:
-        starfile.write(out, tmp)
+        tmp.write_text(_star_text(out))
         if comment is not None:
             text = tmp.read_text()
             body = text.split("\n", 1)[1] if text.startswith("#") else text
@@ -350,6 +350,53 @@ def format_image_names(indices: Iterable[int], path: str | Path) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
+
+
+def _star_text(blocks: Mapping[str, Block]) -> str:
+    """What ``starfile.write`` writes for these blocks (its header comment, key/value blocks,
+    loops as tab-separated rows), with the loops of plain columns (text, integers, booleans: the
+    floats are text already) formatted column by column -- 4x faster than pandas' ``to_csv``
+    through ``DataFrame.map``, which matters for data.star files of a million particles. Other
+    loops go through starfile's own writer."""
+    from starfile import writer
+
+    lines = [writer.package_info(), "", ""]
+    for name, block in blocks.items():
+        if isinstance(block, pd.DataFrame):
+            rows = _loop_rows(block)
+            if rows is None:
+                lines.extend(writer.loop_block(block_name=name, df=block))
+                continue
+            lines.append(f"data_{name}")
+            lines.append("")
+            lines.append("loop_")
+            lines.extend(f"_{c} #{i}" for i, c in enumerate(block.columns, 1))
+            lines.extend(rows)
+            lines.extend(("", ""))
+        else:
+            lines.extend(writer.simple_block(block_name=name, data=block))
+    return "".join(line + "\n" for line in lines)
+
+
+def _loop_rows(table: pd.DataFrame) -> list[str] | None:
+    """A loop's rows as starfile writes them (strings with a space, or empty, in double quotes),
+    or None when a column holds anything but text, integers or booleans."""
+    columns = []
+    for c in table.columns:
+        values = table[c]
+        kind = values.dtype.kind
+        if kind in "iub":
+            columns.append(list(map(str, values.tolist())))
+            continue
+        if kind != "O":
+            return None
+        items = values.tolist()
+        if not all(type(x) is str and "\t" not in x and "\n" not in x for x in items):
+            return None
+        columns.append([x if x and " " not in x else f'"{x}"' for x in items])
+    if not columns:
+        return None
+    return list(map("\t".join, zip(*columns, strict=True)))
 
 
 def _shortest_floats(table: pd.DataFrame) -> pd.DataFrame:
