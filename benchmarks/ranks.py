@@ -97,43 +97,63 @@ def _same(a: str, b: str, it: int) -> dict:
 
 
 def model(t: float, serial: float, fixed_bytes: float, n: float, ranks: list[int],
-          bandwidth: float, latency: float) -> list[dict]:  # fmt: skip
+          bandwidth: float, latency: float, write: tuple[float, float, float] | None = None,
+          write_rows: float = 0.0) -> list[dict]:  # fmt: skip
     """Predicted seconds per iteration and efficiency on ``ranks``: ``n`` particles per
     iteration at ``t`` seconds each, ``serial`` seconds that every rank spends whatever its share
-    (projections, M-step, files), and a ring all-reduce of the fixed bytes plus the rows."""
+    (projections, M-step, files), a ring all-reduce of the fixed bytes plus the rows, and with
+    ``write`` = (format, write, table seconds per row) data.star's ``write_rows`` rows per
+    iteration: each rank builds the table and formats its share, rank 0 gathers and writes."""
     out = []
-    one = n * t + serial
+
+    def files(p: int) -> float:
+        if write is None:
+            return 0.0
+        fmt, text, table = write
+        gather = 2 * (p - 1) / p * write_rows * 170 / bandwidth if p > 1 else 0.0
+        return write_rows * (table + fmt / p + text) + gather
+
+    one = n * t + serial + files(1)
     for p in ranks:
         b = fixed_bytes + n * ROWS_COLUMNS * 8
         comm = 2 * (p - 1) / p * b / bandwidth + 2 * (p - 1) * latency if p > 1 else 0.0
-        total = n * t / p + serial + comm
+        total = n * t / p + serial + comm + files(p)
         out.append(
             {
                 "ranks": p,
                 "seconds": round(total, 3),
                 "allreduce_s": round(comm, 3),
-                "serial_s": round(serial, 3),
+                "files_s": round(files(p), 3),
                 "efficiency": round(one / (p * total), 3),
             }
         )
     return out
 
 
-def write_seconds_per_row(out: str, it: int, work: Path) -> float:
-    """Seconds per particle row of ``write_star`` for a 100,000-row data.star (this run's rows
-    repeated)."""
+def write_seconds_per_row(out: str, it: int, work: Path) -> tuple[float, float, float]:
+    """Seconds per particle row of data.star, for 100,000 rows (this run's rows repeated):
+    formatting the rows (each rank its share), and rank 0 writing the gathered text; and the
+    whole write in one process."""
     import pandas as pd
 
-    from tamis.io.star import read_star, write_star
+    from tamis.io.star import LoopText, format_loop_rows, read_star, write_star
 
     data = read_star(f"{out}_it{it:03d}_data.star")
     rows = data["particles"]
     big = pd.concat([rows] * (100_000 // len(rows) + 1), ignore_index=True)[:100_000]
+    probe = work / "write_probe.star"
     t = time.perf_counter()
-    write_star({"optics": data["optics"], "particles": big}, work / "write_probe.star")
-    seconds = time.perf_counter() - t
-    (work / "write_probe.star").unlink()
-    return seconds / len(big)
+    text = format_loop_rows(big)
+    t_format = time.perf_counter() - t
+    t = time.perf_counter()
+    write_star({"optics": data["optics"], "particles": LoopText(list(big.columns), text)}, probe)
+    t_text = time.perf_counter() - t
+    t = time.perf_counter()
+    write_star({"optics": data["optics"], "particles": big}, probe)
+    t_whole = time.perf_counter() - t
+    probe.unlink()
+    n = len(big)
+    return t_format / n, t_text / n, t_whole / n
 
 
 def mean_subset(algo: str, n: int, iters: int, K: int) -> float:
@@ -230,16 +250,19 @@ def main() -> None:
     report["model_particles_per_iteration"] = m_big
     # Rank 0 writes every particle's row to data.star (EM: each iteration; VDAM: every 10th),
     # while the others wait at the next all-reduce: serial, and growing with N.
-    w = write_seconds_per_row(one["out"], args.iter, work)
-    write_1m = 1_000_000 * w / (10 if args.algo == "vdam" else 1)
-    report["data_star_write_seconds_per_row"] = w
-    report["data_star_write_seconds_per_iteration_1M"] = round(write_1m, 2)
+    fmt, text, whole = write_seconds_per_row(one["out"], args.iter, work)
+    table_row = 0.42e-6  # particle_table(), measured separately: 0.42 us per row
+    rows_1m = 1_000_000 / (10 if args.algo == "vdam" else 1)
+    report["data_star_seconds_per_row"] = {
+        "format": fmt, "write_text": text, "table": table_row, "whole_one_process": whole,
+    }  # fmt: skip
     for label, f_p, f_s in (("cpu_core", 1, 1), ("gpu_F200_serial200", 200, 200),
                             ("gpu_F200_serial20", 200, 20)):  # fmt: skip
         for files in ("", "_with_data_star"):
             report["model_1M_particles"][label + files] = model(
-                t_particle / f_p, serial / f_s + (write_1m if files else 0.0), fixed, m_big,
-                [8, 64, 256, 1024], bandwidth=12.5e9, latency=5e-6,
+                t_particle / f_p, serial / f_s, fixed, m_big, [8, 64, 256, 1024],
+                bandwidth=12.5e9, latency=5e-6,
+                write=(fmt, text, table_row) if files else None, write_rows=rows_1m,
             )  # fmt: skip
     path = work / f"report_ranks_{args.algo}.json"
     path.write_text(json.dumps(report, indent=2))

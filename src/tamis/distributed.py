@@ -34,6 +34,7 @@ __all__ = [
     "any_flag",
     "broadcast_tensors",
     "broadcast_object",
+    "gather_object",
     "launch_command",
     "COMM_STATS",
 ]
@@ -255,6 +256,17 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_object(obj):
+    """Every rank's (picklable) object, in rank order, on rank 0 (None on the others)."""
+    if not _dist():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def launch_command(n_ranks: int, module: str, args: Sequence[str]) -> list[str]:

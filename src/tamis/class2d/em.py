@@ -54,7 +54,7 @@ from tamis.fourier import (
 )
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
-from tamis.io.star import read_data_star
+from tamis.io.star import LoopText, format_loop_rows, read_data_star
 from tamis.masks import radius_map, soft_mask_outside
 from tamis.padded_grid import GridSplat
 
@@ -1016,14 +1016,18 @@ class Class2DRun:
 
     def write_files(self, files: IterationFiles, state: ModelState, **labels) -> None:
         """RELION's files of ``state`` (and this run's particles and sampling) as ``files``;
-        ``labels`` go to :func:`write_iteration`."""
+        ``labels`` go to :func:`write_iteration`. Under torchrun every rank calls it (each
+        formats its share of data.star's rows) and rank 0 writes."""
+        particles = None if labels.get("model_only") else self._particle_rows()
+        if not distributed.is_main():
+            return
         write_iteration(
             files,
             state=state,
             options=self.options,
             sampling=self.sampling,
             optics=self.ps.optics,
-            particles=None if labels.get("model_only") else self.particle_table(),
+            particles=particles,
             groups=self.groups,
             pixel_size=self.pixel,
             current_size=self.current_size,
@@ -1031,6 +1035,20 @@ class Class2DRun:
             seed=self.seed,
             **labels,
         )
+
+    def _particle_rows(self) -> pd.DataFrame | LoopText | None:
+        """data.star's particle rows: the table in one process; under torchrun each rank
+        formats its share of the rows (the slow part of writing a million of them) and rank 0
+        gathers the text (None on the other ranks)."""
+        table = self.particle_table()
+        ranks = distributed.world()
+        if ranks.size == 1:
+            return table
+        lo, hi = distributed.share(len(table), ranks)
+        parts = distributed.gather_object(format_loop_rows(table.iloc[lo:hi]))
+        if parts is None:
+            return None
+        return LoopText(list(table.columns), "\n".join(p for p in parts if p))
 
     def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
         assert self.state is not None
@@ -1242,8 +1260,7 @@ def _run(
         run.initialise()
         distributed.broadcast_tensors(run.state)
         run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
-        if main:
-            run.write(0)
+        run.write(0)  # every rank: rank 0 writes, the others format their rows
         start = 1
     Path(run.root).parent.mkdir(parents=True, exist_ok=True)
     files = IterationFiles(run.root, start - 1)
@@ -1262,7 +1279,7 @@ def _run(
         if not options.grad and main:  # RELION writes unmasked classes for EM only
             write_mrc(Path(f"{run.root}_unmasked_classes.mrcs"), unmasked.cpu().numpy(), run.pixel)
         if run.writes(it):
-            files = run.write(it, changes) if main else run.iteration_files(it)
+            files = run.write(it, changes)
         st = run.state
         frac = st.pdf_class.cpu().numpy()
         nonempty = int((frac >= 0.005).sum())

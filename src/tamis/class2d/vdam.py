@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tamis import distributed
 from tamis.class2d import mstep
 from tamis.class2d.em import Class2DRun
 from tamis.class2d.files import ContinueState
@@ -389,6 +390,8 @@ class VdamRun(Class2DRun):
     def write(self, it: int, changes=(0.0, 0.0, 0.0)):
         assert self.moments is not None
         files = self.iteration_files(it)
+        if not distributed.is_main():  # rank 0 writes; the others format data.star rows
+            return super().write(it, changes)
         m1 = moments_to_half(self.moments.m1)
         m2 = moments_to_half(self.moments.m2 + 0j)
         if self.space.ndim == 2:

@@ -44,9 +44,21 @@ __all__ = [
     "parse_image_names",
     "format_image_names",
     "atomic_path",
+    "LoopText",
+    "format_loop_rows",
 ]
 
-Block = pd.DataFrame | dict[str, Any]
+
+@dataclass
+class LoopText:
+    """A loop whose rows are text already (tab-separated, as :func:`format_loop_rows` makes
+    them): written as is. Lets several processes format their share of a large table."""
+
+    columns: list[str]
+    rows: str  # rows joined by newlines, no trailing newline ("" for no rows)
+
+
+Block = pd.DataFrame | dict[str, Any] | LoopText
 
 #: Data kinds, in the order RELION looks for them.
 DATA_KINDS = ("particles", "micrographs", "movies", "tilt_images")
@@ -151,7 +163,9 @@ def write_star(
     """
     out: dict[str, Block] = {}
     for name, block in blocks.items():
-        if isinstance(block, pd.DataFrame):
+        if isinstance(block, LoopText):
+            out[name] = block
+        elif isinstance(block, pd.DataFrame):
             out[name] = _shortest_floats(block)
         elif isinstance(block, Mapping):
             out[name] = {k: _plain(v) for k, v in block.items()}
@@ -362,7 +376,13 @@ def _star_text(blocks: Mapping[str, Block]) -> str:
 
     lines = [writer.package_info(), "", ""]
     for name, block in blocks.items():
-        if isinstance(block, pd.DataFrame):
+        if isinstance(block, LoopText):
+            lines.extend((f"data_{name}", "", "loop_"))
+            lines.extend(f"_{c} #{i}" for i, c in enumerate(block.columns, 1))
+            if block.rows:
+                lines.append(block.rows)
+            lines.extend(("", ""))
+        elif isinstance(block, pd.DataFrame):
             rows = _loop_rows(block)
             if rows is None:
                 lines.extend(writer.loop_block(block_name=name, df=block))
@@ -376,6 +396,18 @@ def _star_text(blocks: Mapping[str, Block]) -> str:
         else:
             lines.extend(writer.simple_block(block_name=name, data=block))
     return "".join(line + "\n" for line in lines)
+
+
+def format_loop_rows(table: pd.DataFrame) -> str:
+    """The rows of ``table`` as :func:`write_star` writes them (floats as their shortest text),
+    joined by newlines: a :class:`LoopText`'s ``rows``."""
+    text = _shortest_floats(table)
+    rows = _loop_rows(text)
+    if rows is None:  # a column starfile formats: let it, and keep its rows
+        from starfile import writer
+
+        rows = list(writer.loop_block(block_name="x", df=text))[3 + len(table.columns) : -2]
+    return "\n".join(rows)
 
 
 def _loop_rows(table: pd.DataFrame) -> list[str] | None:

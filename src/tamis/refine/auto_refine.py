@@ -701,8 +701,7 @@ def run_auto_refine(
             for st in run.states:
                 distributed.broadcast_tensors(st)
             run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
-            if main:
-                run.write(0)
+            run.write(0)  # every rank: rank 0 writes, the others format their rows
             start = 1
         files = None
         for it in range(start, options.iter + 1):
@@ -713,7 +712,7 @@ def run_auto_refine(
             changes = run.iterate(it, abort=None if parallel else abort_requested)
             for st in run.states:
                 distributed.broadcast_tensors(st)
-            files = run.write(it, changes) if main else run.iteration_files(it)
+            files = run.write(it, changes)
             st = run.state
             a = run.auto
             log(
