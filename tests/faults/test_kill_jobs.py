@@ -2,7 +2,8 @@
 is complete, and running the job again gives the same outputs as an uninterrupted run (issue 19;
 class2d's continue and the schemer have their own kill tests). Movie import and motion
 correction, micrograph import, 2D classification, the class ranker with its particle screen, a person's
-class selection, the 3D initial model and auto-refine included."""
+class selection, the 3D initial model and auto-refine, the deep (Topaz-role) picker and an External
+program included."""
 
 from __future__ import annotations
 
@@ -68,7 +69,32 @@ JOBS = [
       "other_args": "--random_seed 7"}),
     ("Select/job015", "relion.select.interactive",
      {"fn_model": "Class2D/job010/run_it003_optimiser.star", "tamis_selected_classes": "1 2"}),
+    ("AutoPick/job016", "relion.autopick.topaz.pick",
+     {"fn_input_autopick": "Import/job001/micrographs.star", "topaz_particle_diameter": "120"}),
+    ("External/job017", "relion.external",
+     {"fn_exe": f"{sys.executable} external_tool.py", "in_mic": "Import/job001/micrographs.star",
+      "param1_label": "factor", "param1_value": "3"}),
 ]  # fmt: skip
+
+#: An External program as users write them: reads its input, works a while, writes its result
+#: (atomically) and declares it in RELION_OUTPUT_NODES.star.
+EXTERNAL_TOOL = """
+import argparse, os, sys, time
+ap = argparse.ArgumentParser()
+ap.add_argument("--in_mics"); ap.add_argument("--o"); ap.add_argument("--factor", type=int)
+ap.add_argument("--j"); ap.add_argument("--hold", type=float, default=0.0)
+a = ap.parse_args()
+open(os.path.join(a.o, "tool.pid"), "w").write(str(os.getpid()))
+lines = open(a.in_mics).read().splitlines()
+time.sleep(0.6 + a.hold)
+tmp = os.path.join(a.o, ".result.txt.tmp")
+with open(tmp, "w") as f:
+    f.write(f"{len(lines) * a.factor}\\n")
+os.replace(tmp, os.path.join(a.o, "result.txt"))
+with open(os.path.join(a.o, "RELION_OUTPUT_NODES.star"), "w") as f:
+    f.write("data_output_nodes\\nloop_\\n_rlnPipeLineNodeName #1\\n_rlnPipeLineNodeTypeLabel #2\\n"
+            + os.path.join(a.o, "result.txt") + " LogFile.txt\\n")
+"""
 
 
 def _project(root: Path) -> None:
@@ -99,6 +125,7 @@ def _project(root: Path) -> None:
         )  # fmt: skip
         for movie in Path("MovieSim/Movies").iterdir():  # finished writing a minute ago
             os.utime(movie, (time.time() - 60, time.time() - 60))
+        Path("external_tool.py").write_text(EXTERNAL_TOOL)
     finally:
         os.chdir(cwd)
 
@@ -197,3 +224,42 @@ def kill_round(tmp_path: Path, seed: int) -> tuple[int, int]:
         assert _run(killed, job_dir) == "Succeeded", (killed / job_dir / "run.err").read_text()
         _same(_outputs(ref / job_dir), _outputs(killed / job_dir))
     return len(JOBS), mid_run
+
+
+def test_external_program_dies_with_its_job(tmp_path):
+    """SIGKILL of the job process alone (as the OOM killer or ``kill -9`` does) takes its
+    External program with it: nothing runs on, orphaned, beside the job's next run."""
+    root = tmp_path / "p"
+    (root / "Import/job001").mkdir(parents=True)
+    (root / "Import/job001/micrographs.star").write_text("data_micrographs\n")
+    (root / "external_tool.py").write_text(EXTERNAL_TOOL)
+    job_dir = "External/job002"
+    (root / job_dir).mkdir(parents=True)
+    JobStar("relion.external", options={
+        "fn_exe": f"{sys.executable} external_tool.py", "in_mic": "Import/job001/micrographs.star",
+        "param1_label": "factor", "param1_value": "3", "param2_label": "hold",
+        "param2_value": "60"}).write(root / job_dir)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"from tamis.pipeline.jobs import run_job; run_job({job_dir!r})"],
+        cwd=root, env={**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"},
+    )  # fmt: skip
+    pid_file = root / job_dir / "tool.pid"
+    deadline = time.time() + 60
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.02)
+    tool = int(pid_file.read_text())
+    os.kill(proc.pid, signal.SIGKILL)  # the job process only, not its group
+    proc.wait()
+    deadline = time.time() + 10
+    while Path(f"/proc/{tool}").exists() and time.time() < deadline:
+        # a zombie until reaped by init counts as gone
+        if "Z" in (Path(f"/proc/{tool}/stat").read_text().rsplit(")", 1)[1].split()[:1] or [""]):
+            break
+        time.sleep(0.05)
+    alive = (
+        Path(f"/proc/{tool}").exists()
+        and "Z" not in Path(f"/proc/{tool}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    )
+    assert not alive, "the External program outlived its job"
+    assert not (root / job_dir / "result.txt").exists()

@@ -44,7 +44,7 @@ from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
-from tamis.errors import TamisError
+from tamis.errors import TamisError, is_out_of_memory
 from tamis.fourier import (
     duplicate_half_column,
     irfft2_centered,
@@ -1069,11 +1069,7 @@ class Class2DRun:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """A failed allocation (CPU or GPU), as opposed to another runtime error."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return "can't allocate memory" in text or "out of memory" in text.lower()
+    return is_out_of_memory(exc)
 
 
 def _release_memory(device: torch.device) -> None:

@@ -10,7 +10,7 @@ from typing import ParamSpec, TypeVar
 import typer
 from rich.console import Console
 
-from tamis.errors import TamisError
+from tamis.errors import TamisError, is_out_of_memory, out_of_memory_error
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -43,6 +43,10 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
         except KeyboardInterrupt:
             err_console.print("interrupted")
             sys.exit(130)
+        except (RuntimeError, MemoryError) as exc:
+            if is_out_of_memory(exc):  # the machine's limit, not a bug
+                raise fail(str(out_of_memory_error(exc))) from None
+            raise
 
     return wrapper
 

@@ -17,13 +17,14 @@ model), ``relion.refine3d`` (gold-standard auto-refine), ``relion.maskcreate`` a
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tamis.errors import TamisError
+from tamis.errors import TamisError, is_out_of_memory, out_of_memory_error
 from tamis.pipeline.job import (
     EXIT_MARKERS,
     JobStar,
@@ -237,6 +238,24 @@ _EXTERNAL_INPUTS = (("in_mov", "--in_movies"), ("in_mic", "--in_mics"), ("in_par
                     ("in_mask", "--in_mask"))  # fmt: skip
 
 
+def _die_with_parent(parent: int) -> None:  # pragma: no cover - in the child, before exec
+    """Linux: the External program gets SIGKILL when the job process dies (killed, out of
+    memory), instead of running on, orphaned, beside the job's next run."""
+    import ctypes
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl: do not start
+        os._exit(1)
+
+
 def _run_external(job: JobStar, out: Path) -> Nodes | None:
     """RELION's External job: ``fn_exe --in_xxx ... --o <job dir> --<label> <value> ... --j N``;
     the program declares its outputs in ``RELION_OUTPUT_NODES.star`` itself. An abort request
@@ -262,7 +281,12 @@ def _run_external(job: JobStar, out: Path) -> Nodes | None:
     cmd += ["--j", str(int(_f(job, "nr_threads", 1)))]
     with open(out / "run.out", "a") as so, open(out / "run.err", "a") as se:
         try:
-            proc = subprocess.Popen(cmd, stdout=so, stderr=se)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=so,
+                stderr=se,
+                preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
         except OSError as exc:
             raise TamisError(f"fn_exe {o['fn_exe']!r}: cannot run ({exc.strerror})") from None
         while proc.poll() is None:
@@ -751,9 +775,12 @@ def run_job(job_dir: str | Path) -> str:
         except TamisError as exc:
             status = "Aborted" if "ABORT_NOW" in str(exc) else "Failed"
             err.write(f"{who}error: {exc}\n")
-        except Exception:  # a bug: keep the traceback for the report
+        except Exception as exc:
             status = "Failed"
-            err.write(who + traceback.format_exc())
+            if is_out_of_memory(exc):  # the machine's limit, not a bug: one line
+                err.write(f"{who}error: {out_of_memory_error(exc)}\n")
+            else:  # a bug: keep the traceback for the report
+                err.write(who + traceback.format_exc())
     if not main:
         return status
     for marker in EXIT_MARKERS.values():
