@@ -103,15 +103,15 @@ def model(t: float, serial: float, fixed_bytes: float, n: float, ranks: list[int
     iteration at ``t`` seconds each, ``serial`` seconds that every rank spends whatever its share
     (projections, M-step, files), a ring all-reduce of the fixed bytes plus the rows, and with
     ``write`` = (format, write, table seconds per row) data.star's ``write_rows`` rows per
-    iteration: each rank builds the table and formats its share, rank 0 gathers and writes."""
+    iteration: each rank builds, formats and writes its share of the rows at its offset of the
+    shared file (``tamis.distributed.write_shared``)."""
     out = []
 
     def files(p: int) -> float:
         if write is None:
             return 0.0
         fmt, text, table = write
-        gather = 2 * (p - 1) / p * write_rows * 170 / bandwidth if p > 1 else 0.0
-        return write_rows * (table + fmt / p + text) + gather
+        return write_rows * (table + fmt + text) / p + (2 * (p - 1) * latency if p > 1 else 0.0)
 
     one = n * t + serial + files(1)
     for p in ranks:

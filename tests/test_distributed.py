@@ -79,6 +79,17 @@ def _class2d(out: Path, ranks: int, extra: list[str], cwd: Path) -> subprocess.C
 
 
 def _assert_same(a: str, b: str, it: int) -> None:
+    # data.star, whoever wrote which rows: the same lines, every value equal (floats to
+    # LOGLIK_RTOL: the norm correction is a ratio of sums)
+    ta = Path(f"{a}_it{it:03d}_data.star").read_text().splitlines()[1:]
+    tb = Path(f"{b}_it{it:03d}_data.star").read_text().splitlines()[1:]
+    assert len(ta) == len(tb)
+    for la, lb in zip(ta, tb, strict=True):
+        fa, fb = la.split("\t"), lb.split("\t")
+        assert len(fa) == len(fb)
+        for x, y in zip(fa, fb, strict=True):
+            if x != y:
+                assert float(x) == pytest.approx(float(y), rel=LOGLIK_RTOL), (la, lb)
     da = read_star(f"{a}_it{it:03d}_data.star")["particles"]
     db = read_star(f"{b}_it{it:03d}_data.star")["particles"]
     for label in ("rlnClassNumber", "rlnAnglePsi", "rlnOriginXAngst", "rlnOriginYAngst"):
@@ -331,3 +342,49 @@ def test_abort_stops_every_rank(project):
     assert exit_status(d) == "Aborted"
     assert child.returncode == 0  # no rank failed: all stopped at the same iteration
     assert not (d / "run_it050_optimiser.star").exists()
+
+
+def _write_shared_rank(rank: int, size: int, init: str, out: str, fail_rank: int) -> None:
+    import builtins
+
+    import torch.distributed as dist
+
+    from tamis.errors import TamisError
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=size)
+    try:
+        chunks = {0: "a\tb\nc\td", 1: "", 2: "e\tf"}
+        if rank == fail_rank:
+            real_open = builtins.open
+
+            def full_disk(file, mode="r", *a, **k):
+                if "r+b" in mode:
+                    raise OSError(28, "No space left on device")
+                return real_open(file, mode, *a, **k)
+
+            builtins.open = full_disk
+        try:
+            distributed.write_shared(out, "HEAD\n", chunks[rank], "\nTAIL\n")
+            result = "ok"
+        except TamisError as exc:
+            result = f"error: {exc}"
+        Path(f"{out}.rank{rank}").write_text(result)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fail_rank", [-1, 2])
+def test_write_shared_puts_every_ranks_rows_in_order(tmp_path, fail_rank):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "data.star"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_write_shared_rank, args=(3, init, str(out), fail_rank), nprocs=3, join=True)
+    results = [(tmp_path / f"data.star.rank{r}").read_text() for r in range(3)]
+    if fail_rank < 0:
+        assert results == ["ok"] * 3
+        assert out.read_text() == "HEAD\na\tb\nc\td\ne\tf\n\nTAIL\n"
+    else:  # one rank's disk is full: every rank stops with that error, nothing is left
+        assert all(r.startswith("error: ") and "No space left" in r for r in results)
+        assert not out.exists()
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".data")] == []

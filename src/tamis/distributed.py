@@ -35,6 +35,7 @@ __all__ = [
     "broadcast_tensors",
     "broadcast_object",
     "gather_object",
+    "write_shared",
     "launch_command",
     "COMM_STATS",
 ]
@@ -267,6 +268,67 @@ def gather_object(obj):
     out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
+
+
+def write_shared(path, head: str, chunk: str, tail: str) -> None:
+    """One text file from every rank's ``chunk`` (rows, without the final newline) in rank
+    order, between rank 0's ``head`` and ``tail``: each rank writes its bytes at its offset of
+    one temporary file beside ``path`` (a shared file system across nodes), and rank 0 renames it
+    into place once all have written (atomic, as :func:`tamis.io.star.atomic_path`). A rank that
+    cannot write fails every rank with one error; nothing is left under ``path``'s name."""
+    from pathlib import Path
+
+    from tamis.io.star import atomic_path
+
+    data = (chunk + "\n").encode() if chunk else b""
+    path = Path(path)
+    if not _dist():
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(head.encode() + data + tail.encode())
+        return
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    sizes = [0] * dist.get_world_size()
+    dist.all_gather_object(sizes, len(data))
+
+    def put(tmp: str, offset: int) -> str | None:
+        try:
+            with open(tmp, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+        except OSError as exc:
+            return f"{path}: cannot write ({exc.strerror})"
+        return None
+
+    def finish(error: str | None) -> None:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)  # also: every rank has written
+        failed = [e for e in errors if e]
+        if failed:
+            raise TamisError(failed[0])
+
+    if rank != 0:
+        where = broadcast_object(None)
+        if isinstance(where, str):  # rank 0 could not make the file
+            raise TamisError(where)
+        tmp, start = where
+        finish(put(tmp, start + sum(sizes[:rank])))
+        return
+    head_b, tail_b = head.encode(), tail.encode()
+    with atomic_path(path) as tmp:
+        start = len(head_b)
+        try:
+            with open(tmp, "r+b") as f:
+                f.write(head_b)
+                f.truncate(start + sum(sizes) + len(tail_b))
+                f.seek(start + sum(sizes))
+                f.write(tail_b)
+        except OSError as exc:
+            broadcast_object(f"{path}: cannot write ({exc.strerror})")
+            raise
+        broadcast_object((str(tmp), start))
+        finish(put(str(tmp), start))  # rank 0's rows come first
 
 
 def launch_command(n_ranks: int, module: str, args: Sequence[str]) -> list[str]:

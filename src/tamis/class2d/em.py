@@ -54,7 +54,7 @@ from tamis.fourier import (
 )
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
-from tamis.io.star import LoopText, format_loop_rows, read_data_star
+from tamis.io.star import format_loop_rows, loop_file_parts, read_data_star
 from tamis.masks import radius_map, soft_mask_outside
 from tamis.padded_grid import GridSplat
 
@@ -982,23 +982,26 @@ class Class2DRun:
         st.maxres = mstep.current_resolution_shell(st.data_vs_prior, st.pdf_class, o.minres_map)
         return unmasked
 
-    def particle_table(self) -> pd.DataFrame:
-        table = self.ps.particles.copy()
-        table["rlnImageName"] = self.ps.image_names_from(Path.cwd())
-        table = table.iloc[self.order].reset_index(drop=True)
-        table["rlnGroupNumber"] = self.group_of + 1
+    def particle_table(self, rows: slice | None = None) -> pd.DataFrame:
+        """data.star's particle rows (in sorted order), all or the sorted ``rows``."""
+        sel = slice(None) if rows is None else rows
+        src = self.order[sel]
+        table = self.ps.particles.iloc[src].copy()
+        table["rlnImageName"] = self.ps.image_names_from(Path.cwd(), src).to_numpy()
+        table = table.reset_index(drop=True)
+        table["rlnGroupNumber"] = self.group_of[sel] + 1
         if "rlnAngleRot" not in table.columns:
             table["rlnAngleRot"] = 0.0
         if "rlnAngleTilt" not in table.columns:
             table["rlnAngleTilt"] = 0.0
-        table["rlnAnglePsi"] = self.psi
-        table["rlnOriginXAngst"] = self.origin[:, 0]
-        table["rlnOriginYAngst"] = self.origin[:, 1]
-        table["rlnClassNumber"] = self.cls + 1
-        table["rlnNormCorrection"] = self.norm
-        table["rlnLogLikeliContribution"] = self.loglik
-        table["rlnMaxValueProbDistribution"] = self.pmax
-        table["rlnNrOfSignificantSamples"] = self.nsig
+        table["rlnAnglePsi"] = self.psi[sel]
+        table["rlnOriginXAngst"] = self.origin[sel, 0]
+        table["rlnOriginYAngst"] = self.origin[sel, 1]
+        table["rlnClassNumber"] = self.cls[sel] + 1
+        table["rlnNormCorrection"] = self.norm[sel]
+        table["rlnLogLikeliContribution"] = self.loglik[sel]
+        table["rlnMaxValueProbDistribution"] = self.pmax[sel]
+        table["rlnNrOfSignificantSamples"] = self.nsig[sel]
         return table
 
     def writes(self, it: int) -> bool:
@@ -1020,6 +1023,8 @@ class Class2DRun:
         formats its share of data.star's rows) and rank 0 writes."""
         particles = None if labels.get("model_only") else self._particle_rows()
         if not distributed.is_main():
+            if particles is not None:  # this rank's share of data.star, with rank 0
+                particles(files.data, None)
             return
         write_iteration(
             files,
@@ -1036,19 +1041,26 @@ class Class2DRun:
             **labels,
         )
 
-    def _particle_rows(self) -> pd.DataFrame | LoopText | None:
-        """data.star's particle rows: the table in one process; under torchrun each rank
-        formats its share of the rows (the slow part of writing a million of them) and rank 0
-        gathers the text (None on the other ranks)."""
-        table = self.particle_table()
+    def _particle_rows(self):
+        """data.star's particle rows: the table in one process. Under torchrun a writer that
+        every rank calls at the same point: each builds and formats its share of the rows (the
+        slow part at a million particles) and writes it at its offset of one shared file, which
+        rank 0 then renames into place (:func:`tamis.distributed.write_shared`)."""
         ranks = distributed.world()
         if ranks.size == 1:
-            return table
-        lo, hi = distributed.share(len(table), ranks)
-        parts = distributed.gather_object(format_loop_rows(table.iloc[lo:hi]))
-        if parts is None:
-            return None
-        return LoopText(list(table.columns), "\n".join(p for p in parts if p))
+            return self.particle_table()
+        lo, hi = distributed.share(self.n, ranks)
+        table = self.particle_table(slice(lo, hi))
+        chunk = format_loop_rows(table)
+        columns = list(table.columns)
+
+        def write(path, optics) -> None:
+            head = tail = ""
+            if optics is not None:
+                head, tail = loop_file_parts({"optics": optics}, "particles", columns)
+            distributed.write_shared(path, head, chunk, tail)
+
+        return write
 
     def write(self, it: int, changes=(0.0, 0.0, 0.0)) -> IterationFiles:
         assert self.state is not None

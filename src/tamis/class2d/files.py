@@ -260,7 +260,10 @@ def write_iteration(
     write_star(blocks, files.model)
     if model_only:
         return
-    write_star({"optics": optics, "particles": particles}, files.data)
+    if callable(particles):  # ranks write their shares of the rows together
+        particles(files.data, optics)
+    else:
+        write_star({"optics": optics, "particles": particles}, files.data)
     if files.iteration != 0:
         three_d = {}
         if ref_dim == 3:

@@ -125,13 +125,16 @@ class ParticleSet:
         """Write the optics and particle tables as a RELION 3.1+ particles STAR file."""
         write_star({"optics": self.optics, "particles": self.particles}, path)
 
-    def image_names_from(self, project_dir: str | Path | None = None) -> pd.Series:
+    def image_names_from(
+        self, project_dir: str | Path | None = None, indices: np.ndarray | None = None
+    ) -> pd.Series:
         """``rlnImageName`` values that resolve from ``project_dir`` (default: the current
         directory, RELION's project directory): relative where the stack lies below it,
-        absolute otherwise."""
+        absolute otherwise; of the rows ``indices`` only, when given."""
+        rows = np.arange(len(self.particles)) if indices is None else np.asarray(indices)
         base = Path(project_dir or Path.cwd()).resolve()
         if self.root.resolve() == base:
-            return self.particles["rlnImageName"]
+            return self.particles["rlnImageName"].iloc[rows]
         mapped = []
         for p in self._stack_paths:
             full = (self.root / p).resolve()
@@ -139,10 +142,11 @@ class ParticleSet:
                 mapped.append(str(full.relative_to(base)))
             except ValueError:
                 mapped.append(str(full))
-        stacks = np.asarray(mapped, dtype=object)[self._stack_code]
+        stacks = np.asarray(mapped, dtype=object)[np.asarray(self._stack_code)[rows]]
+        index = np.asarray(self._index)[rows]
         return pd.Series(
-            [f"{i + 1:06d}@{s}" for i, s in zip(self._index, stacks, strict=True)],
-            index=self.particles.index,
+            [f"{i + 1:06d}@{s}" for i, s in zip(index, stacks, strict=True)],
+            index=self.particles.index[rows],
         )
 
     def to_datastar(self) -> DataStar:

@@ -46,6 +46,7 @@ __all__ = [
     "atomic_path",
     "LoopText",
     "format_loop_rows",
+    "loop_file_parts",
 ]
 
 
@@ -396,6 +397,17 @@ def _star_text(blocks: Mapping[str, Block]) -> str:
         else:
             lines.extend(writer.simple_block(block_name=name, data=block))
     return "".join(line + "\n" for line in lines)
+
+
+def loop_file_parts(blocks: Mapping[str, Block], name: str, columns: list[str]) -> tuple[str, str]:
+    """The text before and after the rows of a last loop ``name`` (after ``blocks``): a file
+    is ``head + rows + "\\n" + tail`` (``head + tail`` without rows), as :func:`write_star`
+    writes a :class:`LoopText` of those rows."""
+    out = {
+        k: (_shortest_floats(b) if isinstance(b, pd.DataFrame) else b) for k, b in blocks.items()
+    }
+    text = _star_text({**out, name: LoopText(list(columns), "")})
+    return text[:-2], "\n\n"
 
 
 def format_loop_rows(table: pd.DataFrame) -> str:

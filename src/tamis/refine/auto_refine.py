@@ -490,9 +490,9 @@ class AutoRefineRun(VolumeRun, Class2DRun):
 
     # ---- files -------------------------------------------------------------------------------
 
-    def particle_table(self) -> pd.DataFrame:
-        table = self._volume_table(super().particle_table())
-        table["rlnRandomSubset"] = self.half_of
+    def particle_table(self, rows: slice | None = None) -> pd.DataFrame:
+        table = self._volume_table(super().particle_table(rows), rows)
+        table["rlnRandomSubset"] = self.half_of[slice(None) if rows is None else rows]
         return table
 
     def _general(self) -> dict:

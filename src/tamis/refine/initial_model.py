@@ -140,8 +140,8 @@ class InitialModelRun(VolumeRun, VdamRun):
         )
         smp.offset_step, smp.offset_range = step / px, rng / px
 
-    def particle_table(self) -> pd.DataFrame:
-        return self._volume_table(super().particle_table())
+    def particle_table(self, rows: slice | None = None) -> pd.DataFrame:
+        return self._volume_table(super().particle_table(rows), rows)
 
     def restore(self, cont: ContinueState, data: pd.DataFrame) -> None:
         """The moments (VDAM's), the first two Euler angles and the HEALPix order."""

@@ -116,9 +116,10 @@ class VolumeRun:
         turned = euler_to_matrix(moved[:, 0], moved[:, 1], moved[:, 2])
         return first.to(self.device), turned.to(self.device)
 
-    def _volume_table(self, table: pd.DataFrame) -> pd.DataFrame:
-        table["rlnAngleRot"] = self.rot
-        table["rlnAngleTilt"] = self.tilt
+    def _volume_table(self, table: pd.DataFrame, rows: slice | None = None) -> pd.DataFrame:
+        sel = slice(None) if rows is None else rows
+        table["rlnAngleRot"] = self.rot[sel]
+        table["rlnAngleTilt"] = self.tilt[sel]
         return table
 
     def _restore_volumes(self, cont, data: pd.DataFrame) -> None:
