@@ -73,45 +73,48 @@ def _client(workers: Workers):
             "dask workers need dask.distributed: pip install 'tamis[scale]' (or run with "
             "nr_mpi 1 / tamis_executor local)"
         ) from None
-    if workers.cluster in ("", "local"):
-        cluster = LocalCluster(
-            n_workers=workers.n,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            silence_logs=40,  # errors only
-            # the job's threads per worker (and no more from BLAS/OpenMP)
-            env={"OMP_NUM_THREADS": str(workers.threads)},
-        )
-    elif workers.cluster == "slurm":
-        try:
-            from dask_jobqueue import SLURMCluster
-        except ImportError:
-            raise TamisError(
-                "cluster slurm needs dask-jobqueue: pip install 'tamis[scale]'"
-            ) from None
-        cluster = SLURMCluster(
-            queue=workers.queue,
-            cores=workers.threads,
-            processes=1,
-            memory=workers.memory,
-            walltime=workers.walltime,
-        )
-        cluster.scale(jobs=workers.n)
-    else:
+    import dask
+
+    # dask's workers start with MALLOC_TRIM_THRESHOLD_=65536, which hands every large array
+    # back to the system when freed: measured 2.5x slower CTF estimation per micrograph of
+    # 2048^2 (0.85 s against 0.33 s in one process). tamis's per-micrograph work allocates and
+    # frees large arrays; the workers keep glibc's default and the job's thread count.
+    n = str(workers.threads)
+    spawn_env = {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n}
+    with contextlib.ExitStack() as stack:  # closed in reverse: client, cluster, config
+        stack.enter_context(dask.config.set({"distributed.nanny.pre-spawn-environ": spawn_env}))
         cluster = None
-    try:
-        client = Client(cluster if cluster is not None else workers.cluster)
-    except OSError as exc:
+        if workers.cluster in ("", "local"):
+            cluster = LocalCluster(
+                n_workers=workers.n,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=40,  # errors only
+            )
+        elif workers.cluster == "slurm":
+            try:
+                from dask_jobqueue import SLURMCluster
+            except ImportError:
+                raise TamisError(
+                    "cluster slurm needs dask-jobqueue: pip install 'tamis[scale]'"
+                ) from None
+            cluster = SLURMCluster(
+                queue=workers.queue,
+                cores=workers.threads,
+                processes=1,
+                memory=workers.memory,
+                walltime=workers.walltime,
+            )
+            cluster.scale(jobs=workers.n)
         if cluster is not None:
-            cluster.close()
-        raise TamisError(f"dask scheduler {workers.cluster!r}: {exc}") from None
-    try:
+            stack.callback(cluster.close)
+        try:
+            client = Client(cluster if cluster is not None else workers.cluster)
+        except OSError as exc:
+            raise TamisError(f"dask scheduler {workers.cluster!r}: {exc}") from None
+        stack.callback(client.close)
         yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def map_items(
