@@ -11,6 +11,52 @@ import pandas as pd
 from tamis.simulate.micrographs import MicrographSimulation, simulate_micrographs
 
 
+def tiny_particles(
+    dest: str | Path, *, n: int = 240, seed: int = 2, junk_fraction: float = 0.1
+) -> Path:
+    """``n`` simulated 32 px particles of 8ZPM and its receptor chain (4.5 A/px, SNR 0.3, ice
+    and empty-box junk, 60 per micrograph) in ``dest``; returns their particles.star."""
+    from tamis.simulate.particles import ParticleSimulation, simulate_particles
+
+    simulate_particles(
+        ParticleSimulation(
+            structures=["builtin:8zpm", "builtin:8zpm@R"], n_particles=n, box_size=32,
+            pixel_size=4.5, snr=0.3, junk_fraction=junk_fraction, junk_kinds=("ice", "empty"),
+            particles_per_micrograph=60, seed=seed,
+        ),
+        dest,
+    )  # fmt: skip
+    return Path(dest) / "particles.star"
+
+
+def run_job_in(root: Path, job_dir: str) -> str:
+    """:func:`tamis.pipeline.jobs.run_job` from the project directory ``root`` (RELION's
+    working directory), in this process."""
+    import os
+
+    from tamis.pipeline.jobs import run_job
+
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        return run_job(job_dir)
+    finally:
+        os.chdir(cwd)
+
+
+def wait_for(path: Path, child, seconds: float = 300) -> None:
+    """Until ``path`` exists, while the background job ``child`` runs (its run.err on failure)."""
+    import time
+
+    deadline = time.time() + seconds
+    run_err = path.parent / "run.err"
+    while not path.exists():
+        assert child.poll() is None and time.time() < deadline, (
+            run_err.read_text() if run_err.exists() else ""
+        )
+        time.sleep(0.05)
+
+
 def tiny_micrographs(
     dest: str | Path, *, n: int = 1, size: int = 384, per: int = 10, snr: float = 0.5,
     seed: int = 4,

@@ -15,8 +15,8 @@ from tamis.class2d import Class2DOptions, run_class2d
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.star import read_star
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
 from tamis.simulate.truth import truth_for
+from tests.helpers import tiny_particles
 
 DATA = Path(__file__).parent / "data" / "star"
 
@@ -24,20 +24,7 @@ DATA = Path(__file__).parent / "data" / "star"
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     out = tmp_path_factory.mktemp("c2d")
-    simulate_particles(
-        ParticleSimulation(
-            structures=["builtin:8zpm", "builtin:8zpm@R"],
-            n_particles=240,
-            box_size=32,
-            pixel_size=4.5,
-            snr=0.3,
-            junk_fraction=0.1,
-            junk_kinds=("ice", "empty"),
-            particles_per_micrograph=60,
-            seed=2,
-        ),
-        out / "sim",
-    )
+    tiny_particles(out / "sim", n=240, seed=2)
     return out
 
 

@@ -25,8 +25,8 @@ from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc
 from tamis.io.star import read_star
 from tamis.masks import soft_mask_outside
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
 from tamis.simulate.truth import truth_for
+from tests.helpers import tiny_particles
 
 # ---- schedules -------------------------------------------------------------------------------
 
@@ -257,20 +257,7 @@ def test_moment_images_round_trip_relion_half_plane_layout():
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     out = tmp_path_factory.mktemp("vdam")
-    simulate_particles(
-        ParticleSimulation(
-            structures=["builtin:8zpm", "builtin:8zpm@R"],
-            n_particles=600,
-            box_size=32,
-            pixel_size=4.5,
-            snr=0.3,
-            junk_fraction=0.1,
-            junk_kinds=("ice", "empty"),
-            particles_per_micrograph=60,
-            seed=4,
-        ),
-        out / "sim",
-    )
+    tiny_particles(out / "sim", n=600, seed=4)
     return out
 
 

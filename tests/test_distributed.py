@@ -25,7 +25,7 @@ from tamis.io.star import read_star
 from tamis.pipeline.job import JobStar, exit_status
 from tamis.pipeline.jobs import executor
 from tamis.pipeline.project import Project
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
+from tests.helpers import tiny_particles, wait_for
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -42,20 +42,7 @@ LOGLIK_RTOL = 1e-9  # total log-likelihood
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    simulate_particles(
-        ParticleSimulation(
-            structures=["builtin:8zpm", "builtin:8zpm@R"],
-            n_particles=300,
-            box_size=32,
-            pixel_size=4.5,
-            snr=0.3,
-            junk_fraction=0.1,
-            junk_kinds=("ice", "empty"),
-            particles_per_micrograph=60,
-            seed=2,
-        ),
-        out / "sim",
-    )
+    tiny_particles(out / "sim", n=300, seed=2)
     return out
 
 
@@ -202,10 +189,7 @@ def test_killed_rank_fails_the_job_cleanly_and_continue_finishes(project):
     name = _job(project, nr_iter_em="5", nr_mpi="2")
     d = project / name
     child = p.run(name, background=True)
-    deadline = time.time() + 300
-    while not (d / "run_it002_optimiser.star").exists():
-        assert child.poll() is None and time.time() < deadline, (d / "run.err").read_text()
-        time.sleep(0.05)
+    wait_for(d / "run_it002_optimiser.star", child)
     ranks = _rank_pids(child.pid)
     assert set(ranks) == {0, 1}
     os.kill(ranks[1], signal.SIGKILL)
@@ -333,10 +317,7 @@ def test_abort_stops_every_rank(project):
     name = _job(project, nr_iter_em="50", nr_mpi="2")
     d = project / name
     child = p.run(name, background=True)
-    deadline = time.time() + 300
-    while not (d / "run_it001_optimiser.star").exists():
-        assert child.poll() is None and time.time() < deadline, (d / "run.err").read_text()
-        time.sleep(0.05)
+    wait_for(d / "run_it001_optimiser.star", child)
     (d / "RELION_JOB_ABORT_NOW").touch()
     child.wait(timeout=120)
     assert exit_status(d) == "Aborted"

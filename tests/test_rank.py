@@ -25,7 +25,7 @@ from tamis.rank.train import (
     tiers_from_truth,
     train_ranker,
 )
-from tamis.simulate.particles import ParticleSimulation, simulate_particles
+from tests.helpers import tiny_particles
 
 
 def test_selection_follows_relion():
@@ -62,20 +62,7 @@ def test_target_scores_are_relions():
 @pytest.fixture(scope="module")
 def job(tmp_path_factory):
     out = tmp_path_factory.mktemp("rank")
-    simulate_particles(
-        ParticleSimulation(
-            structures=["builtin:8zpm", "builtin:8zpm@R"],
-            n_particles=300,
-            box_size=32,
-            pixel_size=4.5,
-            snr=0.3,
-            junk_fraction=0.2,
-            junk_kinds=("ice", "empty"),
-            particles_per_micrograph=60,
-            seed=3,
-        ),
-        out / "sim",
-    )
+    tiny_particles(out / "sim", n=300, seed=3, junk_fraction=0.2)
     opts = Class2DOptions.gui_em(
         K=5, iter=3, particle_diameter=130.0, psi_step=20.0, offset_range=3.0, offset_step=1.5,
         random_seed=2, batch_size=64,

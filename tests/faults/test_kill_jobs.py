@@ -21,7 +21,6 @@ import pytest
 from tamis.io.mrc import mrc_is_complete, read_mrc
 from tamis.io.star import read_star
 from tamis.pipeline.job import JobStar, exit_status
-from tamis.pipeline.jobs import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -173,12 +172,9 @@ def _complete(job_dir: Path) -> None:
 
 
 def _run(root: Path, job_dir: str) -> str:
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return run_job(job_dir)
-    finally:
-        os.chdir(cwd)
+    from tests.helpers import run_job_in
+
+    return run_job_in(root, job_dir)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

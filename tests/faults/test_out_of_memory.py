@@ -14,20 +14,11 @@ from tamis.errors import is_out_of_memory
 from tamis.io.mrc import mrc_is_complete
 from tamis.io.star import read_star
 from tamis.pipeline.job import JobStar, exit_status
-from tamis.pipeline.jobs import run_job
+from tests.helpers import run_job_in
 
 
 def _oom(*args, **kwargs):
     raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-
-def _run(root: Path, job_dir: str) -> str:
-    cwd = os.getcwd()
-    os.chdir(root)
-    try:
-        return run_job(job_dir)
-    finally:
-        os.chdir(cwd)
 
 
 def _one_error_line(job: Path) -> str:
@@ -60,7 +51,7 @@ def test_class2d_mstep_out_of_memory_fails_the_job_with_one_line(tmp_path, monke
         "fn_img": "sim/particles.star", "do_em": "Yes", "do_grad": "No", "nr_classes": "2",
         "nr_iter_em": "2", "particle_diameter": "130"}).write(job)  # fmt: skip
     monkeypatch.setattr(em.mstep, "accumulate", _oom)
-    assert _run(tmp_path, "Class2D/job001") == "Failed"
+    assert run_job_in(tmp_path, "Class2D/job001") == "Failed"
     line = _one_error_line(job)
     assert "out of memory" in line and "--max_memory" in line
     assert exit_status(job) == "Failed"
@@ -88,7 +79,7 @@ def test_picker_out_of_memory_fails_the_job_with_one_line(tmp_path, monkeypatch)
         "fn_input_autopick": "Import/job001/micrographs.star", "log_diam_min": "90",
         "log_diam_max": "130"}).write(job)  # fmt: skip
     monkeypatch.setattr(log_picker, "pick_log", _oom)
-    assert _run(tmp_path, "AutoPick/job002") == "Failed"
+    assert run_job_in(tmp_path, "AutoPick/job002") == "Failed"
     assert "out of memory" in _one_error_line(job)
     assert not (job / "autopick.star").exists()
 

@@ -1205,15 +1205,7 @@ def run_class2d(
     and the fields named in ``changed``, which come from ``options``. ``run_type`` replaces the
     run class (the 3D initial model drives its :class:`Class2DRun` subclass through here).
     """
-    with contextlib.ExitStack() as stack:
-        ranks = stack.enter_context(distributed.session(choose_device(options.device)))
-        main = ranks.rank == 0
-        # rank 0 alone writes files, exit markers and the log
-        abort_requested = stack.enter_context(
-            pipeline_control(options.pipeline_control if main else None)
-        )
-        if not main:
-            log, show_progress = _silent, False
+    with ranked_job(options, log, show_progress) as (ranks, abort_requested, log, show_progress):
         return _run(
             particles_path,
             output_root,
@@ -1226,6 +1218,24 @@ def run_class2d(
             ranks=ranks,
             abort_requested=abort_requested,
         )
+
+
+@contextlib.contextmanager
+def ranked_job(options, log: Callable[[str], None], show_progress: bool):
+    """A run of the E/M engine, alone or as one of torchrun's ranks: joins the process group
+    (:func:`tamis.distributed.session`), sets up the pipeliner's markers on rank 0
+    (:func:`pipeline_control`) and silences the other ranks. Yields ``(ranks, abort check, log,
+    show_progress)``."""
+    with contextlib.ExitStack() as stack:
+        ranks = stack.enter_context(distributed.session(choose_device(options.device)))
+        main = ranks.rank == 0
+        # rank 0 alone writes files, exit markers and the log
+        abort_requested = stack.enter_context(
+            pipeline_control(options.pipeline_control if main else None)
+        )
+        if not main:
+            log, show_progress = _silent, False
+        yield ranks, abort_requested, log, show_progress
 
 
 def _silent(text: str) -> None:

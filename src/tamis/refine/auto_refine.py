@@ -29,7 +29,6 @@ FSC (a per-shell number) and the averaged sums below the join resolution, as in 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -43,7 +42,7 @@ import torch
 from tamis import distributed
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
-from tamis.class2d.em import Class2DRun, JobAborted, choose_device, pipeline_control
+from tamis.class2d.em import Class2DRun, JobAborted, ranked_job
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -671,16 +670,9 @@ def run_auto_refine(
 ) -> AutoRefineResult:
     """Gold-standard 3D auto-refine into ``output_root`` (``Refine3D/jobNNN/run``); see the
     module's docstring. ``continue_from``: a ``run_itNNN_optimiser.star`` of this run."""
-    with contextlib.ExitStack() as stack:
-        ranks = stack.enter_context(distributed.session(choose_device(options.device)))
+    with ranked_job(options, log, show_progress) as (ranks, abort_requested, log, show_progress):
         main = ranks.rank == 0
         parallel = ranks.size > 1
-        # rank 0 alone writes files, exit markers and the log
-        abort_requested = stack.enter_context(
-            pipeline_control(options.pipeline_control if main else None)
-        )
-        if not main:
-            log, show_progress = (lambda s: None), False
         if continue_from is not None:
             cont = read_continue(continue_from)
             root = output_root or cont.root
