@@ -5,7 +5,8 @@ Three ways on this machine, one after the other (after a warm-up pass in this pr
 process with 1 thread, a LocalCluster of
 2 workers with 1 thread each (``tamis.workers.Workers(n=2)``), and one process with 2 threads.
 Seconds per job (the cluster's start included), and whether the outputs equal the one-process
-run's.
+run's. Then a session's cluster (``TAMIS_DASK_SCHEDULER``): 2 workers started once, warmed by one
+pass, timed on the next.
 
 Run: ``.venv/bin/python benchmarks/workers.py --work DIR [--n 16] [--size 2048]``; prints a JSON
 report (also ``DIR/report_workers.json``).
@@ -98,7 +99,26 @@ def main() -> None:
             out = Path(f"out_{name}")
             runs[name] = run_all(Path("mics/micrographs.star"), out, workers, threads)
             print(name, runs[name], flush=True)
-        same = _same(Path("out_1process_1thread"), Path("out_2workers_1thread"))
+        # a session's workers, started once (TAMIS_DASK_SCHEDULER): warm, then timed
+        import dask
+        from dask.distributed import LocalCluster
+
+        env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        with (
+            dask.config.set({"distributed.nanny.pre-spawn-environ": env}),
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, dashboard_address=None, silence_logs=40
+            ) as cluster,
+        ):
+            session = Workers(n=2, cluster=cluster.scheduler_address)
+            run_all(Path("mics/micrographs.star"), Path("out_session_warmup"), session, 1)
+            runs["2workers_session"] = run_all(
+                Path("mics/micrographs.star"), Path("out_2workers_session"), session, 1
+            )
+            print("2workers_session", runs["2workers_session"], flush=True)
+        same = _same(Path("out_1process_1thread"), Path("out_2workers_1thread")) and _same(
+            Path("out_1process_1thread"), Path("out_2workers_session")
+        )
     finally:
         os.chdir(cwd)
     report = {
@@ -108,6 +128,10 @@ def main() -> None:
         "seconds": runs,
         "speedup_2workers": {
             k: round(runs["1process_1thread"][k] / runs["2workers_1thread"][k], 2)
+            for k in runs["1process_1thread"]
+        },
+        "speedup_2workers_session": {
+            k: round(runs["1process_1thread"][k] / runs["2workers_session"][k], 2)
             for k in runs["1process_1thread"]
         },
         "outputs_equal": same,

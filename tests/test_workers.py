@@ -156,3 +156,32 @@ def test_local_cluster_ctf_picking_extraction_equal_serial(tmp_path):
     assert exit_status(tmp_path / names["2"][2]) == "Succeeded"
     for job in names["2"]:
         assert "on 2 dask workers (a LocalCluster)" in (tmp_path / job / "run.out").read_text()
+
+
+@needs_dask
+def test_a_sessions_scheduler_takes_every_micrograph_job(tmp_path, monkeypatch):
+    """TAMIS_DASK_SCHEDULER: workers started once (here a LocalCluster standing in for a
+    `dask scheduler` + `dask worker` pair) take the per-micrograph jobs of a session, nr_mpi 1."""
+    from dask.distributed import LocalCluster
+
+    from tests.helpers import tiny_micrographs
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        tiny_micrographs("Import/job001", n=3, size=384, per=12, snr=0.3, seed=2)
+    finally:
+        os.chdir(cwd)
+    p = Project(tmp_path)
+    opts = {"fn_input_autopick": "Import/job001/micrographs.star", "log_diam_min": "90",
+            "log_diam_max": "130"}  # fmt: skip
+    serial = p.schedule("relion.autopick.log", opts).name
+    assert p.run(serial) == "Succeeded"
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None,
+                      silence_logs=40) as cluster:  # fmt: skip
+        monkeypatch.setenv("TAMIS_DASK_SCHEDULER", cluster.scheduler_address)
+        on_dask = p.schedule("relion.autopick.log", opts).name
+        assert p.run(on_dask) == "Succeeded", (tmp_path / on_dask / "run.err").read_text()
+        out = (tmp_path / on_dask / "run.out").read_text()
+        assert f"on 2 dask workers ({cluster.scheduler_address})" in out
+    _same(_outputs(tmp_path / serial), _outputs(tmp_path / on_dask))

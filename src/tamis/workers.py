@@ -16,6 +16,7 @@ dask is an optional dependency (``pip install 'tamis[scale]'``).
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -55,10 +56,16 @@ def dask_available() -> bool:
     return True
 
 
-def _call(fn: Callable, item: Any, threads: int) -> Any:
-    """One item on a worker, with the job's thread count for torch."""
+def _call(fn: Callable, item: Any, threads: int, cwd: str) -> Any:
+    """One item on a worker: in the job's directory (RELION's paths are relative to the
+    project, so a worker started elsewhere moves there: one project at a time per worker
+    process), with the job's thread count for torch."""
+    import os
+
     import torch
 
+    if os.getcwd() != cwd:
+        os.chdir(cwd)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return fn(item)
@@ -150,10 +157,17 @@ def map_items(
                 )
             [fn_remote] = client.scatter([fn], broadcast=True, hash=False)
             tag = uuid.uuid4().hex[:8]
+            cwd = os.getcwd()
             futures = [
                 client.submit(
-                    _call, fn_remote, item, workers.threads, key=f"{label}-{tag}-{i}", pure=False
-                )
+                    _call,
+                    fn_remote,
+                    item,
+                    workers.threads,
+                    cwd,
+                    key=f"{label}-{tag}-{i}",
+                    pure=False,
+                )  # fmt: skip
                 for i, item in enumerate(items)
             ]
             index = {f.key: i for i, f in enumerate(futures)}

@@ -63,7 +63,7 @@ def _f(job: JobStar, key: str, default: float) -> float:
 def _workers(job: JobStar):
     """Where a per-micrograph job's micrographs go: this process, or dask workers (``nr_mpi`` of
     them with ``nr_threads`` threads each, see :func:`executor`) on ``tamis_dask_cluster``:
-    ``local`` (default), ``slurm`` (dask-jobqueue, queue ``queuename``, ``tamis_dask_memory``
+    ``local`` (default; ``TAMIS_DASK_SCHEDULER`` when set), ``slurm`` (dask-jobqueue, queue ``queuename``, ``tamis_dask_memory``
     and ``tamis_dask_walltime`` per worker) or a running scheduler's address."""
     from tamis.workers import Workers
 
@@ -71,10 +71,11 @@ def _workers(job: JobStar):
     if kind != "dask":
         return Workers()
     o = job.options
+    default = os.environ.get(DASK_SCHEDULER_ENV) or "local"
     return Workers(
         n=n,
         threads=max(1, int(_f(job, "nr_threads", 1))),
-        cluster=(o.get("tamis_dask_cluster") or "local").strip(),
+        cluster=(o.get("tamis_dask_cluster") or default).strip(),
         queue=o.get("queuename") or None,
         memory=o.get("tamis_dask_memory") or "8GB",
         walltime=o.get("tamis_dask_walltime") or "04:00:00",
@@ -705,6 +706,8 @@ PER_MICROGRAPH = frozenset(
     }
 )
 EXECUTORS = ("auto", "local", "torchrun", "dask")
+#: A running dask scheduler (``tcp://host:8786``) for every per-micrograph job of a session.
+DASK_SCHEDULER_ENV = "TAMIS_DASK_SCHEDULER"
 
 
 def executor(job: JobStar) -> tuple[str, int]:
@@ -713,7 +716,9 @@ def executor(job: JobStar) -> tuple[str, int]:
     ``tamis_executor`` (job option) names it; ``auto`` (the default) follows RELION's
     ``nr_mpi``: more than one MPI process means that many ``torchrun`` ranks for the jobs that
     share particles (2D, initial model, auto-refine) and that many dask workers for the jobs that
-    go micrograph by micrograph; other jobs run as one process."""
+    go micrograph by micrograph; other jobs run as one process. With ``TAMIS_DASK_SCHEDULER``
+    set (a running dask scheduler's address, its workers started once for a session), the
+    micrograph jobs go to it whatever ``nr_mpi`` says."""
     label = job_type(job.type_label).label
     name = (job.options.get("tamis_executor") or "auto").strip().lower()
     if name not in EXECUTORS:
@@ -722,6 +727,8 @@ def executor(job: JobStar) -> tuple[str, int]:
     if n < 1:
         raise TamisError(f"nr_mpi {n}: must be at least 1")
     if name == "auto":
+        if label in PER_MICROGRAPH and os.environ.get(DASK_SCHEDULER_ENV):
+            return "dask", n  # the session's dask workers, started once
         if n <= 1:
             return "local", 1
         name = "torchrun" if label in RANKED else "dask" if label in PER_MICROGRAPH else "local"
