@@ -133,7 +133,7 @@ def project(sim, tmp_path):
     return tmp_path
 
 
-def test_executor_follows_nr_mpi_and_names_bad_choices():
+def test_executor_follows_nr_mpi_and_names_bad_choices(monkeypatch):
     def job(label, **opts):
         return JobStar(label, options={k: str(v) for k, v in opts.items()})
 
@@ -148,6 +148,11 @@ def test_executor_follows_nr_mpi_and_names_bad_choices():
         executor(job("relion.class2d", tamis_executor="mpi"))
     with pytest.raises(TamisError, match="do not go micrograph"):
         executor(job("relion.class2d", tamis_executor="dask"))
+    # a session's dask scheduler takes the micrograph jobs, not the others
+    monkeypatch.setenv("TAMIS_DASK_SCHEDULER", "tcp://head:8786")
+    assert executor(job("relion.ctffind", nr_mpi=1)) == ("dask", 1)
+    assert executor(job("relion.ctffind", nr_mpi=1, tamis_executor="local")) == ("local", 1)
+    assert executor(job("relion.class2d", nr_mpi=1)) == ("local", 1)
 
 
 def test_pipeline_job_with_two_ranks_equals_one(project):
