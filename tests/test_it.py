@@ -102,8 +102,11 @@ def test_options_file_apply_and_errors(tmp_path):
 def test_it_only_save_and_status(tmp_path):
     r = CliRunner().invoke(app, ["it", "--project", str(tmp_path), "--angpix", "1.2",
                                  "--diameter", "150", "--nr_classes", "20", "--only_save",
+                                 "--nr_mpi", "4",
                                  "--set", "proc__select_parts__rank_threshold=0.3"])  # fmt: skip
     assert r.exit_code == 0, r.output
+    for job in ("prep/ctffind", "proc/autopick", "proc/class2d", "proc/refine3d"):
+        assert JobStar.read(tmp_path / "Schemes" / job).options["nr_mpi"] == "4"
     assert (tmp_path / "relion_it_options.py").is_file()
     assert JobStar.read(tmp_path / "Schemes/proc/select_parts").options["rank_threshold"] == "0.3"
     assert JobStar.read(tmp_path / "Schemes/prep/importmics").options["angpix"] == "1.2"

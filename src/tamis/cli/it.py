@@ -55,6 +55,12 @@ def it(
     nr_classes: int = typer.Option(None, "--nr_classes", help="2D classes."),
     iterations: int = typer.Option(None, "--iter", help="VDAM mini-batches (nr_iter_grad)."),
     threads: int = typer.Option(None, "--j", help="Threads for 2D classification."),
+    nr_mpi: int = typer.Option(
+        None,
+        "--nr_mpi",
+        help="RELION's MPI processes: torchrun ranks for 2D and 3D, dask workers for motion "
+        "correction, CTF, picking and extraction (docs/scale-out.md).",
+    ),
     ctf_maxres: float = typer.Option(
         None, "--ctf_maxres", help="Keep micrographs whose CTF fit reaches this resolution (A)."
     ),
@@ -115,6 +121,10 @@ def it(
         "prep__wait_sec": wait_sec, "proc__wait_sec": wait_sec,
         "prep__nr_mics_to_process": nr_mics, "proc__nr_mics_to_process": nr_mics,
     }  # fmt: skip
+    if nr_mpi is not None:
+        for job in ("prep__motioncorr", "prep__ctffind", "proc__autopick", "proc__extract",
+                    "proc__class2d", "proc__inimodel3d", "proc__refine3d"):  # fmt: skip
+            simple[f"{job}__nr_mpi"] = nr_mpi
     opts.update({k: v for k, v in simple.items() if v is not None})
     for item in set_ or []:
         key, sep, value = item.partition("=")
