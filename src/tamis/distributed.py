@@ -131,11 +131,13 @@ def session(device: torch.device, *, timeout_minutes: float | None = None) -> It
     previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
     try:
         yield world()
+    except BaseException:
+        raise  # no barrier: the others may be in another collective; leaving ends this rank
+    else:
+        with contextlib.suppress(Exception):
+            dist.barrier()  # all ranks done before the group goes
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if sys.exc_info()[0] is None:
-            with contextlib.suppress(Exception):
-                dist.barrier()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
 
