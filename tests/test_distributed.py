@@ -84,9 +84,18 @@ def _assert_same(a: str, b: str, it: int) -> None:
     ra, _ = read_mrc(f"{a}_it{it:03d}_classes.mrcs")
     rb, _ = read_mrc(f"{b}_it{it:03d}_classes.mrcs")
     assert np.abs(ra - rb).max() <= CLASS_IMAGE_RTOL * np.ptp(ra)
-    la = float(read_star(f"{a}_it{it:03d}_model.star")["model_general"]["rlnLogLikelihood"])
-    lb = float(read_star(f"{b}_it{it:03d}_model.star")["model_general"]["rlnLogLikelihood"])
+    ma, mb = read_star(f"{a}_it{it:03d}_model.star"), read_star(f"{b}_it{it:03d}_model.star")
+    la = float(ma["model_general"]["rlnLogLikelihood"])
+    lb = float(mb["model_general"]["rlnLogLikelihood"])
     assert abs(la - lb) <= LOGLIK_RTOL * abs(la)
+    # the accuracy estimates: each rank estimates its share of RELION's 10 particles
+    for label in ("rlnAccuracyRotations", "rlnAccuracyTranslationsAngst"):
+        np.testing.assert_allclose(
+            ma["model_classes"][label].to_numpy(float),
+            mb["model_classes"][label].to_numpy(float),
+            rtol=1e-12,
+            err_msg=label,
+        )
 
 
 @pytest.mark.parametrize(

@@ -519,13 +519,14 @@ class Class2DRun:
         self.state.perturbation = self.sampling.perturbation
         if step.acc_inputs is not None and self.estimates_accuracy(it):
             ctf10, sig10, angles10 = step.acc_inputs
-            rot, tr = expected_accuracy(
+            rot, tr = accuracy_over_ranks(
                 step.grids,
                 old.pdf_class,
                 step.window,
                 ctf10,
                 sig10,
-                lambda turns: self.turned_orientations(angles10, turns),
+                angles10,
+                self.turned_orientations,
                 space=self.space,
                 pad=self.options.pad,
             )
@@ -1075,6 +1076,34 @@ class Class2DRun:
             class_priors=self.options.grad,
         )
         return files
+
+
+def accuracy_over_ranks(
+    grids, pdf_class, window, ctf, sigma2, angles, turned_of, *, space, pad: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`expected_accuracy` of the particles ``ctf``/``sigma2``/``angles`` (10 in 2D, 100
+    in 3D), each rank estimating its share of them; the per-class means joined over ranks
+    (``turned_of(angles, turns)`` as :meth:`Class2DRun.turned_orientations`)."""
+    ranks = distributed.world()
+    if ranks.size == 1:
+        return expected_accuracy(
+            grids, pdf_class, window, ctf, sigma2, lambda t: turned_of(angles, t),
+            space=space, pad=pad,
+        )  # fmt: skip
+    p = ctf.shape[0]
+    lo, hi = distributed.share(p, ranks)
+    k = grids.shape[0]
+    rot = torch.zeros(k, dtype=torch.float64, device=grids.device)
+    tr = torch.zeros_like(rot)
+    if hi > lo:
+        mine = angles[lo:hi]
+        r, t = expected_accuracy(
+            grids, pdf_class, window, ctf[lo:hi], sigma2[lo:hi],
+            lambda turns: turned_of(mine, turns), space=space, pad=pad,
+        )  # fmt: skip
+        rot, tr = r * (hi - lo), t * (hi - lo)
+    distributed.all_sum([rot, tr])
+    return rot / p, tr / p
 
 
 # ---- vectorised helpers ----------------------------------------------------------------------

@@ -41,8 +41,7 @@ import torch
 
 from tamis import distributed
 from tamis.class2d import mstep
-from tamis.class2d.accuracy import expected_accuracy
-from tamis.class2d.em import Class2DRun, JobAborted, ranked_job
+from tamis.class2d.em import Class2DRun, JobAborted, accuracy_over_ranks, ranked_job
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -296,13 +295,14 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         data, _ = self._prepare(images, rows, window, it)
         grids = reference_grids(self.state.refs, pad=o.pad, r_max=cs / 2)
         angles = self.angles_of(rows)
-        rot, tr = expected_accuracy(
+        rot, tr = accuracy_over_ranks(
             grids,
             self.state.pdf_class,
             window,
             data.ctf,
             data.sigma2,
-            lambda turns: self.turned_orientations(angles, turns),
+            angles,
+            self.turned_orientations,
             space=self.space,
             pad=o.pad,
         )
