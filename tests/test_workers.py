@@ -127,15 +127,11 @@ def _same(a: dict, b: dict) -> None:
 
 
 @needs_dask
-def test_local_cluster_ctf_picking_extraction_equal_serial(tmp_path):
+def test_local_cluster_ctf_picking_extraction_equal_serial(tmp_path, monkeypatch):
     from tests.helpers import tiny_micrographs
 
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        tiny_micrographs("Import/job001", n=4, size=384, per=12, snr=0.3, seed=2)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # project-relative names, as RELION's
+    tiny_micrographs("Import/job001", n=4, size=384, per=12, snr=0.3, seed=2)
     p = Project(tmp_path)
     names = {}
     for mpi in ("1", "2"):
@@ -166,12 +162,8 @@ def test_a_sessions_scheduler_takes_every_micrograph_job(tmp_path, monkeypatch):
 
     from tests.helpers import tiny_micrographs
 
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        tiny_micrographs("Import/job001", n=3, size=384, per=12, snr=0.3, seed=2)
-    finally:
-        os.chdir(cwd)
+    monkeypatch.chdir(tmp_path)  # project-relative names, as RELION's
+    tiny_micrographs("Import/job001", n=3, size=384, per=12, snr=0.3, seed=2)
     p = Project(tmp_path)
     opts = {"fn_input_autopick": "Import/job001/micrographs.star", "log_diam_min": "90",
             "log_diam_max": "130"}  # fmt: skip
