@@ -177,3 +177,15 @@ def test_a_sessions_scheduler_takes_every_micrograph_job(tmp_path, monkeypatch):
         out = (tmp_path / on_dask / "run.out").read_text()
         assert f"on 2 dask workers ({cluster.scheduler_address})" in out
     _same(_outputs(tmp_path / serial), _outputs(tmp_path / on_dask))
+
+
+@needs_dask
+def test_a_scheduler_without_workers_is_one_error_not_a_wait(monkeypatch):
+    from dask.distributed import LocalCluster
+
+    from tamis.errors import TamisError
+
+    monkeypatch.setenv("TAMIS_DASK_WAIT", "2")
+    with LocalCluster(n_workers=0, dashboard_address=None, silence_logs=40) as cluster:
+        with pytest.raises(TamisError, match="no worker joined within 2 s"):
+            dict(map_items(abs, [1, 2], Workers(cluster=cluster.scheduler_address)))

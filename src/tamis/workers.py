@@ -124,6 +124,20 @@ def _client(workers: Workers):
         yield client
 
 
+def _wait_for_a_worker(client, where: str) -> None:
+    """At least one worker, or one clear error after ``TAMIS_DASK_WAIT`` seconds (default 600:
+    a SLURM queue may take a while), never a job waiting for ever on a scheduler without
+    workers."""
+    seconds = float(os.environ.get("TAMIS_DASK_WAIT", "600"))
+    try:
+        client.wait_for_workers(1, timeout=seconds)
+    except (TimeoutError, OSError):
+        raise TamisError(
+            f"dask scheduler {where}: no worker joined within {seconds:g} s (start workers, "
+            "or set TAMIS_DASK_WAIT)"
+        ) from None
+
+
 def map_items(
     fn: Callable[[Any], Any],
     items: Sequence[Any],
@@ -147,8 +161,8 @@ def map_items(
         from dask.distributed import as_completed
 
         with _client(workers) as client:
-            if workers.cluster == "slurm":
-                client.wait_for_workers(1)
+            if workers.cluster not in ("", "local"):  # a queue or a scheduler of the session
+                _wait_for_a_worker(client, workers.cluster)
             if log is not None:
                 where = "a LocalCluster" if workers.cluster in ("", "local") else workers.cluster
                 log(
