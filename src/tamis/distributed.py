@@ -34,7 +34,6 @@ __all__ = [
     "any_flag",
     "broadcast_tensors",
     "broadcast_object",
-    "gather_object",
     "write_shared",
     "launch_command",
     "COMM_STATS",
@@ -259,17 +258,6 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def gather_object(obj):
-    """Every rank's (picklable) object, in rank order, on rank 0 (None on the others)."""
-    if not _dist():
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(obj, out, dst=0)
-    return out
 
 
 def write_shared(path, head: str, chunk: str, tail: str) -> None:

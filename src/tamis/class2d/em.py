@@ -731,7 +731,7 @@ class Class2DRun:
                             log_prior_orient=lp_orient,
                         )
                     except (RuntimeError, MemoryError) as exc:
-                        if not _out_of_memory(exc):
+                        if not is_out_of_memory(exc):
                             raise
                         if len(rows) == 1:
                             raise TamisError(
@@ -1109,10 +1109,6 @@ def accuracy_over_ranks(
 # ---- vectorised helpers ----------------------------------------------------------------------
 
 
-def _out_of_memory(exc: BaseException) -> bool:
-    return is_out_of_memory(exc)
-
-
 def _release_memory(device: torch.device) -> None:
     import gc
 
@@ -1235,18 +1231,10 @@ def run_class2d(
     run class (the 3D initial model drives its :class:`Class2DRun` subclass through here).
     """
     with ranked_job(options, log, show_progress) as (ranks, abort_requested, log, show_progress):
-        return _run(
-            particles_path,
-            output_root,
-            options,
-            continue_from=continue_from,
-            changed=changed,
-            log=log,
-            show_progress=show_progress,
-            run_type=run_type,
-            ranks=ranks,
-            abort_requested=abort_requested,
-        )
+        return _iterate(
+            particles_path, output_root, options, continue_from, changed, log, show_progress,
+            run_type, ranks, abort_requested,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -1271,19 +1259,11 @@ def _silent(text: str) -> None:
     pass
 
 
-def _run(
-    particles_path,
-    output_root,
-    options,
-    *,
-    continue_from,
-    changed,
-    log,
-    show_progress,
-    run_type,
-    ranks: distributed.Ranks,
-    abort_requested: Callable[[], bool],
-) -> Class2DResult:
+def _iterate(
+    particles_path, output_root, options, continue_from, changed, log, show_progress, run_type,
+    ranks: distributed.Ranks, abort_requested: Callable[[], bool],
+) -> Class2DResult:  # fmt: skip
+    """:func:`run_class2d`'s body, inside :func:`ranked_job`."""
     main = ranks.rank == 0
     parallel = ranks.size > 1
     if continue_from is not None:
