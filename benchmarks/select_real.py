@@ -126,6 +126,8 @@ def main() -> None:
     ap.add_argument("--K", type=int, default=50)
     ap.add_argument("--iter", type=int, default=200)
     ap.add_argument("--gallery", default=None, help="copy the class gallery PNG here")
+    ap.add_argument("--model", default=None, help="ranker weights (default: the shipped ones)")
+    ap.add_argument("--tag", default="", help="suffix of the rank_* folders and the report")
     ap.add_argument("--j", type=int, default=os.cpu_count() or 1, help="threads")
     args = ap.parse_args()
     torch.set_num_threads(args.j)
@@ -147,14 +149,16 @@ def main() -> None:
     truth = pd.read_csv(work / "ground_truth.csv")
     report = {"manual_in_bounds": n_manual, "class2d_seconds": round(seconds, 1)}
     report["extracted"] = outcome(read_data_star(star).table, truth, n_manual)
-    for tag, options in (("classes_only", RankOptions(screen=None)), ("default", RankOptions())):
-        res = rank_classes(optimiser, work / f"rank_{tag}", options, log=lambda s: None)
+    runs = (("classes_only", RankOptions(model=args.model, screen=None)),
+            ("default", RankOptions(model=args.model)))  # fmt: skip
+    for tag, options in runs:
+        res = rank_classes(optimiser, work / f"rank_{tag}{args.tag}", options, log=lambda s: None)
         report[tag] = outcome(read_data_star(res.particles).table, truth, n_manual)
         report[tag]["classes_selected"] = len(res.selected)
     print(json.dumps(report, indent=1))
-    (work / "report.json").write_text(json.dumps(report, indent=1))
+    (work / f"report{args.tag}.json").write_text(json.dumps(report, indent=1))
     if args.gallery:
-        shutil.copy(work / "rank_default" / "gallery.png", args.gallery)
+        shutil.copy(work / f"rank_default{args.tag}" / "gallery.png", args.gallery)
 
 
 if __name__ == "__main__":

@@ -278,12 +278,21 @@ def main() -> None:
     ap.add_argument("--variety-test-jobs", type=int, default=0, help="held-out assembly jobs")
     ap.add_argument("--model", default=None, help="evaluate these weights (no training)")
     ap.add_argument("--report", default=None, help="write the evaluation JSON here")
+    ap.add_argument(
+        "--image-scale", default="job", choices=["job", "absolute"],
+        help="class images in the job's intensity unit (default) or as written",
+    )  # fmt: skip
+    ap.add_argument("--seed", type=int, default=12, help="training seed (validation split, order)")
+    ap.add_argument("--members", type=int, default=1, help="networks averaged (an ensemble)")
     ap.add_argument("--install", action="store_true")
     ap.add_argument(
         "--evaluate-only", action="store_true", help="evaluate the model already in --work/ranker"
     )
     args = ap.parse_args()
     work = Path(args.work)
+    scale = args.image_scale
+    if args.model:  # evaluate a model in the unit it was trained in
+        scale = load_ranker(args.model)[1].get("image_scale", "absolute")
     train_parts, test_parts, records, test_jobs = [], [], [], []
     specs = [(make_job, j, False) for j in range(args.jobs)]
     specs += [(make_mic_job, j, False) for j in range(args.mic_jobs)]
@@ -294,7 +303,7 @@ def main() -> None:
     for j, (maker, jj, test) in enumerate(specs):
         optimiser, truth, cfg = maker(work, jj, test)
         tiers = tiers_from_truth(optimiser, truth)
-        ex = job_examples(optimiser, tiers, job_index=j)
+        ex = job_examples(optimiser, tiers, job_index=j, image_scale=scale)
         (test_parts if test else train_parts).append(ex)
         if test:
             test_jobs.append((optimiser, truth, tiers))
@@ -314,7 +323,9 @@ def main() -> None:
         model = train_ranker(
             train,
             work / "ranker",
-            RankTrainOptions(epochs=args.epochs),
+            RankTrainOptions(
+                epochs=args.epochs, image_scale=scale, seed=args.seed, members=args.members
+            ),
             provenance={"script": "scripts/train_ranker.py", "jobs": records},
         )
     net, meta = load_ranker(model)

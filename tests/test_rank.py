@@ -6,9 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from tamis.class2d import Class2DOptions, run_class2d
 from tamis.io.star import read_star
+from tamis.rank.features import network_features
 from tamis.rank.screen import ScreenOptions, screen_particles
 from tamis.rank.select import (
     RankOptions,
@@ -109,6 +111,55 @@ def test_train_and_rank_a_job(job, tmp_path):
         (scores["tamisProbabilityGood"][ok] >= 0) & (scores["tamisProbabilityGood"][ok] <= 1)
     ).all()
     assert not (sel / "particle_screen.csv").exists()
+
+
+def test_job_image_scale_makes_scores_independent_of_brightness(job, tmp_path):
+    """In the job's intensity unit a ranker gives the same scores when every class average is
+    twice as bright (another binning, dose or particle size); in absolute units it does not.
+    A model record with an unknown unit is one clear error."""
+    import json
+    import shutil
+
+    import mrcfile
+
+    from tamis.errors import InputFileError
+    from tamis.rank.select import job_class_features, load_ranker
+
+    out, result = job
+    tiers = tiers_from_truth(result.optimiser, out / "sim" / "ground_truth.csv")
+    model = train_ranker(
+        job_examples(result.optimiser, tiers, image_scale="job"),
+        tmp_path / "ranker",
+        RankTrainOptions(epochs=1, image_scale="job"),
+        log=lambda s: None,
+    )
+    assert load_ranker(model)[1]["image_scale"] == "job"
+    # a copy of the job whose class averages are all twice as bright
+    c2d = tmp_path / "c2d"
+    shutil.copytree(result.optimiser.parent, c2d)
+    stem = result.optimiser.name.replace("_optimiser.star", "")
+    for name in ("optimiser", "model"):
+        f = c2d / f"{stem}_{name}.star"
+        f.write_text(f.read_text().replace(str(result.optimiser.parent), str(c2d)))
+    with mrcfile.open(c2d / f"{stem}_classes.mrcs", "r+") as m:
+        m.data[...] *= 2
+    a, b = job_inputs(result.optimiser), job_inputs(c2d / result.optimiser.name)
+    assert np.allclose(b["images"], 2 * a["images"])
+    fa, ia, _ = job_class_features(a, "job")
+    fb, ib, _ = job_class_features(b, "job")
+    np.testing.assert_allclose(np.stack(ia), np.stack(ib), rtol=1e-5, atol=1e-6)
+    _, ia_abs, _ = job_class_features(a, "absolute")
+    _, ib_abs, _ = job_class_features(b, "absolute")
+    np.testing.assert_allclose(np.stack(ib_abs), 2 * np.stack(ia_abs), rtol=1e-5, atol=1e-6)
+    opts = RankOptions(min_score=-1e9, model=str(model), screen=None, gallery=False)
+    sa = rank_classes(result.optimiser, tmp_path / "A", opts, log=lambda s: None).scores
+    sb = rank_classes(c2d / result.optimiser.name, tmp_path / "B", opts, log=lambda s: None).scores
+    np.testing.assert_allclose(sa, sb, atol=1e-4)
+    record = model.with_suffix(".json")
+    meta = json.loads(record.read_text())
+    record.write_text(json.dumps({**meta, "image_scale": "per-pixel"}))
+    with pytest.raises(InputFileError, match="image_scale"):
+        load_ranker(model)
 
 
 def test_particle_screen_after_the_class_selection(job, tmp_path):
@@ -247,3 +298,35 @@ def test_cli_rank_particle_screen_switch(job, tmp_path):
     assert "tamisAnglePsi" in report  # the re-aligned pose is reported
     out = CliRunner().invoke(app, [*base, "--o", str(tmp_path / "E"), "--screen_min_misfit", "6"])
     assert out.exit_code == 1 and "screen_min_misfit" in out.output
+
+
+def test_ensemble_trains_saves_and_averages(job, tmp_path):
+    """``members`` networks from different seeds in one file (``members.<i>.`` keys): loaded as
+    an ensemble whose score is the members' mean, each member a RELION-layout network."""
+    from safetensors.torch import load_file
+
+    from tamis.rank.network import ClassRankerNet, RankerEnsemble
+    from tamis.rank.select import load_ranker
+
+    out, result = job
+    tiers = tiers_from_truth(result.optimiser, out / "sim" / "ground_truth.csv")
+    ex = job_examples(result.optimiser, tiers)
+    model = train_ranker(
+        ex, tmp_path / "ens", RankTrainOptions(epochs=1, members=3), log=lambda s: None
+    )
+    net, meta = load_ranker(model)
+    assert isinstance(net, RankerEnsemble) and len(net.members) == 3
+    assert len(meta["history"]) == 3 and meta["options"]["members"] == 3
+    state = load_file(str(model))
+    single = ClassRankerNet()
+    single.load_state_dict(
+        {k.split(".", 2)[2]: v for k, v in state.items() if k.startswith("members.1.")}
+    )
+    single.eval()
+    x = torch.from_numpy(ex.images)[:, None]
+    f = torch.from_numpy(network_features(ex.features))
+    with torch.no_grad():
+        each = [m(x, f) for m in net.members]
+        assert not torch.allclose(each[0], each[1])  # different seeds
+        torch.testing.assert_close(single(x, f), each[1])
+        torch.testing.assert_close(net(x, f), sum(each) / 3)

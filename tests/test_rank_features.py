@@ -213,3 +213,26 @@ def test_class_features_and_vector():
     assert float(im.mean()) == pytest.approx(
         float(disc[32 - 25 : 32 + 25, 32 - 25 : 32 + 25].mean()), rel=1e-6
     )
+
+
+def test_job_intensity_scale_against_loop():
+    from tamis.rank.features import JOB_IMAGE_SD, job_intensity_scale
+
+    g = np.random.default_rng(7)
+    n, p, d = 32, 3.0, 70.0
+    images = g.standard_normal((4, n, n)) * np.array([0.5, 1.0, 2.0, 4.0])[:, None, None]
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    sds = []
+    for img in images:
+        vals = [img[i, j] for i in range(n) for j in range(n)
+                if (i - n // 2) ** 2 + (j - n // 2) ** 2 <= (d / (2 * p)) ** 2]  # fmt: skip
+        m = sum(vals) / len(vals)
+        sds.append(math.sqrt(sum((v - m) ** 2 for v in vals) / len(vals)))
+    want = JOB_IMAGE_SD / (sum(wi * s for wi, s in zip(w, sds, strict=True)) / w.sum())
+    assert job_intensity_scale(images, w, p, d) == pytest.approx(want, rel=1e-12)
+    # a diameter beyond the box is the box's inscribed circle; flat images or no weight: 1
+    assert job_intensity_scale(images, w, p, 1e4) == pytest.approx(
+        job_intensity_scale(images, w, p, n * p), rel=1e-12
+    )
+    assert job_intensity_scale(np.zeros((2, n, n)), [1, 1], p, d) == 1.0
+    assert job_intensity_scale(images, np.zeros(4), p, d) == 1.0

@@ -105,6 +105,7 @@ def train(
 ) -> None:
     """Train (or fine-tune) the ranker on 2D jobs labelled by a person or by ground truth."""
     from tamis.errors import TamisError
+    from tamis.rank.select import load_ranker
     from tamis.rank.train import (
         Examples,
         RankTrainOptions,
@@ -117,14 +118,16 @@ def train(
     labels = select or truth
     if not labels or len(labels) != len(opt):
         raise TamisError("give one --select (or --truth) per --opt")
+    # fine-tuning keeps the intensity unit the initial weights were trained in
+    scale = load_ranker(init)[1].get("image_scale", "absolute") if init else "job"
     parts = []
     for j, (op, lab) in enumerate(zip(opt, labels, strict=True)):
         tiers = selection_tiers(lab) if select else tiers_from_truth(op, lab)
-        parts.append(job_examples(op, tiers, j))
+        parts.append(job_examples(op, tiers, j, image_scale=scale))
     path = train_ranker(
         Examples.concat(parts),
         o,
-        RankTrainOptions(epochs=epochs, init=str(init) if init else None, lr=lr),
+        RankTrainOptions(epochs=epochs, init=str(init) if init else None, lr=lr, image_scale=scale),
         log=lambda s: console.print(s, highlight=False),
     )
     console.print(f"model: {path}", highlight=False)

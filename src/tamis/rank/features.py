@@ -37,9 +37,21 @@ __all__ = [
     "GLOBAL_MEAN",
     "GLOBAL_STD",
     "UNIFORM_ANGPIX",
+    "IMAGE_SCALES",
+    "JOB_IMAGE_SD",
+    "job_intensity_scale",
 ]
 
 UNIFORM_ANGPIX = 4.0
+
+#: How class images enter the features and the network: ``absolute`` as the 2D job wrote them
+#: (RELION's ranker; a class average's brightness then depends on the particle's size, the
+#: binning and the dose), or ``job``: every class image of a job multiplied by one factor that
+#: brings the job's particle-weighted mean class contrast to ``JOB_IMAGE_SD`` (the classes keep
+#: their brightness relative to each other).
+IMAGE_SCALES = ("absolute", "job")
+#: The job unit's target: about the median of tamis's training jobs in absolute units.
+JOB_IMAGE_SD = 0.6
 LOWPASS = 25.0
 RADIUS_RATIO = 0.95
 
@@ -66,6 +78,23 @@ class Moments:
 def _radius2(n: int) -> np.ndarray:
     c = np.arange(n) - n // 2
     return (c[:, None] ** 2 + c[None, :] ** 2).astype(np.float64)
+
+
+def job_intensity_scale(
+    images: np.ndarray, weights: np.ndarray, pixel_size: float, diameter: float
+) -> float:
+    """The factor that brings the ``weights``-weighted mean of the class images' standard
+    deviations inside the particle circle (``diameter`` in A) to ``JOB_IMAGE_SD``; 1 when the
+    images are flat or no class has weight."""
+    n = images.shape[-1]
+    radius = min(n / 2.0, diameter / (2.0 * pixel_size))
+    inside = _radius2(n) <= radius * radius
+    sd = images[:, inside].astype(np.float64).std(axis=1)
+    w = np.asarray(weights, dtype=np.float64)
+    if w.sum() <= 0:
+        return 1.0
+    mean_sd = float((w * sd).sum() / w.sum())
+    return JOB_IMAGE_SD / mean_sd if mean_sd > 1e-12 else 1.0
 
 
 def moments(img: np.ndarray, inner: float, outer: float, mask: np.ndarray | None = None) -> Moments:

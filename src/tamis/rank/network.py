@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["ClassRankerNet", "N_FEATURES", "IMAGE_SIZE"]
+__all__ = ["ClassRankerNet", "RankerEnsemble", "N_FEATURES", "IMAGE_SIZE"]
 
 N_FEATURES = 24
 IMAGE_SIZE = 64
@@ -58,3 +58,16 @@ class ClassRankerNet(nn.Module):
         x = self.cnn_layers(images)
         x = self.feature_extractor(x.flatten(1))
         return self.classifier_images_and_features(torch.cat([x, features], 1))
+
+
+class RankerEnsemble(nn.Module):
+    """Several ``ClassRankerNet`` trained from different seeds; the score is their mean (one
+    network's score varies with its seed on data unlike its training set). State-dict keys are
+    ``members.<i>.<RELION's key>``."""
+
+    def __init__(self, members: list[ClassRankerNet]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(images, features) for m in self.members]).mean(0)

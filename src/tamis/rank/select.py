@@ -26,8 +26,15 @@ from tamis.io.particles import ParticleSet
 from tamis.io.records import read_model_record
 from tamis.io.star import DataStar, atomic_path, read_data_star, read_star, write_star
 from tamis.pictures import to_uint8
-from tamis.rank.features import class_features, cnn_image, feature_vector, network_features
-from tamis.rank.network import ClassRankerNet
+from tamis.rank.features import (
+    IMAGE_SCALES,
+    class_features,
+    cnn_image,
+    feature_vector,
+    job_intensity_scale,
+    network_features,
+)
+from tamis.rank.network import ClassRankerNet, RankerEnsemble
 from tamis.rank.screen import ScreenOptions, noise_spectra, particle_fit, screen_particles
 
 __all__ = [
@@ -70,9 +77,12 @@ class RankResult:
     n_in_classes: int = 0  # particles of the selected classes, before the particle screen
 
 
-def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
-    """The network with weights from a safetensors state dict (RELION's key layout) and its
-    JSON record (calibration, provenance). Only tensors are read."""
+def load_ranker(
+    path: str | Path | None = None,
+) -> tuple[ClassRankerNet | RankerEnsemble, dict]:
+    """The network with weights from a safetensors state dict (RELION's key layout, or
+    ``members.<i>.``-prefixed for an ensemble) and its JSON record (calibration, provenance).
+    Only tensors are read."""
     from safetensors.torch import load_file
 
     path = Path(path) if path is not None else SHIPPED_RANKER
@@ -84,7 +94,12 @@ def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
         raise InputFileError(
             path, f"not a safetensors state dict ({' '.join(str(exc).split())})"
         ) from None
-    net = ClassRankerNet()
+    n_members = len({k.split(".")[1] for k in state if k.startswith("members.")})
+    net: ClassRankerNet | RankerEnsemble = (
+        RankerEnsemble([ClassRankerNet() for _ in range(n_members)])
+        if n_members
+        else ClassRankerNet()
+    )
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
@@ -101,6 +116,10 @@ def load_ranker(path: str | Path | None = None) -> tuple[ClassRankerNet, dict]:
         )
         if not ok:
             raise InputFileError(path.with_suffix(".json"), "calibration must hold numbers a and b")
+    if meta.get("image_scale", "absolute") not in IMAGE_SCALES:
+        raise InputFileError(
+            path.with_suffix(".json"), f"image_scale must be one of {', '.join(IMAGE_SCALES)}"
+        )
     return net, meta
 
 
@@ -162,9 +181,15 @@ def _resolution(model: dict, c: int, pixel: float) -> float:
     return 2 * pixel
 
 
-def job_class_features(job: dict) -> tuple[list, list[np.ndarray], list[int]]:
+def job_class_features(
+    job: dict, image_scale: str = "absolute"
+) -> tuple[list, list[np.ndarray], list[int]]:
     """RELION's features and CNN image of every class of a job (``job_inputs``) with more than
-    10 estimated particles; returns (features, images, 0-based class numbers)."""
+    10 estimated particles; returns (features, images, 0-based class numbers). ``image_scale``
+    ``job`` scales the job's class images to its own intensity unit first
+    (``features.job_intensity_scale``; ``absolute``, RELION's way, leaves them)."""
+    if image_scale not in IMAGE_SCALES:
+        raise TamisError(f"image_scale must be one of {', '.join(IMAGE_SCALES)}")
     opt, general, classes, images = job["optimiser"], job["general"], job["classes"], job["images"]
     pixel = float(general["rlnPixelSize"])
     diameter = float(opt.get("rlnParticleDiameter", images.shape[-1] * pixel))
@@ -174,13 +199,22 @@ def job_class_features(job: dict) -> tuple[list, list[np.ndarray], list[int]]:
     def column(label: str, default: float) -> pd.Series:
         return classes.get(label, pd.Series([default] * k))
 
-    feats, imgs, kept = [], [], []
-    for c in range(k):
-        frac = float(classes["rlnClassDistribution"].iloc[c])
-        if frac * n_total <= 10:
-            continue
+    fractions = classes["rlnClassDistribution"].to_numpy(float)
+    scored = [c for c in range(k) if fractions[c] * n_total > 10]
+
+    def image_index(c: int) -> int:
         name = str(classes["rlnReferenceImage"].iloc[c])
-        index = int(name.split("@", 1)[0]) if "@" in name else c + 1
+        return int(name.split("@", 1)[0]) if "@" in name else c + 1
+
+    scale = 1.0
+    if image_scale == "job" and scored:
+        scale = job_intensity_scale(
+            images[[image_index(c) - 1 for c in scored]], fractions[scored], pixel, diameter
+        )
+    feats, imgs, kept = [], [], []
+    for c in scored:
+        frac = float(fractions[c])
+        index = image_index(c)
         res = float(column("rlnEstimatedResolution", 0.0).iloc[c])
         if not 0 < res < 999:
             res = _resolution(job["model"], c, pixel)
@@ -188,7 +222,7 @@ def job_class_features(job: dict) -> tuple[list, list[np.ndarray], list[int]]:
         acc_tr = float(column("rlnAccuracyTranslationsAngst", 999.0).iloc[c])
         if acc_rot > 99 or acc_tr > 99:  # RELION recomputes them; without particles: its defaults
             acc_rot, acc_tr = 5.0, 8.0 * pixel
-        img = images[index - 1].astype(np.float64)
+        img = images[index - 1].astype(np.float64) * scale
         feats.append(
             class_features(
                 img,
@@ -221,10 +255,10 @@ def rank_classes(
     out.mkdir(parents=True, exist_ok=True)
     n_total = len(data.table)
     k = len(classes)
-    feats, imgs, kept = job_class_features(job)
+    net, meta = load_ranker(options.model)
+    feats, imgs, kept = job_class_features(job, meta.get("image_scale", "absolute"))
     scores = np.full(k, -999.0)
     prob = np.full(k, np.nan)
-    net, meta = load_ranker(options.model)
     if options.screen is not None:
         choose_device(options.screen.device)  # a bad device fails now, not after the ranking
     if options.min_score is None:

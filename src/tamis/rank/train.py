@@ -27,7 +27,7 @@ from tamis import __version__
 from tamis.errors import TamisError
 from tamis.io.star import read_star
 from tamis.rank.features import feature_vector, network_features
-from tamis.rank.network import ClassRankerNet
+from tamis.rank.network import ClassRankerNet, RankerEnsemble
 from tamis.rank.select import job_class_features, job_inputs, load_ranker
 
 __all__ = [
@@ -77,10 +77,16 @@ def target_scores(tiers: np.ndarray, resolution: np.ndarray, job_score: float = 
 
 
 def job_examples(
-    optimiser: str | Path, tiers: np.ndarray, job_index: int = 0, job_score: float = 1.0
+    optimiser: str | Path,
+    tiers: np.ndarray,
+    job_index: int = 0,
+    job_score: float = 1.0,
+    image_scale: str = "job",
 ) -> Examples:
-    """Examples of one 2D job; ``tiers[c]`` per class (0 bad, 1-4 good to fair)."""
-    feats, imgs, kept = job_class_features(job_inputs(optimiser))
+    """Examples of one 2D job; ``tiers[c]`` per class (0 bad, 1-4 good to fair), class images
+    in ``image_scale`` units (``features.IMAGE_SCALES``; the model must be trained and used
+    with the same)."""
+    feats, imgs, kept = job_class_features(job_inputs(optimiser), image_scale)
     if not kept:
         raise TamisError(f"{optimiser}: no class with more than 10 particles")
     t = np.asarray(tiers)[kept]
@@ -153,6 +159,8 @@ class RankTrainOptions:
     validation_jobs: float = 0.2  # fraction of jobs held out
     seed: int = 12
     init: str | None = None  # fine-tune from these weights
+    image_scale: str = "job"  # how the examples' class images were scaled (features.IMAGE_SCALES)
+    members: int = 1  # networks trained from different seeds; the ranker averages their scores
 
 
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -200,8 +208,6 @@ def train_ranker(
     from tamis.io.star import atomic_path
 
     o = options
-    gen = torch.Generator().manual_seed(o.seed)
-    torch.manual_seed(o.seed)
     jobs = np.unique(examples.job)
     rng = np.random.default_rng(o.seed)
     n_val = max(1, int(round(o.validation_jobs * len(jobs)))) if len(jobs) > 1 else 0
@@ -210,33 +216,55 @@ def train_ranker(
     tr = np.flatnonzero(~is_val)
     va = np.flatnonzero(is_val) if n_val else tr
     if o.init:
-        net, _ = load_ranker(o.init)
+        init_net, init_meta = load_ranker(o.init)
+        if init_meta.get("image_scale", "absolute") != o.image_scale:
+            raise TamisError(
+                f"{o.init}: trained with image_scale {init_meta.get('image_scale', 'absolute')}, "
+                f"the examples have {o.image_scale}"
+            )
+        nets = list(init_net.members) if isinstance(init_net, RankerEnsemble) else [init_net]
     else:
-        net = ClassRankerNet(dropout=o.dropout)
-    opt = torch.optim.Adam(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        nets = []
+        for m in range(o.members):
+            torch.manual_seed(o.seed + 1000 * m)
+            nets.append(ClassRankerNet(dropout=o.dropout))
     x_img = torch.from_numpy(examples.images)[:, None]
     x_feat = torch.from_numpy(network_features(examples.features))
     y = torch.from_numpy(examples.targets.astype(np.float32))[:, None]
-    history = []
-    for epoch in range(1, o.epochs + 1):
-        net.train()
-        perm = torch.from_numpy(rng.permutation(tr))
-        losses = []
-        for s in range(0, len(perm), o.batch_size):
-            idx = perm[s : s + o.batch_size]
-            pred = net(_augment(x_img[idx], gen), x_feat[idx])
-            loss = F.mse_loss(pred, y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-        net.eval()
-        with torch.no_grad():
-            pv = net(x_img[va], x_feat[va])
-            vloss = float(F.mse_loss(pv, y[va]))
-        history.append({"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": vloss})
-        if epoch == 1 or epoch % 10 == 0 or epoch == o.epochs:
-            log(f"epoch {epoch:4d}: loss {history[-1]['train_loss']:.4f} (validation {vloss:.4f})")
+    history: list[list[dict]] = []
+    for m, net in enumerate(nets):
+        # every member sees the same training and validation jobs, in its own order and with
+        # its own augmentation draws
+        gen = torch.Generator().manual_seed(o.seed + 1000 * m)
+        order = np.random.default_rng(o.seed + 1000 * m)
+        opt = torch.optim.Adam(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+        history.append([])
+        for epoch in range(1, o.epochs + 1):
+            net.train()
+            perm = torch.from_numpy(order.permutation(tr))
+            losses = []
+            for s in range(0, len(perm), o.batch_size):
+                idx = perm[s : s + o.batch_size]
+                pred = net(_augment(x_img[idx], gen), x_feat[idx])
+                loss = F.mse_loss(pred, y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            net.eval()
+            with torch.no_grad():
+                vloss = float(F.mse_loss(net(x_img[va], x_feat[va]), y[va]))
+            history[m].append(
+                {"epoch": epoch, "train_loss": float(np.mean(losses)), "val_loss": vloss}
+            )
+            if epoch == 1 or epoch % 10 == 0 or epoch == o.epochs:
+                who = f"member {m + 1}/{len(nets)}, " if len(nets) > 1 else ""
+                log(
+                    f"{who}epoch {epoch:4d}: loss {history[m][-1]['train_loss']:.4f} "
+                    f"(validation {vloss:.4f})"
+                )
+    net = RankerEnsemble(nets) if len(nets) > 1 else nets[0]
+    net.eval()
     with torch.no_grad():
         val_scores = net(x_img[va], x_feat[va])[:, 0].numpy()
     calibration = _fit_calibration(val_scores, examples.good[va])
@@ -249,10 +277,11 @@ def train_ranker(
         "tamis_version": __version__,
         "options": asdict(o),
         "calibration": calibration,
+        "image_scale": o.image_scale,
         "n_examples": len(examples),
         "n_jobs": int(len(jobs)),
         "validation_jobs": sorted(int(j) for j in val_jobs),
-        "history": history,
+        "history": history[0] if len(history) == 1 else history,
         "provenance": provenance or {},
     }
     with atomic_path(out.with_suffix(".json")) as tmp:
