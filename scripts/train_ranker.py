@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -415,8 +414,19 @@ def main() -> None:
         model.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
     print(json.dumps({k: v for k, v in report.items() if k != "per_job"}, indent=2))
     if args.install:
-        shutil.copy(model, TARGET.with_suffix(".safetensors"))
-        shutil.copy(model.with_suffix(".json"), TARGET.with_suffix(".json"))
+        install(model)
+
+
+def install(model: Path) -> None:
+    """Ship ``model`` as the package's ranker, its weights stored in float16 (an ensemble of
+    three networks in float32 is 7 MB; the loader casts them back), with its record."""
+    from safetensors.torch import load_file, save_file
+
+    state = {k: v.half() for k, v in load_file(str(model)).items()}
+    save_file(state, str(TARGET.with_suffix(".safetensors")), metadata={"format": "pt"})
+    meta = json.loads(model.with_suffix(".json").read_text())
+    meta["stored_dtype"] = "float16"
+    TARGET.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str))
 
 
 if __name__ == "__main__":

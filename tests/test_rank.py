@@ -264,10 +264,15 @@ def test_granulometry_is_zeroed_for_the_network():
 
 
 def test_shipped_ranker_loads_with_its_record():
+    from tamis.rank.network import RankerEnsemble
     from tamis.rank.select import SHIPPED_RANKER, load_ranker, recommended_min_score
 
     net, meta = load_ranker()
-    assert sum(p.numel() for p in net.parameters()) == 589_003
+    # an ensemble of RELION-layout networks, seeing class images in the job's intensity unit
+    assert isinstance(net, RankerEnsemble) and len(net.members) == 3
+    assert all(sum(p.numel() for p in m.parameters()) == 589_003 for m in net.members)
+    assert next(net.parameters()).dtype == torch.float32  # stored in float16
+    assert meta["image_scale"] == "job" and meta["stored_dtype"] == "float16"
     assert meta["calibration"]["fitted"] and 0 < recommended_min_score(meta) < 1
     assert meta["test"]["test_auroc_good_vs_bad"] >= 0.95  # held-out jobs, see BENCHMARKS.md
     assert SHIPPED_RANKER.stat().st_size < 5_000_000

@@ -89,7 +89,7 @@ def load_ranker(
     if not path.is_file():
         raise InputFileError(path, "class-ranker weights not found (give --model)")
     try:
-        state = load_file(str(path))
+        state = {k: v.float() for k, v in load_file(str(path)).items()}  # float16 when shipped
     except Exception as exc:
         raise InputFileError(
             path, f"not a safetensors state dict ({' '.join(str(exc).split())})"
