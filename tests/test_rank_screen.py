@@ -324,3 +324,15 @@ def test_realign_recovers_stale_poses(tmp_path):
     np.testing.assert_allclose(dpsi, 0.0, atol=1e-6)
     # the stored origin moved the class by -origin; re-alignment moves it back by the offset
     np.testing.assert_array_equal(fixed[["shift_x", "shift_y"]].to_numpy(), off)
+
+
+def test_cli_screen_defaults_are_the_library_defaults():
+    import inspect
+
+    from tamis.cli.rank import select
+
+    d = ScreenOptions()
+    params = inspect.signature(select).parameters
+    assert params["screen_min_misfit"].default.default == d.min_misfit
+    assert params["screen_max_misfit"].default.default == d.max_misfit
+    assert params["screen_min_amplitude"].default.default == d.min_amplitude

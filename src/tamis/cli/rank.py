@@ -38,7 +38,7 @@ def select(
         5.0, "--screen_max_misfit", help="Always drop misfits this many spreads above the core."
     ),
     screen_min_misfit: float = typer.Option(
-        4.0,
+        3.0,
         "--screen_min_misfit",
         help="Never drop misfits (or amplitudes) within this many spreads of the core.",
     ),

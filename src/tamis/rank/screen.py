@@ -82,7 +82,7 @@ class ScreenOptions:
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than this many spreads; False: the fixed thresholds above
     adaptive: bool = True
-    min_misfit: float = 4.0
+    min_misfit: float = 3.0
     #: re-align each particle to its class average first (the job's psi step and offset
     #: range): a job's stored poses can be stale (VDAM), and a stale pose misfits any particle
     realign: bool = True
