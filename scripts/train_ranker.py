@@ -14,6 +14,13 @@ and small subunit, rings, rods, single proteins) filling 45-90% of a 64-px box, 
 first family's particles are small in their boxes, and a ranker trained on them alone rejected
 every class of box-filling particles on data of another generator (BENCHMARKS.md).
 
+Class images enter in each job's own intensity unit (``--image-scale job``, the default;
+``absolute`` is RELION's), and ``--members N`` trains N networks from different seeds whose mean
+score is the ranker. ``--install`` ships the result in float16. The shipped ranker:
+``--jobs 12 --mic-jobs 4 --variety-jobs 40 --test-jobs 8 --mic-test-jobs 3 --variety-test-jobs 4
+--epochs 150 --members 3 --install`` (BENCHMARKS.md, "Class selection on data it was not tuned
+on").
+
 Run: ``.venv/bin/python scripts/train_ranker.py --jobs 40 --test-jobs 8 [--install]``
 """
 
