@@ -38,7 +38,13 @@ from tamis.class2d import Class2DOptions, run_class2d
 from tamis.rank.evaluate import auroc, class_reference_rates, particle_rates
 from tamis.rank.features import network_features
 from tamis.rank.screen import ScreenOptions
-from tamis.rank.select import RankOptions, job_inputs, load_ranker, rank_classes
+from tamis.rank.select import (
+    RankOptions,
+    image_scale_of,
+    job_inputs,
+    load_ranker,
+    rank_classes,
+)
 from tamis.rank.train import (
     Examples,
     RankTrainOptions,
@@ -298,7 +304,7 @@ def main() -> None:
     work = Path(args.work)
     scale = args.image_scale
     if args.model:  # evaluate a model in the unit it was trained in
-        scale = load_ranker(args.model)[1].get("image_scale", "absolute")
+        scale = image_scale_of(load_ranker(args.model)[1])
     train_parts, test_parts, records, test_jobs = [], [], [], []
     specs = [(make_job, j, False) for j in range(args.jobs)]
     specs += [(make_mic_job, j, False) for j in range(args.mic_jobs)]

@@ -60,8 +60,6 @@ def _call(fn: Callable, item: Any, threads: int, cwd: str) -> Any:
     """One item on a worker: in the job's directory (RELION's paths are relative to the
     project, so a worker started elsewhere moves there: one project at a time per worker
     process), with the job's thread count for torch."""
-    import os
-
     import torch
 
     if os.getcwd() != cwd:

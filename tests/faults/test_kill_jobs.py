@@ -21,6 +21,7 @@ import pytest
 from tamis.io.mrc import mrc_is_complete, read_mrc
 from tamis.io.star import read_star
 from tamis.pipeline.job import JobStar, exit_status
+from tests.helpers import run_job_in
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -171,12 +172,6 @@ def _complete(job_dir: Path) -> None:
             read_star(p)
 
 
-def _run(root: Path, job_dir: str) -> str:
-    from tests.helpers import run_job_in
-
-    return run_job_in(root, job_dir)
-
-
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_sigkill_jobs_at_random_points_then_rerun(tmp_path, seed):
     kills, mid_run = kill_round(tmp_path, seed)
@@ -200,7 +195,7 @@ def kill_round(tmp_path: Path, seed: int) -> tuple[int, int]:
             (root / job_dir).mkdir(parents=True)
             JobStar(label, options=opts).write(root / job_dir)
         t0 = time.perf_counter()
-        assert _run(ref, job_dir) == "Succeeded", (ref / job_dir / "run.err").read_text()
+        assert run_job_in(ref, job_dir) == "Succeeded", (ref / job_dir / "run.err").read_text()
         seconds = time.perf_counter() - t0
         # kill at a random point of the job's own run (after the interpreter has started it)
         proc = subprocess.Popen(
@@ -217,7 +212,9 @@ def kill_round(tmp_path: Path, seed: int) -> tuple[int, int]:
         proc.wait()
         mid_run += exit_status(killed / job_dir) is None  # killed before its exit marker
         _complete(killed / job_dir)
-        assert _run(killed, job_dir) == "Succeeded", (killed / job_dir / "run.err").read_text()
+        assert run_job_in(killed, job_dir) == "Succeeded", (
+            killed / job_dir / "run.err"
+        ).read_text()
         _same(_outputs(ref / job_dir), _outputs(killed / job_dir))
     return len(JOBS), mid_run
 

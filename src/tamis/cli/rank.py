@@ -105,7 +105,7 @@ def train(
 ) -> None:
     """Train (or fine-tune) the ranker on 2D jobs labelled by a person or by ground truth."""
     from tamis.errors import TamisError
-    from tamis.rank.select import load_ranker
+    from tamis.rank.select import image_scale_of, load_ranker
     from tamis.rank.train import (
         Examples,
         RankTrainOptions,
@@ -119,7 +119,7 @@ def train(
     if not labels or len(labels) != len(opt):
         raise TamisError("give one --select (or --truth) per --opt")
     # fine-tuning keeps the intensity unit the initial weights were trained in
-    scale = load_ranker(init)[1].get("image_scale", "absolute") if init else "job"
+    scale = image_scale_of(load_ranker(init)[1]) if init else "job"
     parts = []
     for j, (op, lab) in enumerate(zip(opt, labels, strict=True)):
         tiers = selection_tiers(lab) if select else tiers_from_truth(op, lab)

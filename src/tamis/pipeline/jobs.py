@@ -63,8 +63,9 @@ def _f(job: JobStar, key: str, default: float) -> float:
 def _workers(job: JobStar):
     """Where a per-micrograph job's micrographs go: this process, or dask workers (``nr_mpi`` of
     them with ``nr_threads`` threads each, see :func:`executor`) on ``tamis_dask_cluster``:
-    ``local`` (default; ``TAMIS_DASK_SCHEDULER`` when set), ``slurm`` (dask-jobqueue, queue ``queuename``, ``tamis_dask_memory``
-    and ``tamis_dask_walltime`` per worker) or a running scheduler's address."""
+    ``local`` (default; ``TAMIS_DASK_SCHEDULER`` when set), ``slurm`` (dask-jobqueue, queue
+    ``queuename``, ``tamis_dask_memory`` and ``tamis_dask_walltime`` per worker) or a running
+    scheduler's address."""
     from tamis.workers import Workers
 
     kind, n = executor(job)

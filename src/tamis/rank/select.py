@@ -43,6 +43,7 @@ __all__ = [
     "rank_classes",
     "select_classes",
     "load_ranker",
+    "image_scale_of",
     "job_particle_fit",
     "read_optimiser",
     "write_selection",
@@ -116,11 +117,17 @@ def load_ranker(
         )
         if not ok:
             raise InputFileError(path.with_suffix(".json"), "calibration must hold numbers a and b")
-    if meta.get("image_scale", "absolute") not in IMAGE_SCALES:
+    if image_scale_of(meta) not in IMAGE_SCALES:
         raise InputFileError(
             path.with_suffix(".json"), f"image_scale must be one of {', '.join(IMAGE_SCALES)}"
         )
     return net, meta
+
+
+def image_scale_of(meta: dict) -> str:
+    """The unit a model's record says its class images enter in (``features.IMAGE_SCALES``);
+    RELION's records name none: its absolute units."""
+    return meta.get("image_scale", "absolute")
 
 
 def recommended_min_score(meta: dict) -> float:
@@ -256,7 +263,7 @@ def rank_classes(
     n_total = len(data.table)
     k = len(classes)
     net, meta = load_ranker(options.model)
-    feats, imgs, kept = job_class_features(job, meta.get("image_scale", "absolute"))
+    feats, imgs, kept = job_class_features(job, image_scale_of(meta))
     scores = np.full(k, -999.0)
     prob = np.full(k, np.nan)
     if options.screen is not None:

@@ -28,7 +28,7 @@ from tamis.errors import TamisError
 from tamis.io.star import read_star
 from tamis.rank.features import feature_vector, network_features
 from tamis.rank.network import ClassRankerNet, RankerEnsemble
-from tamis.rank.select import job_class_features, job_inputs, load_ranker
+from tamis.rank.select import image_scale_of, job_class_features, job_inputs, load_ranker
 
 __all__ = [
     "Examples",
@@ -163,6 +163,11 @@ class RankTrainOptions:
     members: int = 1  # networks trained from different seeds; the ranker averages their scores
 
 
+def _member_seed(seed: int, member: int) -> int:
+    """Ensemble member ``member``'s seed for its initial weights, batch order and augmentation."""
+    return seed + 1000 * member
+
+
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     a = float(torch.rand((), generator=gen)) * 2 * math.pi
     c, s = math.cos(a), math.sin(a)
@@ -217,16 +222,16 @@ def train_ranker(
     va = np.flatnonzero(is_val) if n_val else tr
     if o.init:
         init_net, init_meta = load_ranker(o.init)
-        if init_meta.get("image_scale", "absolute") != o.image_scale:
+        if image_scale_of(init_meta) != o.image_scale:
             raise TamisError(
-                f"{o.init}: trained with image_scale {init_meta.get('image_scale', 'absolute')}, "
+                f"{o.init}: trained with image_scale {image_scale_of(init_meta)}, "
                 f"the examples have {o.image_scale}"
             )
         nets = list(init_net.members) if isinstance(init_net, RankerEnsemble) else [init_net]
     else:
         nets = []
         for m in range(o.members):
-            torch.manual_seed(o.seed + 1000 * m)
+            torch.manual_seed(_member_seed(o.seed, m))
             nets.append(ClassRankerNet(dropout=o.dropout))
     x_img = torch.from_numpy(examples.images)[:, None]
     x_feat = torch.from_numpy(network_features(examples.features))
@@ -235,8 +240,8 @@ def train_ranker(
     for m, net in enumerate(nets):
         # every member sees the same training and validation jobs, in its own order and with
         # its own augmentation draws
-        gen = torch.Generator().manual_seed(o.seed + 1000 * m)
-        order = np.random.default_rng(o.seed + 1000 * m)
+        gen = torch.Generator().manual_seed(_member_seed(o.seed, m))
+        order = np.random.default_rng(_member_seed(o.seed, m))
         opt = torch.optim.Adam(net.parameters(), lr=o.lr, weight_decay=o.weight_decay)
         history.append([])
         for epoch in range(1, o.epochs + 1):
