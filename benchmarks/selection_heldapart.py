@@ -75,7 +75,10 @@ def evaluate(work: Path, j: int, optimiser: Path, truth_csv: Path, options: Rank
         "n": len(data),
         "particles": int((kinds == "particle").sum()),
         "kept_particles": int((chosen & (kinds == "particle")).sum()),
-        "auroc": auroc(res.scores[clear], tiers[clear] > 0),
+        # the class ranking the selection used (the ranker's score, times the screen's verdict
+        # on each class's particles when the screen runs), and the network's own
+        "auroc": auroc(res.selection[clear], tiers[clear] > 0),
+        "auroc_network": auroc(res.scores[clear], tiers[clear] > 0),
         "prob": res.probability[scored].tolist(),
         "good": (tiers[scored] > 0).tolist(),
     }
@@ -102,6 +105,7 @@ def summary(rows: list[dict]) -> dict:
         "FPR": junk_kept / max(1, junk_n),
         "FNR": 1 - kept / max(1, parts),
         "AUROC_mean": float(np.nanmean([r["auroc"] for r in rows])),
+        "AUROC_network_mean": float(np.nanmean([r.get("auroc_network", np.nan) for r in rows])),
         "per_kind_FPR": {k: tot[f"{k}_kept"] / max(1, tot[f"{k}_n"]) for k in KINDS},
         "per_structure_FNR": {
             s: 1 - tot[f"{s}_kept"] / tot[f"{s}_n"] for s in STRUCTURES if tot.get(f"{s}_n")

@@ -351,6 +351,7 @@ def main() -> None:
     # particle level: the default selection (the model's threshold, then the particle screen) on
     # every held-out job, and the class selection alone
     rates, ref_rates, oracle_rates, class_only, fixed = [], [], [], [], []
+    job_aurocs = []  # per job: the selection's class ranking, the network's
     ev = work / f"eval_{model.stem}"
     for j, (optimiser, truth, tiers) in enumerate(test_jobs):
         res = rank_classes(
@@ -359,6 +360,11 @@ def main() -> None:
         data = job_inputs(optimiser)["data"].table
         r = particle_rates(data, res.particles, truth)
         rates.append(r)
+        clear_j = (res.scores > -999) & np.isin(tiers, (0, 1, 2))
+        job_aurocs.append(
+            (auroc(res.selection[clear_j], tiers[clear_j] > 0),
+             auroc(res.scores[clear_j], tiers[clear_j] > 0))
+        )  # fmt: skip
         res0 = rank_classes(
             optimiser, ev / "classes" / f"test_{j:03d}",
             RankOptions(model=str(model), screen=None, gallery=False), log=_quiet,
@@ -386,6 +392,10 @@ def main() -> None:
     report = {
         "test_auroc_good_vs_bad": auroc(s[clear], test.good[clear]),
         "test_auroc_good_vs_rest": auroc(s, test.good),
+        # mean over jobs of the class ranking AUROC (good tiers 1-2 against bad), the score the
+        # default selection uses (network x the screen's passing share) and the network's
+        "test_selection_auroc_mean_over_jobs": float(np.nanmean([a for a, _ in job_aurocs])),
+        "test_network_auroc_mean_over_jobs": float(np.nanmean([b for _, b in job_aurocs])),
         "n_test_classes": len(test),
         "n_test_classes_good": int(test.good.sum()),
         "n_test_classes_bad": int((test.tiers == 0).sum()),

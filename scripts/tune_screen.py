@@ -1,11 +1,13 @@
 """Choose the particle screen's default thresholds (:mod:`tamis.rank.screen`) on the ranker's
 *training* jobs (made by ``scripts/train_ranker.py`` in ``--work``), never on its held-out ones.
 
-For each job: the class selection with the ranker (``--model``, default the shipped one) and no
-screen, then every selected particle's amplitude and misfit; a grid over the adaptive rule's
-(min_misfit, max_misfit, min_amplitude), and the fixed rule's (max_misfit, min_amplitude) for
-comparison, gives the pooled particle-level false-positive rate (junk kept / all junk) and
-false-negative rate (real particles dropped / all real particles) against the simulator's truth.
+For each job: the ranker's class scores (``--model``, default the shipped one) and every
+particle's amplitude and misfit; for each point of a grid over the adaptive rule's (min_misfit,
+max_misfit, min_amplitude), and the fixed rule's (max_misfit, min_amplitude) for comparison, the
+default selection as ``rank_classes`` makes it (cuts from the ranker's first choice of classes,
+classes re-chosen by their share of passing particles, their passing particles) gives the pooled
+particle-level false-positive rate (junk kept / all junk) and false-negative rate (real particles
+dropped / all real particles) against the simulator's truth.
 Training jobs of every family are used: ``train_*``, ``mtrain_*`` (pipeline-style) and
 ``vtrain_*`` (assemblies).
 
@@ -22,12 +24,23 @@ import numpy as np
 import pandas as pd
 
 from tamis.rank.screen import ScreenOptions, screen_particles
-from tamis.rank.select import RankOptions, job_inputs, job_particle_fit, rank_classes
+from tamis.rank.select import (
+    RankOptions,
+    job_inputs,
+    job_particle_fit,
+    load_ranker,
+    rank_classes,
+    recommended_min_score,
+    select_classes,
+    selection_scores,
+)
 from tamis.simulate.truth import truth_for
 
 
 def job_fit(d: Path, out: Path, model: str | None = None) -> pd.DataFrame:
-    """Selected particles of one job with their screen statistics and truth."""
+    """Every particle of one job with its screen statistics and truth; the ranker's class
+    scores, its first choice of classes and the threshold in ``attrs`` (the default selection
+    then drops classes by their share of particles passing the screen, as ``rank_classes``)."""
     optimiser = sorted((d / "c2d").glob("run_it*_optimiser.star"))[-1]
     res = rank_classes(
         optimiser, out, RankOptions(model=model, screen=None, gallery=False), log=lambda s: None
@@ -38,11 +51,39 @@ def job_fit(d: Path, out: Path, model: str | None = None) -> pd.DataFrame:
         d / "extracted_truth.csv" if d.name.startswith("m") else d / "sim" / "ground_truth.csv"
     )
     positive = truth_for(table, truth_file)["kind"].to_numpy() == "particle"
-    rows = np.flatnonzero(table["rlnClassNumber"].astype(int).isin(res.selected).to_numpy())
-    _, fit = job_particle_fit(job, rows, ScreenOptions(device="cpu"))
-    fit["positive"] = positive[rows]
-    fit.attrs.update(n_positive=int(positive.sum()), n_junk=int((~positive).sum()))
+    _, fit = job_particle_fit(job, None, ScreenOptions(device="cpu"))
+    fit["positive"] = positive
+    n_total = len(table)
+    kept = [c for c in range(len(res.scores)) if res.scores[c] > -999]
+    share = job["classes"]["rlnClassDistribution"].astype(float).to_numpy()
+    fit.attrs.update(
+        n_positive=int(positive.sum()), n_junk=int((~positive).sum()), scores=res.scores,
+        kept=kept, n_est={c: float(share[c]) * n_total for c in kept},
+        first=[c - 1 for c in res.selected],
+        min_score=recommended_min_score(load_ranker(model)[1]),
+    )  # fmt: skip
     return fit
+
+
+def default_selection(fit: pd.DataFrame, opts: ScreenOptions) -> np.ndarray:
+    """The particles ``rank_classes`` keeps with the screen ``opts``: cuts from the first
+    choice of classes, classes re-chosen by ``selection_scores``, their passing particles."""
+    a = fit.attrs
+    cls = fit["class"].to_numpy().astype(int)
+    first = np.isin(cls, [c + 1 for c in a["first"]])
+    if not first.any():
+        return first
+    passed = screen_particles(fit, opts, cuts_from=first)
+    k = len(a["scores"])
+    counts = np.bincount(cls - 1, minlength=k)[:k].astype(float)
+    good = np.bincount(cls - 1, weights=passed.astype(float), minlength=k)[:k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clean = np.where(counts > 0, good / counts, np.nan)
+    chosen, _ = select_classes(
+        selection_scores(a["scores"], clean), a["kept"], a["n_est"],
+        RankOptions(min_score=a["min_score"]),
+    )  # fmt: skip
+    return np.isin(cls, [c + 1 for c in chosen]) & passed
 
 
 def main() -> None:
@@ -63,7 +104,7 @@ def main() -> None:
     fits = []
     for d in jobs:
         fits.append(job_fit(d, work / "tune" / d.name, args.model))
-        print(f"{d.name}: {len(fits[-1])} selected particles", flush=True)
+        print(f"{d.name}: {len(fits[-1])} particles", flush=True)
     n_pos = sum(f.attrs["n_positive"] for f in fits)
     n_junk = sum(f.attrs["n_junk"] for f in fits)
     rows = []
@@ -83,11 +124,10 @@ def main() -> None:
         )  # fmt: skip
         fp = fn = 0
         for f in fits:
-            keep = screen_particles(f, opts)
+            keep = default_selection(f, opts)
             pos = f["positive"].to_numpy()
             fp += int((keep & ~pos).sum())
             fn += int((~keep & pos).sum())
-        fn += sum(f.attrs["n_positive"] - int(f["positive"].sum()) for f in fits)
         rows.append({"adaptive": adaptive, "min_misfit": min_misfit, "max_misfit": max_misfit,
                      "min_amplitude": min_amplitude, "fp_rate": fp / n_junk,
                      "fn_rate": fn / n_pos})  # fmt: skip

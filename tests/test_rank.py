@@ -176,11 +176,20 @@ def test_particle_screen_after_the_class_selection(job, tmp_path):
     data = read_star(result.data)["particles"]
     members = data[data["rlnClassNumber"].isin(res.selected)]
     assert res.n_in_classes == len(members) and res.n_particles < len(members)
+    # the report covers every particle of the job; particles.star is its kept rows, which
+    # all pass the screen and belong to the selected classes
     report = pd.read_csv(tmp_path / "S" / "particle_screen.csv")
-    assert list(report["rlnImageName"]) == list(members["rlnImageName"])
+    assert list(report["rlnImageName"]) == list(data["rlnImageName"])
     parts = read_star(tmp_path / "S" / "particles.star")["particles"]
     kept = report[report["tamisKept"] == 1]
     assert list(parts["rlnImageName"]) == list(kept["rlnImageName"])
+    assert (kept["tamisPassed"] == 1).all() and kept["rlnClassNumber"].isin(res.selected).all()
+    # each class's passing share, as class_scores.csv and the result give it
+    scores = pd.read_csv(tmp_path / "S" / "class_scores.csv")
+    share = report.groupby("rlnClassNumber")["tamisPassed"].mean()
+    np.testing.assert_allclose(scores.set_index("rlnClassNumber").loc[share.index,
+                               "tamisScreenPassed"], share.to_numpy())  # fmt: skip
+    np.testing.assert_allclose(res.screen_passed[share.index - 1], share.to_numpy())
     # on the particle-majority classes (a class selection from the truth): junk inside them has
     # the larger misfits (this short 3-iteration job separates them only partly; the simulated
     # benchmark jobs in BENCHMARKS.md are the measure), and the real particles stay
@@ -278,6 +287,43 @@ def test_shipped_ranker_loads_with_its_record():
     assert SHIPPED_RANKER.stat().st_size < 5_000_000
 
 
+def test_classes_whose_particles_fail_the_screen_are_dropped(job, tmp_path, monkeypatch):
+    """With the screen on, a class is selected by the ranker's score times its share of
+    particles that pass (``selection_scores``): a class the network likes but whose every
+    particle fails the screen is left out, the others keep their scores; without the screen
+    RELION's selection by score alone stands."""
+    import tamis.rank.select as select
+
+    _, result = job
+    opts = RankOptions(min_score=0.2, gallery=False)
+    plain = rank_classes(
+        result.optimiser, tmp_path / "N", RankOptions(min_score=0.2, gallery=False, screen=None),
+        log=lambda s: None,
+    )  # fmt: skip
+    data = read_star(result.data)["particles"]
+    sizes = data["rlnClassNumber"].value_counts()
+    best = max(plain.selected, key=lambda c: (sizes.get(c, 0), plain.scores[c - 1]))
+    real_screen = select.screen_particles
+
+    def failing(fit, options, *, cuts_from=None):
+        keep = real_screen(fit, options, cuts_from=cuts_from)
+        return keep & (fit["class"].to_numpy() != best)
+
+    monkeypatch.setattr(select, "screen_particles", failing)
+    logs: list[str] = []
+    res = rank_classes(result.optimiser, tmp_path / "S", opts, log=logs.append)
+    assert best in plain.selected and best not in res.selected
+    assert res.screen_passed[best - 1] == 0 and res.selection[best - 1] == 0
+    np.testing.assert_array_equal(res.scores, plain.scores)  # the network's scores unchanged
+    others = [c for c in plain.selected if c != best and res.screen_passed[c - 1] >= 0.75]
+    assert set(others) <= set(res.selected)
+    assert any(f"classes [{best}] dropped" in line for line in logs)
+    scores = pd.read_csv(tmp_path / "S" / "class_scores.csv")
+    assert scores.loc[best - 1, "rlnSelected"] == 0
+    assert scores.loc[best - 1, "rlnClassScore"] == pytest.approx(plain.scores[best - 1])
+    np.testing.assert_array_equal(plain.selection, plain.scores)
+
+
 def test_cli_rank_particle_screen_switch(job, tmp_path):
     from typer.testing import CliRunner
 
@@ -287,7 +333,7 @@ def test_cli_rank_particle_screen_switch(job, tmp_path):
     base = ["rank", "--opt", str(result.optimiser), "--min_score", "-1e9", "--device", "cpu"]
     out = CliRunner().invoke(app, [*base, "--o", str(tmp_path / "A")])
     assert out.exit_code == 0, out.output
-    assert "particle screen: kept" in out.output
+    assert "particle screen: " in out.output and " pass (amplitude >= " in out.output
     assert (tmp_path / "A" / "particle_screen.csv").is_file()
     out = CliRunner().invoke(app, [*base, "--o", str(tmp_path / "B"), "--no_particle_screen"])
     assert out.exit_code == 0, out.output

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from tamis.ctf import compute_ctf
+from tamis.errors import TamisError
 from tamis.io.mrc import write_mrc
 from tamis.io.particles import ParticleSet
 from tamis.io.star import write_star
@@ -264,6 +265,43 @@ def test_adaptive_screen_finds_the_junk_tail_and_spares_clean_data():
 
     with pytest.raises(TamisError, match="screen_min_misfit"):
         ScreenOptions(min_misfit=6.0)
+
+
+def test_cuts_from_sets_the_cuts_and_judges_every_row():
+    """The cuts come from the ``cuts_from`` rows alone (the chosen classes) and apply to every
+    row: a class of carbon-like misfits left out of the choice does not move the cut, and its
+    particles fail it; the chosen rows get exactly the verdict they get screened alone."""
+    rng = np.random.default_rng(8)
+    n = 1500
+    chosen = pd.DataFrame({"amplitude": rng.normal(1.0, 0.12, n),
+                           "misfit": rng.normal(-2.0, 1.0, n), "class": rng.integers(1, 4, n)})  # fmt: skip
+    carbon = pd.DataFrame({"amplitude": rng.normal(1.0, 0.12, 400),
+                           "misfit": rng.normal(12.0, 4.0, 400), "class": 4})  # fmt: skip
+    both = pd.concat([chosen, carbon], ignore_index=True)
+    base = np.arange(len(both)) < n
+    alone = screen_particles(chosen, ScreenOptions())
+    keep = screen_particles(both, ScreenOptions(), cuts_from=base)
+    np.testing.assert_array_equal(keep[:n], alone)
+    assert both.attrs["cuts"]["misfit"] == chosen.attrs["cuts"]["misfit"]
+    assert keep[n:].mean() < 0.05
+    # screened all together, the carbon class drags the cut up (the rule sees a junk tail of
+    # 21%, not a foreign class); the chosen rows' verdict differs
+    together = screen_particles(both.copy(), ScreenOptions())
+    assert together.sum() != keep.sum()
+    with pytest.raises(TamisError, match="cuts_from"):
+        screen_particles(both, ScreenOptions(), cuts_from=base[:10])
+    # too few rows to set cuts: everything kept
+    few = np.zeros(len(both), bool)
+    few[:5] = True
+    assert screen_particles(both, ScreenOptions(), cuts_from=few).all()
+
+
+def test_selection_scores_scale_by_the_passing_share():
+    from tamis.rank.select import CLEAN_SHARE_GOOD, selection_scores
+
+    scores = np.array([0.8, 0.8, 0.6, -999.0, 0.5, 0.7])
+    clean = np.array([1.0, 0.0, CLEAN_SHARE_GOOD / 2, 0.3, np.nan, 0.9])
+    np.testing.assert_allclose(selection_scores(scores, clean), [0.8, 0.0, 0.3, -999.0, 0.5, 0.7])
 
 
 def test_adaptive_amplitude_cut_moves_below_min_amplitude_for_a_broad_core():

@@ -363,21 +363,30 @@ def _half_plane(n: int, device: torch.device) -> FourierWindow:
     )  # fmt: skip
 
 
-def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
-    """Which particles of ``fit`` (from :func:`particle_fit` on the selected particles) to keep.
+def screen_particles(
+    fit: pd.DataFrame, options: ScreenOptions, *, cuts_from: np.ndarray | None = None
+) -> np.ndarray:
+    """Which particles of ``fit`` (from :func:`particle_fit`) to keep.
 
-    The amplitude is compared with the median of the particle's class (of the whole ``fit`` for
-    classes with fewer than ``options.min_particles``): a class average can be brighter or fainter
-    than its members, and a whole class of real particles must not fail together. The misfit is
-    already in noise units and is compared with the core of ``fit``. Particles without a defined
-    amplitude (a blank class average) are kept. With fewer than ``options.min_particles`` rows
-    everything is kept. The cuts used are left in ``fit.attrs["cuts"]`` (for the log)."""
+    ``cuts_from`` (boolean over the rows of ``fit``; default all): the rows whose statistics set
+    the adaptive cuts (the selected classes' particles); the cuts are then applied to every row,
+    so that a class left out of the selection can be judged by the same standard. The amplitude
+    is compared with the median of the particle's class (of the ``cuts_from`` rows for classes
+    with fewer than ``options.min_particles``): a class average can be brighter or fainter than
+    its members, and a whole class of real particles must not fail together. The misfit is
+    already in noise units and is compared with the core of the ``cuts_from`` rows. Particles
+    without a defined amplitude (a blank class average) are kept. With fewer than
+    ``options.min_particles`` rows in ``cuts_from`` everything is kept. The cuts used are left
+    in ``fit.attrs["cuts"]`` (for the log)."""
     amp = fit["amplitude"].to_numpy(np.float64)
     mis = fit["misfit"].to_numpy(np.float64)
     keep = np.ones(len(fit), dtype=bool)
-    if len(fit) < options.min_particles:
+    base = np.ones(len(fit), dtype=bool) if cuts_from is None else np.asarray(cuts_from, bool)
+    if base.shape != (len(fit),):
+        raise TamisError("screen_particles: cuts_from must be one flag per row of the fit")
+    if base.sum() < options.min_particles:
         return keep
-    ref = np.full(len(fit), np.nanmedian(amp))
+    ref = np.full(len(fit), np.nanmedian(amp[base]))
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
     for c in np.unique(cls):
         members = cls == c
@@ -388,9 +397,9 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
     if not options.adaptive:
         with np.errstate(invalid="ignore"):
             keep &= ~(ratio < options.min_amplitude)
-        med_m = np.nanmedian(mis)
+        med_m = np.nanmedian(mis[base])
         # The misfit is a z-score against noise: its spread is at least 1 whatever the MAD says.
-        scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis - med_m))))
+        scale = max(1.0, 1.4826 * float(np.nanmedian(np.abs(mis[base] - med_m))))
         if np.isfinite(med_m):
             keep &= ~((mis - med_m) / scale > options.max_misfit)
         fit.attrs["cuts"] = {"amplitude": options.min_amplitude, "centre": med_m,
@@ -398,28 +407,28 @@ def screen_particles(fit: pd.DataFrame, options: ScreenOptions) -> np.ndarray:
                              "misfit": med_m + options.max_misfit * scale}  # fmt: skip
         return keep
     # misfit: junk in the upper tail, spread at least 1 (pure noise)
-    centre, spread = core_of(mis, upper=True, floor=1.0)
+    centre, spread = core_of(mis[base], upper=True, floor=1.0)
     cuts = {"centre": centre, "spread": spread, "misfit": math.nan, "spreads": math.nan}
     if np.isfinite(centre):
         limit = excess_threshold(
-            mis, centre, spread, centre + options.min_misfit * spread,
+            mis[base], centre, spread, centre + options.min_misfit * spread,
             centre + options.max_misfit * spread, upper=True,
         )  # fmt: skip
         keep &= ~(mis > limit)
         cuts.update(misfit=limit, spreads=(limit - centre) / spread)
     # amplitude / class median: junk (empty boxes) in the lower tail
-    centre, spread = core_of(ratio, upper=False, floor=0.0)
+    centre, spread = core_of(ratio[base], upper=False, floor=0.0)
     if np.isfinite(centre):
         low = options.min_amplitude
         edge = centre - options.min_misfit * spread
         if edge >= low:  # the usual core: the cut between min_amplitude and the core's edge
-            limit = excess_threshold(ratio, centre, spread, edge, low, upper=False)
+            limit = excess_threshold(ratio[base], centre, spread, edge, low, upper=False)
         else:
             # A core so broad that min_amplitude would cut into it (faint class averages,
             # particles of varied contrast: real data seen through little signal): the cut goes
             # below min_amplitude, down to zero, only as far as the low values outnumber what
             # the core accounts for there.
-            limit = excess_threshold(ratio, centre, spread, low, 0.0, upper=False)
+            limit = excess_threshold(ratio[base], centre, spread, low, 0.0, upper=False)
         with np.errstate(invalid="ignore"):
             keep &= ~(ratio < limit)
         cuts["amplitude"] = limit

@@ -42,6 +42,8 @@ __all__ = [
     "RankResult",
     "rank_classes",
     "select_classes",
+    "selection_scores",
+    "CLEAN_SHARE_GOOD",
     "load_ranker",
     "image_scale_of",
     "job_particle_fit",
@@ -76,6 +78,10 @@ class RankResult:
     n_particles: int = 0
     particles: Path | None = None
     n_in_classes: int = 0  # particles of the selected classes, before the particle screen
+    #: per class, the score it was selected by (``selection_scores``; the ranker's score
+    #: without the particle screen) and its share of particles passing the screen (nan: none)
+    selection: np.ndarray | None = None
+    screen_passed: np.ndarray | None = None
 
 
 def load_ranker(
@@ -282,18 +288,31 @@ def rank_classes(
         prob[kept] = _probability(s, meta)
     n_est = {c: float(classes["rlnClassDistribution"].iloc[c]) * n_total for c in kept}
     chosen, n_above = select_classes(scores, kept, n_est, options)
+    table = data.table
+    in_class = table["rlnClassNumber"].astype(int).to_numpy()
+    clean = np.full(k, np.nan)  # share of each class's particles that pass the screen
+    selection = scores.copy()
+    passed = np.ones(len(table), dtype=bool)
+    fit = None
+    first_rows = np.isin(in_class, [c + 1 for c in chosen])
+    if options.screen is not None and first_rows.any():
+        passed, clean, fit = _screen(job, first_rows, options.screen, log)
+        selection = selection_scores(scores, clean)
+        first = set(chosen)
+        chosen, n_above = select_classes(selection, kept, n_est, options)
+        if set(chosen) != first:
+            dropped = sorted(c + 1 for c in first - set(chosen))
+            added = sorted(c + 1 for c in set(chosen) - first)
+            log(f"particle screen: classes {dropped or 'none'} dropped, {added or 'none'} added "
+                f"(score x min(1, passing share / {CLEAN_SHARE_GOOD}))")  # fmt: skip
     numbers = [c + 1 for c in chosen]
     # ---- files -------------------------------------------------------------------------------
     root = out / options.fn_root
-    table = data.table
-    keep_rows = (
-        table["rlnClassNumber"].astype(int).isin(numbers)
-        if len(numbers)
-        else np.zeros(len(table), bool)
-    )
-    n_in_classes = int(np.asarray(keep_rows).sum())
-    if options.screen is not None and n_in_classes:
-        keep_rows = _screen(job, np.flatnonzero(keep_rows), out, options.screen, log)
+    in_chosen = np.isin(in_class, numbers)
+    n_in_classes = int(in_chosen.sum())
+    keep_rows = in_chosen & passed
+    if fit is not None:
+        _write_screen_report(out / "particle_screen.csv", table, fit, passed, keep_rows)
     write_selection(out, data, classes, chosen, keep_rows, scores)
     write_star({"optics": data.optics, "particles": table}, Path(f"{root}_data.star"))
     model_cols = [*_CLASS_AVERAGE_COLUMNS, "rlnOverallFourierCompleteness",
@@ -306,11 +325,13 @@ def rank_classes(
     ropt["rlnExperimentalDataStarFile"] = f"{root}_data.star"
     write_star({"optimiser_general": ropt}, Path(f"{root}_optimiser.star"))
     probs = pd.DataFrame({"rlnClassNumber": np.arange(1, k + 1), "rlnClassScore": scores,
-                          "tamisProbabilityGood": prob, "rlnSelected": [int(c in chosen) for c in range(k)]})  # fmt: skip
+                          "tamisProbabilityGood": prob, "tamisScreenPassed": clean,
+                          "tamisSelectionScore": selection,
+                          "rlnSelected": [int(c in chosen) for c in range(k)]})  # fmt: skip
     with atomic_path(out / "class_scores.csv") as tmp:
         probs.to_csv(tmp, index=False)
     if options.gallery:
-        write_gallery(out / "gallery.png", images, scores, chosen)
+        write_gallery(out / "gallery.png", images, selection, chosen)
     screened = "" if options.screen is None else f" ({n_in_classes} before the particle screen)"
     log(
         f"scored {len(kept)} of {k} classes; selected {len(chosen)} classes "
@@ -318,8 +339,24 @@ def rank_classes(
         f"{out / 'particles.star'}"
     )
     return RankResult(
-        scores, prob, numbers, int(keep_rows.sum()), out / "particles.star", n_in_classes
-    )
+        scores, prob, numbers, int(keep_rows.sum()), out / "particles.star", n_in_classes,
+        selection, clean,
+    )  # fmt: skip
+
+
+#: the share of clean particles that makes a class good (the ranker's training labels: tier 2)
+CLEAN_SHARE_GOOD = 0.75
+
+
+def selection_scores(scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
+    """The score a class is selected by when the particle screen runs: the ranker's score times
+    ``min(1, clean / CLEAN_SHARE_GOOD)``, where ``clean`` is the share of the class's particles
+    that pass the screen (nan for a class without particles: the score stands). A class whose
+    particles mostly fail the screen (carbon edges, ice, whatever the network took for a
+    particle) falls with that share; a class at least as clean as a good one keeps its score.
+    Unscored classes (-999) stay unscored."""
+    factor = np.where(np.isfinite(clean), np.minimum(1.0, clean / CLEAN_SHARE_GOOD), 1.0)
+    return np.where(scores > -998, scores * factor, scores)
 
 
 _CLASS_AVERAGE_COLUMNS = ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
@@ -396,28 +433,25 @@ def _realign_search(job: dict, pixel: float) -> tuple[float, float]:
 
 
 def _screen(
-    job: dict, rows: np.ndarray, out: Path, options: ScreenOptions, log: Callable[[str], None]
-) -> np.ndarray:
-    """The particle screen over the selected classes' particles ``rows``: writes
-    ``particle_screen.csv`` (every screened particle, its amplitude, misfit and verdict) and
-    returns the rows to keep as a boolean mask over the whole data table."""
-    particles, fit = job_particle_fit(job, rows, options)
-    keep = screen_particles(fit, options)
+    job: dict, cuts_from: np.ndarray, options: ScreenOptions, log: Callable[[str], None]
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """The particle screen over every particle of the job, with its cuts set by the particles
+    ``cuts_from`` (the classes the ranker chose): returns the particles that pass (over the
+    whole data table), each class's share of passing particles (nan: no particles) and the
+    screen's statistics (``particle_fit``)."""
+    particles, fit = job_particle_fit(job, None, options)
+    passed = screen_particles(fit, options, cuts_from=cuts_from)
     table = particles.particles
-    report = pd.DataFrame({
-        "rlnImageName": table["rlnImageName"].to_numpy()[rows],
-        "rlnClassNumber": table["rlnClassNumber"].to_numpy()[rows],
-        "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
-        "tamisKept": keep.astype(int),
-    })  # fmt: skip
-    if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
-        report["tamisAnglePsi"] = fit["psi"].to_numpy()
-        report["tamisShiftX"] = fit["shift_x"].to_numpy()
-        report["tamisShiftY"] = fit["shift_y"].to_numpy()
-    with atomic_path(out / "particle_screen.csv") as tmp:
-        report.to_csv(tmp, index=False)
-    if len(rows) < options.min_particles:
-        log(f"particle screen: {len(rows)} particles, fewer than {options.min_particles}; all kept")
+    cls = table["rlnClassNumber"].astype(int).to_numpy()
+    k = len(job["classes"])
+    counts = np.bincount(cls - 1, minlength=k)[:k].astype(float)
+    good = np.bincount(cls - 1, weights=passed.astype(float), minlength=k)[:k]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clean = np.where(counts > 0, good / counts, np.nan)
+    n_from = int(np.asarray(cuts_from).sum())
+    if n_from < options.min_particles:
+        log(f"particle screen: {n_from} particles in the chosen classes, fewer than "
+            f"{options.min_particles}; all kept")  # fmt: skip
     else:
         cuts = fit.attrs.get("cuts", {})
         rule = (
@@ -426,11 +460,29 @@ def _screen(
             f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
             f"{'adaptive' if options.adaptive else 'fixed'} cuts"
         )
-        log(f"particle screen: kept {int(keep.sum())} of {len(rows)} particles of the selected "
-            f"classes ({rule})")  # fmt: skip
-    mask = np.zeros(len(table), dtype=bool)
-    mask[rows[keep]] = True
-    return mask
+        log(f"particle screen: {int(passed[np.asarray(cuts_from, bool)].sum())} of {n_from} "
+            f"particles of the chosen classes pass ({rule}); {int(passed.sum())} of "
+            f"{len(passed)} in all classes")  # fmt: skip
+    return passed, clean, fit
+
+
+def _write_screen_report(
+    path: Path, table: pd.DataFrame, fit: pd.DataFrame, passed: np.ndarray, kept: np.ndarray
+) -> None:
+    """``particle_screen.csv``: every particle of the job, its amplitude, misfit, whether it
+    passes the screen and whether it is in ``particles.star``."""
+    report = pd.DataFrame({
+        "rlnImageName": table["rlnImageName"].to_numpy(),
+        "rlnClassNumber": table["rlnClassNumber"].to_numpy(),
+        "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
+        "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
+    })  # fmt: skip
+    if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
+        report["tamisAnglePsi"] = fit["psi"].to_numpy()
+        report["tamisShiftX"] = fit["shift_x"].to_numpy()
+        report["tamisShiftY"] = fit["shift_y"].to_numpy()
+    with atomic_path(path) as tmp:
+        report.to_csv(tmp, index=False)
 
 
 def select_classes(

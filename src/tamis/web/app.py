@@ -98,6 +98,11 @@ def _fmt(v, spec: str = ".1f") -> str:
     return "" if not np.isfinite(f) else format(f, spec)
 
 
+def _passing(share: float) -> str:
+    """A class tile's share of particles passing the particle screen, when it ran."""
+    return f", {100 * share:.0f}% pass" if np.isfinite(share) else ""
+
+
 class _Monitor:
     def __init__(self, root: Path, token: str | None, poll_ms: int) -> None:
         self.root, self.token, self.poll_ms = root, token, poll_ms
@@ -237,7 +242,8 @@ class _Monitor:
             f'<img loading="lazy" alt="class {r.number}" '
             f'src="/img/class?job={_q(job)}&n={r.number}&it={ct.iteration}">'
             f"#{r.number} score {_fmt(r.score, '.2f') or '-'} P {_fmt(r.p_good, '.2f') or '-'}"
-            f"<br>{r.particles} ptcls, {_fmt(r.resolution)} A</div>"
+            f"<br>{r.particles} ptcls, {_fmt(r.resolution)} A"
+            f"{_passing(r.passed)}</div>"
             for r in t.itertuples()
         )
         chosen = " ".join(str(n) for n in t.loc[t["selected"] == 1, "number"])

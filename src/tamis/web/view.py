@@ -260,7 +260,8 @@ class ClassTable:
     iteration: int
     optimiser: str  # relative to the project
     stack: Path  # the class averages (absolute)
-    classes: pd.DataFrame  # number, distribution, particles, resolution, score, p_good, selected
+    classes: pd.DataFrame  # number, distribution, particles, resolution, score, p_good, passed,
+    # selected
     selection_job: str | None  # the newest Select job of this 2D job (its choice in 'selected')
 
 
@@ -286,7 +287,7 @@ def class2d_classes(root: Path, job: str) -> ClassTable:
         "distribution": dist,
         "particles": np.rint(dist * n_parts).astype(int),
         "resolution": classes.get("rlnEstimatedResolution", pd.Series([np.nan] * k)).astype(float),
-        "score": np.nan, "p_good": np.nan, "selected": 0,
+        "score": np.nan, "p_good": np.nan, "passed": np.nan, "selected": 0,
     })  # fmt: skip
     optimiser = model.with_name(model.name.replace("_model.star", "_optimiser.star"))
     # the newest Select job of this 2D job gives the selection; the newest ranker job the scores
@@ -303,10 +304,13 @@ def class2d_classes(root: Path, job: str) -> ClassTable:
     if ranked:
         s = _cached(ranked[-1], pd.read_csv)
         if len(s) == k:
-            table["score"] = s["rlnClassScore"].where(s["rlnClassScore"] > -998).to_numpy()
-            table["p_good"] = s.get(
-                "tamisProbabilityGood", pd.Series(np.nan, index=s.index)
-            ).to_numpy()
+            # the score the selection used (the ranker's, times the screen's verdict on the
+            # class's particles when the screen ran)
+            used = s.get("tamisSelectionScore", s["rlnClassScore"])
+            table["score"] = used.where(s["rlnClassScore"] > -998).to_numpy()
+            nan = pd.Series(np.nan, index=s.index)
+            table["p_good"] = s.get("tamisProbabilityGood", nan).to_numpy()
+            table["passed"] = s.get("tamisScreenPassed", nan).to_numpy()
     return ClassTable(job, it, str(optimiser.relative_to(root)), root / ref, table, sel_job)
 
 
