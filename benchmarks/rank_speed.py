@@ -97,14 +97,14 @@ def main() -> None:
         )
         for screen in (None, ScreenOptions(device=args.device)):
             t = time.perf_counter()
-            res = rank_classes(
+            rank_classes(
                 d / "run_it025_optimiser.star",
                 d / "Select",
                 RankOptions(model=str(d / "w.safetensors"), min_score=-1e9, screen=screen),
             )
             print(
                 f"{k} classes of {n} px, {n_parts} particles "
-                f"({'particle screen on ' + str(res.n_in_classes) if screen else 'no particle screen'}): "
+                f"({'particle screen on all ' + str(n_parts) if screen else 'no particle screen'}): "
                 f"{time.perf_counter() - t:.1f} s (torch threads {torch.get_num_threads()})"
             )
 

@@ -324,6 +324,35 @@ def test_classes_whose_particles_fail_the_screen_are_dropped(job, tmp_path, monk
     np.testing.assert_array_equal(plain.selection, plain.scores)
 
 
+def test_particles_without_a_class_of_the_job_fail_the_screen(job, tmp_path):
+    """A data.star row whose rlnClassNumber the job does not have (edited by hand, merged from
+    elsewhere) cannot be compared with a class: the screen over every particle runs, and that
+    row is neither screened nor kept."""
+    import shutil
+
+    from tamis.io.star import write_star
+
+    _, result = job
+    c2d = tmp_path / "c2d"
+    shutil.copytree(result.optimiser.parent, c2d)
+    stem = result.optimiser.name.replace("_optimiser.star", "")
+    for name in ("optimiser", "model"):
+        f = c2d / f"{stem}_{name}.star"
+        f.write_text(f.read_text().replace(str(result.optimiser.parent), str(c2d)))
+    star = read_star(result.data)
+    star["particles"].loc[0, "rlnClassNumber"] = 99
+    write_star(star, c2d / f"{stem}_data.star")
+    opt = c2d / result.optimiser.name
+    assert str(c2d / f"{stem}_data.star") in opt.read_text()
+    res = rank_classes(opt, tmp_path / "S", RankOptions(min_score=-1e9, gallery=False),
+                       log=lambda s: None)  # fmt: skip
+    report = pd.read_csv(tmp_path / "S" / "particle_screen.csv")
+    assert len(report) == len(star["particles"])
+    assert report.loc[0, "tamisPassed"] == 0 and report.loc[0, "tamisKept"] == 0
+    assert np.isnan(report.loc[0, "tamisMisfit"]) and report["tamisMisfit"][1:].notna().all()
+    assert 0 < res.n_particles < len(star["particles"])
+
+
 def test_cli_rank_particle_screen_switch(job, tmp_path):
     from typer.testing import CliRunner
 

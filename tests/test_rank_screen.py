@@ -299,9 +299,11 @@ def test_cuts_from_sets_the_cuts_and_judges_every_row():
 def test_selection_scores_scale_by_the_passing_share():
     from tamis.rank.select import CLEAN_SHARE_GOOD, selection_scores
 
-    scores = np.array([0.8, 0.8, 0.6, -999.0, 0.5, 0.7])
-    clean = np.array([1.0, 0.0, CLEAN_SHARE_GOOD / 2, 0.3, np.nan, 0.9])
-    np.testing.assert_allclose(selection_scores(scores, clean), [0.8, 0.0, 0.3, -999.0, 0.5, 0.7])
+    scores = np.array([0.8, 0.8, 0.6, -999.0, 0.5, 0.7, -0.4, -0.1])
+    clean = np.array([1.0, 0.0, CLEAN_SHARE_GOOD / 2, 0.3, np.nan, 0.9, 0.0, 1.0])
+    np.testing.assert_allclose(
+        selection_scores(scores, clean), [0.8, 0.0, 0.3, -999.0, 0.5, 0.7, -0.8, -0.1]
+    )  # a negative score moves down too: a failing class never overtakes a clean one
 
 
 def test_adaptive_amplitude_cut_moves_below_min_amplitude_for_a_broad_core():

@@ -123,6 +123,17 @@ def test_every_page_renders(project):
     assert "Class distribution (the 3 largest classes)" in two.text
     n_tiles = len(re.findall(r'id="class-\d+"', two.text))
     assert n_tiles == 3
+    # the tiles show the score the selection used and each class's share passing the screen
+    from tamis.web import view
+
+    sel_dir = next((root / "Select").glob("job*/class_scores.csv"))
+    scores = pd.read_csv(sel_dir)
+    table = view.class2d_classes(root, c2d).classes
+    scored = scores["rlnClassScore"] > -998
+    np.testing.assert_allclose(table["score"][scored], scores["tamisSelectionScore"][scored])
+    np.testing.assert_allclose(table["network"][scored], scores["rlnClassScore"][scored])
+    np.testing.assert_allclose(table["passed"], scores["tamisScreenPassed"])
+    assert scores["tamisScreenPassed"].notna().any() and "% pass" in two.text
     cls = c.get("/img/class", params={"job": c2d, "n": 1})
     assert cls.status_code == 200 and cls.content[:4] == b"\x89PNG"
     assert c.get("/img/class", params={"job": c2d, "n": 9}).status_code == 404

@@ -496,10 +496,17 @@ def write_html(
 ) -> Path:
     """``summary.html`` beside the project's jobs; images are linked, not copied."""
     overlays = sorted((pick_star.parent / "overlays").glob("*.png"))
+    scores = scores.copy()
+    for col, default in (("tamisSelectionScore", scores["rlnClassScore"]),
+                         ("tamisScreenPassed", np.nan)):  # fmt: skip
+        if col not in scores.columns:
+            scores[col] = default
     rows = "".join(
-        f"<tr><td>{int(r.rlnClassNumber)}</td><td>{r.rlnClassScore:.3f}</td>"
-        f"<td>{r.tamisProbabilityGood:.2f}</td><td>{'yes' if r.rlnSelected else ''}</td></tr>"
-        for r in scores.sort_values("rlnClassScore", ascending=False).itertuples()
+        f"<tr><td>{int(r.rlnClassNumber)}</td><td>{r.tamisSelectionScore:.3f}</td>"
+        f"<td>{r.rlnClassScore:.3f}</td><td>{r.tamisProbabilityGood:.2f}</td>"
+        f"<td>{'' if np.isnan(r.tamisScreenPassed) else f'{r.tamisScreenPassed:.0%}'}</td>"
+        f"<td>{'yes' if r.rlnSelected else ''}</td></tr>"
+        for r in scores.sort_values("tamisSelectionScore", ascending=False).itertuples()
     )
     rel = lambda p: html.escape(str(p.relative_to(project)))  # noqa: E731
     page = f"""<!doctype html>
@@ -511,7 +518,7 @@ td,th{{padding:2px 10px;text-align:right}} img{{max-width:100%}}</style></head><
 <h2>2D classes by ranker score (selected ones framed in green)</h2>
 <img src="{rel(select_dir / "gallery.png")}" alt="class gallery">
 <h2>Class scores</h2>
-<table><tr><th>class</th><th>score</th><th>P(good)</th><th>selected</th></tr>{rows}</table>
+<table><tr><th>class</th><th>selection score</th><th>ranker score</th><th>P(good)</th><th>passing the screen</th><th>selected</th></tr>{rows}</table>
 {_html_3d(project, three_d)}
 <h2>Picks</h2>
 {"".join(f'<img src="{rel(p)}" alt="picks">' for p in overlays[:1])}

@@ -390,7 +390,8 @@ def screen_particles(
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
     for c in np.unique(cls):
         members = cls == c
-        if members.sum() >= options.min_particles:
+        # (a blank class average leaves its members' amplitudes undefined: nothing to compare)
+        if members.sum() >= options.min_particles and np.isfinite(amp[members]).any():
             ref[members] = np.nanmedian(amp[members])
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(ref > 0, amp / ref, np.nan)

@@ -299,7 +299,9 @@ def rank_classes(
         passed, clean, fit = _screen(job, first_rows, options.screen, log)
         selection = selection_scores(scores, clean)
         first = set(chosen)
-        chosen, n_above = select_classes(selection, kept, n_est, options)
+        # top-ups (select_min_nr_particles) count the particles that will be kept
+        n_pass = {c: n * (clean[c] if np.isfinite(clean[c]) else 1.0) for c, n in n_est.items()}
+        chosen, n_above = select_classes(selection, kept, n_pass, options)
         if set(chosen) != first:
             dropped = sorted(c + 1 for c in first - set(chosen))
             added = sorted(c + 1 for c in set(chosen) - first)
@@ -354,9 +356,11 @@ def selection_scores(scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
     that pass the screen (nan for a class without particles: the score stands). A class whose
     particles mostly fail the screen (carbon edges, ice, whatever the network took for a
     particle) falls with that share; a class at least as clean as a good one keeps its score.
-    Unscored classes (-999) stay unscored."""
+    (A negative score moves down by the same fraction of its size.) Unscored classes (-999)
+    stay unscored."""
     factor = np.where(np.isfinite(clean), np.minimum(1.0, clean / CLEAN_SHARE_GOOD), 1.0)
-    return np.where(scores > -998, scores * factor, scores)
+    # scores are not bounded below 0: the penalty moves a negative score down as well
+    return np.where(scores > -998, scores - np.abs(scores) * (1.0 - factor), scores)
 
 
 _CLASS_AVERAGE_COLUMNS = ("rlnReferenceImage", "rlnClassDistribution", "rlnAccuracyRotations",
@@ -434,35 +438,41 @@ def _realign_search(job: dict, pixel: float) -> tuple[float, float]:
 
 def _screen(
     job: dict, cuts_from: np.ndarray, options: ScreenOptions, log: Callable[[str], None]
-) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+) -> tuple[np.ndarray, np.ndarray, pd.DataFrame | None]:
     """The particle screen over every particle of the job, with its cuts set by the particles
     ``cuts_from`` (the classes the ranker chose): returns the particles that pass (over the
-    whole data table), each class's share of passing particles (nan: no particles) and the
-    screen's statistics (``particle_fit``)."""
-    particles, fit = job_particle_fit(job, None, options)
-    passed = screen_particles(fit, options, cuts_from=cuts_from)
-    table = particles.particles
-    cls = table["rlnClassNumber"].astype(int).to_numpy()
+    whole data table), each class's share of passing particles (nan: no particles, or no
+    screen) and the screen's statistics (``particle_fit``, one row per particle with a class
+    of the job; None when too few particles were chosen to set cuts)."""
+    table = job["data"].table
     k = len(job["classes"])
-    counts = np.bincount(cls - 1, minlength=k)[:k].astype(float)
-    good = np.bincount(cls - 1, weights=passed.astype(float), minlength=k)[:k]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        clean = np.where(counts > 0, good / counts, np.nan)
+    cls = table["rlnClassNumber"].astype(int).to_numpy()
+    passed = np.ones(len(table), dtype=bool)
+    clean = np.full(k, np.nan)
     n_from = int(np.asarray(cuts_from).sum())
     if n_from < options.min_particles:
         log(f"particle screen: {n_from} particles in the chosen classes, fewer than "
             f"{options.min_particles}; all kept")  # fmt: skip
-    else:
-        cuts = fit.attrs.get("cuts", {})
-        rule = (
-            f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
-            f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
-            f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
-            f"{'adaptive' if options.adaptive else 'fixed'} cuts"
-        )
-        log(f"particle screen: {int(passed[np.asarray(cuts_from, bool)].sum())} of {n_from} "
-            f"particles of the chosen classes pass ({rule}); {int(passed.sum())} of "
-            f"{len(passed)} in all classes")  # fmt: skip
+        return passed, clean, None
+    # particles without a class of this job cannot be compared with one: they do not pass
+    rows = np.flatnonzero((cls >= 1) & (cls <= k))
+    passed[:] = False
+    _, fit = job_particle_fit(job, rows, options)
+    passed[rows] = screen_particles(fit, options, cuts_from=np.asarray(cuts_from, bool)[rows])
+    counts = np.bincount(cls[rows] - 1, minlength=k).astype(float)
+    good = np.bincount(cls[rows] - 1, weights=passed[rows].astype(float), minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        clean = np.where(counts > 0, good / counts, np.nan)
+    cuts = fit.attrs.get("cuts", {})
+    rule = (
+        f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
+        f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
+        f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
+        f"{'adaptive' if options.adaptive else 'fixed'} cuts"
+    )
+    log(f"particle screen: {int(passed[np.asarray(cuts_from, bool)].sum())} of {n_from} "
+        f"particles of the chosen classes pass ({rule}); {int(passed.sum())} of "
+        f"{len(passed)} in all classes")  # fmt: skip
     return passed, clean, fit
 
 
@@ -470,7 +480,9 @@ def _write_screen_report(
     path: Path, table: pd.DataFrame, fit: pd.DataFrame, passed: np.ndarray, kept: np.ndarray
 ) -> None:
     """``particle_screen.csv``: every particle of the job, its amplitude, misfit, whether it
-    passes the screen and whether it is in ``particles.star``."""
+    passes the screen and whether it is in ``particles.star`` (amplitude and misfit empty for a
+    particle whose class the job does not have)."""
+    fit = fit.reindex(range(len(table)))
     report = pd.DataFrame({
         "rlnImageName": table["rlnImageName"].to_numpy(),
         "rlnClassNumber": table["rlnClassNumber"].to_numpy(),

@@ -4,7 +4,8 @@ reloads.
 
 Pages: ``/`` pipeline (schemes with start/abort/reset, jobs), ``/job`` (a job's logs),
 ``/micrographs`` (CTF and picks over the session, the CTF selection threshold), ``/micrograph``
-(one micrograph with its picks), ``/class2d`` (a 2D job's classes by ranker score; change the
+(one micrograph with its picks), ``/class2d`` (a 2D job's classes by the score the selection
+used: the ranker's, times the particle screen's verdict on the class when it ran; change the
 selection and save it as a new Select job), ``/map`` (central slices and FSC).
 
 Security: the server binds to 127.0.0.1 unless told otherwise; with a token (required off
@@ -96,6 +97,11 @@ def _fmt(v, spec: str = ".1f") -> str:
     except (TypeError, ValueError):
         return _e(v)
     return "" if not np.isfinite(f) else format(f, spec)
+
+
+def _network(used: float, network: float) -> str:
+    """The network's own score on a class tile, where the particle screen moved it."""
+    return f" (net {network:.2f})" if np.isfinite(network) and used != network else ""
 
 
 def _passing(share: float) -> str:
@@ -241,7 +247,8 @@ class _Monitor:
             f'id="class-{r.number}" onclick="toggle(this)">'
             f'<img loading="lazy" alt="class {r.number}" '
             f'src="/img/class?job={_q(job)}&n={r.number}&it={ct.iteration}">'
-            f"#{r.number} score {_fmt(r.score, '.2f') or '-'} P {_fmt(r.p_good, '.2f') or '-'}"
+            f"#{r.number} score {_fmt(r.score, '.2f') or '-'}{_network(r.score, r.network)}"
+            f" P {_fmt(r.p_good, '.2f') or '-'}"
             f"<br>{r.particles} ptcls, {_fmt(r.resolution)} A"
             f"{_passing(r.passed)}</div>"
             for r in t.itertuples()

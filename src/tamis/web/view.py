@@ -260,8 +260,8 @@ class ClassTable:
     iteration: int
     optimiser: str  # relative to the project
     stack: Path  # the class averages (absolute)
-    classes: pd.DataFrame  # number, distribution, particles, resolution, score, p_good, passed,
-    # selected
+    classes: pd.DataFrame  # number, distribution, particles, resolution, score (the selection's),
+    # network (the ranker's), p_good, passed (the screen's share), selected
     selection_job: str | None  # the newest Select job of this 2D job (its choice in 'selected')
 
 
@@ -287,7 +287,7 @@ def class2d_classes(root: Path, job: str) -> ClassTable:
         "distribution": dist,
         "particles": np.rint(dist * n_parts).astype(int),
         "resolution": classes.get("rlnEstimatedResolution", pd.Series([np.nan] * k)).astype(float),
-        "score": np.nan, "p_good": np.nan, "passed": np.nan, "selected": 0,
+        "score": np.nan, "network": np.nan, "p_good": np.nan, "passed": np.nan, "selected": 0,
     })  # fmt: skip
     optimiser = model.with_name(model.name.replace("_model.star", "_optimiser.star"))
     # the newest Select job of this 2D job gives the selection; the newest ranker job the scores
@@ -308,6 +308,7 @@ def class2d_classes(root: Path, job: str) -> ClassTable:
             # class's particles when the screen ran)
             used = s.get("tamisSelectionScore", s["rlnClassScore"])
             table["score"] = used.where(s["rlnClassScore"] > -998).to_numpy()
+            table["network"] = s["rlnClassScore"].where(s["rlnClassScore"] > -998).to_numpy()
             nan = pd.Series(np.nan, index=s.index)
             table["p_good"] = s.get("tamisProbabilityGood", nan).to_numpy()
             table["passed"] = s.get("tamisScreenPassed", nan).to_numpy()
