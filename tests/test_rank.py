@@ -30,6 +30,19 @@ from tamis.rank.train import (
 from tests.helpers import tiny_particles
 
 
+def _copy_job(optimiser, dest):
+    """A copy of a 2D job's folder whose optimiser and model STAR files point into the copy;
+    returns the copy and the files' stem (``run_itNNN``)."""
+    import shutil
+
+    shutil.copytree(optimiser.parent, dest)
+    stem = optimiser.name.replace("_optimiser.star", "")
+    for name in ("optimiser", "model"):
+        f = dest / f"{stem}_{name}.star"
+        f.write_text(f.read_text().replace(str(optimiser.parent), str(dest)))
+    return dest, stem
+
+
 def test_selection_follows_relion():
     scores = np.array([0.9, 0.2, -999.0, 0.6, 0.4])
     kept = [0, 1, 3, 4]
@@ -118,7 +131,6 @@ def test_job_image_scale_makes_scores_independent_of_brightness(job, tmp_path):
     twice as bright (another binning, dose or particle size); in absolute units it does not.
     A model record with an unknown unit is one clear error."""
     import json
-    import shutil
 
     import mrcfile
 
@@ -135,12 +147,7 @@ def test_job_image_scale_makes_scores_independent_of_brightness(job, tmp_path):
     )
     assert load_ranker(model)[1]["image_scale"] == "job"
     # a copy of the job whose class averages are all twice as bright
-    c2d = tmp_path / "c2d"
-    shutil.copytree(result.optimiser.parent, c2d)
-    stem = result.optimiser.name.replace("_optimiser.star", "")
-    for name in ("optimiser", "model"):
-        f = c2d / f"{stem}_{name}.star"
-        f.write_text(f.read_text().replace(str(result.optimiser.parent), str(c2d)))
+    c2d, stem = _copy_job(result.optimiser, tmp_path / "c2d")
     with mrcfile.open(c2d / f"{stem}_classes.mrcs", "r+") as m:
         m.data[...] *= 2
     a, b = job_inputs(result.optimiser), job_inputs(c2d / result.optimiser.name)
@@ -328,17 +335,10 @@ def test_particles_without_a_class_of_the_job_fail_the_screen(job, tmp_path):
     """A data.star row whose rlnClassNumber the job does not have (edited by hand, merged from
     elsewhere) cannot be compared with a class: the screen over every particle runs, and that
     row is neither screened nor kept."""
-    import shutil
-
     from tamis.io.star import write_star
 
     _, result = job
-    c2d = tmp_path / "c2d"
-    shutil.copytree(result.optimiser.parent, c2d)
-    stem = result.optimiser.name.replace("_optimiser.star", "")
-    for name in ("optimiser", "model"):
-        f = c2d / f"{stem}_{name}.star"
-        f.write_text(f.read_text().replace(str(result.optimiser.parent), str(c2d)))
+    c2d, stem = _copy_job(result.optimiser, tmp_path / "c2d")
     star = read_star(result.data)
     star["particles"].loc[0, "rlnClassNumber"] = 99
     write_star(star, c2d / f"{stem}_data.star")
