@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from tamis._malloc import keep_freed_memory
 from tamis.errors import InputFileError, TamisError
 from tamis.fourier import crop_fourier, fourier_shift_cropped, irfft2, pad_fourier
 from tamis.io.coords import pipeline_relative
@@ -618,6 +619,7 @@ def _correct_one(
     lines)``, or ``(reason, log lines)`` when the movie is unusable (recorded as failed)."""
     o = options
     messages: list[str] = []
+    keep_freed_memory()  # this process does the job's work: reuse freed pages, movie after movie
     try:
         defects = None
         if o.defect_file and not o.skip_defect:
@@ -664,6 +666,9 @@ def run_motioncorr(
     ``rlnVoltage``). With ``only_do_unfinished`` a movie whose outputs exist is not redone;
     ``do_at_most`` caps the movies processed in this call (others wait for the next). A movie
     that fails is recorded in ``failed_movies.star`` with the reason and not retried.
+    The process that corrects the movies (this one, or each dask worker) keeps the memory it
+    frees for the next movie (:func:`tamis._malloc.keep_freed_memory`: on a VM, fresh pages
+    cost more than the arithmetic), so its memory stays near one movie's peak until it ends.
     """
     o = options or MotionCorrOptions()
     o.check()
