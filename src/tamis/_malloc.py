@@ -7,8 +7,10 @@ GB of fresh pages per movie) spends more time in those faults than in its arithm
 virtual machine whose page faults are slow (measured: 2.7 GB first touched in 2-7 s, rewritten
 in 0.14 s; BENCHMARKS.md, motion correction). :func:`keep_freed_memory` turns ``mmap`` off for
 ``malloc`` and heap trimming off, so freed blocks are reused without faults. The price is that
-the process keeps its peak memory until it ends: call it only in a process that does one job's
-work (a job's own process, a dask worker). Elsewhere than glibc it does nothing.
+the process keeps its peak memory until it ends: it is called where a job's work runs (each
+movie's motion correction, the 2D/3D engine's runs: a job's own process, a dask worker, a
+torchrun rank), and a Python session that calls those functions keeps its peak too. Elsewhere
+than glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from tamis import distributed
+from tamis._malloc import keep_freed_memory
 from tamis._progress import progress_bar
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
@@ -1242,7 +1243,10 @@ def ranked_job(options, log: Callable[[str], None], show_progress: bool):
     """A run of the E/M engine, alone or as one of torchrun's ranks: joins the process group
     (:func:`tamis.distributed.session`), sets up the pipeliner's markers on rank 0
     (:func:`pipeline_control`) and silences the other ranks. Yields ``(ranks, abort check, log,
-    show_progress)``."""
+    show_progress)``. The process keeps the memory it frees for the next batch
+    (:func:`tamis._malloc.keep_freed_memory`: the 3D engine's batches allocate large
+    temporaries, and fresh pages cost more than its arithmetic on a VM)."""
+    keep_freed_memory()
     with contextlib.ExitStack() as stack:
         ranks = stack.enter_context(distributed.session(choose_device(options.device)))
         main = ranks.rank == 0
