@@ -31,15 +31,14 @@ from tamis.rank.select import (
     load_ranker,
     rank_classes,
     recommended_min_score,
-    select_classes,
-    selection_scores,
+    select_screened_classes,
 )
 from tamis.simulate.truth import truth_for
 
 
 def job_fit(d: Path, out: Path, model: str | None = None) -> pd.DataFrame:
     """Every particle of one job with its screen statistics and truth; the ranker's class
-    scores, its first choice of classes and the threshold in ``attrs`` (the default selection
+    scores and its first choice of classes in ``attrs`` (the default selection
     then drops classes by their share of particles passing the screen, as ``rank_classes``)."""
     optimiser = sorted((d / "c2d").glob("run_it*_optimiser.star"))[-1]
     res = rank_classes(
@@ -60,29 +59,23 @@ def job_fit(d: Path, out: Path, model: str | None = None) -> pd.DataFrame:
         n_positive=int(positive.sum()), n_junk=int((~positive).sum()), scores=res.scores,
         kept=kept, n_est={c: float(share[c]) * n_total for c in kept},
         first=[c - 1 for c in res.selected],
-        min_score=recommended_min_score(load_ranker(model)[1]),
     )  # fmt: skip
     return fit
 
 
-def default_selection(fit: pd.DataFrame, opts: ScreenOptions) -> np.ndarray:
-    """The particles ``rank_classes`` keeps with the screen ``opts``: cuts from the first
-    choice of classes, classes re-chosen by ``selection_scores``, their passing particles."""
+def default_selection(fit: pd.DataFrame, opts: ScreenOptions, min_score: float) -> np.ndarray:
+    """The particles ``rank_classes`` keeps with the screen ``opts`` at the ranker's threshold
+    ``min_score``: cuts from the first choice of classes, classes re-chosen by
+    ``select_screened_classes``, their passing particles."""
     a = fit.attrs
     cls = fit["class"].to_numpy().astype(int)
     first = np.isin(cls, [c + 1 for c in a["first"]])
     if not first.any():
         return first
     passed = screen_particles(fit, opts, cuts_from=first)
-    k = len(a["scores"])
-    counts = np.bincount(cls - 1, minlength=k)[:k].astype(float)
-    good = np.bincount(cls - 1, weights=passed.astype(float), minlength=k)[:k]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        clean = np.where(counts > 0, good / counts, np.nan)
-    chosen, _ = select_classes(
-        selection_scores(a["scores"], clean), a["kept"], a["n_est"],
-        RankOptions(min_score=a["min_score"]),
-    )  # fmt: skip
+    chosen, *_ = select_screened_classes(
+        a["scores"], a["kept"], a["n_est"], cls, passed, RankOptions(min_score=min_score)
+    )
     return np.isin(cls, [c + 1 for c in chosen]) & passed
 
 
@@ -105,6 +98,7 @@ def main() -> None:
     for d in jobs:
         fits.append(job_fit(d, work / "tune" / d.name, args.model))
         print(f"{d.name}: {len(fits[-1])} particles", flush=True)
+    min_score = recommended_min_score(load_ranker(args.model)[1])  # the ranker's threshold
     n_pos = sum(f.attrs["n_positive"] for f in fits)
     n_junk = sum(f.attrs["n_junk"] for f in fits)
     rows = []
@@ -124,7 +118,7 @@ def main() -> None:
         )  # fmt: skip
         fp = fn = 0
         for f in fits:
-            keep = default_selection(f, opts)
+            keep = default_selection(f, opts, min_score)
             pos = f["positive"].to_numpy()
             fp += int((keep & ~pos).sum())
             fn += int((~keep & pos).sum())

@@ -296,6 +296,20 @@ def test_cuts_from_sets_the_cuts_and_judges_every_row():
     assert screen_particles(both, ScreenOptions(), cuts_from=few).all()
 
 
+def test_passing_shares_against_a_loop():
+    from tamis.rank.select import passing_shares
+
+    rng = np.random.default_rng(3)
+    cls = rng.integers(0, 8, 500)  # 0 and 7: numbers a 6-class job does not have
+    passed = rng.random(500) < 0.7
+    got = passing_shares(cls, passed, 6)
+    for c in range(1, 7):
+        members = cls == c
+        want = passed[members].mean() if members.any() else np.nan
+        np.testing.assert_allclose(got[c - 1], want)
+    assert np.isnan(passing_shares(np.array([1, 1]), np.array([True, False]), 3)[1:]).all()
+
+
 def test_selection_scores_scale_by_the_passing_share():
     from tamis.rank.select import CLEAN_SHARE_GOOD, selection_scores
 

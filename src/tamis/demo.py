@@ -496,11 +496,6 @@ def write_html(
 ) -> Path:
     """``summary.html`` beside the project's jobs; images are linked, not copied."""
     overlays = sorted((pick_star.parent / "overlays").glob("*.png"))
-    scores = scores.copy()
-    for col, default in (("tamisSelectionScore", scores["rlnClassScore"]),
-                         ("tamisScreenPassed", np.nan)):  # fmt: skip
-        if col not in scores.columns:
-            scores[col] = default
     rows = "".join(
         f"<tr><td>{int(r.rlnClassNumber)}</td><td>{r.tamisSelectionScore:.3f}</td>"
         f"<td>{r.rlnClassScore:.3f}</td><td>{r.tamisProbabilityGood:.2f}</td>"

@@ -42,6 +42,8 @@ __all__ = [
     "RankResult",
     "rank_classes",
     "select_classes",
+    "select_screened_classes",
+    "passing_shares",
     "selection_scores",
     "CLEAN_SHARE_GOOD",
     "load_ranker",
@@ -296,12 +298,12 @@ def rank_classes(
     fit = None
     first_rows = np.isin(in_class, [c + 1 for c in chosen])
     if options.screen is not None and first_rows.any():
-        passed, clean, fit = _screen(job, first_rows, options.screen, log)
-        selection = selection_scores(scores, clean)
+        passed, fit = _screen(job, first_rows, options.screen, log)
+    if fit is not None:
         first = set(chosen)
-        # top-ups (select_min_nr_particles) count the particles that will be kept
-        n_pass = {c: n * (clean[c] if np.isfinite(clean[c]) else 1.0) for c, n in n_est.items()}
-        chosen, n_above = select_classes(selection, kept, n_pass, options)
+        chosen, n_above, clean, selection = select_screened_classes(
+            scores, kept, n_est, in_class, passed, options
+        )
         if set(chosen) != first:
             dropped = sorted(c + 1 for c in first - set(chosen))
             added = sorted(c + 1 for c in set(chosen) - first)
@@ -348,6 +350,37 @@ def rank_classes(
 
 #: the share of clean particles that makes a class good (the ranker's training labels: tier 2)
 CLEAN_SHARE_GOOD = 0.75
+
+
+def passing_shares(classes_of: np.ndarray, passed: np.ndarray, k: int) -> np.ndarray:
+    """Each of ``k`` classes' share of particles that pass the screen, from the particles'
+    1-based class numbers ``classes_of`` and verdicts ``passed`` (nan: a class without
+    particles; numbers outside 1..k are not counted)."""
+    ok = (classes_of >= 1) & (classes_of <= k)
+    c = classes_of[ok].astype(np.int64) - 1
+    counts = np.bincount(c, minlength=k).astype(float)
+    good = np.bincount(c, weights=np.asarray(passed, float)[ok], minlength=k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, good / counts, np.nan)
+
+
+def select_screened_classes(
+    scores: np.ndarray,
+    kept: list[int],
+    n_est: dict[int, float],
+    classes_of: np.ndarray,
+    passed: np.ndarray,
+    options: RankOptions,
+) -> tuple[list[int], int, np.ndarray, np.ndarray]:
+    """RELION's selection (:func:`select_classes`) again, after the particle screen: on
+    :func:`selection_scores`, with top-ups (``select_min_nr_particles``) counting the particles
+    that will be kept. Returns the chosen classes, how many passed by score, each class's
+    passing share and the selection scores."""
+    clean = passing_shares(classes_of, passed, len(scores))
+    selection = selection_scores(scores, clean)
+    n_pass = {c: n * (clean[c] if np.isfinite(clean[c]) else 1.0) for c, n in n_est.items()}
+    chosen, n_above = select_classes(selection, kept, n_pass, options)
+    return chosen, n_above, clean, selection
 
 
 def selection_scores(scores: np.ndarray, clean: np.ndarray) -> np.ndarray:
@@ -438,31 +471,24 @@ def _realign_search(job: dict, pixel: float) -> tuple[float, float]:
 
 def _screen(
     job: dict, cuts_from: np.ndarray, options: ScreenOptions, log: Callable[[str], None]
-) -> tuple[np.ndarray, np.ndarray, pd.DataFrame | None]:
+) -> tuple[np.ndarray, pd.DataFrame | None]:
     """The particle screen over every particle of the job, with its cuts set by the particles
     ``cuts_from`` (the classes the ranker chose): returns the particles that pass (over the
-    whole data table), each class's share of passing particles (nan: no particles, or no
-    screen) and the screen's statistics (``particle_fit``, one row per particle with a class
-    of the job; None when too few particles were chosen to set cuts)."""
+    whole data table) and the screen's statistics (``particle_fit``, one row per particle with a
+    class of the job; None, and every particle passing, when too few particles were chosen to
+    set cuts)."""
     table = job["data"].table
-    k = len(job["classes"])
     cls = table["rlnClassNumber"].astype(int).to_numpy()
-    passed = np.ones(len(table), dtype=bool)
-    clean = np.full(k, np.nan)
-    n_from = int(np.asarray(cuts_from).sum())
+    n_from = int(cuts_from.sum())
     if n_from < options.min_particles:
         log(f"particle screen: {n_from} particles in the chosen classes, fewer than "
             f"{options.min_particles}; all kept")  # fmt: skip
-        return passed, clean, None
+        return np.ones(len(table), dtype=bool), None
     # particles without a class of this job cannot be compared with one: they do not pass
-    rows = np.flatnonzero((cls >= 1) & (cls <= k))
-    passed[:] = False
+    rows = np.flatnonzero((cls >= 1) & (cls <= len(job["classes"])))
+    passed = np.zeros(len(table), dtype=bool)
     _, fit = job_particle_fit(job, rows, options)
-    passed[rows] = screen_particles(fit, options, cuts_from=np.asarray(cuts_from, bool)[rows])
-    counts = np.bincount(cls[rows] - 1, minlength=k).astype(float)
-    good = np.bincount(cls[rows] - 1, weights=passed[rows].astype(float), minlength=k)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        clean = np.where(counts > 0, good / counts, np.nan)
+    passed[rows] = screen_particles(fit, options, cuts_from=cuts_from[rows])
     cuts = fit.attrs.get("cuts", {})
     rule = (
         f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
@@ -470,10 +496,9 @@ def _screen(
         f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
         f"{'adaptive' if options.adaptive else 'fixed'} cuts"
     )
-    log(f"particle screen: {int(passed[np.asarray(cuts_from, bool)].sum())} of {n_from} "
-        f"particles of the chosen classes pass ({rule}); {int(passed.sum())} of "
-        f"{len(passed)} in all classes")  # fmt: skip
-    return passed, clean, fit
+    log(f"particle screen: {int(passed[cuts_from].sum())} of {n_from} particles of the chosen "
+        f"classes pass ({rule}); {int(passed.sum())} of {len(passed)} in all classes")  # fmt: skip
+    return passed, fit
 
 
 def _write_screen_report(
