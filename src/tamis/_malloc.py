@@ -9,7 +9,10 @@ in 0.14 s; BENCHMARKS.md, motion correction). :func:`keep_freed_memory` turns ``
 ``malloc`` and heap trimming off, so freed blocks are reused without faults. The price is that
 the process keeps its peak memory until it ends: it is called where a job's work runs (each
 movie's motion correction, the 2D/3D engine's runs: a job's own process, a dask worker, a
-torchrun rank), and a Python session that calls those functions keeps its peak too. Elsewhere
+torchrun rank), and a Python session that calls those functions keeps its peak too. A freed
+block serves any later request that fits in it; a request of the very same size with alignment
+padding (torch's) can miss a freed block that is not at the heap's top, and then the heap grows
+(seen in a fresh interpreter with glibc.malloc.arena_max=1; tests/test_malloc.py). Elsewhere
 than glibc it does nothing.
 """
 
