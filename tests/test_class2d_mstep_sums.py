@@ -9,10 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from tamis.class2d import mstep
+from tamis.class2d import mstep, shifts
+from tamis.class2d.em import _ramps
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.likelihood import BatchData, Hypotheses, dense_significance
 from tamis.class2d.mstep import accumulate
+from tamis.class2d.sampling import Sampling
+from tamis.class2d.shifts import RowSums, SeparableShifts
 from tamis.class2d.state import WeightedSums
 
 
@@ -73,12 +76,19 @@ def test_dense_significance_at_exact_fractions():
     np.testing.assert_allclose(w[0].numpy(), [0.5, 0.25, 0.25, 0.0])
 
 
-def _problem(seed: int = 0):
+def _problem(seed: int = 0, grid: bool = False):
+    """A small batch; ``grid``: the translations on a regular grid (RELION's fine grid moved
+    by a perturbation), their ramps as the engine makes them, else random ramps."""
     rng = np.random.default_rng(seed)
     box, size = 16, 10
     win = FourierWindow.create(box, size)
     c = len(win)
     b, k, pf, tf = 6, 3, 4, 5
+    t_grid = None
+    if grid:
+        smp = Sampling(offset_range=2, offset_step=2, oversampling=1, perturbation=0.3)
+        t_grid = torch.from_numpy(smp.fine_translations())
+        tf = len(t_grid)
 
     def cplx(*shape):
         return torch.complex(
@@ -96,6 +106,8 @@ def _problem(seed: int = 0):
     )
     proj = cplx(k, pf, c)
     ramps = torch.polar(torch.ones(tf, c), torch.from_numpy(rng.uniform(-3, 3, (tf, c))).float())
+    if grid:
+        ramps = _ramps(t_grid, win, box)
     active = torch.tensor([0, 2])  # class 1 inactive
     w = rng.random((b, tf, len(active) * pf)) * (rng.random((b, tf, len(active) * pf)) < 0.6)
     w /= w.sum((1, 2), keepdims=True)
@@ -105,7 +117,7 @@ def _problem(seed: int = 0):
         groups=torch.tensor([0, 0, 1, 1, 2, 2]),
         scale=torch.tensor([1.0, 0.8, 1.3], dtype=torch.float64),
         ssnr_mask=torch.from_numpy(rng.random((k, c)) < 0.5),
-        translations_px=torch.from_numpy(rng.uniform(-2, 2, (tf, 2))),
+        translations_px=t_grid if grid else torch.from_numpy(rng.uniform(-2, 2, (tf, 2))),
         prior_offset=torch.from_numpy(rng.normal(size=(k, 2))),
         pixel_size=2.0,
         old_norm=torch.from_numpy(rng.uniform(0.8, 1.2, b)),
@@ -205,10 +217,24 @@ def _dense_hypotheses(w: torch.Tensor, active: torch.Tensor) -> Hypotheses:
     )
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed"])
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed", "dense on a grid"])
 @pytest.mark.parametrize("halves", [False, True])
 def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
-    data, proj, ramps, active, w, win, extra = _problem()
+    """Every layout against the loops; "on a grid": translations on a regular grid, whose sums
+    over translations go row by row of the window (:class:`RowSums`) and whose per-particle
+    cross terms come from :class:`SeparableShifts` (taken whatever they save, here)."""
+    grid = layout.endswith("on a grid")
+    data, proj, ramps, active, w, win, extra = _problem(grid=grid)
+    separable = {}
+    if grid:
+        monkeypatch.setattr(shifts, "_WORTH", 10.0)
+        t = extra["translations_px"]
+        separable = dict(
+            row_sums=RowSums.create(t, win.kx, win.ky, win.box),
+            shifts=SeparableShifts.create(t, win.kx, win.ky, win.box),
+        )
+        assert None not in separable.values()
+        layout = "dense"
     pf = proj.shape[1]
     w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
     w /= w.sum((1, 2), keepdim=True)
@@ -238,7 +264,9 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         assert rd.tolist() == [1, 2, 5] and rs.tolist() == [0, 3, 4]
         assert set(hs.particle.tolist()) == {0, 1, 2} and hd.dense.shape[0] == 3
     sums = WeightedSums.zeros(k, pf, c, 2, extra["nsh"], 3, "cpu", n_slots=2 * k if halves else k)
-    norms = accumulate(sums, data, hyp, proj, ramps, win, half=half, max_rows=14, **extra)
+    norms = accumulate(
+        sums, data, hyp, proj, ramps, win, half=half, max_rows=14, **extra, **separable
+    )
     ref, ref_norms = _slow_sums(data, proj, ramps, active, w, win, extra, half)
     np.testing.assert_allclose(norms.numpy(), ref_norms, rtol=1e-4)
     for name, value in ref.items():

@@ -43,6 +43,7 @@ from tamis.class2d.fourier2d import (
 from tamis.class2d.init import initial_sigma2_and_references, random_psi
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare_refs
 from tamis.class2d.sampling import Sampling
+from tamis.class2d.shifts import RowSums, SeparableShifts
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError, is_out_of_memory
@@ -609,15 +610,29 @@ class Class2DRun:
         t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
         ramps_c = _ramps(t_c, cwin, self.box)
         ramps_f = _ramps(t_f, window, self.box)
+        # the dense passes' cross terms as two small DFTs where the translation grid allows
+        shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box)
+        e_kx, e_ky = window.kx[estep_pixels], window.ky[estep_pixels]
+        shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
+        # the M-step's sums over translations, on every pixel of the window
+        row_sums = RowSums.create(t_f, window.kx, window.ky, self.box)
+        shifts_m = (
+            shifts_f
+            if o.strict_highres_exp <= 0
+            else SeparableShifts.create(t_f, window.kx, window.ky, self.box)
+        )
         if not oversampled:
             # single pass at the current size
             proj_c = space.project(grids, psi_c, window, o.pad)
             proj_f = proj_c
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
+            shifts_c = shifts_f
         psi_fine_deg = psi_f if oversampled else psi_c
         # pass 0's projections as its GEMMs read them, once for every batch
-        coarse_refs = None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]))
+        coarse_refs = (
+            None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]), shifts_c)
+        )
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),
@@ -730,6 +745,8 @@ class Class2DRun:
                             max_significant=max_sig,
                             coarse_refs=refs_b,
                             log_prior_orient=lp_orient,
+                            shifts_coarse=shifts_c,
+                            shifts_fine=shifts_f,
                         )
                     except (RuntimeError, MemoryError) as exc:
                         if not is_out_of_memory(exc):
@@ -779,6 +796,8 @@ class Class2DRun:
                         half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                         max_rows=m_rows,
                         gemm_dtype=torch.bfloat16 if o.mstep_bf16 else torch.float32,
+                        row_sums=row_sums,
+                        shifts=shifts_m,
                     )
                     if stream:
                         splat_sums(batch_proj, batch_orient)

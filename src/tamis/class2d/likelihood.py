@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tamis.class2d.shifts import ColumnRefs, SeparableShifts
+
 __all__ = [
     "PreparedRefs",
     "prepare_refs",
@@ -364,16 +366,20 @@ def _kth_largest(w: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
 @dataclass(frozen=True)
 class PreparedRefs:
     """Projections ``(R, C)`` as the E-step's GEMMs read them: real rows ``(R, 2C)`` (a view of
-    contiguous projections) and squared norms ``(R, C)``. Made once per iteration for pass 0, whose
-    projections every batch shares (:func:`prepare_refs`)."""
+    contiguous projections), squared norms ``(R, C)`` and, for translations that separate, the
+    projections by column (``cols``). Made once per iteration for pass 0, whose projections
+    every batch shares (:func:`prepare_refs`)."""
 
     rows: torch.Tensor
     norm2: torch.Tensor
+    cols: ColumnRefs | None = None
 
 
-def prepare_refs(proj: torch.Tensor) -> PreparedRefs:
-    """:class:`PreparedRefs` of projections ``(R, C)`` (complex)."""
-    return PreparedRefs(real_rows(proj), proj.real**2 + proj.imag**2)
+def prepare_refs(proj: torch.Tensor, shifts: SeparableShifts | None = None) -> PreparedRefs:
+    """:class:`PreparedRefs` of projections ``(R, C)`` (complex), laid out by column too when
+    ``shifts`` is given."""
+    cols = shifts.prepare(proj) if shifts is not None else None
+    return PreparedRefs(real_rows(proj), proj.real**2 + proj.imag**2, cols)
 
 
 def _log_weights(
@@ -381,10 +387,13 @@ def _log_weights(
     a_w: torch.Tensor,
     proj: torch.Tensor | PreparedRefs,
     ramps: torch.Tensor,
+    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """``2 cross(i, t, r) - A(i, r)`` as ``(B, T, R)`` float32: minus diff2 up to the particle's
     constant. The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the
-    particles scaled by 2, exactly), A by ``(B, C) x (C, R)``; A is subtracted in place.
+    particles scaled by 2, exactly), or, when the translations separate (``shifts``, the
+    ramps' grid on these pixels), from :meth:`SeparableShifts.cross`; A by ``(B, C) x (C, R)``,
+    subtracted in place.
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
     (or prepared once for many batches), ``ramps`` ``(T, C)``.
@@ -394,16 +403,27 @@ def _log_weights(
     t, r = ramps.shape[0], refs.rows.shape[0]
     a = a_w @ refs.norm2.T  # (B, R)
     count_gemm(b, c, r)
-    logw = (shifted_real(2.0 * y_w, ramps) @ refs.rows.T).view(b, t, r)
-    count_gemm(b * t, 2 * c, r)
+    if shifts is not None:
+        cols = refs.cols
+        if cols is None:
+            cols = shifts.prepare(torch.view_as_complex(refs.rows.view(r, c, 2)))
+        logw = shifts.cross(2.0 * y_w, cols)
+        GEMM_STATS["flops"] += shifts.flops(b, r)
+    else:
+        logw = (shifted_real(2.0 * y_w, ramps) @ refs.rows.T).view(b, t, r)
+        count_gemm(b * t, 2 * c, r)
     return logw.sub_(a[:, None, :])
 
 
 def _diff2_dense(
-    y_w: torch.Tensor, a_w: torch.Tensor, proj: torch.Tensor | PreparedRefs, ramps: torch.Tensor
+    y_w: torch.Tensor,
+    a_w: torch.Tensor,
+    proj: torch.Tensor | PreparedRefs,
+    ramps: torch.Tensor,
+    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """``A(i, r) - 2 cross(i, t, r)`` as ``(B, R, T)`` (float64); see :func:`_log_weights`."""
-    return -_log_weights(y_w, a_w, proj, ramps).transpose(1, 2).to(torch.float64)
+    return -_log_weights(y_w, a_w, proj, ramps, shifts).transpose(1, 2).to(torch.float64)
 
 
 def expectation(
@@ -424,6 +444,8 @@ def expectation(
     dense_pairs: float | None = None,
     coarse_refs: PreparedRefs | None = None,
     log_prior_orient: torch.Tensor | None = None,
+    shifts_coarse: SeparableShifts | None = None,
+    shifts_fine: SeparableShifts | None = None,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -441,7 +463,9 @@ def expectation(
     ``dense_pairs`` of its (class, fine psi) pairs need evaluating takes the dense pass 1.
     ``log_prior_orient`` ``(B, Pc)``: a per-particle log-prior of each coarse orientation (local
     searches: ``-inf`` outside the particle's neighbourhood), shared by its fine children, as
-    RELION's ``exp_directions_prior * exp_psi_prior``.
+    RELION's ``exp_directions_prior * exp_psi_prior``. ``shifts_coarse``/``shifts_fine``: the
+    coarse translations on ``coarse_pixels`` and the fine ones on ``estep_pixels`` as regular
+    grids (:class:`~tamis.class2d.shifts.SeparableShifts`), for the dense passes' cross terms.
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
@@ -459,7 +483,7 @@ def expectation(
         pc_flat = proj_coarse[active].reshape(ka * pc, -1)
     final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
     if final_pass:
-        d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
+        d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse)
         d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]
         prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
         if log_prior_orient is not None:
@@ -469,7 +493,7 @@ def expectation(
     else:
         # Only the mask is needed: log-weights without the particle's constant, in place in
         # float32, as in the dense pass 1.
-        rel = _log_weights(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse)
+        rel = _log_weights(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse)
         rel = rel.view(b, tc, ka, pc)
         pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
         rel.add_(pri.to(torch.float32)[..., None])
@@ -510,6 +534,7 @@ def expectation(
         n_over_trans,
         fraction,
         log_prior_orient,
+        shifts_fine,
     )
     hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp, dense_pairs)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)
@@ -583,6 +608,7 @@ class _FinePass:
     n_over_trans: int
     fraction: float
     log_prior_orient: torch.Tensor | None = None  # (B, Pc) per particle and coarse orientation
+    shifts: SeparableShifts | None = None  # the fine translations on ``pixels`` as a grid
 
     def rows(self, rows: torch.Tensor) -> _FinePass:
         """The same for the particles ``rows`` of the batch."""
@@ -816,7 +842,9 @@ def _dense_pass(
     npf = pf.shape[1]
     ra = ka * npf
     tf = ramps_fine.shape[0]
-    logw = _log_weights(w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_fine[:, e])
+    logw = _log_weights(
+        w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_fine[:, e], fp.shifts
+    )
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
-from tamis.class2d.likelihood import BatchData, Hypotheses, count_gemm, real_rows
+from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
+from tamis.class2d.shifts import RowSums, SeparableShifts
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -127,7 +128,9 @@ def _class_block_sums(
             f = torch.empty((c, 2, pf), device=dev)
             u = torch.empty((c, n), device=dev)
             # Mix a few pixels at a time: the GEMM's inner dimension is only Tf, and the two
-            # products that read Mix run 1.5x faster while it stays in cache.
+            # products that read Mix run 1.5x faster while it stays in cache. (Two small DFTs
+            # over the translation grid, as the dense sums use, were 10% slower here: their
+            # GEMMs' inner dimension is 20, and Mix is as big.)
             for c0 in range(0, c, _MIX_PIXELS):
                 c1 = min(c, c0 + _MIX_PIXELS)
                 mix = _mm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype).view(c1 - c0, 2 * n, pf)
@@ -179,10 +182,14 @@ def accumulate(
     chunk: int = 8192,
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
+    row_sums: RowSums | None = None,
+    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
     ``gemm_dtype`` torch.bfloat16: the sums over translations as bfloat16 GEMMs
-    (:attr:`Class2DOptions.mstep_bf16`).
+    (:attr:`Class2DOptions.mstep_bf16`). ``row_sums`` and ``shifts`` (both for the window's
+    pixels): the fine translations as a regular grid, for the dense layout's sums over
+    translations (:class:`~tamis.class2d.shifts.RowSums`, :class:`SeparableShifts`).
 
     Per (particle, orientation) pair ``m`` with weights ``W_m(t)`` over the fine translations,
     ``Mix_m = W_m @ ramps`` is one GEMM. The reconstruction sums per (class, psi) then take
@@ -199,7 +206,8 @@ def accumulate(
                 scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
                 prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm[rows],
                 avg_norm=avg_norm, nsh=nsh, half=None if half is None else half[rows],
-                chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype,
+                chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype, row_sums=row_sums,
+                shifts=shifts,
             )  # fmt: skip
 
         new_norm = torch.empty_like(old_norm, dtype=torch.float64)
@@ -212,6 +220,7 @@ def accumulate(
             groups=groups, scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
             prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm,
             avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows, gemm_dtype=gemm_dtype,
+            row_sums=row_sums, shifts=shifts,
         )  # fmt: skip
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
@@ -355,6 +364,92 @@ def _particle_sums(
     return new_norm
 
 
+def _dense_sums_gemm(
+    w: torch.Tensor,
+    members: torch.Tensor,
+    q: torch.Tensor,
+    cx: torch.Tensor,
+    p_re: torch.Tensor,
+    ramps_f: torch.Tensor,
+    fimg_h: torch.Tensor,
+    cross_part: torch.Tensor,
+    step: int,
+    gemm_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The dense sums of the particles ``members`` by GEMMs over the rows (particle, t): adds
+    the reconstruction sums to ``fimg_h`` ``(Ra, C)`` and each particle's cross term to
+    ``cross_part``; returns ``sum W^T c X ramp`` ``(Ra, C)`` (the noise's cross term before
+    ``conj(P)``)."""
+    b, tf, ra = w.shape
+    c = q.shape[1]
+    dev = q.device
+    gx = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
+    contiguous = int(members[-1] - members[0]) + 1 == len(members)
+    for s in range(0, len(members), step):
+        idx = members[s : s + step]
+        n = len(idx)
+        # the piece's rows of W: a view when its particles are consecutive (EM)
+        sl = slice(int(idx[0]), int(idx[0]) + n) if contiguous else idx
+        buf = torch.empty((n, tf, 2, c), dtype=torch.complex64, device=dev)
+        torch.mul(q[sl][:, None, :], ramps_f[None], out=buf[:, :, 0])
+        torch.mul(cx[sl][:, None, :], ramps_f[None], out=buf[:, :, 1])
+        y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
+        wp = w[sl].reshape(n * tf, ra)
+        out = torch.view_as_complex(_mm(wp.T, y, gemm_dtype).reshape(ra, 2, c, 2))
+        count_gemm(ra, n * tf, 4 * c, "mstep_flops")
+        count_gemm(n * tf, 2 * c, ra, "mstep_flops")
+        fimg_h += out[:, 0]
+        gx += out[:, 1]
+        # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
+        xc = _mm(y.view(n * tf, 2, 2 * c)[:, 1], p_re.T, gemm_dtype)  # (n*Tf, Ra)
+        dots = torch.bmm(xc.view(n, 1, tf * ra), wp.view(n, tf * ra, 1)).view(n)
+        cross_part[idx] = dots.to(torch.float64)
+        del y, buf
+    return gx
+
+
+def _dense_sums_separable(
+    w: torch.Tensor,
+    members: torch.Tensor,
+    q: torch.Tensor,
+    cx: torch.Tensor,
+    p: torch.Tensor,
+    row_sums: RowSums,
+    shifts: SeparableShifts,
+    cross_part: torch.Tensor,
+    max_rows: int,
+    gemm_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_dense_sums_gemm` with the translations on a regular grid: the sums over
+    (particle, t) as :meth:`RowSums.add` (one GEMM per row of the window over
+    (particle, tx)) and each particle's cross term from :meth:`SeparableShifts.cross`; returns
+    the reconstruction sums and ``sum W^T c X ramp``, ``(Ra, C)`` each."""
+    b, tf, ra = w.shape
+    c = q.shape[1]
+    dev = q.device
+    acc = torch.zeros((c, 4, ra), dtype=torch.float32, device=dev)
+    cols = shifts.prepare(p)
+    # particles per piece: V (2 rows x n x n_tx x Ra floats) about max_rows x Ra, as the
+    # GEMM path's pieces of rows (particle, t) (measured: 4096-16384 x Ra equally fast)
+    per = 2 * len(row_sums.rows) * row_sums.n_tx * ra
+    step = max(1, min(len(members), (max_rows * ra) // max(per, 1)))
+    for s in range(0, len(members), step):
+        idx = members[s : s + step]
+        n = len(idx)
+        wp = w[idx]
+        v = row_sums.spread(wp)
+        row_sums.add(v, torch.stack([q[idx], cx[idx]]), acc, gemm_dtype)
+        GEMM_STATS["mstep_flops"] += row_sums.flops(n, ra, 2)
+        del v
+        xc = shifts.cross(cx[idx], cols)  # (n, Tf, Ra)
+        GEMM_STATS["mstep_flops"] += shifts.flops(n, ra)
+        dots = torch.bmm(xc.view(n, 1, tf * ra), wp.reshape(n, tf * ra, 1)).view(n)
+        cross_part[idx] = dots.to(torch.float64)
+    f_q = torch.complex(acc[:, 0], acc[:, 1]).T
+    gx = torch.complex(acc[:, 2], acc[:, 3]).T
+    return f_q, gx
+
+
 def _accumulate_dense(
     sums: WeightedSums,
     data: BatchData,
@@ -377,6 +472,8 @@ def _accumulate_dense(
     half: torch.Tensor | None,
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
+    row_sums: RowSums | None = None,
+    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """:func:`accumulate` for dense weights ``W`` ``(B, Tf, R)`` (R = active classes x psi).
 
@@ -436,28 +533,15 @@ def _accumulate_dense(
                 g_m = groups[members]
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
-        gx = torch.zeros((ra, c), dtype=torch.complex64, device=dev)
-        contiguous = int(members[-1] - members[0]) + 1 == len(members)
-        for s in range(0, len(members), step):
-            idx = members[s : s + step]
-            n = len(idx)
-            # the piece's rows of W: a view when its particles are consecutive (EM)
-            sl = slice(int(idx[0]), int(idx[0]) + n) if contiguous else idx
-            buf = torch.empty((n, tf, 2, c), dtype=torch.complex64, device=dev)
-            torch.mul(q[sl][:, None, :], ramps_f[None], out=buf[:, :, 0])
-            torch.mul(cx[sl][:, None, :], ramps_f[None], out=buf[:, :, 1])
-            y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
-            wp = w[sl].reshape(n * tf, ra)
-            out = torch.view_as_complex(_mm(wp.T, y, gemm_dtype).reshape(ra, 2, c, 2))
-            count_gemm(ra, n * tf, 4 * c, "mstep_flops")
-            count_gemm(n * tf, 2 * c, ra, "mstep_flops")
-            fimg[h] += out[:, 0]
-            gx += out[:, 1]
-            # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
-            xc = _mm(y.view(n * tf, 2, 2 * c)[:, 1], p_re.T, gemm_dtype)  # (n*Tf, Ra)
-            dots = torch.bmm(xc.view(n, 1, tf * ra), wp.view(n, tf * ra, 1)).view(n)
-            cross_part[idx] = dots.to(torch.float64)
-            del y, buf
+        if row_sums is not None and shifts is not None:
+            f_q, gx = _dense_sums_separable(
+                w, members, q, cx, p, row_sums, shifts, cross_part, max_rows, gemm_dtype
+            )
+            fimg[h] += f_q
+        else:
+            gx = _dense_sums_gemm(
+                w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype
+            )
         corr = (gx * p.conj()).real  # (Ra, C)
         cross_pix[o] += corr.sum(0, dtype=torch.float64)
         if with_scale:
