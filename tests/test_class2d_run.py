@@ -232,6 +232,36 @@ def test_without_zero_mask_and_oversampling_zero(sim):
     assert np.isfinite(data["rlnLogLikeliContribution"]).all()
 
 
+def test_translation_grid_sums_give_the_same_run(sim, full_run, monkeypatch):
+    """The separable sums over the translation grid (tamis.class2d.shifts), taken everywhere
+    (pass 0 and the fine pass; at this small box they would save too little to be taken):
+    the same classification as the GEMMs."""
+    from tamis.class2d import shifts
+
+    monkeypatch.setattr(shifts, "_WORTH", 10.0)
+    result = run_class2d(
+        sim / "sim" / "particles.star", str(sim / "grid" / "run"), options(), log=lambda s: None
+    )
+    assert_same_classification(full_run[1], result)
+
+
+def test_strict_highres_exp_with_oversampling_zero(sim, monkeypatch):
+    """The single pass of --oversampling 0 compared on the pixels within
+    --strict_highres_exp, with the GEMMs and with the separable sums."""
+    from tamis.class2d import shifts
+
+    for worth, name in ((0.45, "strict"), (10.0, "strict_grid")):
+        monkeypatch.setattr(shifts, "_WORTH", worth)
+        result = run_class2d(
+            sim / "sim" / "particles.star",
+            str(sim / name / "run"),
+            options(iter=2, oversampling=0, strict_highres_exp=30.0),
+            log=lambda s: None,
+        )
+        data = read_star(result.data)["particles"]
+        assert np.isfinite(data["rlnLogLikeliContribution"]).all()
+
+
 def test_cli_class2d(sim):
     from typer.testing import CliRunner
 

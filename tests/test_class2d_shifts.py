@@ -37,8 +37,12 @@ def _slow_cross(y, proj, t, kx, ky, box):
 
 
 @pytest.mark.parametrize("size", [10, 13])  # even and odd current sizes
-def test_cross_matches_a_loop(size, monkeypatch):
+@pytest.mark.parametrize("chunk", [None, 300])  # one chunk; particles and projections split
+def test_cross_matches_a_loop(size, chunk, monkeypatch):
     monkeypatch.setattr(shifts, "_WORTH", 10.0)  # small windows save little; take it anyway
+    if chunk is not None:
+        monkeypatch.setattr(shifts, "_CHUNK_FLOATS", chunk)
+        monkeypatch.setattr(shifts, "_MIN_CHUNK_PARTICLES", 2)
     box = 16
     win = FourierWindow.create(box, size)
     t = _fine_grid()
@@ -50,6 +54,23 @@ def test_cross_matches_a_loop(size, monkeypatch):
     got = sep.cross(y, sep.prepare(proj)).numpy()
     ref = _slow_cross(y, proj, t, win.kx, win.ky, box)
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("oversampling", [0, 1, 2])
+@pytest.mark.parametrize("step", [2.0, 2 / 1.31, 1.5 / 1.06, 1 / 3, 2.6 / 1.244])
+def test_grids_in_any_step_are_found(step, oversampling):
+    """Offsets given in Å become steps in pixels that are not round numbers (auto-refine,
+    continued runs): the grid is still found, and gives back every translation."""
+    smp = Sampling(offset_range=3 * step, offset_step=step, oversampling=oversampling)
+    smp.perturbation = 0.37
+    for t in (smp.coarse_translations(), smp.fine_translations()):
+        t = torch.from_numpy(t)
+        grid = shifts._grid_of(t, 64)
+        assert grid is not None
+        again = torch.stack(
+            [grid.origin[a] + grid.step[a] * (grid.ix, grid.iy)[a].double() for a in range(2)], 1
+        )
+        assert float((again - t).abs().max()) < 1e-9
 
 
 def test_only_regular_grids_that_save_are_taken():

@@ -611,9 +611,9 @@ class Class2DRun:
         ramps_c = _ramps(t_c, cwin, self.box)
         ramps_f = _ramps(t_f, window, self.box)
         # the dense passes' cross terms as two small DFTs where the translation grid allows
-        shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box)
         e_kx, e_ky = window.kx[estep_pixels], window.ky[estep_pixels]
         shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
+        shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box) if oversampled else None
         # the M-step's sums over translations, on every pixel of the window
         row_sums = RowSums.create(t_f, window.kx, window.ky, self.box)
         shifts_m = (
@@ -630,9 +630,11 @@ class Class2DRun:
             shifts_c = shifts_f
         psi_fine_deg = psi_f if oversampled else psi_c
         # pass 0's projections as its GEMMs read them, once for every batch
-        coarse_refs = (
-            None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]), shifts_c)
-        )
+        coarse_refs = None
+        if not local:
+            # (--oversampling 0 with --strict_highres_exp: projections on the whole window)
+            pc = proj_c if proj_c.shape[-1] == len(coarse_pixels) else proj_c[..., coarse_pixels]
+            coarse_refs = prepare_refs(pc.reshape(-1, pc.shape[-1]), shifts_c)
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),

@@ -477,11 +477,15 @@ def expectation(
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
     ka = len(active)
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
+    final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
+    if proj_coarse.shape[-1] != coarse_pixels.shape[0]:
+        # the single pass of --oversampling 0 with --strict_highres_exp: projections made on
+        # the whole window, compared on its low-resolution pixels
+        proj_coarse = proj_coarse[..., coarse_pixels]
     if ka == k:  # every class active: no copy, and the prepared rows when given
         pc_flat = coarse_refs if coarse_refs is not None else proj_coarse.reshape(k * pc, -1)
     else:
         pc_flat = proj_coarse[active].reshape(ka * pc, -1)
-    final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
     if final_pass:
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse)
         d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]
@@ -842,9 +846,8 @@ def _dense_pass(
     npf = pf.shape[1]
     ra = ka * npf
     tf = ramps_fine.shape[0]
-    logw = _log_weights(
-        w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_fine[:, e], fp.shifts
-    )
+    ramps_e = ramps_fine if fp.shifts is not None else ramps_fine[:, e]  # (unused with shifts)
+    logw = _log_weights(w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_e, fp.shifts)
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
-from tamis.class2d.shifts import RowSums, SeparableShifts
+from tamis.class2d.shifts import ColumnRefs, RowSums, SeparableShifts
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -416,19 +416,20 @@ def _dense_sums_separable(
     p: torch.Tensor,
     row_sums: RowSums,
     shifts: SeparableShifts,
+    cols: ColumnRefs,
     cross_part: torch.Tensor,
     max_rows: int,
     gemm_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_dense_sums_gemm` with the translations on a regular grid: the sums over
     (particle, t) as :meth:`RowSums.add` (one GEMM per row of the window over
-    (particle, tx)) and each particle's cross term from :meth:`SeparableShifts.cross`; returns
-    the reconstruction sums and ``sum W^T c X ramp``, ``(Ra, C)`` each."""
+    (particle, tx)) and each particle's cross term from :meth:`SeparableShifts.cross` (the
+    projections ``p`` prepared as ``cols``); returns the reconstruction sums and
+    ``sum W^T c X ramp``, ``(Ra, C)`` each. ``gemm_dtype`` applies to the per-row GEMMs."""
     b, tf, ra = w.shape
     c = q.shape[1]
     dev = q.device
     acc = torch.zeros((c, 4, ra), dtype=torch.float32, device=dev)
-    cols = shifts.prepare(p)
     # particles per piece: V (2 rows x n x n_tx x Ra floats) about max_rows x Ra, as the
     # GEMM path's pieces of rows (particle, t) (measured: 4096-16384 x Ra equally fast)
     per = 2 * len(row_sums.rows) * row_sums.n_tx * ra
@@ -481,7 +482,10 @@ def _accumulate_dense(
     ``Y_q = c X_unmasked ramp_t / sigma2`` and ``Y_x = c X ramp_t``,
     ``W^T [Y_q | Y_x]`` ``(R, 4C)`` gives the reconstruction sums and, per pixel,
     ``sum_r Re(conj(P_r) W^T Y_x)``, the cross term of the noise (and of the scale, per group);
-    ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction.
+    ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction
+    (:func:`_dense_sums_gemm`). With the translations on a regular grid (``row_sums`` and
+    ``shifts``) the same sums come from two small DFTs (:func:`_dense_sums_separable`). When few
+    (particle, class) blocks carry weight the sums go block by block (:func:`_class_block_sums`).
     Particles are taken in pieces of one optics group, half set and (with ``--scale``, outside
     the block path) group.
     """
@@ -520,6 +524,7 @@ def _accumulate_dense(
     cross_part = torch.zeros(b, dtype=torch.float64, device=dev)
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
+    cols = None  # the projections by column, made once for the separable pieces
     for o, h, g in torch.unique(piece, dim=0).tolist():
         members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
         if by_class:
@@ -534,8 +539,10 @@ def _accumulate_dense(
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
         if row_sums is not None and shifts is not None:
+            if cols is None:
+                cols = shifts.prepare(p)
             f_q, gx = _dense_sums_separable(
-                w, members, q, cx, p, row_sums, shifts, cross_part, max_rows, gemm_dtype
+                w, members, q, cx, p, row_sums, shifts, cols, cross_part, max_rows, gemm_dtype
             )
             fimg[h] += f_q
         else:

@@ -28,32 +28,101 @@ __all__ = ["SeparableShifts", "ColumnRefs", "RowSums"]
 #: Columns join a group while their length is at least this fraction of the group's longest.
 _GROUP_FILL = 0.8
 
-#: Floats of the first stage's output per chunk of particles (bounds the temporary memory and
-#: keeps it near the caches: 10 particles of the hard recipe, 24 MB).
+#: Floats of the first stage's output per chunk (particles x projections): bounds the temporary
+#: memory and keeps it near the caches (10 particles x 1,200 projections of the hard recipe, 24
+#: MB; measured 1.7x slower with one particle per chunk, so projections are split first).
 _CHUNK_FLOATS = 6 << 20
+
+#: Particles per chunk that :meth:`SeparableShifts.cross` keeps before splitting projections.
+_MIN_CHUNK_PARTICLES = 8
 
 #: The separable path is taken when its multiply-adds are at most this fraction of the GEMM's.
 _WORTH = 0.45
 
 
 @dataclass(frozen=True)
+class _Grid:
+    """Translations ``t = origin + step * (ix, iy)`` and the phases that make their ramps on
+    pixels of integer frequencies ``kx``, ``ky`` of a ``box`` image (float64, on the CPU):
+    ``ramp_t(k) = ramp_o(k) ex(ix, kx) ey(iy, ky)``, each ``exp(-2 pi i ...)``."""
+
+    origin: tuple[float, float]
+    step: tuple[float, float]
+    ix: torch.Tensor
+    iy: torch.Tensor
+    box: int
+
+    @property
+    def n_tx(self) -> int:
+        return int(self.ix.max()) + 1
+
+    @property
+    def n_ty(self) -> int:
+        return int(self.iy.max()) + 1
+
+    def origin_ramp(self, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
+        return _phase(kx * self.origin[0] + ky * self.origin[1], self.box)
+
+    def ex(self, kx: torch.Tensor) -> torch.Tensor:
+        """``(n_tx, *kx.shape)``."""
+        tx = self.step[0] * torch.arange(self.n_tx, dtype=torch.float64)
+        return _phase(tx.view(-1, *([1] * kx.dim())) * kx, self.box)
+
+    def ey(self, ky: torch.Tensor) -> torch.Tensor:
+        """``(n_ty, *ky.shape)``."""
+        ty = self.step[1] * torch.arange(self.n_ty, dtype=torch.float64)
+        return _phase(ty.view(-1, *([1] * ky.dim())) * ky, self.box)
+
+
+def _phase(kt: torch.Tensor, box: int) -> torch.Tensor:
+    """``exp(-2 pi i kt / box)`` (complex128)."""
+    return torch.polar(torch.ones_like(kt), -2.0 * math.pi / box * kt)
+
+
+def _grid_of(t_px: torch.Tensor, box: int) -> _Grid | None:
+    """The translations ``(T, 2)`` (x, y) in pixels as a :class:`_Grid`, or ``None`` when they
+    are not a regular grid or fill less than half of it."""
+    t = t_px.to(torch.float64).cpu()
+    origin, step, index = [], [], []
+    for a in range(2):
+        v = t[:, a]
+        lo, span = float(v.min()), float(v.max() - v.min())
+        vals = torch.unique(torch.round((v - lo) * 1e6) / 1e6)
+        diffs = vals[1:] - vals[:-1]
+        h = float(diffs.min()) if len(diffs) else 1.0
+        if h <= 1e-6:
+            return None
+        if span > 0:  # the step that divides the span exactly (h above is rounded)
+            h = span / round(span / h)
+        g = (v - lo) / h
+        gi = torch.round(g)
+        if float((g - gi).abs().max()) > 1e-6:
+            return None
+        origin.append(lo)
+        step.append(h)
+        index.append(gi.long())
+    grid = _Grid((origin[0], origin[1]), (step[0], step[1]), index[0], index[1], box)
+    if grid.n_tx * grid.n_ty > 2 * len(t):
+        return None
+    return grid
+
+
+@dataclass(frozen=True)
 class _Group:
     """Columns of similar length: ``pixels`` ``(ncol, nrow)`` index the window's pixels (``C``
-    for padding, a zero appended to the data); ``ey`` ``(n_ty, ncol, nrow)`` the y ramps (zero
-    at padding) and ``ex_re``, ``ex_im`` ``(n_tx, ncol)`` the x ramps' parts."""
+    for padding, a zero appended to the data) and ``ey`` ``(n_ty, ncol, nrow)`` is the y ramps
+    (zero at padding)."""
 
     pixels: torch.Tensor
     ey: torch.Tensor
-    ex_re: torch.Tensor
-    ex_im: torch.Tensor
 
 
 @dataclass(frozen=True)
 class ColumnRefs:
-    """Projections laid out for :meth:`SeparableShifts.cross`: per group, ``[Re; Im]`` and
-    ``[-Im; Re]`` stacked over each column's rows, ``(ncol, 2 nrow, R)`` each."""
+    """Projections laid out for :meth:`SeparableShifts.cross`: per group of columns, ``[Re; Im]``
+    stacked over each column's rows, ``(ncol, 2 nrow, R)``."""
 
-    blocks: list[tuple[torch.Tensor, torch.Tensor]]
+    blocks: list[torch.Tensor]
     n_refs: int
 
 
@@ -69,7 +138,7 @@ class SeparableShifts:
     n_ty: int
     groups: list[_Group]
     n_pixels: int
-    ex: torch.Tensor  # (n_tx, 2 ncol): [Re ex | -Im ex] over every group's columns, in order
+    ex: torch.Tensor  # (n_tx, 2 ncol): Re ex, -Im ex interleaved per column, groups in order
 
     @classmethod
     def create(
@@ -78,12 +147,10 @@ class SeparableShifts:
         """For translations ``(T, 2)`` (x, y) in pixels and the pixels' integer frequencies
         ``kx``, ``ky`` ``(C,)`` of a ``box`` image; ``None`` when the translations are not a
         regular grid or the separable sum would not save enough."""
-        t = t_px.to(torch.float64).cpu()
-        grid = _regular_grid(t)
+        grid = _grid_of(t_px, box)
         if grid is None:
             return None
-        origin, step, ix, iy = grid
-        n_tx, n_ty = int(ix.max()) + 1, int(iy.max()) + 1
+        n_tx, n_ty = grid.n_tx, grid.n_ty
         dev = kx.device
         kxc, kyc = kx.to(torch.float64).cpu(), ky.to(torch.float64).cpu()
         cols = torch.unique(kxc)
@@ -91,72 +158,50 @@ class SeparableShifts:
         members = [m[torch.argsort(kyc[m])] for m in members]
         order = sorted(range(len(cols)), key=lambda j: -len(members[j]))
         n_pix = kx.shape[0]
-        # multiply-adds per (particle, projection): the GEMM's, and the separable one's
-        direct = 2.0 * len(t) * n_pix
         groups: list[list[int]] = []
         for j in order:
             if groups and len(members[j]) >= _GROUP_FILL * len(members[groups[-1][0]]):
                 groups[-1].append(j)
             else:
                 groups.append([j])
+        # multiply-adds per (particle, projection): the separable sum's, and the GEMM's
         padded = sum(len(g) * len(members[g[0]]) for g in groups)
         separable = 4.0 * n_ty * padded + 2.0 * n_tx * len(cols) * n_ty
-        if separable > _WORTH * direct:
+        if separable > _WORTH * 2.0 * len(grid.ix) * n_pix:
             return None
-        two_pi = 2.0 * math.pi / box
-        out = []
+        out, ex_cols = [], []
         for g in groups:
-            nrow = len(members[g[0]])
-            pix = torch.full((len(g), nrow), n_pix, dtype=torch.long)
+            pix = torch.full((len(g), len(members[g[0]])), n_pix, dtype=torch.long)
             for c, j in enumerate(g):
                 pix[c, : len(members[j])] = members[j]
             valid = pix < n_pix
-            ky_g = torch.where(valid, kyc[pix.clamp(max=n_pix - 1)], 0.0)
-            ey = torch.polar(
-                valid.to(torch.float64)[None].expand(n_ty, -1, -1),
-                -two_pi * step[1] * torch.arange(n_ty, dtype=torch.float64)[:, None, None] * ky_g,
-            )
-            ex = torch.polar(
-                torch.ones(n_tx, len(g), dtype=torch.float64),
-                -two_pi * step[0] * torch.arange(n_tx, dtype=torch.float64)[:, None] * cols[g],
-            )
-            ex = ex.to(torch.complex64)
-            out.append(
-                _Group(
-                    pix.to(dev),
-                    ey.to(torch.complex64).to(dev),
-                    ex.real.contiguous().to(dev),
-                    ex.imag.contiguous().to(dev),
-                )
-            )
-        origin_ramp = torch.polar(
-            torch.ones_like(kxc), -two_pi * (kxc * origin[0] + kyc * origin[1])
-        )
-        ex_all = torch.cat(
-            [torch.cat([g.ex_re for g in out], 1), -torch.cat([g.ex_im for g in out], 1)], 1
-        )
+            ey = grid.ey(torch.where(valid, kyc[pix.clamp(max=n_pix - 1)], 0.0)) * valid
+            out.append(_Group(pix.to(dev), ey.to(torch.complex64).to(dev)))
+            ex_cols.append(grid.ex(cols[g]))
+        ex = torch.cat(ex_cols, 1)  # (n_tx, ncol)
+        ex = torch.stack([ex.real, -ex.imag], 2).reshape(n_tx, -1)
         return cls(
-            origin_ramp.to(torch.complex64).to(dev),
-            ix.to(dev),
-            iy.to(dev),
+            grid.origin_ramp(kxc, kyc).to(torch.complex64).to(dev),
+            grid.ix.to(dev),
+            grid.iy.to(dev),
             n_tx,
             n_ty,
             out,
             n_pix,
-            ex_all.contiguous(),
+            ex.to(torch.float32).contiguous().to(dev),
         )
 
     def prepare(self, proj: torch.Tensor) -> ColumnRefs:
         """Projections ``(R, C)`` (complex) laid out by column (:class:`ColumnRefs`)."""
-        r = proj.shape[0]
-        padded = torch.cat([proj, proj.new_zeros(r, 1)], 1)
+        r, c = proj.shape
+        if c != self.n_pixels:
+            raise ValueError(f"projections on {c} pixels, the shifts' window has {self.n_pixels}")
         blocks = []
         for g in self.groups:
-            p = padded[:, g.pixels].permute(1, 2, 0)  # (ncol, nrow, R)
-            re, im = p.real, p.imag
-            blocks.append(
-                (torch.cat([re, im], 1).contiguous(), torch.cat([-im, re], 1).contiguous())
-            )
+            valid = (g.pixels < c).to(torch.float32)
+            p = proj[:, g.pixels.clamp(max=c - 1)].permute(1, 2, 0)  # (ncol, nrow, R)
+            p = torch.cat([p.real, p.imag], 1).mul_(valid.repeat(1, 2)[..., None])
+            blocks.append(p.contiguous())
         return ColumnRefs(blocks, r)
 
     def flops(self, b: int, r: int) -> float:
@@ -167,40 +212,58 @@ class SeparableShifts:
 
     def cross(self, y: torch.Tensor, refs: ColumnRefs) -> torch.Tensor:
         """``Re sum_k y_i(k) ramp_t(k) conj(P_r(k))`` as ``(B, T, R)`` float32, for data ``y``
-        ``(B, C)`` (complex) and projections prepared by :meth:`prepare`."""
-        b = y.shape[0]
+        ``(B, C)`` (complex) and projections prepared by :meth:`prepare`.
+
+        Per group of columns one batched GEMM ``[Re Y, Im Y; Im Y, -Re Y] x [Re P; Im P]`` gives
+        ``Re Z`` and ``Im Z``; then per particle one GEMM over the columns (``ex``). Particles
+        (and, for many projections, the projections) are taken in chunks of bounded memory."""
+        b, c = y.shape
+        if c != self.n_pixels:
+            raise ValueError(f"data on {c} pixels, the shifts' window has {self.n_pixels}")
         r = refs.n_refs
         nt = len(self.ix)
         dev = y.device
-        out = torch.empty((b, nt, r), dtype=torch.float32, device=dev)
         ncol = self.ex.shape[1] // 2
-        step = max(1, _CHUNK_FLOATS // max(2 * ncol * self.n_ty * r, 1))
+        per = 2 * ncol * self.n_ty  # floats of Z per (particle, projection)
+        n_min = min(b, _MIN_CHUNK_PARTICLES)
+        rc = min(r, max(1, _CHUNK_FLOATS // (per * n_min)))
+        step = max(1, min(b, _CHUNK_FLOATS // (per * rc)))
+        out = torch.empty((b, nt, r), dtype=torch.float32, device=dev)
         yo = torch.cat([y * self.origin_ramp, y.new_zeros(b, 1)], 1)
         flat_t = self.ix * self.n_ty + self.iy
-        z = torch.empty((2 * ncol, step * self.n_ty * r), dtype=torch.float32, device=dev)
-        grid = torch.empty((step, self.n_tx, self.n_ty * r), dtype=torch.float32, device=dev)
-        for s in range(0, b, step):
-            yc = yo[s : s + step]
-            n = yc.shape[0]
-            zn = z[:, : n * self.n_ty * r]
-            c0 = 0
-            for g, (p_re, p_im) in zip(self.groups, refs.blocks, strict=True):
-                ncol_g, nrow = g.pixels.shape
-                # (ncol, n * n_ty, nrow): the particles' column data times each ty's ramp
-                yg = yc[:, g.pixels][:, None] * g.ey[None]  # (n, n_ty, ncol, nrow)
-                yg = yg.permute(2, 0, 1, 3).reshape(ncol_g, n * self.n_ty, nrow)
-                yg = torch.cat([yg.real, yg.imag], 2)
-                rows = slice(c0, c0 + ncol_g)
-                torch.bmm(yg, p_re, out=zn[rows].view(ncol_g, n * self.n_ty, r))
-                rows = slice(ncol + c0, ncol + c0 + ncol_g)
-                torch.bmm(yg, p_im, out=zn[rows].view(ncol_g, n * self.n_ty, r))
-                c0 += ncol_g
-            # Re sum over columns of ex Z, particle by particle: (n_tx, n_ty * R) each
-            per_particle = zn.view(2 * ncol, n, self.n_ty * r)
-            for j in range(n):
-                torch.mm(self.ex, per_particle[:, j], out=grid[j])
-            cells = grid[:n].view(n, self.n_tx * self.n_ty, r)
-            torch.index_select(cells, 1, flat_t, out=out[s : s + n])
+        z_all = torch.empty(step * per * rc, dtype=torch.float32, device=dev)
+        grid_all = torch.empty(step * self.n_tx * self.n_ty * rc, dtype=torch.float32, device=dev)
+        for r0 in range(0, r, rc):
+            r1 = min(r, r0 + rc)
+            m = r1 - r0
+            for s in range(0, b, step):
+                yc = yo[s : s + step]
+                n = yc.shape[0]
+                # rows (column, Re/Im Z), particle, (ty, r)
+                z = z_all[: n * per * m].view(ncol, 2, n * self.n_ty, m)
+                c0 = 0
+                for g, p in zip(self.groups, refs.blocks, strict=True):
+                    ncol_g, nrow = g.pixels.shape
+                    # the particles' column data times each ty's ramp: (ncol, n * n_ty, nrow)
+                    yg = yc[:, g.pixels][:, None] * g.ey[None]  # (n, n_ty, ncol, nrow)
+                    yg = yg.permute(2, 0, 1, 3).reshape(ncol_g, n * self.n_ty, nrow)
+                    a, bb = yg.real, yg.imag
+                    # Re Z = [Re Y, Im Y] [Re P; Im P], Im Z = [Im Y, -Re Y] [Re P; Im P]
+                    yy = torch.stack([torch.cat([a, bb], 2), torch.cat([bb, -a], 2)], 1)
+                    yy = yy.view(ncol_g, 2 * n * self.n_ty, 2 * nrow)
+                    zg = z[c0 : c0 + ncol_g].view(ncol_g, 2 * n * self.n_ty, m)
+                    torch.bmm(yy, p if m == r else p[:, :, r0:r1], out=zg)
+                    c0 += ncol_g
+                # per particle: Re sum over columns of ex Z, (n_tx, n_ty * m)
+                zp = z.view(2 * ncol, n, self.n_ty * m)
+                cells = grid_all[: n * self.n_tx * self.n_ty * m].view(n, self.n_tx, -1)
+                for j in range(n):
+                    torch.mm(self.ex, zp[:, j], out=cells[j])
+                cells = cells.view(n, self.n_tx * self.n_ty, m)
+                if m == r:
+                    torch.index_select(cells, 1, flat_t, out=out[s : s + n])
+                else:
+                    out[s : s + n, :, r0:r1] = cells[:, flat_t]
         return out
 
 
@@ -235,15 +298,14 @@ class RowSums:
         """For translations ``(T, 2)`` in pixels and the window's pixel frequencies ``(C,)``;
         ``None`` when the translations are not a regular grid, a row's pixels are not
         consecutive, or it would not save enough."""
-        grid = _regular_grid(t_px.to(torch.float64).cpu())
+        grid = _grid_of(t_px, box)
         if grid is None:
             return None
-        origin, step, ix, iy = grid
-        n_tx, n_ty = int(ix.max()) + 1, int(iy.max()) + 1
+        n_tx, n_ty = grid.n_tx, grid.n_ty
         dev = kx.device
         kxc, kyc = kx.to(torch.float64).cpu(), ky.to(torch.float64).cpu()
-        n_pix, nt = kxc.shape[0], ix.shape[0]
-        starts = [0] + [j for j in range(1, n_pix) if kyc[j] != kyc[j - 1]]
+        n_pix, nt = kxc.shape[0], grid.ix.shape[0]
+        starts = [0] + (torch.nonzero(kyc[1:] != kyc[:-1]).squeeze(1) + 1).tolist()
         rows = list(zip(starts, starts[1:] + [n_pix], strict=True))
         if len(torch.unique(kyc)) != len(rows):
             return None
@@ -251,22 +313,18 @@ class RowSums:
         separable = 2.0 * len(rows) * n_ty * n_tx + 8.0 * n_pix * n_tx
         if separable > _WORTH * 4.0 * n_pix * nt:
             return None
-        two_pi = 2.0 * math.pi / box
-        ky_rows = kyc[[a for a, _ in rows]]
-        ey = torch.polar(
-            torch.ones(len(rows), n_ty, dtype=torch.float64),
-            -two_pi * step[1] * ky_rows[:, None] * torch.arange(n_ty, dtype=torch.float64),
-        )
+        ey = grid.ey(kyc[[a for a, _ in rows]]).T  # (n_rows, n_ty)
         ey_real = torch.stack([ey.real, ey.imag], 1).reshape(2 * len(rows), n_ty)
-        a_rows = []
-        for a, b in rows:
-            phase = -two_pi * (
-                kxc[a:b, None] * (origin[0] + step[0] * torch.arange(n_tx, dtype=torch.float64))
-                + kyc[a:b, None] * origin[1]
-            )
-            a_rows.append(torch.polar(torch.ones_like(phase), phase).to(torch.complex64).to(dev))
+        # per row ramp_o(k) ex(tx, kx): (nkx, n_tx)
+        a_all = grid.origin_ramp(kxc, kyc)[:, None] * grid.ex(kxc).T
+        a_rows = [a_all[a:b].to(torch.complex64).to(dev) for a, b in rows]
         return cls(
-            (iy * n_tx + ix).to(dev), n_tx, n_ty, ey_real.to(torch.float32).to(dev), rows, a_rows
+            (grid.iy * n_tx + grid.ix).to(dev),
+            n_tx,
+            n_ty,
+            ey_real.to(torch.float32).to(dev),
+            rows,
+            a_rows,
         )
 
     def spread(self, w: torch.Tensor) -> torch.Tensor:
@@ -302,30 +360,3 @@ class RowSums:
         n_pix = sum(c1 - c0 for c0, c1 in self.rows)
         first = 2.0 * 2 * len(self.rows) * self.n_ty * n * self.n_tx * r
         return first + 2.0 * (2 * m * n_pix) * (2 * n * self.n_tx) * r
-
-
-def _regular_grid(
-    t: torch.Tensor,
-) -> tuple[tuple[float, float], tuple[float, float], torch.Tensor, torch.Tensor] | None:
-    """``(origin, step, ix, iy)`` with ``t = origin + step * (ix, iy)`` (integers >= 0), or
-    ``None``; a single value along an axis has step 1."""
-    origin, step, index = [], [], []
-    for a in range(2):
-        v = t[:, a]
-        lo = float(v.min())
-        vals = torch.unique(torch.round((v - lo) * 1e6) / 1e6)
-        diffs = vals[1:] - vals[:-1]
-        h = float(diffs.min()) if len(diffs) else 1.0
-        if h <= 1e-6:
-            return None
-        g = (v - lo) / h
-        gi = torch.round(g)
-        if float((g - gi).abs().max()) > 1e-6:
-            return None
-        origin.append(lo)
-        step.append(h)
-        index.append(gi.long())
-    n = (int(index[0].max()) + 1) * (int(index[1].max()) + 1)
-    if n > 2 * len(t):
-        return None
-    return (origin[0], origin[1]), (step[0], step[1]), index[0], index[1]
