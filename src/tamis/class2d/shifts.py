@@ -107,6 +107,16 @@ def _grid_of(t_px: torch.Tensor, box: int) -> _Grid | None:
     return grid
 
 
+def _grid_and_frequencies(
+    t_px: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, box: int
+) -> tuple[_Grid, torch.Tensor, torch.Tensor] | None:
+    """:func:`_grid_of` and the pixels' frequencies as float64 on the CPU, or ``None``."""
+    grid = _grid_of(t_px, box)
+    if grid is None:
+        return None
+    return grid, kx.to(torch.float64).cpu(), ky.to(torch.float64).cpu()
+
+
 @dataclass(frozen=True)
 class _Group:
     """Columns of similar length: ``pixels`` ``(ncol, nrow)`` index the window's pixels (``C``
@@ -147,12 +157,11 @@ class SeparableShifts:
         """For translations ``(T, 2)`` (x, y) in pixels and the pixels' integer frequencies
         ``kx``, ``ky`` ``(C,)`` of a ``box`` image; ``None`` when the translations are not a
         regular grid or the separable sum would not save enough."""
-        grid = _grid_of(t_px, box)
-        if grid is None:
+        found = _grid_and_frequencies(t_px, kx, ky, box)
+        if found is None:
             return None
-        n_tx, n_ty = grid.n_tx, grid.n_ty
-        dev = kx.device
-        kxc, kyc = kx.to(torch.float64).cpu(), ky.to(torch.float64).cpu()
+        grid, kxc, kyc = found
+        n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
         cols = torch.unique(kxc)
         members = [torch.nonzero(kxc == v).squeeze(1) for v in cols.tolist()]
         members = [m[torch.argsort(kyc[m])] for m in members]
@@ -298,12 +307,11 @@ class RowSums:
         """For translations ``(T, 2)`` in pixels and the window's pixel frequencies ``(C,)``;
         ``None`` when the translations are not a regular grid, a row's pixels are not
         consecutive, or it would not save enough."""
-        grid = _grid_of(t_px, box)
-        if grid is None:
+        found = _grid_and_frequencies(t_px, kx, ky, box)
+        if found is None:
             return None
-        n_tx, n_ty = grid.n_tx, grid.n_ty
-        dev = kx.device
-        kxc, kyc = kx.to(torch.float64).cpu(), ky.to(torch.float64).cpu()
+        grid, kxc, kyc = found
+        n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
         n_pix, nt = kxc.shape[0], grid.ix.shape[0]
         starts = [0] + (torch.nonzero(kyc[1:] != kyc[:-1]).squeeze(1) + 1).tolist()
         rows = list(zip(starts, starts[1:] + [n_pix], strict=True))
