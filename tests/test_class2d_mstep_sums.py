@@ -15,7 +15,7 @@ from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.likelihood import BatchData, Hypotheses, dense_significance
 from tamis.class2d.mstep import accumulate
 from tamis.class2d.sampling import Sampling
-from tamis.class2d.shifts import RowSums, SeparableShifts
+from tamis.class2d.shifts import ColumnSums, SeparableShifts
 from tamis.class2d.state import WeightedSums
 
 
@@ -221,7 +221,7 @@ def _dense_hypotheses(w: torch.Tensor, active: torch.Tensor) -> Hypotheses:
 @pytest.mark.parametrize("halves", [False, True])
 def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     """Every layout against the loops; "on a grid": translations on a regular grid, whose sums
-    over translations go row by row of the window (:class:`RowSums`) and whose per-particle
+    over translations go row by row of the window (:class:`ColumnSums`) and whose per-particle
     cross terms come from :class:`SeparableShifts` (taken whatever they save, here)."""
     grid = layout.endswith("on a grid")
     data, proj, ramps, active, w, win, extra = _problem(grid=grid)
@@ -230,7 +230,7 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         monkeypatch.setattr(shifts, "_WORTH", 10.0)
         t = extra["translations_px"]
         separable = dict(
-            row_sums=RowSums.create(t, win.kx, win.ky, win.box),
+            col_sums=ColumnSums.create(t, win.kx, win.ky, win.box),
             shifts=SeparableShifts.create(t, win.kx, win.ky, win.box),
         )
         assert None not in separable.values()

@@ -14,7 +14,7 @@ from tamis.class2d.em import _ramps
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.likelihood import BatchData, expectation
 from tamis.class2d.sampling import Sampling
-from tamis.class2d.shifts import RowSums, SeparableShifts
+from tamis.class2d.shifts import ColumnSums, SeparableShifts
 
 
 def _fine_grid(perturbation: float = 0.3, offset_range: float = 3.0) -> torch.Tensor:
@@ -77,7 +77,7 @@ def test_only_regular_grids_that_save_are_taken():
     win = FourierWindow.create(64, 48)
     fine = _fine_grid(-0.4, 5.0)  # the hard recipe's 84 fine translations on 10 x 10
     assert SeparableShifts.create(fine, win.kx, win.ky, 64) is not None
-    assert RowSums.create(fine, win.kx, win.ky, 64) is not None
+    assert ColumnSums.create(fine, win.kx, win.ky, 64) is not None
     # 21 coarse translations on 5 x 5: a GEMM is as fast
     smp = Sampling(offset_range=5, offset_step=2, oversampling=1)
     coarse = torch.from_numpy(smp.coarse_translations())
@@ -86,7 +86,7 @@ def test_only_regular_grids_that_save_are_taken():
     off = fine.clone()
     off[3] += torch.tensor([0.25, 0.0], dtype=off.dtype)
     assert SeparableShifts.create(off, win.kx, win.ky, 64) is None
-    assert RowSums.create(off, win.kx, win.ky, 64) is None
+    assert ColumnSums.create(off, win.kx, win.ky, 64) is None
     # a grid mostly empty (two far points)
     far = torch.tensor([[0.0, 0.0], [9.0, 9.0]], dtype=torch.float64)
     assert SeparableShifts.create(far, win.kx, win.ky, 64) is None

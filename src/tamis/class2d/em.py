@@ -43,7 +43,7 @@ from tamis.class2d.fourier2d import (
 from tamis.class2d.init import initial_sigma2_and_references, random_psi
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare_refs
 from tamis.class2d.sampling import Sampling
-from tamis.class2d.shifts import RowSums, SeparableShifts
+from tamis.class2d.shifts import ColumnSums, SeparableShifts
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError, is_out_of_memory
@@ -615,7 +615,7 @@ class Class2DRun:
         shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
         shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box) if oversampled else None
         # the M-step's sums over translations, on every pixel of the window
-        row_sums = RowSums.create(t_f, window.kx, window.ky, self.box)
+        col_sums = ColumnSums.create(t_f, window.kx, window.ky, self.box)
         shifts_m = (
             shifts_f
             if o.strict_highres_exp <= 0
@@ -798,7 +798,7 @@ class Class2DRun:
                         half=torch.as_tensor(rows % 2, device=dev) if halves else None,
                         max_rows=m_rows,
                         gemm_dtype=torch.bfloat16 if o.mstep_bf16 else torch.float32,
-                        row_sums=row_sums,
+                        col_sums=col_sums,
                         shifts=shifts_m,
                     )
                     if stream:

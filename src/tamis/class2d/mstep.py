@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
-from tamis.class2d.shifts import ColumnRefs, RowSums, SeparableShifts
+from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -182,14 +182,14 @@ def accumulate(
     chunk: int = 8192,
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
-    row_sums: RowSums | None = None,
+    col_sums: ColumnSums | None = None,
     shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
     ``gemm_dtype`` torch.bfloat16: the sums over translations as bfloat16 GEMMs
-    (:attr:`Class2DOptions.mstep_bf16`). ``row_sums`` and ``shifts`` (both for the window's
+    (:attr:`Class2DOptions.mstep_bf16`). ``col_sums`` and ``shifts`` (both for the window's
     pixels): the fine translations as a regular grid, for the dense layout's sums over
-    translations (:class:`~tamis.class2d.shifts.RowSums`, :class:`SeparableShifts`).
+    translations (:class:`~tamis.class2d.shifts.ColumnSums`, :class:`SeparableShifts`).
 
     Per (particle, orientation) pair ``m`` with weights ``W_m(t)`` over the fine translations,
     ``Mix_m = W_m @ ramps`` is one GEMM. The reconstruction sums per (class, psi) then take
@@ -206,7 +206,7 @@ def accumulate(
                 scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
                 prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm[rows],
                 avg_norm=avg_norm, nsh=nsh, half=None if half is None else half[rows],
-                chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype, row_sums=row_sums,
+                chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype, col_sums=col_sums,
                 shifts=shifts,
             )  # fmt: skip
 
@@ -220,7 +220,7 @@ def accumulate(
             groups=groups, scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
             prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm,
             avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows, gemm_dtype=gemm_dtype,
-            row_sums=row_sums, shifts=shifts,
+            col_sums=col_sums, shifts=shifts,
         )  # fmt: skip
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
@@ -414,7 +414,7 @@ def _dense_sums_separable(
     q: torch.Tensor,
     cx: torch.Tensor,
     p: torch.Tensor,
-    row_sums: RowSums,
+    col_sums: ColumnSums,
     shifts: SeparableShifts,
     cols: ColumnRefs,
     cross_part: torch.Tensor,
@@ -422,25 +422,25 @@ def _dense_sums_separable(
     gemm_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_dense_sums_gemm` with the translations on a regular grid: the sums over
-    (particle, t) as :meth:`RowSums.add` (one GEMM per row of the window over
-    (particle, tx)) and each particle's cross term from :meth:`SeparableShifts.cross` (the
+    (particle, t) as :meth:`ColumnSums.add` (one GEMM per column of the window over
+    (particle, ty)) and each particle's cross term from :meth:`SeparableShifts.cross` (the
     projections ``p`` prepared as ``cols``); returns the reconstruction sums and
-    ``sum W^T c X ramp``, ``(Ra, C)`` each. ``gemm_dtype`` applies to the per-row GEMMs."""
+    ``sum W^T c X ramp``, ``(Ra, C)`` each. ``gemm_dtype`` applies to the per-column GEMMs."""
     b, tf, ra = w.shape
     c = q.shape[1]
     dev = q.device
     acc = torch.zeros((c, 4, ra), dtype=torch.float32, device=dev)
-    # particles per piece: V (2 rows x n x n_tx x Ra floats) about max_rows x Ra, as the
+    # particles per piece: V (2 columns x n x n_ty x Ra floats) about max_rows x Ra, as the
     # GEMM path's pieces of rows (particle, t) (measured: 4096-16384 x Ra equally fast)
-    per = 2 * len(row_sums.rows) * row_sums.n_tx * ra
+    per = 2 * len(col_sums.cols) * col_sums.n_ty * ra
     step = max(1, min(len(members), (max_rows * ra) // max(per, 1)))
     for s in range(0, len(members), step):
         idx = members[s : s + step]
         n = len(idx)
         wp = w[idx]
-        v = row_sums.spread(wp)
-        row_sums.add(v, torch.stack([q[idx], cx[idx]]), acc, gemm_dtype)
-        GEMM_STATS["mstep_flops"] += row_sums.flops(n, ra, 2)
+        v = col_sums.spread(wp)
+        col_sums.add(v, torch.stack([q[idx], cx[idx]]), acc, gemm_dtype)
+        GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 2)
         del v
         xc = shifts.cross(cx[idx], cols)  # (n, Tf, Ra)
         GEMM_STATS["mstep_flops"] += shifts.flops(n, ra)
@@ -473,7 +473,7 @@ def _accumulate_dense(
     half: torch.Tensor | None,
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
-    row_sums: RowSums | None = None,
+    col_sums: ColumnSums | None = None,
     shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """:func:`accumulate` for dense weights ``W`` ``(B, Tf, R)`` (R = active classes x psi).
@@ -483,7 +483,7 @@ def _accumulate_dense(
     ``W^T [Y_q | Y_x]`` ``(R, 4C)`` gives the reconstruction sums and, per pixel,
     ``sum_r Re(conj(P_r) W^T Y_x)``, the cross term of the noise (and of the scale, per group);
     ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction
-    (:func:`_dense_sums_gemm`). With the translations on a regular grid (``row_sums`` and
+    (:func:`_dense_sums_gemm`). With the translations on a regular grid (``col_sums`` and
     ``shifts``) the same sums come from two small DFTs (:func:`_dense_sums_separable`). When few
     (particle, class) blocks carry weight the sums go block by block (:func:`_class_block_sums`).
     Particles are taken in pieces of one optics group, half set and (with ``--scale``, outside
@@ -538,11 +538,11 @@ def _accumulate_dense(
                 g_m = groups[members]
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
-        if row_sums is not None and shifts is not None:
+        if col_sums is not None and shifts is not None:
             if cols is None:
                 cols = shifts.prepare(p)
             f_q, gx = _dense_sums_separable(
-                w, members, q, cx, p, row_sums, shifts, cols, cross_part, max_rows, gemm_dtype
+                w, members, q, cx, p, col_sums, shifts, cols, cross_part, max_rows, gemm_dtype
             )
             fimg[h] += f_q
         else:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SeparableShifts", "ColumnRefs", "RowSums"]
+__all__ = ["SeparableShifts", "ColumnRefs", "ColumnSums"]
 
 #: Columns join a group while their length is at least this fraction of the group's longest.
 _GROUP_FILL = 0.8
@@ -277,94 +277,93 @@ class SeparableShifts:
 
 
 @dataclass(frozen=True)
-class RowSums:
+class ColumnSums:
     """The M-step's sums over (particle, translation) ``F_r(k) = sum_(i, t) W(i, t, r) y_i(k)
-    ramp_t(k)`` for translations on a regular grid (ramps as in :class:`SeparableShifts`), row
-    by row of the window::
+    ramp_t(k)`` for translations on a regular grid (ramps as in :class:`SeparableShifts`),
+    column by column of the window::
 
-        V(ky; i, tx, r) = sum_ty ey(ty, ky) W(i, tx, ty, r)          one GEMM for every row
-        F_r(kx, ky) = sum_(i, tx) [y_i(k) ramp_o(k) ex(tx, kx)] V(ky; i, tx, r)   one per row
+        V(kx; i, ty, r) = sum_tx ex(tx, kx) W(i, tx, ty, r)           one GEMM for every column
+        F_r(kx, ky) = sum_(i, ty) [y_i(k) ramp_o(k) ey(ty, ky)] V(kx; i, ty, r)   one per column
 
-    about ``4 m n_tx C`` real multiply-adds per (particle, r) for ``m`` data sets, against
+    about ``4 m n_ty C`` real multiply-adds per (particle, r) for ``m`` data sets, against
     ``2 m T C`` as one GEMM over the rows (particle, t): 3-4x fewer for the fine pass's 84
-    translations, and the per-row GEMMs' inner dimension is (particle, tx).
+    translations, and the per-column GEMMs' inner dimension is (particle, ty). By columns rather
+    than rows: a half-plane window has half as many, so ``V`` is half as big (it is the largest
+    temporary, and writing and reading it is most of the time).
 
-    ``cell`` ``(T,)``: each translation's cell ``iy * n_tx + ix``; ``ey`` ``(2 n_rows, n_ty)``:
-    ``Re``/``Im`` of each row's ``ey``; ``rows``: each row's pixel range (the window's pixels
-    of one ``ky`` are consecutive); ``a``: per row ``ramp_o(k) ex(tx, kx)`` ``(nkx, n_tx)``."""
+    ``cell`` ``(T,)``: each translation's cell ``ix * n_ty + iy``; ``ex`` ``(2 n_cols, n_tx)``:
+    ``Re``/``Im`` of each column's ``ex``; ``cols``: each column's pixels; ``a``: per column
+    ``ramp_o(k) ey(ty, ky)`` ``(nky, n_ty)``."""
 
     cell: torch.Tensor
     n_tx: int
     n_ty: int
-    ey: torch.Tensor
-    rows: list[tuple[int, int]]
+    ex: torch.Tensor
+    cols: list[torch.Tensor]
     a: list[torch.Tensor]
 
     @classmethod
     def create(
         cls, t_px: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, box: int
-    ) -> RowSums | None:
+    ) -> ColumnSums | None:
         """For translations ``(T, 2)`` in pixels and the window's pixel frequencies ``(C,)``;
-        ``None`` when the translations are not a regular grid, a row's pixels are not
-        consecutive, or it would not save enough."""
+        ``None`` when the translations are not a regular grid or it would not save enough."""
         found = _grid_and_frequencies(t_px, kx, ky, box)
         if found is None:
             return None
         grid, kxc, kyc = found
         n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
         n_pix, nt = kxc.shape[0], grid.ix.shape[0]
-        starts = [0] + (torch.nonzero(kyc[1:] != kyc[:-1]).squeeze(1) + 1).tolist()
-        rows = list(zip(starts, starts[1:] + [n_pix], strict=True))
-        if len(torch.unique(kyc)) != len(rows):
-            return None
-        # multiply-adds per (particle, r) for two data sets: the rows', and one GEMM's
-        separable = 2.0 * len(rows) * n_ty * n_tx + 8.0 * n_pix * n_tx
+        kx_cols = torch.unique(kxc)
+        cols = [torch.nonzero(kxc == v).squeeze(1) for v in kx_cols.tolist()]
+        # multiply-adds per (particle, r) for two data sets: the columns', and one GEMM's
+        separable = 2.0 * len(cols) * n_tx * n_ty + 8.0 * n_pix * n_ty
         if separable > _WORTH * 4.0 * n_pix * nt:
             return None
-        ey = grid.ey(kyc[[a for a, _ in rows]]).T  # (n_rows, n_ty)
-        ey_real = torch.stack([ey.real, ey.imag], 1).reshape(2 * len(rows), n_ty)
-        # per row ramp_o(k) ex(tx, kx): (nkx, n_tx)
-        a_all = grid.origin_ramp(kxc, kyc)[:, None] * grid.ex(kxc).T
-        a_rows = [a_all[a:b].to(torch.complex64).to(dev) for a, b in rows]
+        ex = grid.ex(kx_cols).T  # (n_cols, n_tx)
+        ex_real = torch.stack([ex.real, ex.imag], 1).reshape(2 * len(cols), n_tx)
+        # per column ramp_o(k) ey(ty, ky): (nky, n_ty)
+        a_all = grid.origin_ramp(kxc, kyc)[:, None] * grid.ey(kyc).T
         return cls(
-            (grid.iy * n_tx + grid.ix).to(dev),
+            (grid.ix * n_ty + grid.iy).to(dev),
             n_tx,
             n_ty,
-            ey_real.to(torch.float32).to(dev),
-            rows,
-            a_rows,
+            ex_real.to(torch.float32).to(dev),
+            [c.to(dev) for c in cols],
+            [a_all[c].to(torch.complex64).to(dev) for c in cols],
         )
 
     def spread(self, w: torch.Tensor) -> torch.Tensor:
-        """``[Re V; Im V]`` for weights ``w`` ``(n, T, R)``: ``(2 n_rows, n * n_tx * R)``, row
-        ``2j`` (Re) and ``2j + 1`` (Im) of window row ``j`` laid out (particle, tx, r)."""
+        """``[Re V; Im V]`` for weights ``w`` ``(n, T, R)``: ``(2 n_cols, n * n_ty * R)``, row
+        ``2j`` (Re) and ``2j + 1`` (Im) of window column ``j`` laid out (particle, ty, r)."""
         n, _, r = w.shape
-        cells = w.new_zeros((self.n_ty, n, self.n_tx, r))
-        cells[self.cell // self.n_tx, :, self.cell % self.n_tx] = w.transpose(0, 1)
-        return self.ey @ cells.view(self.n_ty, n * self.n_tx * r)
+        cells = w.new_zeros((self.n_tx, n, self.n_ty, r))
+        cells[self.cell // self.n_ty, :, self.cell % self.n_ty] = w.transpose(0, 1)
+        return self.ex @ cells.view(self.n_tx, n * self.n_ty * r)
 
     def add(self, v: torch.Tensor, y: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
         """Add ``F_r(k)`` to ``out`` ``(C, 2 m, R)`` (Re/Im of each of the ``m`` data sets per
         pixel) for ``V`` of :meth:`spread` (``n`` particles) and data ``y`` ``(m, n, C)``
-        (complex): per row one GEMM ``G (2 m nkx, 2 n n_tx) x [Re V; Im V] (2 n n_tx, R)``,
+        (complex): per column one GEMM ``G (2 m nky, 2 n n_ty) x [Re V; Im V] (2 n n_ty, R)``,
         through ``dtype`` (float32 or a lower precision, as the M-step's ``gemm_dtype``)."""
         m, n, _ = y.shape
-        r = v.shape[1] // (n * self.n_tx)
-        for j, (c0, c1) in enumerate(self.rows):
-            # G(p; i, tx) = y_i(p) ramp_o(p) ex(tx, kx_p), as the real block [[Re, -Im], [Im, Re]]
-            g = y[:, :, c0:c1].permute(0, 2, 1)[..., None] * self.a[j][None, :, None, :]
-            g = g.reshape(m * (c1 - c0), n * self.n_tx)
+        r = v.shape[1] // (n * self.n_ty)
+        for j, pix in enumerate(self.cols):
+            nk = len(pix)
+            # G(p; i, ty) = y_i(p) ramp_o(p) ey(ty, ky_p), as the real block [[Re, -Im], [Im, Re]]
+            g = y[:, :, pix].permute(0, 2, 1)[..., None] * self.a[j][None, :, None, :]
+            g = g.reshape(m * nk, n * self.n_ty)
             blk = torch.stack(
                 [torch.cat([g.real, -g.imag], 1), torch.cat([g.imag, g.real], 1)], 1
-            ).view(2 * m * (c1 - c0), 2 * n * self.n_tx)
-            vj = v[2 * j : 2 * j + 2].view(2 * n * self.n_tx, r)
+            ).view(2 * m * nk, 2 * n * self.n_ty)
+            vj = v[2 * j : 2 * j + 2].view(2 * n * self.n_ty, r)
             prod = blk @ vj if dtype == torch.float32 else (blk.to(dtype) @ vj.to(dtype)).float()
             # rows (set, pixel, Re/Im) -> out[pixel, (set, Re/Im)]
-            out[c0:c1] += prod.view(m, c1 - c0, 2, r).permute(1, 0, 2, 3).reshape(c1 - c0, 2 * m, r)
+            out[pix] += prod.view(m, nk, 2, r).permute(1, 0, 2, 3).reshape(nk, 2 * m, r)
 
     def flops(self, n: int, r: int, m: int) -> float:
         """Floating-point operations of :meth:`spread` and :meth:`add` (``n`` particles, ``r``
         orientations, ``m`` data sets)."""
-        n_pix = sum(c1 - c0 for c0, c1 in self.rows)
-        first = 2.0 * 2 * len(self.rows) * self.n_ty * n * self.n_tx * r
-        return first + 2.0 * (2 * m * n_pix) * (2 * n * self.n_tx) * r
+        n_pix = sum(len(c) for c in self.cols)
+        first = 2.0 * 2 * len(self.cols) * self.n_tx * n * self.n_ty * r
+        return first + 2.0 * (2 * m * n_pix) * (2 * n * self.n_ty) * r
