@@ -610,17 +610,22 @@ class Class2DRun:
         t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
         ramps_c = _ramps(t_c, cwin, self.box)
         ramps_f = _ramps(t_f, window, self.box)
-        # the dense passes' cross terms as two small DFTs where the translation grid allows
-        e_kx, e_ky = window.kx[estep_pixels], window.ky[estep_pixels]
-        shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
-        shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box) if oversampled else None
-        # the M-step's sums over translations, on every pixel of the window
-        col_sums = ColumnSums.create(t_f, window.kx, window.ky, self.box)
-        shifts_m = (
-            shifts_f
-            if o.strict_highres_exp <= 0
-            else SeparableShifts.create(t_f, window.kx, window.ky, self.box)
-        )
+        # The dense passes' sums over translations as two small DFTs where the translation grid
+        # allows (tamis.class2d.shifts). On the CPU only: measured there; on a GPU each GEMM they
+        # replace is one launch and they are many small ones, not yet measured there.
+        shifts_f = shifts_c = col_sums = shifts_m = None
+        if dev.type == "cpu":
+            e_kx, e_ky = window.kx[estep_pixels], window.ky[estep_pixels]
+            shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
+            if oversampled:
+                shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box)
+            # the M-step's, on every pixel of the window
+            col_sums = ColumnSums.create(t_f, window.kx, window.ky, self.box)
+            shifts_m = (
+                shifts_f
+                if o.strict_highres_exp <= 0
+                else SeparableShifts.create(t_f, window.kx, window.ky, self.box)
+            )
         if not oversampled:
             # single pass at the current size
             proj_c = space.project(grids, psi_c, window, o.pad)
