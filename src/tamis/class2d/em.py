@@ -627,19 +627,17 @@ class Class2DRun:
                 else SeparableShifts.create(t_f, window.kx, window.ky, self.box)
             )
         if not oversampled:
-            # single pass at the current size
-            proj_c = space.project(grids, psi_c, window, o.pad)
-            proj_f = proj_c
+            # single pass at the current size, on the E-step's pixels (the M-step's on all)
+            proj_f = space.project(grids, psi_c, window, o.pad)
+            proj_c = proj_f[..., estep_pixels] if o.strict_highres_exp > 0 else proj_f
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
             shifts_c = shifts_f
         psi_fine_deg = psi_f if oversampled else psi_c
         # pass 0's projections as its GEMMs read them, once for every batch
-        coarse_refs = None
-        if not local:
-            # (--oversampling 0 with --strict_highres_exp: projections on the whole window)
-            pc = proj_c if proj_c.shape[-1] == len(coarse_pixels) else proj_c[..., coarse_pixels]
-            coarse_refs = prepare_refs(pc.reshape(-1, pc.shape[-1]), shifts_c)
+        coarse_refs = (
+            None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]), shifts_c)
+        )
         log_pc = torch.where(
             st.pdf_class > 0,
             torch.log(st.pdf_direction.clamp(min=1e-300)),
@@ -739,7 +737,8 @@ class Class2DRun:
                         hyp = expectation(
                             data,
                             proj_coarse=proj_cb,
-                            proj_fine=fine if stream else proj_f,
+                            # (the single pass: the same projections, so it is the final one)
+                            proj_fine=proj_c if not oversampled else fine if stream else proj_f,
                             coarse_pixels=coarse_pixels,
                             estep_pixels=estep_pixels,
                             ramps_coarse=ramps_c,

@@ -7,6 +7,8 @@ For a batch of B particles, R = (active classes x psi) projections P_r and T tra
 
 Pass 0 (coarse size, coarse psi and t) is dense: the cross term is one real GEMM
 ``(B*T, 2C) x (2C, R)`` and the middle one ``(B, C) x (C, R)`` (``c`` = scale x CTF; DC weight 0).
+Where the translations are a regular grid, the dense cross terms come from two small DFTs
+instead (:class:`tamis.class2d.shifts.SeparableShifts`).
 Pass 1 (current size, oversampled psi and t) has two layouts, chosen per particle (one batch
 may hold both). A particle with a broad posterior is dense (:func:`_dense_pass`): every fine
 weight of the classes it needs in one float32 ``(B, Tf, R)`` tensor from the same GEMM, children
@@ -398,7 +400,7 @@ def _log_weights(
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
     (or prepared once for many batches), ``ramps`` ``(T, C)``.
     """
-    refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj)
+    refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj, shifts)
     b, c = y_w.shape
     t, r = ramps.shape[0], refs.rows.shape[0]
     a = a_w @ refs.norm2.T  # (B, R)
@@ -477,15 +479,11 @@ def expectation(
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
     ka = len(active)
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
-    final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
-    if proj_coarse.shape[-1] != coarse_pixels.shape[0]:
-        # the single pass of --oversampling 0 with --strict_highres_exp: projections made on
-        # the whole window, compared on its low-resolution pixels
-        proj_coarse = proj_coarse[..., coarse_pixels]
     if ka == k:  # every class active: no copy, and the prepared rows when given
         pc_flat = coarse_refs if coarse_refs is not None else proj_coarse.reshape(k * pc, -1)
     else:
         pc_flat = proj_coarse[active].reshape(ka * pc, -1)
+    final_pass = n_over_psi == 1 and n_over_trans == 1 and proj_fine is proj_coarse
     if final_pass:
         d2 = _diff2_dense(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse)
         d2 = d2.reshape(b, ka, pc, tc) + data.const(coarse_pixels)[:, None, None, None]

@@ -129,8 +129,8 @@ def _class_block_sums(
             u = torch.empty((c, n), device=dev)
             # Mix a few pixels at a time: the GEMM's inner dimension is only Tf, and the two
             # products that read Mix run 1.5x faster while it stays in cache. (Two small DFTs
-            # over the translation grid, as the dense sums use, were 10% slower here: their
-            # GEMMs' inner dimension is 20, and Mix is as big.)
+            # over the translation grid, as the dense sums use, were slower here: by window row
+            # 10%, and without Mix, both sums as GEMMs on each row, 1.5-2x.)
             for c0 in range(0, c, _MIX_PIXELS):
                 c1 = min(c, c0 + _MIX_PIXELS)
                 mix = _mm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype).view(c1 - c0, 2 * n, pf)
@@ -413,20 +413,19 @@ def _dense_sums_separable(
     members: torch.Tensor,
     q: torch.Tensor,
     cx: torch.Tensor,
-    p: torch.Tensor,
     col_sums: ColumnSums,
     shifts: SeparableShifts,
     cols: ColumnRefs,
+    fimg_h: torch.Tensor,
     cross_part: torch.Tensor,
     max_rows: int,
     gemm_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """:func:`_dense_sums_gemm` with the translations on a regular grid: the sums over
     (particle, t) as :meth:`ColumnSums.add` (one GEMM per column of the window over
     (particle, ty)) and each particle's cross term from :meth:`SeparableShifts.cross` (the
-    projections ``p`` prepared as ``cols``); returns the reconstruction sums and
-    ``sum W^T c X ramp``, ``(Ra, C)`` each. ``gemm_dtype`` applies to the per-column GEMMs."""
-    b, tf, ra = w.shape
+    projections prepared as ``cols``). ``gemm_dtype`` applies to the per-column GEMMs."""
+    _, tf, ra = w.shape
     c = q.shape[1]
     dev = q.device
     acc = torch.zeros((c, 4, ra), dtype=torch.float32, device=dev)
@@ -446,9 +445,8 @@ def _dense_sums_separable(
         GEMM_STATS["mstep_flops"] += shifts.flops(n, ra)
         dots = torch.bmm(xc.view(n, 1, tf * ra), wp.reshape(n, tf * ra, 1)).view(n)
         cross_part[idx] = dots.to(torch.float64)
-    f_q = torch.complex(acc[:, 0], acc[:, 1]).T
-    gx = torch.complex(acc[:, 2], acc[:, 3]).T
-    return f_q, gx
+    fimg_h += torch.complex(acc[:, 0], acc[:, 1]).T
+    return torch.complex(acc[:, 2], acc[:, 3]).T
 
 
 def _accumulate_dense(
@@ -541,10 +539,19 @@ def _accumulate_dense(
         if col_sums is not None and shifts is not None:
             if cols is None:
                 cols = shifts.prepare(p)
-            f_q, gx = _dense_sums_separable(
-                w, members, q, cx, p, col_sums, shifts, cols, cross_part, max_rows, gemm_dtype
+            gx = _dense_sums_separable(
+                w,
+                members,
+                q,
+                cx,
+                col_sums,
+                shifts,
+                cols,
+                fimg[h],
+                cross_part,
+                max_rows,
+                gemm_dtype,
             )
-            fimg[h] += f_q
         else:
             gx = _dense_sums_gemm(
                 w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype

@@ -18,10 +18,11 @@ padding stays small), every column of a group in one batched GEMM.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
+
+from tamis.fourier import shift_phases
 
 __all__ = ["SeparableShifts", "ColumnRefs", "ColumnSums"]
 
@@ -61,22 +62,23 @@ class _Grid:
         return int(self.iy.max()) + 1
 
     def origin_ramp(self, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
-        return _phase(kx * self.origin[0] + ky * self.origin[1], self.box)
+        return self._ramps(torch.tensor(self.origin[0]), torch.tensor(self.origin[1]), kx, ky)
 
     def ex(self, kx: torch.Tensor) -> torch.Tensor:
         """``(n_tx, *kx.shape)``."""
         tx = self.step[0] * torch.arange(self.n_tx, dtype=torch.float64)
-        return _phase(tx.view(-1, *([1] * kx.dim())) * kx, self.box)
+        return self._ramps(tx.view(-1, *([1] * kx.dim())), torch.tensor(0.0), kx, 0.0)
 
     def ey(self, ky: torch.Tensor) -> torch.Tensor:
         """``(n_ty, *ky.shape)``."""
         ty = self.step[1] * torch.arange(self.n_ty, dtype=torch.float64)
-        return _phase(ty.view(-1, *([1] * ky.dim())) * ky, self.box)
+        return self._ramps(torch.tensor(0.0), ty.view(-1, *([1] * ky.dim())), 0.0, ky)
 
-
-def _phase(kt: torch.Tensor, box: int) -> torch.Tensor:
-    """``exp(-2 pi i kt / box)`` (complex128)."""
-    return torch.polar(torch.ones_like(kt), -2.0 * math.pi / box * kt)
+    def _ramps(self, x: torch.Tensor, y: torch.Tensor, kx, ky) -> torch.Tensor:
+        """The ramps of shifts ``(x, y)`` (broadcast together) at ``(kx, ky)`` (complex128),
+        by the project's convention (:func:`tamis.fourier.shift_phases`)."""
+        xy = torch.stack(torch.broadcast_tensors(x.double(), y.double()), -1)
+        return shift_phases(xy, kx, ky, (self.box, self.box))
 
 
 def _grid_of(t_px: torch.Tensor, box: int) -> _Grid | None:
