@@ -549,6 +549,11 @@ def test_pair_significance_matches_full_sort(spread):
             run += x
             thr = x
         np.testing.assert_array_equal(keep[rows].reshape(-1).numpy(), (w >= thr).numpy())
+    # the pass-1 form: only the finite elements, one per row, each with its particle
+    r, c = torch.nonzero(torch.isfinite(logw), as_tuple=True)
+    lse_el, keep_el = _pair_significance(particle[r], logw[r, c][:, None], 7, 0.999)
+    np.testing.assert_array_equal(keep_el[:, 0].numpy(), keep[r, c].numpy())
+    np.testing.assert_allclose(lse_el.numpy(), lse.numpy(), rtol=1e-12)
 
 
 def test_fill_low_shells():
