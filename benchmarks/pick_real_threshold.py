@@ -44,7 +44,7 @@ def main() -> None:
         inside_t = (truth[:, 0] >= edge) & (truth[:, 0] < w - edge)
         inside_t &= (truth[:, 1] >= edge) & (truth[:, 1] < h - edge)
         t = truth[inside_t]
-        for thr in (0.5, 0.6, 0.7, 0.8, 0.9):
+        for thr in (0.5, 0.7, 0.9, 0.95, 0.98, 0.99, 0.995):
             dp.threshold = thr
             p = dp.pick(mic)
             keep = (p.x >= edge) & (p.x < w - edge) & (p.y >= edge) & (p.y < h - edge)

@@ -123,6 +123,27 @@ def test_shipped_model_picks_simulated_micrographs(sim):
     assert total.f1 >= 0.8, (total.precision, total.recall)
 
 
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="no shipped picker model")
+def test_threshold_comes_from_the_model_record(sim):
+    """Without a threshold the picker takes the model's recommended one (the shipped model's
+    0.98, a record without one 0.5); a given threshold wins; from_model also takes the record's
+    filtering. A higher threshold keeps fewer picks."""
+    _, mics, _ = sim
+    model, meta = load_model()
+    assert meta["threshold"] == 0.98
+    assert DeepPicker(model, meta, 114).threshold == 0.98
+    assert DeepPicker(model, {}, 114).threshold == 0.5
+    assert DeepPicker(model, meta, 114, 0.3).threshold == 0.3
+    own = DeepPicker.from_model(model, {**meta, "lowpass": 20.0, "normalize": False}, 114)
+    assert (own.threshold, own.lowpass, own.normalize) == (0.98, 20.0, False)
+    by_record = DeepPicker(model, {**meta, "threshold": 0.9}, 114).pick(mics[0])
+    given = DeepPicker(model, meta, 114, 0.9).pick(mics[0])
+    np.testing.assert_array_equal(by_record.x, given.x)
+    assert len(DeepPicker(model, meta, 114, 0.5).pick(mics[0]).x) > len(
+        DeepPicker(model, meta, 114).pick(mics[0]).x
+    )
+
+
 def test_cli_train_and_predict(sim, tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

@@ -213,7 +213,11 @@ def predict(
     diameter: float = typer.Option(..., "--particle_diameter", help="Particle diameter (A)."),
     model: Path = typer.Option(None, "--model", help="Trained model (default: the shipped one)."),
     angpix: float = _ANGPIX,
-    threshold: float = typer.Option(0.5, "--threshold", help="Score threshold (0-1)."),
+    threshold: float = typer.Option(
+        None,
+        "--threshold",
+        help="Score threshold (0-1); default: the model's recommended one (shipped model 0.98).",
+    ),
     expected: int = _EXPECTED,
     overlays: int = _OVERLAYS,
     edge: float = _EDGE,
@@ -223,9 +227,7 @@ def predict(
     from tamis.pick.jobs import PickJob, micrograph_inputs
 
     net, meta = load_model(model)
-    picker = DeepPicker(
-        net, meta, diameter, threshold, meta.get("lowpass"), meta.get("normalize", True)
-    )
+    picker = DeepPicker.from_model(net, meta, diameter, threshold)
     ms = micrograph_inputs(i, angpix)
     _run(
         ms,

@@ -337,7 +337,7 @@ def _run_deep(job: JobStar, out: Path) -> Nodes:
     if diameter <= 0:
         raise TamisError("topaz_particle_diameter: give the particle diameter (A)")
     model, meta = load_model(o.get("topaz_model") or None)
-    picker = DeepPicker(model, meta, diameter)
+    picker = DeepPicker.from_model(model, meta, diameter)
     n = int(_f(job, "topaz_nr_particles", -1))
     ms = micrograph_inputs([o["fn_input_autopick"]])
     run_picker(

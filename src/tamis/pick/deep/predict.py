@@ -102,14 +102,41 @@ def blobs_to_centres(
     return np.asarray(rows)[order], np.asarray(cols)[order], np.asarray(foms)[order]
 
 
+#: The score threshold of a model whose record names none.
+DEFAULT_THRESHOLD = 0.5
+
+
+def recommended_threshold(meta: dict) -> float:
+    """The model's recommended score threshold (its record's ``threshold``)."""
+    try:
+        return float(meta.get("threshold", DEFAULT_THRESHOLD))
+    except (TypeError, ValueError):
+        return DEFAULT_THRESHOLD
+
+
 @dataclass
 class DeepPicker:
+    """``threshold`` None: the model's recommended one (:func:`recommended_threshold`)."""
+
     model: PickerNet
     meta: dict = field(default_factory=dict)
     diameter: float = 100.0  # Å
-    threshold: float = 0.5
+    threshold: float | None = None
     lowpass: float | None = None
     normalize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.threshold is None:
+            self.threshold = recommended_threshold(self.meta)
+
+    @classmethod
+    def from_model(
+        cls, model: PickerNet, meta: dict, diameter: float, threshold: float | None = None
+    ) -> DeepPicker:
+        """A picker as the model was trained: its low-pass and normalisation from its record."""
+        return cls(
+            model, meta, diameter, threshold, meta.get("lowpass"), meta.get("normalize", True)
+        )
 
     def pick(self, mic: Micrograph) -> Picks:
         prep = prepare(mic, self.diameter, lowpass=self.lowpass, normalize=self.normalize)
@@ -120,7 +147,11 @@ class DeepPicker:
 
 
 def pick_deep(
-    mic: Micrograph, diameter: float, model_path: str | Path | None = None, threshold: float = 0.5
+    mic: Micrograph,
+    diameter: float,
+    model_path: str | Path | None = None,
+    threshold: float | None = None,
 ) -> Picks:
+    """Pick one micrograph (``threshold`` None: the model's recommended one)."""
     model, meta = load_model(model_path)
-    return DeepPicker(model, meta, diameter, threshold, meta.get("lowpass")).pick(mic)
+    return DeepPicker.from_model(model, meta, diameter, threshold).pick(mic)
