@@ -36,6 +36,13 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/general_picker")
     ap.add_argument("--epochs", type=int, default=25)
     ap.add_argument("--install", action="store_true", help="copy the model into the package")
+    ap.add_argument(
+        "--threshold",
+        type=float,
+        default=0.98,
+        help="the recommended threshold to record (0.98 was chosen for the shipped model with "
+        "benchmarks/pick_threshold_sim.py and pick_real_threshold.py; re-check it for a new model)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     rng = np.random.default_rng(2026)
@@ -82,6 +89,11 @@ def main() -> None:
     result = train_picker(mics, labels, work / "model", options)
     meta_path = result.model.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
+    meta["threshold"] = args.threshold
+    meta["threshold_basis"] = (
+        "picks per particle near 1 on simulated and real micrographs "
+        "(benchmarks/pick_threshold_sim.py, benchmarks/pick_real_threshold.py)"
+    )
     meta["provenance"] = {
         "script": "scripts/train_general_picker.py",
         "data": "simulated micrographs only (tamis simulate micrographs)",

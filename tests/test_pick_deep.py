@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tamis.errors import InputFileError
+from tamis.errors import InputFileError, TamisError
 from tamis.io.micrographs import MicrographSet
 from tamis.pick.deep.data import TARGET_RADIUS, target_map
 from tamis.pick.deep.network import PickerNet
@@ -142,6 +142,30 @@ def test_threshold_comes_from_the_model_record(sim):
     assert len(DeepPicker(model, meta, 114, 0.5).pick(mics[0]).x) > len(
         DeepPicker(model, meta, 114).pick(mics[0]).x
     )
+
+
+@pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="no shipped picker model")
+def test_trained_model_records_its_threshold(sim, tmp_path):
+    """Fine-tuning keeps the --init model's recommended threshold, training from scratch records
+    0.5, a given one is recorded; a record with a threshold outside [0, 1) is refused."""
+    _, mics, xy = sim
+    short = dict(diameter=114, epochs=1, steps_per_epoch=1, batch_size=2, patch=64)
+    runs = {
+        "tuned": TrainOptions(**short, init=str(SHIPPED_MODEL)),
+        "scratch": TrainOptions(**short),
+        "given": TrainOptions(**short, threshold=0.7),
+    }
+    got = {}
+    for name, opts in runs.items():
+        res = train_picker(mics[:2], xy[:2], tmp_path / name, opts, log=lambda s: None)
+        got[name] = load_model(res.model)[1]["threshold"]
+    assert got == {"tuned": 0.98, "scratch": 0.5, "given": 0.7}
+    record = tmp_path / "given" / "model.json"
+    record.write_text(record.read_text().replace('"threshold": 0.7', '"threshold": NaN', 1))
+    with pytest.raises(InputFileError, match="threshold"):
+        load_model(tmp_path / "given" / "model.safetensors")
+    with pytest.raises(TamisError, match="threshold"):
+        TrainOptions(**short, threshold=1.5).check()
 
 
 def test_cli_train_and_predict(sim, tmp_path, monkeypatch):

@@ -171,6 +171,12 @@ def train(
     threads: int = typer.Option(0, "--j", help="CPU threads (0: torch default)."),
     init: Path = typer.Option(None, "--init", help="Fine-tune from this model (safetensors)."),
     seed: int = typer.Option(0, "--random_seed", help="Seed."),
+    threshold: float = typer.Option(
+        None,
+        "--threshold",
+        help="Score threshold of the validation picks, recorded as the model's recommended one "
+        "(default: the --init model's, else 0.5).",
+    ),
 ) -> None:
     """Train the deep picker on labelled micrographs; writes model.safetensors and history."""
     from tamis.pick.deep.train import TrainOptions, train_picker
@@ -195,6 +201,7 @@ def train(
         normalize=not no_norm,
         threads=threads,
         seed=seed,
+        threshold=threshold,
         init=str(init) if init else None,
     )
     result = train_picker(

@@ -64,6 +64,15 @@ def load_model(path: str | Path | None = None) -> tuple[PickerNet, dict]:
             path, f"weights do not fit the picker network ({' '.join(str(exc).split())})"
         ) from None
     model.eval()
+    if "threshold" in meta:
+        try:
+            ok = 0.0 <= float(meta["threshold"]) < 1.0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise InputFileError(
+                path.with_suffix(".json"), f"threshold {meta['threshold']!r} is not in [0, 1)"
+            )
     return model, meta
 
 

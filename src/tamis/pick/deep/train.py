@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +30,12 @@ from tamis.errors import TamisError
 from tamis.io.star import atomic_path
 from tamis.pick.deep.data import TARGET_RADIUS, PreparedMicrograph, prepare, target_map
 from tamis.pick.deep.network import DIAMETER_PX, PickerNet
-from tamis.pick.deep.predict import blobs_to_centres, load_model, save_model
+from tamis.pick.deep.predict import (
+    blobs_to_centres,
+    load_model,
+    recommended_threshold,
+    save_model,
+)
 from tamis.pick.evaluate import score_picks
 from tamis.pick.micrograph import Micrograph
 
@@ -54,7 +59,9 @@ class TrainOptions:
     normalize: bool = True
     threads: int = 0
     validation_fraction: float = 0.2
-    threshold: float = 0.5  # score threshold for the validation picks
+    # score threshold for the validation picks, recorded as the model's recommended one; None:
+    # the --init model's recommended threshold, or 0.5 from scratch
+    threshold: float | None = None
     seed: int = 0
     width: int = 16
     init: str | None = None  # fine-tune from this model
@@ -66,6 +73,8 @@ class TrainOptions:
             raise TamisError("diameter, epochs and minibatch size must be positive")
         if not 0 < self.lr_final <= self.lr_initial:
             raise TamisError("learning rates: need 0 < final <= initial")
+        if self.threshold is not None and not 0 <= self.threshold < 1:
+            raise TamisError(f"--threshold {self.threshold}: expected a score in [0, 1)")
 
 
 @dataclass
@@ -165,10 +174,12 @@ def train_picker(
             prior = 2 * pos_frac  # labels are assumed to cover about half of the particles
     prior = float(prior or 0.0)
     if o.init:
-        model, _ = load_model(o.init)
+        model, init_meta = load_model(o.init)
         model.train()
     else:
-        model = PickerNet(o.width)
+        model, init_meta = PickerNet(o.width), {}
+    if o.threshold is None:
+        o = replace(o, threshold=recommended_threshold(init_meta))
     opt = torch.optim.Adam(model.parameters(), lr=o.lr_initial)
     total = o.epochs * o.steps_per_epoch
     decay = (o.lr_final / o.lr_initial) ** (1.0 / max(total - 1, 1))
