@@ -19,6 +19,7 @@ from tamis.class2d.fourier2d import (
 from tamis.class2d.likelihood import (
     BatchData,
     _diff2_dense,
+    _pair_cross,
     _pair_significance,
     expectation,
     significant_mask,
@@ -563,3 +564,30 @@ def test_fill_low_shells():
     out = fill_low_shells(spectra)
     assert out[0].tolist() == [2.0, 2.0, 2.0, 2.0, 5.0]
     assert fill_low_shells(spectra[1], 1e-14).tolist() == [3.0, 3.0, 4.0, 4.0, 1.0]
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 100])
+def test_pair_cross_at_elements_matches_a_loop(chunk):
+    """The pass-1 cross terms at chosen (pair, translation) elements, over chunks of pairs (some
+    without elements), against a numpy loop."""
+    rng = np.random.default_rng(4)
+    m, c, t, b = 11, 9, 5, 3
+    cplx = lambda *s: torch.from_numpy(rng.normal(size=s) + 1j * rng.normal(size=s)).to(  # noqa: E731
+        torch.complex64
+    )
+    proj, y, ramps = cplx(m, c), cplx(b, c), cplx(t, c)
+    particle = torch.from_numpy(rng.integers(0, b, size=m))
+    mask = torch.from_numpy(rng.random((m, t)) < 0.3)
+    mask[:4] = False  # leading pairs without elements
+    el_r, el_t = torch.nonzero(mask, as_tuple=True)
+    got = _pair_cross(proj, y, particle, ramps, el_r, el_t, chunk=chunk).numpy()
+    p, yy, r = (
+        proj.numpy().astype(complex),
+        y.numpy().astype(complex),
+        ramps.numpy().astype(complex),
+    )
+    want = [
+        sum((np.conj(p[i, k]) * yy[particle[i], k] * r[j, k]).real for k in range(c))
+        for i, j in zip(el_r.tolist(), el_t.tolist(), strict=True)
+    ]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
