@@ -286,16 +286,10 @@ def accumulate(
     m1, m2 = m1.to(torch.complex128), m2.to(torch.float64)
     xa, aa = xa.to(torch.float64), aa.to(torch.float64)
     wsum = torch.zeros(b, dtype=torch.float64, device=dev).index_add_(0, hyp.particle, wr)
-    # Offsets in Å, ps (o_i + t): sum_t W (o_i + t) and sum_t W |prior - ps (o_i + t)|² from
-    # one GEMM W [t, |t|²] (M, 3) instead of (M, Tf, 2) arrays.
-    t64 = translations_px.to(torch.float64)
-    wt = w @ torch.cat([t64, (t64 * t64).sum(1, keepdim=True)], 1)  # (M, 3)
-    o = data.offset_px.to(torch.float64)[hyp.particle]  # (M, 2)
     sums.pdf_class.index_add_(0, hyp.cls, wr)
-    sums.prior_offset.index_add_(0, hyp.cls, pixel_size * (wr[:, None] * o + wt[:, :2]))
-    a = prior_offset[hyp.cls].to(torch.float64) - pixel_size * o  # (M, 2)
-    d2 = wr * (a * a).sum(1) - 2 * pixel_size * (a * wt[:, :2]).sum(1) + pixel_size**2 * wt[:, 2]
-    sums.sigma2_offset += float(d2.sum())
+    _offset_sums(
+        sums, w, hyp.particle, hyp.cls, data.offset_px, translations_px, prior_offset, pixel_size
+    )
     return _particle_sums(
         sums,
         data,
@@ -374,6 +368,30 @@ def _particle_sums(
     sums.loglik += float(hyp.loglik.sum())
     sums.pmax_sum += float(hyp.pmax.sum())
     return new_norm
+
+
+def _offset_sums(
+    sums: WeightedSums,
+    w: torch.Tensor,
+    particle: torch.Tensor,
+    cls: torch.Tensor,
+    offset_px: torch.Tensor,
+    translations_px: torch.Tensor,
+    prior_offset: torch.Tensor,
+    pixel_size: float,
+) -> None:
+    """Add the offsets' sums of weights ``w`` ``(N, Tf)`` over the translations, each row of a
+    particle and class: ``sum_t W ps (o_i + t)`` per class and ``sum_t W |prior_k - ps (o_i +
+    t)|²`` in all (Å), from one GEMM ``W [t, |t|²]`` ``(N, 3)``."""
+    w = w.to(torch.float64)
+    t = translations_px.to(torch.float64)
+    wt = w @ torch.cat([t, (t * t).sum(1, keepdim=True)], 1)  # (N, 3)
+    wr = w.sum(1)
+    o = offset_px.to(torch.float64)[particle]  # (N, 2)
+    sums.prior_offset.index_add_(0, cls, pixel_size * (wr[:, None] * o + wt[:, :2]))
+    a = prior_offset[cls].to(torch.float64) - pixel_size * o  # (N, 2)
+    d2 = wr * (a * a).sum(1) - 2 * pixel_size * (a * wt[:, :2]).sum(1) + pixel_size**2 * wt[:, 2]
+    sums.sigma2_offset += float(d2.sum())
 
 
 def _dense_sums_gemm(
@@ -589,11 +607,18 @@ def _accumulate_dense(
     )
     cls_w = wr.view(b, ka, pf).sum(2).to(torch.float64)  # (B, Ka)
     sums.pdf_class.index_add_(0, active, cls_w.sum(0))
-    wt = w.view(b, tf, ka, pf).sum(3).to(torch.float64)  # (B, Tf, Ka)
-    total = pixel_size * (data.offset_px[:, None, :] + translations_px[None])  # (B, Tf, 2) Å
-    sums.prior_offset.index_add_(0, active, torch.einsum("btk,btd->kd", wt, total))
-    d2 = ((prior_offset[active][None, None] - total[:, :, None, :]) ** 2).sum(-1)  # (B, Tf, Ka)
-    sums.sigma2_offset += float((wt * d2).sum())
+    # each (particle, class) block's weights over translations, as rows
+    w_blocks = w.view(b, tf, ka, pf).sum(3).transpose(1, 2).reshape(b * ka, tf)
+    _offset_sums(
+        sums,
+        w_blocks,
+        torch.arange(b, device=dev).repeat_interleave(ka),
+        active.repeat(b),
+        data.offset_px,
+        translations_px,
+        prior_offset,
+        pixel_size,
+    )
     return _particle_sums(
         sums,
         data,

@@ -109,6 +109,12 @@ def _grid_of(t_px: torch.Tensor, box: int) -> _Grid | None:
     return grid
 
 
+def _columns(kx: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The window's columns: the distinct ``kx`` (ascending) and each one's pixels."""
+    values = torch.unique(kx)
+    return values, [torch.nonzero(kx == v).squeeze(1) for v in values.tolist()]
+
+
 def _grid_and_frequencies(
     t_px: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor, box: int
 ) -> tuple[_Grid, torch.Tensor, torch.Tensor] | None:
@@ -164,8 +170,7 @@ class SeparableShifts:
             return None
         grid, kxc, kyc = found
         n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
-        cols = torch.unique(kxc)
-        members = [torch.nonzero(kxc == v).squeeze(1) for v in cols.tolist()]
+        cols, members = _columns(kxc)
         members = [m[torch.argsort(kyc[m])] for m in members]
         order = sorted(range(len(cols)), key=lambda j: -len(members[j]))
         n_pix = kx.shape[0]
@@ -226,7 +231,8 @@ class SeparableShifts:
         ``(B, C)`` (complex) and projections prepared by :meth:`prepare`.
 
         Per group of columns one batched GEMM ``[Re Y, Im Y; Im Y, -Re Y] x [Re P; Im P]`` gives
-        ``Re Z`` and ``Im Z``; then per particle one GEMM over the columns (``ex``). Particles
+        ``Re Z`` and ``Im Z``; then one batched GEMM over the columns (``ex``) for the chunk's
+        particles. Particles
         (and, for many projections, the projections) are taken in chunks of bounded memory."""
         b, c = y.shape
         if c != self.n_pixels:
@@ -268,8 +274,7 @@ class SeparableShifts:
                 # per particle: Re sum over columns of ex Z, (n_tx, n_ty * m)
                 zp = z.view(2 * ncol, n, self.n_ty * m)
                 cells = grid_all[: n * self.n_tx * self.n_ty * m].view(n, self.n_tx, -1)
-                for j in range(n):
-                    torch.mm(self.ex, zp[:, j], out=cells[j])
+                torch.matmul(self.ex, zp.transpose(0, 1), out=cells)
                 cells = cells.view(n, self.n_tx * self.n_ty, m)
                 if m == r:
                     torch.index_select(cells, 1, flat_t, out=out[s : s + n])
@@ -316,8 +321,7 @@ class ColumnSums:
         grid, kxc, kyc = found
         n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
         n_pix, nt = kxc.shape[0], grid.ix.shape[0]
-        kx_cols = torch.unique(kxc)
-        cols = [torch.nonzero(kxc == v).squeeze(1) for v in kx_cols.tolist()]
+        kx_cols, cols = _columns(kxc)
         # multiply-adds per (particle, r) for two data sets: the columns', and one GEMM's
         separable = 2.0 * len(cols) * n_tx * n_ty + 8.0 * n_pix * n_ty
         if separable > _WORTH * 4.0 * n_pix * nt:

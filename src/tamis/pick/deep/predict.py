@@ -116,11 +116,9 @@ DEFAULT_THRESHOLD = 0.5
 
 
 def recommended_threshold(meta: dict) -> float:
-    """The model's recommended score threshold (its record's ``threshold``)."""
-    try:
-        return float(meta.get("threshold", DEFAULT_THRESHOLD))
-    except (TypeError, ValueError):
-        return DEFAULT_THRESHOLD
+    """The model's recommended score threshold (its record's ``threshold``, checked by
+    :func:`load_model`)."""
+    return float(meta.get("threshold", DEFAULT_THRESHOLD))
 
 
 @dataclass
