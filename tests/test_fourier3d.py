@@ -271,8 +271,74 @@ def test_splat_over_the_reached_cube_equals_the_whole_grid(ndim):
     data = torch.randn((2, 3000), generator=gen, dtype=torch.complex128)
     weight = torch.rand((2, 3000), generator=gen, dtype=torch.float64)
     whole, cube = GridSplat(2, m, ndim, "cpu"), GridSplat(2, m, ndim, "cpu", reach=r)
-    assert cube.flat.shape[0] < whole.flat.shape[0]
+    assert cube.flat.shape[1] < whole.flat.shape[1]
     for s in (whole, cube):
         s.add(pos, data, weight)
     for a, b in zip(cube.grids(), whole.grids(), strict=True):
         assert torch.allclose(a, b, rtol=0, atol=1e-12)
+
+
+def _splat_loop(m: int, pos: np.ndarray, data: np.ndarray, weight: np.ndarray):
+    """A slow reference of GridSplat: every sample's 2^d linear weights added one by one in
+    float64 at q and, conjugated, at -q (once at the origin), the periodic edge folded back."""
+    k, ndim = data.shape[0], pos.shape[1]
+    e = m + 1
+    d = np.zeros((k,) + (e,) * ndim, dtype=np.complex128)
+    w = np.zeros((k,) + (e,) * ndim)
+    for c in range(k):
+        for j in range(pos.shape[0]):
+            if data[c, j] == 0 and weight[c, j] == 0:
+                continue
+            mates = [(pos[j], data[c, j])]
+            if np.any(pos[j] != 0):
+                mates.append((-pos[j], np.conj(data[c, j])))
+            for q, value in mates:
+                g = q + m // 2
+                lo = np.floor(g).astype(int)
+                f = g - lo
+                for corner in np.ndindex(*(2,) * ndim):
+                    i = lo + np.array(corner)
+                    if np.any(i < 0) or np.any(i >= e):
+                        continue
+                    lw = np.prod(np.where(np.array(corner) == 1, f, 1 - f))
+                    d[(c,) + tuple(i[::-1])] += lw * value
+                    w[(c,) + tuple(i[::-1])] += lw * weight[c, j]
+    for grid in (d, w):  # the extra periodic plane of each axis back onto -M/2
+        for axis in range(1, ndim + 1):
+            first = [slice(None)] * (ndim + 1)
+            last = list(first)
+            first[axis], last[axis] = 0, m
+            grid[tuple(first)] += grid[tuple(last)]
+    inner = (slice(None),) + (slice(0, m),) * ndim
+    return d[inner], w[inner]
+
+
+@pytest.mark.parametrize(
+    ("ndim", "sum_dtype", "tol"),
+    [(2, None, 1e-12), (3, None, 1e-5), (3, torch.float64, 1e-12)],
+)
+def test_splat_equals_a_sample_by_sample_loop(ndim, sum_dtype, tol):
+    """GridSplat against a float64 loop over samples and corners, over two adds, with empty
+    samples, samples at the origin and on the grid's edge: to float64's precision in 2D (the
+    default there) and with float64 sums in 3D, to float32's with 3D's default float32 sums."""
+    from tamis.padded_grid import GridSplat
+
+    gen = torch.Generator().manual_seed(10 + ndim)
+    m, n = 12, 400
+    pos = (torch.rand((n, ndim), generator=gen, dtype=torch.float64) * 2 - 1) * (m / 2)
+    pos[:3] = 0.0
+    pos[3, 0] = m / 2  # on the periodic edge (frequency +M/2)
+    pos[4] = -m / 2
+    data = torch.randn((2, n), generator=gen, dtype=torch.complex128)
+    weight = torch.rand((2, n), generator=gen, dtype=torch.float64)
+    data[0, 10:60], weight[0, 10:60] = 0, 0
+    splat = GridSplat(2, m, ndim, "cpu", sum_dtype=sum_dtype)
+    assert splat.sum_dtype == (torch.float32 if ndim == 3 and sum_dtype is None else torch.float64)
+    half = n // 2
+    splat.add(pos[:half], data[:, :half], weight[:, :half])
+    splat.add(pos[half:], data[:, half:], weight[:, half:])
+    d, w = splat.grids()
+    d_ref, w_ref = _splat_loop(m, pos.numpy(), data.numpy(), weight.numpy())
+    np.testing.assert_allclose(d.numpy(), d_ref, rtol=0, atol=tol * np.abs(d_ref).max())
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=0, atol=tol * np.abs(w_ref).max())
+    assert d.dtype == torch.complex128 and w.dtype == torch.float64

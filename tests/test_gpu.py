@@ -63,7 +63,8 @@ def test_projection_and_back_projection_agree():
     err_d, err_w = _rel(d_g, d_c), _rel(w_g, w_c)
     _report("project/back_project", projection=err_p, data=err_d, weight=err_w)
     assert err_p < 1e-5  # float32 samples, the same trilinear weights
-    assert err_d < 1e-10 and err_w < 1e-10  # float64 accumulators (atomics reorder the sums)
+    # 3D splats sum each call in float32 (the GPU's atomics in another order), totals in float64
+    assert err_d < 1e-5 and err_w < 1e-5
 
 
 def test_splat_and_reconstruction_agree_in_2d():
@@ -81,7 +82,7 @@ def test_splat_and_reconstruction_agree_in_2d():
         out.append((d, w, rec))
     errs = [_rel(g, c) for c, g in zip(out[0], out[1], strict=True)]
     _report("splat/reconstruct 2D", data=errs[0], weight=errs[1], reconstruction=errs[2])
-    assert max(errs) < 1e-10
+    assert max(errs) < 1e-10  # 2D splats sum in float64
 
 
 @pytest.fixture(scope="module")

@@ -147,8 +147,9 @@ def test_fine_projections_on_demand_give_the_same_e_step(particles, tmp_path, mo
     ref = _run3d(particles, tmp_path / "c")
     ref.expectation_step(1, rows, halves=True)
     assert streamed.streamed and not full.streamed
+    # each splat call sums in float32 (GridSplat in 3D), so other calls, other roundings
     for a, b in ((streamed.d, full.d), (streamed.w, full.w)):
-        assert float((a - b).abs().max()) <= 1e-6 * float(b.abs().max())
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
     assert torch.allclose(streamed.sums.pdf_class, full.sums.pdf_class)
     assert np.array_equal(run.cls[rows], ref.cls[rows])
     assert np.allclose(run.angles_of(rows), ref.angles_of(rows))

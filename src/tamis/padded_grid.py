@@ -12,7 +12,6 @@ tensors' shapes: ``(K, N, N)`` images or ``(K, N, N, N)`` volumes.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -179,23 +178,44 @@ class GridSplat:
     samples that carry something are splatted: after a sparse E-step most classes (and
     pseudo-halves) are empty at most orientations.
 
+    In 3D each :meth:`add` sums in float32 and then adds its grids into the float64 totals, as
+    RELION's accelerated back-projector does (``AccBackprojector``: float accumulators, added
+    into the double ``BackProjector`` sums): the splat is a scatter of 8 values per sample and
+    channel, bound by memory traffic, and about half of a 3D iteration's time; one call's sums
+    in float32 agree with float64 to ~1e-6 relative, far below the particles' noise. In 2D the
+    splat is ~1% of a run and sums in float64 throughout (``sum_dtype`` chooses).
+
     The grids are made Hermitian: every sample also counts, conjugated, at ``-q`` (RELION's
     half-grid splat followed by ``enforceHermitianSymmetry``). The lattice is symmetric about the
     origin, so the mates' splat is the mirror image ``S(-v)`` of the samples' own; it is added
     once in :meth:`grids`, less the mates of samples at the origin (they have none)."""
 
-    def __init__(self, k: int, m: int, ndim: int, device, reach: float | None = None) -> None:
+    def __init__(
+        self,
+        k: int,
+        m: int,
+        ndim: int,
+        device,
+        reach: float | None = None,
+        sum_dtype: torch.dtype | None = None,
+    ) -> None:
         """``reach``: no position lies further than this from the centre along any axis (for
         example ``pad * size / 2`` for a window of current size ``size``); the accumulator is
         then the cube around the centre that those positions touch, not the whole grid
-        (less memory, fewer cache misses), and :meth:`grids` places it in the whole grid."""
+        (less memory, fewer cache misses), and :meth:`grids` places it in the whole grid.
+        ``sum_dtype``: the precision of one :meth:`add`'s sums (float32 in 3D, float64 in 2D
+        by default)."""
         self.k, self.m, self.ndim = k, m, ndim
+        if sum_dtype is None:
+            sum_dtype = torch.float32 if ndim == 3 else torch.float64
+        self.sum_dtype = sum_dtype
         half = m // 2
         if reach is not None:
             half = min(half, int(math.ceil(reach)) + 1)
         self.half = half
         self.voxels = (2 * half + 1) ** ndim
-        self.flat = torch.zeros((k * self.voxels, 3), dtype=torch.float64, device=device)
+        #: (Re, Im, weight) x (class, voxel), float64
+        self.flat = torch.zeros((3, k * self.voxels), dtype=torch.float64, device=device)
         self.at_origin = torch.zeros((k, 3), dtype=torch.float64, device=device)
 
     @classmethod
@@ -203,48 +223,72 @@ class GridSplat:
         """An accumulator for the pixels of a ``FourierWindow`` (box, current size) at ``pad``."""
         return cls(k, pad * window.box, ndim, device, reach=pad * window.size / 2)
 
+    def _corners(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per position, its ``2^d`` grid points: flat voxel indices (int32) and linear weights
+        (``sum_dtype``; a point outside the cube has weight 0 and index 0), each ``(P, 2^d)``,
+        x varying fastest over the corners."""
+        e, nd = 2 * self.half + 1, self.ndim
+        dev = positions.device
+        pos = positions + self.half
+        lo = torch.floor(pos)
+        frac = (pos - lo).to(self.sum_dtype)
+        lo = lo.to(torch.int32)
+        strides = torch.tensor([e**a for a in range(nd)], dtype=torch.int32, device=dev)
+        bits = (torch.arange(2**nd, device=dev)[:, None] >> torch.arange(nd, device=dev)) & 1
+        offsets = (bits.to(torch.int32) * strides).sum(1, dtype=torch.int32)  # (2^d,)
+        idx = (lo * strides).sum(1, dtype=torch.int32)[:, None] + offsets
+        wt = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
+        for axis in range(1, nd):
+            pair = torch.stack([1 - frac[:, axis], frac[:, axis]], 1)
+            wt = (pair[:, :, None] * wt[:, None, :]).flatten(1)
+        if len(lo) and not (int(lo.min()) >= 0 and int(lo.max()) + 1 < e):
+            corner = lo[:, None, :] + bits.to(torch.int32)  # (P, 2^d, d)
+            inside = ((corner >= 0) & (corner < e)).all(2)
+            wt = torch.where(inside, wt, 0.0)
+            idx = torch.where(inside, idx, 0)
+        return idx, wt
+
     def add(self, positions: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
         """``positions`` ``(N, d)`` (x, y[, z]); ``data`` complex and ``weight`` real
         ``(K, ...)`` with N elements per class, in the positions' order."""
-        k, e, nd = self.k, 2 * self.half + 1, self.ndim
+        k, v = self.k, self.voxels
         n = positions.shape[0]
-        d = torch.view_as_real(data.to(torch.complex128).reshape(k, n))  # (K, N, 2)
-        w = weight.to(torch.float64).reshape(k, n)
-        live = (w != 0) | (d != 0).any(-1)
-        slot, p = torch.nonzero(live, as_tuple=True)
-        rows = torch.cat([d[slot, p], w[slot, p, None]], dim=1)  # (S, 3): Re, Im, weight
-        origin = (positions == 0).all(1)[p]
-        self.at_origin.index_add_(0, slot[origin], rows[origin])
-        pos = positions + self.half
-        lo = torch.floor(pos)
-        frac = pos - lo
-        lo = lo.long()
-        base = slot * self.voxels
-        for corner in itertools.product((0, 1), repeat=nd):
-            off = corner[::-1]  # (dx, dy[, dz]); x varies fastest
-            wt = frac[:, 0] if off[0] else 1 - frac[:, 0]
-            for axis in range(1, nd):
-                wt = wt * (frac[:, axis] if off[axis] else 1 - frac[:, axis])
-            ok = torch.ones_like(wt, dtype=torch.bool)
-            idx = torch.zeros_like(lo[:, 0])
-            for axis in range(nd - 1, -1, -1):  # flat index (z, y, x)
-                i = lo[:, axis] + off[axis]
-                ok &= (i >= 0) & (i < e)
-                idx = idx * e + i
-            wt = torch.where(ok, wt, 0.0)[p]
-            self.flat.index_add_(0, base + torch.where(ok, idx, 0)[p], rows * wt[:, None])
+        d = torch.view_as_real(data.reshape(k, n))  # (K, N, 2)
+        w = weight.reshape(k, n)
+        origin = torch.nonzero((positions == 0).all(1)).squeeze(1)
+        if len(origin):
+            at = torch.cat([d[:, origin].sum(1), w[:, origin].sum(1, keepdim=True)], 1)
+            self.at_origin += at.to(torch.float64)
+        idx, wt = self._corners(positions)  # (N, 2^d) each, shared by the classes
+        for slot in range(k):
+            ds, ws = d[slot], w[slot]
+            live = (ws != 0) | (ds != 0).any(-1)
+            n_live = int(live.sum())
+            if n_live == 0:
+                continue
+            values = torch.cat([ds, ws[:, None]], 1)  # (N, 3): Re, Im, weight
+            rows, wts = idx, wt
+            if n_live < n // 2:  # a sparse class: only its live samples
+                p = torch.nonzero(live).squeeze(1)
+                rows, wts, values = idx[p], wt[p], values[p]
+            rows, values = rows.flatten(), values.to(self.sum_dtype)
+            out = self.flat[:, slot * v : (slot + 1) * v]
+            for ch in range(3):
+                out[ch] += torch.bincount(
+                    rows, weights=(wts * values[:, ch, None]).flatten(), minlength=v
+                )
 
     def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, W)``: complex128 and float64 ``(K, M, ..., M)``."""
         k, e, h, nd = self.k, self.m + 1, self.half, self.ndim
-        cube = self.flat.view((k,) + (2 * h + 1,) * nd + (3,))
+        cube = self.flat.view((3, k) + (2 * h + 1,) * nd)
         if h < self.m // 2:  # the accumulated cube into the whole grid
-            whole = torch.zeros((k,) + (e,) * nd + (3,), dtype=cube.dtype, device=cube.device)
+            whole = torch.zeros((3, k) + (e,) * nd, dtype=cube.dtype, device=cube.device)
             o = self.m // 2 - h
-            whole[(slice(None),) + (slice(o, o + 2 * h + 1),) * nd] = cube
+            whole[(slice(None), slice(None)) + (slice(o, o + 2 * h + 1),) * nd] = cube
             cube = whole
-        d = fold_periodic_edge(torch.complex(cube[..., 0], cube[..., 1]).contiguous())
-        w = fold_periodic_edge(cube[..., 2].contiguous())
+        d = fold_periodic_edge(torch.complex(cube[0], cube[1]))
+        w = fold_periodic_edge(cube[2])
         d, w = d + _mirror(d).conj(), w + _mirror(w)
         centre = (slice(None),) + (self.m // 2,) * nd
         o = self.at_origin
