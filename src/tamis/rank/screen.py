@@ -140,8 +140,10 @@ def particle_fit(
     """Amplitude and low-resolution misfit of each particle (``rows``, 0-based; default all)
     against its class average in its pose. ``classes`` is ``(K, n, n)``; the particles' table
     needs ``rlnClassNumber``, ``rlnAnglePsi`` and ``rlnOriginX/YAngst``. Returns a table indexed
-    by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``) and
-    ``class`` (1-based).
+    by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``),
+    ``amplitude_low`` (the least-squares scale of the class inside the mask in the misfit's
+    whitened, low-passed images; reported, not used by the screen's verdict) and ``class``
+    (1-based).
 
     ``realign=(psi_step, offset_range_px)``: first re-align every particle to its class average,
     the pose with the largest amplitude over psi (the stored psi plus multiples of ``psi_step``,
@@ -239,7 +241,8 @@ def particle_fit(
                 ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
             proj = _own_class_projections(grids, k, psi, window)
             ca = (proj * ramp.to(torch.complex64)).reshape(x.shape) * ctf
-            stats = {key: np.empty(b) for key in ("amplitude", "misfit", "signal")}
+            keys = ("amplitude", "misfit", "signal", "amplitude_low")
+            stats = {key: np.empty(b) for key in keys}
             stats["class"] = k_of[idx] + 1
             if realign is not None:
                 stats["psi"] = psi.cpu().numpy()
@@ -264,12 +267,15 @@ def particle_fit(
                 stats["amplitude"][sel_np] = (cross / s).cpu().numpy()
                 stats["misfit"][sel_np] = (ratio * math.sqrt(dof / 2)).cpu().numpy()
                 stats["signal"][sel_np] = s.cpu().numpy()
+                stats["amplitude_low"][sel_np] = a_m.cpu().numpy()
             out.append(pd.DataFrame(stats, index=idx))
             bar.advance(b)
     fit = (
-        pd.concat(out) if out else pd.DataFrame(columns=["amplitude", "misfit", "signal", "class"])
+        pd.concat(out)
+        if out
+        else pd.DataFrame(columns=["amplitude", "misfit", "signal", "amplitude_low", "class"])
     )  # batches come in the order of rows
-    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit"]] = np.nan
+    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit", "amplitude_low"]] = np.nan
     return fit
 
 

@@ -512,6 +512,7 @@ def _write_screen_report(
         "rlnImageName": table["rlnImageName"].to_numpy(),
         "rlnClassNumber": table["rlnClassNumber"].to_numpy(),
         "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
+        "tamisAmplitudeLow": fit["amplitude_low"].to_numpy(),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
     })  # fmt: skip
     if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
