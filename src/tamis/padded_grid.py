@@ -224,25 +224,26 @@ class GridSplat:
         return cls(k, pad * window.box, ndim, device, reach=pad * window.size / 2)
 
     def _corners(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position, its ``2^d`` grid points: flat voxel indices (int32) and linear weights
-        (``sum_dtype``; a point outside the cube has weight 0 and index 0), each ``(P, 2^d)``,
-        x varying fastest over the corners."""
+        """Per position, its ``2^d`` grid points: flat voxel indices (int32 while they fit) and
+        linear weights (``sum_dtype``; a point outside the cube has weight 0 and index 0), each
+        ``(P, 2^d)``, x varying fastest over the corners."""
         e, nd = 2 * self.half + 1, self.ndim
+        itype = torch.int32 if e**nd < 2**31 else torch.int64
         dev = positions.device
         pos = positions + self.half
         lo = torch.floor(pos)
         frac = (pos - lo).to(self.sum_dtype)
-        lo = lo.to(torch.int32)
-        strides = torch.tensor([e**a for a in range(nd)], dtype=torch.int32, device=dev)
+        lo = lo.to(itype)
+        strides = torch.tensor([e**a for a in range(nd)], dtype=itype, device=dev)
         bits = (torch.arange(2**nd, device=dev)[:, None] >> torch.arange(nd, device=dev)) & 1
-        offsets = (bits.to(torch.int32) * strides).sum(1, dtype=torch.int32)  # (2^d,)
-        idx = (lo * strides).sum(1, dtype=torch.int32)[:, None] + offsets
+        offsets = (bits.to(itype) * strides).sum(1, dtype=itype)  # (2^d,)
+        idx = (lo * strides).sum(1, dtype=itype)[:, None] + offsets
         wt = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
         for axis in range(1, nd):
             pair = torch.stack([1 - frac[:, axis], frac[:, axis]], 1)
             wt = (pair[:, :, None] * wt[:, None, :]).flatten(1)
         if len(lo) and not (int(lo.min()) >= 0 and int(lo.max()) + 1 < e):
-            corner = lo[:, None, :] + bits.to(torch.int32)  # (P, 2^d, d)
+            corner = lo[:, None, :] + bits.to(itype)  # (P, 2^d, d)
             inside = ((corner >= 0) & (corner < e)).all(2)
             wt = torch.where(inside, wt, 0.0)
             idx = torch.where(inside, idx, 0)
