@@ -34,7 +34,7 @@ def main() -> None:
     data = Path(args.data)
     mics = sorted(p for p in data.glob("*.jpg") if not p.name.endswith("_mask.jpg"))
     model, meta = load_model(None)
-    dp = DeepPicker(model, meta, DIAMETER)
+    dp = DeepPicker.from_model(model, meta, DIAMETER)
     d = DIAMETER / PIXEL
     edge = 1.5 * DIAMETER / 2 / PIXEL  # half of RELION's box (1.5 diameters), in pixels
     for k, m in enumerate(mics, 1):

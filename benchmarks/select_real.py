@@ -78,7 +78,7 @@ def pick_and_extract(data: Path, work: Path, background: int = 0) -> tuple[Path,
     der = derived_options(PIXEL, DIAMETER, picker="deep")
     edge = der["proc__autopick__tamis_edge"] / PIXEL  # half a box, in pixels
     model, meta = load_model(None)
-    picker = DeepPicker(model, meta, DIAMETER)
+    picker = DeepPicker.from_model(model, meta, DIAMETER)
     (work / "mics").mkdir(parents=True, exist_ok=True)
     mic_rows, coords, truth_rows, n_manual = [], {}, [], 0
     for path in sorted(p for p in data.glob("*.jpg") if not p.name.endswith("_mask.jpg")):
@@ -137,6 +137,12 @@ def pick_and_extract(data: Path, work: Path, background: int = 0) -> tuple[Path,
     return star, n_manual
 
 
+def kinds_of(particles: pd.DataFrame, truth: pd.DataFrame) -> np.ndarray:
+    """Each particle row's kind (particle, junk, background) from the ground truth table."""
+    kind = truth.set_index(truth["image_name"].map(image_key))["kind"]
+    return kind.loc[particles["rlnImageName"].map(image_key)].to_numpy()
+
+
 def box_contents(star: Path, truth: pd.DataFrame, gallery: Path | None) -> dict:
     """What the extracted boxes hold, per kind: the median intensity of the central third of
     each box (extraction normalises the background to mean 0, sd 1; particles are white), and,
@@ -149,8 +155,7 @@ def box_contents(star: Path, truth: pd.DataFrame, gallery: Path | None) -> dict:
     from tamis.pictures import to_uint8
 
     ps = ParticleSet.from_file(star, project_dir=star.parent.parent)
-    kinds = truth.set_index(truth["image_name"].map(image_key))["kind"]
-    kind = kinds.loc[ps.particles["rlnImageName"].map(image_key)].to_numpy()
+    kind = kinds_of(ps.particles, truth)
     boxes = ps.load_images(np.arange(len(ps))).numpy()
     n = boxes.shape[-1]
     c = boxes[:, n // 3 : n - n // 3, n // 3 : n - n // 3].mean((1, 2))
@@ -175,8 +180,7 @@ def box_contents(star: Path, truth: pd.DataFrame, gallery: Path | None) -> dict:
 
 
 def outcome(particles: pd.DataFrame, truth: pd.DataFrame, n_manual: int) -> dict:
-    kind = truth.set_index(truth["image_name"].map(image_key))["kind"]
-    k = kind.loc[particles["rlnImageName"].map(image_key)].to_numpy()
+    k = kinds_of(particles, truth)
     real = int((k == "particle").sum())
     out = {"kept": len(k), "particles": real, "junk": len(k) - real,
            "precision": real / max(1, len(k)), "recall": real / max(1, n_manual)}  # fmt: skip

@@ -236,14 +236,15 @@ class GridSplat:
         lo = lo.to(itype)
         strides = torch.tensor([e**a for a in range(nd)], dtype=itype, device=dev)
         bits = (torch.arange(2**nd, device=dev)[:, None] >> torch.arange(nd, device=dev)) & 1
-        offsets = (bits.to(itype) * strides).sum(1, dtype=itype)  # (2^d,)
+        bits = bits.to(itype)  # (2^d, d): each corner's offset along each axis
+        offsets = (bits * strides).sum(1, dtype=itype)  # (2^d,)
         idx = (lo * strides).sum(1, dtype=itype)[:, None] + offsets
         wt = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
         for axis in range(1, nd):
             pair = torch.stack([1 - frac[:, axis], frac[:, axis]], 1)
             wt = (pair[:, :, None] * wt[:, None, :]).flatten(1)
         if len(lo) and not (int(lo.min()) >= 0 and int(lo.max()) + 1 < e):
-            corner = lo[:, None, :] + bits.to(itype)  # (P, 2^d, d)
+            corner = lo[:, None, :] + bits  # (P, 2^d, d)
             inside = ((corner >= 0) & (corner < e)).all(2)
             wt = torch.where(inside, wt, 0.0)
             idx = torch.where(inside, idx, 0)

@@ -70,6 +70,10 @@ __all__ = [
 ]
 
 
+#: The per-particle statistics of :func:`particle_fit` (besides ``class`` and the re-aligned pose).
+_FIT_STATS = ("amplitude", "misfit", "signal", "amplitude_low")
+
+
 @dataclass
 class ScreenOptions:
     #: drop particles whose low-resolution misfit is this many spreads above the core (the
@@ -241,8 +245,7 @@ def particle_fit(
                 ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
             proj = _own_class_projections(grids, k, psi, window)
             ca = (proj * ramp.to(torch.complex64)).reshape(x.shape) * ctf
-            keys = ("amplitude", "misfit", "signal", "amplitude_low")
-            stats = {key: np.empty(b) for key in keys}
+            stats = {key: np.empty(b) for key in _FIT_STATS}
             stats["class"] = k_of[idx] + 1
             if realign is not None:
                 stats["psi"] = psi.cpu().numpy()
@@ -271,9 +274,7 @@ def particle_fit(
             out.append(pd.DataFrame(stats, index=idx))
             bar.advance(b)
     fit = (
-        pd.concat(out)
-        if out
-        else pd.DataFrame(columns=["amplitude", "misfit", "signal", "amplitude_low", "class"])
+        pd.concat(out) if out else pd.DataFrame(columns=[*_FIT_STATS, "class"])
     )  # batches come in the order of rows
     fit.loc[fit["signal"] <= 0, ["amplitude", "misfit", "amplitude_low"]] = np.nan
     return fit
