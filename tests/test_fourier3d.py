@@ -342,3 +342,28 @@ def test_splat_equals_a_sample_by_sample_loop(ndim, sum_dtype, tol):
     np.testing.assert_allclose(d.numpy(), d_ref, rtol=0, atol=tol * np.abs(d_ref).max())
     np.testing.assert_allclose(w.numpy(), w_ref, rtol=0, atol=tol * np.abs(w_ref).max())
     assert d.dtype == torch.complex128 and w.dtype == torch.float64
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_interpolate_in_groups_equals_one_batch_entry_per_class(k, monkeypatch):
+    """interpolate() deals the positions out in groups on the CPU (grid_sample runs its batch
+    entries in parallel): the same samples as one grid_sample call per class at all the
+    positions, positions outside the grid included (zero), whatever the count's remainder."""
+    import torch.nn.functional as F
+
+    import tamis.padded_grid as pg
+
+    gen = torch.Generator().manual_seed(k)
+    e = 17
+    planes = torch.randn((k, 2, e, e, e), generator=gen, dtype=torch.float64)
+    pos = (torch.rand((1001, 3), generator=gen, dtype=torch.float64) * 2 - 1) * 9.5
+    monkeypatch.setattr(pg, "_GROUP_POINTS", 16)
+    grouped = pg.interpolate(planes, pos)
+    coords = ((pos + (e - 1) // 2) * (2.0 / (e - 1)) - 1.0).reshape(1, -1, 1, 1, 3)
+    for c in range(k):
+        ref = F.grid_sample(
+            planes[c : c + 1], coords, mode="bilinear", padding_mode="zeros", align_corners=True
+        ).reshape(2, -1)
+        assert torch.equal(grouped[c], ref)
+    outside = (pos.abs() >= (e - 1) // 2 + 1).any(1)  # no corner inside the grid
+    assert outside.any() and (grouped[:, :, outside] == 0).all()

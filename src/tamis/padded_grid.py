@@ -29,6 +29,7 @@ __all__ = [
     "fold_periodic_edge",
     "reference_grids",
     "interpolate",
+    "linear_corners",
     "GridSplat",
     "grid_shells",
     "grid_tau2",
@@ -143,6 +144,10 @@ def reference_grids(
     return with_periodic_edge(spec).to(torch.complex64)
 
 
+#: The fewest positions per batch entry when :func:`interpolate` deals them out in groups.
+_GROUP_POINTS = 4096
+
+
 def interpolate(
     planes: torch.Tensor,
     positions: torch.Tensor,
@@ -159,15 +164,81 @@ def interpolate(
     nd = planes.ndim - 2
     e = planes.shape[-1]
     centre = (e - 1) // 2 if centre is None else centre
-    out = []
+    # On the CPU grid_sample runs only the entries of its batch in parallel, so one class (as
+    # in auto-refine) used one thread: there the positions are dealt out in groups, a batch
+    # entry each, over one class (expanded, not copied) at a time.
+    groups = 2 * torch.get_num_threads() if planes.device.type == "cpu" else 1
+    out = torch.empty((k, ch, positions.shape[0]), dtype=planes.dtype, device=planes.device)
     for s in range(0, positions.shape[0], max_points):
         pos = positions[s : s + max_points]
+        n = pos.shape[0]
         coords = ((pos + centre) * (2.0 / (e - 1)) - 1.0).to(planes.dtype)
-        coords = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
-        coords = coords.expand((k,) + (-1,) * nd + (nd,))
-        v = F.grid_sample(planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
-        out.append(v.reshape(k, ch, -1))
-    return out[0] if len(out) == 1 else torch.cat(out, -1)
+        g = min(groups, max(1, n // _GROUP_POINTS))
+        if g <= k:  # the classes are enough
+            coords = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
+            coords = coords.expand((k,) + (-1,) * nd + (nd,))
+            v = F.grid_sample(
+                planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True
+            )
+            out[:, :, s : s + n] = v.reshape(k, ch, -1)
+            continue
+        m = -(-n // g) * g
+        if m > n:  # padded with the centre; the padding's samples are dropped
+            coords = torch.cat([coords, coords.new_zeros((m - n, nd))])
+        coords = coords.reshape((g, -1) + (1,) * (nd - 1) + (nd,))
+        for c in range(k):
+            v = F.grid_sample(
+                planes[c : c + 1].expand((g,) + planes.shape[1:]),
+                coords,
+                mode="bilinear",
+                padding_mode="zeros",
+                align_corners=True,
+            )
+            out[c, :, s : s + n] = v.reshape(g, ch, -1).transpose(0, 1).reshape(ch, -1)[:, :n]
+    return out
+
+
+def linear_corners(
+    positions: torch.Tensor, extent: int, origin: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``2^d`` grid points of linear interpolation (bilinear in 2D, trilinear in 3D) at
+    ``positions`` ``(P, d)`` (x, y[, z]) on a cube of ``extent^d`` voxels (x fastest) whose
+    index ``origin`` holds position 0 on every axis: flat voxel indices (int32 while they fit,
+    else int64) and weights (``dtype``), each ``(2^d, P)``, corner ``c`` offset by bit ``a`` of
+    ``c`` along axis ``a``. A point outside the cube has weight 0 and index 0.
+
+    Corner-major, so that every step is a pass over contiguous ``P``-long rows (a ``(P, 2^d)``
+    layout made the weights' broadcast products several times slower on the CPU)."""
+    nd = positions.shape[-1]
+    itype = torch.int32 if extent**nd < 2**31 else torch.int64
+    pos = positions + origin  # in the positions' precision: the same weights on any cube
+    lo = torch.floor(pos)
+    frac = (pos - lo).to(dtype).T.contiguous()  # (d, P)
+    lo = lo.to(itype)
+    base = lo[:, nd - 1]
+    for axis in range(nd - 2, -1, -1):
+        base = base * extent + lo[:, axis]
+    strides = [extent**a for a in range(nd)]
+    offsets = [sum(strides[a] for a in range(nd) if (c >> a) & 1) for c in range(2**nd)]
+    idx = base[None, :] + torch.tensor(offsets, dtype=itype, device=positions.device)[:, None]
+    comp = 1 - frac
+    wt = torch.empty((2**nd, pos.shape[0]), dtype=dtype, device=positions.device)
+    for c in range(2**nd):
+        row = wt[c]
+        torch.mul(frac[0] if c & 1 else comp[0], frac[1] if c & 2 else comp[1], out=row)
+        if nd == 3:
+            row.mul_(frac[2] if c & 4 else comp[2])
+    if len(lo):
+        lo_min, lo_max = torch.aminmax(lo)
+        if not (int(lo_min) >= 0 and int(lo_max) + 1 < extent):
+            inside = torch.ones((2**nd, pos.shape[0]), dtype=torch.bool, device=pos.device)
+            for c in range(2**nd):
+                for a in range(nd):
+                    at = lo[:, a] + ((c >> a) & 1)
+                    inside[c] &= (at >= 0) & (at < extent)
+            wt = torch.where(inside, wt, 0.0)
+            idx = torch.where(inside, idx, 0)
+    return idx, wt
 
 
 class GridSplat:
@@ -224,31 +295,9 @@ class GridSplat:
         return cls(k, pad * window.box, ndim, device, reach=pad * window.size / 2)
 
     def _corners(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per position, its ``2^d`` grid points: flat voxel indices (int32 while they fit) and
-        linear weights (``sum_dtype``; a point outside the cube has weight 0 and index 0), each
-        ``(P, 2^d)``, x varying fastest over the corners."""
-        e, nd = 2 * self.half + 1, self.ndim
-        itype = torch.int32 if e**nd < 2**31 else torch.int64
-        dev = positions.device
-        pos = positions + self.half
-        lo = torch.floor(pos)
-        frac = (pos - lo).to(self.sum_dtype)
-        lo = lo.to(itype)
-        strides = torch.tensor([e**a for a in range(nd)], dtype=itype, device=dev)
-        bits = (torch.arange(2**nd, device=dev)[:, None] >> torch.arange(nd, device=dev)) & 1
-        bits = bits.to(itype)  # (2^d, d): each corner's offset along each axis
-        offsets = (bits * strides).sum(1, dtype=itype)  # (2^d,)
-        idx = (lo * strides).sum(1, dtype=itype)[:, None] + offsets
-        wt = torch.stack([1 - frac[:, 0], frac[:, 0]], 1)
-        for axis in range(1, nd):
-            pair = torch.stack([1 - frac[:, axis], frac[:, axis]], 1)
-            wt = (pair[:, :, None] * wt[:, None, :]).flatten(1)
-        if len(lo) and not (int(lo.min()) >= 0 and int(lo.max()) + 1 < e):
-            corner = lo[:, None, :] + bits  # (P, 2^d, d)
-            inside = ((corner >= 0) & (corner < e)).all(2)
-            wt = torch.where(inside, wt, 0.0)
-            idx = torch.where(inside, idx, 0)
-        return idx, wt
+        """Per position, its ``2^d`` grid points in the accumulated cube
+        (:func:`linear_corners`, in ``sum_dtype``): indices and weights ``(2^d, P)``."""
+        return linear_corners(positions, 2 * self.half + 1, self.half, self.sum_dtype)
 
     def add(self, positions: torch.Tensor, data: torch.Tensor, weight: torch.Tensor) -> None:
         """``positions`` ``(N, d)`` (x, y[, z]); ``data`` complex and ``weight`` real
@@ -257,28 +306,28 @@ class GridSplat:
         n = positions.shape[0]
         d = torch.view_as_real(data.reshape(k, n))  # (K, N, 2)
         w = weight.reshape(k, n)
-        origin = torch.nonzero((positions == 0).all(1)).squeeze(1)
+        # samples at the origin (their mates are themselves): x == 0 first, on one column
+        cand = torch.nonzero(positions[:, 0] == 0).squeeze(1)
+        origin = cand[(positions[cand] == 0).all(1)]
         if len(origin):
             at = torch.cat([d[:, origin].sum(1), w[:, origin].sum(1, keepdim=True)], 1)
             self.at_origin += at.to(torch.float64)
-        idx, wt = self._corners(positions)  # (N, 2^d) each, shared by the classes
+        idx, wt = self._corners(positions)  # (2^d, N) each, shared by the classes
         for slot in range(k):
             ds, ws = d[slot], w[slot]
             live = (ws != 0) | (ds != 0).any(-1)
             n_live = int(live.sum())
             if n_live == 0:
                 continue
-            values = torch.cat([ds, ws[:, None]], 1)  # (N, 3): Re, Im, weight
+            values = torch.stack([ds[:, 0], ds[:, 1], ws])  # (3, N): Re, Im, weight
             rows, wts = idx, wt
             if n_live < n // 2:  # a sparse class: only its live samples
                 p = torch.nonzero(live).squeeze(1)
-                rows, wts, values = idx[p], wt[p], values[p]
-            rows, values = rows.flatten(), values.to(self.sum_dtype)
+                rows, wts, values = idx[:, p], wt[:, p], values[:, p]
+            rows, values = rows.reshape(-1), values.to(self.sum_dtype)
             out = self.flat[:, slot * v : (slot + 1) * v]
             for ch in range(3):
-                out[ch] += torch.bincount(
-                    rows, weights=(wts * values[:, ch, None]).flatten(), minlength=v
-                )
+                out[ch] += torch.bincount(rows, weights=(wts * values[ch]).reshape(-1), minlength=v)
 
     def grids(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(D, W)``: complex128 and float64 ``(K, M, ..., M)``."""
