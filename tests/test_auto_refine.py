@@ -17,6 +17,7 @@ from tamis.cli.main import app
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc, write_mrc
 from tamis.io.star import read_star, write_star
+from tamis.padded_grid import relion_round
 from tamis.refine.auto_refine import AutoRefineOptions, run_auto_refine
 from tamis.refine.compare import compare_to_truth, orientation_errors
 from tamis.refine.gold_standard import (
@@ -239,19 +240,27 @@ def test_orientation_prior_in_the_e_step_equals_a_search_over_the_subset():
     torch.testing.assert_close(full.pmax, sub.pmax, rtol=1e-5, atol=1e-6)
 
 
+def _relion_round(x: float) -> int:
+    """macros.h: ``((x) > 0) ? (int)((x) + 0.5) : (int)((x) - 0.5)`` (C casts truncate)."""
+    return int(x + 0.5) if x > 0 else int(x - 0.5)
+
+
 def _slow_average(d, w, pad, box):
+    """getDownsampledAverage as RELION loops: over the padded half grid ``qx >= 0`` only, each
+    coordinate ROUND(q / pad); the bins ``kx >= 0`` (those the FSC reads) are compared."""
     m = d.shape[-1]
     num = np.zeros((box,) * 3, dtype=complex)
     den = np.zeros((box,) * 3)
     for z in range(m):
         for y in range(m):
-            for x in range(m):
-                k = [math.floor((v - m // 2) / pad + 0.5) for v in (z, y, x)]
+            for x in range(m // 2, m):
+                k = [_relion_round((v - m // 2) / pad) for v in (z, y, x)]
                 if all(-box // 2 <= v < box // 2 for v in k):
                     idx = tuple(v + box // 2 for v in k)
                     num[idx] += d[z, y, x]
                     den[idx] += w[z, y, x]
-    return np.where(den > 0, num / np.where(den > 0, den, 1), 0)
+    out = np.where(den > 0, num / np.where(den > 0, den, 1), 0)
+    return out[..., box // 2 :]
 
 
 def test_gold_standard_fsc_and_join_match_slow_loops():
@@ -261,7 +270,10 @@ def test_gold_standard_fsc_and_join_match_slow_loops():
     d1, d2 = (torch.randn((m, m, m), dtype=torch.complex128, generator=gen) for _ in range(2))
     w1, w2 = (torch.rand((m, m, m), dtype=torch.float64, generator=gen) + 0.1 for _ in range(2))
     a1 = _slow_average(d1.numpy(), w1.numpy(), pad, box)
-    np.testing.assert_allclose(downsampled_average(d1, w1, pad, box).numpy(), a1, atol=1e-12)
+    got_avg = downsampled_average(d1, w1, pad, box).numpy()[..., box // 2 :]
+    np.testing.assert_allclose(got_avg, a1, atol=1e-12)
+    assert _relion_round(-0.5) == -1 and int(relion_round(torch.tensor(-0.5))) == -1
+    assert _relion_round(-1.5) == -2 and int(relion_round(torch.tensor(-1.5))) == -2
     a2 = _slow_average(d2.numpy(), w2.numpy(), pad, box)
     num, p1, p2 = (np.zeros(box // 2 + 1) for _ in range(3))
     for z in range(box):
@@ -270,9 +282,10 @@ def test_gold_standard_fsc_and_join_match_slow_loops():
                 r = math.sqrt(sum((v - box // 2) ** 2 for v in (z, y, x)))
                 s = math.floor(r + 0.5)
                 if r <= 2.5 and s <= box // 2:
-                    num[s] += (a1[z, y, x] * np.conj(a2[z, y, x])).real
-                    p1[s] += abs(a1[z, y, x]) ** 2
-                    p2[s] += abs(a2[z, y, x]) ** 2
+                    a, b = a1[z, y, x - box // 2], a2[z, y, x - box // 2]
+                    num[s] += (a * np.conj(b)).real
+                    p1[s] += abs(a) ** 2
+                    p2[s] += abs(b) ** 2
     want = np.where(p1 * p2 > 0, num / np.sqrt(np.maximum(p1 * p2, 1e-300)), 0)
     want[0] = 1
     got = half_sums_fsc(d1[None][0], w1, d2, w2, pad=pad, box=box, r_max=2.5)

@@ -39,8 +39,9 @@ __all__ = [
 
 
 def relion_round(x: torch.Tensor) -> torch.Tensor:
-    """RELION's ROUND for non-negative values: floor(x + 0.5)."""
-    return torch.floor(x + 0.5).to(torch.int64)
+    """RELION's ``ROUND`` (``macros.h``): halves away from zero, ``floor(|x| + 0.5)`` with the
+    sign of ``x`` (``ROUND(-0.5) = -1``; ``torch.round`` rounds halves to even)."""
+    return (torch.sign(x) * torch.floor(x.abs() + 0.5)).to(torch.int64)
 
 
 def oversampling_correction(pad: int, ndim: int) -> float:

@@ -119,7 +119,9 @@ def join_low_resolution(
 
 def downsampled_average(d: torch.Tensor, w: torch.Tensor, pad: int, box: int) -> torch.Tensor:
     """``BackProjector::getDownsampledAverage``: the padded sums of one class ``(M, M, M)``
-    gathered onto the unpadded frequencies (each component ``ROUND(q / pad)``), ``sum D /
+    gathered onto the unpadded frequencies (each component ``ROUND(q / pad)``, RELION's
+    rounding of halves away from zero, so that the bins are symmetric about 0 and the bins with
+    ``kx >= 0`` hold only padded voxels with ``qx >= 0``, as RELION's half grid), ``sum D /
     sum W`` (0 where no weight): a complex ``(box, box, box)`` centred grid."""
     m = d.shape[-1]
     c = relion_round(_coordinates(m, d.device).to(torch.float64) / pad).to(torch.int64)
