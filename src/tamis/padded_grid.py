@@ -175,12 +175,9 @@ def interpolate(
         n = pos.shape[0]
         coords = ((pos + centre) * (2.0 / (e - 1)) - 1.0).to(planes.dtype)
         g = min(groups, max(1, n // _GROUP_POINTS))
-        if g <= k:  # the classes are enough
-            coords = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
-            coords = coords.expand((k,) + (-1,) * nd + (nd,))
-            v = F.grid_sample(
-                planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True
-            )
+        if g <= k:  # the classes are enough: one batch entry per class
+            shared = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
+            v = _grid_sample(planes, shared.expand((k,) + (-1,) * nd + (nd,)))
             out[:, :, s : s + n] = v.reshape(k, ch, -1)
             continue
         m = -(-n // g) * g
@@ -188,15 +185,14 @@ def interpolate(
             coords = torch.cat([coords, coords.new_zeros((m - n, nd))])
         coords = coords.reshape((g, -1) + (1,) * (nd - 1) + (nd,))
         for c in range(k):
-            v = F.grid_sample(
-                planes[c : c + 1].expand((g,) + planes.shape[1:]),
-                coords,
-                mode="bilinear",
-                padding_mode="zeros",
-                align_corners=True,
-            )
+            v = _grid_sample(planes[c : c + 1].expand((g,) + planes.shape[1:]), coords)
             out[c, :, s : s + n] = v.reshape(g, ch, -1).transpose(0, 1).reshape(ch, -1)[:, :n]
     return out
+
+
+def _grid_sample(planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """Linear samples, zero outside, the grid's end points at -1 and 1."""
+    return F.grid_sample(planes, coords, mode="bilinear", padding_mode="zeros", align_corners=True)
 
 
 def linear_corners(
@@ -232,11 +228,11 @@ def linear_corners(
     if len(lo):
         lo_min, lo_max = torch.aminmax(lo)
         if not (int(lo_min) >= 0 and int(lo_max) + 1 < extent):
-            inside = torch.ones((2**nd, pos.shape[0]), dtype=torch.bool, device=pos.device)
-            for c in range(2**nd):
-                for a in range(nd):
-                    at = lo[:, a] + ((c >> a) & 1)
-                    inside[c] &= (at >= 0) & (at < extent)
+            # per axis, whether the lower and the upper neighbour lie in the cube: (d, P) each
+            ok = [((lo + b >= 0) & (lo + b < extent)).T for b in (0, 1)]
+            inside = torch.stack(
+                [torch.stack([ok[(c >> a) & 1][a] for a in range(nd)]).all(0) for c in range(2**nd)]
+            )
             wt = torch.where(inside, wt, 0.0)
             idx = torch.where(inside, idx, 0)
     return idx, wt
