@@ -217,12 +217,16 @@ def _dense_hypotheses(w: torch.Tensor, active: torch.Tensor) -> Hypotheses:
     )
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "mixed", "dense on a grid"])
+@pytest.mark.parametrize(
+    "layout",
+    ["dense", "dense by class", "pairs", "mixed", "dense on a grid", "dense by class on a grid"],
+)
 @pytest.mark.parametrize("halves", [False, True])
 def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     """Every layout against the loops; "on a grid": translations on a regular grid, whose sums
     over translations go row by row of the window (:class:`ColumnSums`) and whose per-particle
-    cross terms come from :class:`SeparableShifts` (taken whatever they save, here)."""
+    cross terms come from :class:`SeparableShifts` (taken whatever they save, here); by class
+    on a grid, each class block's sums over translations as two small DFTs."""
     grid = layout.endswith("on a grid")
     data, proj, ramps, active, w, win, extra = _problem(grid=grid)
     separable = {}
@@ -234,7 +238,7 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
             shifts=SeparableShifts.create(t, win.kx, win.ky, win.box),
         )
         assert None not in separable.values()
-        layout = "dense"
+        layout = layout.removesuffix(" on a grid")
     pf = proj.shape[1]
     w.view(w.shape[0], w.shape[1], len(active), pf)[1, :, 0] = 0.0  # particle 1: one class only
     w /= w.sum((1, 2), keepdim=True)
@@ -275,11 +279,17 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         np.testing.assert_allclose(got, value, rtol=2e-4, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs"])
+@pytest.mark.parametrize("layout", ["dense", "dense by class", "pairs", "dense by class on a grid"])
 def test_bfloat16_sums_stay_close_to_the_float32_ones(layout, monkeypatch):
     """``--mstep_bf16``: the same sums through bfloat16 GEMMs, within bfloat16's precision of
     the float32 path (each sum as a whole: relative error of its norm below 2%)."""
-    data, proj, ramps, active, w, win, extra = _problem()
+    grid = layout.endswith("on a grid")
+    data, proj, ramps, active, w, win, extra = _problem(grid=grid)
+    separable = {}
+    if grid:
+        monkeypatch.setattr(shifts, "_WORTH", 10.0)
+        separable["col_sums"] = ColumnSums.create(extra["translations_px"], win.kx, win.ky, win.box)
+        layout = layout.removesuffix(" on a grid")
     w /= w.sum((1, 2), keepdim=True)
     monkeypatch.setattr(mstep, "BLOCK_FRACTION", 1.1 if layout == "dense by class" else 0.0)
     k, pf, c = proj.shape
@@ -290,7 +300,7 @@ def test_bfloat16_sums_stay_close_to_the_float32_ones(layout, monkeypatch):
     for dtype in (torch.float32, torch.bfloat16):
         sums = WeightedSums.zeros(k, pf, c, 2, extra["nsh"], 3, "cpu")
         norms = accumulate(sums, data, hyp, proj, ramps, win, max_rows=14, gemm_dtype=dtype,
-                           **extra)  # fmt: skip
+                           **extra, **separable)  # fmt: skip
         out[dtype] = (sums, norms)
     (s32, n32), (s16, n16) = out[torch.float32], out[torch.bfloat16]
     for name in ("fimg", "fweight", "sigma2_noise", "prior_offset"):

@@ -56,6 +56,34 @@ def test_cross_matches_a_loop(size, chunk, monkeypatch):
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("size", [10, 13])
+def test_column_blocks_times_spread_rows_is_the_ramp_sum(size, monkeypatch):
+    """The M-step's ``Mix`` by columns (:meth:`ColumnSums.spread_rows` then each column's
+    block) against ``sum_t exp(-2 pi i k.t / box) w(t, s)`` by a numpy loop."""
+    monkeypatch.setattr(shifts, "_WORTH", 10.0)
+    box = 16
+    win = FourierWindow.create(box, size)
+    t = _fine_grid()
+    cs = ColumnSums.create(t, win.kx, win.ky, box)
+    assert cs is not None
+    g = torch.Generator().manual_seed(size)
+    w = torch.rand((len(t), 7), generator=g)
+    order, spans, blocks = cs.column_blocks()
+    assert sorted(order.tolist()) == list(range(len(win)))
+    v = cs.spread_rows(w)
+    got = np.zeros((len(win), 7), dtype=np.complex128)
+    for (c0, c1), blk, col in zip(spans, blocks, v, strict=True):
+        mix = (blk @ col).numpy().reshape(c1 - c0, 2, 7)
+        got[order[c0:c1].numpy()] = mix[:, 0] + 1j * mix[:, 1]
+    kx, ky, tt, wn = win.kx.numpy(), win.ky.numpy(), t.numpy(), w.numpy().astype(np.float64)
+    ref = np.zeros((len(win), 7), dtype=np.complex128)
+    for j, (tx, ty) in enumerate(tt):
+        ramp = np.exp(-2j * math.pi * (kx * tx + ky * ty) / box)
+        for s_ in range(7):
+            ref[:, s_] += ramp * wn[j, s_]
+    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("oversampling", [0, 1, 2])
 @pytest.mark.parametrize("step", [2.0, 2 / 1.31, 1.5 / 1.06, 1 / 3, 2.6 / 1.244])
 def test_grids_in_any_step_are_found(step, oversampling):

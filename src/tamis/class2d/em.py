@@ -619,7 +619,7 @@ class Class2DRun:
             shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
             if oversampled:
                 shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box)
-            # the M-step's, on every pixel of the window
+            # the M-step's, on every pixel of the window (its dense sums and its class blocks)
             col_sums = ColumnSums.create(t_f, window.kx, window.ky, self.box)
             shifts_m = (
                 shifts_f

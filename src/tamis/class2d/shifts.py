@@ -347,6 +347,35 @@ class ColumnSums:
         cells[self.cell // self.n_ty, :, self.cell % self.n_ty] = w.transpose(0, 1)
         return self.ex @ cells.view(self.n_tx, n * self.n_ty * r)
 
+    def spread_rows(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``V`` for the weights of ``n`` particles ``w`` ``(T, S)`` (translations by rows, ``S``
+        columns such as (particle, psi)): ``(n_cols, 2 n_ty, S)``, per window column its rows
+        (Re/Im, ty), for :meth:`column_blocks`. Through ``dtype`` GEMMs as :meth:`add`."""
+        cells = w.new_zeros((self.n_tx * self.n_ty, w.shape[1]))
+        cells[self.cell] = w
+        cells = cells.view(self.n_tx, -1)
+        v = (
+            self.ex @ cells
+            if dtype == torch.float32
+            else (self.ex.to(dtype) @ cells.to(dtype)).float()
+        )
+        return v.view(len(self.cols), 2 * self.n_ty, w.shape[1])
+
+    def column_blocks(self) -> tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
+        """The window's pixels column by column: their order ``(C,)``, each column's span in
+        that order, and each column's ``ramp_o(k) ey(ty, ky)`` as the real block
+        ``[[Re, -Im], [Im, Re]]`` ``(2 nky, 2 n_ty)``, rows (pixel, Re/Im): times a column of
+        :meth:`spread_rows` it gives ``sum_t ramp_t(k) w(t, s)`` for the column's pixels (rows
+        (pixel, Re/Im), as one GEMM with every translation's ramp would)."""
+        order = torch.cat(self.cols)
+        spans, blocks, c0 = [], [], 0
+        for a in self.a:
+            spans.append((c0, c0 + a.shape[0]))
+            c0 += a.shape[0]
+            rows = torch.stack([torch.cat([a.real, -a.imag], 1), torch.cat([a.imag, a.real], 1)], 1)
+            blocks.append(rows.reshape(2 * a.shape[0], 2 * self.n_ty).contiguous())
+        return order, spans, blocks
+
     def add(self, v: torch.Tensor, y: torch.Tensor, out: torch.Tensor, dtype: torch.dtype) -> None:
         """Add ``F_r(k)`` to ``out`` ``(C, 2 m, R)`` (Re/Im of each of the ``m`` data sets per
         pixel) for ``V`` of :meth:`spread` (``n`` particles) and data ``y`` ``(m, n, C)``
