@@ -285,12 +285,13 @@ def accumulate(
     m1 = torch.zeros((b, c), dtype=torch.complex64, device=dev)
     with_scale = ssnr_mask is not None
     m1_masked = torch.zeros((b, c), dtype=torch.complex64, device=dev) if with_scale else None
-    rr, ri = ramps_f.real.contiguous(), ramps_f.imag.contiguous()
+    ramps_ri = torch.view_as_real(ramps_f.contiguous()).reshape(ramps_f.shape[0], 2 * c)
     for s in range(0, len(wr), chunk):
         sl = slice(s, s + chunk)
         i, r, r_slot = hyp.particle[sl], r_all[sl], slot_of[sl]
         w32 = w[sl].to(torch.float32)
-        mix = torch.complex(_mm(w32, rr, gemm_dtype), _mm(w32, ri, gemm_dtype))  # (m, C)
+        # one GEMM with the ramps' real view gives Mix's real view, (m, C) complex
+        mix = torch.view_as_complex(_mm(w32, ramps_ri, gemm_dtype).view(-1, c, 2))
         count_gemm(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
         g = proj_flat[r].conj_physical_().mul_(mix)
         _add_rows(m1, i, g)
