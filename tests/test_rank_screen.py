@@ -88,8 +88,9 @@ def write_set(tmp_path, images, psi, origin_px, classes, defocus) -> ParticleSet
 
 
 def slow_fit(image, cls_image, psi, origin_px, defocus, sigma2, lowres, radius) -> tuple:
-    """One particle's amplitude, misfit and low-resolution amplitude (the whitened, low-passed
-    least-squares scale inside the mask), written out per pixel from the definitions."""
+    """One particle's amplitude, misfit, low-resolution amplitude (the whitened, low-passed
+    least-squares scale inside the mask) and plain amplitude (low-passed, not whitened, at the
+    best shift within 3 px), written out per pixel from the definitions."""
     ky, kx = frequencies()
     shell = np.floor(np.sqrt(kx**2 + ky**2) + 0.5).astype(int)
     x = np.fft.fft2(np.fft.ifftshift(image), norm="forward")
@@ -115,7 +116,18 @@ def slow_fit(image, cls_image, psi, origin_px, defocus, sigma2, lowres, radius) 
     n_full = low.sum()
     area = mask.sum()
     dof = max(1.0, n_full * area / N**2)
-    return amp, (resid / (n_full * area) - 1) * math.sqrt(dof / 2), a_m
+    # plain: not whitened, the best whole-pixel shift within 3 px, over the whole box
+    xp, cp = image_from(x * low), image_from(ca * low)
+    plain = (
+        max(
+            (np.roll(xp, (-dy, -dx), axis=(0, 1)) * cp).sum()
+            for dy in range(-3, 4)
+            for dx in range(-3, 4)
+            if dx * dx + dy * dy <= 9
+        )
+        / (cp * cp).sum()
+    )
+    return amp, (resid / (n_full * area) - 1) * math.sqrt(dof / 2), a_m, plain
 
 
 def test_particle_fit_against_slow_loop(tmp_path):
@@ -135,10 +147,11 @@ def test_particle_fit_against_slow_loop(tmp_path):
     sigma2 = np.linspace(2e-6, 1e-6, N // 2 + 1)
     fit = particle_fit(ps, classes, {1: sigma2}, lowres=20.0, diameter_px=20.0)
     for i in range(b):
-        amp, mis, low = slow_fit(images[i], classes[cls[i] - 1], psi[i], origin[i], defocus[i],
-                                 sigma2, 20.0, 10.0)  # fmt: skip
+        amp, mis, low, plain = slow_fit(images[i], classes[cls[i] - 1], psi[i], origin[i],
+                                        defocus[i], sigma2, 20.0, 10.0)  # fmt: skip
         assert fit["amplitude"].iloc[i] == pytest.approx(amp, rel=0.02), i
         assert fit["amplitude_low"].iloc[i] == pytest.approx(low, rel=0.02), i
+        assert fit["amplitude_plain"].iloc[i] == pytest.approx(plain, rel=0.02), i
         assert fit["misfit"].iloc[i] == pytest.approx(mis, rel=0.02, abs=0.15), i
     assert (fit["misfit"].iloc[3:] > 10).all() and (fit["misfit"].iloc[:3] < 2).all()
     # a subset of rows in any order comes back in that order, with the same values

@@ -71,7 +71,7 @@ __all__ = [
 
 
 #: The per-particle statistics of :func:`particle_fit` (besides ``class`` and the re-aligned pose).
-_FIT_STATS = ("amplitude", "misfit", "signal", "amplitude_low")
+_FIT_STATS = ("amplitude", "misfit", "signal", "amplitude_low", "amplitude_plain")
 
 
 @dataclass
@@ -146,7 +146,11 @@ def particle_fit(
     needs ``rlnClassNumber``, ``rlnAnglePsi`` and ``rlnOriginX/YAngst``. Returns a table indexed
     by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``),
     ``amplitude_low`` (the least-squares scale of the class inside the mask in the misfit's
-    whitened, low-passed images; reported, not used by the screen's verdict) and ``class``
+    whitened, low-passed images), ``amplitude_plain`` (the scale over the whole box in images
+    low-passed to ``lowres`` without whitening, at the best whole-pixel shift within the
+    re-alignment's offset range, 3 px without: the low-resolution blob itself, which whitening
+    by the noise spectrum weights little; both reported, not used by the screen's verdict) and
+    ``class``
     (1-based).
 
     ``realign=(psi_step, offset_range_px)``: first re-align every particle to its class average,
@@ -190,8 +194,9 @@ def particle_fit(
     ogroup = particles.optics_group_index
     group_numbers = particles.optics["rlnOpticsGroup"].astype(int).to_numpy()
     # per optics group: weights for the amplitude, for the noise level (and their count), the
-    # whitening low-pass filter and the low band's full-plane pixel count
-    weights: dict[int, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, float]] = {}
+    # whitening low-pass filter, the low band's full-plane pixel count and the plain low band
+    weights: dict[int, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor, float, torch.Tensor]]
+    weights = {}
     used = set(np.unique(ogroup[rows]).tolist())
     for g, number in enumerate(group_numbers):
         if g not in used:
@@ -213,7 +218,19 @@ def particle_fit(
         n_full = float((low * torch.where(twice, 2, 1)).sum())
         w = w.float()
         hw = w * high
-        weights[g] = (w * counted, hw, max(1, int((hw > 0).sum())), torch.sqrt(w * low), n_full)
+        weights[g] = (
+            w * counted, hw, max(1, int((hw > 0).sum())), torch.sqrt(w * low), n_full,
+            low.float(),
+        )  # fmt: skip
+    # whole-pixel shifts searched for the plain amplitude (wrapped indices of the correlation)
+    reach = int(realign[1]) if realign is not None else 3
+    dy, dx = torch.meshgrid(
+        torch.arange(-reach, reach + 1, device=dev),
+        torch.arange(-reach, reach + 1, device=dev),
+        indexing="ij",
+    )
+    near = dx * dx + dy * dy <= reach * reach
+    shift_rows, shift_cols = dy[near] % n, dx[near] % n
     k_of = table["rlnClassNumber"].to_numpy(np.int64) - 1
     if (k_of[rows] < 0).any() or (k_of[rows] >= len(classes)).any():
         raise InputFileError(where, "rlnClassNumber outside the job's classes")
@@ -252,7 +269,7 @@ def particle_fit(
                 stats["shift_x"], stats["shift_y"] = moved[:, 0], moved[:, 1]
             for g in np.unique(ogroup[idx]):
                 sel = torch.as_tensor(ogroup[idx] == g, device=dev)
-                wc, hw, n_high, lowpass, n_full = weights[int(g)]
+                wc, hw, n_high, lowpass, n_full, plain = weights[int(g)]
                 xg, cg = x[sel], ca[sel]
                 s = _sum(wc * (cg.real**2 + cg.imag**2))
                 cross = _sum(wc * (xg.real * cg.real + xg.imag * cg.imag))
@@ -271,12 +288,23 @@ def particle_fit(
                 stats["misfit"][sel_np] = (ratio * math.sqrt(dof / 2)).cpu().numpy()
                 stats["signal"][sel_np] = s.cpu().numpy()
                 stats["amplitude_low"][sel_np] = a_m.cpu().numpy()
+                # the same scale without whitening, at the best whole-pixel shift near the pose
+                xp = irfft2_centered(xg * plain, (n, n))
+                cp = irfft2_centered(cg * plain, (n, n))
+                corr = torch.fft.irfft2(
+                    torch.fft.rfft2(xp) * torch.fft.rfft2(cp).conj(), s=(n, n)
+                )  # corr[s] = sum_r xp(r + s) cp(r)
+                best = corr[:, shift_rows, shift_cols].amax(1)
+                a_p = best / _sum(cp * cp).clamp(min=1e-30)
+                stats["amplitude_plain"][sel_np] = a_p.cpu().numpy()
             out.append(pd.DataFrame(stats, index=idx))
             bar.advance(b)
     fit = (
         pd.concat(out) if out else pd.DataFrame(columns=[*_FIT_STATS, "class"])
     )  # batches come in the order of rows
-    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit", "amplitude_low"]] = np.nan
+    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit", "amplitude_low", "amplitude_plain"]] = (
+        np.nan
+    )
     return fit
 
 

@@ -513,6 +513,7 @@ def _write_screen_report(
         "rlnClassNumber": table["rlnClassNumber"].to_numpy(),
         "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
         "tamisAmplitudeLow": fit["amplitude_low"].to_numpy(),
+        "tamisAmplitudePlain": fit["amplitude_plain"].to_numpy(),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
     })  # fmt: skip
     if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
