@@ -351,6 +351,8 @@ def test_particles_without_a_class_of_the_job_fail_the_screen(job, tmp_path):
     assert report.loc[0, "tamisPassed"] == 0 and report.loc[0, "tamisKept"] == 0
     assert np.isnan(report.loc[0, "tamisMisfit"]) and report["tamisMisfit"][1:].notna().all()
     assert report["tamisAmplitudeLow"][1:].notna().all()
+    assert report["tamisAmplitudePlain"][1:].notna().all()
+    assert np.isnan(report.loc[0, "tamisAmplitudePlain"])
     assert 0 < res.n_particles < len(star["particles"])
 
 
