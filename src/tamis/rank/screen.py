@@ -150,8 +150,7 @@ def particle_fit(
     low-passed to ``lowres`` without whitening, at the best whole-pixel shift within the
     re-alignment's offset range, 3 px without: the low-resolution blob itself, which whitening
     by the noise spectrum weights little; both reported, not used by the screen's verdict) and
-    ``class``
-    (1-based).
+    ``class`` (1-based).
 
     ``realign=(psi_step, offset_range_px)``: first re-align every particle to its class average,
     the pose with the largest amplitude over psi (the stored psi plus multiples of ``psi_step``,
@@ -302,9 +301,7 @@ def particle_fit(
     fit = (
         pd.concat(out) if out else pd.DataFrame(columns=[*_FIT_STATS, "class"])
     )  # batches come in the order of rows
-    fit.loc[fit["signal"] <= 0, ["amplitude", "misfit", "amplitude_low", "amplitude_plain"]] = (
-        np.nan
-    )
+    fit.loc[fit["signal"] <= 0, [k for k in _FIT_STATS if k != "signal"]] = np.nan
     return fit
 
 
