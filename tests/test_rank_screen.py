@@ -405,3 +405,20 @@ def test_cli_screen_defaults_are_the_library_defaults():
     assert params["screen_min_misfit"].default.default == d.min_misfit
     assert params["screen_max_misfit"].default.default == d.max_misfit
     assert params["screen_min_amplitude"].default.default == d.min_amplitude
+
+
+def test_a_blank_class_average_leaves_its_particles_statistics_undefined(tmp_path):
+    """A class average of zeros has no scale to fit: every statistic of its particles is NaN
+    (and the screen keeps them), while the other class's particles get numbers."""
+    rng = np.random.default_rng(3)
+    classes = blobs(rng, 2)
+    classes[1] = 0.0
+    b = 4
+    cls = np.array([1, 2, 1, 2])
+    images = rng.normal(0, 1.0, (b, N, N)) + classes[0] * (cls == 1)[:, None, None]
+    ps = write_set(tmp_path, images, np.zeros(b), np.zeros((b, 2)), cls, np.full(b, 12000.0))
+    sigma2 = np.linspace(2e-6, 1e-6, N // 2 + 1)
+    fit = particle_fit(ps, classes, {1: sigma2}, lowres=20.0, diameter_px=20.0)
+    stats = ["amplitude", "misfit", "amplitude_low", "amplitude_plain"]
+    assert fit.loc[cls == 2, stats].isna().all().all()
+    assert fit.loc[cls == 1, stats].notna().all().all()
