@@ -68,7 +68,7 @@ def test_column_blocks_times_spread_rows_is_the_ramp_sum(size, monkeypatch):
     assert cs is not None
     g = torch.Generator().manual_seed(size)
     w = torch.rand((len(t), 7), generator=g)
-    order, spans, blocks = cs.column_blocks()
+    order, spans, blocks = cs.column_blocks
     assert sorted(order.tolist()) == list(range(len(win)))
     v = cs.spread_rows(w)
     got = np.zeros((len(win), 7), dtype=np.complex128)

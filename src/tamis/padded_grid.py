@@ -207,6 +207,8 @@ def linear_corners(
     Corner-major, so that every step is a pass over contiguous ``P``-long rows (a ``(P, 2^d)``
     layout made the weights' broadcast products several times slower on the CPU)."""
     nd = positions.shape[-1]
+    if nd not in (2, 3):
+        raise ValueError(f"linear_corners: positions in 2 or 3 dimensions, not {nd}")
     itype = torch.int32 if extent**nd < 2**31 else torch.int64
     pos = positions + origin  # in the positions' precision: the same weights on any cube
     lo = torch.floor(pos)

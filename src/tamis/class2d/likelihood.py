@@ -692,7 +692,7 @@ def _pair_cross(
     m, c = proj.shape
     t = ramps.shape[0]
     # rows (pixel, Re/Im): Re ramp and Im ramp of each pixel
-    rr = torch.view_as_real(ramps.T.contiguous()).permute(0, 2, 1).reshape(2 * c, t).contiguous()
+    rr = torch.view_as_real(ramps.T.contiguous()).permute(0, 2, 1).reshape(2 * c, t)
     yc = y.conj_physical()
     out = torch.empty(len(el_r), dtype=torch.float64, device=proj.device)
     bounds = torch.searchsorted(el_r, torch.arange(0, m + chunk, chunk, device=el_r.device))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
-from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts
+from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts, gemm
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -78,14 +78,6 @@ def _add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> Non
     torch.view_as_real(out).index_add_(0, index, torch.view_as_real(rows))
 
 
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` (float32), through ``dtype`` GEMMs when it is a lower precision (the product is
-    returned as float32)."""
-    if dtype == torch.float32:
-        return a @ b
-    return (a.to(dtype) @ b.to(dtype)).float()
-
-
 def _class_block_sums(
     w: torch.Tensor,
     members: torch.Tensor,
@@ -110,7 +102,7 @@ def _class_block_sums(
     noise, per particle for the norm and masked for the scale). ``Mix`` is one GEMM over the
     translations, a few pixels at a time, or, with the translations on a regular grid
     (``col_sums``), two small DFTs: over ``tx`` for every window column at once, then over
-    ``ty`` column by column (:meth:`ColumnSums.column_blocks`). Adds to ``cross_part``; returns
+    ``ty`` column by column (:attr:`ColumnSums.column_blocks`). Adds to ``cross_part``; returns
     the reconstruction sums ``(Ra, C)``, the noise cross term per pixel ``(C,)`` and the
     scale's cross term per particle of ``members`` (zeros without ``msk``).
     """
@@ -124,7 +116,7 @@ def _class_block_sums(
     if col_sums is not None:
         # the window's pixels column by column: every per-pixel array in that order, and the
         # pixel sums put back at the end
-        order, pieces, col_blocks = col_sums.column_blocks()
+        order, pieces, col_blocks = col_sums.column_blocks
         p, q, cx = p[:, order], q[:, order], cx[:, order]
         msk = None if msk is None else msk[:, order]
     else:
@@ -154,9 +146,9 @@ def _class_block_sums(
             # while it stays in cache
             for j, (c0, c1) in enumerate(pieces):
                 if col_sums is not None:
-                    mix = _mm(col_blocks[j], v[j], gemm_dtype)
+                    mix = gemm(col_blocks[j], v[j], gemm_dtype)
                 else:
-                    mix = _mm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype)
+                    mix = gemm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype)
                 mix = mix.view(c1 - c0, 2 * n, pf)
                 torch.bmm(qq[c0:c1], mix, out=f[c0:c1])  # sum_i q_i Mix_i
                 # Re/Im P x Re/Im Mix, summed over psi, as (P, 2) x (2n, Pf)^T per pixel:
@@ -291,7 +283,7 @@ def accumulate(
         i, r, r_slot = hyp.particle[sl], r_all[sl], slot_of[sl]
         w32 = w[sl].to(torch.float32)
         # one GEMM with the ramps' real view gives Mix's real view, (m, C) complex
-        mix = torch.view_as_complex(_mm(w32, ramps_ri, gemm_dtype).view(-1, c, 2))
+        mix = torch.view_as_complex(gemm(w32, ramps_ri, gemm_dtype).view(-1, c, 2))
         count_gemm(w32.shape[0], w32.shape[1], 2 * c, "mstep_flops")
         g = proj_flat[r].conj_physical_().mul_(mix)
         _add_rows(m1, i, g)
@@ -456,13 +448,13 @@ def _dense_sums_gemm(
         torch.mul(cx[sl][:, None, :], ramps_f[None], out=buf[:, :, 1])
         y = torch.view_as_real(buf).reshape(n * tf, 4 * c)
         wp = w[sl].reshape(n * tf, ra)
-        out = torch.view_as_complex(_mm(wp.T, y, gemm_dtype).reshape(ra, 2, c, 2))
+        out = torch.view_as_complex(gemm(wp.T, y, gemm_dtype).reshape(ra, 2, c, 2))
         count_gemm(ra, n * tf, 4 * c, "mstep_flops")
         count_gemm(n * tf, 2 * c, ra, "mstep_flops")
         fimg_h += out[:, 0]
         gx += out[:, 1]
         # per particle: sum_t,r W Re(conj(P_r) c X ramp_t), as batched dot products
-        xc = _mm(y.view(n * tf, 2, 2 * c)[:, 1], p_re.T, gemm_dtype)  # (n*Tf, Ra)
+        xc = gemm(y.view(n * tf, 2, 2 * c)[:, 1], p_re.T, gemm_dtype)  # (n*Tf, Ra)
         dots = torch.bmm(xc.view(n, 1, tf * ra), wp.view(n, tf * ra, 1)).view(n)
         cross_part[idx] = dots.to(torch.float64)
         del y, buf

@@ -19,12 +19,22 @@ padding stays small), every column of a group in one batched GEMM.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
 from tamis.fourier import shift_phases
 
-__all__ = ["SeparableShifts", "ColumnRefs", "ColumnSums"]
+__all__ = ["SeparableShifts", "ColumnRefs", "ColumnSums", "gemm"]
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``a @ b`` (float32), through ``dtype`` GEMMs when it is a lower precision (the product is
+    returned as float32): the M-step's ``--mstep_bf16``."""
+    if dtype == torch.float32:
+        return a @ b
+    return (a.to(dtype) @ b.to(dtype)).float()
+
 
 #: Columns join a group while their length is at least this fraction of the group's longest.
 _GROUP_FILL = 0.8
@@ -350,23 +360,19 @@ class ColumnSums:
     def spread_rows(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``V`` for the weights of ``n`` particles ``w`` ``(T, S)`` (translations by rows, ``S``
         columns such as (particle, psi)): ``(n_cols, 2 n_ty, S)``, per window column its rows
-        (Re/Im, ty), for :meth:`column_blocks`. Through ``dtype`` GEMMs as :meth:`add`."""
+        (Re/Im, ty), for :attr:`column_blocks`. Through ``dtype`` GEMMs as :meth:`add`."""
         cells = w.new_zeros((self.n_tx * self.n_ty, w.shape[1]))
         cells[self.cell] = w
-        cells = cells.view(self.n_tx, -1)
-        v = (
-            self.ex @ cells
-            if dtype == torch.float32
-            else (self.ex.to(dtype) @ cells.to(dtype)).float()
-        )
+        v = gemm(self.ex, cells.view(self.n_tx, -1), dtype)
         return v.view(len(self.cols), 2 * self.n_ty, w.shape[1])
 
+    @cached_property
     def column_blocks(self) -> tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
         """The window's pixels column by column: their order ``(C,)``, each column's span in
         that order, and each column's ``ramp_o(k) ey(ty, ky)`` as the real block
         ``[[Re, -Im], [Im, Re]]`` ``(2 nky, 2 n_ty)``, rows (pixel, Re/Im): times a column of
         :meth:`spread_rows` it gives ``sum_t ramp_t(k) w(t, s)`` for the column's pixels (rows
-        (pixel, Re/Im), as one GEMM with every translation's ramp would)."""
+        (pixel, Re/Im), as one GEMM with every translation's ramp would). Made once per instance."""
         order = torch.cat(self.cols)
         spans, blocks, c0 = [], [], 0
         for a in self.a:
@@ -392,7 +398,7 @@ class ColumnSums:
                 [torch.cat([g.real, -g.imag], 1), torch.cat([g.imag, g.real], 1)], 1
             ).view(2 * m * nk, 2 * n * self.n_ty)
             vj = v[2 * j : 2 * j + 2].view(2 * n * self.n_ty, r)
-            prod = blk @ vj if dtype == torch.float32 else (blk.to(dtype) @ vj.to(dtype)).float()
+            prod = gemm(blk, vj, dtype)
             # rows (set, pixel, Re/Im) -> out[pixel, (set, Re/Im)]
             out[pix] += prod.view(m, nk, 2, r).permute(1, 0, 2, 3).reshape(nk, 2 * m, r)
 

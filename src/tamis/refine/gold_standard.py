@@ -124,7 +124,7 @@ def downsampled_average(d: torch.Tensor, w: torch.Tensor, pad: int, box: int) ->
     ``kx >= 0`` hold only padded voxels with ``qx >= 0``, as RELION's half grid), ``sum D /
     sum W`` (0 where no weight): a complex ``(box, box, box)`` centred grid."""
     m = d.shape[-1]
-    c = relion_round(_coordinates(m, d.device).to(torch.float64) / pad).to(torch.int64)
+    c = relion_round(_coordinates(m, d.device).to(torch.float64) / pad)
     half = box // 2
     ok = (c >= -half) & (c < box - half)
     idx = (c + half).clamp(0, box - 1)
