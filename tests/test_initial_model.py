@@ -79,6 +79,14 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
     ref = torch.from_numpy(final).to(torch.float64)
     assert float(torch.corrcoef(torch.stack([again.flatten(), ref.flatten()]))[0, 1]) > 0.9
 
+    # --continue into another output root reads the continued run's moments and writes its own
+    other = tmp_path / "Elsewhere" / "run"
+    run_initial_model(
+        None, str(other), _options(iter=5), continue_from=f"{root}_it004_optimiser.star"
+    )
+    assert Path(f"{other}_it005_1moment001.mrc").is_file()
+    assert not Path(f"{other}_it004_1moment001.mrc").exists()
+
 
 def test_bad_input_is_one_clear_error(particles: Path, tmp_path: Path):
     star = str(particles / "particles.star")

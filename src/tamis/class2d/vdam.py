@@ -24,7 +24,7 @@ import torch
 from tamis import distributed
 from tamis.class2d import mstep
 from tamis.class2d.em import Class2DRun
-from tamis.class2d.files import ContinueState
+from tamis.class2d.files import ContinueState, IterationFiles
 from tamis.class2d.fourier2d import (
     grid_shells,
     padded_to_real,
@@ -451,9 +451,8 @@ class VdamRun(Class2DRun):
                 arr, _ = read_mrc(name)
                 stacks.append(arr if arr.ndim == 3 else arr[None])
             m1, m2 = stacks
-        else:
-            files = self.iteration_files(cont.iteration)
-            n1, n2 = self._moment_files(files)
+        else:  # the continued run's files, which need not be under this run's --o
+            n1, n2 = self._moment_files(IterationFiles(cont.root, cont.iteration))
             maps = []
             for name in n1 + n2:
                 if not Path(name).is_file():
@@ -463,7 +462,7 @@ class VdamRun(Class2DRun):
         want = (2 * k,) + (m,) * (nd - 1) + (2 * (m // 2 + 1),)
         if m1.shape != want or m2.shape[0] != k:
             raise InputFileError(
-                self.iteration_files(cont.iteration).optimiser,
+                IterationFiles(cont.root, cont.iteration).optimiser,
                 f"moments of shape {m1.shape} do not fit {k} classes of box {self.box}",
             )
         self.moments = Moments(
