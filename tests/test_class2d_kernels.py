@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tamis.class2d import likelihood
 from tamis.class2d.fourier2d import (
     FourierWindow,
     back_rotate,
@@ -353,9 +354,17 @@ def test_significant_mask_matches_loop():
 
 
 @pytest.mark.parametrize("cap", [1, 7, 30, 200])
-def test_capped_significance_matches_full_sort(cap):
+@pytest.mark.parametrize("path", ["topk", "sorted few", "histograms"])
+def test_capped_significance_matches_full_sort(cap, path, monkeypatch):
+    # rows as short as 2D's take topk; long rows (3D pass 0) sort the few weights that can be
+    # significant, or bin them all when there are many: each path forced here on short rows
+    if path != "topk":
+        monkeypatch.setattr(likelihood, "_TOPK_COLUMNS", 0)
+        monkeypatch.setattr(likelihood, "_FEW_CANDIDATES", 1.0 if path == "sorted few" else 0.0)
     rng = np.random.default_rng(9)
-    logw = torch.from_numpy(rng.normal(scale=2, size=(6, 120)))
+    # broad rows, and sharp ones where few weights are above (1 - fraction) / (10 S)
+    scale = np.array([2, 2, 2, 30, 30, 60])[:, None]
+    logw = torch.from_numpy(rng.normal(size=(6, 120)) * scale)
     ours = significant_mask(logw, 0.95, max_significant=cap).numpy()
     for row in range(6):
         w = np.exp(logw[row].numpy() - logw[row].max().item())
