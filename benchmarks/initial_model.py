@@ -2,7 +2,7 @@
 
 ``.venv/bin/python benchmarks/initial_model.py --work DIR [--structure asym|c4] [--n 5000]
 [--seed 1] [--iter 200] [--K 3] [--j 2] [--device cpu|cuda] [--relion PATH/relion_refine]
-[--relion_iters N]``
+[--relion_iters N] [--resume]``
 
 Data: ``--n`` particles of 64 px at 4 A/px, SNR 0.05, 10% junk (ice, carbon edges, aggregates,
 empty boxes), defocus 0.8-2.5 um, from one structure: ``asym``, the hard 2D recipe's
@@ -162,6 +162,12 @@ def main() -> None:
     ap.add_argument("--relion", default="")
     ap.add_argument("--relion_iters", type=int, default=20)
     ap.add_argument("--skip_tamis", action="store_true")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue tamis's run in --work from its last written iteration (a whole job can "
+        "take several sittings on 2 cores; each sitting's seconds are kept in the report)",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     torch.set_num_threads(args.j)
@@ -176,22 +182,44 @@ def main() -> None:
     ref = compare_to_truth(torch.from_numpy(read_mrc(ref_path)[0]), truth, PIXEL)
     report["true_orientations_res05"] = ref.resolution_05
     if not args.skip_tamis:
-        lines: list[str] = []
         t0 = time.perf_counter()
         sym = "C4" if args.structure == "c4" else None
-        res = run_initial_model(
-            str(star), str(work / "InitialModel" / "run"),
-            InitialModelOptions(K=args.K, iter=args.iter, particle_diameter=DIAMETER, j=args.j,
-                                random_seed=args.seed, device=args.device),
-            initial_model_sym=sym, log=lambda s: (lines.append(s), print(s, flush=True)),
-        )  # fmt: skip
-        report["tamis_seconds"] = time.perf_counter() - t0
-        per_it = []
-        for line in lines:
+        root = work / "InitialModel" / "run"
+        written = sorted(root.parent.glob("run_it[0-9][0-9][0-9]_optimiser.star"))
+        resume = written[-1] if args.resume and written else None
+        if resume is None:  # a fresh run: the sittings of an earlier one are not this run's
+            for key in ("tamis_sittings", "tamis_iteration_seconds"):
+                report.pop(key, None)
+        sittings = report.get("tamis_sittings", []) + [
+            {"from_iteration": int(resume.name[6:9]) if resume else 0, "seconds": 0.0}
+        ]
+        per_it = dict(report.get("tamis_iteration_seconds", {}))
+
+        def log(line: str) -> None:
+            """Print, and keep the report current after every iteration (a sitting may be
+            killed: the next ``--resume`` goes on from the last written iteration)."""
+            print(line, flush=True)
             m = re.match(r"iteration\s+(\d+): (\d+) particles.* ([\d,]+) particles/s", line)
             if m:
-                per_it.append(int(m.group(2)) / float(m.group(3).replace(",", "")))
-        report["tamis_iteration_seconds"] = per_it
+                per_it[m.group(1)] = int(m.group(2)) / float(m.group(3).replace(",", ""))
+                sittings[-1]["seconds"] = time.perf_counter() - t0
+                report.update(
+                    tamis_sittings=sittings,
+                    tamis_seconds=sum(x["seconds"] for x in sittings),
+                    tamis_iteration_seconds=per_it,
+                )
+                tmp = work / "report.json.tmp"
+                tmp.write_text(json.dumps(report, indent=1, default=float))
+                tmp.replace(work / "report.json")
+
+        res = run_initial_model(
+            None if resume else str(star), str(root),
+            InitialModelOptions(K=args.K, iter=args.iter, particle_diameter=DIAMETER, j=args.j,
+                                random_seed=args.seed, device=args.device),
+            initial_model_sym=sym, continue_from=resume, log=log,
+        )  # fmt: skip
+        sittings[-1]["seconds"] = time.perf_counter() - t0
+        report.update(tamis_sittings=sittings, tamis_seconds=sum(x["seconds"] for x in sittings))
         found = compare_to_truth(torch.from_numpy(read_mrc(res.initial_model)[0]), truth, PIXEL)
         report.update(
             tamis_res05=found.resolution_05,

@@ -260,24 +260,28 @@ class SeparableShifts:
         flat_t = self.ix * self.n_ty + self.iy
         z_all = torch.empty(step * per * rc, dtype=torch.float32, device=dev)
         grid_all = torch.empty(step * self.n_tx * self.n_ty * rc, dtype=torch.float32, device=dev)
-        for r0 in range(0, r, rc):
-            r1 = min(r, r0 + rc)
-            m = r1 - r0
-            for s in range(0, b, step):
-                yc = yo[s : s + step]
-                n = yc.shape[0]
+        for s in range(0, b, step):
+            yc = yo[s : s + step]
+            n = yc.shape[0]
+            # per group, the particles' column data times each ty's ramp as the real block
+            # [Re Y, Im Y; Im Y, -Re Y] (ncol, 2 n n_ty, 2 nrow): made once for every chunk of
+            # projections (Re Z = [Re Y, Im Y] [Re P; Im P], Im Z = [Im Y, -Re Y] [Re P; Im P])
+            blocks = []
+            for g in self.groups:
+                ncol_g, nrow = g.pixels.shape
+                yg = yc[:, g.pixels][:, None] * g.ey[None]  # (n, n_ty, ncol, nrow)
+                yg = yg.permute(2, 0, 1, 3).reshape(ncol_g, n * self.n_ty, nrow)
+                a, bb = yg.real, yg.imag
+                yy = torch.stack([torch.cat([a, bb], 2), torch.cat([bb, -a], 2)], 1)
+                blocks.append(yy.view(ncol_g, 2 * n * self.n_ty, 2 * nrow))
+            for r0 in range(0, r, rc):
+                r1 = min(r, r0 + rc)
+                m = r1 - r0
                 # rows (column, Re/Im Z), particle, (ty, r)
                 z = z_all[: n * per * m].view(ncol, 2, n * self.n_ty, m)
                 c0 = 0
-                for g, p in zip(self.groups, refs.blocks, strict=True):
-                    ncol_g, nrow = g.pixels.shape
-                    # the particles' column data times each ty's ramp: (ncol, n * n_ty, nrow)
-                    yg = yc[:, g.pixels][:, None] * g.ey[None]  # (n, n_ty, ncol, nrow)
-                    yg = yg.permute(2, 0, 1, 3).reshape(ncol_g, n * self.n_ty, nrow)
-                    a, bb = yg.real, yg.imag
-                    # Re Z = [Re Y, Im Y] [Re P; Im P], Im Z = [Im Y, -Re Y] [Re P; Im P]
-                    yy = torch.stack([torch.cat([a, bb], 2), torch.cat([bb, -a], 2)], 1)
-                    yy = yy.view(ncol_g, 2 * n * self.n_ty, 2 * nrow)
+                for yy, p in zip(blocks, refs.blocks, strict=True):
+                    ncol_g = yy.shape[0]
                     zg = z[c0 : c0 + ncol_g].view(ncol_g, 2 * n * self.n_ty, m)
                     torch.bmm(yy, p if m == r else p[:, :, r0:r1], out=zg)
                     c0 += ncol_g
