@@ -442,9 +442,11 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
     return out
 
 
-# pair GEMMs, one dense GEMM, and both in one batch (a sharp, a middling and a flat particle)
+# pair GEMMs, one dense GEMM, and both in one batch (a sharp, a middling and a flat particle);
+# the fine projections given, or made on demand for the (class, coarse psi) pairs pass 0 needs
+@pytest.mark.parametrize("on_demand", [False, True])
 @pytest.mark.parametrize("dense_pairs", [2.0, 0.0, 0.5])
-def test_two_pass_expectation_matches_slow_reference(dense_pairs):
+def test_two_pass_expectation_matches_slow_reference(dense_pairs, on_demand):
     rng, cplx = random_problem(6)
     n = 16
     window = FourierWindow.create(n, 10)
@@ -465,12 +467,28 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
         data.x[0] = data.ctf[0] * proj_f[1, 3] * ramps_f[5].conj() + 0.1 * data.x[0]
         data.sigma2[0] = 0.05
         data.sigma2[2] *= 50.0  # flat: every pair, dense
+    if dense_pairs == 2.0 and on_demand:
+        # every particle sharp (class 1): some (class, coarse psi) pairs needed by none
+        for i, (p, t) in enumerate(((3, 5), (4, 2), (3, 9))):
+            data.x[i] = data.ctf[i] * proj_f[1, p] * ramps_f[t].conj() + 0.01 * data.x[i]
+            data.sigma2[i] = 0.002
     lpo = torch.from_numpy(rng.normal(size=(b, k, tc)))
     lpc = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))
+    needs = []
+
+    def fine_on_demand(coarse: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+        # the fine children of the needed (class, coarse psi) pairs; zeros elsewhere
+        needs.append(need)
+        ids = (coarse[:, None] * 2 + torch.arange(2)).reshape(-1)
+        out = torch.zeros((k, len(ids), len(window)), dtype=proj_f.dtype)
+        keep = need.repeat_interleave(2, dim=1)
+        out[keep] = proj_f[:, ids][keep]
+        return out
+
     hyp = expectation(
         data,
         proj_coarse=proj_c,
-        proj_fine=proj_f,
+        proj_fine=fine_on_demand if on_demand else proj_f,
         coarse_pixels=cpix,
         estep_pixels=torch.arange(len(window)),
         ramps_coarse=ramps_c,
@@ -486,11 +504,22 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
     if dense_pairs == 0.5:
         assert hyp.dense_rows is not None and 2 in hyp.dense_rows.tolist()
         assert 0 not in hyp.dense_rows.tolist() and 0 in hyp.particle.tolist()
+    if on_demand:
+        assert len(needs) == 1 and hyp.coarse_subset is not None
+        if dense_pairs == 2.0:
+            assert not bool(needs[0].all())  # zero projections where not needed
+    sub = hyp.coarse_subset
     hyp = hyp.to_pairs()
+
+    def whole_grid(fine_psi: torch.Tensor) -> torch.Tensor:
+        """Fine psi within the batch's coarse subset -> on the whole grid."""
+        return fine_psi if sub is None else sub[fine_psi // 2] * 2 + fine_psi % 2
+
+    psi, best_psi = whole_grid(hyp.psi), whole_grid(hyp.best_psi)
     ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
     got = [dict() for _ in range(b)]
     for m, (p, kk, ps) in enumerate(
-        zip(hyp.particle.tolist(), hyp.cls.tolist(), hyp.psi.tolist(), strict=True)
+        zip(hyp.particle.tolist(), hyp.cls.tolist(), psi.tolist(), strict=True)
     ):
         for t in torch.nonzero(hyp.weight[m] > 0).squeeze(1).tolist():
             got[p][(kk, ps, t)] = hyp.weight[m, t].item()
@@ -501,7 +530,7 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs):
         best = max(ref[i], key=ref[i].get)
         assert (
             hyp.best_cls[i].item(),
-            hyp.best_psi[i].item(),
+            best_psi[i].item(),
             hyp.best_trans[i].item(),
         ) == best
 

@@ -367,3 +367,29 @@ def test_interpolate_in_groups_equals_one_batch_entry_per_class(k, monkeypatch):
         assert torch.equal(grouped[c], ref)
     outside = (pos.abs() >= (e - 1) // 2 + 1).any(1)  # no corner inside the grid
     assert outside.any() and (grouped[:, :, outside] == 0).all()
+
+
+def test_fine_projections_on_demand_only_where_needed():
+    """The E-step's on-demand fine projections (class2d.em._FineOnDemand) of three classes:
+    each class projected at the fine children of its needed coarse orientations equals the
+    projection of every class at all of them there, and is zero where no particle needs it."""
+    from tamis.class2d.em import _children_of, _FineOnDemand
+    from tamis.refine.space import VolumeSpace
+
+    vol = _volume()
+    grids = reference_grids(torch.stack([vol, vol.flip(0), vol.roll(3, 1)]), pad=2)
+    window = FourierWindow.create(N, 12)
+    fine = _rotations(24, seed=4)  # 12 coarse orientations x 2 children
+    coarse = torch.tensor([1, 4, 5, 9, 10])
+    need = torch.tensor(
+        [[True, False, False, True, False], [False, True, False, True, False],
+         [False, False, True, False, False]]
+    )  # fmt: skip
+    made = _FineOnDemand(VolumeSpace(), grids, _children_of(fine, 2), window, 2)
+    proj = made(coarse, need)
+    every = project(grids, made.used, window, pad=2)
+    assert torch.equal(made.used, fine[(coarse[:, None] * 2 + torch.arange(2)).reshape(-1)])
+    wanted = need.repeat_interleave(2, dim=1)  # (K, U * 2)
+    assert torch.allclose(proj[wanted], every[wanted], atol=1e-6 * float(every.abs().max()))
+    assert (proj[~wanted] == 0).all() and (every[~wanted] != 0).any()
+    assert torch.equal(made(coarse, torch.ones_like(need)), every)

@@ -124,9 +124,10 @@ class EStep:
 
 class _FineOnDemand:
     """Fine projections made when the E-step knows which coarse orientations a batch needs:
-    called with those coarse indices ``(U,)``, takes their fine children ``children(coarse)``
-    (in the E-step's compact order: ``n_over`` per coarse one), projects every reference at
-    them and keeps both (``used``, ``proj``)."""
+    called with those coarse indices ``(U,)`` and which ``(K, U)`` (class, coarse orientation)
+    pairs any particle needs, takes their fine children ``children(coarse)`` (in the E-step's
+    compact order: ``n_over`` per coarse one), projects each class at its needed ones (zeros
+    elsewhere: never read, their weights are zero) and keeps both (``used``, ``proj``)."""
 
     def __init__(self, space, grids, children, window, pad: int) -> None:
         self.space, self.grids, self.children = space, grids, children
@@ -134,10 +135,26 @@ class _FineOnDemand:
         self.used: torch.Tensor | None = None
         self.proj: torch.Tensor | None = None
 
-    def __call__(self, coarse: torch.Tensor) -> torch.Tensor:
+    def __call__(self, coarse: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
         self.used = self.children(coarse)
-        self.proj = self.space.project(self.grids, self.used, self.window, self.pad)
-        return self.proj
+        if need is None or bool(need.all()):
+            self.proj = self.space.project(self.grids, self.used, self.window, self.pad)
+            return self.proj
+        k, n_over = self.grids.shape[0], self.used.shape[0] // max(len(coarse), 1)
+        proj = torch.zeros(
+            (k, self.used.shape[0], len(self.window)), dtype=torch.complex64, device=need.device
+        )
+        sub = torch.arange(n_over, device=need.device)
+        for kk in range(k):
+            ids = (torch.nonzero(need[kk]) * n_over + sub[None]).reshape(-1)
+            if len(ids):
+                one = self.space.project(
+                    self.grids[kk : kk + 1], self.used[ids.to(self.used.device)], self.window,
+                    self.pad,
+                )  # fmt: skip
+                proj[kk, ids] = one[0]
+        self.proj = proj
+        return proj
 
 
 def _children_of(fine: torch.Tensor, n_over: int):

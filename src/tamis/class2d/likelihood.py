@@ -494,7 +494,9 @@ def expectation(
     ``proj_fine`` ``(K, Pf, C)`` on the whole current-size window, or a function that makes
     them for the coarse orientations ``(U,)`` that pass 0 found significant for any particle
     (``(K, U * n_over_psi, C)``; the hypotheses then count fine orientations within those,
-    :attr:`Hypotheses.coarse_subset`); ``estep_pixels`` are the
+    :attr:`Hypotheses.coarse_subset`), given also which ``(K, U)`` (class, coarse orientation)
+    pairs are significant for any particle: the others' projections are never read (their
+    weights are zero) and may be left zero; ``estep_pixels`` are the
     window positions the fine pass uses (all, or the coarse ones with ``--strict_highres_exp``).
     ``ramps_*`` are phase ramps ``(T, C*)`` of the perturbed translations;
     ``log_prior_offset`` ``(B, K, Tc)`` is evaluated at the unperturbed coarse translations.
@@ -561,8 +563,12 @@ def expectation(
     subset = None
     if callable(proj_fine):
         subset = torch.nonzero(sig.any(3).any(1).any(0)).squeeze(1)
-        proj_fine = proj_fine(subset)
         sig = sig[:, :, subset]
+        # the (class, coarse orientation) pairs any particle needs: a coarse orientation is
+        # mostly significant in one class (at HEALPix order 3, in exactly one of three)
+        need = torch.zeros((k, len(subset)), dtype=torch.bool, device=sig.device)
+        need[active] = sig.any(3).any(0)
+        proj_fine = proj_fine(subset, need)
         pairs = torch.nonzero(sig.any(-1))
         if log_prior_orient is not None:
             log_prior_orient = log_prior_orient[:, subset]
