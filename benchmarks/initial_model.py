@@ -194,15 +194,20 @@ def main() -> None:
             {"from_iteration": int(resume.name[6:9]) if resume else 0, "seconds": 0.0}
         ]
         per_it = dict(report.get("tamis_iteration_seconds", {}))
+        last = [t0]
 
         def log(line: str) -> None:
             """Print, and keep the report current after every iteration (a sitting may be
-            killed: the next ``--resume`` goes on from the last written iteration)."""
+            killed: the next ``--resume`` goes on from the last written iteration). An
+            iteration's seconds: from the previous iteration's line (the first of a sitting
+            from its start, set-up included) to its own."""
             print(line, flush=True)
-            m = re.match(r"iteration\s+(\d+): (\d+) particles.* ([\d,]+) particles/s", line)
+            m = re.match(r"iteration\s+(\d+):", line)
             if m:
-                per_it[m.group(1)] = int(m.group(2)) / float(m.group(3).replace(",", ""))
-                sittings[-1]["seconds"] = time.perf_counter() - t0
+                now = time.perf_counter()
+                per_it[m.group(1)] = now - last[0]
+                last[0] = now
+                sittings[-1]["seconds"] = now - t0
                 report.update(
                     tamis_sittings=sittings,
                     tamis_seconds=sum(x["seconds"] for x in sittings),
