@@ -273,9 +273,12 @@ def capped_significance(
     (float32 in pass 0; overwritten with normalised weights) gives the mask of the samples that
     carry ``fraction`` of the weight, at most ``max_significant`` (RELION's rule: the top weights
     sorted, the threshold where their running sum exceeds ``fraction`` of the row's total, or the
-    ``max_significant``-th largest weight if that comes first). Both thresholds come from one
-    histogram of the weights' bit patterns, sorting only the members of the bins they fall in, as
-    :func:`dense_significance`. Rows are taken ``max_elements`` at a time."""
+    ``max_significant``-th largest weight if that comes first). Short rows (2D) sort their top
+    ``max_significant``; long ones (3D pass 0) sort only the weights that can reach either
+    threshold (:func:`_thresholds_of_few`) or, where those are many, find both thresholds from
+    one histogram of the weights' bit patterns, sorting only the members of the bins they fall
+    in, as :func:`dense_significance`. Rows are taken ``max_elements`` at a time (long rows in
+    float32, overwriting a copy when ``logw`` is another type)."""
     b, n = logw.shape
     if n > _TOPK_COLUMNS and logw.dtype != torch.float32:
         logw = logw.to(torch.float32)  # the histograms bin float32 bit patterns
@@ -565,7 +568,7 @@ def expectation(
         subset = torch.nonzero(sig.any(3).any(1).any(0)).squeeze(1)
         sig = sig[:, :, subset]
         # the (class, coarse orientation) pairs any particle needs: a coarse orientation is
-        # mostly significant in one class (at HEALPix order 3, in exactly one of three)
+        # mostly significant in one class (measured in 3D at HEALPix order 3: one of three)
         need = torch.zeros((k, len(subset)), dtype=torch.bool, device=sig.device)
         need[active] = sig.any(3).any(0)
         proj_fine = proj_fine(subset, need)
