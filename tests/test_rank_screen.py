@@ -211,6 +211,8 @@ def test_screen_options_are_checked():
         ScreenOptions(min_amplitude=1.5)
     with pytest.raises(TamisError, match="screen_max_misfit"):
         ScreenOptions(max_misfit=0)
+    with pytest.raises(TamisError, match="screen_min_plain_amplitude"):
+        ScreenOptions(min_plain_amplitude=1.0)
 
 
 def _slow_excess_cut(values, centre, spread, near, far, upper):
@@ -361,6 +363,33 @@ def test_adaptive_amplitude_cut_moves_below_min_amplitude_for_a_broad_core():
     assert keep[kind == "real"].mean() > 0.9
 
 
+def test_plain_amplitude_cut_drops_empty_boxes_the_whitened_amplitude_passes():
+    """Empty boxes whose whitened amplitude looks like the particles' (texture fitted as well as
+    a particle: denoised images) but whose plain low-resolution amplitude is low: kept without
+    the plain cut, dropped with it (the default), and the particles stay."""
+    rng = np.random.default_rng(12)
+    n, n_empty = 600, 150
+    kind = np.array(["real"] * n + ["empty"] * n_empty)
+    fit = pd.DataFrame({
+        "amplitude": rng.normal(1.0, 0.2, n + n_empty),
+        "misfit": rng.normal(-2.5, 1.0, n + n_empty),
+        "amplitude_plain": np.concatenate([rng.normal(1.0, 0.15, n), rng.normal(0.2, 0.1, n_empty)]),
+        "class": rng.integers(1, 4, n + n_empty),
+    })  # fmt: skip
+    off = ScreenOptions(min_plain_amplitude=0)
+    assert screen_particles(fit, off)[kind == "empty"].mean() > 0.9
+    keep = screen_particles(fit, ScreenOptions(min_plain_amplitude=0.5))
+    assert keep[kind == "empty"].mean() < 0.05 and keep[kind == "real"].mean() > 0.98
+    # a class whose median is its own: a class of faint particles is not dropped as a whole
+    faint = fit.copy()
+    faint.loc[faint["class"] == 1, "amplitude_plain"] *= 0.3
+    keep = screen_particles(faint, ScreenOptions(min_plain_amplitude=0.5))
+    assert keep[(kind == "real") & (faint["class"] == 1).to_numpy()].mean() > 0.9
+    # without the column (a fit made elsewhere): the other rules alone
+    without = screen_particles(fit.drop(columns="amplitude_plain"), ScreenOptions())
+    assert without[kind == "empty"].mean() > 0.9
+
+
 def test_realign_recovers_stale_poses(tmp_path):
     """Stored poses off by a psi step multiple and whole pixels (as VDAM leaves them): the
     re-alignment finds the true pose again, and at the true pose its amplitude is the one the
@@ -389,6 +418,9 @@ def test_realign_recovers_stale_poses(tmp_path):
     fixed = particle_fit(stale, classes, {1: sigma2}, realign=(6.0, 4.0))
     np.testing.assert_allclose(fixed["amplitude"], truth["amplitude"], rtol=1e-3)
     np.testing.assert_allclose(fixed["misfit"], truth["misfit"], rtol=1e-3, atol=1e-3)
+    # the plain amplitude, re-aligned on its own (psi too), finds the true pose's value
+    np.testing.assert_allclose(fixed["amplitude_plain"], truth["amplitude_plain"], rtol=1e-3)
+    assert np.median(bad["amplitude_plain"]) < 0.9 * np.median(truth["amplitude_plain"])
     dpsi = (fixed["psi"].to_numpy() - psi + 180) % 360 - 180
     np.testing.assert_allclose(dpsi, 0.0, atol=1e-6)
     # the stored origin moved the class by -origin; re-alignment moves it back by the offset
@@ -405,6 +437,7 @@ def test_cli_screen_defaults_are_the_library_defaults():
     assert params["screen_min_misfit"].default.default == d.min_misfit
     assert params["screen_max_misfit"].default.default == d.max_misfit
     assert params["screen_min_amplitude"].default.default == d.min_amplitude
+    assert params["screen_min_plain_amplitude"].default.default == d.min_plain_amplitude
 
 
 def test_a_blank_class_average_leaves_its_particles_statistics_undefined(tmp_path):

@@ -51,6 +51,13 @@ def select(
     screen_min_amplitude: float = typer.Option(
         0.6, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
     ),
+    screen_min_plain_amplitude: float = typer.Option(
+        0.5,
+        "--screen_min_plain_amplitude",
+        help="Also drop particles whose plain (unwhitened) low-resolution amplitude is below "
+        "this x the class median (0: off): empty boxes that whitening lets pass (denoised or "
+        "8-bit images).",
+    ),
     device: str = typer.Option(
         "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."
     ),
@@ -78,6 +85,7 @@ def select(
         screen=ScreenOptions(
             max_misfit=screen_max_misfit,
             min_amplitude=screen_min_amplitude,
+            min_plain_amplitude=screen_min_plain_amplitude,
             adaptive=screen_adaptive,
             min_misfit=screen_min_misfit,
             device=device,

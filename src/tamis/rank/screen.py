@@ -83,6 +83,12 @@ class ScreenOptions:
     #: the box is better explained by no particle than by its class scaled to the median);
     #: adaptive: lower where the class's own core of amplitudes reaches below it
     min_amplitude: float = 0.6
+    #: drop particles whose plain low-resolution amplitude (``amplitude_plain``: unwhitened,
+    #: low-passed to ``lowres``, in its own re-aligned pose) is below this fraction of their
+    #: class's median; 0: off. Empty boxes in classes of particles, which the whitened
+    #: amplitude passes when the noise spectrum is not noise (denoised or 8-bit images); 0.5
+    #: measured on real EMPIAR-10017 boxes and 24 held-apart simulated jobs (BENCHMARKS.md)
+    min_plain_amplitude: float = 0.5
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than this many spreads; False: the fixed thresholds above
     adaptive: bool = True
@@ -103,6 +109,10 @@ class ScreenOptions:
             raise TamisError(f"--screen_max_misfit {self.max_misfit}: must be > 0")
         if not 0 <= self.min_amplitude < 1:
             raise TamisError(f"--screen_min_amplitude {self.min_amplitude}: must be in [0, 1)")
+        if not 0 <= self.min_plain_amplitude < 1:
+            raise TamisError(
+                f"--screen_min_plain_amplitude {self.min_plain_amplitude}: must be in [0, 1)"
+            )
         if self.adaptive and not 0 < self.min_misfit <= self.max_misfit:
             raise TamisError(
                 f"--screen_min_misfit {self.min_misfit}: must be > 0 and <= --screen_max_misfit"
@@ -146,10 +156,11 @@ def particle_fit(
     needs ``rlnClassNumber``, ``rlnAnglePsi`` and ``rlnOriginX/YAngst``. Returns a table indexed
     by row with ``amplitude``, ``misfit`` (z-score), ``signal`` (``sum |CA|² / sigma²``),
     ``amplitude_low`` (the least-squares scale of the class inside the mask in the misfit's
-    whitened, low-passed images), ``amplitude_plain`` (the scale over the whole box in images
-    low-passed to ``lowres`` without whitening, at the best whole-pixel shift within the
-    re-alignment's offset range, 3 px without: the low-resolution blob itself, which whitening
-    by the noise spectrum weights little; both reported, not used by the screen's verdict) and
+    whitened, low-passed images; reported only), ``amplitude_plain`` (the scale over the whole
+    box in images low-passed to ``lowres`` without whitening: the low-resolution blob itself,
+    which whitening by the noise spectrum weights little; in its own re-aligned pose, psi and
+    shift, with ``realign``, else at the best whole-pixel shift within 3 px of the stored pose;
+    :attr:`ScreenOptions.min_plain_amplitude` cuts on it) and
     ``class`` (1-based).
 
     ``realign=(psi_step, offset_range_px)``: first re-align every particle to its class average,
@@ -221,6 +232,9 @@ def particle_fit(
             w * counted, hw, max(1, int((hw > 0).sum())), torch.sqrt(w * low), n_full,
             low.float(),
         )  # fmt: skip
+    white_band = {g: wts[0] for g, wts in weights.items()}
+    # (each independent Fourier component once, as the whitened weights: the E-step's counting)
+    plain_band = {g: wts[5] * counted for g, wts in weights.items()}
     # whole-pixel shifts searched for the plain amplitude (wrapped indices of the correlation)
     reach = int(realign[1]) if realign is not None else 3
     dy, dx = torch.meshgrid(
@@ -251,9 +265,16 @@ def particle_fit(
             ramp = shift_phases(shift[:, None, :], window.kx[None], window.ky[None], (n, n))
             ctf = ctf_all[torch.as_tensor(idx)].compute((n, n), **flags).to(dev, torch.float32)
             moved = np.zeros((b, 2))
+            plain_aligned = None
             if realign is not None:
-                psi, extra = _realign(
-                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, weights,
+                # the plain low-resolution amplitude in its own pose: aligned on the blob that
+                # whitening weights little (before the whitened re-alignment moves the pose)
+                _, _, plain_aligned = _realign(
+                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, plain_band,
+                    ogroup[idx], realign, n,
+                )  # fmt: skip
+                psi, extra, _ = _realign(
+                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, white_band,
                     ogroup[idx], realign, n,
                 )  # fmt: skip
                 moved = extra.cpu().numpy()
@@ -287,14 +308,16 @@ def particle_fit(
                 stats["misfit"][sel_np] = (ratio * math.sqrt(dof / 2)).cpu().numpy()
                 stats["signal"][sel_np] = s.cpu().numpy()
                 stats["amplitude_low"][sel_np] = a_m.cpu().numpy()
-                # the same scale without whitening, at the best whole-pixel shift near the pose
-                xp = irfft2_centered(xg * plain, (n, n))
-                cp = irfft2_centered(cg * plain, (n, n))
-                corr = torch.fft.irfft2(
-                    torch.fft.rfft2(xp) * torch.fft.rfft2(cp).conj(), s=(n, n)
-                )  # corr[s] = sum_r xp(r + s) cp(r)
-                best = corr[:, shift_rows, shift_cols].amax(1)
-                a_p = best / _sum(cp * cp).clamp(min=1e-30)
+                if plain_aligned is not None:  # the plain scale in its own re-aligned pose
+                    a_p = plain_aligned[sel]
+                else:  # the scale without whitening, at the best whole-pixel shift near the pose
+                    xp = irfft2_centered(xg * plain, (n, n))
+                    cp = irfft2_centered(cg * plain, (n, n))
+                    corr = torch.fft.irfft2(
+                        torch.fft.rfft2(xp) * torch.fft.rfft2(cp).conj(), s=(n, n)
+                    )  # corr[s] = sum_r xp(r + s) cp(r)
+                    best = corr[:, shift_rows, shift_cols].amax(1)
+                    a_p = best / _sum(cp * cp).clamp(min=1e-30)
                 stats["amplitude_plain"][sel_np] = a_p.cpu().numpy()
             out.append(pd.DataFrame(stats, index=idx))
             bar.advance(b)
@@ -313,14 +336,16 @@ def _realign(
     ramp: torch.Tensor,
     ctf: torch.Tensor,
     window: FourierWindow,
-    weights: dict,
+    band: dict[int, torch.Tensor],
     groups: np.ndarray,
     search: tuple[float, float],
     n: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pose of largest amplitude for a batch: psi (degrees) and the whole-pixel change of
-    shift (``(B, 2)``, x, y) from the stored pose (``ramp``: its phase shift). For every trial psi
-    the amplitude at every shift comes from one inverse FFT of the weighted cross-spectrum."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The pose of largest amplitude for a batch: psi (degrees), the whole-pixel change of
+    shift (``(B, 2)``, x, y) from the stored pose (``ramp``: its phase shift) and that amplitude
+    (float64), the least-squares scale of the class under the half-plane weights ``band`` of
+    each optics group (whitened, or a plain low band). For every trial psi the amplitude at
+    every shift comes from one inverse FFT of the weighted cross-spectrum."""
     step, radius = search
     n_psi = max(1, int(round(360.0 / step)))
     dev = x.device
@@ -332,7 +357,7 @@ def _realign(
     ky_neg = torch.nonzero(duplicate_half_column((n, n), device=dev), as_tuple=True)
     for g in np.unique(groups):
         sel = torch.as_tensor(groups == g, device=dev)
-        wc = weights[int(g)][0]
+        wc = band[int(g)]
         once[sel] = wc
         sym = wc.clone()
         sym[ky_neg] = wc[(-ky_neg[0]) % n, ky_neg[1]]  # the kx = 0 mirror pixels, as their mates
@@ -365,7 +390,7 @@ def _realign(
         dy = yy[torch.div(where, n, rounding_mode="floor")].double()
         dx = yy[where % n].double()
         best_shift = torch.where(better[:, None], torch.stack([dx, dy], -1), best_shift)
-    return torch.remainder(best_psi + 180.0, 360.0) - 180.0, best_shift
+    return torch.remainder(best_psi + 180.0, 360.0) - 180.0, best_shift, best
 
 
 def _own_class_projections(
@@ -408,8 +433,10 @@ def screen_particles(
     its members, and a whole class of real particles must not fail together. The misfit is
     already in noise units and is compared with the core of the ``cuts_from`` rows. Particles
     without a defined amplitude (a blank class average) are kept. With fewer than
-    ``options.min_particles`` rows in ``cuts_from`` everything is kept. The cuts used are left
-    in ``fit.attrs["cuts"]`` (for the log)."""
+    ``options.min_particles`` rows in ``cuts_from`` everything is kept. The plain amplitude's
+    cut (``options.min_plain_amplitude``, against its class's median the same way) applies where
+    ``fit`` has ``amplitude_plain``. The cuts used are left in ``fit.attrs["cuts"]`` (for the
+    log)."""
     amp = fit["amplitude"].to_numpy(np.float64)
     mis = fit["misfit"].to_numpy(np.float64)
     keep = np.ones(len(fit), dtype=bool)
@@ -418,15 +445,15 @@ def screen_particles(
         raise TamisError("screen_particles: cuts_from must be one flag per row of the fit")
     if base.sum() < options.min_particles:
         return keep
-    ref = np.full(len(fit), np.nanmedian(amp[base]))
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
-    for c in np.unique(cls):
-        members = cls == c
-        # (a blank class average leaves its members' amplitudes undefined: nothing to compare)
-        if members.sum() >= options.min_particles and np.isfinite(amp[members]).any():
-            ref[members] = np.nanmedian(amp[members])
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(ref > 0, amp / ref, np.nan)
+    ratio = _to_class_median(amp, cls, base, options.min_particles)
+    if options.min_plain_amplitude > 0 and "amplitude_plain" in fit.columns:
+        plain = fit["amplitude_plain"].to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            keep &= ~(
+                _to_class_median(plain, cls, base, options.min_particles)
+                < options.min_plain_amplitude
+            )
     if not options.adaptive:
         with np.errstate(invalid="ignore"):
             keep &= ~(ratio < options.min_amplitude)
@@ -467,6 +494,21 @@ def screen_particles(
         cuts["amplitude"] = limit
     fit.attrs["cuts"] = cuts
     return keep
+
+
+def _to_class_median(
+    values: np.ndarray, cls: np.ndarray, base: np.ndarray, min_particles: int
+) -> np.ndarray:
+    """Each value as a fraction of its class's median (of the ``base`` rows' median for classes
+    with fewer than ``min_particles``); NaN where that median is not positive or the value is
+    undefined (a blank class average leaves its members' values undefined)."""
+    ref = np.full(len(values), np.nanmedian(values[base]))
+    for c in np.unique(cls):
+        members = cls == c
+        if members.sum() >= min_particles and np.isfinite(values[members]).any():
+            ref[members] = np.nanmedian(values[members])
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ref > 0, values / ref, np.nan)
 
 
 def core_of(values: np.ndarray, *, upper: bool, floor: float) -> tuple[float, float]:

@@ -494,7 +494,12 @@ def _screen(
         f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
         f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
         f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
-        f"{'adaptive' if options.adaptive else 'fixed'} cuts"
+        + (
+            f"plain amplitude >= {options.min_plain_amplitude:.2f} x class median, "
+            if options.min_plain_amplitude > 0
+            else ""
+        )
+        + f"{'adaptive' if options.adaptive else 'fixed'} cuts"
     )
     log(f"particle screen: {int(passed[cuts_from].sum())} of {n_from} particles of the chosen "
         f"classes pass ({rule}); {int(passed.sum())} of {len(passed)} in all classes")  # fmt: skip
