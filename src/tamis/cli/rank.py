@@ -52,7 +52,7 @@ def select(
         0.6, "--screen_min_amplitude", help="Drop amplitudes below this x the class median."
     ),
     screen_min_plain_amplitude: float = typer.Option(
-        0.5,
+        0.35,
         "--screen_min_plain_amplitude",
         help="Also drop particles whose plain (unwhitened) low-resolution amplitude is below "
         "this x the class median (0: off): empty boxes that whitening lets pass (denoised or "

@@ -86,9 +86,9 @@ class ScreenOptions:
     #: drop particles whose plain low-resolution amplitude (``amplitude_plain``: unwhitened,
     #: low-passed to ``lowres``, in its own re-aligned pose) is below this fraction of their
     #: class's median; 0: off. Empty boxes in classes of particles, which the whitened
-    #: amplitude passes when the noise spectrum is not noise (denoised or 8-bit images); 0.5
-    #: measured on real EMPIAR-10017 boxes and 24 held-apart simulated jobs (BENCHMARKS.md)
-    min_plain_amplitude: float = 0.5
+    #: amplitude passes when the noise spectrum is not noise (denoised or 8-bit images); 0.35
+    #: chosen on real EMPIAR-10017 boxes, checked on 24 held-apart simulated jobs (BENCHMARKS.md)
+    min_plain_amplitude: float = 0.35
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than this many spreads; False: the fixed thresholds above
     adaptive: bool = True
