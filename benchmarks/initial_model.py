@@ -149,6 +149,13 @@ def run_relion(relion: str, work: Path, star: Path, args, iters: int) -> list[fl
     return list(np.diff(stamps))
 
 
+def save_report(work: Path, report: dict) -> None:
+    """``report.json`` in ``work``, written whole (temp file, then rename)."""
+    tmp = work / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1, default=float))
+    tmp.replace(work / "report.json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--work", required=True)
@@ -213,9 +220,7 @@ def main() -> None:
                     tamis_seconds=sum(x["seconds"] for x in sittings),
                     tamis_iteration_seconds=per_it,
                 )
-                tmp = work / "report.json.tmp"
-                tmp.write_text(json.dumps(report, indent=1, default=float))
-                tmp.replace(work / "report.json")
+                save_report(work, report)
 
         res = run_initial_model(
             None if resume else str(star), str(root),
@@ -239,7 +244,7 @@ def main() -> None:
         report["relion_iteration_seconds"] = run_relion(
             args.relion, work, star, args, args.relion_iters
         )
-    (work / "report.json").write_text(json.dumps(report, indent=1, default=float))
+    save_report(work, report)
     print(json.dumps(report, default=float))
 
 

@@ -144,9 +144,8 @@ class _FineOnDemand:
         proj = torch.zeros(
             (k, self.used.shape[0], len(self.window)), dtype=torch.complex64, device=need.device
         )
-        sub = torch.arange(n_over, device=need.device)
         for kk in range(k):
-            ids = (torch.nonzero(need[kk]) * n_over + sub[None]).reshape(-1)
+            ids = _child_ids(torch.nonzero(need[kk]).squeeze(1), n_over)
             if len(ids):
                 one = self.space.project(
                     self.grids[kk : kk + 1], self.used[ids.to(self.used.device)], self.window,
@@ -157,14 +156,19 @@ class _FineOnDemand:
         return proj
 
 
+def _child_ids(coarse: torch.Tensor, n_over: int) -> torch.Tensor:
+    """Indices ``j * n_over + a`` (``a < n_over``) of the fine children of coarse indices ``j``,
+    in the E-step's compact order."""
+    sub = torch.arange(n_over, device=coarse.device)
+    return (coarse[:, None] * n_over + sub[None]).reshape(-1)
+
+
 def _children_of(fine: torch.Tensor, n_over: int):
     """The fine orientations ``fine`` (every one, ``j * n_over + a`` refining coarse ``j``) of
     given coarse indices."""
 
     def children(coarse: torch.Tensor) -> torch.Tensor:
-        sub = torch.arange(n_over, device=coarse.device)
-        ids = (coarse[:, None] * n_over + sub[None]).reshape(-1)
-        return fine[ids.to(fine.device)]
+        return fine[_child_ids(coarse, n_over).to(fine.device)]
 
     return children
 

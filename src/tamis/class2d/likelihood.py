@@ -333,13 +333,24 @@ def _thresholds_of_few(w: torch.Tensor, fraction: float, k: int) -> torch.Tensor
     zero = torch.zeros(len(rows), dtype=torch.float64, device=w.device)
     frac_thr = _threshold_in_bin(rows, vals, zero, b, fraction * total)
     frac_thr = torch.where(torch.isfinite(frac_thr), frac_thr, 0.0)
-    order = torch.argsort(rows.to(torch.float64) + (1.0 - vals.to(torch.float64)))
-    sv = vals[order].to(torch.float64)  # by row, each row descending
+    kth = _ranked_in_rows(rows, vals, torch.full((b,), k, device=w.device), b)
+    return torch.maximum(frac_thr, kth).to(torch.float32)
+
+
+def _ranked_in_rows(
+    rows: torch.Tensor, vals: torch.Tensor, rank: torch.Tensor, b: int
+) -> torch.Tensor:
+    """Per row of ``b``, the ``rank``-th largest (1-based, ``(b,)``) of the values ``vals`` that
+    belong to it (``rows``), float64; 0 where the row has fewer."""
+    vals = vals.to(torch.float64)
+    order = torch.argsort(rows.to(torch.float64) + (1.0 - vals))  # by row, then descending
+    sv = vals[order]
     per_row = torch.bincount(rows, minlength=b)
     first = torch.cumsum(per_row, 0) - per_row
-    pos = (first + k - 1).clamp(max=max(len(sv) - 1, 0))
-    kth = torch.where(per_row >= k, sv[pos], 0.0) if len(sv) else torch.zeros_like(frac_thr)
-    return torch.maximum(frac_thr, kth).to(torch.float32)
+    pos = (first + rank - 1).clamp(min=0, max=max(len(sv) - 1, 0))
+    if not len(sv):
+        return torch.zeros(b, dtype=torch.float64, device=vals.device)
+    return torch.where(per_row >= rank, sv[pos], torch.zeros_like(sv[pos]))
 
 
 def _bin_mass(
@@ -397,14 +408,7 @@ def _kth_largest(w: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
     kbin = (above >= k).sum(1).clamp(max=count.shape[1] - 1)
     need = k - above.gather(1, kbin[:, None]).squeeze(1)  # its rank within that bin (1-based)
     r_idx, c_idx = _members(w, kbin)
-    vals = w[r_idx, c_idx].to(torch.float64)
-    order = torch.argsort(r_idx.to(torch.float64) + (1.0 - vals))  # by row, then descending
-    sr, sv = r_idx[order], vals[order]
-    per_row = torch.bincount(sr, minlength=b)
-    first = torch.cumsum(per_row, 0) - per_row
-    pos = (first + need - 1).clamp(min=0, max=max(len(sv) - 1, 0))
-    kth = sv[pos] if len(sv) else torch.zeros(b, dtype=torch.float64, device=w.device)
-    return torch.where(per_row >= need, kth, torch.zeros_like(kth))
+    return _ranked_in_rows(r_idx, w[r_idx, c_idx], need, b)
 
 
 @dataclass(frozen=True)

@@ -436,6 +436,7 @@ class VdamRun(Class2DRun):
         k = self.options.K
         m = self.options.pad * self.box
         nd = self.space.ndim
+        continued = IterationFiles(cont.root, cont.iteration)
         if "rlnGradMoment1" not in cont.classes.columns:
             self.moments = Moments.initial(k, m, self.device, nd)
             self.log("no gradient moments in the model file: starting them afresh")
@@ -452,7 +453,7 @@ class VdamRun(Class2DRun):
                 stacks.append(arr if arr.ndim == 3 else arr[None])
             m1, m2 = stacks
         else:  # the continued run's files, which need not be under this run's --o
-            n1, n2 = self._moment_files(IterationFiles(cont.root, cont.iteration))
+            n1, n2 = self._moment_files(continued)
             maps = []
             for name in n1 + n2:
                 if not Path(name).is_file():
@@ -462,7 +463,7 @@ class VdamRun(Class2DRun):
         want = (2 * k,) + (m,) * (nd - 1) + (2 * (m // 2 + 1),)
         if m1.shape != want or m2.shape[0] != k:
             raise InputFileError(
-                IterationFiles(cont.root, cont.iteration).optimiser,
+                continued.optimiser,
                 f"moments of shape {m1.shape} do not fit {k} classes of box {self.box}",
             )
         self.moments = Moments(

@@ -235,8 +235,9 @@ def particle_fit(
     white_band = {g: wts[0] for g, wts in weights.items()}
     # (each independent Fourier component once, as the whitened weights: the E-step's counting)
     plain_band = {g: wts[5] * counted for g, wts in weights.items()}
-    # whole-pixel shifts searched for the plain amplitude (wrapped indices of the correlation)
-    reach = int(realign[1]) if realign is not None else 3
+    # without re-alignment, whole-pixel shifts searched for the plain amplitude (wrapped
+    # indices of the correlation)
+    reach = 3
     dy, dx = torch.meshgrid(
         torch.arange(-reach, reach + 1, device=dev),
         torch.arange(-reach, reach + 1, device=dev),
@@ -267,15 +268,11 @@ def particle_fit(
             moved = np.zeros((b, 2))
             plain_aligned = None
             if realign is not None:
-                # the plain low-resolution amplitude in its own pose: aligned on the blob that
-                # whitening weights little (before the whitened re-alignment moves the pose)
-                _, _, plain_aligned = _realign(
-                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, plain_band,
-                    ogroup[idx], realign, n,
-                )  # fmt: skip
-                psi, extra, _ = _realign(
-                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window, white_band,
-                    ogroup[idx], realign, n,
+                # the whitened pose, and the plain low-resolution amplitude in its own pose:
+                # aligned on the blob that whitening weights little
+                (psi, extra, _), (_, _, plain_aligned) = _realign(
+                    x, grids, k, psi, ramp.reshape(x.shape), ctf, window,
+                    [white_band, plain_band], ogroup[idx], realign, n,
                 )  # fmt: skip
                 moved = extra.cpu().numpy()
                 shift = shift + extra.to(shift.dtype)
@@ -336,42 +333,48 @@ def _realign(
     ramp: torch.Tensor,
     ctf: torch.Tensor,
     window: FourierWindow,
-    band: dict[int, torch.Tensor],
+    bands: list[dict[int, torch.Tensor]],
     groups: np.ndarray,
     search: tuple[float, float],
     n: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The pose of largest amplitude for a batch: psi (degrees), the whole-pixel change of
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per entry of ``bands`` (half-plane weights per optics group: whitened, or a plain low
+    band), the pose of largest amplitude for a batch: psi (degrees), the whole-pixel change of
     shift (``(B, 2)``, x, y) from the stored pose (``ramp``: its phase shift) and that amplitude
-    (float64), the least-squares scale of the class under the half-plane weights ``band`` of
-    each optics group (whitened, or a plain low band). For every trial psi the amplitude at
-    every shift comes from one inverse FFT of the weighted cross-spectrum."""
+    (float64), the least-squares scale of the class under those weights. Each trial psi's
+    projections serve every band; the amplitude at every shift comes from one inverse FFT of
+    the weighted cross-spectrum."""
     step, radius = search
     n_psi = max(1, int(round(360.0 / step)))
     dev = x.device
     b = len(psi)
-    # the E-step's sums count each independent Fourier component once (half the full plane,
-    # the kx = n/2 column whole); irfft2 sums the full plane: halve all, keep that column whole
-    full = torch.zeros((b,) + x.shape[1:], dtype=torch.float32, device=dev)
-    once = torch.zeros_like(full)
     ky_neg = torch.nonzero(duplicate_half_column((n, n), device=dev), as_tuple=True)
-    for g in np.unique(groups):
-        sel = torch.as_tensor(groups == g, device=dev)
-        wc = band[int(g)]
-        once[sel] = wc
-        sym = wc.clone()
-        sym[ky_neg] = wc[(-ky_neg[0]) % n, ky_neg[1]]  # the kx = 0 mirror pixels, as their mates
-        if n % 2 == 0:
-            sym[n // 2, 0] = 0.0
-            sym[:, -1] = 2.0 * sym[:, -1]
-        full[sel] = 0.5 * sym
+
+    def weights_of(band: dict[int, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # the E-step's sums count each independent Fourier component once (half the full plane,
+        # the kx = n/2 column whole); irfft2 sums the full plane: halve all, keep that column
+        # whole. Returns (x times the full-plane weights, the once-counted weights).
+        full = torch.zeros((b,) + x.shape[1:], dtype=torch.float32, device=dev)
+        once = torch.zeros_like(full)
+        for g in np.unique(groups):
+            sel = torch.as_tensor(groups == g, device=dev)
+            wc = band[int(g)]
+            once[sel] = wc
+            sym = wc.clone()
+            sym[ky_neg] = wc[(-ky_neg[0]) % n, ky_neg[1]]  # the kx = 0 mirror pixels
+            if n % 2 == 0:
+                sym[n // 2, 0] = 0.0
+                sym[:, -1] = 2.0 * sym[:, -1]
+            full[sel] = 0.5 * sym
+        return x * full, once
+
+    weighted = [weights_of(band) for band in bands]
     yy = torch.fft.fftfreq(n, d=1.0 / n, device=dev)
     d2 = yy[:, None] ** 2 + yy[None, :] ** 2
     allowed = d2 <= radius * radius + 1e-9
-    best = torch.full((b,), -torch.inf, dtype=torch.float64, device=dev)
-    best_psi = psi.clone()
-    best_shift = torch.zeros((b, 2), dtype=torch.float64, device=dev)
-    xw = x * full
+    best = [torch.full((b,), -torch.inf, dtype=torch.float64, device=dev) for _ in bands]
+    best_psi = [psi.clone() for _ in bands]
+    best_shift = [torch.zeros((b, 2), dtype=torch.float64, device=dev) for _ in bands]
     for j in range(n_psi):
         trial = psi + j * step
         ca = (
@@ -379,18 +382,24 @@ def _realign(
             * ramp.to(torch.complex64)
             * ctf
         )
-        signal = _sum(once * (ca.real**2 + ca.imag**2))
-        cross = torch.fft.irfft2(xw * ca.conj(), s=(n, n)) * (n * n)
-        cross = torch.where(allowed, cross, -torch.inf)
-        peak, where = cross.reshape(b, -1).max(dim=1)
-        amp = peak.double() / signal.clamp(min=1e-30)
-        better = amp > best
-        best = torch.where(better, amp, best)
-        best_psi = torch.where(better, trial, best_psi)
-        dy = yy[torch.div(where, n, rounding_mode="floor")].double()
-        dx = yy[where % n].double()
-        best_shift = torch.where(better[:, None], torch.stack([dx, dy], -1), best_shift)
-    return torch.remainder(best_psi + 180.0, 360.0) - 180.0, best_shift, best
+        power = ca.real**2 + ca.imag**2
+        for m, (xw, once) in enumerate(weighted):
+            signal = _sum(once * power)
+            cross = torch.fft.irfft2(xw * ca.conj(), s=(n, n)) * (n * n)
+            cross = torch.where(allowed, cross, -torch.inf)
+            peak, where = cross.reshape(b, -1).max(dim=1)
+            amp = peak.double() / signal.clamp(min=1e-30)
+            better = amp > best[m]
+            best[m] = torch.where(better, amp, best[m])
+            best_psi[m] = torch.where(better, trial, best_psi[m])
+            dy = yy[torch.div(where, n, rounding_mode="floor")].double()
+            dx = yy[where % n].double()
+            shift = torch.stack([dx, dy], -1)
+            best_shift[m] = torch.where(better[:, None], shift, best_shift[m])
+    return [
+        (torch.remainder(p + 180.0, 360.0) - 180.0, sh, a)
+        for p, sh, a in zip(best_psi, best_shift, best, strict=True)
+    ]
 
 
 def _own_class_projections(
