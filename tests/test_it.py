@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from typer.testing import CliRunner
 
@@ -151,3 +153,23 @@ def test_schemer_add_and_copy(tmp_path):
     assert t.name == "Schemes/t/" and t.strings["f"][0] == "Schemes/t/ext/out.star"
     assert JobStar.read(tmp_path / "Schemes/t/ext").options["x"] == "Schemes/t/ext/a"
     assert not list(tmp_path.glob(".relion_lock_scheme_*"))  # no stale lock (RELION leaves one)
+
+
+def test_launched_schemers_get_a_short_openmp_spin(tmp_path, monkeypatch):
+    it.install_schemes(tmp_path)
+    started = []
+
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            started.append((cmd, kw["env"]))
+            self.pid = 4242 + len(started)
+
+    monkeypatch.setattr(it.subprocess, "Popen", FakePopen)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    pids = it.launch(tmp_path, ["prep", "proc"])
+    assert set(pids) == {"prep", "proc"} and len(started) == 2
+    assert all(env["GOMP_SPINCOUNT"] == it.SCHEME_SPINCOUNT for _, env in started)
+    assert all(env["PATH"] == os.environ["PATH"] for _, env in started)
+    monkeypatch.setenv("GOMP_SPINCOUNT", "300000")  # the user's own value is kept
+    it.launch(tmp_path, ["proc"], reset=False)
+    assert started[-1][1]["GOMP_SPINCOUNT"] == "300000"
