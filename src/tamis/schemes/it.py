@@ -186,12 +186,10 @@ def save_options(project: str | Path, options: dict[str, Any]) -> Path:
 
 
 #: GNU OpenMP's spin count (``GOMP_SPINCOUNT``) in the schemers and their jobs. libgomp lets a
-#: thread waiting at a barrier spin 300,000 times before it sleeps; when prep and proc (or two
-#: jobs) share the cores, the spinning threads burn the time that the threads they wait for
-#: need. Measured on 2 cores, two jobs of 2 threads side by side: initial models 57-94 s each
-#: with the default, 24-25 s with 1,000 (13 s alone); 2D iterations 67-105 s for the pair,
-#: 27-29 s (14-18 s alone). A job alone loses ~7% with it (2D), so plain commands keep libgomp's
-#: default and only the jobs of running schemes get it.
+#: thread waiting at a barrier spin 300,000 times before it sleeps; when prep and proc share the
+#: cores, the spinning threads burn the time that the threads they wait for need (two jobs side
+#: by side 2-7x slower than one after the other). A job alone is ~7% faster with the default, so
+#: plain commands keep it (BENCHMARKS.md, "Several jobs on the same cores").
 SCHEME_SPINCOUNT = "1000"
 
 
