@@ -57,9 +57,10 @@ def test_cross_matches_a_loop(size, chunk, monkeypatch):
 
 
 @pytest.mark.parametrize("size", [10, 13])
-def test_column_blocks_times_spread_rows_is_the_ramp_sum(size, monkeypatch):
-    """The M-step's ``Mix`` by columns (:meth:`ColumnSums.spread_rows` then each column's
-    block) against ``sum_t exp(-2 pi i k.t / box) w(t, s)`` by a numpy loop."""
+def test_column_blocks_times_spread_cells_is_the_ramp_sum(size, monkeypatch):
+    """The M-step's ``Mix`` by columns (:meth:`ColumnSums.grid_cells`, then
+    :meth:`ColumnSums.spread_cells` three columns at a time, then each column's block) against
+    ``sum_t exp(-2 pi i k.t / box) w(t, s)`` by a numpy loop, for weights ``(T, 2, 7)``."""
     monkeypatch.setattr(shifts, "_WORTH", 10.0)
     box = 16
     win = FourierWindow.create(box, size)
@@ -67,19 +68,22 @@ def test_column_blocks_times_spread_rows_is_the_ramp_sum(size, monkeypatch):
     cs = ColumnSums.create(t, win.kx, win.ky, box)
     assert cs is not None
     g = torch.Generator().manual_seed(size)
-    w = torch.rand((len(t), 7), generator=g)
+    w = torch.rand((len(t), 2, 7), generator=g)
     order, spans, blocks = cs.column_blocks
     assert sorted(order.tolist()) == list(range(len(win)))
-    v = cs.spread_rows(w)
-    got = np.zeros((len(win), 7), dtype=np.complex128)
+    cells = cs.grid_cells(w)
+    v = torch.cat([cs.spread_cells(cells, j, j + 3) for j in range(0, len(spans), 3)])
+    assert v.shape == (len(spans), 2 * cs.n_ty, 14)
+    got = np.zeros((len(win), 14), dtype=np.complex128)
     for (c0, c1), blk, col in zip(spans, blocks, v, strict=True):
-        mix = (blk @ col).numpy().reshape(c1 - c0, 2, 7)
+        mix = (blk @ col).numpy().reshape(c1 - c0, 2, 14)
         got[order[c0:c1].numpy()] = mix[:, 0] + 1j * mix[:, 1]
-    kx, ky, tt, wn = win.kx.numpy(), win.ky.numpy(), t.numpy(), w.numpy().astype(np.float64)
-    ref = np.zeros((len(win), 7), dtype=np.complex128)
+    kx, ky, tt = win.kx.numpy(), win.ky.numpy(), t.numpy()
+    wn = w.numpy().astype(np.float64).reshape(len(t), 14)
+    ref = np.zeros((len(win), 14), dtype=np.complex128)
     for j, (tx, ty) in enumerate(tt):
         ramp = np.exp(-2j * math.pi * (kx * tx + ky * ty) / box)
-        for s_ in range(7):
+        for s_ in range(14):
             ref[:, s_] += ramp * wn[j, s_]
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
 

@@ -8,6 +8,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from tamis._threads import map_work
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
 from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts, gemm
@@ -69,6 +70,12 @@ BLOCK_FRACTION = 0.9
 #: Pixels per piece of the block path's Mix (see :func:`_class_block_sums`).
 _MIX_PIXELS = 32
 
+#: Window columns per first-stage GEMM of the block path's Mix on a translation grid
+#: (:func:`_class_block_sums`), so that its output is read back from cache: measured on three
+#: real batches of the hard recipe's iteration 21 (one thread per piece), 3-8 columns within 5%
+#: of each other, one column 10% slower, all 25 at once (12 MB) 5-15% slower.
+_SPREAD_COLUMNS = 5
+
 
 def _add_rows(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> None:
     """``out.index_add_(0, index, rows)`` for complex rows, through their real views: on the CPU
@@ -101,10 +108,12 @@ def _class_block_sums(
     ``sum_psi conj(P) Mix_i`` (times ``c X_i``: the particle's cross term, per pixel for the
     noise, per particle for the norm and masked for the scale). ``Mix`` is one GEMM over the
     translations, a few pixels at a time, or, with the translations on a regular grid
-    (``col_sums``), two small DFTs: over ``tx`` for every window column at once, then over
-    ``ty`` column by column (:attr:`ColumnSums.column_blocks`). Adds to ``cross_part``; returns
-    the reconstruction sums ``(Ra, C)``, the noise cross term per pixel ``(C,)`` and the
-    scale's cross term per particle of ``members`` (zeros without ``msk``).
+    (``col_sums``), two small DFTs: over ``tx`` for a few window columns at a time, then over
+    ``ty`` column by column (:attr:`ColumnSums.column_blocks`). The (class, particles) pieces
+    run side by side on single-threaded workers (:func:`tamis._threads.map_work`) and are added
+    up in order. Adds to ``cross_part``; returns the reconstruction sums ``(Ra, C)``, the noise
+    cross term per pixel ``(C,)`` and the scale's cross term per particle of ``members`` (zeros
+    without ``msk``).
     """
     b, tf, ra = w.shape
     ka = ra // pf
@@ -119,57 +128,78 @@ def _class_block_sums(
         order, pieces, col_blocks = col_sums.column_blocks
         p, q, cx = p[:, order], q[:, order], cx[:, order]
         msk = None if msk is None else msk[:, order]
+        n_ty = col_sums.n_ty
     else:
         ramps_t = ramps_re.T.contiguous()  # (2C, Tf), rows (pixel, re/im)
         pieces = [(c0, min(c, c0 + _MIX_PIXELS)) for c0 in range(0, c, _MIX_PIXELS)]
     inc = in_class[members]
-    for kk in range(ka):
-        sel = members[torch.nonzero(inc[:, kk]).squeeze(1)]
-        if not len(sel):
-            continue
+
+    def block_sums(task: tuple[int, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One class's sums over the particles ``ii``: the class's reconstruction sums ``(Pf,
+        C)`` and ``u = Re(c X conj(P) Mix)`` summed over pixels (per particle), over particles
+        (per pixel) and over the masked pixels (per particle; empty without ``msk``)."""
+        kk, ii = task
         blk = slice(kk * pf, (kk + 1) * pf)
+        n = len(ii)
         pb = p[blk]
         p_rows = torch.stack([pb.real.T, pb.imag.T], 1)  # (C, 2, Pf)
-        for s in range(0, len(sel), max_pairs):
-            ii = sel[s : s + max_pairs]
-            n = len(ii)
-            wt = w[:, :, blk][ii].permute(1, 0, 2).reshape(tf, n * pf)
-            qr, qi = q[ii].real.T, q[ii].imag.T  # (C, n)
-            qq = torch.stack([torch.cat([qr, -qi], 1), torch.cat([qi, qr], 1)], 1)  # (C, 2, 2n)
-            cxr, cxi = cx[ii].real.T, cx[ii].imag.T  # (C, n)
-            f = torch.empty((c, 2, pf), device=dev)
-            u = torch.empty((c, n), device=dev)
+        qr, qi = q[ii].real.T, q[ii].imag.T  # (C, n)
+        qq = torch.stack([torch.cat([qr, -qi], 1), torch.cat([qi, qr], 1)], 1)  # (C, 2, 2n)
+        f = torch.empty((c, 2, pf), device=dev)
+        o = torch.empty((c, 2, 2 * n), device=dev)
+        w_blk = w[:, :, blk][ii].transpose(0, 1)  # (Tf, n, Pf)
+        if col_sums is not None:
+            cells = col_sums.grid_cells(w_blk)  # on the whole (tx, ty) grid
+        else:
+            wt = w_blk.reshape(tf, n * pf)
+        # Mix a piece of pixels at a time: the two products that read it run 1.5x faster while
+        # it stays in cache
+        for j, (c0, c1) in enumerate(pieces):
             if col_sums is not None:
-                # V(kx; re/im, ty; i, psi) = sum_tx ex(tx, kx) W(i, tx, ty, psi), all columns
-                v = col_sums.spread_rows(wt, gemm_dtype)
-            # Mix a piece of pixels at a time: the two products that read it run 1.5x faster
-            # while it stays in cache
-            for j, (c0, c1) in enumerate(pieces):
-                if col_sums is not None:
-                    mix = gemm(col_blocks[j], v[j], gemm_dtype)
-                else:
-                    mix = gemm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype)
-                mix = mix.view(c1 - c0, 2 * n, pf)
-                torch.bmm(qq[c0:c1], mix, out=f[c0:c1])  # sum_i q_i Mix_i
-                # Re/Im P x Re/Im Mix, summed over psi, as (P, 2) x (2n, Pf)^T per pixel:
-                # torch's CPU bmm with Mix on the left and two columns on the right ran 4-5x
-                # slower at these shapes (308 against 65 us for 32 pixels x 236 rows x 60 psi)
-                o = torch.bmm(p_rows[c0:c1], mix.transpose(1, 2)).view(c1 - c0, 2, 2, n)
-                z_re = o[:, 0, 0] + o[:, 1, 1]  # Re sum_psi conj(P) Mix, (c, n)
-                z_im = o[:, 0, 1] - o[:, 1, 0]
-                u[c0:c1] = z_re * cxr[c0:c1] - z_im * cxi[c0:c1]  # Re(c X conj(P) Mix)
-            if col_sums is not None:
-                count_gemm(
-                    len(col_sums.cols) * 2, col_sums.n_tx, col_sums.n_ty * n * pf, "mstep_flops"
-                )
-                count_gemm(2 * c, 2 * col_sums.n_ty, n * pf, "mstep_flops")
+                if j % _SPREAD_COLUMNS == 0:
+                    # V(kx; re/im, ty; i, psi) = sum_tx ex(tx, kx) W(i, tx, ty, psi) for the
+                    # next few window columns
+                    v = col_sums.spread_cells(cells, j, j + _SPREAD_COLUMNS, gemm_dtype)
+                mix = gemm(col_blocks[j], v[j % _SPREAD_COLUMNS], gemm_dtype)
             else:
-                count_gemm(2 * c, tf, n * pf, "mstep_flops")
-            fimg[blk] += torch.complex(f[:, 0], f[:, 1]).T
-            cross_part.index_add_(0, ii, u.sum(0).to(torch.float64))
-            noise += u.sum(1).to(torch.float64)
-            if msk is not None:
-                xa.index_add_(0, ii, (u * msk[kk * pf][:, None]).sum(0, dtype=torch.float64))
+                mix = gemm(ramps_t[2 * c0 : 2 * c1], wt, gemm_dtype)
+            mix = mix.view(c1 - c0, 2 * n, pf)
+            torch.bmm(qq[c0:c1], mix, out=f[c0:c1])  # sum_i q_i Mix_i
+            # Re/Im P x Re/Im Mix, summed over psi, as (P, 2) x (2n, Pf)^T per pixel: torch's
+            # CPU bmm with Mix on the left and two columns on the right ran 4-5x slower at
+            # these shapes (308 against 65 us for 32 pixels x 236 rows x 60 psi)
+            torch.bmm(p_rows[c0:c1], mix.transpose(1, 2), out=o[c0:c1])
+        # Re(c X conj(P) Mix) per (pixel, particle), every pixel at once
+        o4 = o.view(c, 2, 2, n)
+        z_re = o4[:, 0, 0] + o4[:, 1, 1]  # Re sum_psi conj(P) Mix, (C, n)
+        z_im = o4[:, 0, 1] - o4[:, 1, 0]
+        u = z_re.mul_(cx[ii].real.T).sub_(z_im.mul_(cx[ii].imag.T))
+        masked = u.new_empty(0, dtype=torch.float64)
+        if msk is not None:
+            masked = (u * msk[kk * pf][:, None]).sum(0, dtype=torch.float64)
+        f_c = torch.complex(f[:, 0], f[:, 1]).T
+        return f_c, u.sum(0).to(torch.float64), u.sum(1).to(torch.float64), masked
+
+    tasks = []
+    for kk in range(ka):
+        sel = members[torch.nonzero(inc[:, kk]).squeeze(1)]
+        tasks += [(kk, sel[s : s + max_pairs]) for s in range(0, len(sel), max_pairs)]
+    # single-threaded workers: each piece is ~80 ops of 0.1-0.3 ms, whose joins on all the
+    # threads cost 2-3x the work while the host is busy (tamis._threads); sums added in order
+    for (kk, ii), (f_c, per_particle, per_pixel, masked) in zip(
+        tasks, map_work(block_sums, tasks, dev), strict=True
+    ):
+        n = len(ii)
+        if col_sums is not None:
+            count_gemm(len(col_sums.cols) * 2, col_sums.n_tx, n_ty * n * pf, "mstep_flops")
+            count_gemm(2 * c, 2 * n_ty, n * pf, "mstep_flops")
+        else:
+            count_gemm(2 * c, tf, n * pf, "mstep_flops")
+        fimg[kk * pf : (kk + 1) * pf] += f_c
+        cross_part.index_add_(0, ii, per_particle)
+        noise += per_pixel
+        if msk is not None:
+            xa.index_add_(0, ii, masked)
     if col_sums is not None:  # back to the window's pixel order
         fimg_w = torch.empty_like(fimg)
         fimg_w[:, order] = fimg
@@ -576,12 +606,16 @@ def _accumulate_dense(
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
     cols = None  # the projections by column, made once for the separable pieces
+    # the block path's pieces run side by side, one per thread (tamis._threads): each gets its
+    # share of the memory bound
+    workers = torch.get_num_threads() if dev.type == "cpu" else 1
+    block_pairs = max(1, max_rows // pf // workers)
     for o, h, g in torch.unique(piece, dim=0).tolist():
         members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
         if by_class:
             f_part, noise, xa_part = _class_block_sums(
                 w, members, in_class, q, cx, p, ramps_re, pf, msk, cross_part,
-                max_pairs=max(1, max_rows // pf), gemm_dtype=gemm_dtype, col_sums=col_sums,
+                max_pairs=block_pairs, gemm_dtype=gemm_dtype, col_sums=col_sums,
             )  # fmt: skip
             fimg[h] += f_part
             cross_pix[o] += noise

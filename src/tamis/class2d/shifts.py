@@ -361,21 +361,30 @@ class ColumnSums:
         cells[self.cell // self.n_ty, :, self.cell % self.n_ty] = w.transpose(0, 1)
         return self.ex @ cells.view(self.n_tx, n * self.n_ty * r)
 
-    def spread_rows(self, w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """``V`` for the weights of ``n`` particles ``w`` ``(T, S)`` (translations by rows, ``S``
-        columns such as (particle, psi)): ``(n_cols, 2 n_ty, S)``, per window column its rows
-        (Re/Im, ty), for :attr:`column_blocks`. Through ``dtype`` GEMMs as :meth:`add`."""
-        cells = w.new_zeros((self.n_tx * self.n_ty, w.shape[1]))
+    def grid_cells(self, w: torch.Tensor) -> torch.Tensor:
+        """Weights ``w`` ``(T, ...)`` (translations first) on the whole ``(tx, ty)`` grid, zero
+        where the grid has no translation: ``(n_tx, n_ty * S)``, ``S`` the other dimensions'
+        size, for :meth:`spread_cells`."""
+        cells = w.new_zeros((self.n_tx * self.n_ty, *w.shape[1:]))
         cells[self.cell] = w
-        v = gemm(self.ex, cells.view(self.n_tx, -1), dtype)
-        return v.view(len(self.cols), 2 * self.n_ty, w.shape[1])
+        return cells.view(self.n_tx, -1)
+
+    def spread_cells(
+        self, cells: torch.Tensor, j0: int, j1: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """``V`` of window columns ``j0`` to ``j1`` (at most the last) for weights on the grid
+        (:meth:`grid_cells`): ``(j1 - j0, 2 n_ty, S)``, per column its rows (Re/Im, ty), for
+        :attr:`column_blocks`. Through ``dtype`` GEMMs as :meth:`add`."""
+        j1 = min(j1, len(self.cols))
+        v = gemm(self.ex[2 * j0 : 2 * j1], cells, dtype)
+        return v.view(j1 - j0, 2 * self.n_ty, cells.shape[1] // self.n_ty)
 
     @cached_property
     def column_blocks(self) -> tuple[torch.Tensor, list[tuple[int, int]], list[torch.Tensor]]:
         """The window's pixels column by column: their order ``(C,)``, each column's span in
         that order, and each column's ``ramp_o(k) ey(ty, ky)`` as the real block
         ``[[Re, -Im], [Im, Re]]`` ``(2 nky, 2 n_ty)``, rows (pixel, Re/Im): times a column of
-        :meth:`spread_rows` it gives ``sum_t ramp_t(k) w(t, s)`` for the column's pixels (rows
+        :meth:`spread_cells` it gives ``sum_t ramp_t(k) w(t, s)`` for the column's pixels (rows
         (pixel, Re/Im), as one GEMM with every translation's ramp would). Made once per instance."""
         order = torch.cat(self.cols)
         spans, blocks, c0 = [], [], 0
