@@ -14,6 +14,7 @@ results in item order, so the sums do not depend on which worker took which item
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,18 +27,20 @@ __all__ = ["map_work"]
 T = TypeVar("T")
 R = TypeVar("R")
 
-_pools: dict[int, ThreadPoolExecutor] = {}
+_pools: dict[tuple[int, int], ThreadPoolExecutor] = {}  # by (process, threads)
 _lock = threading.Lock()
 
 
 def _single_threaded_pool(n: int) -> ThreadPoolExecutor:
-    """A pool of ``n`` threads whose torch ops each run on one thread (made once per ``n``).
+    """A pool of ``n`` threads whose torch ops each run on one thread (made once per ``n`` and
+    process).
 
     torch's thread count is per thread (OpenMP, MKL), but ``torch.set_num_threads`` also sets
     the default that a thread takes at its first op: each worker sets 1 for itself after its
     first op, and the caller's count is set again afterwards for threads started later."""
+    key = (os.getpid(), n)  # a forked child has none of its parent's threads
     with _lock:
-        pool = _pools.get(n)
+        pool = _pools.get(key)
         if pool is not None:
             return pool
         caller = torch.get_num_threads()
@@ -55,7 +58,7 @@ def _single_threaded_pool(n: int) -> ThreadPoolExecutor:
             pool.submit(start)
         ready.wait()
         torch.set_num_threads(caller)
-        _pools[n] = pool
+        _pools[key] = pool
         return pool
 
 
