@@ -2,11 +2,12 @@
 
 torch runs an op on all its threads (OpenMP) and joins them at its end. For ops of a fraction of
 a millisecond that join is a large part of the op, and on a shared virtual machine it can
-become most of it: in long stretches of minutes the join of a 2-thread op waits for a thread
-that the host has not run yet (measured: a 96 x 20 x 6780 GEMM 0.25 ms on 2 threads, 0.8-1.0 ms
-in such a stretch, 0.36 ms on one thread at any time; BENCHMARKS.md, 2D classification in the
-hard regime, sixteenth session). :func:`map_work` gives each of ``n`` workers one thread and
-the work items one by one, so a slow thread only means fewer items for it.
+become most of it: in stretches of minutes each 2-thread op took ~0.5 ms longer, as if the host
+ran the second thread late (measured: a 96 x 20 x 6780 GEMM 0.25-0.33 ms on 2 threads, 0.78-1.0
+ms in such a stretch, 0.35-0.41 ms on one thread at any time, a 1024² GEMM the same in both;
+BENCHMARKS.md, 2D classification in the hard regime, sixteenth session). :func:`map_work` gives
+each of ``n`` workers one thread and the work items one by one, so a slow thread only means
+fewer items for it.
 
 The items must not write to tensors that another item reads or writes; the caller reduces the
 results in item order, so the sums do not depend on which worker took which item.
