@@ -10,7 +10,8 @@ each of ``n`` workers one thread and the work items one by one, so a slow thread
 fewer items for it.
 
 The items must not write to tensors that another item reads or writes; the caller reduces the
-results in item order, so the sums do not depend on which worker took which item.
+results in item order, so the sums do not depend on which worker took which item. An item that
+maps work of its own runs it itself (its thread count is one).
 """
 
 from __future__ import annotations
