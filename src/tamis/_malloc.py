@@ -14,8 +14,8 @@ block serves any later request that fits in it; a request of the very same size 
 padding (torch's) can miss a freed block that is not at the heap's top, and then the heap grows
 (seen in a fresh interpreter with glibc.malloc.arena_max=1; tests/test_malloc.py). Every thread
 allocates from the one main heap (``M_ARENA_MAX`` 1): with an arena per thread each would keep
-its own peak (the 2D class-block sums' workers, :mod:`tamis._threads`: 926 against 846 MB peak
-over 8 iterations of the hard recipe). Elsewhere than glibc it does nothing.
+its own peak (the 2D class-block sums' workers, :mod:`tamis._threads`; BENCHMARKS.md, 2D
+classification in the hard regime, sixteenth session). Elsewhere than glibc it does nothing.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from tamis._threads import map_work
+from tamis._threads import map_work, worker_count
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
 from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts, gemm
@@ -184,8 +184,8 @@ def _class_block_sums(
     for kk in range(ka):
         sel = members[torch.nonzero(inc[:, kk]).squeeze(1)]
         tasks += [(kk, sel[s : s + max_pairs]) for s in range(0, len(sel), max_pairs)]
-    # single-threaded workers: each piece is ~80 ops of 0.1-0.3 ms, whose joins on all the
-    # threads cost 2-3x the work while the host is busy (tamis._threads); sums added in order
+    # single-threaded workers: each piece is many ops of a fraction of a millisecond, whose
+    # joins on all the threads can cost more than the work (tamis._threads); sums added in order
     for (kk, ii), (f_c, per_particle, per_pixel, masked) in zip(
         tasks, map_work(block_sums, tasks, dev), strict=True
     ):
@@ -606,10 +606,9 @@ def _accumulate_dense(
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
     cols = None  # the projections by column, made once for the separable pieces
-    # the block path's pieces run side by side, one per thread (tamis._threads): each gets its
-    # share of the memory bound
-    workers = torch.get_num_threads() if dev.type == "cpu" else 1
-    block_pairs = max(1, max_rows // pf // workers)
+    # the block path's pieces run side by side (tamis._threads): each gets its share of the
+    # memory bound
+    block_pairs = max(1, max_rows // pf // worker_count(dev))
     for o, h, g in torch.unique(piece, dim=0).tolist():
         members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
         if by_class:
