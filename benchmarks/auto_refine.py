@@ -2,15 +2,21 @@
 the truth.
 
 ``.venv/bin/python benchmarks/auto_refine.py --work DIR [--structure asym|c4] [--n 2000]
-[--seed 1] [--j 2] [--relion PATH/relion_refine_mpi] [--mpirun PATH/mpirun] [--skip_tamis]``
+[--seed 1] [--j 2] [--relion PATH/relion_refine_mpi] [--mpirun PATH/mpirun] [--skip_tamis]
+[--reference MAP [--firstiter_cc]] [--name NAME]``
 
 Data: ``--n`` particles of 64 px at 4 A/px, SNR 0.05, defocus 0.8-2.5 um, no junk, from one
 structure of ``benchmarks/initial_model.py``: ``asym`` (the hard 2D recipe's two-subunit
 ribosome-sized pseudo-protein, ~245 x 160 A: a large particle in the box) or ``c4`` (four
 copies of a ~60 A domain around z, refined in C4).
 
-Reference: the true map on the particles' grey scale, low-passed by both programs with
-``--ini_high 40`` (RELION's Refine3D job command otherwise: ``--pad 2 --ctf --flatten_solvent
+Reference: the true map on the particles' grey scale, or ``--reference`` (e.g. the largest class
+of ``benchmarks/initial_model.py``'s job on the same structure: its hand, which single-particle
+data cannot tell, is set to the truth's first, as a user would after looking at the map), either
+low-passed by both programs with ``--ini_high 40``; ``--firstiter_cc`` adds that option to both
+(a reference not on the particles' grey scale). Results go to ``report_NAME.json`` (NAME: the
+structure, or ``--name``) and ``sim/Tamis_NAME``, ``sim/Relion_NAME`` with ``--name``.
+(RELION's Refine3D job command otherwise: ``--pad 2 --ctf --flatten_solvent
 --zero_mask --oversampling 1 --healpix_order 2 --auto_local_healpix_order 4 --offset_range 5
 --offset_step 2 --low_resol_join_halves 40 --norm --scale``, mask 260 A). RELION runs as
 ``mpirun -n 3 relion_refine_mpi --j 1`` (a leader and one follower per half: two busy cores),
@@ -67,6 +73,22 @@ def simulate(work: Path, structure: str, n: int, seed: int) -> Path:
     return sim
 
 
+def reference(sim: Path, path: str, name: str) -> tuple[str, dict]:
+    """``--reference`` in the particles' directory (hand set to the truth's), and its FSC with
+    the truth."""
+    from tamis.refine.maps import flip_hand
+
+    vol, px = read_mrc(path)
+    true_map = torch.from_numpy(read_mrc(sim / "structures" / "structure_01.mrc")[0])
+    cmp = compare_to_truth(torch.from_numpy(vol), true_map, PIXEL)
+    ref = flip_hand(torch.from_numpy(vol)).numpy() if cmp.flipped else vol
+    out = f"reference_{name}.mrc"
+    write_mrc(sim / out, ref, px, stack=False)
+    info = {"reference": path, "hand_flipped": cmp.flipped, "reference_fsc_truth_05_A":
+            cmp.resolution_05, "reference_fsc_truth_0143_A": cmp.resolution_0143}  # fmt: skip
+    return out, info
+
+
 def judge(sim: Path, root: Path, sym: str) -> dict:
     model = read_star(f"{root}_model.star")["model_general"]
     data = read_star(f"{root}_data.star")["particles"]
@@ -100,6 +122,9 @@ def main() -> None:
     ap.add_argument("--mpirun", default="mpirun")
     ap.add_argument("--skip_tamis", action="store_true")
     ap.add_argument("--iter", type=int, default=999, help="--iter (--auto_iter_max) of tamis")
+    ap.add_argument("--reference", default="", help="start from this map (else the truth)")
+    ap.add_argument("--firstiter_cc", action="store_true")
+    ap.add_argument("--name", default="", help="name of this run's report and directories")
     ap.add_argument("--tamis_continue", default="", help="run_itNNN_optimiser.star to continue")
     ap.add_argument(
         "--tamis_prior_seconds", type=float, default=0.0,
@@ -108,13 +133,21 @@ def main() -> None:
     a = ap.parse_args()
     sym = "C1" if a.structure == "asym" else "C4"
     sim = simulate(a.work, a.structure, a.n, a.seed)
+    name = a.name or a.structure
+    suffix = f"_{a.name}" if a.name else ""
     report: dict = {"n": a.n, "structure": a.structure, "sym": sym}
+    ref = "reference.mrc"
+    if a.reference:
+        ref, info = reference(sim, a.reference, name)
+        report.update(info)
+        print(json.dumps(info), flush=True)
+    report["firstiter_cc"] = a.firstiter_cc
     if not a.skip_tamis:
-        root = sim / "Tamis" / "run"
+        root = sim / f"Tamis{suffix}" / "run"
         root.parent.mkdir(parents=True, exist_ok=True)
         opts = AutoRefineOptions(
-            ref=str(sim / "reference.mrc"), ini_high=40.0, particle_diameter=DIAMETER, sym=sym,
-            j=a.j, random_seed=a.seed, iter=a.iter,
+            ref=str(sim / ref), ini_high=40.0, particle_diameter=DIAMETER, sym=sym,
+            j=a.j, random_seed=a.seed, iter=a.iter, firstiter_cc=a.firstiter_cc,
         )  # fmt: skip
         cwd = os.getcwd()
         os.chdir(sim)
@@ -122,7 +155,7 @@ def main() -> None:
         try:
             run_auto_refine(
                 None if a.tamis_continue else "particles.star",
-                "Tamis/run",
+                f"Tamis{suffix}/run",
                 opts,
                 continue_from=a.tamis_continue or None,
                 log=lambda s: print(s, flush=True),
@@ -133,25 +166,25 @@ def main() -> None:
         report["tamis"] = {"seconds": seconds, **judge(sim, root, sym)}
         print(json.dumps(report["tamis"]), flush=True)
     if a.relion:
-        (sim / "Relion").mkdir(exist_ok=True)
+        (sim / f"Relion{suffix}").mkdir(exist_ok=True)
         cmd = [
-            a.mpirun, "-n", "3", a.relion, "--o", "Relion/run", "--auto_refine",
-            "--split_random_halves", "--i", "particles.star", "--ref", "reference.mrc",
+            a.mpirun, "-n", "3", a.relion, "--o", f"Relion{suffix}/run", "--auto_refine",
+            "--split_random_halves", "--i", "particles.star", "--ref", ref,
             "--trust_ref_size", "--ini_high", "40", "--dont_combine_weights_via_disc", "--pad", "2",
             "--ctf", "--particle_diameter", str(DIAMETER), "--flatten_solvent", "--zero_mask",
             "--oversampling", "1", "--healpix_order", "2", "--auto_local_healpix_order", "4",
             "--offset_range", "5", "--offset_step", "2", "--sym", sym, "--low_resol_join_halves",
             "40", "--norm", "--scale", "--j", "1", "--random_seed", str(a.seed),
-        ]  # fmt: skip
+        ] + (["--firstiter_cc"] if a.firstiter_cc else [])  # fmt: skip
         t0 = time.perf_counter()
-        with open(sim / "Relion" / "log.txt", "w") as fh:
+        with open(sim / f"Relion{suffix}" / "log.txt", "w") as fh:
             subprocess.run(cmd, cwd=sim, stdout=fh, stderr=subprocess.STDOUT, check=True)
         report["relion"] = {
             "seconds": time.perf_counter() - t0,
-            **judge(sim, sim / "Relion" / "run", sym),
+            **judge(sim, sim / f"Relion{suffix}" / "run", sym),
         }
         print(json.dumps(report["relion"]), flush=True)
-    (a.work / f"report_{a.structure}.json").write_text(json.dumps(report, indent=1))
+    (a.work / f"report_{name}.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
 
 

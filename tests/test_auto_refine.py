@@ -122,6 +122,52 @@ def test_continue_resumes_from_the_written_iteration(sim: Path, refined):
     assert any("iteration   5" in line and "(local)" in line for line in logs)
 
 
+def _iteration_one(sim: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Iteration 1's orientation errors (deg) and half 1's map."""
+    data = read_star(f"{root}_it001_data.star")["particles"]
+    truth = truth_for(data, sim / "ground_truth.csv")
+    err, _ = orientation_errors(data[ANGLES].to_numpy(), truth[["rot", "tilt", "psi"]].to_numpy())
+    return err, read_mrc(f"{root}_it001_half1_class001.mrc")[0]
+
+
+def test_firstiter_cc_takes_a_reference_on_another_grey_scale(sim: Path, tmp_path: Path):
+    """A reference 1,000x off the particles' grey scale: likelihood weights in iteration 1 pick
+    wrong orientations (the squared differences are all reference power); RELION's
+    ``--firstiter_cc`` picks each particle's best cross-correlation instead, blind to the scale,
+    and its maps come out on the particles' scale."""
+    vol, px = read_mrc(sim / "ref.mrc")
+    far = tmp_path / "far.mrc"
+    write_mrc(far, vol * 1000.0, px, stack=False)
+    star = str(sim / "particles.star")
+    logs: list[str] = []
+    cc_root = tmp_path / "cc" / "run"
+    run_auto_refine(
+        star, str(cc_root), _options(sim, ref=str(far), firstiter_cc=True, iter=2), log=logs.append
+    )
+    ml_root = tmp_path / "ml" / "run"
+    run_auto_refine(star, str(ml_root), _options(sim, ref=str(far), iter=2))
+    err_cc, map_cc = _iteration_one(sim, cc_root)
+    err_ml, _ = _iteration_one(sim, ml_root)
+    # 15 deg sampling at 40 A, one orientation per particle: median 19 deg (10 deg by
+    # likelihood from the true scale); without the cross-correlation most are lost (122 deg)
+    assert np.median(err_cc) < 30.0, np.percentile(err_cc, [25, 50, 75])
+    assert np.median(err_ml) > 3 * np.median(err_cc), (np.median(err_ml), np.median(err_cc))
+    # the new map is on the particles' grey scale (the true map's, low-passed), not 1,000x
+    ratio = float(np.std(map_cc) / np.std(read_mrc(sim / "ref.mrc")[0]))
+    assert 0.2 < ratio < 2.0, ratio
+    model = read_star(f"{cc_root}_it001_half1_model.star")["model_general"]
+    # RELION's model.star of that iteration: the average CC as the log-likelihood, Pmax 1,
+    # and --ini_high's resolution kept for iteration 2
+    assert 0.0 < float(model["rlnLogLikelihood"]) <= 1.0
+    assert float(model["rlnAveragePmax"]) == 1.0
+    assert float(model["rlnCurrentResolution"]) == pytest.approx(BOX * PIXEL / 4)
+    # iteration 2 ran by likelihood on the new maps, and found the orientations
+    data = read_star(f"{cc_root}_data.star")["particles"]
+    truth = truth_for(data, sim / "ground_truth.csv")
+    err, _ = orientation_errors(data[ANGLES].to_numpy(), truth[["rot", "tilt", "psi"]].to_numpy())
+    assert np.median(err) < 15.0, np.percentile(err, [25, 50, 75])  # 11 deg
+
+
 def test_half_one_does_not_see_half_two(sim: Path, tmp_path: Path):
     """Replacing every half-2 image by noise changes nothing in half 1's first iteration: its
     particles' orientations and its sums beyond the join resolution are the same."""
@@ -385,3 +431,29 @@ def test_cli_runs_auto_refine(sim: Path, tmp_path: Path, monkeypatch):
     assert Path("Refine3D/job001/run_half2_class001_unfil.mrc").is_file()
     bad = CliRunner().invoke(app, ["refine", "--auto_refine", "--i", "x.star", "--o", "R/run"])
     assert bad.exit_code != 0 and "--split_random_halves" in bad.output
+
+
+def test_refine3d_job_with_a_reference_off_the_grey_scale_runs_firstiter_cc(monkeypatch, tmp_path):
+    """The Refine3D job's "Ref. map is on absolute greyscale? No" is ``--firstiter_cc``."""
+    import tamis.refine.auto_refine as ar
+    from tamis.pipeline import jobs
+    from tamis.pipeline.job import JobStar
+
+    seen: list[AutoRefineOptions] = []
+
+    class Captured(Exception):
+        pass
+
+    def capture(particles, root, options, **kw):
+        seen.append(options)
+        raise Captured
+
+    monkeypatch.setattr(ar, "run_auto_refine", capture)
+    for answer, want in (("No", True), ("Yes", False)):
+        job = JobStar(
+            "relion.refine3d",
+            options={"fn_img": "p.star", "fn_ref": "r.mrc", "ref_correct_greyscale": answer},
+        )
+        with pytest.raises(Captured):
+            jobs._run_refine3d(job, tmp_path)
+        assert seen[-1].firstiter_cc is want

@@ -27,6 +27,7 @@ from tamis._malloc import keep_freed_memory
 from tamis._progress import progress_bar
 from tamis.class2d import mstep
 from tamis.class2d.accuracy import expected_accuracy
+from tamis.class2d.cross_correlation import cc_expectation
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -559,6 +560,11 @@ class Class2DRun:
     def estimates_accuracy(self, it: int) -> bool:
         return True
 
+    def cross_correlation(self, it: int) -> bool:
+        """Whether iteration ``it`` takes each particle's best cross-correlation instead of
+        weighing by likelihood (RELION's ``--firstiter_cc`` in iteration 1; 3D auto-refine)."""
+        return False
+
     def local_searches(self) -> bool:
         """Whether this iteration searches locally around each particle's orientation (3D
         auto-refine from ``--auto_local_healpix_order`` on); then :meth:`local_prior` gives a
@@ -702,6 +708,7 @@ class Class2DRun:
         old_angles = self.angles_of(rows_all)
         old_origin = self.origin[rows_all].copy()
         max_sig = o.max_significants if max_significants is None else max_significants
+        cc = self.cross_correlation(it)
         # rows (particle x translation) per M-step GEMM: a quarter of the budget
         m_rows = max(256, self._work_budget() // 4 // (16 * len(window) + 4 * k * n_batch_pf))
         acc_inputs = None
@@ -755,7 +762,7 @@ class Class2DRun:
                         fine = None
                     t_e = time.perf_counter()
                     try:
-                        hyp = expectation(
+                        hyp = (cc_expectation if cc else expectation)(
                             data,
                             proj_coarse=proj_cb,
                             # (the single pass: the same projections, so it is the final one)

@@ -432,7 +432,7 @@ def prepare_refs(proj: torch.Tensor, shifts: SeparableShifts | None = None) -> P
 
 def _log_weights(
     y_w: torch.Tensor,
-    a_w: torch.Tensor,
+    a_w: torch.Tensor | None,
     proj: torch.Tensor | PreparedRefs,
     ramps: torch.Tensor,
     shifts: SeparableShifts | None = None,
@@ -444,13 +444,12 @@ def _log_weights(
     subtracted in place.
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
-    (or prepared once for many batches), ``ramps`` ``(T, C)``.
+    (or prepared once for many batches), ``ramps`` ``(T, C)``. With ``a_w=None``: ``2 cross``
+    alone (the cross-correlation search, :mod:`tamis.class2d.cross_correlation`).
     """
     refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj, shifts)
     b, c = y_w.shape
     t, r = ramps.shape[0], refs.rows.shape[0]
-    a = a_w @ refs.norm2.T  # (B, R)
-    count_gemm(b, c, r)
     if shifts is not None:
         cols = refs.cols
         if cols is None:
@@ -460,6 +459,10 @@ def _log_weights(
     else:
         logw = (shifted_real(2.0 * y_w, ramps) @ refs.rows.T).view(b, t, r)
         count_gemm(b * t, 2 * c, r)
+    if a_w is None:
+        return logw
+    a = a_w @ refs.norm2.T  # (B, R)
+    count_gemm(b, c, r)
     return logw.sub_(a[:, None, :])
 
 

@@ -101,7 +101,9 @@ def refine(
     ),  # fmt: skip
     ini_high: float = typer.Option(-1.0, "--ini_high", help="Low-pass the reference to (A)."),
     firstiter_cc: bool = typer.Option(
-        False, "--firstiter_cc", help="Cross-correlation in iteration 1 (not implemented)."
+        False,
+        "--firstiter_cc",
+        help="Iteration 1 by cross-correlation (a reference not on the grey scale of the data).",
     ),
     auto_local_healpix_order: int = typer.Option(
         4, "--auto_local_healpix_order", help="Local searches from this HEALPix order on."

@@ -529,15 +529,12 @@ def _run_refine3d(job: JobStar, out: Path) -> Nodes:
     map, the unfiltered half maps and the refined particles."""
     from tamis.refine.auto_refine import AutoRefineOptions, run_auto_refine
 
-    if not job.get_bool("ref_correct_greyscale", True):
-        raise TamisError(
-            "ref_correct_greyscale No (--firstiter_cc) is not implemented: give a reference on "
-            "RELION's grey scale (a map from tamis or RELION is)"
-        )
     mask = job.options.get("fn_mask") or ""
     options = AutoRefineOptions(
         ref=job.options.get("fn_ref", ""),
         trust_ref_size=job.get_bool("trust_ref_size", True),
+        # a reference not on the absolute grey scale: cross-correlation in iteration 1
+        firstiter_cc=not job.get_bool("ref_correct_greyscale", True),
         ini_high=_f(job, "ini_high", 60),
         sym=job.options.get("sym_name", "C1") or "C1",
         particle_diameter=_f(job, "particle_diameter", 200),

@@ -168,11 +168,6 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             self.mask = self._read_mask(options.solvent_mask)
         if options.solvent_correct_fsc and self.mask is None:
             raise TamisError("--solvent_correct_fsc needs --solvent_mask")
-        if options.firstiter_cc:
-            raise TamisError(
-                "--firstiter_cc is not implemented: give a reference on RELION's grey scale "
-                "(a map from tamis or RELION is; the Refine3D job's 'absolute greyscale' Yes)"
-            )
 
     # ---- set-up ------------------------------------------------------------------------------
 
@@ -232,7 +227,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             dvp = self.n * tau2 / st.sigma2.mean(0).clamp(min=1e-30)[None]
             states.append(replace(st, refs=ref.clone(), tau2=tau2, data_vs_prior=dvp))
         if o.ini_high > 0:
-            maxres = int(relion_round(torch.tensor(self.box * self.pixel / o.ini_high)))
+            maxres = self._ini_high_shell()
         else:
             maxres = mstep.current_resolution_shell(
                 states[0].data_vs_prior, states[0].pdf_class, o.minres_map
@@ -243,7 +238,13 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         self.state = self.states[0]
         self.cls[:] = 0
 
+    def _ini_high_shell(self) -> int:
+        return int(relion_round(torch.tensor(self.box * self.pixel / self.options.ini_high)))
+
     # ---- the hooks of the shared E-step ------------------------------------------------------
+
+    def cross_correlation(self, it: int) -> bool:
+        return self.options.firstiter_cc and it == 1
 
     def sizes(self) -> tuple[int, int]:
         cs, coarse = super().sizes()
@@ -346,11 +347,14 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         hist.final = hist.converged or it >= o.iter
         if hist.final and not hist.converged:
             self.log(f"iteration {it} is --iter's last: joining the halves without convergence")
-        self._estimate_accuracy(it)
+        cc = self.cross_correlation(it)
+        if not cc:  # RELION has no accuracy estimate for its cross-correlation iteration
+            self._estimate_accuracy(it)
         if it > 1 and not hist.final:
             self._update_sampling(self._offset_change)
         old_angles = self.angles_of(np.arange(self.n))
         old_origin = self.origin.copy()
+        before = list(self.states)
         steps = []
         for h in (0, 1):
             self.state = self.states[h]
@@ -384,6 +388,16 @@ class AutoRefineRun(VolumeRun, Class2DRun):
                 self._flatten(st)
         ssnr = self.states[0].data_vs_prior[0]
         maxres = resolution_shell(ssnr, self.box, gold_standard=True, minres=o.minres_map)
+        if cc:
+            counts = [float(step.sums.pdf_class.sum()) for step in steps]
+            if hist.final:  # one joined state from both halves' sums
+                counts = [sum(counts)] * 2
+            self.states = [
+                self._after_cross_correlation(new, old, n)
+                for new, old, n in zip(self.states, before, counts, strict=True)
+            ]
+            if o.ini_high > 0:
+                maxres = self._ini_high_shell()
         avg_pmax = float(np.mean(self.pmax))
         for st in self.states:
             st.maxres = maxres
@@ -440,6 +454,18 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         )
         return replace(new, data_vs_prior=ssnr[None], tau2=tau2[None], acc_rot=st.acc_rot,
                        acc_trans=st.acc_trans)  # fmt: skip
+
+    def _after_cross_correlation(self, st: ModelState, old: ModelState, n: float) -> ModelState:
+        """RELION's cross-correlation iteration (``--firstiter_cc``) leaves the noise spectra
+        and the scale corrections as they were (its squared differences were against a
+        reference on another grey scale), stores the average CC as the log-likelihood, and
+        low-passes the new maps to ``--ini_high`` again (not the final, joined map)."""
+        refs = st.refs
+        if self.options.ini_high > 0 and not self.history.final:
+            refs = low_pass(refs, self.box * self.pixel / self.options.ini_high, ndim=3)
+        return replace(
+            st, sigma2=old.sigma2, scale=old.scale, loglik=st.loglik / max(n, 1.0), refs=refs
+        )
 
     def _flatten(self, st: ModelState) -> None:
         """RELION's ``solventFlatten``: the sphere of the particle diameter with a soft edge to
