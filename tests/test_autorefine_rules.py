@@ -45,6 +45,21 @@ def test_hidden_variable_counter():
     assert s.iters_without_large_changes == 1
 
 
+def test_hidden_variable_counter_reads_the_leaders_starting_steps():
+    """RELION 5's MPI auto-refine (2,000 C4 particles, benchmarks/auto_refine.py): iterations
+    6-7 at HEALPix order 3 (fine step 1.875 deg) changed 5.47 then 2.66 deg, and its optimiser
+    file counted iteration 7 as settled (rlnNumberOfIterWithoutChangingAssignments 1): 2.66 deg
+    is below 40% of 7.5 deg, the leader's starting step, not of 1.875 deg."""
+    s = _state(healpix_order=3, offset_step=8.0 * 0.6)  # after the move to order 3
+    start = (7.5, 4.0)  # order 2's fine step, the starting 8 A coarse offset step / 2
+    s = s.after_changes(HiddenChanges(orientations=5.47, offsets=1.65, classes=0.0), start)
+    assert s.iters_without_large_changes == 0  # the first after a change: classes reset it
+    own = s.after_changes(HiddenChanges(orientations=2.66, offsets=0.75, classes=0.0))
+    assert own.iters_without_large_changes == 0  # 2.66 / 1.875 > 0.4 and 2.66 < 0.97 x 5.47
+    s = s.after_changes(HiddenChanges(orientations=2.66, offsets=0.75, classes=0.0), start)
+    assert s.iters_without_large_changes == 1
+
+
 def test_scripted_refinement_to_local_searches_and_convergence():
     kw = dict(particle_diameter=200.0, acc_trans=1.0, offset_change=1.0)
     s = _state()

@@ -159,6 +159,9 @@ class AutoRefineRun(VolumeRun, Class2DRun):
                 2.0 * angular_sampling(options.healpix_order, options.oversampling) if local else 0
             ),
         )
+        # the fine steps RELION's MPI leader judges hidden-variable changes by: its sampling as
+        # the process started (AutoSampling.after_changes)
+        self._leader_steps = (self.auto.fine_step, self.auto.fine_offset_step)
         self.states: list[ModelState] = []
         self.history = _History()
         self.incr_size = options.incr_size
@@ -410,7 +413,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         rms_off = float(np.sqrt(np.mean(moved**2)))
         self._offset_change = rms_off
         self.auto = self.auto.after_resolution(maxres / (self.box * self.pixel))
-        self.auto = self.auto.after_changes(HiddenChanges(ang, rms_off, 0.0))
+        self.auto = self.auto.after_changes(HiddenChanges(ang, rms_off, 0.0), self._leader_steps)
         if not hist.final:  # checked at the start of the next iteration, as RELION's
             hist.converged = self.auto.converged(o.auto_ignore_angles)
         self.state = self.states[0]
@@ -631,6 +634,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         )
         self._offset_change = float(extra.get("tamisOffsetChange", 0.0))
         self._apply_sampling()
+        self._leader_steps = (self.auto.fine_step, self.auto.fine_offset_step)
         self.history.converged = bool(int(opt.get("rlnHasConverged", 0)))
         self.history.final = bool(int(extra.get("tamisFinal", 0)))
         self.history.has_high_fsc_at_limit = bool(int(opt.get("rlnHasHighFscAtResolLimit", 0)))

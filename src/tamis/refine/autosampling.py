@@ -104,12 +104,22 @@ class AutoSampling:
             iters_without_resolution_gain=0 if gained else self.iters_without_resolution_gain + 1,
         )
 
-    def after_changes(self, changes: HiddenChanges) -> AutoSampling:
+    def after_changes(
+        self, changes: HiddenChanges, steps: tuple[float, float] | None = None
+    ) -> AutoSampling:
         """``updateOverallChangesInHiddenVariables``: the counter grows when none of the class,
         offset and orientation changes fell below 97% of the smallest seen (offsets and
-        orientations also count as settled below 40% of the fine step), and resets otherwise."""
-        ratio_orient = changes.orientations / self.fine_step
-        ratio_trans = changes.offsets / self.fine_offset_step
+        orientations also count as settled below 40% of a fine step), and resets otherwise.
+
+        The fine steps of that 40% are the current ones, or ``steps`` (angular deg, offset Å):
+        RELION's gold-standard refinement runs only under MPI, and there the leader, which
+        applies this rule, never updates its own sampling (only the followers do, in
+        ``expectationSetup``), so the steps it reads are those it started with (read from the
+        optimiser files on ``--continue``). Seen in RELION 5's run files: a change of 2.5 deg at
+        the 1.875 deg step counted as settled (2.5 / 7.5, the starting step, < 0.4)."""
+        angular, offset = steps if steps is not None else (self.fine_step, self.fine_offset_step)
+        ratio_orient = changes.orientations / angular
+        ratio_trans = changes.offsets / offset
         settled = (
             1.03 * changes.classes >= self.smallest_class_changes
             and (ratio_trans < 0.40 or 1.03 * changes.offsets >= self.smallest_offset_changes)
