@@ -110,6 +110,31 @@ def test_files_are_relions(refined):
     assert final[0].shape == (BOX,) * 3 and final[1] == pytest.approx(PIXEL)
 
 
+def test_image_size_follows_relions_gold_standard_rule(sim: Path, tmp_path: Path):
+    """RELION's updateImageSizeAndResolutionPointers: twice the resolution shell plus a quarter
+    of the box's radius (4 here) once the FSC at an image's edge has been above 0.2 and while the
+    average Pmax is above 0.1, else plus incr_size (which the FSC may have grown)."""
+    from tamis.io.particles import ParticleSet
+    from tamis.refine.auto_refine import AutoRefineRun
+
+    run = AutoRefineRun(
+        ParticleSet.from_file(sim / "particles.star"), _options(sim), str(tmp_path / "run")
+    )
+    run.initialise()
+    st = run.state
+    st.maxres, st.avg_pmax = 5, 0.5
+    assert run.sizes()[0] == 2 * (5 + 10)
+    run.history.has_high_fsc_at_limit = True
+    assert run.sizes()[0] == 2 * (5 + 4)
+    st.avg_pmax = 0.05  # broad posteriors: back to incr_size
+    assert run.sizes()[0] == 2 * (5 + 10)
+    run.incr_size = 12
+    assert run.sizes()[0] == min(BOX, 2 * (5 + 12))
+    # the final iteration uses every pixel
+    run.history.final = True
+    assert run.sizes()[0] == BOX
+
+
 def test_continue_resumes_from_the_written_iteration(sim: Path, refined):
     root, res, _ = refined
     logs: list[str] = []

@@ -491,7 +491,7 @@ class Class2DRun:
     def sizes(self) -> tuple[int, int]:
         o, st = self.options, self.state
         assert st is not None
-        cs = min(self.box, 2 * (st.maxres + o.incr_size))
+        cs = min(self.box, 2 * (st.maxres + self.size_increment()))
         if o.strict_highres_exp > 0:
             coarse = min(
                 cs,
@@ -504,6 +504,11 @@ class Class2DRun:
         else:
             coarse = cs
         return cs, max(coarse, 2)
+
+    def size_increment(self) -> int:
+        """Fourier shells beyond the current resolution that the E-step uses (``--incr_size``;
+        gold-standard refinement adapts it)."""
+        return self.options.incr_size
 
     def tau2_fudge_at(self, it: int) -> float:
         """T used in iteration ``it`` (EM: ``--tau2_fudge``, 1 when not given)."""

@@ -249,6 +249,17 @@ class AutoRefineRun(VolumeRun, Class2DRun):
     def cross_correlation(self, it: int) -> bool:
         return self.options.firstiter_cc and it == 1
 
+    def size_increment(self) -> int:
+        """RELION's ``updateImageSizeAndResolutionPointers`` in gold-standard runs: a quarter of
+        the box's radius once the FSC at an image's edge has been above 0.2
+        (``has_high_fsc_at_limit``) while the last average Pmax is above 0.1, else ``incr_size``
+        as the FSC has grown it (:func:`~tamis.refine.gold_standard.image_size_increment`)."""
+        st = self.state
+        assert st is not None
+        if st.avg_pmax > 0.1 and self.history.has_high_fsc_at_limit:
+            return int(relion_round(torch.tensor(0.25 * self.box / 2)))
+        return self.incr_size
+
     def sizes(self) -> tuple[int, int]:
         cs, coarse = super().sizes()
         if self.history.final:  # the last iteration uses all data, up to Nyquist
