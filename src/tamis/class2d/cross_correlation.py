@@ -26,7 +26,7 @@ from tamis.class2d.likelihood import (
     BatchData,
     Hypotheses,
     PreparedRefs,
-    _log_weights,
+    cross_terms,
     prepare_refs,
 )
 from tamis.class2d.shifts import SeparableShifts
@@ -70,7 +70,7 @@ def cc_expectation(
     else:
         refs = prepare_refs(proj_coarse[active].reshape(ka * pc, -1), shifts_coarse)
     # pass 0: every (translation, active class, coarse psi)
-    score = _log_weights(ctf * x, None, refs, ramps_coarse, shifts_coarse)  # 2 cross, (B, Tc, R)
+    score = cross_terms(ctf * x, refs, ramps_coarse, shifts_coarse)  # 2 cross, (B, Tc, R)
     power = (ctf * ctf) @ refs.norm2.T  # sum |c P|², (B, R)
     score = score.view(b, tc, ka, pc) / (2.0 * _safe_sqrt(power)).view(b, 1, ka, pc)
     if log_prior_orient is not None:  # outside a local search's neighbourhood: not searched

@@ -36,6 +36,7 @@ __all__ = [
     "BatchData",
     "Hypotheses",
     "expectation",
+    "cross_terms",
     "significant_mask",
     "GEMM_STATS",
 ]
@@ -445,7 +446,7 @@ def _log_weights(
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
     (or prepared once for many batches), ``ramps`` ``(T, C)``. With ``a_w=None``: ``2 cross``
-    alone (the cross-correlation search, :mod:`tamis.class2d.cross_correlation`).
+    alone (:func:`cross_terms`).
     """
     refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj, shifts)
     b, c = y_w.shape
@@ -464,6 +465,17 @@ def _log_weights(
     a = a_w @ refs.norm2.T  # (B, R)
     count_gemm(b, c, r)
     return logw.sub_(a[:, None, :])
+
+
+def cross_terms(
+    y: torch.Tensor,
+    proj: torch.Tensor | PreparedRefs,
+    ramps: torch.Tensor,
+    shifts: SeparableShifts | None = None,
+) -> torch.Tensor:
+    """``2 Re sum_p conj(P_r) y_i ramp_t`` as ``(B, T, R)`` float32: the E-step's cross terms
+    alone, by the same GEMMs or separable sums (:func:`_log_weights`)."""
+    return _log_weights(y, None, proj, ramps, shifts)
 
 
 def _diff2_dense(
