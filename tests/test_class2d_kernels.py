@@ -20,9 +20,9 @@ from tamis.class2d.fourier2d import (
 from tamis.class2d.likelihood import (
     BatchData,
     _diff2_dense,
-    _pair_cross,
     _pair_significance,
     expectation,
+    pair_cross,
     significant_mask,
 )
 from tamis.class2d.mstep import center_classes
@@ -618,7 +618,7 @@ def test_pair_cross_at_elements_matches_a_loop(chunk):
     mask = torch.from_numpy(rng.random((m, t)) < 0.3)
     mask[:4] = False  # leading pairs without elements
     el_r, el_t = torch.nonzero(mask, as_tuple=True)
-    got = _pair_cross(proj, y, particle, ramps, el_r, el_t, chunk=chunk).numpy()
+    got = pair_cross(proj, y, particle, ramps, el_r, el_t, chunk=chunk).numpy()
     p, yy, r = (
         proj.numpy().astype(complex),
         y.numpy().astype(complex),

@@ -8,8 +8,10 @@ translation of highest normalised cross-correlation::
 
 over the pass's pixels (RELION's ``getAllSquaredDifferences``: no noise weighting, DC included),
 with weight 1 on the best and 0 elsewhere (``convertAllSquaredDifferencesToWeights``). Pass 0
-searches every coarse sample; pass 1 the oversampled children of the particle's best coarse
-sample only (the one coarse sample with any weight). Priors do not enter, except that samples
+searches every coarse sample (cross terms from the likelihood's dense pass,
+:func:`~tamis.class2d.likelihood.cross_terms`); pass 1 the oversampled children of the
+particle's best coarse sample only, the one coarse sample with any weight (cross terms as the
+likelihood's pair pass, :func:`~tamis.class2d.likelihood.pair_cross`). Priors do not enter, except that samples
 outside a local search's neighbourhood (prior ``-inf``) are not searched. The particle's
 log-likelihood contribution is its best CC (RELION's ``dLL = -min diff2``).
 """
@@ -27,6 +29,7 @@ from tamis.class2d.likelihood import (
     Hypotheses,
     PreparedRefs,
     cross_terms,
+    pair_cross,
     prepare_refs,
 )
 from tamis.class2d.shifts import SeparableShifts
@@ -98,13 +101,19 @@ def cc_expectation(
     t_f = t_best[:, None] * n_over_trans + sub_t[None]  # (B, Nt)
     proj = proj_fine[cls[:, None], psi_f][..., e]  # (B, Np, Ce)
     ctf_e, x_e = data.ctf[:, e], data.x[:, e]
-    shifted = (ctf_e * x_e)[:, None, :] * ramps_fine[t_f][..., e]  # (B, Nt, Ce)
-    cross = torch.bmm(shifted, proj.conj().transpose(1, 2)).real  # (B, Nt, Np)
+    # the pass's cross terms at the pairs (particle, fine psi) x their child translations
+    n_pairs = b * n_over_psi
+    el_r = torch.arange(n_pairs, device=dev).repeat_interleave(n_over_trans)
+    cross = pair_cross(
+        proj.reshape(n_pairs, -1), ctf_e * x_e,
+        torch.arange(b, device=dev).repeat_interleave(n_over_psi), ramps_fine[:, e],
+        el_r, t_f.repeat_interleave(n_over_psi, dim=0).reshape(-1),
+    ).view(b, n_over_psi, n_over_trans)  # fmt: skip
     power = ((ctf_e * ctf_e)[:, None, :] * (proj.real**2 + proj.imag**2)).sum(-1)  # (B, Np)
-    score = cross / _safe_sqrt(power)[:, None, :]
-    best, at = score.reshape(b, -1).max(1)
-    u, a = at // n_over_psi, at % n_over_psi
-    cc = best.to(torch.float64) / _xi(x_e)
+    score = cross / _safe_sqrt(power)[:, :, None]
+    best, at = score.view(b, -1).max(1)
+    a, u = at // n_over_trans, at % n_over_trans
+    cc = best / _xi(x_e)
     rows = torch.arange(b, device=dev)
     hyp = _one_hot(cls, psi_f[rows, a], t_f[rows, u], ramps_fine.shape[0], cc)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)

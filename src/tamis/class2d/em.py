@@ -1348,7 +1348,7 @@ def _iterate(
         run.seed = distributed.broadcast_object(run.seed)  # a seed from the clock: rank 0's
         run.initialise()
         distributed.broadcast_tensors(run.state)
-        run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
+        run.current_size = run.sizes()[0]
         run.write(0)  # every rank: rank 0 writes, the others format their rows
         start = 1
     Path(run.root).parent.mkdir(parents=True, exist_ok=True)

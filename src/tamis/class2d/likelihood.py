@@ -37,6 +37,7 @@ __all__ = [
     "Hypotheses",
     "expectation",
     "cross_terms",
+    "pair_cross",
     "significant_mask",
     "GEMM_STATS",
 ]
@@ -726,7 +727,7 @@ def _pair_pass(
     count_gemm(b, ce, k * npf)
     r_idx = p_k * npf + p_psi
     a = a_all[p_i, r_idx].to(torch.float64)
-    cross = _pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e], el_r, el_t)  # (N,)
+    cross = pair_cross(pf[p_k, p_psi], y, p_i, ramps_fine[:, e], el_r, el_t)  # (N,)
     t_coarse = torch.arange(ramps_fine.shape[0], device=dev) // n_over_trans
     el_k = p_k[el_r]
     pri = log_prior_class[el_k] + log_prior_offset[el_i, el_k, t_coarse[el_t]]
@@ -739,7 +740,7 @@ def _pair_pass(
     return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, e, b)
 
 
-def _pair_cross(
+def pair_cross(
     proj: torch.Tensor,
     y: torch.Tensor,
     particle: torch.Tensor,

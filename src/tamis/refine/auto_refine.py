@@ -733,7 +733,7 @@ def run_auto_refine(
             run.initialise()
             for st in run.states:
                 distributed.broadcast_tensors(st)
-            run.current_size = min(run.box, 2 * (run.state.maxres + options.incr_size))
+            run.current_size = run.sizes()[0]
             run.write(0)  # every rank: rank 0 writes, the others format their rows
             start = 1
         files = None
