@@ -147,6 +147,19 @@ def test_continue_resumes_from_the_written_iteration(sim: Path, refined):
     assert any("iteration   5" in line and "(local)" in line for line in logs)
 
 
+def test_continue_keeps_the_point_group(sim: Path, tmp_path: Path):
+    """A symmetric refinement continued without --sym goes on in its own point group (RELION
+    reads it back from the sampling file); it used to go on in C1, with four times the
+    orientations of a C4 search and unsymmetrised maps."""
+    star, root = str(sim / "particles.star"), tmp_path / "Refine3D" / "run"
+    run_auto_refine(star, str(root), _options(sim, sym="C2", iter=2))
+    options = _options(sim, iter=3)  # as the CLI builds them on --continue: sym C1
+    assert options.sym == "C1"
+    run_auto_refine(None, "", options, continue_from=f"{root}_it001_optimiser.star")
+    sampling = read_star(f"{root}_it002_sampling.star")["sampling_general"]
+    assert str(sampling["rlnSymmetryGroup"]) == "C2"
+
+
 def _iteration_one(sim: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Iteration 1's orientation errors (deg) and half 1's map."""
     data = read_star(f"{root}_it001_data.star")["particles"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -523,6 +523,9 @@ def continued_options(
         offset_range=float(smp.get("rlnOffsetRange", given.offset_range * pixel)) / pixel,
         offset_step=float(smp.get("rlnOffsetStep", given.offset_step * pixel)) / pixel,
     )
+    if "sym" in {f.name for f in fields(given)} and "rlnSymmetryGroup" in smp:
+        # 3D: the point group of the run (RELION reads it back from the sampling file)
+        from_file["sym"] = str(smp["rlnSymmetryGroup"])
     keep = set(changed) | RUNTIME_OPTIONS
     return replace(
         given, **{k: v for k, v in from_file.items() if k not in keep or k in ("K", "grad")}
