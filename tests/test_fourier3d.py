@@ -4,6 +4,7 @@ symmetrisation, and reconstruction from true orientations."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -367,6 +368,50 @@ def test_interpolate_in_groups_equals_one_batch_entry_per_class(k, monkeypatch):
         assert torch.equal(grouped[c], ref)
     outside = (pos.abs() >= (e - 1) // 2 + 1).any(1)  # no corner inside the grid
     assert outside.any() and (grouped[:, :, outside] == 0).all()
+
+
+@pytest.mark.parametrize(("k", "reach"), [(1, None), (3, None), (1, 5.0), (2, 5.0)])
+def test_slice_tiles_sample_as_a_trilinear_loop(k, reach, monkeypatch):
+    """SliceTiles (the 3D grid laid out as 2D tiles, sampled bilinearly in two slices and then
+    linearly in z) against a voxel loop of trilinear interpolation, zero outside the grid
+    (and, with ``reach``, outside the laid-out cube): points inside, on the edges, far outside
+    along each axis, dealt out in groups with a remainder or one batch entry per class."""
+    import tamis.padded_grid as pg
+
+    gen = torch.Generator().manual_seed(k)
+    e, centre = 15, 7
+    planes = torch.randn((k, 2, e, e, e), generator=gen, dtype=torch.float32)
+    pos = (torch.rand((1001, 3), generator=gen, dtype=torch.float64) * 2 - 1) * 9.0
+    pos[:6] = torch.tensor(
+        [[7.0, 0.0, 0.0], [0.0, -7.0, 0.0], [0.0, 0.0, 7.0], [-7.5, 0.0, 0.0],
+         [0.0, 0.0, -30.0], [40.0, 3.0, 0.0]], dtype=torch.float64
+    )  # fmt: skip
+    monkeypatch.setattr(pg, "_GROUP_POINTS", 16)
+    tiles = pg.SliceTiles(planes, reach=reach)
+    got = tiles.sample(*pos.T.to(torch.float32))  # (K, P, 2)
+    lo, hi = 0, e - 1
+    if reach is not None:
+        lo, hi = centre - (math.ceil(reach) + 1), centre + math.ceil(reach) + 1
+    cube = np.zeros(planes.shape, dtype=np.float64)
+    sl = slice(lo, hi + 1)
+    cube[:, :, sl, sl, sl] = planes.numpy()[:, :, sl, sl, sl]
+    for c in range(k):
+        for ch in range(2):
+            ref = np.array([_trilinear(cube[c, ch], *(p + centre)) for p in pos.numpy()])
+            np.testing.assert_allclose(got[c, :, ch].numpy(), ref, rtol=0, atol=2e-5)
+    assert len(tiles) == k and tiles[k - 1 : k].image.shape[0] == 1
+
+
+def test_linear_corners_read_axis_major_positions():
+    """linear_corners gives the same corners for (P, d) positions and for the transpose of a
+    (d, P) tensor (the layout the 3D splat passes, read without a copy)."""
+    from tamis.padded_grid import linear_corners
+
+    gen = torch.Generator().manual_seed(2)
+    xyz = (torch.rand((3, 500), generator=gen) * 2 - 1) * 6.0
+    a = linear_corners(xyz.T.contiguous(), 15, 7, torch.float32)
+    b = linear_corners(xyz.T, 15, 7, torch.float32)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
 def test_fine_projections_on_demand_only_where_needed():

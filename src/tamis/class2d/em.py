@@ -141,7 +141,7 @@ class _FineOnDemand:
         if need is None or bool(need.all()):
             self.proj = self.space.project(self.grids, self.used, self.window, self.pad)
             return self.proj
-        k, n_over = self.grids.shape[0], self.used.shape[0] // max(len(coarse), 1)
+        k, n_over = len(self.grids), self.used.shape[0] // max(len(coarse), 1)
         proj = torch.zeros(
             (k, self.used.shape[0], len(self.window)), dtype=torch.complex64, device=need.device
         )
@@ -626,6 +626,7 @@ class Class2DRun:
             psi_c, psi_f, n_over_orient = self.orientation_samples()
         oversampled = o.oversampling > 0
         space = self.space
+        sources = space.prepare(grids, window, o.pad)  # what every projection reads
         k = st.n_classes
         slots = 2 * k if halves else k
         # Fine projections and per-orientation sums of every fine orientation (held beside the
@@ -635,8 +636,10 @@ class Class2DRun:
         n_pf = 0 if local else psi_f.shape[0] if oversampled else psi_c.shape[0]
         dense_bytes = int(k * n_pf * len(window) * (8 + 24 * slots / k))
         stream = local or (oversampled and dense_bytes > self._work_budget() * 2 // 3)
-        proj_c = None if local else space.project(grids, psi_c, cwin, o.pad)
-        proj_f = space.project(grids, psi_f, window, o.pad) if oversampled and not stream else None
+        proj_c = None if local else space.project(sources, psi_c, cwin, o.pad)
+        proj_f = (
+            space.project(sources, psi_f, window, o.pad) if oversampled and not stream else None
+        )
         t_c = torch.as_tensor(smp.coarse_translations(), device=dev)
         t_c0 = torch.as_tensor(smp.coarse_translations(perturbed=False), device=dev)
         t_f = torch.as_tensor(smp.fine_translations(), device=dev) if oversampled else t_c
@@ -660,7 +663,7 @@ class Class2DRun:
             )
         if not oversampled:
             # single pass at the current size, on the E-step's pixels (the M-step's on all)
-            proj_f = space.project(grids, psi_c, window, o.pad)
+            proj_f = space.project(sources, psi_c, window, o.pad)
             proj_c = proj_f[..., estep_pixels] if o.strict_highres_exp > 0 else proj_f
             coarse_pixels = estep_pixels
             ramps_c = ramps_f[:, estep_pixels] if o.strict_highres_exp > 0 else ramps_f
@@ -751,17 +754,17 @@ class Class2DRun:
                     if local:
                         ids, lp = self.local_prior(rows)
                         proj_cb = space.project(
-                            grids, smp.coarse_rotations(ids).to(dev), cwin, o.pad
+                            sources, smp.coarse_rotations(ids).to(dev), cwin, o.pad
                         )
                         lp_orient = lp.to(dev)
                         fine = _FineOnDemand(
-                            space, grids,
+                            space, sources,
                             lambda j, ids=ids: smp.fine_rotations_of(ids[j.cpu()]).to(dev),
                             window, o.pad,
                         )  # fmt: skip
                     elif stream:
                         fine = _FineOnDemand(
-                            space, grids, _children_of(psi_f, n_over_orient), window, o.pad
+                            space, sources, _children_of(psi_f, n_over_orient), window, o.pad
                         )
                     else:
                         fine = None

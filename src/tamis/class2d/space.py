@@ -14,7 +14,7 @@ per-orientation sums of every orientation would not fit in memory.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -27,10 +27,17 @@ __all__ = ["ReferenceSpace", "InPlaneSpace"]
 class ReferenceSpace(Protocol):
     ndim: int
 
+    def prepare(self, grids: torch.Tensor, window: FourierWindow, pad: int) -> Any:
+        """The padded grids ``(K, M+1, ..., M+1)`` as :meth:`project` reads them fastest, for
+        windows up to ``window``'s size (made once for many projections; supports ``len`` and
+        slicing by class)."""
+        ...
+
     def project(
-        self, grids: torch.Tensor, orientations: torch.Tensor, window: FourierWindow, pad: int
+        self, grids: Any, orientations: torch.Tensor, window: FourierWindow, pad: int
     ) -> torch.Tensor:
-        """``(K, P, C)`` projections of every reference at every orientation."""
+        """``(K, P, C)`` projections of every reference at every orientation (``grids``: the
+        padded grids or :meth:`prepare` of them)."""
         ...
 
     def splat(
@@ -69,6 +76,9 @@ class InPlaneSpace:
     """2D: references are images, orientations psi angles ``(P,)`` in degrees."""
 
     ndim = 2
+
+    def prepare(self, grids: torch.Tensor, window: FourierWindow, pad: int) -> torch.Tensor:
+        return grids
 
     def project(
         self, grids: torch.Tensor, orientations: torch.Tensor, window: FourierWindow, pad: int

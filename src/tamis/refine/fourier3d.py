@@ -19,13 +19,22 @@ import torch
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.padded_grid import (
     GridSplat,
+    SliceTiles,
     grid_shells,
     interpolate,
     relion_round,
     with_periodic_edge,
 )
 
-__all__ = ["section_positions", "project", "back_project", "splat_sections", "symmetrise"]
+__all__ = [
+    "section_positions",
+    "section_coordinates",
+    "project_sources",
+    "project",
+    "back_project",
+    "splat_sections",
+    "symmetrise",
+]
 
 #: Sections interpolated or splatted per call of the underlying kernel: bounds the temporary
 #: coordinate and row tensors to a few hundred MB for 64-px boxes.
@@ -49,24 +58,49 @@ def section_positions(
     return kx * a[:, None, 0, :] + ky * a[:, None, 1, :]
 
 
+def section_coordinates(
+    rotations: torch.Tensor, window: FourierWindow, pad: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`section_positions` axis by axis: ``(3, R * C)`` (x, y, z rows, each contiguous),
+    one small GEMM."""
+    r = rotations.shape[0]
+    coef = (pad * rotations[:, :2, :]).to(dtype).permute(2, 0, 1).reshape(3 * r, 2)
+    k = torch.stack([window.kx, window.ky]).to(coef.device, dtype)
+    return (coef @ k).view(3, -1)
+
+
+def project_sources(grids: torch.Tensor, window: FourierWindow, *, pad: int = 2) -> SliceTiles:
+    """``grids`` ``(K, E, E, E)`` as :func:`project` reads them for windows up to ``window``'s
+    size: laid out once for all the projections of an iteration (:class:`SliceTiles`, the cube
+    that pixels up to the window's edge reach)."""
+    planes = torch.view_as_real(grids).permute(0, 4, 1, 2, 3)  # (K, 2, E, E, E)
+    reach = pad * (window.size // 2 + 1)  # the window's pixels have ROUND(|k|) <= size // 2
+    return SliceTiles(planes, centre=pad * window.box // 2, reach=reach)
+
+
 def project(
-    grids: torch.Tensor, rotations: torch.Tensor, window: FourierWindow, *, pad: int = 2
+    grids: torch.Tensor | SliceTiles,
+    rotations: torch.Tensor,
+    window: FourierWindow,
+    *,
+    pad: int = 2,
 ) -> torch.Tensor:
     """Central sections ``(K, R, C)`` (complex64) of every class at every rotation ``(R, 3, 3)``,
     on the window's pixels: ``P(k) = F(pad A^T k)``, trilinear; zero outside the disc of the
-    window's size."""
-    k = grids.shape[0]
-    dev = grids.device
-    planes = torch.view_as_real(grids).permute(0, 4, 1, 2, 3)  # (K, 2, E, E, E)
-    disc = window.in_disc.to(dev)
+    window's size. ``grids``: padded grids ``(K, E, E, E)`` (complex64), or
+    :func:`project_sources` of them for a window at least this large."""
+    tiles = grids if isinstance(grids, SliceTiles) else project_sources(grids, window, pad=pad)
+    k = len(tiles)
+    dev = tiles.image.device
+    rim = torch.nonzero(~window.in_disc.to(dev)).squeeze(1)
     c = len(window)
     out = torch.empty((k, rotations.shape[0], c), dtype=torch.complex64, device=dev)
-    centre = pad * window.box // 2
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, rotations.shape[0], step):
-        q = section_positions(rotations[s : s + step].to(dev), window, pad, planes.dtype)
-        vals = interpolate(planes, q.reshape(-1, 3), centre=centre).reshape(k, 2, -1, c)
-        out[:, s : s + q.shape[0]] = torch.complex(vals[:, 0], vals[:, 1]) * disc
+        xyz = section_coordinates(rotations[s : s + step].to(dev), window, pad, tiles.image.dtype)
+        vals = torch.view_as_complex(tiles.sample(xyz[0], xyz[1], xyz[2]))  # (K, R' C)
+        out[:, s : s + step] = vals.view(k, -1, c)
+    out[:, :, rim] = 0
     return out
 
 
@@ -109,8 +143,8 @@ def splat_sections(
     disc = window.in_disc.to(dev)
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, n_rot, step):
-        q = section_positions(rotations[s : s + step].to(dev), window, pad, splat.sum_dtype)
-        splat.add(q.reshape(-1, 3), data[:, s : s + step] * disc, weight[:, s : s + step] * disc)
+        xyz = section_coordinates(rotations[s : s + step].to(dev), window, pad, splat.sum_dtype)
+        splat.add(xyz.T, data[:, s : s + step] * disc, weight[:, s : s + step] * disc)
 
 
 def symmetrise(

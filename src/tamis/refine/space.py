@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from tamis.class2d.fourier2d import FourierWindow
-from tamis.padded_grid import GridSplat
-from tamis.refine.fourier3d import project, splat_sections, symmetrise
+from tamis.padded_grid import GridSplat, SliceTiles
+from tamis.refine.fourier3d import project, project_sources, splat_sections, symmetrise
 from tamis.symmetry import canonical_symmetry, symmetry_operators
 
 __all__ = ["VolumeSpace"]
@@ -24,8 +24,15 @@ class VolumeSpace:
         self.sym = canonical_symmetry(sym)
         self.operators = symmetry_operators(self.sym)
 
+    def prepare(self, grids: torch.Tensor, window: FourierWindow, pad: int) -> SliceTiles:
+        return project_sources(grids, window, pad=pad)
+
     def project(
-        self, grids: torch.Tensor, orientations: torch.Tensor, window: FourierWindow, pad: int
+        self,
+        grids: torch.Tensor | SliceTiles,
+        orientations: torch.Tensor,
+        window: FourierWindow,
+        pad: int,
     ) -> torch.Tensor:
         return project(grids, orientations, window, pad=pad)
 
