@@ -206,10 +206,13 @@ class SliceTiles:
     iteration of a local auto-refine search (box 64) the 3D kernel took 15 of 47 s. Here tile
     ``j`` of a ``(K, 2 Ch, H, W)`` image holds slice ``j - 1`` in its first ``Ch`` channels and
     slice ``j`` in the others (slices outside the grid are zero), each tile followed by a zero
-    row and column so that no sample reaches a neighbouring tile; the tiles fill a square, which
-    keeps float32 image coordinates within ~1e-4 voxel (the 3D kernel's ~1e-5 on a 129-voxel
-    grid; RELION's GPU textures resolve 1/256). One 2D sample of the ``2 Ch`` channels at
-    ``(x, y)`` in tile ``floor(z) + 1`` then gives both slices.
+    row and column so that no sample reaches a neighbouring tile. One 2D sample of the ``2 Ch``
+    channels at ``(x, y)`` in tile ``floor(z) + 1`` gives both slices.
+
+    Costs: the image holds each voxel twice (2x the grid's memory: ~26 MB for a box-64 grid
+    at pad 2, ~2.2 GB per class at box 256). The tiles fill a square about ``n^1.5`` voxels
+    wide, and float32 image coordinates resolve ~1e-7 of that: ~1e-4 voxel at box 64, ~1e-3
+    at box 256 and pad 2 (the 3D kernel's ~1e-5; RELION's GPU textures resolve 1/256 voxel).
 
     ``reach``: no position lies further than this from the centre along any axis; only the
     cube of voxels those positions touch is laid out (as :class:`GridSplat`'s ``reach``).

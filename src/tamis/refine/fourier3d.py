@@ -27,7 +27,6 @@ from tamis.padded_grid import (
 )
 
 __all__ = [
-    "section_positions",
     "section_coordinates",
     "project_sources",
     "project",
@@ -41,28 +40,14 @@ __all__ = [
 _MAX_POINTS = 1 << 21
 
 
-def section_positions(
-    rotations: torch.Tensor,
-    window: FourierWindow,
-    pad: int,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Grid positions ``pad A^T (kx, ky, 0)`` ``(R, C, 3)`` as (x, y, z), in ``dtype``.
-
-    :func:`project` and :func:`splat_sections` take them in the precision they interpolate
-    or sum in (float32 for complex64 grids and 3D splats: about 1e-5 grid units, far below
-    what trilinear weights resolve in single precision anyway, at half the memory traffic)."""
-    a = (pad * rotations).to(dtype)
-    kx = window.kx.to(a.device, dtype)[None, :, None]
-    ky = window.ky.to(a.device, dtype)[None, :, None]
-    return kx * a[:, None, 0, :] + ky * a[:, None, 1, :]
-
-
 def section_coordinates(
     rotations: torch.Tensor, window: FourierWindow, pad: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """:func:`section_positions` axis by axis: ``(3, R * C)`` (x, y, z rows, each contiguous),
-    one small GEMM."""
+    """Grid positions ``pad A^T (kx, ky, 0)`` of every rotation's section, axis by axis:
+    ``(3, R * C)`` (x, y, z rows, each contiguous, rotation-major), in ``dtype``, from one
+    small GEMM. :func:`project` and :func:`splat_sections` take them in the precision they
+    interpolate or sum in (float32 for complex64 grids and 3D splats: about 1e-5 grid units,
+    far below what trilinear weights resolve in single precision anyway)."""
     r = rotations.shape[0]
     coef = (pad * rotations[:, :2, :]).to(dtype).permute(2, 0, 1).reshape(3 * r, 2)
     k = torch.stack([window.kx, window.ky]).to(coef.device, dtype)
