@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,33 @@ def test_continue_resumes_from_the_written_iteration(sim: Path, refined):
     assert more.iteration == 6 and more.map == res.map
     # the sampling state came back: iteration 5 ran locally at HEALPix order 2
     assert any("iteration   5" in line and "(local)" in line for line in logs)
+
+
+def test_continue_reads_the_run_options_back(refined):
+    """On --continue the options RELION keeps in the run's files come back from them, not from
+    the command line's defaults: the local-search order, the join resolution, the solvent mask
+    and its FSC correction (data_optimiser_general) and the padding (the model); an option the
+    user typed (``changed``) wins, as in RELION."""
+    from tamis.class2d.files import continued_options, read_continue
+
+    root, _, _ = refined
+    src = Path(f"{root}_it004_optimiser.star")
+    blocks = read_star(src)
+    general = blocks["optimiser_general"]
+    general.update(
+        rlnJoinHalvesUntilThisResolution=30.0, rlnSolventMaskName="mask.mrc",
+        rlnDoSolventFscCorrection=1,
+    )  # fmt: skip
+    edited = src.with_name("edited_it004_optimiser.star")
+    write_star(blocks, edited)
+    defaults = AutoRefineOptions()  # what the CLI builds on --continue
+    got = continued_options(read_continue(edited), defaults, frozenset())
+    assert (got.auto_local_healpix_order, defaults.auto_local_healpix_order) == (2, 4)
+    assert got.low_resol_join_halves == 30.0 and got.solvent_mask == "mask.mrc"
+    assert got.solvent_correct_fsc and got.pad == 2 and got.sym == "C1"
+    typed = replace(defaults, auto_local_healpix_order=3, pad=1)
+    got = continued_options(read_continue(edited), typed, {"auto_local_healpix_order", "pad"})
+    assert (got.auto_local_healpix_order, got.pad) == (3, 1)
 
 
 def test_continue_keeps_the_point_group(sim: Path, tmp_path: Path):

@@ -468,7 +468,8 @@ def continued_options(
 ) -> Class2DOptions:
     """Options for ``--continue``: what the optimiser/sampling files say, except the runtime
     options and those the user ``changed`` (RELION lets T, the mask diameter, the sampling, the
-    E-step limit, --norm/--scale and solvent flattening change on continue)."""
+    E-step limit, --norm/--scale, solvent flattening, the solvent mask, --pad and
+    --auto_local_healpix_order change on continue)."""
     opt, smp = cont.optimiser, cont.sampling
     pixel = float(cont.model_general.get("rlnPixelSize", 1.0)) or 1.0
 
@@ -523,9 +524,21 @@ def continued_options(
         offset_range=float(smp.get("rlnOffsetRange", given.offset_range * pixel)) / pixel,
         offset_step=float(smp.get("rlnOffsetStep", given.offset_step * pixel)) / pixel,
     )
-    if "sym" in {f.name for f in fields(given)} and "rlnSymmetryGroup" in smp:
-        # 3D: the point group of the run (RELION reads it back from the sampling file)
-        from_file["sym"] = str(smp["rlnSymmetryGroup"])
+    if "rlnPaddingFactor" in cont.model_general:
+        from_file["pad"] = int(float(cont.model_general["rlnPaddingFactor"]))
+    # options only some runs have (3D, auto-refine), as RELION reads them back: the point
+    # group from the sampling file, the rest from data_optimiser_general
+    has = {f.name for f in fields(given)}
+    read_back = {
+        "sym": (smp, "rlnSymmetryGroup", str),
+        "auto_local_healpix_order": (opt, "rlnAutoLocalSearchesHealpixOrder", int),
+        "low_resol_join_halves": (opt, "rlnJoinHalvesUntilThisResolution", float),
+        "solvent_mask": (opt, "rlnSolventMaskName", lambda v: "" if str(v) == "None" else str(v)),
+        "solvent_correct_fsc": (opt, "rlnDoSolventFscCorrection", lambda v: bool(int(v))),
+    }
+    for name, (table, label, convert) in read_back.items():
+        if name in has and label in table:
+            from_file[name] = convert(table[label])
     keep = set(changed) | RUNTIME_OPTIONS
     return replace(
         given, **{k: v for k, v in from_file.items() if k not in keep or k in ("K", "grad")}

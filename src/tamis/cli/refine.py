@@ -171,7 +171,8 @@ def refine(
     )
     names = {
         "tau2_fudge", "particle_diameter", "zero_mask", "flatten_solvent", "grad_write_iter",
-        "iter", "norm", "scale", "solvent_mask", "solvent_correct_fsc",
+        "iter", "norm", "scale", "solvent_mask", "solvent_correct_fsc", "pad",
+        "auto_local_healpix_order",
     }  # fmt: skip
     changed = {
         n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"
