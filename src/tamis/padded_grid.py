@@ -12,6 +12,7 @@ tensors' shapes: ``(K, N, N)`` images or ``(K, N, N, N)`` volumes.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -167,17 +168,13 @@ def interpolate(
     nd = planes.ndim - 2
     e = planes.shape[-1]
     centre = (e - 1) // 2 if centre is None else centre
-    # On the CPU grid_sample runs only the entries of its batch in parallel, so one class (as
-    # in auto-refine) used one thread: there the positions are dealt out in groups, a batch
-    # entry each, over one class (expanded, not copied) at a time.
-    groups = 2 * torch.get_num_threads() if planes.device.type == "cpu" else 1
     out = torch.empty((k, ch, positions.shape[0]), dtype=planes.dtype, device=planes.device)
     for s in range(0, positions.shape[0], max_points):
         pos = positions[s : s + max_points]
         n = pos.shape[0]
         coords = ((pos + centre) * (2.0 / (e - 1)) - 1.0).to(planes.dtype)
-        g = min(groups, max(1, n // _GROUP_POINTS))
-        if g <= k:  # the classes are enough: one batch entry per class
+        g = _point_groups(n, k, planes.device)
+        if g == 1:  # one batch entry per class
             shared = coords.reshape((1, -1) + (1,) * (nd - 1) + (nd,))
             v = _grid_sample(planes, shared.expand((k,) + (-1,) * nd + (nd,)))
             out[:, :, s : s + n] = v.reshape(k, ch, -1)
@@ -190,6 +187,17 @@ def interpolate(
             v = _grid_sample(planes[c : c + 1].expand((g,) + planes.shape[1:]), coords)
             out[c, :, s : s + n] = v.reshape(g, ch, -1).transpose(0, 1).reshape(ch, -1)[:, :n]
     return out
+
+
+def _point_groups(p: int, k: int, device: torch.device) -> int:
+    """How many batch entries ``grid_sample`` gets for one class's ``p`` points. On the CPU it
+    runs only the entries of its batch in parallel, so with fewer classes than twice the
+    threads (auto-refine: one) the points are dealt out in groups (of at least
+    ``_GROUP_POINTS``), a batch entry each, one class (expanded, not copied) at a time;
+    1: one batch entry per class, all points."""
+    groups = 2 * torch.get_num_threads() if device.type == "cpu" else 1
+    g = min(groups, max(1, p // _GROUP_POINTS))
+    return 1 if g <= k else g
 
 
 def _grid_sample(planes: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
@@ -254,8 +262,7 @@ class SliceTiles:
 
     def __getitem__(self, classes: slice) -> SliceTiles:
         """The tiles of some classes (a view, not a copy)."""
-        out = object.__new__(SliceTiles)
-        out.__dict__.update(self.__dict__)
+        out = copy.copy(self)
         out.image = self.image[classes]
         return out
 
@@ -276,12 +283,9 @@ class SliceTiles:
             y = y.clamp(-1 - o, n - o)
             x = torch.where((tile < 0) | (tile > n), float(-1 - o), x)
             tile = tile.clamp(0, n)
-        # On the CPU grid_sample runs its batch entries in parallel: one class's points are
-        # dealt out in groups, a batch entry each (padded with the centre, dropped); with
-        # enough classes, or few points, one batch entry per class.
-        groups = 2 * torch.get_num_threads() if img.device.type == "cpu" else 1
-        g = min(groups, max(1, p // _GROUP_POINTS))
-        g = 1 if g <= k else g
+        # the points dealt out as interpolate() does (padded to a multiple of the groups with
+        # the image's centre, whose samples are dropped)
+        g = _point_groups(p, k, img.device)
         m = -(-p // g) * g
         coords = torch.empty((m, 2), dtype=dt, device=img.device)
         torch.index_select(self._at_zero, 0, tile, out=coords[:p])

@@ -524,12 +524,11 @@ def continued_options(
         offset_range=float(smp.get("rlnOffsetRange", given.offset_range * pixel)) / pixel,
         offset_step=float(smp.get("rlnOffsetStep", given.offset_step * pixel)) / pixel,
     )
-    if "rlnPaddingFactor" in cont.model_general:
-        from_file["pad"] = int(float(cont.model_general["rlnPaddingFactor"]))
-    # options only some runs have (3D, auto-refine), as RELION reads them back: the point
-    # group from the sampling file, the rest from data_optimiser_general
+    # as RELION reads them back: the padding from the model, and options only some runs have
+    # (3D, auto-refine): the point group from the sampling file, the rest from the optimiser
     has = {f.name for f in fields(given)}
     read_back = {
+        "pad": (cont.model_general, "rlnPaddingFactor", lambda v: int(float(v))),
         "sym": (smp, "rlnSymmetryGroup", str),
         "auto_local_healpix_order": (opt, "rlnAutoLocalSearchesHealpixOrder", int),
         "low_resol_join_halves": (opt, "rlnJoinHalvesUntilThisResolution", float),
