@@ -1,11 +1,14 @@
-"""One iteration of an auto-refine job continued from its files, timed: the A/B driver for the
-3D kernels (run it with two versions of the code, alternating, on the same files).
+"""One iteration of an auto-refine or 2D classification job continued from its files, timed: the
+A/B driver for the E/M kernels (run it with two versions of the code, alternating, on the same
+files).
 
-usage: .venv/bin/python benchmarks/refine_iteration.py RUN_itNNN_optimiser.star [--save OUT.pt]
+usage: .venv/bin/python benchmarks/refine_iteration.py RUN_itNNN_optimiser.star [--class2d]
+[--repeat R] [--save OUT.pt]
 
 Runs iteration NNN + 1 as ``--continue`` would (same options, ``--j 2``) but writes no files;
-prints its wall time. ``--save`` keeps the half maps, angles and origins for comparing two
-versions' results."""
+prints its wall time (with ``--class2d``: a Class2D job, EM or VDAM, also the E-step and M-step
+seconds). ``--repeat R`` runs it R times from the same files in one process. ``--save`` keeps
+the references, angles and origins of the last run for comparing two versions' results."""
 
 from __future__ import annotations
 
@@ -19,7 +22,10 @@ import numpy as np
 import torch
 
 from tamis._malloc import keep_freed_memory
+from tamis.class2d.em import _run_class
 from tamis.class2d.files import continued_options, read_continue
+from tamis.class2d.likelihood import GEMM_STATS
+from tamis.class2d.state import Class2DOptions
 from tamis.io.particles import ParticleSet
 from tamis.refine.auto_refine import AutoRefineOptions, AutoRefineRun
 
@@ -29,25 +35,38 @@ def main() -> None:
     ap.add_argument("optimiser", type=Path)
     ap.add_argument("--j", type=int, default=2)
     ap.add_argument("--save", default="")
+    ap.add_argument("--class2d", action="store_true", help="a Class2D job (EM or VDAM)")
+    ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     keep_freed_memory()
+    torch.set_num_threads(a.j)
     opt = a.optimiser.resolve()
     it = int(re.search(r"_it(\d+)_optimiser", opt.name).group(1)) + 1
     os.chdir(opt.parent.parent)  # the paths in the files are relative to the project
     cont = read_continue(opt)
-    options = continued_options(cont, AutoRefineOptions(j=a.j), frozenset())
+    base = Class2DOptions(j=a.j) if a.class2d else AutoRefineOptions(j=a.j)
+    options = continued_options(cont, base, frozenset())
+    run_type = _run_class(options) if a.class2d else AutoRefineRun
     scratch = Path("/tmp") / f"refine_iteration_{os.getpid()}" / "run"
-    run = AutoRefineRun(ParticleSet.from_file(cont.data_path), options, str(scratch))
-    run.load_continue(opt)
-    t0 = time.perf_counter()
-    run.iterate(it)
-    seconds = time.perf_counter() - t0
-    print(f"iteration {it}: {seconds:.1f} s (size {run.current_size})", flush=True)
+    particles = ParticleSet.from_file(cont.data_path)
+    for _ in range(a.repeat):
+        run = run_type(particles, options, str(scratch), log=lambda _: None)
+        run.load_continue(opt)
+        e0, m0 = GEMM_STATS["estep_seconds"], GEMM_STATS["mstep_seconds"]
+        t0 = time.perf_counter()
+        run.iterate(it)
+        seconds = time.perf_counter() - t0
+        split = ""
+        if a.class2d:
+            e, m = GEMM_STATS["estep_seconds"] - e0, GEMM_STATS["mstep_seconds"] - m0
+            split = f", E-step {e:.2f} s, M-step {m:.2f} s"
+        print(f"iteration {it}: {seconds:.2f} s (size {run.current_size}{split})", flush=True)
     if a.save:
         angles = np.asarray(run.angles_of(np.arange(run.n)))
+        states = getattr(run, "states", None) or [run.state]
         torch.save(
             {
-                "refs": [s.refs.clone() for s in run.states],
+                "refs": [s.refs.clone() for s in states],
                 "angles": torch.as_tensor(angles),
                 "origin": torch.as_tensor(run.origin),
                 "seconds": seconds,

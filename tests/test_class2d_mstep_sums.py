@@ -15,7 +15,7 @@ from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.likelihood import BatchData, Hypotheses, dense_significance
 from tamis.class2d.mstep import accumulate
 from tamis.class2d.sampling import Sampling
-from tamis.class2d.shifts import ColumnSums, SeparableShifts
+from tamis.class2d.shifts import ColumnSums
 from tamis.class2d.state import WeightedSums
 
 
@@ -224,8 +224,8 @@ def _dense_hypotheses(w: torch.Tensor, active: torch.Tensor) -> Hypotheses:
 @pytest.mark.parametrize("halves", [False, True])
 def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
     """Every layout against the loops; "on a grid": translations on a regular grid, whose sums
-    over translations go row by row of the window (:class:`ColumnSums`) and whose per-particle
-    cross terms come from :class:`SeparableShifts` (taken whatever they save, here); by class
+    over translations go column by column of the window and whose cross terms come per class
+    from the first DFT stage (:class:`ColumnSums`, taken whatever it saves, here); by class
     on a grid, each class block's sums over translations as two small DFTs."""
     grid = layout.endswith("on a grid")
     data, proj, ramps, active, w, win, extra = _problem(grid=grid)
@@ -235,7 +235,6 @@ def test_weighted_sums_match_slow_loops(layout, halves, monkeypatch):
         t = extra["translations_px"]
         separable = dict(
             col_sums=ColumnSums.create(t, win.kx, win.ky, win.box),
-            shifts=SeparableShifts.create(t, win.kx, win.ky, win.box),
         )
         assert None not in separable.values()
         layout = layout.removesuffix(" on a grid")

@@ -88,6 +88,38 @@ def test_column_blocks_times_spread_cells_is_the_ramp_sum(size, monkeypatch):
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("size", [10, 13])
+def test_class_cross_matches_a_loop(size, monkeypatch):
+    """:meth:`ColumnSums.class_cross` (from :meth:`ColumnSums.spread`'s output) against
+    ``Re y_i(k) sum_(psi) conj(P_(c, psi)(k)) sum_t w(i, t, c, psi) exp(-2 pi i k.t / box)`` by
+    a numpy loop: 3 particles, 2 classes of 4 psi, weights only in part of the grid's cells."""
+    monkeypatch.setattr(shifts, "_WORTH", 10.0)
+    box, ka, pf = 16, 2, 4
+    win = FourierWindow.create(box, size)
+    t = _fine_grid(offset_range=5.0)  # a disc of the grid: 84 of its 100 cells
+    cs = ColumnSums.create(t, win.kx, win.ky, box)
+    assert cs is not None and cs.n_tx * cs.n_ty > len(t)  # some cells of the grid stay empty
+    g = torch.Generator().manual_seed(size)
+    w = torch.rand((3, len(t), ka * pf), generator=g)
+    y = torch.randn(3, len(win), dtype=torch.complex64, generator=g)
+    proj = torch.randn(ka * pf, len(win), dtype=torch.complex64, generator=g)
+    got = cs.class_cross(cs.spread(w), y, cs.class_refs(proj, ka)).numpy()
+    assert got.shape == (ka, 3, len(win))
+    kx, ky, tt = win.kx.numpy(), win.ky.numpy(), t.numpy()
+    wn, yn = w.numpy().astype(np.float64), y.numpy().astype(np.complex128)
+    pn = proj.numpy().astype(np.complex128)
+    ref = np.zeros((ka, 3, len(win)))
+    for i in range(3):
+        for c in range(ka):
+            m1 = np.zeros(len(win), dtype=np.complex128)
+            for r in range(c * pf, (c + 1) * pf):
+                for j, (tx, ty) in enumerate(tt):
+                    ramp = np.exp(-2j * math.pi * (kx * tx + ky * ty) / box)
+                    m1 += wn[i, j, r] * ramp * np.conj(pn[r])
+            ref[c, i] = (yn[i] * m1).real
+    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max())
+
+
 @pytest.mark.parametrize("oversampling", [0, 1, 2])
 @pytest.mark.parametrize("step", [2.0, 2 / 1.31, 1.5 / 1.06, 1 / 3, 2.6 / 1.244])
 def test_grids_in_any_step_are_found(step, oversampling):

@@ -648,7 +648,7 @@ class Class2DRun:
         # The dense passes' sums over translations as two small DFTs where the translation grid
         # allows (tamis.class2d.shifts). On the CPU only: measured there; on a GPU each GEMM they
         # replace is one launch and they are many small ones, not yet measured there.
-        shifts_f = shifts_c = col_sums = shifts_m = None
+        shifts_f = shifts_c = col_sums = None
         if dev.type == "cpu":
             e_kx, e_ky = window.kx[estep_pixels], window.ky[estep_pixels]
             shifts_f = SeparableShifts.create(t_f, e_kx, e_ky, self.box)
@@ -656,11 +656,6 @@ class Class2DRun:
                 shifts_c = SeparableShifts.create(t_c, cwin.kx, cwin.ky, self.box)
             # the M-step's, on every pixel of the window (its dense sums and its class blocks)
             col_sums = ColumnSums.create(t_f, window.kx, window.ky, self.box)
-            shifts_m = (
-                shifts_f
-                if o.strict_highres_exp <= 0
-                else SeparableShifts.create(t_f, window.kx, window.ky, self.box)
-            )
         if not oversampled:
             # single pass at the current size, on the E-step's pixels (the M-step's on all)
             proj_f = space.project(sources, psi_c, window, o.pad)
@@ -839,7 +834,6 @@ class Class2DRun:
                         max_rows=m_rows,
                         gemm_dtype=torch.bfloat16 if o.mstep_bf16 else torch.float32,
                         col_sums=col_sums,
-                        shifts=shifts_m,
                     )
                     if stream:
                         splat_sums(batch_proj, batch_orient)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tamis._threads import map_work, worker_count
 from tamis.class2d.fourier2d import FourierWindow, reconstruct, ssnr_arrays
 from tamis.class2d.likelihood import GEMM_STATS, BatchData, Hypotheses, count_gemm, real_rows
-from tamis.class2d.shifts import ColumnRefs, ColumnSums, SeparableShifts, gemm
+from tamis.class2d.shifts import ColumnSums, gemm
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.fourier import duplicate_half_column, radial_average, rfft2_centered, shell_index
 from tamis.masks import solvent_mask
@@ -243,13 +243,12 @@ def accumulate(
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
     col_sums: ColumnSums | None = None,
-    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """Add one batch's significant weights to ``sums``; return the new norm corrections ``(B,)``.
     ``gemm_dtype`` torch.bfloat16: the sums over translations as bfloat16 GEMMs
-    (:attr:`Class2DOptions.mstep_bf16`). ``col_sums`` and ``shifts`` (both for the window's
-    pixels): the fine translations as a regular grid, for the dense layout's sums over
-    translations (:class:`~tamis.class2d.shifts.ColumnSums`, :class:`SeparableShifts`).
+    (:attr:`Class2DOptions.mstep_bf16`). ``col_sums`` (for the window's pixels): the fine
+    translations as a regular grid, for the dense layout's sums over translations
+    (:class:`~tamis.class2d.shifts.ColumnSums`).
 
     Per (particle, orientation) pair ``m`` with weights ``W_m(t)`` over the fine translations,
     ``Mix_m = W_m @ ramps`` is one GEMM. The reconstruction sums per (class, psi) then take
@@ -267,7 +266,6 @@ def accumulate(
                 prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm[rows],
                 avg_norm=avg_norm, nsh=nsh, half=None if half is None else half[rows],
                 chunk=chunk, max_rows=max_rows, gemm_dtype=gemm_dtype, col_sums=col_sums,
-                shifts=shifts,
             )  # fmt: skip
 
         new_norm = torch.empty_like(old_norm, dtype=torch.float64)
@@ -280,7 +278,7 @@ def accumulate(
             groups=groups, scale=scale, ssnr_mask=ssnr_mask, translations_px=translations_px,
             prior_offset=prior_offset, pixel_size=pixel_size, old_norm=old_norm,
             avg_norm=avg_norm, nsh=nsh, half=half, max_rows=max_rows, gemm_dtype=gemm_dtype,
-            col_sums=col_sums, shifts=shifts,
+            col_sums=col_sums,
         )  # fmt: skip
     k, pf, c = proj_f.shape
     b = data.x.shape[0]
@@ -497,21 +495,23 @@ def _dense_sums_separable(
     q: torch.Tensor,
     cx: torch.Tensor,
     col_sums: ColumnSums,
-    shifts: SeparableShifts,
-    cols: ColumnRefs,
+    class_refs: list[tuple[torch.Tensor, torch.Tensor]],
     fimg_h: torch.Tensor,
-    cross_part: torch.Tensor,
     max_rows: int,
     gemm_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """:func:`_dense_sums_gemm` with the translations on a regular grid: the sums over
-    (particle, t) as :meth:`ColumnSums.add` (one GEMM per column of the window over
-    (particle, ty)) and each particle's cross term from :meth:`SeparableShifts.cross` (the
-    projections prepared as ``cols``). ``gemm_dtype`` applies to the per-column GEMMs."""
+    """:func:`_dense_sums_gemm` with the translations on a regular grid: the reconstruction sums
+    over (particle, t) as :meth:`ColumnSums.add` (one GEMM per column of the window over
+    (particle, ty)), added to ``fimg_h``, and the particles' cross terms with their weighted
+    projections per class and pixel (:meth:`ColumnSums.class_cross`, from the same first DFT
+    stage), returned as ``(Ka, len(members), C)``. ``gemm_dtype`` applies to the per-column
+    GEMMs of the sums."""
     _, tf, ra = w.shape
+    ka = class_refs[0][0].shape[0]
     c = q.shape[1]
     dev = q.device
-    acc = torch.zeros((c, 4, ra), dtype=torch.float32, device=dev)
+    acc = torch.zeros((c, 2, ra), dtype=torch.float32, device=dev)
+    u = torch.empty((ka, len(members), c), dtype=torch.float32, device=dev)
     # particles per piece: V (2 columns x n x n_ty x Ra floats) about max_rows x Ra, as the
     # GEMM path's pieces of rows (particle, t) (measured: 4096-16384 x Ra equally fast)
     per = 2 * len(col_sums.cols) * col_sums.n_ty * ra
@@ -519,17 +519,14 @@ def _dense_sums_separable(
     for s in range(0, len(members), step):
         idx = members[s : s + step]
         n = len(idx)
-        wp = w[idx]
-        v = col_sums.spread(wp)
-        col_sums.add(v, torch.stack([q[idx], cx[idx]]), acc, gemm_dtype)
-        GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 2)
+        v = col_sums.spread(w[idx])
+        col_sums.add(v, q[idx][None], acc, gemm_dtype)
+        # the sums' two DFT stages, and class_cross's GEMMs
+        GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 1) + 8.0 * n * col_sums.n_ty * ra * c
+        u[:, s : s + n] = col_sums.class_cross(v, cx[idx], class_refs)
         del v
-        xc = shifts.cross(cx[idx], cols)  # (n, Tf, Ra)
-        GEMM_STATS["mstep_flops"] += shifts.flops(n, ra)
-        dots = torch.bmm(xc.view(n, 1, tf * ra), wp.reshape(n, tf * ra, 1)).view(n)
-        cross_part[idx] = dots.to(torch.float64)
     fimg_h += torch.complex(acc[:, 0], acc[:, 1]).T
-    return torch.complex(acc[:, 2], acc[:, 3]).T
+    return u
 
 
 def _accumulate_dense(
@@ -555,7 +552,6 @@ def _accumulate_dense(
     max_rows: int = 8192,
     gemm_dtype: torch.dtype = torch.float32,
     col_sums: ColumnSums | None = None,
-    shifts: SeparableShifts | None = None,
 ) -> torch.Tensor:
     """:func:`accumulate` for dense weights ``W`` ``(B, Tf, R)`` (R = active classes x psi).
 
@@ -564,11 +560,12 @@ def _accumulate_dense(
     ``W^T [Y_q | Y_x]`` ``(R, 4C)`` gives the reconstruction sums and, per pixel,
     ``sum_r Re(conj(P_r) W^T Y_x)``, the cross term of the noise (and of the scale, per group);
     ``Y_x P^T`` ``(B * Tf, R)`` gives each particle's cross term for its norm correction
-    (:func:`_dense_sums_gemm`). With the translations on a regular grid (``col_sums`` and
-    ``shifts``) the same sums come from two small DFTs (:func:`_dense_sums_separable`). When few
-    (particle, class) blocks carry weight the sums go block by block (:func:`_class_block_sums`).
-    Particles are taken in pieces of one optics group, half set and (with ``--scale``, outside
-    the block path) group.
+    (:func:`_dense_sums_gemm`). With the translations on a regular grid (``col_sums``) the
+    reconstruction sums come from two small DFTs and the cross terms from the first one's output
+    contracted with ``conj(P)`` per class, per particle and pixel (:func:`_dense_sums_separable`).
+    When few (particle, class) blocks carry weight the sums go block by block
+    (:func:`_class_block_sums`). Particles are taken in pieces of one optics group, half set and
+    (with ``--scale``, on the GEMM path only) group.
     """
     w = hyp.dense
     assert w is not None and hyp.active is not None
@@ -597,7 +594,10 @@ def _accumulate_dense(
     by_class = float(in_class.float().mean()) < BLOCK_FRACTION
     # pieces of one (optics group, half set, group); the group only matters for the scale, and
     # not to the block path, which has the scale's cross term per particle
-    per_group = with_scale and not by_class
+    # pieces of one (optics group, half set, group); the group only matters for the scale's
+    # cross term where it is summed over a piece (the GEMM path)
+    separable = col_sums is not None and not by_class
+    per_group = with_scale and not by_class and not separable
     piece = torch.stack([optics, halves, groups if per_group else zeros], 1)
     slots = sums.fimg.shape[0]
     fimg = torch.zeros((2, ra, c), dtype=torch.complex64, device=dev)
@@ -605,7 +605,9 @@ def _accumulate_dense(
     cross_part = torch.zeros(b, dtype=torch.float64, device=dev)
     xa_sum = torch.zeros(n_groups, dtype=torch.float64, device=dev)
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
-    cols = None  # the projections by column, made once for the separable pieces
+    # the projections by column and class, made once for the separable pieces
+    class_refs = col_sums.class_refs(p, ka) if separable else None
+    mask_c = ssnr_mask[active].to(torch.float32) if with_scale else None  # (Ka, C)
     # the block path's pieces run side by side (tamis._threads): each gets its share of the
     # memory bound
     block_pairs = max(1, max_rows // pf // worker_count(dev))
@@ -622,26 +624,20 @@ def _accumulate_dense(
                 g_m = groups[members]
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
-        if col_sums is not None and shifts is not None:
-            if cols is None:
-                cols = shifts.prepare(p)
-            gx = _dense_sums_separable(
-                w,
-                members,
-                q,
-                cx,
-                col_sums,
-                shifts,
-                cols,
-                fimg[h],
-                cross_part,
-                max_rows,
-                gemm_dtype,
-            )
-        else:
-            gx = _dense_sums_gemm(
-                w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype
-            )
+        if separable:
+            u = _dense_sums_separable(
+                w, members, q, cx, col_sums, class_refs, fimg[h], max_rows, gemm_dtype
+            )  # (Ka, n, C): Re(c X conj(P) Mix) per class, particle and pixel
+            cross_part[members] = u.sum((0, 2), dtype=torch.float64)
+            cross_pix[o] += u.sum((0, 1), dtype=torch.float64)
+            if with_scale:
+                g_m = groups[members]
+                xa_part = (u * mask_c[:, None, :]).sum((0, 2), dtype=torch.float64)
+                xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
+            continue
+        gx = _dense_sums_gemm(
+            w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype
+        )
         corr = (gx * p.conj()).real  # (Ra, C)
         cross_pix[o] += corr.sum(0, dtype=torch.float64)
         if with_scale:

@@ -415,6 +415,53 @@ class ColumnSums:
             # rows (set, pixel, Re/Im) -> out[pixel, (set, Re/Im)]
             out[pix] += prod.view(m, nk, 2, r).permute(1, 0, 2, 3).reshape(nk, 2 * m, r)
 
+    def class_refs(
+        self, p: torch.Tensor, n_classes: int
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Projections ``(R, C)`` (complex; R = classes x psi, class-major) for
+        :meth:`class_cross`: per window column the pair ``[Re P | -Im P]``, ``[Im P | Re P]``,
+        each ``(n_classes, Pf, 2 nky)``."""
+        r = p.shape[0]
+        out = []
+        for pix in self.cols:
+            pj = p[:, pix].view(n_classes, r // n_classes, len(pix))
+            out.append(
+                (
+                    torch.cat([pj.real, -pj.imag], 2).contiguous(),
+                    torch.cat([pj.imag, pj.real], 2).contiguous(),
+                )
+            )
+        return out
+
+    def class_cross(
+        self, v: torch.Tensor, y: torch.Tensor, refs: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """``u(c, i, k) = Re y_i(k) sum_(r in class c) conj(P_r(k)) sum_t W(i, t, r) ramp_t(k)``
+        as ``(n_classes, n, C)`` float32 (the window's pixel order), for ``V`` of :meth:`spread`
+        (``n`` particles), data ``y`` ``(n, C)`` (complex) and projections from
+        :meth:`class_refs`: the particles' cross terms with their weighted projections, per
+        class and pixel, without forming the sums over particles (:meth:`add`) or a cross term
+        per translation.
+
+        Per column two batched GEMMs over the classes contract ``V`` with ``conj(P)`` over psi
+        (``U = conj(P) V``, ``(n n_ty, Pf) x (Pf, 2 nky)`` per class, Re and Im side by side);
+        then ``Re sum_ty [y ramp_o ey](k; i, ty) U(k; i, ty)`` is one product and one sum."""
+        n, c = y.shape
+        ka, pf = refs[0][0].shape[:2]
+        n_ty = self.n_ty
+        out = torch.empty((ka, n, c), dtype=torch.float32, device=y.device)
+        for j, pix in enumerate(self.cols):
+            nk = len(pix)
+            p_re, p_im = refs[j]
+            # V's rows (particle, ty), columns (class, psi): per class (n n_ty, Pf)
+            v_re = v[2 * j].view(n * n_ty, ka, pf).transpose(0, 1)
+            v_im = v[2 * j + 1].view(n * n_ty, ka, pf).transpose(0, 1)
+            u = torch.bmm(v_re, p_re).baddbmm_(v_im, p_im)  # [Re U | Im U], (Ka, n n_ty, 2 nky)
+            g = y[:, pix][:, None, :] * self.a[j].T[None]  # y ramp_o ey, (n, n_ty, nky)
+            u = u.view(ka, n, n_ty, 2 * nk).mul_(torch.cat([g.real, -g.imag], 2))
+            out[:, :, pix] = u.view(ka, n, 2 * n_ty, nk).sum(2)
+        return out
+
     def flops(self, n: int, r: int, m: int) -> float:
         """Floating-point operations of :meth:`spread` and :meth:`add` (``n`` particles, ``r``
         orientations, ``m`` data sets)."""
