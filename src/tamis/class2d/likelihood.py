@@ -933,7 +933,10 @@ def _dense_pass(
     ra = ka * npf
     tf = ramps_fine.shape[0]
     ramps_e = ramps_fine if fp.shifts is not None else ramps_fine[:, e]  # (unused with shifts)
-    logw = _log_weights(w2e * ctfe * xe, w2e * ctfe * ctfe, pf.reshape(ra, -1), ramps_e, fp.shifts)
+    refs = prepare_refs(pf.reshape(ra, -1), fp.shifts)
+    logw = _log_weights(w2e * ctfe * xe, None, refs, ramps_e, fp.shifts)  # 2 cross, (B, Tf, Ra)
+    a = (w2e * ctfe * ctfe) @ refs.norm2.T  # (B, Ra)
+    count_gemm(b, refs.norm2.shape[1], ra)
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (
@@ -943,10 +946,13 @@ def _dense_pass(
     if fp.log_prior_orient is not None:
         parent = parent + fp.log_prior_orient[:, None, None, :]
     parent = torch.where(sig.permute(0, 3, 1, 2), parent, -math.inf).to(torch.float32)
-    logw.view(b, tc, n_over_trans, ka, pc, n_over_psi).add_(parent[:, :, None, :, :, None])
-    lse = dense_significance(logw.view(b, tf * ra), fraction) - data.const(e)
+    # the parent's prior minus A per (coarse t, fine orientation), added in one pass
+    add = parent[..., None] - a.view(b, 1, ka, pc, n_over_psi)  # (B, Tc, Ka, Pc, n_over_psi)
+    logw.view(b, tc, n_over_trans, ra).add_(add.reshape(b, tc, 1, ra))
+    del add
+    lse, pmax, arg = dense_significance(logw.view(b, tf * ra), fraction, best=True)
+    lse = lse - data.const(e)
     w = logw
-    pmax, arg = w.view(b, -1).max(1)
     r_best = arg % ra
     empty = torch.zeros(0, dtype=torch.long, device=dev)
     return Hypotheses(
@@ -957,7 +963,7 @@ def _dense_pass(
         best_cls=active[r_best // npf],
         best_psi=r_best % npf,
         best_trans=arg // ra,
-        pmax=pmax.to(torch.float64),
+        pmax=pmax,
         n_significant=n_sig,
         loglik=lse - data.log_norm(e),
         dense=w,
@@ -966,12 +972,13 @@ def _dense_pass(
 
 
 def dense_significance(
-    logw: torch.Tensor, fraction: float, max_elements: int = 1 << 22
-) -> torch.Tensor:
+    logw: torch.Tensor, fraction: float, max_elements: int = 1 << 22, *, best: bool = False
+):
     """In place: per row of ``logw`` ``(B, S)`` (float32, ``-inf`` for excluded samples) the
     normalised weights of the samples that together carry ``fraction`` of the weight, zero
     elsewhere (RELION's rule, as :func:`_pair_significance`); returns the rows' logsumexp
-    (float64).
+    (float64), and with ``best`` also each row's largest normalised weight (float64) and its
+    column, found with the row's maximum (the first of equal log-weights).
 
     The weights' mass is histogrammed per row by the top bits of their float32 patterns
     (monotone in the value for non-negative floats; :data:`_SIG_SHIFT` sets 32 bins per octave);
@@ -981,26 +988,33 @@ def dense_significance(
     """
     rows = max(1, max_elements // max(logw.shape[1], 1))
     if logw.shape[0] > rows:
-        return torch.cat(
-            [
-                dense_significance(logw[s : s + rows], fraction, max_elements)
-                for s in range(0, logw.shape[0], rows)
-            ]
-        )
-    mx = logw.amax(dim=1, keepdim=True)
+        parts = [
+            dense_significance(logw[s : s + rows], fraction, max_elements, best=best)
+            for s in range(0, logw.shape[0], rows)
+        ]
+        if best:
+            return tuple(torch.cat(x) for x in zip(*parts, strict=True))
+        return torch.cat(parts)
+    if best:
+        mx, arg = logw.max(dim=1, keepdim=True)
+    else:
+        mx = logw.amax(dim=1, keepdim=True)
     # Relative log-weights below -80 (weights < 2e-35, and the excluded -inf) are raised to -80
     # before exp: exp is several times slower on arguments that underflow. Their mass (< S x
     # 2e-35) is nothing beside the 1 - fraction cut, so the threshold below zeroes them again.
     w = logw.sub_(mx).clamp_(min=-80.0).exp_()
     total = w.sum(1).to(torch.float64)
-    w.div_(total.to(torch.float32)[:, None])
+    total32 = total.to(torch.float32)
+    w.div_(total32[:, None])
     lse = mx.squeeze(1).to(torch.float64) + torch.log(total)
     if fraction >= 1:
         # everything is kept but what was excluded (or under the exp floor)
         floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
         w.masked_fill_(w <= floor[:, None], 0.0)
-        return lse
-    mass, _ = _bin_mass(w)
-    thr = _fraction_threshold(w, mass, fraction).to(torch.float32)
-    w.mul_(w >= thr[:, None])  # 3x faster than masked_fill_ on the CPU
+    else:
+        mass, _ = _bin_mass(w)
+        thr = _fraction_threshold(w, mass, fraction).to(torch.float32)
+        w.mul_(w >= thr[:, None])  # 3x faster than masked_fill_ on the CPU
+    if best:  # the maximum's weight: exp(0) / total, in float32 as in w
+        return lse, (1.0 / total32).to(torch.float64), arg.squeeze(1)
     return lse
