@@ -35,14 +35,17 @@ def test_dense_significance_matches_full_sort(spread, max_elements):
     logw[rng.random((9, 400)) < 0.2] = -np.inf
     logw[4, :-1] = -np.inf  # a row with a single sample
     t = torch.from_numpy(logw).to(torch.float32)
-    t_best = t.clone()
-    lse = dense_significance(t, 0.999, max_elements=max_elements)
     # best=True: the same weights, and each row's largest weight where argmax of logw says
-    lse_b, pmax, arg = dense_significance(t_best, 0.999, max_elements=max_elements, best=True)
-    assert torch.equal(lse_b, lse) and torch.equal(t_best, t)
-    np.testing.assert_array_equal(arg.numpy(), np.argmax(logw.astype(np.float32), 1))
-    assert pmax.dtype == torch.float64
-    np.testing.assert_array_equal(pmax.numpy(), t.max(1).values.double().numpy())
+    # (also with every weight kept)
+    for fraction in (0.999, 1.0):
+        t_plain, t_best = t.clone(), t.clone()
+        lse = dense_significance(t_plain, fraction, max_elements=max_elements)
+        lse_b, pmax, arg = dense_significance(t_best, fraction, max_elements, best=True)
+        assert torch.equal(lse_b, lse) and torch.equal(t_best, t_plain)
+        np.testing.assert_array_equal(arg.numpy(), np.argmax(logw.astype(np.float32), 1))
+        assert pmax.dtype == torch.float64
+        np.testing.assert_array_equal(pmax.numpy(), t_plain.max(1).values.double().numpy())
+    lse = dense_significance(t, 0.999, max_elements=max_elements)
     for row in range(9):
         v = logw[row].astype(np.float32).astype(np.float64)
         ref_lse = np.logaddexp.reduce(v)

@@ -973,7 +973,7 @@ def _dense_pass(
 
 def dense_significance(
     logw: torch.Tensor, fraction: float, max_elements: int = 1 << 22, *, best: bool = False
-):
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """In place: per row of ``logw`` ``(B, S)`` (float32, ``-inf`` for excluded samples) the
     normalised weights of the samples that together carry ``fraction`` of the weight, zero
     elsewhere (RELION's rule, as :func:`_pair_significance`); returns the rows' logsumexp

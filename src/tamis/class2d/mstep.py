@@ -496,22 +496,26 @@ def _dense_sums_separable(
     cx: torch.Tensor,
     col_sums: ColumnSums,
     class_refs: list[tuple[torch.Tensor, torch.Tensor]],
+    mask: torch.Tensor | None,
     fimg_h: torch.Tensor,
     max_rows: int,
     gemm_dtype: torch.dtype,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """:func:`_dense_sums_gemm` with the translations on a regular grid: the reconstruction sums
     over (particle, t) as :meth:`ColumnSums.add` (one GEMM per column of the window over
-    (particle, ty)), added to ``fimg_h``, and the particles' cross terms with their weighted
-    projections per class and pixel (:meth:`ColumnSums.class_cross`, from the same first DFT
-    stage), returned as ``(Ka, len(members), C)``. ``gemm_dtype`` applies to the per-column
-    GEMMs of the sums."""
-    _, tf, ra = w.shape
-    ka = class_refs[0][0].shape[0]
+    (particle, ty)), added to ``fimg_h``, and the cross terms from the particles' ``u = Re(c X
+    conj(P) Mix)`` per class and pixel (:meth:`ColumnSums.class_cross`, from the same first DFT
+    stage), summed piece by piece: per particle of ``members`` ``(n,)``, per pixel ``(C,)``
+    and, with ``mask`` ``(Ka, C)`` (the scale's pixels per class), per particle over the masked
+    pixels ``(n,)`` (else ``None``); float64. ``gemm_dtype`` applies to the per-column GEMMs of
+    the sums."""
+    ra = w.shape[2]
     c = q.shape[1]
     dev = q.device
     acc = torch.zeros((c, 2, ra), dtype=torch.float32, device=dev)
-    u = torch.empty((ka, len(members), c), dtype=torch.float32, device=dev)
+    per_particle = torch.empty(len(members), dtype=torch.float64, device=dev)
+    per_pixel = torch.zeros(c, dtype=torch.float64, device=dev)
+    masked = None if mask is None else torch.empty_like(per_particle)
     # particles per piece: V (2 columns x n x n_ty x Ra floats) about max_rows x Ra, as the
     # GEMM path's pieces of rows (particle, t) (measured: 4096-16384 x Ra equally fast)
     per = 2 * len(col_sums.cols) * col_sums.n_ty * ra
@@ -523,10 +527,14 @@ def _dense_sums_separable(
         col_sums.add(v, q[idx][None], acc, gemm_dtype)
         # the sums' two DFT stages, and class_cross's GEMMs
         GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 1) + 8.0 * n * col_sums.n_ty * ra * c
-        u[:, s : s + n] = col_sums.class_cross(v, cx[idx], class_refs)
+        u = col_sums.class_cross(v, cx[idx], class_refs)  # (Ka, n, C)
         del v
+        per_particle[s : s + n] = u.sum((0, 2), dtype=torch.float64)
+        per_pixel += u.sum((0, 1), dtype=torch.float64)
+        if masked is not None:
+            masked[s : s + n] = u.mul_(mask[:, None, :]).sum((0, 2), dtype=torch.float64)
     fimg_h += torch.complex(acc[:, 0], acc[:, 1]).T
-    return u
+    return per_particle, per_pixel, masked
 
 
 def _accumulate_dense(
@@ -592,10 +600,9 @@ def _accumulate_dense(
     step = max(1, max_rows // tf)
     in_class = wr.view(b, ka, pf).sum(2) > 0  # (B, Ka): (particle, class) blocks with weight
     by_class = float(in_class.float().mean()) < BLOCK_FRACTION
-    # pieces of one (optics group, half set, group); the group only matters for the scale, and
-    # not to the block path, which has the scale's cross term per particle
     # pieces of one (optics group, half set, group); the group only matters for the scale's
-    # cross term where it is summed over a piece (the GEMM path)
+    # cross term where it is summed over a piece (the GEMM path; the block and separable paths
+    # have it per particle)
     separable = col_sums is not None and not by_class
     per_group = with_scale and not by_class and not separable
     piece = torch.stack([optics, halves, groups if per_group else zeros], 1)
@@ -625,14 +632,12 @@ def _accumulate_dense(
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
         if separable:
-            u = _dense_sums_separable(
-                w, members, q, cx, col_sums, class_refs, fimg[h], max_rows, gemm_dtype
-            )  # (Ka, n, C): Re(c X conj(P) Mix) per class, particle and pixel
-            cross_part[members] = u.sum((0, 2), dtype=torch.float64)
-            cross_pix[o] += u.sum((0, 1), dtype=torch.float64)
+            cross_part[members], noise, xa_part = _dense_sums_separable(
+                w, members, q, cx, col_sums, class_refs, mask_c, fimg[h], max_rows, gemm_dtype
+            )  # fmt: skip
+            cross_pix[o] += noise
             if with_scale:
                 g_m = groups[members]
-                xa_part = (u * mask_c[:, None, :]).sum((0, 2), dtype=torch.float64)
                 xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
             continue
         gx = _dense_sums_gemm(

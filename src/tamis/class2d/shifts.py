@@ -336,7 +336,8 @@ class ColumnSums:
         n_tx, n_ty, dev = grid.n_tx, grid.n_ty, kx.device
         n_pix, nt = kxc.shape[0], grid.ix.shape[0]
         kx_cols, cols = _columns(kxc)
-        # multiply-adds per (particle, r) for two data sets: the columns', and one GEMM's
+        # multiply-adds per (particle, r): the columns' (the first stage, then the sums of one
+        # data set and class_cross's, 4 n_ty per pixel each), and one GEMM's for two data sets
         separable = 2.0 * len(cols) * n_tx * n_ty + 8.0 * n_pix * n_ty
         if separable > _WORTH * 4.0 * n_pix * nt:
             return None
@@ -422,6 +423,8 @@ class ColumnSums:
         :meth:`class_cross`: per window column the pair ``[Re P | -Im P]``, ``[Im P | Re P]``,
         each ``(n_classes, Pf, 2 nky)``."""
         r = p.shape[0]
+        if r % n_classes:
+            raise ValueError(f"{r} projections are not {n_classes} classes of equal size")
         out = []
         for pix in self.cols:
             pj = p[:, pix].view(n_classes, r // n_classes, len(pix))
