@@ -463,9 +463,13 @@ def _log_weights(
         count_gemm(b * t, 2 * c, r)
     if a_w is None:
         return logw
-    a = a_w @ refs.norm2.T  # (B, R)
-    count_gemm(b, c, r)
-    return logw.sub_(a[:, None, :])
+    return logw.sub_(_norm_terms(a_w, refs)[:, None, :])
+
+
+def _norm_terms(a_w: torch.Tensor, refs: PreparedRefs) -> torch.Tensor:
+    """``A(i, r) = sum_k a_w(i, k) |P_r(k)|²`` ``(B, R)``: one GEMM ``(B, C) x (C, R)``."""
+    count_gemm(a_w.shape[0], a_w.shape[1], refs.norm2.shape[0])
+    return a_w @ refs.norm2.T
 
 
 def cross_terms(
@@ -934,9 +938,8 @@ def _dense_pass(
     tf = ramps_fine.shape[0]
     ramps_e = ramps_fine if fp.shifts is not None else ramps_fine[:, e]  # (unused with shifts)
     refs = prepare_refs(pf.reshape(ra, -1), fp.shifts)
-    logw = _log_weights(w2e * ctfe * xe, None, refs, ramps_e, fp.shifts)  # 2 cross, (B, Tf, Ra)
-    a = (w2e * ctfe * ctfe) @ refs.norm2.T  # (B, Ra)
-    count_gemm(b, refs.norm2.shape[1], ra)
+    logw = cross_terms(w2e * ctfe * xe, refs, ramps_e, fp.shifts)  # 2 cross, (B, Tf, Ra)
+    a = _norm_terms(w2e * ctfe * ctfe, refs)  # (B, Ra)
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (

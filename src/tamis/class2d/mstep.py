@@ -525,8 +525,7 @@ def _dense_sums_separable(
         n = len(idx)
         v = col_sums.spread(w[idx])
         col_sums.add(v, q[idx][None], acc, gemm_dtype)
-        # the sums' two DFT stages, and class_cross's GEMMs
-        GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 1) + 8.0 * n * col_sums.n_ty * ra * c
+        GEMM_STATS["mstep_flops"] += col_sums.flops(n, ra, 1, class_cross=True)
         u = col_sums.class_cross(v, cx[idx], class_refs)  # (Ka, n, C)
         del v
         per_particle[s : s + n] = u.sum((0, 2), dtype=torch.float64)
@@ -592,7 +591,8 @@ def _accumulate_dense(
     wr = w.sum(1)  # (B, Ra)
     wsum = wr.sum(1).to(torch.float64)
     with_scale = ssnr_mask is not None
-    msk = ssnr_mask[active].repeat_interleave(pf, 0).to(torch.float32) if with_scale else None
+    mask_c = ssnr_mask[active].to(torch.float32) if with_scale else None  # (Ka, C)
+    msk = mask_c.repeat_interleave(pf, 0) if with_scale else None  # (Ra, C)
     n_opt = sums.sigma2_noise.shape[0]
     n_groups = sums.xa.shape[0]
     zeros = torch.zeros(b, dtype=torch.long, device=dev)
@@ -614,39 +614,36 @@ def _accumulate_dense(
     ramps_re = torch.view_as_real(ramps_f).reshape(tf, 2 * c)
     # the projections by column and class, made once for the separable pieces
     class_refs = col_sums.class_refs(p, ka) if separable else None
-    mask_c = ssnr_mask[active].to(torch.float32) if with_scale else None  # (Ka, C)
     # the block path's pieces run side by side (tamis._threads): each gets its share of the
     # memory bound
     block_pairs = max(1, max_rows // pf // worker_count(dev))
     for o, h, g in torch.unique(piece, dim=0).tolist():
         members = torch.nonzero((piece == piece.new_tensor([o, h, g])).all(1)).squeeze(1)
+        if not by_class and not separable:  # the GEMM path: the scale's term per piece
+            gx = _dense_sums_gemm(
+                w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype
+            )
+            corr = (gx * p.conj()).real  # (Ra, C)
+            cross_pix[o] += corr.sum(0, dtype=torch.float64)
+            if with_scale:
+                xa_sum[g] += float((msk * corr).sum(dtype=torch.float64)) / float(scale[g])
+            continue
+        # the block and separable paths: the noise's cross term per pixel, the scale's per
+        # particle of ``members``
         if by_class:
             f_part, noise, xa_part = _class_block_sums(
                 w, members, in_class, q, cx, p, ramps_re, pf, msk, cross_part,
                 max_pairs=block_pairs, gemm_dtype=gemm_dtype, col_sums=col_sums,
             )  # fmt: skip
             fimg[h] += f_part
-            cross_pix[o] += noise
-            if with_scale:
-                g_m = groups[members]
-                xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
-            continue
-        if separable:
+        else:
             cross_part[members], noise, xa_part = _dense_sums_separable(
                 w, members, q, cx, col_sums, class_refs, mask_c, fimg[h], max_rows, gemm_dtype
             )  # fmt: skip
-            cross_pix[o] += noise
-            if with_scale:
-                g_m = groups[members]
-                xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
-            continue
-        gx = _dense_sums_gemm(
-            w, members, q, cx, p_re, ramps_f, fimg[h], cross_part, step, gemm_dtype
-        )
-        corr = (gx * p.conj()).real  # (Ra, C)
-        cross_pix[o] += corr.sum(0, dtype=torch.float64)
+        cross_pix[o] += noise
         if with_scale:
-            xa_sum[g] += float((msk * corr).sum(dtype=torch.float64)) / float(scale[g])
+            g_m = groups[members]
+            xa_sum.index_add_(0, g_m, xa_part / scale[g_m].to(torch.float64))
     if with_scale:
         sums.xa += xa_sum
     # reconstruction weights, per half set: (Ra, B) x (B, C)

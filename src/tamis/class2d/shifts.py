@@ -465,9 +465,10 @@ class ColumnSums:
             out[:, :, pix] = u.view(ka, n, 2 * n_ty, nk).sum(2)
         return out
 
-    def flops(self, n: int, r: int, m: int) -> float:
+    def flops(self, n: int, r: int, m: int, class_cross: bool = False) -> float:
         """Floating-point operations of :meth:`spread` and :meth:`add` (``n`` particles, ``r``
-        orientations, ``m`` data sets)."""
+        orientations, ``m`` data sets), and with ``class_cross`` those of its GEMMs."""
         n_pix = sum(len(c) for c in self.cols)
         first = 2.0 * 2 * len(self.cols) * self.n_tx * n * self.n_ty * r
-        return first + 2.0 * (2 * m * n_pix) * (2 * n * self.n_ty) * r
+        per_set = 2.0 * (2 * n_pix) * (2 * n * self.n_ty) * r  # add's, and class_cross's
+        return first + per_set * (m + int(class_cross))
