@@ -743,8 +743,9 @@ class Class2DRun:
                         )
                     off_px = data.offset_px
                     lpo = _log_prior_offset(
-                        off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel
-                    )
+                        off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel,
+                        mixed_units=not o.offset_prior_angst,
+                    )  # fmt: skip
                     proj_cb, refs_b, lp_orient = proj_c, coarse_refs, None
                     if local:
                         ids, lp = self.local_prior(rows)
@@ -825,7 +826,10 @@ class Class2DRun:
                         scale=st.scale,
                         ssnr_mask=ssnr_mask if self.do_scale else None,
                         translations_px=t_f,
-                        prior_offset=st.prior_offset,
+                        # RELION sums p² |mu - o - t|² with mu in Å and o + t in pixels
+                        # (pitfall P12): the Å sums' formula with mu scaled by p
+                        prior_offset=st.prior_offset
+                        * (1.0 if o.offset_prior_angst else self.pixel),
                         pixel_size=self.pixel,
                         old_norm=torch.as_tensor(self.norm[rows], device=dev),
                         avg_norm=st.avg_norm,
@@ -1187,15 +1191,31 @@ def _ramps(t_px: torch.Tensor, window: FourierWindow, box: int) -> torch.Tensor:
 
 
 def _log_prior_offset(
-    off_px: torch.Tensor, t_px: torch.Tensor, mu: torch.Tensor, sigma2: float, pixel: float
+    off_px: torch.Tensor,
+    t_px: torch.Tensor,
+    mu: torch.Tensor,
+    sigma2: float,
+    pixel: float,
+    *,
+    mixed_units: bool = True,
 ) -> torch.Tensor:
-    """``(B, K, T)`` log Gaussian prior of the total offset ``p (o + t)`` (Å) around class priors.
+    """``(B, K, T)`` log Gaussian prior of the offset ``o + t`` (old offset ``o``, translation
+    ``t``, both in pixels) around the class priors ``mu`` (Å), ``sigma2`` in Å².
 
-    RELION mixes pixels and Å here (its pitfall P12); tamis uses Å throughout.
+    ``mixed_units`` (RELION, its pitfall P12): the exponent is ``-p² |o + p t - mu|² / (2
+    sigma2)``, the old offset in pixels but the translation and prior in Å, so that with a pixel
+    size ``p`` above 1 Å the translations around the old offset are held ``p`` times tighter
+    than ``sigma2`` says. Otherwise (``--offset_prior_angst``) ``-|p (o + t) - mu|² / (2
+    sigma2)``, in Å throughout.
     """
-    total = pixel * (off_px[:, None, :] + t_px[None])  # (B, T, 2)
+    if mixed_units:
+        total = off_px[:, None, :] + pixel * t_px[None]  # (B, T, 2): px + Å, as RELION
+        scale = pixel * pixel
+    else:
+        total = pixel * (off_px[:, None, :] + t_px[None])  # (B, T, 2) Å
+        scale = 1.0
     d = total[:, None, :, :] - mu[None, :, None, :]  # (B, K, T, 2)
-    return -(d**2).sum(-1) / (2 * sigma2) - math.log(2 * math.pi * sigma2)
+    return -scale * (d**2).sum(-1) / (2 * sigma2) - math.log(2 * math.pi * sigma2)
 
 
 def _integer_shift(img: torch.Tensor, off: torch.Tensor) -> torch.Tensor:

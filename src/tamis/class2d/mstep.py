@@ -433,7 +433,9 @@ def _offset_sums(
 ) -> None:
     """Add the offsets' sums of weights ``w`` ``(N, Tf)`` over the translations, each row of a
     particle and class: ``sum_t W ps (o_i + t)`` per class and ``sum_t W |prior_k - ps (o_i +
-    t)|²`` in all (Å), from one GEMM ``W [t, |t|²]`` ``(N, 3)``."""
+    t)|²`` in all (Å), from one GEMM ``W [t, |t|²]`` ``(N, 3)``. RELION's own sum, ``ps² |mu_k -
+    o_i - t|²`` with ``mu_k`` in Å and the offsets in pixels (its pitfall P12), is this one for
+    ``prior_offset = ps mu``."""
     w = w.to(torch.float64)
     t = translations_px.to(torch.float64)
     wt = w @ torch.cat([t, (t * t).sum(1, keepdim=True)], 1)  # (N, 3)
@@ -773,10 +775,18 @@ def update_other_parameters(
     pdf_class = mu * st.pdf_class + (1 - mu) * sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
     pdf_direction = mu * st.pdf_direction + (1 - mu) * sums.pdf_class / sum_w
-    # The class's mean offset. RELION 5 divides by the total weight of all classes instead
-    # (shrinking each prior towards 0 by its class fraction); tamis keeps the mean, as RELION <= 4.
+    # RELION 5 divides each class's offset sum by the total weight of all classes (so each
+    # prior is its class's mean offset times the class fraction); --offset_prior_angst keeps the
+    # class's mean (as RELION <= 4).
+    # 3D references have no offset prior of their own in RELION: it is centred on a zero total
+    # offset (getFourierTransformsAndCtfs).
     has_w = sums.pdf_class[:, None] > 0
-    mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
+    if o.offset_prior_angst:
+        mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
+    elif st.refs.ndim == 4:
+        mean = torch.zeros_like(sums.prior_offset)
+    else:
+        mean = sums.prior_offset / sum_w
     prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
     sigma2_offset = max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
     npix = pixels_per_shell(box, nsh, st.sigma2.device)

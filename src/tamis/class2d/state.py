@@ -58,6 +58,11 @@ class Class2DOptions:
     nr_parts_sigma2noise: int = 1000
     minres_map: int = 5
     perturb: float = 0.5
+    # tamis: the offset prior in Å throughout and each class's centre its particles' mean offset
+    # (RELION mixes pixels and Å in the prior, which holds translations p times tighter on data
+    # of pixel size p Å, and RELION 5 shrinks each class's centre by the class fraction); off by
+    # default, as RELION (README, 2D classification)
+    offset_prior_angst: bool = False
     pipeline_control: Path | None = None
     # VDAM (--grad): RELION-4's gradient algorithm; see tamis.class2d.vdam
     grad: bool = False
