@@ -18,6 +18,7 @@ from tamis.class2d.em import _log_prior_offset, _run_class
 from tamis.class2d.files import continued_options, read_continue
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.state import Class2DOptions, WeightedSums
+from tamis.errors import TamisError
 from tamis.io.particles import ParticleSet
 
 FIXTURE = Path(__file__).parent / "data" / "relion_class2d_hard"
@@ -51,10 +52,10 @@ def test_offset_prior_as_relion_writes_it(pixel):
     mu = rng.normal(scale=1.5, size=(4, 2))  # class priors, Å
     sigma2 = 40.0
     args = (torch.from_numpy(off), torch.from_numpy(t), torch.from_numpy(mu), sigma2, pixel)
-    got = _log_prior_offset(*args).numpy()
+    got = _log_prior_offset(*args, mixed_units=True).numpy()
     np.testing.assert_allclose(got, _relion_log_pdf_offset(off, t, mu, sigma2, pixel), rtol=1e-12)
-    # --offset_prior_angst: the total offset in Å around the prior
-    angst = _log_prior_offset(*args, mixed_units=False).numpy()
+    # --offset_prior angst (the default): the total offset in Å around the prior
+    angst = _log_prior_offset(*args).numpy()
     total = pixel * (off[:, None, None, :] + t[None, None])  # (B, 1, T, 2)
     ref = -((total - mu[None, :, None, :]) ** 2).sum(-1) / (2 * sigma2)
     np.testing.assert_allclose(angst, ref - math.log(2 * math.pi * sigma2), rtol=1e-12)
@@ -91,9 +92,9 @@ def test_offset_sums_with_the_prior_times_pixel_are_relions():
     assert sums.sigma2_offset == pytest.approx(sigma_ref, rel=1e-12)
 
 
-def test_class_offset_priors_as_relion_5_and_with_offset_prior_angst(in_fixture):
-    """RELION 5's ``maximizationOtherParameters``: ``prior_offset_class[k] = wsum[k] / sum of
-    all weights`` (2D); with --offset_prior_angst each class's mean offset."""
+def test_class_offset_priors_as_relion_5_and_as_class_means(in_fixture):
+    """--offset_prior relion, as RELION 5's ``maximizationOtherParameters``:
+    ``prior_offset_class[k] = wsum[k] / sum of all weights`` (2D); angst: each class's mean."""
     run = _fixture_run(Class2DOptions(j=1), in_fixture)
     st, k = run.state, run.state.n_classes
     n_groups = len(run.groups)
@@ -102,8 +103,8 @@ def test_class_offset_priors_as_relion_5_and_with_offset_prior_angst(in_fixture)
     sums.prior_offset[:] = torch.arange(2 * k, dtype=torch.float64).view(k, 2)
     sums.sigma2_offset = 50.0
     counts = torch.ones(n_groups, dtype=torch.float64)
-    for angst, norm in ((False, sums.pdf_class.sum()), (True, sums.pdf_class[:, None])):
-        o = replace(run.options, offset_prior_angst=angst)
+    for prior, norm in (("relion", sums.pdf_class.sum()), ("angst", sums.pdf_class[:, None])):
+        o = replace(run.options, offset_prior=prior)
         new = mstep.update_other_parameters(
             st, sums, options=o, group_counts=counts, do_scale=False, mu=0.0
         )
@@ -111,8 +112,9 @@ def test_class_offset_priors_as_relion_5_and_with_offset_prior_angst(in_fixture)
     # 3D references: RELION centres the prior on a zero total offset (no class prior)
     st3 = replace(st, refs=torch.zeros((k, 8, 8, 8)))
     new = mstep.update_other_parameters(
-        st3, sums, options=run.options, group_counts=counts, do_scale=False, mu=0.0
-    )
+        st3, sums, options=replace(run.options, offset_prior="relion"), group_counts=counts,
+        do_scale=False, mu=0.0,
+    )  # fmt: skip
     assert torch.count_nonzero(new.prior_offset) == 0
 
 
@@ -149,11 +151,11 @@ def _continue_one_iteration(work: Path, monkeypatch, **options) -> pd.DataFrame:
 def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
     """RELION 5.0.1's EM iteration 2 of the hard recipe (pixel 4 Å, posteriors still broad),
     continued by tamis from RELION's iteration-1 files on 30 of its particles with RELION's
-    sampling perturbation: every particle's significant coarse samples, class, psi, origin,
-    norm correction and Pmax as RELION wrote them. The Å-consistent prior
-    (--offset_prior_angst) keeps several times as many samples significant."""
+    sampling perturbation and --offset_prior relion: every particle's significant coarse
+    samples, class, psi, origin, norm correction and Pmax as RELION wrote them. The default
+    Å-consistent prior keeps several times as many samples significant."""
     ref = pd.read_csv(in_fixture / "relion_it002_particles.csv")
-    got = _continue_one_iteration(in_fixture, monkeypatch)
+    got = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
     assert list(got["rlnImageName"]) == list(ref["rlnImageName"])
     np.testing.assert_array_equal(
         got["rlnNrOfSignificantSamples"], ref["rlnNrOfSignificantSamples"]
@@ -167,6 +169,11 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
     np.testing.assert_allclose(
         got["rlnMaxValueProbDistribution"], ref["rlnMaxValueProbDistribution"], rtol=1e-3
     )
-    angst = _continue_one_iteration(in_fixture, monkeypatch, offset_prior_angst=True)
+    angst = _continue_one_iteration(in_fixture, monkeypatch)
     ratio = angst["rlnNrOfSignificantSamples"] / ref["rlnNrOfSignificantSamples"]
     assert ratio.median() > 2
+
+
+def test_an_unknown_offset_prior_is_a_clear_error(in_fixture):
+    with pytest.raises(TamisError, match="--offset_prior 'pixels': expected angst or relion"):
+        _fixture_run(Class2DOptions(j=1, offset_prior="pixels"), in_fixture)

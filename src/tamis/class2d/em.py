@@ -190,6 +190,8 @@ class Class2DRun:
         self.root = root
         self.log = log
         self.show_progress = show_progress
+        if options.offset_prior not in ("angst", "relion"):
+            raise TamisError(f"--offset_prior {options.offset_prior!r}: expected angst or relion")
         if options.max_memory is not None and options.max_memory <= 0:
             raise TamisError(f"--max_memory {options.max_memory}: must be positive (GB)")
         self.device = choose_device(options.device)
@@ -744,7 +746,7 @@ class Class2DRun:
                     off_px = data.offset_px
                     lpo = _log_prior_offset(
                         off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel,
-                        mixed_units=not o.offset_prior_angst,
+                        mixed_units=o.offset_prior == "relion",
                     )  # fmt: skip
                     proj_cb, refs_b, lp_orient = proj_c, coarse_refs, None
                     if local:
@@ -829,7 +831,7 @@ class Class2DRun:
                         # RELION sums p² |mu - o - t|² with mu in Å and o + t in pixels
                         # (pitfall P12): the Å sums' formula with mu scaled by p
                         prior_offset=st.prior_offset
-                        * (1.0 if o.offset_prior_angst else self.pixel),
+                        * (self.pixel if o.offset_prior == "relion" else 1.0),
                         pixel_size=self.pixel,
                         old_norm=torch.as_tensor(self.norm[rows], device=dev),
                         avg_norm=st.avg_norm,
@@ -1197,16 +1199,16 @@ def _log_prior_offset(
     sigma2: float,
     pixel: float,
     *,
-    mixed_units: bool = True,
+    mixed_units: bool = False,
 ) -> torch.Tensor:
     """``(B, K, T)`` log Gaussian prior of the offset ``o + t`` (old offset ``o``, translation
     ``t``, both in pixels) around the class priors ``mu`` (Å), ``sigma2`` in Å².
 
-    ``mixed_units`` (RELION, its pitfall P12): the exponent is ``-p² |o + p t - mu|² / (2
-    sigma2)``, the old offset in pixels but the translation and prior in Å, so that with a pixel
-    size ``p`` above 1 Å the translations around the old offset are held ``p`` times tighter
-    than ``sigma2`` says. Otherwise (``--offset_prior_angst``) ``-|p (o + t) - mu|² / (2
-    sigma2)``, in Å throughout.
+    ``-|p (o + t) - mu|² / (2 sigma2)``, in Å throughout; with ``mixed_units`` (``--offset_prior
+    relion``) as RELION computes it (its pitfall P12), ``-p² |o + p t - mu|² / (2 sigma2)``: the
+    old offset in pixels but the translation and prior in Å, so that with a pixel size ``p``
+    above 1 Å the translations around the old offset are held ``p`` times tighter than
+    ``sigma2`` says.
     """
     if mixed_units:
         total = off_px[:, None, :] + pixel * t_px[None]  # (B, T, 2): px + Å, as RELION

@@ -775,13 +775,12 @@ def update_other_parameters(
     pdf_class = mu * st.pdf_class + (1 - mu) * sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
     pdf_direction = mu * st.pdf_direction + (1 - mu) * sums.pdf_class / sum_w
-    # RELION 5 divides each class's offset sum by the total weight of all classes (so each
-    # prior is its class's mean offset times the class fraction); --offset_prior_angst keeps the
-    # class's mean (as RELION <= 4).
-    # 3D references have no offset prior of their own in RELION: it is centred on a zero total
-    # offset (getFourierTransformsAndCtfs).
+    # Each class's mean offset (3D: all particles'); --offset_prior relion as RELION 5: each
+    # class's sum over the weight of all classes (the mean times the class fraction), and no
+    # offset prior of their own for 3D references (centred on a zero total offset,
+    # getFourierTransformsAndCtfs).
     has_w = sums.pdf_class[:, None] > 0
-    if o.offset_prior_angst:
+    if o.offset_prior != "relion":
         mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
     elif st.refs.ndim == 4:
         mean = torch.zeros_like(sums.prior_offset)

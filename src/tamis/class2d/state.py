@@ -58,11 +58,12 @@ class Class2DOptions:
     nr_parts_sigma2noise: int = 1000
     minres_map: int = 5
     perturb: float = 0.5
-    # tamis: the offset prior in Å throughout and each class's centre its particles' mean offset
-    # (RELION mixes pixels and Å in the prior, which holds translations p times tighter on data
-    # of pixel size p Å, and RELION 5 shrinks each class's centre by the class fraction); off by
-    # default, as RELION (README, 2D classification)
-    offset_prior_angst: bool = False
+    # The offset prior: "angst" (tamis's default), a Gaussian on the total offset in Å around
+    # each class's mean offset (3D: the particles' mean offset); "relion", as relion_refine
+    # computes it: the exponent mixes pixels and Å (translations held p times tighter on data of
+    # pixel size p Å), RELION 5's class centres (shrunk by the class fraction), 3D centred on a
+    # zero offset. README, 2D classification, has the measurements behind the default.
+    offset_prior: str = "angst"
     pipeline_control: Path | None = None
     # VDAM (--grad): RELION-4's gradient algorithm; see tamis.class2d.vdam
     grad: bool = False

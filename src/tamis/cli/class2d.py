@@ -112,13 +112,14 @@ def class2d(
         "rate on CPUs with AVX512-BF16 and on GPUs; each batch's partial sums keep 8 "
         "significant bits). Off by default.",
     ),
-    offset_prior_angst: bool = typer.Option(
-        False,
-        "--offset_prior_angst",
-        help="tamis: the offset prior in A throughout and each class's centre its particles' mean "
-        "offset. Off (as RELION): the prior's exponent mixes pixels and A (pixel size p above "
-        "1 A holds each iteration's translations p times tighter) and each class's centre is "
-        "shrunk by its class fraction (RELION 5). Give it again on --continue.",
+    offset_prior: str = typer.Option(
+        "angst",
+        "--offset_prior",
+        help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
+        "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
+        "pixel size p A each iteration's translations held p times tighter), RELION 5's class "
+        "centres; a continued RELION run then gives RELION's own next iteration. Give it again "
+        "on --continue.",
     ),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
@@ -168,7 +169,7 @@ def class2d(
         batch_size=batch_size or None,
         max_memory=max_memory,
         mstep_bf16=mstep_bf16,
-        offset_prior_angst=offset_prior_angst,
+        offset_prior=offset_prior,
         pipeline_control=pipeline_control,
     )
     if cont is None and not o:

@@ -130,13 +130,14 @@ def refine(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     max_memory: float = typer.Option(None, "--max_memory", help="GB the batches may use."),
-    offset_prior_angst: bool = typer.Option(
-        False,
-        "--offset_prior_angst",
-        help="tamis: the offset prior in A throughout and each class's centre its particles' mean "
-        "offset. Off (as RELION): the prior's exponent mixes pixels and A (pixel size p above "
-        "1 A holds each iteration's translations p times tighter) and each class's centre is "
-        "shrunk by its class fraction (RELION 5). Give it again on --continue.",
+    offset_prior: str = typer.Option(
+        "angst",
+        "--offset_prior",
+        help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
+        "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
+        "pixel size p A each iteration's translations held p times tighter), RELION 5's class "
+        "centres; a continued RELION run then gives RELION's own next iteration. Give it again "
+        "on --continue.",
     ),
     pipeline_control: Path = typer.Option(
         None, "--pipeline_control", help="Job directory for RELION_JOB_EXIT_* markers."
@@ -174,7 +175,7 @@ def refine(
         pool=pool,
         device=device,
         max_memory=max_memory,
-        offset_prior_angst=offset_prior_angst,
+        offset_prior=offset_prior,
         pipeline_control=pipeline_control,
         **given,
     )
