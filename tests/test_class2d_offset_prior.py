@@ -95,7 +95,7 @@ def test_offset_sums_with_the_prior_times_pixel_are_relions():
 def test_class_offset_priors_as_relion_5_and_as_class_means(in_fixture):
     """--offset_prior relion, as RELION 5's ``maximizationOtherParameters``:
     ``prior_offset_class[k] = wsum[k] / sum of all weights`` (2D); angst: each class's mean."""
-    run = _fixture_run(Class2DOptions(j=1), in_fixture)
+    run = _fixture_run(Class2DOptions(j=1, device="cpu"), in_fixture)
     st, k = run.state, run.state.n_classes
     n_groups = len(run.groups)
     sums = WeightedSums.zeros(k, 1, 1, 1, 33, n_groups, "cpu")
@@ -109,13 +109,15 @@ def test_class_offset_priors_as_relion_5_and_as_class_means(in_fixture):
             st, sums, options=o, group_counts=counts, do_scale=False, mu=0.0
         )
         np.testing.assert_allclose(new.prior_offset.numpy(), (sums.prior_offset / norm).numpy())
-    # 3D references: RELION centres the prior on a zero total offset (no class prior)
-    st3 = replace(st, refs=torch.zeros((k, 8, 8, 8)))
-    new = mstep.update_other_parameters(
-        st3, sums, options=replace(run.options, offset_prior="relion"), group_counts=counts,
-        do_scale=False, mu=0.0,
-    )  # fmt: skip
-    assert torch.count_nonzero(new.prior_offset) == 0
+    # 3D references: RELION centres the prior on a zero total offset (no class prior), also
+    # when a continued tamis run had one and VDAM's momentum would keep part of it
+    st3 = replace(st, refs=torch.zeros((k, 8, 8, 8)), prior_offset=torch.ones((k, 2)))
+    for mu in (0.0, 0.9):
+        new = mstep.update_other_parameters(
+            st3, sums, options=replace(run.options, offset_prior="relion"),
+            group_counts=counts, do_scale=False, mu=mu,
+        )  # fmt: skip
+        assert torch.count_nonzero(new.prior_offset) == 0
 
 
 def _fixture_run(given: Class2DOptions, work: Path):
@@ -137,15 +139,32 @@ def in_fixture(tmp_path, monkeypatch):
     return work
 
 
-def _continue_one_iteration(work: Path, monkeypatch, **options) -> pd.DataFrame:
+def _continue_one_iteration(work: Path, monkeypatch, **options):
+    """Iteration 2 continued from the fixture with RELION's perturbation; the particle table
+    and the run (written as iteration 2 under ``work/out``), and the class offset priors the
+    M-step's sums were given."""
     monkeypatch.setattr(
         Sampling,
         "advance_perturbation",
         lambda self, rng: setattr(self, "perturbation", RELION_IT2_PERTURBATION),
     )
-    run = _fixture_run(Class2DOptions(j=1, **options), work)
+    run = _fixture_run(Class2DOptions(j=1, device="cpu", **options), work)
+    given = []
+    accumulate = mstep.accumulate
+
+    def spy(*args, **kw):
+        given.append(kw["prior_offset"].clone())
+        return accumulate(*args, **kw)
+
+    monkeypatch.setattr(mstep, "accumulate", spy)
+    before = run.state.prior_offset.clone()
     run.iterate(2)
-    return run.particle_table()
+    run.write(2)
+    # RELION's sigma_offset sum is p² |mu - o - t|² (mu in Å, o + t in pixels): the Å sums of
+    # p mu; the Å prior passes mu itself
+    scale = run.pixel if run.options.offset_prior == "relion" else 1.0
+    assert given and all(torch.equal(g, before * scale) for g in given)
+    return run.particle_table(), run
 
 
 def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
@@ -155,7 +174,7 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
     samples, class, psi, origin, norm correction and Pmax as RELION wrote them. The default
     Å-consistent prior keeps several times as many samples significant."""
     ref = pd.read_csv(in_fixture / "relion_it002_particles.csv")
-    got = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
+    got, run = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
     assert list(got["rlnImageName"]) == list(ref["rlnImageName"])
     np.testing.assert_array_equal(
         got["rlnNrOfSignificantSamples"], ref["rlnNrOfSignificantSamples"]
@@ -169,7 +188,7 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
     np.testing.assert_allclose(
         got["rlnMaxValueProbDistribution"], ref["rlnMaxValueProbDistribution"], rtol=1e-3
     )
-    angst = _continue_one_iteration(in_fixture, monkeypatch)
+    angst, _ = _continue_one_iteration(in_fixture, monkeypatch)
     ratio = angst["rlnNrOfSignificantSamples"] / ref["rlnNrOfSignificantSamples"]
     assert ratio.median() > 2
 
@@ -177,3 +196,16 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
 def test_an_unknown_offset_prior_is_a_clear_error(in_fixture):
     with pytest.raises(TamisError, match="--offset_prior 'pixels': expected angst or relion"):
         _fixture_run(Class2DOptions(j=1, offset_prior="pixels"), in_fixture)
+
+
+def test_a_continued_run_keeps_its_offset_prior(in_fixture, monkeypatch):
+    """Written to the optimiser file (data_tamis_options) and read back unless typed again; a
+    RELION run's files have none (the option given applies)."""
+    _, run = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
+    cont = read_continue(in_fixture / "out" / "run_it002_optimiser.star")
+    assert continued_options(cont, Class2DOptions(), frozenset()).offset_prior == "relion"
+    typed = continued_options(cont, Class2DOptions(offset_prior="angst"), {"offset_prior"})
+    assert typed.offset_prior == "angst"
+    relion_files = read_continue("run_it001_optimiser.star")
+    given = Class2DOptions(offset_prior="relion")
+    assert continued_options(relion_files, given, frozenset()).offset_prior == "relion"

@@ -438,6 +438,8 @@ class Class2DRun:
             dtype=torch.float64,
             device=dev,
         )
+        if self.options.offset_prior == "relion" and self.space.ndim == 3:
+            prior.zero_()  # RELION: no offset prior of 3D references' own (a tamis run's are)
         sigma2 = torch.zeros((self.n_optics, self.nsh), dtype=torch.float64, device=dev)
         for og, table in cont.sigma2.items():
             if og - 1 < self.n_optics:

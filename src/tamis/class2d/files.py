@@ -364,6 +364,10 @@ def write_iteration(
         opt_blocks["tamis_class_priors"] = pd.DataFrame(
             {"rlnClassDistribution": state.pdf_direction.cpu().numpy()}
         )
+    if o.offset_prior != "angst":
+        # tamis's own options that change results, when not the default (RELION reads only
+        # data_optimiser_general; a default run's file has RELION's blocks only)
+        opt_blocks["tamis_options"] = {"tamisOffsetPrior": o.offset_prior}
     opt_blocks.update(extra_blocks or {})
     write_star(
         opt_blocks,
@@ -535,6 +539,9 @@ def continued_options(
         "solvent_mask": (opt, "rlnSolventMaskName", lambda v: "" if str(v) == "None" else str(v)),
         "solvent_correct_fsc": (opt, "rlnDoSolventFscCorrection", lambda v: bool(int(v))),
     }
+    tamis_options = cont.tamis_blocks.get("tamis_options")
+    if isinstance(tamis_options, dict):  # tamis's own options (absent from RELION's files)
+        read_back["offset_prior"] = (tamis_options, "tamisOffsetPrior", str)
     for name, (table, label, convert) in read_back.items():
         if name in has and label in table:
             from_file[name] = convert(table[label])

@@ -775,18 +775,18 @@ def update_other_parameters(
     pdf_class = mu * st.pdf_class + (1 - mu) * sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
     pdf_direction = mu * st.pdf_direction + (1 - mu) * sums.pdf_class / sum_w
-    # Each class's mean offset (3D: all particles'); --offset_prior relion as RELION 5: each
-    # class's sum over the weight of all classes (the mean times the class fraction), and no
-    # offset prior of their own for 3D references (centred on a zero total offset,
-    # getFourierTransformsAndCtfs).
+    # Each class's mean offset; --offset_prior relion as RELION 5: each class's sum over the
+    # weight of all classes (the mean times the class fraction), and no offset prior of 3D
+    # references' own (centred on a zero total offset, getFourierTransformsAndCtfs; tamis does
+    # not read rlnOriginX/YPriorAngst).
     has_w = sums.pdf_class[:, None] > 0
     if o.offset_prior != "relion":
         mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
-    elif st.refs.ndim == 4:
-        mean = torch.zeros_like(sums.prior_offset)
     else:
         mean = sums.prior_offset / sum_w
     prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
+    if o.offset_prior == "relion" and st.refs.ndim == 4:
+        prior = torch.zeros_like(mean)
     sigma2_offset = max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
     npix = pixels_per_shell(box, nsh, st.sigma2.device)
     sigma2 = st.sigma2.clone()

@@ -59,10 +59,11 @@ class Class2DOptions:
     minres_map: int = 5
     perturb: float = 0.5
     # The offset prior: "angst" (tamis's default), a Gaussian on the total offset in Å around
-    # each class's mean offset (3D: the particles' mean offset); "relion", as relion_refine
-    # computes it: the exponent mixes pixels and Å (translations held p times tighter on data of
-    # pixel size p Å), RELION 5's class centres (shrunk by the class fraction), 3D centred on a
-    # zero offset. README, 2D classification, has the measurements behind the default.
+    # each class's mean offset (3D classes too); "relion", as relion_refine computes it: the
+    # exponent mixes pixels and Å (translations held p times tighter on data of pixel size p
+    # Å), RELION 5's class centres (shrunk by the class fraction), 3D centred on a zero offset.
+    # relion is written to the optimiser file (data_tamis_options), read back on --continue. README,
+    # 2D classification, has the measurements behind the default.
     offset_prior: str = "angst"
     pipeline_control: Path | None = None
     # VDAM (--grad): RELION-4's gradient algorithm; see tamis.class2d.vdam

@@ -118,8 +118,8 @@ def class2d(
         help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
         "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
         "pixel size p A each iteration's translations held p times tighter), RELION 5's class "
-        "centres; a continued RELION run then gives RELION's own next iteration. Give it again "
-        "on --continue.",
+        "centres; a continued RELION run then gives RELION's own next iteration. A continued "
+        "tamis run keeps its own unless given.",
     ),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
@@ -193,6 +193,7 @@ def class2d(
         "grad_write_iter",
         "mu",
         "maxsig",
+        "offset_prior",
     }
     changed = {
         ("max_significants" if n == "maxsig" else n)

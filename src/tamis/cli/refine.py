@@ -135,9 +135,9 @@ def refine(
         "--offset_prior",
         help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
         "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
-        "pixel size p A each iteration's translations held p times tighter), RELION 5's class "
-        "centres; a continued RELION run then gives RELION's own next iteration. Give it again "
-        "on --continue.",
+        "pixel size p A each iteration's translations held p times tighter), centred on a zero "
+        "offset; a continued RELION run then gives RELION's own next iteration. A continued "
+        "tamis run keeps its own unless given.",
     ),
     pipeline_control: Path = typer.Option(
         None, "--pipeline_control", help="Job directory for RELION_JOB_EXIT_* markers."
@@ -182,7 +182,7 @@ def refine(
     names = {
         "tau2_fudge", "particle_diameter", "zero_mask", "flatten_solvent", "grad_write_iter",
         "iter", "norm", "scale", "solvent_mask", "solvent_correct_fsc", "pad",
-        "auto_local_healpix_order",
+        "auto_local_healpix_order", "offset_prior",
     }  # fmt: skip
     changed = {
         n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"

@@ -396,7 +396,7 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
 def _refine_other_args(text: str, what: str = "2D classification") -> dict[str, object]:
     """RELION's ``other_args`` of a ``relion_refine`` job (2D classification, initial model,
     auto-refine): ``--random_seed N`` (RELION seeds from the clock
-    otherwise) is applied; RELION's performance flags, which do not change results (``--pool``,
+    otherwise) and tamis's ``--offset_prior angst|relion`` are applied; RELION's performance flags, which do not change results (``--pool``,
     ``--dont_combine_weights_via_disc``, ``--preread_images``, ``--scratch_dir``, ``--gpu``,
     ``--j``), are accepted and ignored; anything else is an error, not silently dropped."""
     import shlex
@@ -420,6 +420,9 @@ def _refine_other_args(text: str, what: str = "2D classification") -> dict[str, 
                 raise TamisError(
                     f"other_args: --random_seed {words[i + 1]!r} is not an integer"
                 ) from None
+            i += 2
+        elif w == "--offset_prior" and i + 1 < len(words):  # tamis's own (README)
+            out["offset_prior"] = words[i + 1]
             i += 2
         elif w in with_value and i + 1 < len(words) and not words[i + 1].startswith("--"):
             i += 2
