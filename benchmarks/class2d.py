@@ -192,6 +192,8 @@ def evaluate(work: Path, result, psi_step: float) -> dict:
     report["frc05_resolution_A"] = {str(c): round(v, 1) for c, v in frc_res.items()}
     report["frc05_best_A"] = min(frc_res.values()) if frc_res else None
     report["frc05_median_A"] = float(np.median(list(frc_res.values()))) if frc_res else None
+    # steadier between seeds than the median (which swings 27-256 A on the hard recipe)
+    report["classes_frc05_30A_or_better"] = sum(v <= 30.0 for v in frc_res.values())
     report["class_majority"] = {str(c): v for c, v in majority.items()}
     return report
 
