@@ -176,7 +176,7 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
     float32 rounding, so one particle may differ). The default Å-consistent prior keeps several
     times as many samples significant."""
     ref = pd.read_csv(in_fixture / "relion_it002_particles.csv")
-    got, run = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
+    got, _ = _continue_one_iteration(in_fixture, monkeypatch, offset_prior="relion")
     assert list(got["rlnImageName"]) == list(ref["rlnImageName"])
     nsig, ref_nsig = got["rlnNrOfSignificantSamples"].to_numpy(), ref["rlnNrOfSignificantSamples"]
     assert np.mean(nsig == ref_nsig) >= 0.95

@@ -46,7 +46,7 @@ from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.shifts import ColumnSums, SeparableShifts
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
-from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
+from tamis.class2d.state import OFFSET_PRIORS, Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError, is_out_of_memory
 from tamis.fourier import (
     duplicate_half_column,
@@ -190,8 +190,10 @@ class Class2DRun:
         self.root = root
         self.log = log
         self.show_progress = show_progress
-        if options.offset_prior not in ("angst", "relion"):
-            raise TamisError(f"--offset_prior {options.offset_prior!r}: expected angst or relion")
+        if options.offset_prior not in OFFSET_PRIORS:
+            raise TamisError(
+                f"--offset_prior {options.offset_prior!r}: expected {' or '.join(OFFSET_PRIORS)}"
+            )
         if options.max_memory is not None and options.max_memory <= 0:
             raise TamisError(f"--max_memory {options.max_memory}: must be positive (GB)")
         self.device = choose_device(options.device)
@@ -438,7 +440,7 @@ class Class2DRun:
             dtype=torch.float64,
             device=dev,
         )
-        if self.options.offset_prior == "relion" and self.space.ndim == 3:
+        if self.options.relion_offset_prior and self.space.ndim == 3:
             prior.zero_()  # RELION: no offset prior of 3D references' own (a tamis run's are)
         sigma2 = torch.zeros((self.n_optics, self.nsh), dtype=torch.float64, device=dev)
         for og, table in cont.sigma2.items():
@@ -748,7 +750,7 @@ class Class2DRun:
                     off_px = data.offset_px
                     lpo = _log_prior_offset(
                         off_px, t_c0, st.prior_offset, st.sigma2_offset, self.pixel,
-                        mixed_units=o.offset_prior == "relion",
+                        mixed_units=o.relion_offset_prior,
                     )  # fmt: skip
                     proj_cb, refs_b, lp_orient = proj_c, coarse_refs, None
                     if local:
@@ -833,7 +835,7 @@ class Class2DRun:
                         # RELION sums p² |mu - o - t|² with mu in Å and o + t in pixels
                         # (pitfall P12): the Å sums' formula with mu scaled by p
                         prior_offset=st.prior_offset
-                        * (self.pixel if o.offset_prior == "relion" else 1.0),
+                        * (self.pixel if o.relion_offset_prior else 1.0),
                         pixel_size=self.pixel,
                         old_norm=torch.as_tensor(self.norm[rows], device=dev),
                         avg_norm=st.avg_norm,

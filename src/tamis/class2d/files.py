@@ -364,7 +364,7 @@ def write_iteration(
         opt_blocks["tamis_class_priors"] = pd.DataFrame(
             {"rlnClassDistribution": state.pdf_direction.cpu().numpy()}
         )
-    if o.offset_prior != "angst":
+    if o.relion_offset_prior:
         # tamis's own options that change results, when not the default (RELION reads only
         # data_optimiser_general; a default run's file has RELION's blocks only)
         opt_blocks["tamis_options"] = {"tamisOffsetPrior": o.offset_prior}

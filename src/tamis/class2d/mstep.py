@@ -779,14 +779,13 @@ def update_other_parameters(
     # weight of all classes (the mean times the class fraction), and no offset prior of 3D
     # references' own (centred on a zero total offset, getFourierTransformsAndCtfs; tamis does
     # not read rlnOriginX/YPriorAngst).
-    has_w = sums.pdf_class[:, None] > 0
-    if o.offset_prior != "relion":
-        mean = sums.prior_offset / sums.pdf_class[:, None].clamp(min=1e-300)
+    if o.relion_offset_prior and st.refs.ndim == 4:
+        prior = torch.zeros_like(st.prior_offset)
     else:
-        mean = sums.prior_offset / sum_w
-    prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
-    if o.offset_prior == "relion" and st.refs.ndim == 4:
-        prior = torch.zeros_like(mean)
+        weight = sum_w if o.relion_offset_prior else sums.pdf_class[:, None].clamp(min=1e-300)
+        mean = sums.prior_offset / weight
+        has_w = sums.pdf_class[:, None] > 0
+        prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
     sigma2_offset = max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
     npix = pixels_per_shell(box, nsh, st.sigma2.device)
     sigma2 = st.sigma2.clone()

@@ -7,7 +7,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Class2DOptions", "ModelState", "WeightedSums"]
+__all__ = ["Class2DOptions", "ModelState", "WeightedSums", "OFFSET_PRIORS"]
+
+#: ``--offset_prior`` values (Class2DOptions.offset_prior)
+OFFSET_PRIORS = ("angst", "relion")
 
 
 @dataclass
@@ -58,12 +61,12 @@ class Class2DOptions:
     nr_parts_sigma2noise: int = 1000
     minres_map: int = 5
     perturb: float = 0.5
-    # The offset prior: "angst" (tamis's default), a Gaussian on the total offset in Å around
-    # each class's mean offset (3D classes too); "relion", as relion_refine computes it: the
-    # exponent mixes pixels and Å (translations held p times tighter on data of pixel size p
-    # Å), RELION 5's class centres (shrunk by the class fraction), 3D centred on a zero offset.
-    # relion is written to the optimiser file (data_tamis_options), read back on --continue. README,
-    # 2D classification, has the measurements behind the default.
+    # The offset prior (one of OFFSET_PRIORS): "angst" (tamis's default), a Gaussian on the total
+    # offset in Å around each class's mean offset (3D classes too); "relion", as relion_refine
+    # computes it: the exponent mixes pixels and Å (translations held p times tighter on data of
+    # pixel size p Å), RELION 5's class centres (shrunk by the class fraction), 3D centred on a
+    # zero offset. "relion" is written to the optimiser file (data_tamis_options) and read back
+    # on --continue. README, 2D classification, has the measurements behind the default.
     offset_prior: str = "angst"
     pipeline_control: Path | None = None
     # VDAM (--grad): RELION-4's gradient algorithm; see tamis.class2d.vdam
@@ -78,6 +81,11 @@ class Class2DOptions:
     grad_write_iter: int = 10
     class_inactivity_threshold: float = 0.0
     mu: float = 0.9
+
+    @property
+    def relion_offset_prior(self) -> bool:
+        """``--offset_prior relion``: the offset prior as RELION computes it."""
+        return self.offset_prior == "relion"
 
     @classmethod
     def gui_em(cls, **overrides: object) -> Class2DOptions:

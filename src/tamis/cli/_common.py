@@ -51,6 +51,20 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+def offset_prior_option(centre: str):
+    """``--offset_prior angst|relion`` (``Class2DOptions.offset_prior``); ``centre``: where
+    RELION's form centres the prior (2D: its class centres; 3D: zero)."""
+    return typer.Option(
+        "angst",
+        "--offset_prior",
+        help="angst (default): a Gaussian on the total offset in A around each class's mean "
+        "offset. relion: as relion_refine computes it, pixels and A mixed in the exponent (on "
+        f"data of pixel size p A each iteration's translations held p times tighter), {centre}; "
+        "a continued RELION run then gives RELION's own next iteration. A continued tamis run "
+        "keeps its own unless given.",
+    )
+
+
 def dask_workers_option():
     """``--dask_workers N``: micrographs on N dask worker processes (a LocalCluster here)."""
     import typer

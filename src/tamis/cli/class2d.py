@@ -28,7 +28,7 @@ from pathlib import Path
 import typer
 
 from tamis import distributed
-from tamis.cli._common import console, user_errors
+from tamis.cli._common import console, offset_prior_option, user_errors
 
 
 @user_errors
@@ -112,15 +112,7 @@ def class2d(
         "rate on CPUs with AVX512-BF16 and on GPUs; each batch's partial sums keep 8 "
         "significant bits). Off by default.",
     ),
-    offset_prior: str = typer.Option(
-        "angst",
-        "--offset_prior",
-        help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
-        "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
-        "pixel size p A each iteration's translations held p times tighter), RELION 5's class "
-        "centres; a continued RELION run then gives RELION's own next iteration. A continued "
-        "tamis run keeps its own unless given.",
-    ),
+    offset_prior: str = offset_prior_option("RELION 5's class centres"),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
     """RELION's 2D classification (EM, or VDAM with --grad); writes run_itNNN_{classes.mrcs,model,

@@ -33,7 +33,7 @@ from pathlib import Path
 import typer
 
 from tamis import distributed
-from tamis.cli._common import console, user_errors
+from tamis.cli._common import console, offset_prior_option, user_errors
 
 
 @user_errors
@@ -130,15 +130,7 @@ def refine(
     ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     max_memory: float = typer.Option(None, "--max_memory", help="GB the batches may use."),
-    offset_prior: str = typer.Option(
-        "angst",
-        "--offset_prior",
-        help="angst (default): a Gaussian on the total offset in A around each class's mean offset. "
-        "relion: as relion_refine computes it, pixels and A mixed in the exponent (on data of "
-        "pixel size p A each iteration's translations held p times tighter), centred on a zero "
-        "offset; a continued RELION run then gives RELION's own next iteration. A continued "
-        "tamis run keeps its own unless given.",
-    ),
+    offset_prior: str = offset_prior_option("centred on a zero offset"),
     pipeline_control: Path = typer.Option(
         None, "--pipeline_control", help="Job directory for RELION_JOB_EXIT_* markers."
     ),

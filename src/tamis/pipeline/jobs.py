@@ -395,10 +395,11 @@ def _run_extract(job: JobStar, out: Path) -> Nodes:
 
 def _refine_other_args(text: str, what: str = "2D classification") -> dict[str, object]:
     """RELION's ``other_args`` of a ``relion_refine`` job (2D classification, initial model,
-    auto-refine): ``--random_seed N`` (RELION seeds from the clock
-    otherwise) and tamis's ``--offset_prior angst|relion`` are applied; RELION's performance flags, which do not change results (``--pool``,
-    ``--dont_combine_weights_via_disc``, ``--preread_images``, ``--scratch_dir``, ``--gpu``,
-    ``--j``), are accepted and ignored; anything else is an error, not silently dropped."""
+    auto-refine): ``--random_seed N`` (RELION seeds from the clock otherwise) and tamis's
+    ``--offset_prior angst|relion`` are applied; RELION's performance flags, which do not change
+    results (``--pool``, ``--dont_combine_weights_via_disc``, ``--preread_images``,
+    ``--scratch_dir``, ``--gpu``, ``--j``), are accepted and ignored; anything else is an
+    error, not silently dropped."""
     import shlex
 
     words = shlex.split(text or "")
