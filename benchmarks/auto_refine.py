@@ -2,11 +2,11 @@
 the truth.
 
 ``.venv/bin/python benchmarks/auto_refine.py --work DIR [--structure asym|c4] [--n 2000]
-[--seed 1] [--j 2] [--relion PATH/relion_refine_mpi] [--mpirun PATH/mpirun] [--skip_tamis]
-[--reference MAP [--firstiter_cc]] [--name NAME]``
+[--seed 1] [--box 64] [--pixel 4] [--j 2] [--relion PATH/relion_refine_mpi] [--mpirun
+PATH/mpirun] [--skip_tamis] [--reference MAP [--firstiter_cc]] [--name NAME]``
 
-Data: ``--n`` particles of 64 px at 4 A/px, SNR 0.05, defocus 0.8-2.5 um, no junk, from one
-structure of ``benchmarks/initial_model.py``: ``asym`` (the hard 2D recipe's two-subunit
+Data: ``--n`` particles of ``--box`` px at ``--pixel`` A/px (64 px, 4 A/px by default), SNR
+0.05, defocus 0.8-2.5 um, no junk, from one structure of ``benchmarks/initial_model.py``: ``asym`` (the hard 2D recipe's two-subunit
 ribosome-sized pseudo-protein, ~245 x 160 A: a large particle in the box) or ``c4`` (four
 copies of a ~60 A domain around z, refined in C4).
 
@@ -55,14 +55,16 @@ from tamis.simulate.truth import truth_for  # noqa: E402
 BOX, PIXEL, DIAMETER = 64, 4.0, 260.0
 
 
-def simulate(work: Path, structure: str, n: int, seed: int) -> Path:
+def simulate(
+    work: Path, structure: str, n: int, seed: int, box: int = BOX, pixel: float = PIXEL
+) -> Path:
     sim = work / "sim"
     if not (sim / "particles.star").exists():
         spec = hard_structures(work / "structures")[0] if structure == "asym" else None
         spec = spec or _c4_structure(work / "structures")
         simulate_particles(
             ParticleSimulation(
-                structures=[spec], n_particles=n, box_size=BOX, pixel_size=PIXEL, snr=0.05,
+                structures=[spec], n_particles=n, box_size=box, pixel_size=pixel, snr=0.05,
                 seed=seed,
             ),
             sim,
@@ -73,14 +75,14 @@ def simulate(work: Path, structure: str, n: int, seed: int) -> Path:
     return sim
 
 
-def reference(sim: Path, path: str, name: str) -> tuple[str, dict]:
+def reference(sim: Path, path: str, name: str, pixel: float = PIXEL) -> tuple[str, dict]:
     """``--reference`` in the particles' directory (hand set to the truth's), and its FSC with
     the truth."""
     from tamis.refine.maps import flip_hand
 
     vol, px = read_mrc(path)
     true_map = torch.from_numpy(read_mrc(sim / "structures" / "structure_01.mrc")[0])
-    cmp = compare_to_truth(torch.from_numpy(vol), true_map, PIXEL)
+    cmp = compare_to_truth(torch.from_numpy(vol), true_map, pixel)
     ref = flip_hand(torch.from_numpy(vol)).numpy() if cmp.flipped else vol
     out = f"reference_{name}.mrc"
     write_mrc(sim / out, ref, px, stack=False)
@@ -89,7 +91,7 @@ def reference(sim: Path, path: str, name: str) -> tuple[str, dict]:
     return out, info
 
 
-def judge(sim: Path, root: Path, sym: str) -> dict:
+def judge(sim: Path, root: Path, sym: str, pixel: float = PIXEL) -> dict:
     model = read_star(f"{root}_model.star")["model_general"]
     data = read_star(f"{root}_data.star")["particles"]
     truth = truth_for(data, sim / "ground_truth.csv")
@@ -99,7 +101,8 @@ def judge(sim: Path, root: Path, sym: str) -> dict:
         sym,
     )
     true_map = torch.from_numpy(read_mrc(sim / "structures" / "structure_01.mrc")[0])
-    cmp = compare_to_truth(torch.from_numpy(read_mrc(f"{root}_class001.mrc")[0]), true_map, PIXEL)
+    class1 = torch.from_numpy(read_mrc(f"{root}_class001.mrc")[0])
+    cmp = compare_to_truth(class1, true_map, pixel)
     iters = sorted(root.parent.glob(f"{root.name}_it*_optimiser.star"))
     return {
         "gold_standard_resolution_A": float(model["rlnCurrentResolution"]),
@@ -117,6 +120,8 @@ def main() -> None:
     ap.add_argument("--structure", choices=("asym", "c4"), default="asym")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--box", type=int, default=BOX, help="particle box, px")
+    ap.add_argument("--pixel", type=float, default=PIXEL, help="pixel size, A")
     ap.add_argument("--j", type=int, default=2)
     ap.add_argument("--relion", default="")
     ap.add_argument("--mpirun", default="mpirun")
@@ -132,13 +137,13 @@ def main() -> None:
     )  # fmt: skip
     a = ap.parse_args()
     sym = "C1" if a.structure == "asym" else "C4"
-    sim = simulate(a.work, a.structure, a.n, a.seed)
+    sim = simulate(a.work, a.structure, a.n, a.seed, a.box, a.pixel)
     name = a.name or a.structure
     suffix = f"_{a.name}" if a.name else ""
     report: dict = {"n": a.n, "structure": a.structure, "sym": sym}
     ref = "reference.mrc"
     if a.reference:
-        ref, info = reference(sim, a.reference, name)
+        ref, info = reference(sim, a.reference, name, a.pixel)
         report.update(info)
         print(json.dumps(info), flush=True)
     report["firstiter_cc"] = a.firstiter_cc
@@ -163,7 +168,7 @@ def main() -> None:
         finally:
             os.chdir(cwd)
         seconds = time.perf_counter() - t0 + a.tamis_prior_seconds
-        report["tamis"] = {"seconds": seconds, **judge(sim, root, sym)}
+        report["tamis"] = {"seconds": seconds, **judge(sim, root, sym, a.pixel)}
         print(json.dumps(report["tamis"]), flush=True)
     if a.relion:
         (sim / f"Relion{suffix}").mkdir(exist_ok=True)
@@ -181,7 +186,7 @@ def main() -> None:
             subprocess.run(cmd, cwd=sim, stdout=fh, stderr=subprocess.STDOUT, check=True)
         report["relion"] = {
             "seconds": time.perf_counter() - t0,
-            **judge(sim, sim / f"Relion{suffix}" / "run", sym),
+            **judge(sim, sim / f"Relion{suffix}" / "run", sym, a.pixel),
         }
         print(json.dumps(report["relion"]), flush=True)
     (a.work / f"report_{name}.json").write_text(json.dumps(report, indent=1))

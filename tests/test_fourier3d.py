@@ -345,6 +345,36 @@ def test_splat_equals_a_sample_by_sample_loop(ndim, sum_dtype, tol):
     assert d.dtype == torch.complex128 and w.dtype == torch.float64
 
 
+@pytest.mark.parametrize("stage_bytes", [0, 1 << 30])
+def test_splat_kept_in_float32_over_many_adds_equals_the_loop(stage_bytes, monkeypatch):
+    """A 3D (float32) GridSplat keeps its counts in float32 grids for a few adds before adding
+    them into its float64 totals: over more adds than that (a fold in the middle), with its
+    totals read half-way (``flat``, as the ranks' all-reduce reads them, which adds what is
+    kept), the grids equal the float64 loop's to float32's precision; the same with no kept
+    grids (too large for their budget: every add goes into the totals)."""
+    import tamis.padded_grid as pg
+
+    monkeypatch.setattr(pg, "_STAGE_BYTES", stage_bytes)
+    gen = torch.Generator().manual_seed(31)
+    m, n, adds = 12, 1100, 11
+    pos = (torch.rand((n, 3), generator=gen, dtype=torch.float64) * 2 - 1) * (m / 2)
+    data = torch.randn((2, n), generator=gen, dtype=torch.complex128)
+    weight = torch.rand((2, n), generator=gen, dtype=torch.float64)
+    data[1, :500], weight[1, :500] = 0, 0  # class 2 empty in the first adds
+    splat = pg.GridSplat(2, m, 3, "cpu")
+    assert (splat._staged is not None) == (stage_bytes > 0)
+    chunks = torch.arange(n).chunk(adds)
+    for i, c in enumerate(chunks):
+        splat.add(pos[c], data[:, c], weight[:, c])
+        if i == 4:
+            seen = splat.flat.clone()  # the first five adds' sums, all in the totals
+            assert float(seen[2].sum()) == pytest.approx(float(weight[:, : c[-1] + 1].sum()))
+    d, w = splat.grids()
+    d_ref, w_ref = _splat_loop(m, pos.numpy(), data.numpy(), weight.numpy())
+    np.testing.assert_allclose(d.numpy(), d_ref, rtol=0, atol=1e-5 * np.abs(d_ref).max())
+    np.testing.assert_allclose(w.numpy(), w_ref, rtol=0, atol=1e-5 * np.abs(w_ref).max())
+
+
 @pytest.mark.parametrize("k", [1, 3])
 def test_interpolate_in_groups_equals_one_batch_entry_per_class(k, monkeypatch):
     """interpolate() deals the positions out in groups on the CPU (grid_sample runs its batch

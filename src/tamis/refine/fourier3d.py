@@ -44,14 +44,23 @@ def section_coordinates(
     rotations: torch.Tensor, window: FourierWindow, pad: int, dtype: torch.dtype
 ) -> torch.Tensor:
     """Grid positions ``pad A^T (kx, ky, 0)`` of every rotation's section, axis by axis:
-    ``(3, R * C)`` (x, y, z rows, each contiguous, rotation-major), in ``dtype``, from one
-    small GEMM. :func:`project` and :func:`splat_sections` take them in the precision they
-    interpolate or sum in (float32 for complex64 grids and 3D splats: about 1e-5 grid units,
-    far below what trilinear weights resolve in single precision anyway)."""
+    ``(3, C * R)`` (x, y, z rows, each contiguous), pixel-major (pixel ``c`` of every rotation,
+    then pixel ``c + 1``), in ``dtype``, from three small GEMMs. :func:`project` and
+    :func:`splat_sections` take them in the precision they interpolate or sum in (float32 for
+    complex64 grids and 3D splats: about 1e-5 grid units, far below what trilinear weights
+    resolve in single precision anyway).
+
+    Pixel-major because consecutive rotations (a batch's orientations, sorted) are mostly
+    neighbours, so consecutive positions are too: the interpolation's and the splat's memory
+    reads stay in cache (a local search at box 96: projections 8% and the splat 6% faster
+    than rotation by rotation)."""
     r = rotations.shape[0]
-    coef = (pad * rotations[:, :2, :]).to(dtype).permute(2, 0, 1).reshape(3 * r, 2)
-    k = torch.stack([window.kx, window.ky]).to(coef.device, dtype)
-    return (coef @ k).view(3, -1)
+    coef = (pad * rotations[:, :2, :]).to(dtype)  # (R, 2, 3): (kx, ky) by (x, y, z)
+    k = torch.stack([window.kx, window.ky], 1).to(coef.device, dtype)  # (C, 2)
+    out = torch.empty((3, k.shape[0], r), dtype=dtype, device=coef.device)
+    for axis in range(3):
+        torch.matmul(k, coef[:, :, axis].T, out=out[axis])
+    return out.view(3, -1)
 
 
 def project_sources(grids: torch.Tensor, window: FourierWindow, *, pad: int = 2) -> SliceTiles:
@@ -83,8 +92,8 @@ def project(
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, rotations.shape[0], step):
         xyz = section_coordinates(rotations[s : s + step].to(dev), window, pad, tiles.image.dtype)
-        vals = torch.view_as_complex(tiles.sample(xyz[0], xyz[1], xyz[2]))  # (K, R' C)
-        out[:, s : s + step] = vals.view(k, -1, c)
+        vals = torch.view_as_complex(tiles.sample(xyz[0], xyz[1], xyz[2]))  # (K, C R')
+        out[:, s : s + step] = vals.view(k, c, -1).transpose(1, 2)
     out[:, :, rim] = 0
     return out
 
@@ -129,7 +138,10 @@ def splat_sections(
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, n_rot, step):
         xyz = section_coordinates(rotations[s : s + step].to(dev), window, pad, splat.sum_dtype)
-        splat.add(xyz.T, data[:, s : s + step] * disc, weight[:, s : s + step] * disc)
+        # in the positions' (pixel-major) order
+        d = (data[:, s : s + step] * disc).transpose(1, 2)
+        w = (weight[:, s : s + step] * disc).transpose(1, 2)
+        splat.add(xyz.T, d, w)
 
 
 def symmetrise(
