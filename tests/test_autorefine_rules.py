@@ -143,3 +143,47 @@ def test_random_halves():
     assert set(random_halves(np.zeros(50), 50, seed=1)) == {1, 2}
     with pytest.raises(TamisError, match="rlnRandomSubset"):
         random_halves(np.array([1, 0, 2]), 3, seed=0)
+
+
+@pytest.mark.parametrize("sym", ["C1", "C4", "D2"])
+def test_orientation_change_is_relions_mean_axis_angle(sym):
+    """The change of orientation that auto-sampling reads is RELION's
+    (``HealpixSampling::calculateAngularDistance``): per symmetry mate ``B R``, the mean over the
+    three rows of the angle between the rows of ``A`` and ``B R``; the smallest over the mates.
+    A loop written from that, and a turn by t about z (rows x and y move by t, z not): 2t/3."""
+    from tamis.orientations import euler_to_matrix
+    from tamis.refine.volume_run import axes_distances
+    from tamis.symmetry import symmetry_operators
+
+    gen = np.random.default_rng(5)
+    n = 40
+    ang_a = gen.uniform([-180, 0, -180], [180, 180, 180], (n, 3))
+    ang_b = ang_a + gen.normal(0, 6, (n, 3))
+    ang_b[:5] = gen.uniform([-180, 0, -180], [180, 180, 180], (5, 3))  # large changes too
+    a = euler_to_matrix(*torch.from_numpy(ang_a).T)
+    b = euler_to_matrix(*torch.from_numpy(ang_b).T)
+    got = axes_distances(a, b, sym).numpy()
+    ops = symmetry_operators(sym).to(torch.float64).numpy()
+    for i in range(n):
+        best = 3600.0
+        for g in ops:
+            mate = b[i].numpy() @ g
+            rows = [
+                np.degrees(np.arccos(np.clip(np.dot(a[i, r].numpy(), mate[r]), -1, 1)))
+                for r in range(3)
+            ]
+            best = min(best, sum(rows) / 3)
+        assert got[i] == pytest.approx(best, abs=1e-9)
+    t = 9.0
+    turn = torch.tensor(
+        [
+            [
+                [np.cos(np.radians(t)), -np.sin(np.radians(t)), 0],
+                [np.sin(np.radians(t)), np.cos(np.radians(t)), 0],
+                [0, 0, 1],
+            ]
+        ],
+        dtype=torch.float64,
+    )
+    eye = torch.eye(3, dtype=torch.float64)[None]
+    assert float(axes_distances(eye, turn, "C1")[0]) == pytest.approx(2 * t / 3)

@@ -429,7 +429,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             hist.converged = self.auto.converged(o.auto_ignore_angles)
         self.state = self.states[0]
         self.current_size = cs
-        return ang, float(np.mean(np.linalg.norm(moved, axis=1))), 0.0
+        return ang, rms_off, 0.0  # RELION's rlnChangesOptimalOffsets: the per-axis RMS
 
     def _maximize(
         self,

@@ -17,7 +17,7 @@ from tamis.refine.sampling import Sampling3D
 from tamis.refine.space import VolumeSpace
 from tamis.symmetry import symmetry_operators
 
-__all__ = ["VolumeRun", "rotation_angles", "best_accuracy"]
+__all__ = ["VolumeRun", "axes_distances", "rotation_angles", "best_accuracy"]
 
 
 def rotation_angles(a: torch.Tensor, b: torch.Tensor, sym: str = "C1") -> torch.Tensor:
@@ -28,6 +28,17 @@ def rotation_angles(a: torch.Tensor, b: torch.Tensor, sym: str = "C1") -> torch.
     ops = symmetry_operators(sym).to(m.dtype)  # (G, 3, 3)
     trace = torch.einsum("nij,gji->ng", m, ops).amax(1)
     return torch.rad2deg(torch.arccos(((trace - 1) / 2).clamp(-1.0, 1.0)))
+
+
+def axes_distances(a: torch.Tensor, b: torch.Tensor, sym: str = "C1") -> torch.Tensor:
+    """RELION's change of orientation (``HealpixSampling::calculateAngularDistance``), degrees:
+    the mean over the three rows of ``a`` and of ``b``'s symmetry mate ``b R`` ``(N, 3, 3)`` of
+    the angle between them, the smallest over the mates. About pi/4 of :func:`rotation_angles`
+    for a random axis (a turn about one row moves only the other two)."""
+    ops = symmetry_operators(sym).to(a.dtype)  # (G, 3, 3)
+    mates = torch.einsum("nij,gjk->ngik", b, ops)  # (N, G, 3, 3)
+    cos = torch.einsum("nik,ngik->ngi", a, mates).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.arccos(cos)).mean(-1).amin(1)
 
 
 def best_accuracy(accuracy: torch.Tensor) -> float:
@@ -89,11 +100,11 @@ class VolumeRun:
         return [self.rot, self.tilt, *super().row_arrays()]
 
     def angle_change(self, rows: np.ndarray, old: np.ndarray) -> float:
-        """Mean rotation angle between old and new orientations (degrees), up to the point
-        group."""
+        """Mean change of orientation (degrees) as RELION measures it (:func:`axes_distances`,
+        up to the point group): what its auto-sampling's tests of small changes read."""
         a = euler_to_matrix(*torch.from_numpy(old).T)
         b = euler_to_matrix(*torch.from_numpy(self.angles_of(rows)).T)
-        return float(rotation_angles(a, b, self.options.sym).mean())
+        return float(axes_distances(a, b, self.options.sym).mean())
 
     def set_angles(self, rows: np.ndarray, ok: np.ndarray, best: torch.Tensor) -> None:
         ang = matrix_to_euler(best.cpu()).numpy()
