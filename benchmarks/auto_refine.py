@@ -6,9 +6,9 @@ the truth.
 PATH/mpirun] [--skip_tamis] [--reference MAP [--firstiter_cc]] [--name NAME]``
 
 Data: ``--n`` particles of ``--box`` px at ``--pixel`` A/px (64 px, 4 A/px by default), SNR
-0.05, defocus 0.8-2.5 um, no junk, from one structure of ``benchmarks/initial_model.py``: ``asym`` (the hard 2D recipe's two-subunit
-ribosome-sized pseudo-protein, ~245 x 160 A: a large particle in the box) or ``c4`` (four
-copies of a ~60 A domain around z, refined in C4).
+0.05, defocus 0.8-2.5 um, no junk, from one structure of ``benchmarks/initial_model.py``:
+``asym`` (the hard 2D recipe's two-subunit ribosome-sized pseudo-protein, ~245 x 160 A: a large
+particle in the box) or ``c4`` (four copies of a ~60 A domain around z, refined in C4).
 
 Reference: the true map on the particles' grey scale, or ``--reference`` (e.g. the largest class
 of ``benchmarks/initial_model.py``'s job on the same structure: its hand, which single-particle
@@ -75,14 +75,19 @@ def simulate(
     return sim
 
 
-def reference(sim: Path, path: str, name: str, pixel: float = PIXEL) -> tuple[str, dict]:
+def true_map(sim: Path) -> tuple[torch.Tensor, float]:
+    """The particles' true map and its pixel size (the particles')."""
+    vol, px = read_mrc(sim / "structures" / "structure_01.mrc")
+    return torch.from_numpy(vol), float(px)
+
+
+def reference(sim: Path, path: str, name: str) -> tuple[str, dict]:
     """``--reference`` in the particles' directory (hand set to the truth's), and its FSC with
     the truth."""
     from tamis.refine.maps import flip_hand
 
     vol, px = read_mrc(path)
-    true_map = torch.from_numpy(read_mrc(sim / "structures" / "structure_01.mrc")[0])
-    cmp = compare_to_truth(torch.from_numpy(vol), true_map, pixel)
+    cmp = compare_to_truth(torch.from_numpy(vol), *true_map(sim))
     ref = flip_hand(torch.from_numpy(vol)).numpy() if cmp.flipped else vol
     out = f"reference_{name}.mrc"
     write_mrc(sim / out, ref, px, stack=False)
@@ -91,7 +96,7 @@ def reference(sim: Path, path: str, name: str, pixel: float = PIXEL) -> tuple[st
     return out, info
 
 
-def judge(sim: Path, root: Path, sym: str, pixel: float = PIXEL) -> dict:
+def judge(sim: Path, root: Path, sym: str) -> dict:
     model = read_star(f"{root}_model.star")["model_general"]
     data = read_star(f"{root}_data.star")["particles"]
     truth = truth_for(data, sim / "ground_truth.csv")
@@ -100,9 +105,7 @@ def judge(sim: Path, root: Path, sym: str, pixel: float = PIXEL) -> dict:
         truth[["rot", "tilt", "psi"]].to_numpy(),
         sym,
     )
-    true_map = torch.from_numpy(read_mrc(sim / "structures" / "structure_01.mrc")[0])
-    class1 = torch.from_numpy(read_mrc(f"{root}_class001.mrc")[0])
-    cmp = compare_to_truth(class1, true_map, pixel)
+    cmp = compare_to_truth(torch.from_numpy(read_mrc(f"{root}_class001.mrc")[0]), *true_map(sim))
     iters = sorted(root.parent.glob(f"{root.name}_it*_optimiser.star"))
     return {
         "gold_standard_resolution_A": float(model["rlnCurrentResolution"]),
@@ -143,7 +146,7 @@ def main() -> None:
     report: dict = {"n": a.n, "structure": a.structure, "sym": sym}
     ref = "reference.mrc"
     if a.reference:
-        ref, info = reference(sim, a.reference, name, a.pixel)
+        ref, info = reference(sim, a.reference, name)
         report.update(info)
         print(json.dumps(info), flush=True)
     report["firstiter_cc"] = a.firstiter_cc
@@ -168,7 +171,7 @@ def main() -> None:
         finally:
             os.chdir(cwd)
         seconds = time.perf_counter() - t0 + a.tamis_prior_seconds
-        report["tamis"] = {"seconds": seconds, **judge(sim, root, sym, a.pixel)}
+        report["tamis"] = {"seconds": seconds, **judge(sim, root, sym)}
         print(json.dumps(report["tamis"]), flush=True)
     if a.relion:
         (sim / f"Relion{suffix}").mkdir(exist_ok=True)
@@ -186,7 +189,7 @@ def main() -> None:
             subprocess.run(cmd, cwd=sim, stdout=fh, stderr=subprocess.STDOUT, check=True)
         report["relion"] = {
             "seconds": time.perf_counter() - t0,
-            **judge(sim, sim / f"Relion{suffix}" / "run", sym, a.pixel),
+            **judge(sim, sim / f"Relion{suffix}" / "run", sym),
         }
         print(json.dumps(report["relion"]), flush=True)
     (a.work / f"report_{name}.json").write_text(json.dumps(report, indent=1))

@@ -175,15 +175,6 @@ def test_orientation_change_is_relions_mean_axis_angle(sym):
             best = min(best, sum(rows) / 3)
         assert got[i] == pytest.approx(best, abs=1e-9)
     t = 9.0
-    turn = torch.tensor(
-        [
-            [
-                [np.cos(np.radians(t)), -np.sin(np.radians(t)), 0],
-                [np.sin(np.radians(t)), np.cos(np.radians(t)), 0],
-                [0, 0, 1],
-            ]
-        ],
-        dtype=torch.float64,
-    )
+    turn = euler_to_matrix(*torch.tensor([[t], [0.0], [0.0]], dtype=torch.float64))  # about z
     eye = torch.eye(3, dtype=torch.float64)[None]
     assert float(axes_distances(eye, turn, "C1")[0]) == pytest.approx(2 * t / 3)

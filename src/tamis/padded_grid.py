@@ -434,7 +434,7 @@ class GridSplat:
         self.at_origin = torch.zeros((k, 3), dtype=torch.float64, device=device)
         # counts not yet in the totals: (class, channel, half of the corners, voxel)
         self._staged: torch.Tensor | None = None
-        if sum_dtype != torch.float64 and 6 * k * self.voxels * 4 <= _STAGE_BYTES:
+        if sum_dtype != torch.float64 and 6 * k * self.voxels * sum_dtype.itemsize <= _STAGE_BYTES:
             self._staged = torch.zeros((k, 3, 2, self.voxels), dtype=sum_dtype, device=device)
         self._staged_calls = 0
 
@@ -497,11 +497,12 @@ class GridSplat:
             # are counted side by side (tamis._threads); kept in the float32 grids by the
             # worker that counts them, or added in order into the totals
             half = rows.shape[0] // 2
-            parts = [(ch, h, h * half, (h + 1) * half) for ch in range(3) for h in (0, 1)]
+            parts = [(ch, h) for ch in range(3) for h in (0, 1)]
             staged = None if self._staged is None else self._staged[slot]
 
-            def count(part, rows=rows, wts=wts, values=values, staged=staged):
-                ch, h, lo, hi = part
+            def count(part, rows=rows, wts=wts, values=values, staged=staged, half=half):
+                ch, h = part
+                lo, hi = h * half, (h + 1) * half
                 w_ch = (wts[lo:hi] * values[ch]).reshape(-1)
                 sums = torch.bincount(rows[lo:hi].reshape(-1), weights=w_ch, minlength=v)
                 if staged is None:
@@ -510,7 +511,7 @@ class GridSplat:
                 return None
 
             out = self._flat[:, slot * v : (slot + 1) * v]
-            for (ch, _, _, _), sums in zip(parts, map_work(count, parts, out.device), strict=True):
+            for (ch, _), sums in zip(parts, map_work(count, parts, out.device), strict=True):
                 if sums is not None:
                     out[ch] += sums
         if self._staged is not None:
