@@ -275,6 +275,37 @@ def test_half_one_does_not_see_half_two(sim: Path, tmp_path: Path):
     assert not np.allclose(a.angles_of(np.flatnonzero(~h1)), b.angles_of(np.flatnonzero(~h1)))
 
 
+def test_both_halves_share_one_sampling_perturbation_per_iteration(sim: Path, tmp_path: Path):
+    """RELION perturbs the sampling once per iteration (``expectationSetup``), for both halves:
+    each half's E-step sees the same instance, the one written to the sampling file, and the
+    instance moves by RELION's step (U(f/2, f), wrapped into [-f, f]) from one iteration to the
+    next, drawn as RELION draws it for the run's seed."""
+    from tamis.io.particles import ParticleSet
+    from tamis.refine.auto_refine import AutoRefineRun
+
+    run = AutoRefineRun(ParticleSet.from_file(sim / "particles.star"), _options(sim, iter=3), "x")
+    seen: list[tuple[int, float]] = []
+    estep = run.expectation_step
+
+    def spy(it, rows, **kw):
+        out = estep(it, rows, **kw)
+        seen.append((it, run.sampling.perturbation))
+        return out
+
+    run.expectation_step = spy
+    run.initialise()
+    for it in (1, 2):
+        run.iterate(it)
+        assert run.state.perturbation == seen[-1][1]
+    assert [it for it, _ in seen] == [1, 1, 2, 2]
+    assert seen[0][1] == seen[1][1] and seen[2][1] == seen[3][1]
+    # --random_seed 1: RELION 5.0.1's instances for that seed (its run_it001/2_sampling.star)
+    assert [seen[0][1], seen[2][1]] == pytest.approx([-0.11471, 0.275636], abs=1e-5)
+    f = run.sampling.perturb_factor
+    step = (seen[2][1] - seen[0][1]) % (2 * f)
+    assert 0.5 * f <= step <= f, (seen, step)
+
+
 def test_local_priors_match_a_slow_loop():
     smp = Sampling3D(offset_range=3, offset_step=1, oversampling=1, healpix_order=2, sym="C1")
     rng = np.random.default_rng(0)

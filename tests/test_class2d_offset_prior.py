@@ -140,14 +140,9 @@ def in_fixture(tmp_path, monkeypatch):
 
 
 def _continue_one_iteration(work: Path, monkeypatch, **options):
-    """Iteration 2 continued from the fixture with RELION's perturbation; the particle table
-    and the run (written as iteration 2 under ``work/out``), and the class offset priors the
-    M-step's sums were given."""
-    monkeypatch.setattr(
-        Sampling,
-        "advance_perturbation",
-        lambda self, rng: setattr(self, "perturbation", RELION_IT2_PERTURBATION),
-    )
+    """Iteration 2 continued from the fixture (its perturbation drawn from RELION's seed as
+    RELION draws it); the particle table and the run (written as iteration 2 under
+    ``work/out``), and the class offset priors the M-step's sums were given."""
     run = _fixture_run(Class2DOptions(j=1, device="cpu", **options), work)
     given = []
     accumulate = mstep.accumulate
@@ -159,6 +154,7 @@ def _continue_one_iteration(work: Path, monkeypatch, **options):
     monkeypatch.setattr(mstep, "accumulate", spy)
     before = run.state.prior_offset.clone()
     run.iterate(2)
+    assert run.sampling.perturbation == pytest.approx(RELION_IT2_PERTURBATION, abs=1e-5)
     run.write(2)
     # RELION's sigma_offset sum is p² |mu - o - t|² (mu in Å, o + t in pixels): the Å sums of
     # p mu; the Å prior passes mu itself

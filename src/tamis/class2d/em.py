@@ -252,12 +252,14 @@ class Class2DRun:
             oversampling=options.oversampling,
             perturb_factor=options.perturb,
         )
+        self.sampling.start_perturbation()
         # a seed from the clock is rank 0's on every rank (under torchrun)
         self.seed = (
             options.random_seed
             if options.random_seed is not None
             else distributed.broadcast_object(int(time.time()))
         )
+        self._perturbed_iteration: int | None = None
         self.state: ModelState | None = None
         self.current_size = self.box
         self.space: ReferenceSpace = InPlaneSpace()
@@ -591,6 +593,14 @@ class Class2DRun:
         """An estimate of how many coarse orientations a batch's union holds (batch size)."""
         raise NotImplementedError
 
+    def perturb_sampling(self, it: int) -> None:
+        """RELION's ``resetRandomlyPerturbedSampling`` for iteration ``it``, once however many
+        E-steps the iteration runs (auto-refine's two halves share it, as in RELION's
+        ``expectationSetup``)."""
+        if self._perturbed_iteration != it:
+            self.sampling.advance_perturbation(self.seed, it)
+            self._perturbed_iteration = it
+
     def expectation_step(
         self,
         it: int,
@@ -616,7 +626,7 @@ class Class2DRun:
         estep_pixels = (
             coarse_pixels if o.strict_highres_exp > 0 else torch.arange(len(window), device=dev)
         )
-        self.sampling.advance_perturbation(np.random.default_rng([self.seed, it, 17]))
+        self.perturb_sampling(it)
         smp = self.sampling
         grids = reference_grids(st.refs, pad=o.pad, r_max=cs / 2)
         tau2 = grid_tau2(grids, cs / 2, self.nsh, pad=o.pad)

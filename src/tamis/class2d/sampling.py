@@ -7,7 +7,9 @@
   ``4^o`` (x outer, y inner) at offsets ``step * ((a + 1/2) / 2^o - 1/2)``; order 1 gives
   ``psi ± step/4`` and ``t ± step/4``.
 * Every iteration a random perturbation ``rp`` in ``[-f, f]`` moves every psi by ``rp * psi_step``
-  and every translation by ``rp * offset_step`` (x and y alike).
+  and every translation by ``rp * offset_step`` (x and y alike); ``rp`` starts at and moves by
+  RELION's own draws for the run's random seed (:meth:`Sampling.start_perturbation`,
+  :meth:`Sampling.advance_perturbation`).
 
 Unlike RELION's GPU code, the number of psi samples is not rounded up to a multiple of 32.
 """
@@ -18,6 +20,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from tamis.relion_rand import initial_perturbation, perturbation_step, wrap
 
 __all__ = ["Sampling"]
 
@@ -88,11 +92,15 @@ class Sampling:
 
     # ---- perturbation --------------------------------------------------------------------
 
-    def advance_perturbation(self, rng: np.random.Generator) -> None:
-        """RELION's ``resetRandomlyPerturbedSampling``: ``rp += U(f/2, f)``, wrapped into [-f, f]."""
+    def start_perturbation(self) -> None:
+        """The instance before iteration 1, as RELION sets it up (the same for every seed)."""
+        self.perturbation = initial_perturbation(self.perturb_factor)
+
+    def advance_perturbation(self, seed: int, iteration: int) -> None:
+        """RELION's ``resetRandomlyPerturbedSampling`` for ``iteration`` of a run with
+        ``--random_seed`` ``seed``: ``rp += U(f/2, f)`` wrapped into [-f, f], ``U`` drawn as RELION
+        draws it (:mod:`tamis.relion_rand`)."""
         f = self.perturb_factor
         if f <= 0:
             return
-        self.perturbation += rng.uniform(0.5 * f, f)
-        if self.perturbation > f:
-            self.perturbation -= 2 * f
+        self.perturbation = wrap(self.perturbation + perturbation_step(seed, iteration, f), f)

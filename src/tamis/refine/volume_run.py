@@ -66,6 +66,7 @@ class VolumeRun:
             healpix_order=healpix_order,
             sym=o.sym,
         )
+        self.sampling.start_perturbation()
         table = particles.particles
         self.rot = np.zeros(self.n)
         self.tilt = np.zeros(self.n)
