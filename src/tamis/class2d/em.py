@@ -157,6 +157,13 @@ class _FineOnDemand:
         return proj
 
 
+def offset_change(new: np.ndarray, old: np.ndarray) -> float:
+    """RELION's ``rlnChangesOptimalOffsets`` of particles whose offsets (Å, ``(N, 2)``) went from
+    ``old`` to ``new``: the RMS change per coordinate, ``sqrt(sum |new - old|² / 2N)``."""
+    moved = np.asarray(new, dtype=float) - np.asarray(old, dtype=float)
+    return float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
+
+
 def _child_ids(coarse: torch.Tensor, n_over: int) -> torch.Tensor:
     """Indices ``j * n_over + a`` (``a < n_over``) of the fine children of coarse indices ``j``,
     in the E-step's compact order."""
@@ -868,7 +875,7 @@ class Class2DRun:
         d, w = space.finish(acc, cs / 2, o.pad)
         changes = (
             self.angle_change(rows_all, old_angles),
-            float(np.mean(np.linalg.norm(self.origin[rows_all] - old_origin, axis=1))),
+            offset_change(self.origin[rows_all], old_origin),
             float(np.mean(self.cls[rows_all] != old_cls)),
         )
         return EStep(

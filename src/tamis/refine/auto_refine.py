@@ -41,7 +41,13 @@ import torch
 
 from tamis import distributed
 from tamis.class2d import mstep
-from tamis.class2d.em import Class2DRun, JobAborted, accuracy_over_ranks, ranked_job
+from tamis.class2d.em import (
+    Class2DRun,
+    JobAborted,
+    accuracy_over_ranks,
+    offset_change,
+    ranked_job,
+)
 from tamis.class2d.files import (
     ContinueState,
     IterationFiles,
@@ -420,8 +426,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             st.avg_pmax = avg_pmax
         # hidden-variable changes over both halves
         ang = self.angle_change(np.arange(self.n), old_angles)
-        moved = self.origin - old_origin
-        rms_off = float(np.sqrt(np.mean(moved**2)))
+        rms_off = offset_change(self.origin, old_origin)
         self._offset_change = rms_off
         self.auto = self.auto.after_resolution(maxres / (self.box * self.pixel))
         self.auto = self.auto.after_changes(HiddenChanges(ang, rms_off, 0.0), self._leader_steps)
@@ -429,7 +434,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
             hist.converged = self.auto.converged(o.auto_ignore_angles)
         self.state = self.states[0]
         self.current_size = cs
-        return ang, rms_off, 0.0  # RELION's rlnChangesOptimalOffsets: the per-axis RMS
+        return ang, rms_off, 0.0
 
     def _maximize(
         self,

@@ -93,10 +93,8 @@ class InitialModelRun(VolumeRun, VdamRun):
 
     def iterate(self, it: int, *, abort=None) -> tuple[float, float, float]:
         self._update_sampling(it)
-        rows = self.subset_rows(it)
-        before = self.origin[rows].copy()
         changes = super().iterate(it, abort=abort)
-        self._offset_change = float(np.sqrt(np.mean((self.origin[rows] - before) ** 2)))
+        self._offset_change = changes[1]  # the mini-batch's RMS offset change (A)
         return changes
 
     def _update_sampling(self, it: int) -> None:
