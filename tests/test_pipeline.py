@@ -283,6 +283,7 @@ def test_refine_other_args_seed_and_performance_flags():
     assert _refine_other_args("") == {}
     got = _refine_other_args("--dont_combine_weights_via_disc --pool 30 --random_seed 4 --j 2")
     assert got == {"random_seed": 4}
+    assert _refine_other_args("--random_seed -1") == {"random_seed": None}  # the clock
     assert _refine_other_args("--offset_prior relion --pool 3") == {"offset_prior": "relion"}
     with pytest.raises(TamisError, match="random_seed"):
         _refine_other_args("--random_seed x")

@@ -10,7 +10,13 @@ import platform
 import pytest
 
 from tamis.class2d.sampling import Sampling
-from tamis.relion_rand import RAND_MAX, glibc_rand, initial_perturbation, wrap
+from tamis.relion_rand import (
+    RAND_MAX,
+    glibc_rand,
+    initial_perturbation,
+    perturbation_step,
+    wrap,
+)
 
 # rlnSamplingPerturbInstance of RELION 5.0.1 runs made on the development VM: a Refine3D job
 # under MPI (--random_seed 1, the 96-px C4 benchmark of BENCHMARKS.md), its it000..it004
@@ -66,3 +72,9 @@ def test_no_perturbation_factor_keeps_the_sampling_still():
 )
 def test_wrap_follows_relions_macro(x, expected):
     assert wrap(x, 0.5) == pytest.approx(expected)
+
+
+def test_seed_plus_iteration_wraps_as_c_unsigned():
+    """``srand(random_seed + iter)`` takes an ``unsigned int``: past 2^32 the seed wraps."""
+    assert perturbation_step(2**32 - 1, 2, 0.5) == perturbation_step(1, 0, 0.5)
+    assert perturbation_step(5, 1, 0.5) != perturbation_step(5, 2, 0.5)

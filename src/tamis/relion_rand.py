@@ -5,8 +5,11 @@ RELION reseeds the C library's ``rand()`` with ``srand(random_seed + iter)`` bef
 iteration's perturbation (``MlOptimiser::expectationSetup``) and draws ``rnd_unif(f/2, f)`` in
 float32; the first instance comes from the generator before any ``srand`` (glibc's default state,
 that of ``srand(1)``), when the sampling is set up. Drawing the same numbers here makes a tamis run
-with RELION's ``--random_seed`` perturb its sampling exactly as RELION does, so a continued RELION
-run (and a side-by-side comparison) differs only where the algorithms do.
+with RELION's ``--random_seed`` perturb its sampling exactly as RELION's uninterrupted run does, so
+a RELION run continued by tamis (and a side-by-side comparison) differs only where the algorithms
+do. (RELION's own ``--continue`` sets its sampling up again, adding one more unseeded draw; tamis's
+``--continue`` does not, so a continued tamis run equals an uninterrupted one. RELION seeds from
+the clock when ``random_seed + iter`` is negative; callers pass a seed >= 0 here.)
 
 ``rand()`` is glibc's (RELION's builds are Linux builds): the additive feedback generator of
 degree 31 and separation 3, seeded by a Park-Miller sequence and run 310 steps before its first

@@ -416,11 +416,12 @@ def _refine_other_args(text: str, what: str = "2D classification") -> dict[str, 
         w = words[i]
         if w == "--random_seed" and i + 1 < len(words):
             try:
-                out["random_seed"] = int(words[i + 1])
+                seed = int(words[i + 1])
             except ValueError:
                 raise TamisError(
                     f"other_args: --random_seed {words[i + 1]!r} is not an integer"
                 ) from None
+            out["random_seed"] = seed if seed >= 0 else None  # RELION: -1 is the clock
             i += 2
         elif w == "--offset_prior" and i + 1 < len(words):  # tamis's own (README)
             out["offset_prior"] = words[i + 1]
