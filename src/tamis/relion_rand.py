@@ -7,9 +7,10 @@ float32; the first instance comes from the generator before any ``srand`` (glibc
 that of ``srand(1)``), when the sampling is set up. Drawing the same numbers here makes a tamis run
 with RELION's ``--random_seed`` perturb its sampling exactly as RELION's uninterrupted run does, so
 a RELION run continued by tamis (and a side-by-side comparison) differs only where the algorithms
-do. (RELION's own ``--continue`` sets its sampling up again, adding one more unseeded draw; tamis's
-``--continue`` does not, so a continued tamis run equals an uninterrupted one. RELION seeds from
-the clock when ``random_seed + iter`` is negative; callers pass a seed >= 0 here.)
+do. (RELION's own ``--continue`` sets its sampling up again and starts the perturbation over from
+the first instance, ignoring the one in the file; tamis's ``--continue`` carries it on, so a
+continued tamis run equals an uninterrupted one. RELION seeds from the clock when
+``random_seed + iter`` is negative; callers pass a seed >= 0 here.)
 
 ``rand()`` is glibc's (RELION's builds are Linux builds): the additive feedback generator of
 degree 31 and separation 3, seeded by a Park-Miller sequence and run 310 steps before its first
