@@ -76,15 +76,11 @@ def wrap(x: float, factor: float) -> float:
 
 def perturbation_step(seed: int, iteration: int, factor: float) -> float:
     """The increment of the perturbation instance at ``iteration``: ``rnd_unif(f/2, f)`` right
-    after ``srand(seed + iteration)``."""
-    if factor <= 0:
-        return 0.0
+    after ``srand(seed + iteration)`` (0 when ``factor`` is 0: RELION's ``rnd_unif(0, 0)``)."""
     return _rnd_unif(0.5 * factor, factor, glibc_rand(seed + iteration)[0])
 
 
 def initial_perturbation(factor: float) -> float:
     """The instance set up before iteration 1 (written to RELION's ``_it000_sampling.star``):
     one draw from the unseeded generator, added to zero and wrapped."""
-    if factor <= 0:
-        return 0.0
     return wrap(_rnd_unif(0.5 * factor, factor, glibc_rand(1)[0]), factor)

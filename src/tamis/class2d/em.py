@@ -266,7 +266,6 @@ class Class2DRun:
             if options.random_seed is not None
             else distributed.broadcast_object(int(time.time()))
         )
-        self._perturbed_iteration: int | None = None
         self.state: ModelState | None = None
         self.current_size = self.box
         self.space: ReferenceSpace = InPlaneSpace()
@@ -536,6 +535,7 @@ class Class2DRun:
         """One EM iteration over every particle: E-step, then the M-step."""
         o, st = self.options, self.state
         assert st is not None
+        self.sampling.advance_perturbation(self.seed, it)
         step = self.expectation_step(it, np.arange(self.n), abort=abort)
         self.state = mstep.maximize(
             st,
@@ -600,14 +600,6 @@ class Class2DRun:
         """An estimate of how many coarse orientations a batch's union holds (batch size)."""
         raise NotImplementedError
 
-    def perturb_sampling(self, it: int) -> None:
-        """RELION's ``resetRandomlyPerturbedSampling`` for iteration ``it``, once however many
-        E-steps the iteration runs (auto-refine's two halves share it, as in RELION's
-        ``expectationSetup``)."""
-        if self._perturbed_iteration != it:
-            self.sampling.advance_perturbation(self.seed, it)
-            self._perturbed_iteration = it
-
     def expectation_step(
         self,
         it: int,
@@ -633,7 +625,6 @@ class Class2DRun:
         estep_pixels = (
             coarse_pixels if o.strict_highres_exp > 0 else torch.arange(len(window), device=dev)
         )
-        self.perturb_sampling(it)
         smp = self.sampling
         grids = reference_grids(st.refs, pad=o.pad, r_max=cs / 2)
         tau2 = grid_tau2(grids, cs / 2, self.nsh, pad=o.pad)

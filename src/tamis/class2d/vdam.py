@@ -281,6 +281,7 @@ class VdamRun(Class2DRun):
         assert st is not None and self.moments is not None
         rows = self.subset_rows(it)
         self.subset = len(rows)
+        self.sampling.advance_perturbation(self.seed, it)
         step = self.expectation_step(
             it, rows, abort=abort, halves=True, max_significants=self.max_significants
         )

@@ -375,6 +375,8 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         old_angles = self.angles_of(np.arange(self.n))
         old_origin = self.origin.copy()
         before = list(self.states)
+        # one perturbation for both halves (RELION's expectationSetup, once per iteration)
+        self.sampling.advance_perturbation(self.seed, it)
         steps = []
         for h in (0, 1):
             self.state = self.states[h]
