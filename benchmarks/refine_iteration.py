@@ -3,11 +3,11 @@ A/B driver for the E/M kernels (run it with two versions of the code, alternatin
 files).
 
 usage: .venv/bin/python benchmarks/refine_iteration.py RUN_itNNN_optimiser.star [--class2d]
-[--repeat R] [--save OUT.pt]
+[--initial_model] [--repeat R] [--save OUT.pt]
 
 Runs iteration NNN + 1 as ``--continue`` would (same options, ``--j 2``) but writes no files;
-prints its wall time (with ``--class2d``: a Class2D job, EM or VDAM, also the E-step and M-step
-seconds). ``--repeat R`` runs it R times from the same files in one process. ``--save`` keeps
+prints its wall time (with ``--class2d``, a Class2D job, EM or VDAM, and ``--initial_model``, an
+InitialModel job, also the E-step and M-step seconds). ``--repeat R`` runs it R times from the same files in one process. ``--save`` keeps
 the references, angles and origins of the last run for comparing two versions' results."""
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from tamis.class2d.likelihood import GEMM_STATS
 from tamis.class2d.state import Class2DOptions
 from tamis.io.particles import ParticleSet
 from tamis.refine.auto_refine import AutoRefineOptions, AutoRefineRun
+from tamis.refine.initial_model import InitialModelOptions, InitialModelRun
 
 
 def main() -> None:
@@ -36,6 +37,7 @@ def main() -> None:
     ap.add_argument("--j", type=int, default=2)
     ap.add_argument("--save", default="")
     ap.add_argument("--class2d", action="store_true", help="a Class2D job (EM or VDAM)")
+    ap.add_argument("--initial_model", action="store_true", help="an InitialModel job (3D VDAM)")
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     keep_freed_memory()
@@ -44,9 +46,14 @@ def main() -> None:
     it = int(re.search(r"_it(\d+)_optimiser", opt.name).group(1)) + 1
     os.chdir(opt.parent.parent)  # the paths in the files are relative to the project
     cont = read_continue(opt)
-    base = Class2DOptions(j=a.j) if a.class2d else AutoRefineOptions(j=a.j)
+    if a.initial_model:
+        base, run_type = InitialModelOptions(j=a.j), InitialModelRun
+    elif a.class2d:
+        base, run_type = Class2DOptions(j=a.j), None
+    else:
+        base, run_type = AutoRefineOptions(j=a.j), AutoRefineRun
     options = continued_options(cont, base, frozenset())
-    run_type = _run_class(options) if a.class2d else AutoRefineRun
+    run_type = run_type or _run_class(options)
     scratch = Path("/tmp") / f"refine_iteration_{os.getpid()}" / "run"
     particles = ParticleSet.from_file(cont.data_path)
     for _ in range(a.repeat):
@@ -57,7 +64,7 @@ def main() -> None:
         run.iterate(it)
         seconds = time.perf_counter() - t0
         split = ""
-        if a.class2d:
+        if a.class2d or a.initial_model:
             e, m = GEMM_STATS["estep_seconds"] - e0, GEMM_STATS["mstep_seconds"] - m0
             split = f", E-step {e:.2f} s, M-step {m:.2f} s"
         print(f"iteration {it}: {seconds:.2f} s (size {run.current_size}{split})", flush=True)
