@@ -154,6 +154,8 @@ def test_particle_fit_against_slow_loop(tmp_path):
         assert fit["amplitude_plain"].iloc[i] == pytest.approx(plain, rel=0.02), i
         assert fit["misfit"].iloc[i] == pytest.approx(mis, rel=0.02, abs=0.15), i
     assert (fit["misfit"].iloc[3:] > 10).all() and (fit["misfit"].iloc[:3] < 2).all()
+    # the misfit is the relative excess power on the z scale
+    np.testing.assert_allclose(fit["misfit"], fit["excess"] * fit["misfit_unit"], rtol=1e-9)
     # a subset of rows in any order comes back in that order, with the same values
     sub = particle_fit(ps, classes, {1: sigma2}, [4, 1, 3], lowres=20.0, diameter_px=20.0)
     assert list(sub.index) == [4, 1, 3]
@@ -438,6 +440,7 @@ def test_cli_screen_defaults_are_the_library_defaults():
     assert params["screen_max_misfit"].default.default == d.max_misfit
     assert params["screen_min_amplitude"].default.default == d.min_amplitude
     assert params["screen_min_plain_amplitude"].default.default == d.min_plain_amplitude
+    assert params["screen_local_neighbours"].default.default == d.local_neighbours
 
 
 def test_a_blank_class_average_leaves_its_particles_statistics_undefined(tmp_path):
@@ -455,3 +458,65 @@ def test_a_blank_class_average_leaves_its_particles_statistics_undefined(tmp_pat
     stats = ["amplitude", "misfit", "amplitude_low", "amplitude_plain"]
     assert fit.loc[cls == 2, stats].isna().all().all()
     assert fit.loc[cls == 1, stats].notna().all().all()
+
+
+def _slow_local(mic, xy, excess, unit, k):
+    """The local misfit by a loop: per box, the median and the normal-consistent median
+    deviation of the excess of its k nearest other boxes on its micrograph (fewer when the
+    micrograph has fewer); a z-score against them where that median is above zero."""
+    out = excess * unit
+    for i in range(len(mic)):
+        others = [j for j in range(len(mic)) if j != i and mic[j] == mic[i]]
+        d = [float(np.hypot(*(xy[j] - xy[i]))) for j in others]
+        near = excess[[others[j] for j in np.argsort(d, kind="stable")[:k]]]
+        if len(near) and np.median(near) > 0:
+            b = float(np.median(near))
+            s = 1.4826 * float(np.median(np.abs(near - b)))
+            out[i] = (excess[i] - b) / max((1 + b) / unit[i], s)
+    return out
+
+
+def test_local_misfit_against_a_loop_and_its_use_by_the_screen():
+    from tamis.rank.screen import local_misfit
+
+    rng = np.random.default_rng(11)
+    n = 400
+    # two micrographs; on the first, boxes with x > 2000 lie on carbon film (excess ~1.5)
+    mic = np.where(np.arange(n) < 300, "mic_1.mrc", "mic_2.mrc")
+    xy = rng.uniform(0, 4000, (n, 2))
+    on_film = (mic == "mic_1.mrc") & (xy[:, 0] > 2000)
+    unit = np.full(n, 6.0)
+    excess = rng.normal(-0.3, 0.15, n) + np.where(on_film, 1.8, 0.0)
+    blobs_at = np.flatnonzero(~on_film)[:10]  # ice or clumps among clean boxes
+    excess[blobs_at] += 3.0
+    order = rng.permutation(n)[:380]  # the fit's rows: a subset, in any order
+    table = pd.DataFrame({"rlnMicrographName": mic, "rlnCoordinateX": xy[:, 0],
+                          "rlnCoordinateY": xy[:, 1]})  # fmt: skip
+    fit = pd.DataFrame({"excess": excess[order], "misfit_unit": unit[order],
+                        "misfit": excess[order] * unit[order]}, index=order)  # fmt: skip
+    local = local_misfit(fit, table, 10)
+    slow = _slow_local(mic[order], xy[order], excess[order], unit[order], 10)
+    np.testing.assert_allclose(local, slow, rtol=1e-9, atol=1e-9)
+    film = on_film[order]
+    # on the film the residual is judged against the film; among clean boxes nothing changes
+    # (their neighbours' excess is below zero), and the blobs keep their misfit
+    assert np.median(local[film]) < 1.0 < np.median(fit["misfit"][film])
+    clean = ~film & ~np.isin(order, blobs_at)
+    assert np.mean(local[clean] == fit["misfit"].to_numpy()[clean]) > 0.95
+    blob = np.isin(order, blobs_at)
+    np.testing.assert_allclose(local[blob], fit["misfit"].to_numpy()[blob])
+    # no coordinates, or no neighbours asked for: None
+    assert local_misfit(fit, table.drop(columns="rlnCoordinateX"), 6) is None
+    assert local_misfit(fit, table, 0) is None
+    # the screen cuts on misfit_local when the fit has it (and local_neighbours > 0)
+    fit["amplitude"] = 1.0
+    fit["class"] = 1
+    plain = screen_particles(fit.copy(), ScreenOptions())
+    fit["misfit_local"] = local
+    with_local = screen_particles(fit.copy(), ScreenOptions())
+    off = screen_particles(fit.copy(), ScreenOptions(local_neighbours=0))
+    np.testing.assert_array_equal(off, plain)
+    assert plain[film].mean() < 0.1 and with_local[film].mean() > 0.9
+    assert not with_local[blob].any() and not plain[blob].any()
+    with pytest.raises(TamisError, match="local_neighbours"):
+        ScreenOptions(local_neighbours=-1)

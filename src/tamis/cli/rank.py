@@ -58,6 +58,12 @@ def select(
         "this x the class median (0: off): empty boxes that whitening lets pass (denoised or "
         "8-bit images).",
     ),
+    screen_local_neighbours: int = typer.Option(
+        10,
+        "--screen_local_neighbours",
+        help="Judge each particle's misfit against this many nearest boxes on its micrograph "
+        "(carbon film, thick ice around it); 0: against pure noise only.",
+    ),
     device: str = typer.Option(
         "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."
     ),
@@ -88,6 +94,7 @@ def select(
             min_plain_amplitude=screen_min_plain_amplitude,
             adaptive=screen_adaptive,
             min_misfit=screen_min_misfit,
+            local_neighbours=screen_local_neighbours,
             device=device,
         )
         if particle_screen

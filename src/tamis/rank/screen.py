@@ -67,11 +67,14 @@ __all__ = [
     "noise_spectra",
     "core_of",
     "excess_threshold",
+    "local_misfit",
 ]
 
 
 #: The per-particle statistics of :func:`particle_fit` (besides ``class`` and the re-aligned pose).
-_FIT_STATS = ("amplitude", "misfit", "signal", "amplitude_low", "amplitude_plain")
+_FIT_STATS = (
+    "amplitude", "misfit", "signal", "amplitude_low", "amplitude_plain", "excess", "misfit_unit",
+)  # fmt: skip
 
 
 @dataclass
@@ -98,6 +101,11 @@ class ScreenOptions:
     realign: bool = True
     #: the misfit is measured up to this resolution (Angstrom)
     lowres: float = 25.0
+    #: judge the misfit against the particle's surroundings: its this many nearest boxes on the
+    #: same micrograph (rlnCoordinateX/Y), where they hold more than noise (carbon film, thick
+    #: ice), set the background level and spread (:func:`local_misfit`); 0, or particles
+    #: without coordinates: against pure noise alone
+    local_neighbours: int = 10
     #: fewer selected particles than this: no screen (the medians would mean little)
     min_particles: int = 20
     batch_size: int = 256
@@ -121,6 +129,8 @@ class ScreenOptions:
             raise TamisError(f"screen resolution {self.lowres}: must be > 0")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise TamisError(f"--device {self.device}: use auto, cpu or cuda[:N]")
+        if self.local_neighbours < 0:
+            raise TamisError(f"screen local_neighbours {self.local_neighbours}: must be >= 0")
         if self.batch_size < 1 or self.min_particles < 0:
             raise TamisError("screen batch_size must be >= 1 and min_particles >= 0")
 
@@ -303,6 +313,8 @@ def particle_fit(
                 sel_np = sel.cpu().numpy()
                 stats["amplitude"][sel_np] = (cross / s).cpu().numpy()
                 stats["misfit"][sel_np] = (ratio * math.sqrt(dof / 2)).cpu().numpy()
+                stats["excess"][sel_np] = ratio.cpu().numpy()
+                stats["misfit_unit"][sel_np] = math.sqrt(dof / 2)
                 stats["signal"][sel_np] = s.cpu().numpy()
                 stats["amplitude_low"][sel_np] = a_m.cpu().numpy()
                 if plain_aligned is not None:  # the plain scale in its own re-aligned pose
@@ -323,6 +335,53 @@ def particle_fit(
     )  # batches come in the order of rows
     fit.loc[fit["signal"] <= 0, [k for k in _FIT_STATS if k != "signal"]] = np.nan
     return fit
+
+
+def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.ndarray | None:
+    """Each particle's misfit against its surroundings rather than pure noise, for the rows of
+    ``fit`` (:func:`particle_fit`; its index: rows of the particle ``table``), or ``None`` when
+    the table has no micrograph coordinates or ``neighbours`` is 0.
+
+    A particle on carbon film or in thick ice sits among boxes whose residuals all carry that
+    density, while an ice blob or a clump stands out from its neighbours. The surroundings are
+    the ``neighbours`` nearest other boxes on the same micrograph: their median relative excess
+    power ``b`` (``excess``) and its spread ``s`` (normal-consistent median deviation). Where
+    ``b`` is above zero (the neighbourhood holds more than noise), the misfit becomes a z-score
+    against them, ``(excess - b) / max(s0 (1 + b), s)`` with ``s0`` the excess's spread for pure
+    noise (``1 / misfit_unit``): the residual in units of the background's power, and its
+    box-to-box variation where the background varies more than noise does. Elsewhere the misfit
+    is kept as it is, so a particle among clean neighbours is judged exactly as before."""
+    cols = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
+    if neighbours < 1 or any(c not in table.columns for c in cols) or not len(fit):
+        return None
+    rows = fit.index.to_numpy()
+    xy = table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(np.float64)[rows]
+    if not np.isfinite(xy).all():
+        return None
+    from scipy.spatial import cKDTree
+
+    excess = fit["excess"].to_numpy(np.float64)
+    unit = fit["misfit_unit"].to_numpy(np.float64)
+    level = np.zeros(len(rows))
+    spread = np.zeros(len(rows))
+    mics = pd.Series(table["rlnMicrographName"].to_numpy()[rows])
+    for members in mics.groupby(mics, sort=False).indices.values():
+        if len(members) < 2:
+            continue
+        k = min(neighbours, len(members) - 1)
+        _, near = cKDTree(xy[members]).query(xy[members], k=k + 1)
+        # the first neighbour is the box itself (or one at the same place)
+        around = excess[members][near[:, 1:]]
+        with np.errstate(all="ignore"):
+            centre = np.nanmedian(around, axis=1)
+            level[members] = centre
+            spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
+    level = np.nan_to_num(level, nan=0.0)
+    out = fit["misfit"].to_numpy(np.float64).copy()
+    above = level > 0
+    scale = np.maximum((1.0 + level[above]) / unit[above], np.nan_to_num(spread[above]))
+    out[above] = (excess[above] - level[above]) / scale
+    return out
 
 
 def _realign(
@@ -447,7 +506,8 @@ def screen_particles(
     ``fit`` has ``amplitude_plain``. The cuts used are left in ``fit.attrs["cuts"]`` (for the
     log)."""
     amp = fit["amplitude"].to_numpy(np.float64)
-    mis = fit["misfit"].to_numpy(np.float64)
+    local = "misfit_local" in fit.columns and options.local_neighbours > 0
+    mis = fit["misfit_local" if local else "misfit"].to_numpy(np.float64)
     keep = np.ones(len(fit), dtype=bool)
     base = np.ones(len(fit), dtype=bool) if cuts_from is None else np.asarray(cuts_from, bool)
     if base.shape != (len(fit),):

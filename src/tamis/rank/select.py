@@ -35,7 +35,13 @@ from tamis.rank.features import (
     network_features,
 )
 from tamis.rank.network import ClassRankerNet, RankerEnsemble
-from tamis.rank.screen import ScreenOptions, noise_spectra, particle_fit, screen_particles
+from tamis.rank.screen import (
+    ScreenOptions,
+    local_misfit,
+    noise_spectra,
+    particle_fit,
+    screen_particles,
+)
 
 __all__ = [
     "RankOptions",
@@ -450,6 +456,9 @@ def job_particle_fit(
         lowres=options.lowres, diameter_px=diameter_px, ctf_flags=flags,
         batch_size=options.batch_size, device=choose_device(options.device), realign=search,
     )  # fmt: skip
+    local = local_misfit(fit, particles.particles, options.local_neighbours)
+    if local is not None:
+        fit["misfit_local"] = local
     return particles, fit
 
 
@@ -518,6 +527,9 @@ def _write_screen_report(
         "rlnClassNumber": table["rlnClassNumber"].to_numpy(),
         "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
         "tamisAmplitudeLow": fit["amplitude_low"].to_numpy(),
+        "tamisMisfitLocal": fit["misfit_local"].to_numpy()
+        if "misfit_local" in fit.columns
+        else np.full(len(fit), np.nan),
         "tamisAmplitudePlain": fit["amplitude_plain"].to_numpy(),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
     })  # fmt: skip
