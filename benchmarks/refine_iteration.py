@@ -2,13 +2,14 @@
 A/B driver for the E/M kernels (run it with two versions of the code, alternating, on the same
 files).
 
-usage: .venv/bin/python benchmarks/refine_iteration.py RUN_itNNN_optimiser.star [--class2d]
-[--initial_model] [--repeat R] [--save OUT.pt]
+usage: .venv/bin/python benchmarks/refine_iteration.py RUN_itNNN_optimiser.star
+[--class2d | --initial_model] [--repeat R] [--save OUT.pt]
 
 Runs iteration NNN + 1 as ``--continue`` would (same options, ``--j 2``) but writes no files;
 prints its wall time (with ``--class2d``, a Class2D job, EM or VDAM, and ``--initial_model``, an
-InitialModel job, also the E-step and M-step seconds). ``--repeat R`` runs it R times from the same files in one process. ``--save`` keeps
-the references, angles and origins of the last run for comparing two versions' results."""
+InitialModel job, also the E-step and M-step seconds). ``--repeat R`` runs it R times from the
+same files in one process. ``--save`` keeps the references, angles and origins of the last run
+for comparing two versions' results."""
 
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def main() -> None:
     ap.add_argument("optimiser", type=Path)
     ap.add_argument("--j", type=int, default=2)
     ap.add_argument("--save", default="")
-    ap.add_argument("--class2d", action="store_true", help="a Class2D job (EM or VDAM)")
-    ap.add_argument("--initial_model", action="store_true", help="an InitialModel job (3D VDAM)")
+    kind = ap.add_mutually_exclusive_group()
+    kind.add_argument("--class2d", action="store_true", help="a Class2D job (EM or VDAM)")
+    kind.add_argument("--initial_model", action="store_true", help="an InitialModel job (3D VDAM)")
     ap.add_argument("--repeat", type=int, default=1)
     a = ap.parse_args()
     keep_freed_memory()

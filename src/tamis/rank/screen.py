@@ -15,6 +15,9 @@ classified it. For particle ``X`` with class average ``A`` in its pose (psi, ori
   the box's own noise level (its power beyond 0.7 x Nyquist, so a box that extraction normalised
   by a bright background is not favoured); the masked residual's excess over pure noise, as a
   z-score. Neighbouring particles, ice, film and clumps add density the class does not have.
+  Where the particles carry micrograph coordinates, a particle whose nearest boxes all hold more
+  than noise (it sits on carbon film or in thick ice) is judged against them instead
+  (:func:`local_misfit`): the film is not the particle's fault, a blob among clean boxes is.
 
 Thresholds adapt to the job (``adaptive``, the default). The misfits of the particles that
 look like their class form a core whose centre and spread are estimated robustly (a median
@@ -40,6 +43,7 @@ pose convention: the class rotated by psi, then moved by ``-origin``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -372,7 +376,8 @@ def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.
         _, near = cKDTree(xy[members]).query(xy[members], k=k + 1)
         # the first neighbour is the box itself (or one at the same place)
         around = excess[members][near[:, 1:]]
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # neighbours all undefined (blank classes): NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
             centre = np.nanmedian(around, axis=1)
             level[members] = centre
             spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
@@ -499,7 +504,9 @@ def screen_particles(
     is compared with the median of the particle's class (of the ``cuts_from`` rows for classes
     with fewer than ``options.min_particles``): a class average can be brighter or fainter than
     its members, and a whole class of real particles must not fail together. The misfit is
-    already in noise units and is compared with the core of the ``cuts_from`` rows. Particles
+    already in noise units and is compared with the core of the ``cuts_from`` rows; where
+    ``fit`` has ``misfit_local`` (:func:`local_misfit`) and ``options.local_neighbours`` is
+    above 0, that one. Particles
     without a defined amplitude (a blank class average) are kept. With fewer than
     ``options.min_particles`` rows in ``cuts_from`` everything is kept. The plain amplitude's
     cut (``options.min_plain_amplitude``, against its class's median the same way) applies where
