@@ -3,11 +3,11 @@
 
 For each job: the ranker's class scores (``--model``, default the shipped one) and every
 particle's amplitude and misfit; for each point of a grid over the adaptive rule's (min_misfit,
-max_misfit, min_amplitude), and the fixed rule's (max_misfit, min_amplitude) for comparison, the
-default selection as ``rank_classes`` makes it (cuts from the ranker's first choice of classes,
-classes re-chosen by their share of passing particles, their passing particles) gives the pooled
-particle-level false-positive rate (junk kept / all junk) and false-negative rate (real particles
-dropped / all real particles) against the simulator's truth.
+max_misfit, min_amplitude, class_shift), and the fixed rule's (max_misfit, min_amplitude) for
+comparison, the default selection as ``rank_classes`` makes it (cuts from the ranker's first
+choice of classes, classes re-chosen by their share of passing particles, their passing
+particles) gives the pooled particle-level false-positive rate (junk kept / all junk) and
+false-negative rate (real particles dropped / all real particles) against the simulator's truth.
 Training jobs of every family are used: ``train_*``, ``mtrain_*`` (pipeline-style) and
 ``vtrain_*`` (assemblies).
 
@@ -103,18 +103,21 @@ def main() -> None:
     n_junk = sum(f.attrs["n_junk"] for f in fits)
     rows = []
     grid_points = [
-        (True, lo, hi, amp)
+        (True, lo, hi, amp, shift)
         for lo in (2.0, 2.5, 3.0, 3.5, 4.0)
         for hi in (5.0, 6.0, 8.0)
         for amp in (0.5, 0.6)
+        for shift in (0.0, 1.0, 2.0, 3.0, 5.0)
     ]
     grid_points += [
-        (False, np.nan, hi, amp) for hi in (3.0, 4.0, 5.0, 6.0, np.inf) for amp in (0.0, 0.5, 0.6)
+        (False, np.nan, hi, amp, 0.0)
+        for hi in (3.0, 4.0, 5.0, 6.0, np.inf)
+        for amp in (0.0, 0.5, 0.6)
     ]
-    for adaptive, min_misfit, max_misfit, min_amplitude in grid_points:
+    for adaptive, min_misfit, max_misfit, min_amplitude, class_shift in grid_points:
         opts = ScreenOptions(
             max_misfit=max_misfit, min_amplitude=min_amplitude, adaptive=adaptive,
-            min_misfit=min_misfit if adaptive else 3.0,
+            min_misfit=min_misfit if adaptive else 3.0, class_shift=class_shift,
         )  # fmt: skip
         fp = fn = 0
         for f in fits:
@@ -123,7 +126,8 @@ def main() -> None:
             fp += int((keep & ~pos).sum())
             fn += int((~keep & pos).sum())
         rows.append({"adaptive": adaptive, "min_misfit": min_misfit, "max_misfit": max_misfit,
-                     "min_amplitude": min_amplitude, "fp_rate": fp / n_junk,
+                     "min_amplitude": min_amplitude, "class_shift": class_shift,
+                     "fp_rate": fp / n_junk,
                      "fn_rate": fn / n_pos})  # fmt: skip
     grid = pd.DataFrame(rows)
     grid["worse"] = grid[["fp_rate", "fn_rate"]].max(axis=1)

@@ -5,6 +5,7 @@ clumps of two)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -441,6 +442,7 @@ def test_cli_screen_defaults_are_the_library_defaults():
     assert params["screen_min_amplitude"].default.default == d.min_amplitude
     assert params["screen_min_plain_amplitude"].default.default == d.min_plain_amplitude
     assert params["screen_local_neighbours"].default.default == d.local_neighbours
+    assert params["screen_class_shift"].default.default == d.class_shift
 
 
 def test_a_blank_class_average_leaves_its_particles_statistics_undefined(tmp_path):
@@ -520,3 +522,46 @@ def test_local_misfit_against_a_loop_and_its_use_by_the_screen():
     assert not with_local[blob].any() and not plain[blob].any()
     with pytest.raises(TamisError, match="local_neighbours"):
         ScreenOptions(local_neighbours=-1)
+
+
+def test_class_shift_judges_a_mixed_class_by_its_own_core():
+    """A chosen class of two conformations that 2D classification did not separate misfits
+    more than the selection's core: its cut moves up by the distance of its own core, at most
+    ``class_shift`` spreads, so its real particles stay and its clumps still go; a class of
+    junk cannot excuse its junk; 0 gives one cut for all classes."""
+    from tamis.rank.screen import core_of
+
+    rng = np.random.default_rng(8)
+    clean = rng.normal(-3.0, 1.0, 400)  # class 1: particles that look like their class
+    mixed = np.concatenate([rng.normal(-3.0, 1.0, 60), rng.normal(1.5, 1.2, 140)])  # class 2
+    ice = np.concatenate([rng.normal(-3.0, 1.0, 20), rng.normal(14.0, 2.0, 60)])  # class 3
+    clumps = rng.normal(16.0, 2.0, 30)  # in classes 1 and 2
+    outside = rng.normal(1.5, 1.0, 40)  # class 4, not chosen: no cut of its own
+    mis = np.concatenate([clean, mixed, ice, clumps, outside])
+    cls = np.concatenate([np.full(400, 1), np.full(200, 2), np.full(80, 3),
+                          np.where(np.arange(30) < 15, 1, 2), np.full(40, 4)])  # fmt: skip
+    chosen = cls != 4
+    fit = pd.DataFrame({"misfit": mis, "amplitude": 1.0, "class": cls})
+    opts = ScreenOptions(class_shift=3.0, min_misfit=3.0)
+    keep = screen_particles(fit, opts, cuts_from=chosen)
+    cuts = fit.attrs["cuts"]
+    one = screen_particles(fit.copy(), replace(opts, class_shift=0.0), cuts_from=chosen)
+    # the definition, row by row: the class's own core above the selection's, clipped
+    for i in range(len(mis)):
+        members = (cls == cls[i]) & chosen
+        shift = 0.0
+        if members.sum() >= 20:
+            own, _ = core_of(mis[members], upper=True, floor=1.0)
+            shift = min(max(own - cuts["centre"], 0.0), 3.0 * cuts["spread"])
+        assert keep[i] == (mis[i] <= cuts["misfit"] + shift), i
+    second = np.zeros(len(mis), bool)
+    second[460:600] = True  # the mixed class's second conformation
+    assert one[second].mean() < 0.2 and keep[second].mean() > 0.85
+    is_clump = np.zeros(len(mis), bool)
+    is_clump[680:710] = True
+    assert not keep[is_clump].any()
+    assert not keep[620:680].any()  # the ice class's ice: its shift is capped
+    np.testing.assert_array_equal(keep[cls == 4], one[cls == 4])  # not chosen: one cut
+    assert cuts["shifted_classes"] >= 1
+    with pytest.raises(TamisError, match="class_shift"):
+        ScreenOptions(class_shift=-1.0)

@@ -38,7 +38,7 @@ def select(
         5.0, "--screen_max_misfit", help="Always drop misfits this many spreads above the core."
     ),
     screen_min_misfit: float = typer.Option(
-        3.0,
+        2.5,
         "--screen_min_misfit",
         help="Never drop misfits (or amplitudes) within this many spreads of the core.",
     ),
@@ -63,6 +63,13 @@ def select(
         "--screen_local_neighbours",
         help="Judge each particle's misfit against this many nearest boxes on its micrograph "
         "(carbon film, thick ice around it); 0: against pure noise only.",
+    ),
+    screen_class_shift: float = typer.Option(
+        3.0,
+        "--screen_class_shift",
+        help="A chosen class whose own particles misfit more than the selection's core (a mixed "
+        "or blurred class) moves its misfit cut up by as much, at most this many spreads; 0: "
+        "one cut for all classes.",
     ),
     device: str = typer.Option(
         "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."
@@ -95,6 +102,7 @@ def select(
             adaptive=screen_adaptive,
             min_misfit=screen_min_misfit,
             local_neighbours=screen_local_neighbours,
+            class_shift=screen_class_shift,
             device=device,
         )
         if particle_screen

@@ -27,13 +27,18 @@ expected number of clean particles beyond any threshold follows from it, the res
 beyond is junk, and the threshold is put where the expected errors (clean dropped + junk kept)
 are fewest: where junk becomes as common as clean particles. It is never closer to the core
 than ``min_misfit`` spreads (a data set without junk loses almost nothing) and never further than
-``max_misfit``. The amplitude, as a fraction of its class's median, gets the same treatment on
-its low side, between ``min_amplitude`` (dropped below: an empty box explains the data as well as
-the class does) and ``min_misfit`` spreads under the core; when the core itself reaches below
-``min_amplitude`` (faint class averages, particles of varied contrast), the cut moves below it,
-down to zero, only as far as low values outnumber what the core accounts for. With
-``adaptive=False``, the fixed rule of earlier versions: amplitude below ``min_amplitude`` x the
-class median, misfit more than ``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
+``max_misfit``. A class whose own members misfit more than the selection's core (two
+conformations that 2D classification did not separate, a blurred class of box-filling
+particles) has its misfit cut moved up by the distance between its core and the selection's,
+at most ``class_shift`` spreads: its particles are judged against their own class, while a class
+cannot excuse more than that (a class of junk is still judged by the whole selection). The
+amplitude, as a fraction of its class's median, gets the same treatment on its low side, between
+``min_amplitude`` (dropped below: an empty box explains the data as well as the class does) and
+``min_misfit`` spreads under the core; when the core itself reaches below ``min_amplitude``
+(faint class averages, particles of varied contrast), the cut moves below it, down to zero, only
+as far as low values outnumber what the core accounts for. With ``adaptive=False``, the fixed
+rule of earlier versions: amplitude below ``min_amplitude`` x the class median, misfit more than
+``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
 training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
 
 The sums use the E-step's own projector (:func:`tamis.class2d.fourier2d.project`) and RELION's
@@ -97,9 +102,11 @@ class ScreenOptions:
     #: chosen on real EMPIAR-10017 boxes, checked on 24 held-apart simulated jobs (BENCHMARKS.md)
     min_plain_amplitude: float = 0.35
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
-    #: no closer to the core than this many spreads; False: the fixed thresholds above
+    #: no closer to the core than ``min_misfit`` spreads; False: the fixed thresholds above
     adaptive: bool = True
-    min_misfit: float = 3.0
+    #: 2.5 with ``class_shift`` 3 (3 without): the training jobs' false-positive rate as
+    #: before with fewer real particles dropped (``scripts/tune_screen.py``, BENCHMARKS.md)
+    min_misfit: float = 2.5
     #: re-align each particle to its class average first (the job's psi step and offset
     #: range): a job's stored poses can be stale (VDAM), and a stale pose misfits any particle
     realign: bool = True
@@ -110,6 +117,10 @@ class ScreenOptions:
     #: ice), set the background level and spread (:func:`local_misfit`); 0, or particles
     #: without coordinates: against pure noise alone
     local_neighbours: int = 10
+    #: adaptive: a chosen class whose own misfit core lies above the selection's moves its misfit
+    #: cut up by that distance, at most this many spreads (mixed or blurred classes of real
+    #: particles); 0: one cut for every class
+    class_shift: float = 3.0
     #: fewer selected particles than this: no screen (the medians would mean little)
     min_particles: int = 20
     batch_size: int = 256
@@ -133,6 +144,8 @@ class ScreenOptions:
             raise TamisError(f"screen resolution {self.lowres}: must be > 0")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise TamisError(f"--device {self.device}: use auto, cpu or cuda[:N]")
+        if not self.class_shift >= 0:
+            raise TamisError(f"--screen_class_shift {self.class_shift}: must be >= 0")
         if self.local_neighbours < 0:
             raise TamisError(f"screen local_neighbours {self.local_neighbours}: must be >= 0")
         if self.batch_size < 1 or self.min_particles < 0:
@@ -550,8 +563,13 @@ def screen_particles(
             mis[base], centre, spread, centre + options.min_misfit * spread,
             centre + options.max_misfit * spread, upper=True,
         )  # fmt: skip
-        keep &= ~(mis > limit)
-        cuts.update(misfit=limit, spreads=(limit - centre) / spread)
+        shift = np.zeros(len(fit))
+        if options.class_shift > 0:
+            shift = _class_shifts(mis, cls, base, centre, spread * options.class_shift,
+                                  options.min_particles)  # fmt: skip
+        keep &= ~(mis > limit + shift)
+        cuts.update(misfit=limit, spreads=(limit - centre) / spread,
+                    shifted_classes=len(np.unique(cls[shift > 0])))  # fmt: skip
     # amplitude / class median: junk (empty boxes) in the lower tail
     centre, spread = core_of(ratio[base], upper=False, floor=0.0)
     if np.isfinite(centre):
@@ -570,6 +588,28 @@ def screen_particles(
         cuts["amplitude"] = limit
     fit.attrs["cuts"] = cuts
     return keep
+
+
+def _class_shifts(
+    mis: np.ndarray,
+    cls: np.ndarray,
+    base: np.ndarray,
+    centre: float,
+    most: float,
+    min_particles: int,
+) -> np.ndarray:
+    """Per row, how far its class's misfit core (:func:`core_of` over the class's ``base``
+    rows) lies above the selection's ``centre``, clipped to [0, ``most``]; 0 for classes with
+    fewer than ``min_particles`` base rows (classes outside the selection among them)."""
+    shift = np.zeros(len(mis))
+    for c in np.unique(cls[base]):
+        members = cls == c
+        if (members & base).sum() < max(min_particles, 3):
+            continue
+        own, _ = core_of(mis[members & base], upper=True, floor=1.0)
+        if np.isfinite(own):
+            shift[members] = min(max(own - centre, 0.0), most)
+    return shift
 
 
 def _to_class_median(

@@ -502,7 +502,13 @@ def _screen(
     rule = (
         f"amplitude >= {cuts.get('amplitude', math.nan):.2f} x class median, misfit <= "
         f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
-        f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}), "
+        f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}"
+        + (
+            f"; higher in {cuts['shifted_classes']} classes whose own core is higher"
+            if cuts.get("shifted_classes")
+            else ""
+        )
+        + "), "
         + (
             f"plain amplitude >= {options.min_plain_amplitude:.2f} x class median, "
             if options.min_plain_amplitude > 0
