@@ -565,3 +565,63 @@ def test_class_shift_judges_a_mixed_class_by_its_own_core():
     assert cuts["shifted_classes"] >= 1
     with pytest.raises(TamisError, match="class_shift"):
         ScreenOptions(class_shift=-1.0)
+
+
+def test_local_amplitude_level_excuses_faint_surroundings_not_empty_boxes():
+    """On a micrograph where extraction made every box fainter (carbon film: each box
+    normalised by a noisier background), real particles come out at half their class's
+    amplitude, all together; their surroundings' level (the neighbours' median amplitude over
+    their class median, clipped to [0.5, 1], where the neighbours' residuals hold more than
+    noise) excuses that, while an empty box stays faint among faint and bright neighbours
+    alike, and a faint micrograph without texture is not excused."""
+    from tamis.rank.screen import local_amplitude_level
+
+    rng = np.random.default_rng(4)
+    n = 500
+    mic = np.where(np.arange(n) < 150, "mic_1.mrc", "mic_2.mrc")
+    xy = rng.uniform(0, 4000, (n, 2))
+    faint = mic == "mic_1.mrc"  # the whole first micrograph: half the contrast
+    amp = rng.normal(1.0, 0.08, n) * np.where(faint, 0.5, 1.0)
+    empty = np.r_[np.flatnonzero(faint)[:8], np.flatnonzero(~faint)[:8]]
+    amp[empty] = rng.normal(0.1, 0.03, len(empty))
+    cls = rng.integers(1, 4, n)
+    order = rng.permutation(n)[:480]
+    table = pd.DataFrame({"rlnMicrographName": mic, "rlnCoordinateX": xy[:, 0],
+                          "rlnCoordinateY": xy[:, 1]})  # fmt: skip
+    excess = np.where(faint, 1.0, -0.2) + rng.normal(0, 0.05, n)  # film on the faint one
+    fit = pd.DataFrame({"amplitude": amp[order], "amplitude_plain": amp[order],
+                        "misfit": rng.normal(-3, 1, len(order)), "class": cls[order],
+                        "excess": excess[order]}, index=order)  # fmt: skip
+    levels = local_amplitude_level(fit, table, 10)
+    # the definition by a loop: each value over its class median (all rows of the class), the
+    # median over the 10 nearest other boxes of the same micrograph, clipped to [0.5, 1]
+    ratio = np.array([a / np.median(fit["amplitude"][fit["class"] == c])
+                      for a, c in zip(fit["amplitude"], fit["class"], strict=True)])  # fmt: skip
+    m, p = mic[order], xy[order]
+    for i in range(len(order)):
+        others = [j for j in range(len(order)) if j != i and m[j] == m[i]]
+        d = [float(np.hypot(*(p[j] - p[i]))) for j in others]
+        near = ratio[[others[j] for j in np.argsort(d, kind="stable")[:10]]]
+        film = np.median(
+            fit["excess"].to_numpy()[[others[j] for j in np.argsort(d, kind="stable")[:10]]]
+        )
+        want = min(max(float(np.median(near)), 0.5), 1.0) if film > 0 else 1.0
+        assert levels["amplitude"][i] == pytest.approx(want, rel=1e-9), i
+    np.testing.assert_allclose(levels["amplitude_plain"], levels["amplitude"])
+    is_faint, is_empty = faint[order], np.isin(order, empty)
+    plain = screen_particles(fit.copy(), ScreenOptions())
+    for column, level in levels.items():
+        fit[f"{column}_level"] = level
+    local = screen_particles(fit.copy(), ScreenOptions())
+    off = screen_particles(fit.copy(), ScreenOptions(local_neighbours=0))
+    np.testing.assert_array_equal(off, plain)
+    real_faint = is_faint & ~is_empty
+    assert plain[real_faint].mean() < 0.3 and local[real_faint].mean() > 0.95
+    assert not local[is_empty].any()
+    assert local[~is_faint & ~is_empty].mean() > 0.95
+    # the same faint micrograph without film around its boxes: no excuse
+    bare = fit.drop(columns=["amplitude_level", "amplitude_plain_level"])
+    bare["excess"] = -0.2
+    assert (local_amplitude_level(bare, table, 10)["amplitude"] == 1.0).all()
+    assert local_amplitude_level(fit, table.drop(columns="rlnCoordinateY"), 10) is None
+    assert local_amplitude_level(fit, table, 0) is None

@@ -18,6 +18,10 @@ classified it. For particle ``X`` with class average ``A`` in its pose (psi, ori
   Where the particles carry micrograph coordinates, a particle whose nearest boxes all hold more
   than noise (it sits on carbon film or in thick ice) is judged against them instead
   (:func:`local_misfit`): the film is not the particle's fault, a blob among clean boxes is.
+  There the amplitude, too, is judged against the brightness of the surroundings where they
+  are fainter than their classes (:func:`local_amplitude_level`): extraction normalises each
+  box by its own background, so every particle on film or in thick ice comes out fainter,
+  while an empty box is faint among any neighbours.
 
 Thresholds adapt to the job (``adaptive``, the default). The misfits of the particles that
 look like their class form a core whose centre and spread are estimated robustly (a median
@@ -77,8 +81,13 @@ __all__ = [
     "core_of",
     "excess_threshold",
     "local_misfit",
+    "local_amplitude_level",
 ]
 
+
+#: The surroundings excuse at most this much of a particle's amplitude (a box among neighbours
+#: at half their class's brightness is judged at twice its own; :func:`local_amplitude_level`).
+AMPLITUDE_LEVEL_FLOOR = 0.5
 
 #: The per-particle statistics of :func:`particle_fit` (besides ``class`` and the re-aligned pose).
 _FIT_STATS = (
@@ -354,6 +363,39 @@ def particle_fit(
     return fit
 
 
+def _neighbour_median(
+    values: np.ndarray, table: pd.DataFrame, rows: np.ndarray, neighbours: int
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """For each of ``rows`` (rows of the particle ``table``; ``values`` one per row), the median
+    of ``values`` over its ``neighbours`` nearest other boxes on the same micrograph and their
+    normal-consistent median deviation (NaN for a box alone on its micrograph or among
+    undefined values); ``None`` without micrograph coordinates or with ``neighbours`` 0."""
+    cols = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
+    if neighbours < 1 or any(c not in table.columns for c in cols) or not len(rows):
+        return None
+    xy = table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(np.float64)[rows]
+    if not np.isfinite(xy).all():
+        return None
+    from scipy.spatial import cKDTree
+
+    level = np.full(len(rows), np.nan)
+    spread = np.full(len(rows), np.nan)
+    mics = pd.Series(table["rlnMicrographName"].to_numpy()[rows])
+    for members in mics.groupby(mics, sort=False).indices.values():
+        if len(members) < 2:
+            continue
+        k = min(neighbours, len(members) - 1)
+        _, near = cKDTree(xy[members]).query(xy[members], k=k + 1)
+        # the first neighbour is the box itself (or one at the same place)
+        around = values[members][near[:, 1:]]
+        with warnings.catch_warnings():  # neighbours all undefined (blank classes): NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            centre = np.nanmedian(around, axis=1)
+            level[members] = centre
+            spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
+    return level, spread
+
+
 def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.ndarray | None:
     """Each particle's misfit against its surroundings rather than pure noise, for the rows of
     ``fit`` (:func:`particle_fit`; its index: rows of the particle ``table``), or ``None`` when
@@ -368,37 +410,49 @@ def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.
     noise (``1 / misfit_unit``): the residual in units of the background's power, and its
     box-to-box variation where the background varies more than noise does. Elsewhere the misfit
     is kept as it is, so a particle among clean neighbours is judged exactly as before."""
-    cols = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
-    if neighbours < 1 or any(c not in table.columns for c in cols) or not len(fit):
-        return None
-    rows = fit.index.to_numpy()
-    xy = table[["rlnCoordinateX", "rlnCoordinateY"]].to_numpy(np.float64)[rows]
-    if not np.isfinite(xy).all():
-        return None
-    from scipy.spatial import cKDTree
-
     excess = fit["excess"].to_numpy(np.float64)
+    around = _neighbour_median(excess, table, fit.index.to_numpy(), neighbours)
+    if around is None:
+        return None
+    level, spread = np.nan_to_num(around[0], nan=0.0), np.nan_to_num(around[1])
     unit = fit["misfit_unit"].to_numpy(np.float64)
-    level = np.zeros(len(rows))
-    spread = np.zeros(len(rows))
-    mics = pd.Series(table["rlnMicrographName"].to_numpy()[rows])
-    for members in mics.groupby(mics, sort=False).indices.values():
-        if len(members) < 2:
-            continue
-        k = min(neighbours, len(members) - 1)
-        _, near = cKDTree(xy[members]).query(xy[members], k=k + 1)
-        # the first neighbour is the box itself (or one at the same place)
-        around = excess[members][near[:, 1:]]
-        with warnings.catch_warnings():  # neighbours all undefined (blank classes): NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(around, axis=1)
-            level[members] = centre
-            spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
-    level = np.nan_to_num(level, nan=0.0)
     out = fit["misfit"].to_numpy(np.float64).copy()
     above = level > 0
-    scale = np.maximum((1.0 + level[above]) / unit[above], np.nan_to_num(spread[above]))
+    scale = np.maximum((1.0 + level[above]) / unit[above], spread[above])
     out[above] = (excess[above] - level[above]) / scale
+    return out
+
+
+def local_amplitude_level(
+    fit: pd.DataFrame, table: pd.DataFrame, neighbours: int, min_particles: int = 20
+) -> dict[str, np.ndarray] | None:
+    """How bright each particle's surroundings are, where they hold more than noise: for
+    ``amplitude`` and ``amplitude_plain``, the median over its ``neighbours`` nearest other
+    boxes on the same micrograph of their value as a fraction of their class's median (of every
+    row of ``fit`` in that class; of all rows for classes with fewer than ``min_particles``),
+    clipped to [``AMPLITUDE_LEVEL_FLOOR``, 1]; 1 where those boxes' median ``excess`` is not
+    above zero (the condition of :func:`local_misfit`) or the level is undefined. Extraction
+    normalises each box by its own background, so on textured carbon film or in thick ice every
+    particle comes out fainter than its class; an empty box is faint among bright neighbours
+    and among faint ones alike. ``None`` without micrograph coordinates or with ``neighbours``
+    0."""
+    rows = fit.index.to_numpy()
+    cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
+    background = _neighbour_median(fit["excess"].to_numpy(np.float64), table, rows, neighbours)
+    if background is None:
+        return None
+    textured = np.nan_to_num(background[0], nan=0.0) > 0  # the local misfit's condition
+    out = {}
+    for column in ("amplitude", "amplitude_plain"):
+        if column not in fit.columns:
+            continue
+        values = fit[column].to_numpy(np.float64)
+        ratio = _to_class_median(values, cls, np.ones(len(fit), bool), min_particles)
+        around = _neighbour_median(ratio, table, rows, neighbours)
+        if around is None:
+            return None
+        level = np.where(textured, np.nan_to_num(around[0], nan=1.0), 1.0)
+        out[column] = np.clip(level, AMPLITUDE_LEVEL_FLOOR, 1.0)
     return out
 
 
@@ -536,13 +590,17 @@ def screen_particles(
         return keep
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
     ratio = _to_class_median(amp, cls, base, options.min_particles)
+    around = options.local_neighbours > 0
+    if around and "amplitude_level" in fit.columns:  # fainter surroundings: carbon, thick ice
+        ratio = ratio / fit["amplitude_level"].to_numpy(np.float64)
     if options.min_plain_amplitude > 0 and "amplitude_plain" in fit.columns:
-        plain = fit["amplitude_plain"].to_numpy(np.float64)
+        plain = _to_class_median(
+            fit["amplitude_plain"].to_numpy(np.float64), cls, base, options.min_particles
+        )
+        if around and "amplitude_plain_level" in fit.columns:
+            plain = plain / fit["amplitude_plain_level"].to_numpy(np.float64)
         with np.errstate(invalid="ignore"):
-            keep &= ~(
-                _to_class_median(plain, cls, base, options.min_particles)
-                < options.min_plain_amplitude
-            )
+            keep &= ~(plain < options.min_plain_amplitude)
     if not options.adaptive:
         with np.errstate(invalid="ignore"):
             keep &= ~(ratio < options.min_amplitude)

@@ -37,6 +37,7 @@ from tamis.rank.features import (
 from tamis.rank.network import ClassRankerNet, RankerEnsemble
 from tamis.rank.screen import (
     ScreenOptions,
+    local_amplitude_level,
     local_misfit,
     noise_spectra,
     particle_fit,
@@ -459,6 +460,11 @@ def job_particle_fit(
     local = local_misfit(fit, particles.particles, options.local_neighbours)
     if local is not None:
         fit["misfit_local"] = local
+    levels = local_amplitude_level(
+        fit, particles.particles, options.local_neighbours, options.min_particles
+    )
+    for column, level in (levels or {}).items():
+        fit[f"{column}_level"] = level
     return particles, fit
 
 
@@ -535,6 +541,9 @@ def _write_screen_report(
         "tamisAmplitudeLow": fit["amplitude_low"].to_numpy(),
         "tamisMisfitLocal": fit["misfit_local"].to_numpy()
         if "misfit_local" in fit.columns
+        else np.full(len(fit), np.nan),
+        "tamisAmplitudeLevel": fit["amplitude_level"].to_numpy()
+        if "amplitude_level" in fit.columns
         else np.full(len(fit), np.nan),
         "tamisAmplitudePlain": fit["amplitude_plain"].to_numpy(),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
