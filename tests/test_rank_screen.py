@@ -562,7 +562,7 @@ def test_class_shift_judges_a_mixed_class_by_its_own_core():
     assert not keep[is_clump].any()
     assert not keep[620:680].any()  # the ice class's ice: its shift is capped
     np.testing.assert_array_equal(keep[cls == 4], one[cls == 4])  # not chosen: one cut
-    assert cuts["shifted_classes"] >= 1
+    assert 0 < cuts["class_raise"] <= 3.0
     with pytest.raises(TamisError, match="class_shift"):
         ScreenOptions(class_shift=-1.0)
 
@@ -623,5 +623,16 @@ def test_local_amplitude_level_excuses_faint_surroundings_not_empty_boxes():
     bare = fit.drop(columns=["amplitude_level", "amplitude_plain_level"])
     bare["excess"] = -0.2
     assert (local_amplitude_level(bare, table, 10)["amplitude"] == 1.0).all()
+    # the plain amplitude is divided by its own level: a faint plain amplitude (0.3 of the
+    # median, under the 0.35 cut) passes with a plain level of 0.5 and fails with none or with
+    # the whitened amplitude's level in its place
+    one = fit.drop(columns=["amplitude_level", "amplitude_plain_level"]).assign(amplitude=1.0)
+    one["amplitude_plain"] = np.where(is_faint, 0.3, 1.0)
+    one["misfit"] = -3.0  # nothing else to fail on
+    with_plain = one.assign(amplitude_level=1.0, amplitude_plain_level=np.where(is_faint, 0.5, 1.0))
+    swapped = one.assign(amplitude_level=np.where(is_faint, 0.5, 1.0), amplitude_plain_level=1.0)
+    assert screen_particles(with_plain, ScreenOptions())[is_faint].all()
+    assert not screen_particles(one, ScreenOptions())[is_faint].any()
+    assert not screen_particles(swapped, ScreenOptions())[is_faint].any()
     assert local_amplitude_level(fit, table.drop(columns="rlnCoordinateY"), 10) is None
     assert local_amplitude_level(fit, table, 0) is None

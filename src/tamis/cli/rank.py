@@ -69,7 +69,7 @@ def select(
         "--screen_class_shift",
         help="A chosen class whose own particles misfit more than the selection's core (a mixed "
         "or blurred class) moves its misfit cut up by as much, at most this many spreads; 0: "
-        "one cut for all classes.",
+        "one cut for all classes (with --screen_min_misfit 3: the defaults before 2026-12-07).",
     ),
     device: str = typer.Option(
         "auto", "--device", help="Particle screen: auto (CUDA when present), cpu, cuda:N."

@@ -34,15 +34,18 @@ than ``min_misfit`` spreads (a data set without junk loses almost nothing) and n
 ``max_misfit``. A class whose own members misfit more than the selection's core (two
 conformations that 2D classification did not separate, a blurred class of box-filling
 particles) has its misfit cut moved up by the distance between its core and the selection's,
-at most ``class_shift`` spreads: its particles are judged against their own class, while a class
-cannot excuse more than that (a class of junk is still judged by the whole selection). The
+at most ``class_shift`` spreads (so ``max_misfit`` + ``class_shift`` spreads above the
+selection's core at the most): its particles are judged against their own class, while no class
+can excuse more than that (a chosen class made mostly of junk gets the whole raise, but ice,
+film and clumps lie far beyond it). The
 amplitude, as a fraction of its class's median, gets the same treatment on its low side, between
 ``min_amplitude`` (dropped below: an empty box explains the data as well as the class does) and
 ``min_misfit`` spreads under the core; when the core itself reaches below ``min_amplitude``
 (faint class averages, particles of varied contrast), the cut moves below it, down to zero, only
 as far as low values outnumber what the core accounts for. With ``adaptive=False``, the fixed
 rule of earlier versions: amplitude below ``min_amplitude`` x the class median, misfit more than
-``max_misfit`` robust SDs above the selection's median. Defaults chosen on the ranker's
+``max_misfit`` robust SDs above the selection's median (the local misfit and amplitude level,
+where the particles have coordinates, apply to both rules). Defaults chosen on the ranker's
 training jobs (``scripts/tune_screen.py``; BENCHMARKS.md).
 
 The sums use the E-step's own projector (:func:`tamis.class2d.fourier2d.project`) and RELION's
@@ -113,8 +116,9 @@ class ScreenOptions:
     #: thresholds placed per job where junk outnumbers clean particles (see the module text),
     #: no closer to the core than ``min_misfit`` spreads; False: the fixed thresholds above
     adaptive: bool = True
-    #: 2.5 with ``class_shift`` 3 (3 without): the training jobs' false-positive rate as
-    #: before with fewer real particles dropped (``scripts/tune_screen.py``, BENCHMARKS.md)
+    #: (for the amplitude's cut too, below the core). 2.5, chosen with ``class_shift`` 3: the
+    #: training jobs' false-positive rate of the earlier defaults (3, no shift; set both to go
+    #: back) with fewer real particles dropped (``scripts/tune_screen.py``, BENCHMARKS.md)
     min_misfit: float = 2.5
     #: re-align each particle to its class average first (the job's psi step and offset
     #: range): a job's stored poses can be stale (VDAM), and a stale pose misfits any particle
@@ -364,12 +368,13 @@ def particle_fit(
 
 
 def _neighbour_median(
-    values: np.ndarray, table: pd.DataFrame, rows: np.ndarray, neighbours: int
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """For each of ``rows`` (rows of the particle ``table``; ``values`` one per row), the median
-    of ``values`` over its ``neighbours`` nearest other boxes on the same micrograph and their
-    normal-consistent median deviation (NaN for a box alone on its micrograph or among
-    undefined values); ``None`` without micrograph coordinates or with ``neighbours`` 0."""
+    values: list[np.ndarray], table: pd.DataFrame, rows: np.ndarray, neighbours: int
+) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """For each of ``rows`` (rows of the particle ``table``) and each array of ``values`` (one
+    value per row), the median of the values over its ``neighbours`` nearest other boxes on the
+    same micrograph and their normal-consistent median deviation (NaN for a box alone on its
+    micrograph or among undefined values); one neighbour search for all arrays. ``None``
+    without micrograph coordinates or with ``neighbours`` 0."""
     cols = ("rlnMicrographName", "rlnCoordinateX", "rlnCoordinateY")
     if neighbours < 1 or any(c not in table.columns for c in cols) or not len(rows):
         return None
@@ -378,22 +383,22 @@ def _neighbour_median(
         return None
     from scipy.spatial import cKDTree
 
-    level = np.full(len(rows), np.nan)
-    spread = np.full(len(rows), np.nan)
+    out = [(np.full(len(rows), np.nan), np.full(len(rows), np.nan)) for _ in values]
     mics = pd.Series(table["rlnMicrographName"].to_numpy()[rows])
     for members in mics.groupby(mics, sort=False).indices.values():
         if len(members) < 2:
             continue
         k = min(neighbours, len(members) - 1)
         _, near = cKDTree(xy[members]).query(xy[members], k=k + 1)
-        # the first neighbour is the box itself (or one at the same place)
-        around = values[members][near[:, 1:]]
-        with warnings.catch_warnings():  # neighbours all undefined (blank classes): NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            centre = np.nanmedian(around, axis=1)
-            level[members] = centre
-            spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
-    return level, spread
+        for v, (level, spread) in zip(values, out, strict=True):
+            # the first neighbour is the box itself (or one at the same place)
+            around = v[members][near[:, 1:]]
+            with warnings.catch_warnings():  # neighbours all undefined (blank classes): NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                centre = np.nanmedian(around, axis=1)
+                level[members] = centre
+                spread[members] = 1.4826 * np.nanmedian(np.abs(around - centre[:, None]), axis=1)
+    return out
 
 
 def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.ndarray | None:
@@ -411,10 +416,10 @@ def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.
     box-to-box variation where the background varies more than noise does. Elsewhere the misfit
     is kept as it is, so a particle among clean neighbours is judged exactly as before."""
     excess = fit["excess"].to_numpy(np.float64)
-    around = _neighbour_median(excess, table, fit.index.to_numpy(), neighbours)
+    around = _neighbour_median([excess], table, fit.index.to_numpy(), neighbours)
     if around is None:
         return None
-    level, spread = np.nan_to_num(around[0], nan=0.0), np.nan_to_num(around[1])
+    level, spread = np.nan_to_num(around[0][0], nan=0.0), np.nan_to_num(around[0][1])
     unit = fit["misfit_unit"].to_numpy(np.float64)
     out = fit["misfit"].to_numpy(np.float64).copy()
     above = level > 0
@@ -438,20 +443,20 @@ def local_amplitude_level(
     0."""
     rows = fit.index.to_numpy()
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
-    background = _neighbour_median(fit["excess"].to_numpy(np.float64), table, rows, neighbours)
-    if background is None:
+    columns = [c for c in ("amplitude", "amplitude_plain") if c in fit.columns]
+    everyone = np.ones(len(fit), bool)
+    ratios = [
+        _to_class_median(fit[c].to_numpy(np.float64), cls, everyone, min_particles) for c in columns
+    ]
+    around = _neighbour_median(
+        [fit["excess"].to_numpy(np.float64), *ratios], table, rows, neighbours
+    )
+    if around is None:
         return None
-    textured = np.nan_to_num(background[0], nan=0.0) > 0  # the local misfit's condition
+    textured = np.nan_to_num(around[0][0], nan=0.0) > 0  # the local misfit's condition
     out = {}
-    for column in ("amplitude", "amplitude_plain"):
-        if column not in fit.columns:
-            continue
-        values = fit[column].to_numpy(np.float64)
-        ratio = _to_class_median(values, cls, np.ones(len(fit), bool), min_particles)
-        around = _neighbour_median(ratio, table, rows, neighbours)
-        if around is None:
-            return None
-        level = np.where(textured, np.nan_to_num(around[0], nan=1.0), 1.0)
+    for column, (level, _) in zip(columns, around[1:], strict=True):
+        level = np.where(textured, np.nan_to_num(level, nan=1.0), 1.0)
         out[column] = np.clip(level, AMPLITUDE_LEVEL_FLOOR, 1.0)
     return out
 
@@ -571,9 +576,11 @@ def screen_particles(
     is compared with the median of the particle's class (of the ``cuts_from`` rows for classes
     with fewer than ``options.min_particles``): a class average can be brighter or fainter than
     its members, and a whole class of real particles must not fail together. The misfit is
-    already in noise units and is compared with the core of the ``cuts_from`` rows; where
-    ``fit`` has ``misfit_local`` (:func:`local_misfit`) and ``options.local_neighbours`` is
-    above 0, that one. Particles
+    already in noise units and is compared with the core of the ``cuts_from`` rows (adaptive:
+    the cut raised per chosen class by ``options.class_shift`` at most, :func:`_class_shifts`);
+    where ``fit`` has ``misfit_local`` (:func:`local_misfit`) and ``options.local_neighbours``
+    is above 0, that one, and where it has ``amplitude_level`` / ``amplitude_plain_level``
+    (:func:`local_amplitude_level`) the amplitude ratios are divided by them first. Particles
     without a defined amplitude (a blank class average) are kept. With fewer than
     ``options.min_particles`` rows in ``cuts_from`` everything is kept. The plain amplitude's
     cut (``options.min_plain_amplitude``, against its class's median the same way) applies where
@@ -627,7 +634,7 @@ def screen_particles(
                                   options.min_particles)  # fmt: skip
         keep &= ~(mis > limit + shift)
         cuts.update(misfit=limit, spreads=(limit - centre) / spread,
-                    shifted_classes=len(np.unique(cls[shift > 0])))  # fmt: skip
+                    class_raise=float(shift.max(initial=0.0)) / spread)  # fmt: skip
     # amplitude / class median: junk (empty boxes) in the lower tail
     centre, spread = core_of(ratio[base], upper=False, floor=0.0)
     if np.isfinite(centre):
@@ -658,7 +665,10 @@ def _class_shifts(
 ) -> np.ndarray:
     """Per row, how far its class's misfit core (:func:`core_of` over the class's ``base``
     rows) lies above the selection's ``centre``, clipped to [0, ``most``]; 0 for classes with
-    fewer than ``min_particles`` base rows (classes outside the selection among them)."""
+    fewer than ``min_particles`` (and 3) base rows, classes outside the selection among them.
+    No allowance for the core's own sampling noise: in a job of one kind of particle about half
+    the classes get a small raise (a tenth of a spread on average for classes of 20); the
+    defaults were chosen with it."""
     shift = np.zeros(len(mis))
     for c in np.unique(cls[base]):
         members = cls == c

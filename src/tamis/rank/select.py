@@ -510,8 +510,9 @@ def _screen(
         f"{cuts.get('misfit', math.nan):.2f} (core {cuts.get('centre', math.nan):.2f} + "
         f"{cuts.get('spreads', math.nan):.1f} x {cuts.get('spread', math.nan):.2f}"
         + (
-            f"; higher in {cuts['shifted_classes']} classes whose own core is higher"
-            if cuts.get("shifted_classes")
+            f"; raised by up to {cuts['class_raise']:.1f} spreads for classes whose own core "
+            "is higher"
+            if cuts.get("class_raise")
             else ""
         )
         + "), "
@@ -546,6 +547,9 @@ def _write_screen_report(
         if "amplitude_level" in fit.columns
         else np.full(len(fit), np.nan),
         "tamisAmplitudePlain": fit["amplitude_plain"].to_numpy(),
+        "tamisAmplitudePlainLevel": fit["amplitude_plain_level"].to_numpy()
+        if "amplitude_plain_level" in fit.columns
+        else np.full(len(fit), np.nan),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
     })  # fmt: skip
     if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
