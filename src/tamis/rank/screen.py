@@ -83,6 +83,7 @@ __all__ = [
     "noise_spectra",
     "core_of",
     "excess_threshold",
+    "local_statistics",
     "local_misfit",
     "local_amplitude_level",
 ]
@@ -401,6 +402,42 @@ def _neighbour_median(
     return out
 
 
+def local_statistics(
+    fit: pd.DataFrame, table: pd.DataFrame, neighbours: int, min_particles: int = 20
+) -> dict[str, np.ndarray] | None:
+    """The screen's statistics against each particle's surroundings, from one search for its
+    ``neighbours`` nearest other boxes on the same micrograph (rows of ``fit``, whose index is
+    rows of the particle ``table``): ``misfit_local`` (:func:`local_misfit`; where ``fit`` has
+    ``misfit_unit``) and, for the amplitudes ``fit`` has, ``amplitude_level`` and ``amplitude_plain_level``
+    (:func:`local_amplitude_level`). ``None`` without micrograph coordinates or with
+    ``neighbours`` 0."""
+    rows = fit.index.to_numpy()
+    cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
+    columns = [c for c in ("amplitude", "amplitude_plain") if c in fit.columns]
+    everyone = np.ones(len(fit), bool)
+    ratios = [
+        _to_class_median(fit[c].to_numpy(np.float64), cls, everyone, min_particles) for c in columns
+    ]
+    excess = fit["excess"].to_numpy(np.float64)
+    around = _neighbour_median([excess, *ratios], table, rows, neighbours)
+    if around is None:
+        return None
+    # the background: the neighbours' median relative excess and its spread
+    level, spread = np.nan_to_num(around[0][0], nan=0.0), np.nan_to_num(around[0][1])
+    textured = level > 0  # the neighbourhood holds more than noise
+    out = {}
+    if "misfit_unit" in fit.columns:
+        unit = fit["misfit_unit"].to_numpy(np.float64)
+        misfit = fit["misfit"].to_numpy(np.float64).copy()
+        scale = np.maximum((1.0 + level[textured]) / unit[textured], spread[textured])
+        misfit[textured] = (excess[textured] - level[textured]) / scale
+        out["misfit_local"] = misfit
+    for column, (bright, _) in zip(columns, around[1:], strict=True):
+        bright = np.where(textured, np.nan_to_num(bright, nan=1.0), 1.0)
+        out[f"{column}_level"] = np.clip(bright, AMPLITUDE_LEVEL_FLOOR, 1.0)
+    return out
+
+
 def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.ndarray | None:
     """Each particle's misfit against its surroundings rather than pure noise, for the rows of
     ``fit`` (:func:`particle_fit`; its index: rows of the particle ``table``), or ``None`` when
@@ -415,17 +452,8 @@ def local_misfit(fit: pd.DataFrame, table: pd.DataFrame, neighbours: int) -> np.
     noise (``1 / misfit_unit``): the residual in units of the background's power, and its
     box-to-box variation where the background varies more than noise does. Elsewhere the misfit
     is kept as it is, so a particle among clean neighbours is judged exactly as before."""
-    excess = fit["excess"].to_numpy(np.float64)
-    around = _neighbour_median([excess], table, fit.index.to_numpy(), neighbours)
-    if around is None:
-        return None
-    level, spread = np.nan_to_num(around[0][0], nan=0.0), np.nan_to_num(around[0][1])
-    unit = fit["misfit_unit"].to_numpy(np.float64)
-    out = fit["misfit"].to_numpy(np.float64).copy()
-    above = level > 0
-    scale = np.maximum((1.0 + level[above]) / unit[above], spread[above])
-    out[above] = (excess[above] - level[above]) / scale
-    return out
+    stats = local_statistics(fit, table, neighbours)
+    return None if stats is None else stats["misfit_local"]
 
 
 def local_amplitude_level(
@@ -441,24 +469,10 @@ def local_amplitude_level(
     particle comes out fainter than its class; an empty box is faint among bright neighbours
     and among faint ones alike. ``None`` without micrograph coordinates or with ``neighbours``
     0."""
-    rows = fit.index.to_numpy()
-    cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
-    columns = [c for c in ("amplitude", "amplitude_plain") if c in fit.columns]
-    everyone = np.ones(len(fit), bool)
-    ratios = [
-        _to_class_median(fit[c].to_numpy(np.float64), cls, everyone, min_particles) for c in columns
-    ]
-    around = _neighbour_median(
-        [fit["excess"].to_numpy(np.float64), *ratios], table, rows, neighbours
-    )
-    if around is None:
+    stats = local_statistics(fit, table, neighbours, min_particles)
+    if stats is None:
         return None
-    textured = np.nan_to_num(around[0][0], nan=0.0) > 0  # the local misfit's condition
-    out = {}
-    for column, (level, _) in zip(columns, around[1:], strict=True):
-        level = np.where(textured, np.nan_to_num(level, nan=1.0), 1.0)
-        out[column] = np.clip(level, AMPLITUDE_LEVEL_FLOOR, 1.0)
-    return out
+    return {k[: -len("_level")]: v for k, v in stats.items() if k.endswith("_level")}
 
 
 def _realign(
@@ -586,9 +600,8 @@ def screen_particles(
     cut (``options.min_plain_amplitude``, against its class's median the same way) applies where
     ``fit`` has ``amplitude_plain``. The cuts used are left in ``fit.attrs["cuts"]`` (for the
     log)."""
-    amp = fit["amplitude"].to_numpy(np.float64)
-    local = "misfit_local" in fit.columns and options.local_neighbours > 0
-    mis = fit["misfit_local" if local else "misfit"].to_numpy(np.float64)
+    local = options.local_neighbours > 0
+    mis = fit["misfit_local" if local and "misfit_local" in fit else "misfit"].to_numpy(np.float64)
     keep = np.ones(len(fit), dtype=bool)
     base = np.ones(len(fit), dtype=bool) if cuts_from is None else np.asarray(cuts_from, bool)
     if base.shape != (len(fit),):
@@ -596,16 +609,18 @@ def screen_particles(
     if base.sum() < options.min_particles:
         return keep
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
-    ratio = _to_class_median(amp, cls, base, options.min_particles)
-    around = options.local_neighbours > 0
-    if around and "amplitude_level" in fit.columns:  # fainter surroundings: carbon, thick ice
-        ratio = ratio / fit["amplitude_level"].to_numpy(np.float64)
+
+    def against_class(column: str) -> np.ndarray:
+        """The column over its class's median, and over the surroundings' brightness where
+        ``fit`` has it (fainter surroundings: carbon, thick ice)."""
+        out = _to_class_median(fit[column].to_numpy(np.float64), cls, base, options.min_particles)
+        if local and f"{column}_level" in fit.columns:
+            out = out / fit[f"{column}_level"].to_numpy(np.float64)
+        return out
+
+    ratio = against_class("amplitude")
     if options.min_plain_amplitude > 0 and "amplitude_plain" in fit.columns:
-        plain = _to_class_median(
-            fit["amplitude_plain"].to_numpy(np.float64), cls, base, options.min_particles
-        )
-        if around and "amplitude_plain_level" in fit.columns:
-            plain = plain / fit["amplitude_plain_level"].to_numpy(np.float64)
+        plain = against_class("amplitude_plain")
         with np.errstate(invalid="ignore"):
             keep &= ~(plain < options.min_plain_amplitude)
     if not options.adaptive:

@@ -37,8 +37,7 @@ from tamis.rank.features import (
 from tamis.rank.network import ClassRankerNet, RankerEnsemble
 from tamis.rank.screen import (
     ScreenOptions,
-    local_amplitude_level,
-    local_misfit,
+    local_statistics,
     noise_spectra,
     particle_fit,
     screen_particles,
@@ -457,14 +456,11 @@ def job_particle_fit(
         lowres=options.lowres, diameter_px=diameter_px, ctf_flags=flags,
         batch_size=options.batch_size, device=choose_device(options.device), realign=search,
     )  # fmt: skip
-    local = local_misfit(fit, particles.particles, options.local_neighbours)
-    if local is not None:
-        fit["misfit_local"] = local
-    levels = local_amplitude_level(
+    around = local_statistics(
         fit, particles.particles, options.local_neighbours, options.min_particles
     )
-    for column, level in (levels or {}).items():
-        fit[f"{column}_level"] = level
+    for column, values in (around or {}).items():  # misfit_local, amplitude(_plain)_level
+        fit[column] = values
     return particles, fit
 
 
@@ -535,21 +531,19 @@ def _write_screen_report(
     passes the screen and whether it is in ``particles.star`` (amplitude and misfit empty for a
     particle whose class the job does not have)."""
     fit = fit.reindex(range(len(table)))
+
+    def column(name: str) -> np.ndarray:  # a statistic the fit may lack (no coordinates)
+        return fit[name].to_numpy() if name in fit.columns else np.full(len(fit), np.nan)
+
     report = pd.DataFrame({
         "rlnImageName": table["rlnImageName"].to_numpy(),
         "rlnClassNumber": table["rlnClassNumber"].to_numpy(),
         "tamisAmplitude": fit["amplitude"].to_numpy(), "tamisMisfit": fit["misfit"].to_numpy(),
         "tamisAmplitudeLow": fit["amplitude_low"].to_numpy(),
-        "tamisMisfitLocal": fit["misfit_local"].to_numpy()
-        if "misfit_local" in fit.columns
-        else np.full(len(fit), np.nan),
-        "tamisAmplitudeLevel": fit["amplitude_level"].to_numpy()
-        if "amplitude_level" in fit.columns
-        else np.full(len(fit), np.nan),
+        "tamisMisfitLocal": column("misfit_local"),
+        "tamisAmplitudeLevel": column("amplitude_level"),
         "tamisAmplitudePlain": fit["amplitude_plain"].to_numpy(),
-        "tamisAmplitudePlainLevel": fit["amplitude_plain_level"].to_numpy()
-        if "amplitude_plain_level" in fit.columns
-        else np.full(len(fit), np.nan),
+        "tamisAmplitudePlainLevel": column("amplitude_plain_level"),
         "tamisPassed": passed.astype(int), "tamisKept": kept.astype(int),
     })  # fmt: skip
     if "psi" in fit.columns:  # the re-aligned pose the statistics were measured in
