@@ -123,6 +123,9 @@ def main() -> None:
     )  # fmt: skip
     report["deep_finetune_s"] = round(time.perf_counter() - t0, 1)
     tmodel, tmeta = load_model(tuned.model)
+    # each trained model's recorded threshold (best validation F1), its picker's default
+    report["deep_threshold"] = meta["threshold"]
+    report["deep_finetune_threshold"] = tmeta["threshold"]
     pickers = {
         "LoG (150-220 A)": lambda m: pick_log(m, LogOptions(150, 220)),
         "template (20 A)": lambda m: pick_template(
@@ -139,8 +142,12 @@ def main() -> None:
             tmodel, tmeta, diameter
         ).pick(m),
     }
+    # the deep pickers' average precision over all their picks above 0.5 as well (the one
+    # above is over the picks above each model's recorded threshold)
+    nets = {"deep, trained on 3": (model, meta), "deep, shipped general model": (general, gmeta),
+            "deep, shipped model fine-tuned on 3 (PU loss)": (tmodel, tmeta)}  # fmt: skip
     for name, pick in pickers.items():
-        aps, tot, secs = [], None, []
+        aps, aps_half, tot, secs = [], [], None, []
         for i in test:
             t = time.perf_counter()
             mic = read_micrograph(names[i], PIXEL)
@@ -148,6 +155,10 @@ def main() -> None:
             secs.append(time.perf_counter() - t)
             xy = np.stack([picks.x, picks.y], 1)
             aps.append(average_precision(xy, picks.fom, truth[i], 0.5 * DISC_PX))
+            if name in nets:
+                half = DeepPicker(*nets[name], diameter, 0.5).pick(mic)
+                xy_half = np.stack([half.x, half.y], 1)
+                aps_half.append(average_precision(xy_half, half.fom, truth[i], 0.5 * DISC_PX))
             s = score_picks(xy, truth[i], 0.5 * DISC_PX)
             tot = s if tot is None else tot + s
         report[name] = {
@@ -158,6 +169,9 @@ def main() -> None:
             "picks_per_manual_pick": round(tot.n_picks / max(1, tot.n_true), 2),
             "seconds_per_micrograph": round(float(np.mean(secs)), 2),
         }
+        if aps_half:
+            report[name]["threshold"] = DeepPicker(*nets[name], diameter).threshold
+            report[name]["average_precision_above_0.5"] = round(float(np.mean(aps_half)), 3)
         print(name, report[name], flush=True)
     (work / "report.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -84,12 +84,16 @@ def main() -> None:
     for m, d in zip(mics, diameters, strict=True):
         m.pixel_size = m.pixel_size * common / d
     options = TrainOptions(
-        diameter=common, epochs=args.epochs, steps_per_epoch=40, batch_size=12, seed=7
+        diameter=common,
+        epochs=args.epochs,
+        steps_per_epoch=40,
+        batch_size=12,
+        seed=7,
+        threshold=args.threshold,
     )
     result = train_picker(mics, labels, work / "model", options)
     meta_path = result.model.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
-    meta["threshold"] = args.threshold
     meta["threshold_basis"] = (
         "picks per particle near 1 on simulated and real micrographs "
         "(benchmarks/pick_threshold_sim.py, benchmarks/pick_real_threshold.py)"

@@ -14,7 +14,7 @@ from tamis.io.micrographs import MicrographSet
 from tamis.pick.deep.data import TARGET_RADIUS, target_map
 from tamis.pick.deep.network import PickerNet
 from tamis.pick.deep.predict import SHIPPED_MODEL, DeepPicker, blobs_to_centres, load_model
-from tamis.pick.deep.train import TrainOptions, _loss, train_picker
+from tamis.pick.deep.train import THRESHOLD_GRID, TrainOptions, _loss, train_picker
 from tamis.pick.evaluate import score_picks
 from tamis.pick.micrograph import read_micrograph
 
@@ -146,26 +146,65 @@ def test_threshold_comes_from_the_model_record(sim):
 
 @pytest.mark.skipif(not SHIPPED_MODEL.is_file(), reason="no shipped picker model")
 def test_trained_model_records_its_threshold(sim, tmp_path):
-    """Fine-tuning keeps the --init model's recommended threshold, training from scratch records
-    0.5, a given one is recorded; a record with a threshold outside [0, 1) is refused."""
+    """Without --threshold a fine-tuned model records the threshold whose picks on its
+    validation micrograph have the best F1 (checked against picking that micrograph at every
+    threshold of the grid), and which micrograph that was; a given one is recorded as it is; a
+    record with a threshold outside [0, 1) is refused."""
     _, mics, xy = sim
     short = dict(diameter=114, epochs=1, steps_per_epoch=1, batch_size=2, patch=64)
     runs = {
         "tuned": TrainOptions(**short, init=str(SHIPPED_MODEL)),
-        "scratch": TrainOptions(**short),
         "given": TrainOptions(**short, threshold=0.7),
     }
-    got = {}
+    meta = {}
     for name, opts in runs.items():
         res = train_picker(mics[:2], xy[:2], tmp_path / name, opts, log=lambda s: None)
-        got[name] = load_model(res.model)[1]["threshold"]
-    assert got == {"tuned": 0.98, "scratch": 0.5, "given": 0.7}
+        meta[name] = load_model(res.model)[1]
+    assert (meta["given"]["threshold"], meta["given"]["threshold_rule"]) == (0.7, "given")
+    tuned = meta["tuned"]
+    assert tuned["threshold_rule"] == "best validation F1"
+    (v,) = tuned["validation_micrographs"]
+    assert tuned["validation_names"] == [mics[v].name]
+    model, _ = load_model(tmp_path / "tuned" / "model.safetensors")
+    f1 = []
+    for t in THRESHOLD_GRID:
+        p = DeepPicker.from_model(model, tuned, 114, t).pick(mics[v])
+        f1.append(score_picks(np.stack([p.x, p.y], 1), xy[v], 0.5 * 114 / 2.0).f1)
+    assert max(f1) > 0.5
+    assert tuned["threshold"] == THRESHOLD_GRID[int(np.argmax(f1))]
+    assert tuned["final"]["val_f1"] == pytest.approx(max(f1))
     record = tmp_path / "given" / "model.json"
     record.write_text(record.read_text().replace('"threshold": 0.7', '"threshold": NaN', 1))
     with pytest.raises(InputFileError, match="threshold"):
         load_model(tmp_path / "given" / "model.safetensors")
     with pytest.raises(TamisError, match="threshold"):
         TrainOptions(**short, threshold=1.5).check()
+
+
+def test_best_threshold_on_drawn_score_maps():
+    """best_threshold against F1 counted by hand: three labelled particles scored 0.9, 0.9 and
+    0.6 and one unlabelled blob at 0.7 on a map binned differently along y and x; the lowest of
+    tied thresholds wins whatever their order; no correct pick anywhere gives (None, None)."""
+    from tamis.pick.deep.data import PreparedMicrograph
+    from tamis.pick.deep.train import best_threshold
+
+    sy, sx, pixel = 0.1, 0.25, 10.0  # network px per micrograph px; A per network px
+    score = torch.zeros(120, 120)
+    rr, cc = torch.meshgrid(torch.arange(120.0), torch.arange(120.0), indexing="ij")
+    for (r, c), v in (((20, 50), 0.9), ((20, 90), 0.9), ((70, 40), 0.6), ((90, 100), 0.7)):
+        score[(rr - r) ** 2 + (cc - c) ** 2 <= TARGET_RADIUS**2] = v
+    prep = PreparedMicrograph(torch.zeros(120, 120), (sy, sx), pixel)
+    labels = np.array([[50 / sx, 20 / sy], [90 / sx, 20 / sy], [40 / sx, 70 / sy]])
+    grid = (0.8, 0.55, 0.95, 0.5, 0.65)
+    t, best = best_threshold([score], [(prep, None, labels)], grid, 200.0)
+    # 0.5 and 0.55: 3 of 4 picks right, all found (F1 6/7); 0.65: 2 of 3 (2/3); 0.8: 2 of 2,
+    # 2 of 3 found (0.8); 0.95: no pick
+    assert t == 0.5 and (best.n_picks, best.true_positives) == (4, 3)
+    assert best.f1 == pytest.approx(6 / 7)
+    t, best = best_threshold([score], [(prep, None, labels)], (0.65, 0.8), 200.0)
+    assert t == 0.8 and best.f1 == pytest.approx(0.8)
+    far = labels + 500.0
+    assert best_threshold([score], [(prep, None, far)], grid, 200.0) == (None, None)
 
 
 def test_cli_train_and_predict(sim, tmp_path, monkeypatch):
