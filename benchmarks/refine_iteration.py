@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from tamis._malloc import keep_freed_memory
-from tamis.class2d.em import _run_class
 from tamis.class2d.files import continued_options, read_continue
+from tamis.class2d.job import _run_class
 from tamis.class2d.likelihood import GEMM_STATS
 from tamis.class2d.state import Class2DOptions
 from tamis.io.particles import ParticleSet

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tamis.class2d import mstep
-from tamis.class2d.em import _log_prior_offset, _run_class
+from tamis.class2d.em import _log_prior_offset
 from tamis.class2d.files import continued_options, read_continue
+from tamis.class2d.job import _run_class
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.state import Class2DOptions, WeightedSums
 from tamis.errors import TamisError

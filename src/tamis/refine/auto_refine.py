@@ -46,7 +46,6 @@ from tamis.class2d.em import (
     JobAborted,
     accuracy_over_ranks,
     offset_change,
-    ranked_job,
 )
 from tamis.class2d.files import (
     ContinueState,
@@ -56,6 +55,7 @@ from tamis.class2d.files import (
 )
 from tamis.class2d.fourier2d import FourierWindow
 from tamis.class2d.init import low_pass
+from tamis.class2d.job import ranked_job
 from tamis.class2d.state import Class2DOptions, ModelState, WeightedSums
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc, write_mrc

@@ -34,8 +34,9 @@ import numpy as np
 import pandas as pd
 
 from tamis import distributed
-from tamis.class2d.em import Class2DResult, run_class2d
+from tamis.class2d.em import Class2DResult
 from tamis.class2d.files import ContinueState
+from tamis.class2d.job import run_class2d
 from tamis.class2d.state import Class2DOptions
 from tamis.class2d.vdam import VdamRun
 from tamis.errors import TamisError
