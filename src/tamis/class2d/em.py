@@ -57,7 +57,7 @@ from tamis.io.star import format_loop_rows, loop_file_parts, read_data_star
 from tamis.masks import radius_map, soft_mask_outside
 from tamis.padded_grid import GridSplat
 
-__all__ = ["Class2DResult", "Class2DRun", "choose_device"]
+__all__ = ["Class2DResult", "Class2DRun", "JobAborted", "choose_device"]
 
 
 @dataclass
@@ -100,7 +100,8 @@ LOCAL_BATCH = 16
 
 
 class JobAborted(Exception):
-    """RELION_JOB_ABORT_NOW seen: :func:`pipeline_control` marks the job aborted."""
+    """RELION_JOB_ABORT_NOW seen: :func:`tamis.class2d.job.pipeline_control` marks the job
+    aborted."""
 
 
 @dataclass
