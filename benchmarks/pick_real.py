@@ -136,16 +136,13 @@ def main() -> None:
                 diameter=diameter, min_distance=0.7 * diameter, threshold=0.1, use_ctf=False
             ),
         ),
-        "deep, trained on 3": lambda m: DeepPicker(model, meta, diameter).pick(m),
-        "deep, shipped general model": lambda m: DeepPicker(general, gmeta, diameter).pick(m),
-        "deep, shipped model fine-tuned on 3 (PU loss)": lambda m: DeepPicker(
-            tmodel, tmeta, diameter
-        ).pick(m),
     }
-    # the deep pickers' average precision over all their picks above 0.5 as well (the one
-    # above is over the picks above each model's recorded threshold)
+    # deep pickers at their recorded thresholds; their average precision over all picks above
+    # 0.5 as well (the main one is over the picks above each model's recorded threshold)
     nets = {"deep, trained on 3": (model, meta), "deep, shipped general model": (general, gmeta),
             "deep, shipped model fine-tuned on 3 (PU loss)": (tmodel, tmeta)}  # fmt: skip
+    for name, (net, net_meta) in nets.items():
+        pickers[name] = DeepPicker(net, net_meta, diameter).pick
     for name, pick in pickers.items():
         aps, aps_half, tot, secs = [], [], None, []
         for i in test:

@@ -17,7 +17,15 @@ from tamis.pick.deep.network import DIAMETER_PX, PickerNet
 from tamis.pick.micrograph import Micrograph
 from tamis.pick.peaks import Picks, find_peaks
 
-__all__ = ["DeepPicker", "load_model", "save_model", "pick_deep", "score_map", "SHIPPED_MODEL"]
+__all__ = [
+    "DeepPicker",
+    "load_model",
+    "save_model",
+    "pick_deep",
+    "picks_from_scores",
+    "score_map",
+    "SHIPPED_MODEL",
+]
 
 SHIPPED_MODEL = Path(__file__).resolve().parents[2] / "data" / "picker_general.safetensors"
 
@@ -111,6 +119,13 @@ def blobs_to_centres(
     return np.asarray(rows)[order], np.asarray(cols)[order], np.asarray(foms)[order]
 
 
+def picks_from_scores(score: torch.Tensor, scale: tuple[float, float], threshold: float) -> Picks:
+    """Picks in micrograph pixels from a score map of a prepared micrograph (``scale``: its
+    ``(sy, sx)`` network pixels per micrograph pixel), by :func:`blobs_to_centres`."""
+    rows, cols, fom = blobs_to_centres(score, threshold, 0.5 * DIAMETER_PX)
+    return Picks(cols / scale[1], rows / scale[0], fom)
+
+
 #: The score threshold of a model whose record names none.
 DEFAULT_THRESHOLD = 0.5
 
@@ -147,10 +162,7 @@ class DeepPicker:
 
     def pick(self, mic: Micrograph) -> Picks:
         prep = prepare(mic, self.diameter, lowpass=self.lowpass, normalize=self.normalize)
-        score = score_map(self.model, prep.image)
-        rows, cols, fom = blobs_to_centres(score, self.threshold, 0.5 * DIAMETER_PX)
-        sy, sx = prep.scale
-        return Picks(cols / sx, rows / sy, fom)
+        return picks_from_scores(score_map(self.model, prep.image), prep.scale, self.threshold)
 
 
 def pick_deep(

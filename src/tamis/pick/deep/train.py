@@ -44,8 +44,8 @@ from tamis.io.star import atomic_path
 from tamis.pick.deep.data import TARGET_RADIUS, PreparedMicrograph, prepare, target_map
 from tamis.pick.deep.network import DIAMETER_PX, PickerNet
 from tamis.pick.deep.predict import (
-    blobs_to_centres,
     load_model,
+    picks_from_scores,
     recommended_threshold,
     save_model,
 )
@@ -290,18 +290,16 @@ def best_threshold(
     thresholds: Sequence[float],
     diameter: float,
 ) -> tuple[float | None, PickScore | None]:
-    """The threshold of ``thresholds`` whose picks (:func:`blobs_to_centres` on the score
-    ``maps``, one per ``labelled`` micrograph) have the best F1 against the labelled centres,
+    """The threshold of ``thresholds`` whose picks (on the score
+    ``maps``, one per ``labelled`` micrograph: :func:`picks_from_scores`) have the best F1 against the labelled centres,
     pooled over the micrographs (match radius half a ``diameter``, Å), and that score; the lowest
     threshold wins a tie. ``(None, None)`` when no threshold gives a correct pick."""
     best: tuple[float | None, PickScore | None] = (None, None)
-    radius = 0.5 * DIAMETER_PX
     for t in sorted(thresholds):
         total = None
         for score_map, (prep, _, xy) in zip(maps, labelled, strict=True):
-            r, c, _ = blobs_to_centres(score_map, t, radius)
-            picks = np.stack([c / prep.scale[1], r / prep.scale[0]], 1)
-            s = score_picks(picks, xy, 0.5 * diameter / micro_pixel(prep))
+            p = picks_from_scores(score_map, prep.scale, t)
+            s = score_picks(np.stack([p.x, p.y], 1), xy, 0.5 * diameter / micro_pixel(prep))
             total = s if total is None else total + s
         if (
             total is not None
