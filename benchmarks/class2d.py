@@ -11,7 +11,8 @@ Options as RELION's GUI job: EM ``--K 20 --iter 25 --tau2_fudge 2 --ctf --zero_m
 Run: ``.venv/bin/python benchmarks/class2d.py [--recipe hard] [--algo em|vdam] [--n 5000]
 [--K 20] [--iter N] [--j 2] [--device cpu] [--max_memory GB] [--profile] --work DIR``.
 Prints per-iteration seconds and a JSON report (also ``DIR/report_<algo>.json``): quality against
-the truth, wall time, peak RSS, E-step GEMM rate against torch.matmul on the same shapes.
+the truth, wall time, peak RSS (the job's, when it returned, and the process's after the
+evaluation), E-step GEMM rate against torch.matmul on the same shapes.
 RELION on the same particles: ``benchmarks/relion_class2d.py``.
 """
 
@@ -264,6 +265,7 @@ def main() -> None:
     else:
         result = run_class2d(star, str(out), options, log=log)
     wall = time.perf_counter() - t0
+    job_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the evaluation
     iteration_s = [round(b - a, 1) for a, b in zip(times[1:-1], times[2:], strict=True)]
     report = evaluate(work, result, options.psi_step / 2)
     rate = matmul_rate(GEMM_STATS["shapes"], args.device)
@@ -276,6 +278,7 @@ def main() -> None:
         setup_s=round(times[1] - t0, 1),
         iteration_s=iteration_s,
         pmax=[_field(line, "pmax") for line in lines if line.startswith("iteration")],
+        job_peak_rss_mb=round(job_peak),  # the process's peak when the job returned
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         particles_per_s=round(result.particles_evaluated / wall, 1),
         iterations=n_iter,
