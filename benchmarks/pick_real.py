@@ -28,7 +28,7 @@ from PIL import Image
 from scipy import ndimage
 
 from tamis.extract import window_particles
-from tamis.pick.deep.predict import DeepPicker, load_model
+from tamis.pick.deep.predict import DeepPicker, load_model, picks_from_scores
 from tamis.pick.deep.train import TrainOptions, train_picker
 from tamis.pick.evaluate import average_precision, score_picks
 from tamis.pick.log import LogOptions, pick_log
@@ -141,19 +141,23 @@ def main() -> None:
     # 0.5 as well (the main one is over the picks above each model's recorded threshold)
     nets = {"deep, trained on 3": (model, meta), "deep, shipped general model": (general, gmeta),
             "deep, shipped model fine-tuned on 3 (PU loss)": (tmodel, tmeta)}  # fmt: skip
-    for name, (net, net_meta) in nets.items():
-        pickers[name] = DeepPicker(net, net_meta, diameter).pick
+    deep = {name: DeepPicker(net, net_meta, diameter) for name, (net, net_meta) in nets.items()}
+    pickers.update({name: picker.pick for name, picker in deep.items()})
     for name, pick in pickers.items():
         aps, aps_half, tot, secs = [], [], None, []
         for i in test:
             t = time.perf_counter()
             mic = read_micrograph(names[i], PIXEL)
-            picks = pick(mic)
+            if name in deep:  # one network pass: picks at the threshold and above 0.5
+                scores = deep[name].scores(mic)
+                picks = picks_from_scores(*scores, deep[name].threshold)
+            else:
+                picks = pick(mic)
             secs.append(time.perf_counter() - t)
             xy = np.stack([picks.x, picks.y], 1)
             aps.append(average_precision(xy, picks.fom, truth[i], 0.5 * DISC_PX))
-            if name in nets:
-                half = DeepPicker(*nets[name], diameter, 0.5).pick(mic)
+            if name in deep:
+                half = picks_from_scores(*scores, 0.5)
                 xy_half = np.stack([half.x, half.y], 1)
                 aps_half.append(average_precision(xy_half, half.fom, truth[i], 0.5 * DISC_PX))
             s = score_picks(xy, truth[i], 0.5 * DISC_PX)
@@ -167,7 +171,7 @@ def main() -> None:
             "seconds_per_micrograph": round(float(np.mean(secs)), 2),
         }
         if aps_half:
-            report[name]["threshold"] = DeepPicker(*nets[name], diameter).threshold
+            report[name]["threshold"] = deep[name].threshold
             report[name]["average_precision_above_0.5"] = round(float(np.mean(aps_half)), 3)
         print(name, report[name], flush=True)
     (work / "report.json").write_text(json.dumps(report, indent=2))

@@ -409,8 +409,8 @@ def local_statistics(
     ``neighbours`` nearest other boxes on the same micrograph (rows of ``fit``, whose index is
     rows of the particle ``table``): ``misfit_local`` (:func:`local_misfit`; where ``fit`` has
     ``misfit_unit``) and, for the amplitudes ``fit`` has, ``amplitude_level`` and
-    ``amplitude_plain_level`` (:func:`local_amplitude_level`). ``None`` without micrograph coordinates or with
-    ``neighbours`` 0."""
+    ``amplitude_plain_level`` (:func:`local_amplitude_level`). ``None`` without micrograph
+    coordinates or with ``neighbours`` 0."""
     rows = fit.index.to_numpy()
     cls = fit["class"].to_numpy() if "class" in fit.columns else np.zeros(len(fit), int)
     columns = [c for c in ("amplitude", "amplitude_plain") if c in fit.columns]

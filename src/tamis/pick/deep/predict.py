@@ -160,9 +160,14 @@ class DeepPicker:
             model, meta, diameter, threshold, meta.get("lowpass"), meta.get("normalize", True)
         )
 
-    def pick(self, mic: Micrograph) -> Picks:
+    def scores(self, mic: Micrograph) -> tuple[torch.Tensor, tuple[float, float]]:
+        """The network's score map of the prepared micrograph and its ``(sy, sx)`` scale (for
+        :func:`picks_from_scores` at any threshold)."""
         prep = prepare(mic, self.diameter, lowpass=self.lowpass, normalize=self.normalize)
-        return picks_from_scores(score_map(self.model, prep.image), prep.scale, self.threshold)
+        return score_map(self.model, prep.image), prep.scale
+
+    def pick(self, mic: Micrograph) -> Picks:
+        return picks_from_scores(*self.scores(mic), self.threshold)
 
 
 def pick_deep(

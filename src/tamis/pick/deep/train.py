@@ -228,11 +228,9 @@ def train_picker(
         # validation micrographs), the whole grid after the last epoch
         grid = thresholds if epoch == o.epochs else thresholds[::4]
         chosen, score = best_threshold(maps, val, grid, o.diameter)
-        rule = "given" if o.threshold is not None else "best validation F1"
-        if chosen is None:  # no correct validation pick at any threshold (yet)
+        fell_back = chosen is None  # no correct validation pick at any threshold (yet)
+        if fell_back:
             chosen = recommended_threshold(init_meta) if o.threshold is None else o.threshold
-            if o.threshold is None:
-                rule = "no correct validation pick: the --init model's, else 0.5"
         row = {
             "epoch": epoch,
             "train_loss": float(np.mean(losses)),
@@ -253,8 +251,13 @@ def train_picker(
             f"val picks P {row['val_precision']:.2f} R {row['val_recall']:.2f} "
             f"F1 {row['val_f1']:.2f} at threshold {chosen:g}"
         )
-    if rule.startswith("no correct"):
+    if o.threshold is not None:
+        rule = "given"
+    elif fell_back:
+        rule = "no correct validation pick: the --init model's, else 0.5"
         log(f"no validation pick is correct at any threshold: recorded threshold {chosen:g}")
+    else:
+        rule = "best validation F1"
     history = pd.DataFrame(rows)
     with atomic_path(out / "history.csv") as tmp:
         history.to_csv(tmp, index=False)
@@ -290,8 +293,8 @@ def best_threshold(
     thresholds: Sequence[float],
     diameter: float,
 ) -> tuple[float | None, PickScore | None]:
-    """The threshold of ``thresholds`` whose picks (on the score
-    ``maps``, one per ``labelled`` micrograph: :func:`picks_from_scores`) have the best F1 against the labelled centres,
+    """The threshold of ``thresholds`` whose picks (:func:`picks_from_scores` on the score
+    ``maps``, one per ``labelled`` micrograph) have the best F1 against the labelled centres,
     pooled over the micrographs (match radius half a ``diameter``, Å), and that score; the lowest
     threshold wins a tie. ``(None, None)`` when no threshold gives a correct pick."""
     best: tuple[float | None, PickScore | None] = (None, None)
