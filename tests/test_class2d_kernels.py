@@ -353,13 +353,18 @@ def test_significant_mask_matches_loop():
 
 
 @pytest.mark.parametrize("cap", [1, 7, 30, 200])
-@pytest.mark.parametrize("path", ["topk", "sorted few", "histograms"])
+@pytest.mark.parametrize(
+    "path", ["topk", "sorted few", "sorted few, 15 blocks", "sorted few, 7 blocks", "histograms"]
+)
 def test_capped_significance_matches_full_sort(cap, path, monkeypatch):
     # rows as short as 2D's take topk; long rows (3D pass 0) sort the few weights that can be
-    # significant, or bin them all when there are many: each path forced here on short rows
+    # significant (found in the blocks of the row that can hold them, and a tail), or bin them
+    # all when there are many: each path forced here on short rows
     if path != "topk":
         monkeypatch.setattr(likelihood, "_TOPK_COLUMNS", 0)
-        monkeypatch.setattr(likelihood, "_FEW_CANDIDATES", 1.0 if path == "sorted few" else 0.0)
+        monkeypatch.setattr(likelihood, "_FEW_CANDIDATES", 0.0 if path == "histograms" else 1.0)
+    if "blocks" in path:
+        monkeypatch.setattr(likelihood, "_BLOCK", 8 if "15" in path else 16)
     rng = np.random.default_rng(9)
     # broad rows, and sharp ones where few weights are above (1 - fraction) / (10 S)
     scale = np.array([2, 2, 2, 30, 30, 60])[:, None]
@@ -442,10 +447,19 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
 
 
 # pair GEMMs, one dense GEMM, and both in one batch (a sharp, a middling and a flat particle);
-# the fine projections given, or made on demand for the (class, coarse psi) pairs pass 0 needs
+# the fine projections given, or made on demand for the (class, coarse psi) pairs pass 0 needs;
+# pass 0's significance uncapped, or capped (a cap that does not bind) as 3D's long rows take it
+# (indices from the few candidates, or from the histograms' thresholds)
+@pytest.mark.parametrize("long_rows", ["uncapped", "few", "histograms"])
 @pytest.mark.parametrize("on_demand", [False, True])
 @pytest.mark.parametrize("dense_pairs", [2.0, 0.0, 0.5])
-def test_two_pass_expectation_matches_slow_reference(dense_pairs, on_demand):
+def test_two_pass_expectation_matches_slow_reference(
+    dense_pairs, on_demand, long_rows, monkeypatch
+):
+    if long_rows != "uncapped":
+        monkeypatch.setattr(likelihood, "_TOPK_COLUMNS", 0)
+        monkeypatch.setattr(likelihood, "_FEW_CANDIDATES", 1.0 if long_rows == "few" else 0.0)
+        monkeypatch.setattr(likelihood, "_BLOCK", 5)  # rows of 24: four blocks and a tail
     rng, cplx = random_problem(6)
     n = 16
     window = FourierWindow.create(n, 10)
@@ -497,6 +511,7 @@ def test_two_pass_expectation_matches_slow_reference(dense_pairs, on_demand):
         n_over_psi=2,
         n_over_trans=4,
         fraction=0.999,
+        max_significant=-1 if long_rows == "uncapped" else 10**6,
         dense_pairs=dense_pairs,
     )
     assert (hyp.dense is not None) == (dense_pairs != 2.0)

@@ -276,47 +276,178 @@ def capped_significance(
     carry ``fraction`` of the weight, at most ``max_significant`` (RELION's rule: the top weights
     sorted, the threshold where their running sum exceeds ``fraction`` of the row's total, or the
     ``max_significant``-th largest weight if that comes first). Short rows (2D) sort their top
-    ``max_significant``; long ones (3D pass 0) sort only the weights that can reach either
-    threshold (:func:`_thresholds_of_few`) or, where those are many, find both thresholds from
-    one histogram of the weights' bit patterns, sorting only the members of the bins they fall
-    in, as :func:`dense_significance`. Rows are taken ``max_elements`` at a time (long rows in
-    float32, overwriting a copy when ``logw`` is another type)."""
+    ``max_significant``; long ones (3D pass 0) are :func:`capped_significant_indices` written
+    into a mask. Rows are taken ``max_elements`` at a time."""
     b, n = logw.shape
-    if n > _TOPK_COLUMNS and logw.dtype != torch.float32:
-        logw = logw.to(torch.float32)  # the histograms bin float32 bit patterns
+    if n > _TOPK_COLUMNS:
+        rows, cols = capped_significant_indices(logw, fraction, max_significant, max_elements)
+        mask = torch.zeros((b, n), dtype=torch.bool, device=logw.device)
+        mask[rows, cols] = True
+        return mask
     k = min(max_significant, n)
     mask = torch.empty((b, n), dtype=torch.bool, device=logw.device)
     step = max(1, max_elements // max(n, 1))
     for s in range(0, b, step):
         w = logw[s : s + step]
-        # below exp(-80) relative, weights are nothing beside the 1 - fraction cut (and exp is
-        # slow on arguments that underflow): raised to it, then excluded below
-        w.sub_(w.amax(dim=1, keepdim=True)).clamp_(min=-80.0).exp_()
-        total = w.sum(1).to(torch.float64)  # float32 cascade sum: a scale, not a threshold
-        w.div_(total.to(torch.float32)[:, None])
-        floor = (math.exp(-80.0) / total).to(torch.float32) * 1.001
-        if n <= _TOPK_COLUMNS:
-            # short rows (2D): the top k sorted; the threshold where their running sum first
-            # exceeds the fraction, else the k-th
-            top, _ = torch.topk(w, k, dim=1, sorted=True)
-            csum = torch.cumsum(top.to(torch.float64), dim=1)
-            target = fraction * w.sum(1, keepdim=True, dtype=torch.float64)
-            pos = torch.searchsorted(csum, target, right=True).clamp(max=k - 1)
-            thr = torch.gather(top, 1, pos).squeeze(1)
-        else:
-            thr = _thresholds_of_few(w, fraction, k)
-            if thr is None:
-                mass, count = _bin_mass(w, with_counts=True)
-                frac_thr = _fraction_threshold(w, mass, fraction)
-                thr = torch.maximum(frac_thr, _kth_largest(w, count, k)).to(torch.float32)
+        total, floor = _normalise_rows(w)
+        # the top k sorted; the threshold where their running sum first exceeds the fraction,
+        # else the k-th
+        top, _ = torch.topk(w, k, dim=1, sorted=True)
+        csum = torch.cumsum(top.to(torch.float64), dim=1)
+        target = fraction * w.sum(1, keepdim=True, dtype=torch.float64)
+        pos = torch.searchsorted(csum, target, right=True).clamp(max=k - 1)
+        thr = torch.gather(top, 1, pos).squeeze(1)
         mask[s : s + step] = (w >= thr[:, None]) & (w > floor[:, None])
     return mask
 
 
-def _thresholds_of_few(w: torch.Tensor, fraction: float, k: int) -> torch.Tensor | None:
+def _normalise_rows(
+    w: torch.Tensor, row_max: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-weights ``w`` ``(B, S)`` -> weights over their row's total, in place; the totals
+    (float64, relative to the row's largest, ``row_max`` when known) and the floor under which a
+    weight counts as none."""
+    if row_max is None:
+        row_max = w.amax(dim=1)
+    # below exp(-80) relative, weights are nothing beside the 1 - fraction cut (and exp is
+    # slow on arguments that underflow): raised to it, then excluded by the floor
+    w.sub_(row_max[:, None]).clamp_(min=-80.0).exp_()
+    total = w.sum(1).to(torch.float64)  # float32 cascade sum: a scale, not a threshold
+    w.div_(total.to(torch.float32)[:, None])
+    return total, (math.exp(-80.0) / total).to(torch.float32) * 1.001
+
+
+def capped_significant_indices(
+    logw: torch.Tensor, fraction: float, max_significant: int, max_elements: int = 1 << 22
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, column) of the significant samples of :func:`capped_significance`, without a
+    ``(B, S)`` mask: 3D pass 0 keeps a few hundred of ~4 million samples per particle, and a
+    mask costs more passes over the rows than finding them.
+
+    ``logw`` ``(B, S)`` is overwritten with normalised weights (long rows in float32). Long rows
+    sort only the weights that can reach either threshold (:func:`_thresholds_of_few`), found
+    in the blocks of :data:`_BLOCK` samples whose largest log-weight can reach them, and pick
+    the significant ones from those alone; where those are many, both thresholds come from one
+    histogram of the weights' bit patterns, sorting only the members of the bins they fall in,
+    as :func:`dense_significance`. Short rows take :func:`capped_significance`'s mask."""
+    b, n = logw.shape
+    if n <= _TOPK_COLUMNS:
+        return torch.nonzero(capped_significance(logw, fraction, max_significant), as_tuple=True)
+    if logw.dtype != torch.float32:
+        logw = logw.to(torch.float32)  # the histograms bin float32 bit patterns
+    k = min(max_significant, n)
+    step = max(1, max_elements // max(n, 1))
+    found_rows, found_cols = [], []
+    for s in range(0, b, step):
+        w = logw[s : s + step]
+        blocks = _Blocks(w)
+        scale, floor = _normalise_rows(w, blocks.row_max)
+        few = _thresholds_of_few(w, fraction, k, blocks, scale)
+        if few is not None and bool((few.thr > few.low).all()):
+            # every significant weight is >= a threshold above the candidates' bound
+            keep = (few.vals >= few.thr[few.rows]) & (few.vals > floor[few.rows])
+            rows, cols = few.rows[keep], few.cols[keep]
+        else:
+            if few is not None:
+                thr = few.thr
+            else:
+                mass, count = _bin_mass(w, with_counts=True)
+                frac_thr = _fraction_threshold(w, mass, fraction)
+                thr = torch.maximum(frac_thr, _kth_largest(w, count, k)).to(torch.float32)
+            rows, cols = torch.nonzero((w >= thr[:, None]) & (w > floor[:, None]), as_tuple=True)
+        found_rows.append(rows + s)
+        found_cols.append(cols)
+    return torch.cat(found_rows), torch.cat(found_cols)
+
+
+#: Long rows are scanned in blocks of this many samples: only the blocks whose largest weight
+#: can be significant are read again.
+_BLOCK = 1024
+
+
+class _Blocks:
+    """Rows ``w`` ``(B, S)`` as blocks of :data:`_BLOCK` columns and a shorter tail: each
+    block's largest log-weight (taken before the rows are normalised in place) and the rows'
+    largest."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        b, n = w.shape
+        self.w, self.n_blocks = w, n // _BLOCK
+        self.main = self.n_blocks * _BLOCK
+        self.block_max = self.split(w).amax(-1)  # (B, n_blocks)
+        row_max = w[:, self.main :].amax(1) if self.main < n else None
+        if self.n_blocks:
+            top = self.block_max.amax(1)
+            row_max = top if row_max is None else torch.maximum(row_max, top)
+        self.row_max = row_max
+
+    def split(self, w: torch.Tensor) -> torch.Tensor:
+        """The blocks of ``w`` as a view ``(B, n_blocks, _BLOCK)``."""
+        return w[:, : self.main].view(w.shape[0], self.n_blocks, _BLOCK)
+
+    def total(self) -> torch.Tensor:
+        """Row sums (float64) of the normalised rows: float32 within a block, float64 across
+        (a float64 sum of every sample is ~20 times slower)."""
+        total = self.split(self.w).sum(-1).to(torch.float64).sum(-1)
+        return total + self.w[:, self.main :].sum(1, dtype=torch.float64)
+
+    def above(
+        self, low: torch.Tensor, scale: torch.Tensor, limit: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(row, column) of the normalised weights above ``low`` ``(B,)``, in row-major order,
+        or ``None`` if they are more than ``limit``: only blocks whose largest weight,
+        ``exp(block max - row max) / scale``, may be above it (with a margin for the rounding of
+        exp) are compared sample by sample."""
+        b, n = self.w.shape
+        tail = self.w[:, self.main :] > low[:, None]
+        count = int(tail.sum())
+        inside = None
+        if self.n_blocks:
+            cut = torch.log(low.to(torch.float64) * scale) - 1e-3  # (B,)
+            rel_max = (self.block_max - self.row_max[:, None]).to(torch.float64)
+            # clamped at exp(-80), every sample of a row with a lower cut may be above low
+            maybe = (rel_max > cut[:, None]) | (cut <= -80.0)[:, None]
+            br, bc = torch.nonzero(maybe, as_tuple=True)
+            inside = self.split(self.w)[br, bc] > low[br, None]  # (blocks, _BLOCK)
+            count += int(inside.sum())
+        if count > limit:
+            return None
+        rows_list, cols_list = [], []
+        if inside is not None:
+            i, j = torch.nonzero(inside, as_tuple=True)
+            rows_list.append(br[i])
+            cols_list.append(bc[i] * _BLOCK + j)
+        if self.main < n:
+            tr, tcol = torch.nonzero(tail, as_tuple=True)
+            rows_list.append(tr)
+            cols_list.append(tcol + self.main)
+        rows, cols = torch.cat(rows_list), torch.cat(cols_list)
+        if len(rows_list) > 1:
+            order = torch.argsort(rows * n + cols)
+            rows, cols = rows[order], cols[order]
+        return rows, cols
+
+
+@dataclass(frozen=True)
+class _Few:
+    """:func:`_thresholds_of_few`'s result: both thresholds in one ``thr`` ``(B,)`` (float32),
+    the bound ``low`` ``(B,)`` the candidates are above, and the candidates (row, column,
+    value)."""
+
+    thr: torch.Tensor
+    low: torch.Tensor
+    rows: torch.Tensor
+    cols: torch.Tensor
+    vals: torch.Tensor
+
+
+def _thresholds_of_few(
+    w: torch.Tensor, fraction: float, k: int, blocks: _Blocks, scale: torch.Tensor
+) -> _Few | None:
     """Both thresholds of :func:`capped_significance` (float32, per row of normalised weights
-    ``w`` ``(B, S)``) from the weights that can reach them, sorted; ``None`` when those are more
-    than :data:`_FEW_CANDIDATES` of the rows (then the histograms are faster).
+    ``w`` ``(B, S)``, ``scale`` their sums before normalising, ``blocks`` their block maxima)
+    from the weights that can reach them, sorted; ``None`` when those are more than
+    :data:`_FEW_CANDIDATES` of the rows (then the histograms are faster).
 
     A weight under ``(1 - fraction) / (10 S)`` of its row's total is never added: the weights
     above it sum to more than ``fraction`` of the total before it comes (RELION adds while the
@@ -325,18 +456,18 @@ def _thresholds_of_few(w: torch.Tensor, fraction: float, k: int) -> torch.Tensor
     threshold and does not count. Sharp posteriors (3D pass 0 at HEALPix order 3: a median of
     ~700 such weights of 4 million) need only those."""
     b, n = w.shape
-    total = w.sum(1, dtype=torch.float64)
+    total = blocks.total()
     low = (0.1 * (1.0 - fraction) / n * total).to(torch.float32)
-    keep = w > low[:, None]
-    if int(keep.sum()) > _FEW_CANDIDATES * w.numel():
+    found = blocks.above(low, scale, _FEW_CANDIDATES * w.numel())
+    if found is None:
         return None
-    rows, cols = torch.nonzero(keep, as_tuple=True)
+    rows, cols = found
     vals = w[rows, cols]
     zero = torch.zeros(len(rows), dtype=torch.float64, device=w.device)
     frac_thr = _threshold_in_bin(rows, vals, zero, b, fraction * total)
     frac_thr = torch.where(torch.isfinite(frac_thr), frac_thr, 0.0)
     kth = _ranked_in_rows(rows, vals, torch.full((b,), k, device=w.device), b)
-    return torch.maximum(frac_thr, kth).to(torch.float32)
+    return _Few(torch.maximum(frac_thr, kth).to(torch.float32), low, rows, cols, vals)
 
 
 def _ranked_in_rows(
@@ -544,6 +675,8 @@ def expectation(
     ctf, x = data.ctf, data.x
 
     # ---- pass 0: dense over active classes x coarse psi x coarse t ---------------------------
+    n_sig: torch.Tensor | None = None
+    subset: torch.Tensor | None = None  # coarse orientations any particle needs (on demand)
     active = torch.nonzero(torch.isfinite(log_prior_class)).squeeze(1)
     ka = len(active)
     w2c, ctfc, xc = w2[:, coarse_pixels], ctf[:, coarse_pixels], x[:, coarse_pixels]
@@ -569,13 +702,21 @@ def expectation(
         rel.add_(pri.to(torch.float32)[..., None])
         if log_prior_orient is not None:
             rel.add_(log_prior_orient.to(torch.float32)[:, None, None, :])
-        if max_significant > 0:
-            sig = capped_significance(rel.view(b, -1), fraction, max_significant).view(rel.shape)
+        if max_significant > 0 and rel[0].numel() > _TOPK_COLUMNS:
+            # long rows (3D at HEALPix order 3): few significant samples, found as indices
+            sig, n_sig, subset = _sparse_significance(
+                rel, fraction, max_significant, callable(proj_fine)
+            )
         else:
-            dense_significance(rel.view(b, -1), fraction)
-            sig = rel > 0
-        sig = sig.permute(0, 2, 3, 1)  # (B, Ka, Pc, Tc)
-    n_sig = sig.sum((1, 2, 3))
+            if max_significant > 0:
+                sig = capped_significance(rel.view(b, -1), fraction, max_significant)
+                sig = sig.view(rel.shape)
+            else:
+                dense_significance(rel.view(b, -1), fraction)
+                sig = rel > 0
+            sig = sig.permute(0, 2, 3, 1)  # (B, Ka, Pc, Tc)
+    if n_sig is None:
+        n_sig = sig.sum((1, 2, 3))
     pairs = torch.nonzero(sig.any(-1))  # (Mc, 3): particle, active class, coarse psi
 
     if final_pass:
@@ -587,10 +728,10 @@ def expectation(
         p_i, p_k, p_psi = pairs[:, 0], active[pairs[:, 1]], pairs[:, 2]
         return _finish(p_i, p_k, p_psi, weight, lse, n_sig, data, coarse_pixels, b)
 
-    subset = None
     if callable(proj_fine):
-        subset = torch.nonzero(sig.any(3).any(1).any(0)).squeeze(1)
-        sig = sig[:, :, subset]
+        if subset is None:
+            subset = torch.nonzero(sig.any(3).any(1).any(0)).squeeze(1)
+            sig = sig[:, :, subset]
         # the (class, coarse orientation) pairs any particle needs: a coarse orientation is
         # mostly significant in one class (measured in 3D at HEALPix order 3: one of three)
         need = torch.zeros((k, len(subset)), dtype=torch.bool, device=sig.device)
@@ -612,6 +753,28 @@ def expectation(
     )
     hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp, dense_pairs)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)
+
+
+def _sparse_significance(
+    rel: torch.Tensor, fraction: float, max_significant: int, subset: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Pass 0's capped significance of log-weights ``rel`` ``(B, Tc, Ka, Pc)`` (overwritten)
+    from :func:`capped_significant_indices`: the mask ``(B, Ka, Pc', Tc)``, the significant
+    samples per particle ``(B,)`` and, with ``subset``, the coarse orientations ``(Pc',)`` that
+    any particle needs (the mask then holds those only; else all ``Pc``)."""
+    b, tc, ka, pc = rel.shape
+    rows, cols = capped_significant_indices(rel.view(b, -1), fraction, max_significant)
+    t_i, a_p = cols // (ka * pc), cols % (ka * pc)
+    a_i, p_i = a_p // pc, a_p % pc
+    n_sig = torch.bincount(rows, minlength=b)
+    coarse = None
+    if subset:
+        coarse = torch.unique(p_i)  # sorted
+        p_i = torch.searchsorted(coarse, p_i)
+    n_p = pc if coarse is None else len(coarse)
+    sig = torch.zeros((b, ka, n_p, tc), dtype=torch.bool, device=rel.device)
+    sig[rows, a_i, p_i, t_i] = True
+    return sig, n_sig, coarse
 
 
 def _fine_pass(
