@@ -289,7 +289,7 @@ def capped_significance(
     step = max(1, max_elements // max(n, 1))
     for s in range(0, b, step):
         w = logw[s : s + step]
-        total, floor = _normalise_rows(w)
+        _, floor = _normalise_rows(w)
         # the top k sorted; the threshold where their running sum first exceeds the fraction,
         # else the k-th
         top, _ = torch.topk(w, k, dim=1, sorted=True)
