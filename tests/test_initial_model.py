@@ -62,6 +62,11 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
     assert model["model_classes"]["rlnReferenceImage"].iloc[0] == f"{root}_it008_class001.mrc"
     sampling = read_star(f"{root}_it008_sampling.star")["sampling_general"]
     assert int(sampling["rlnIs3DSampling"]) == 1 and int(sampling["rlnHealpixOrder"]) == 1
+    # MlModel reads the direction prior of each class: one row per direction of HEALPix order
+    # 1 in C1 (48 pixels), the class prior spread evenly
+    pdf = model["model_pdf_orient_class_1"]["rlnOrientationDistribution"].to_numpy(float)
+    prior = float(model["model_classes"]["rlnClassDistribution"].iloc[0])
+    assert len(pdf) == 48 and np.allclose(pdf, prior / 48)
     data = read_star(f"{root}_it008_data.star")["particles"]
     assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(data.columns)
     assert float(data["rlnAngleTilt"].std()) > 10  # angles were assigned, not left at 0

@@ -126,6 +126,22 @@ def _yes(x: bool) -> int:
     return 1 if x else 0
 
 
+def _orientation_tables(state: ModelState, sampling) -> dict[str, pd.DataFrame]:
+    """RELION's ``model_pdf_orient_class_N`` tables of a 3D model.star (MlModel reads one per
+    class, ``rlnOrientationDistribution`` per direction of the current sampling, and takes
+    their length as its number of directions). tamis's E-step prior over (class, direction) is
+    the class prior spread evenly over the directions (RELION learns it per direction;
+    ``tamis.refine.initial_model``), so each table holds ``prior_k / D``."""
+    n_dir = int(sampling.nr_directions)
+    priors = state.pdf_direction.cpu().numpy().astype(np.float64)
+    return {
+        f"model_pdf_orient_class_{c + 1}": pd.DataFrame(
+            {"rlnOrientationDistribution": np.full(n_dir, priors[c] / n_dir)}
+        )
+        for c in range(len(priors))
+    }
+
+
 def write_iteration(
     files: IterationFiles,
     *,
@@ -257,6 +273,8 @@ def write_iteration(
                 "rlnSigma2Noise": sig[o][keep],
             }
         )
+    if ref_dim == 3:
+        blocks.update(_orientation_tables(state, sampling))
     write_star(blocks, files.model)
     if model_only:
         return
