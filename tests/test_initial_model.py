@@ -62,6 +62,11 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
     assert model["model_classes"]["rlnReferenceImage"].iloc[0] == f"{root}_it008_class001.mrc"
     sampling = read_star(f"{root}_it008_sampling.star")["sampling_general"]
     assert int(sampling["rlnIs3DSampling"]) == 1 and int(sampling["rlnHealpixOrder"]) == 1
+    # the three labels RELION's HealpixSampling::read requires of a 3D sampling, and the
+    # default step-size and T schemes as RELION writes them ("", any other text is a scheme)
+    assert {"rlnHealpixOrder", "rlnSymmetryGroup", "rlnTiltAngleLimit"} <= set(sampling)
+    opt = read_star(f"{root}_it008_optimiser.star")["optimiser_general"]
+    assert opt["rlnSgdStepsizeScheme"] == "" and opt["rlnTau2FudgeScheme"] == ""
     # MlModel reads the direction prior of each class: one row per direction of HEALPix order
     # 1 in C1 (48 pixels), the class prior spread evenly
     pdf = model["model_pdf_orient_class_1"]["rlnOrientationDistribution"].to_numpy(float)

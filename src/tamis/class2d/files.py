@@ -288,7 +288,7 @@ def write_iteration(
             three_d = {
                 "rlnHealpixOrder": sampling.healpix_order,
                 "rlnSymmetryGroup": sampling.sym,
-                "rlnLimitTilt": -91.0,
+                "rlnTiltAngleLimit": -91.0,  # RELION's label (EMDL_SAMPLING_LIMIT_TILT)
             }
         write_star(
             {

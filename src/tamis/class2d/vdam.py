@@ -422,8 +422,10 @@ class VdamRun(Class2DRun):
             "rlnSgdSubsetSize": sch.subset_size(it) if it > 0 else sch.ini_subset,
             "rlnSgdWriteEverySubset": o.grad_write_iter,
             "rlnSgdStepsize": o.grad_stepsize,
-            "rlnSgdStepsizeScheme": o.grad_stepsize_scheme or "None",
-            "rlnTau2FudgeScheme": o.tau2_fudge_scheme or "None",
+            # "" (RELION's own empty value) means RELION's default scheme; RELION reads any
+            # other text as a scheme name and stops on one it does not know
+            "rlnSgdStepsizeScheme": o.grad_stepsize_scheme,
+            "rlnTau2FudgeScheme": o.tau2_fudge_scheme,
         }
 
     def extra_class_labels(self, files) -> dict:
