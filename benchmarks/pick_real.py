@@ -142,8 +142,7 @@ def main() -> None:
     nets = {"deep, trained on 3": (model, meta), "deep, shipped general model": (general, gmeta),
             "deep, shipped model fine-tuned on 3 (PU loss)": (tmodel, tmeta)}  # fmt: skip
     deep = {name: DeepPicker(net, net_meta, diameter) for name, (net, net_meta) in nets.items()}
-    pickers.update({name: picker.pick for name, picker in deep.items()})
-    for name, pick in pickers.items():
+    for name in [*pickers, *deep]:
         aps, aps_half, tot, secs = [], [], None, []
         for i in test:
             t = time.perf_counter()
@@ -152,7 +151,7 @@ def main() -> None:
                 scores = deep[name].scores(mic)
                 picks = picks_from_scores(*scores, deep[name].threshold)
             else:
-                picks = pick(mic)
+                picks = pickers[name](mic)
             secs.append(time.perf_counter() - t)
             xy = np.stack([picks.x, picks.y], 1)
             aps.append(average_precision(xy, picks.fom, truth[i], 0.5 * DISC_PX))

@@ -342,7 +342,7 @@ def capped_significant_indices(
         w = logw[s : s + step]
         blocks = _Blocks(w)
         scale, floor = _normalise_rows(w, blocks.row_max)
-        few = _thresholds_of_few(w, fraction, k, blocks, scale)
+        few = _thresholds_of_few(blocks, scale, fraction, k)
         if few is not None and bool((few.thr > few.low).all()):
             # every significant weight is >= a threshold above the candidates' bound
             keep = (few.vals >= few.thr[few.rows]) & (few.vals > floor[few.rows])
@@ -371,24 +371,24 @@ class _Blocks:
     largest."""
 
     def __init__(self, w: torch.Tensor) -> None:
-        b, n = w.shape
+        n = w.shape[1]
         self.w, self.n_blocks = w, n // _BLOCK
         self.main = self.n_blocks * _BLOCK
-        self.block_max = self.split(w).amax(-1)  # (B, n_blocks)
+        self.block_max = self.as_blocks().amax(-1)  # (B, n_blocks)
         row_max = w[:, self.main :].amax(1) if self.main < n else None
         if self.n_blocks:
             top = self.block_max.amax(1)
             row_max = top if row_max is None else torch.maximum(row_max, top)
         self.row_max = row_max
 
-    def split(self, w: torch.Tensor) -> torch.Tensor:
-        """The blocks of ``w`` as a view ``(B, n_blocks, _BLOCK)``."""
-        return w[:, : self.main].view(w.shape[0], self.n_blocks, _BLOCK)
+    def as_blocks(self) -> torch.Tensor:
+        """The rows' blocks as a view ``(B, n_blocks, _BLOCK)`` (the tail left out)."""
+        return self.w[:, : self.main].view(self.w.shape[0], self.n_blocks, _BLOCK)
 
     def total(self) -> torch.Tensor:
         """Row sums (float64) of the normalised rows: float32 within a block, float64 across
         (a float64 sum of every sample is ~20 times slower)."""
-        total = self.split(self.w).sum(-1).to(torch.float64).sum(-1)
+        total = self.as_blocks().sum(-1).to(torch.float64).sum(-1)
         return total + self.w[:, self.main :].sum(1, dtype=torch.float64)
 
     def above(
@@ -408,7 +408,7 @@ class _Blocks:
             # clamped at exp(-80), every sample of a row with a lower cut may be above low
             maybe = (rel_max > cut[:, None]) | (cut <= -80.0)[:, None]
             br, bc = torch.nonzero(maybe, as_tuple=True)
-            inside = self.split(self.w)[br, bc] > low[br, None]  # (blocks, _BLOCK)
+            inside = self.as_blocks()[br, bc] > low[br, None]  # (blocks, _BLOCK)
             count += int(inside.sum())
         if count > limit:
             return None
@@ -442,11 +442,11 @@ class _Few:
 
 
 def _thresholds_of_few(
-    w: torch.Tensor, fraction: float, k: int, blocks: _Blocks, scale: torch.Tensor
+    blocks: _Blocks, scale: torch.Tensor, fraction: float, k: int
 ) -> _Few | None:
-    """Both thresholds of :func:`capped_significance` (float32, per row of normalised weights
-    ``w`` ``(B, S)``, ``scale`` their sums before normalising, ``blocks`` their block maxima)
-    from the weights that can reach them, sorted; ``None`` when those are more than
+    """Both thresholds of :func:`capped_significance` (float32, per row of the normalised
+    weights ``blocks.w`` ``(B, S)``, ``scale`` their sums before normalising) from the weights
+    that can reach them, sorted; ``None`` when those are more than
     :data:`_FEW_CANDIDATES` of the rows (then the histograms are faster).
 
     A weight under ``(1 - fraction) / (10 S)`` of its row's total is never added: the weights
@@ -455,6 +455,7 @@ def _thresholds_of_few(
     and where fewer than ``k`` weights are above it, the ``k``-th largest is under the fraction's
     threshold and does not count. Sharp posteriors (3D pass 0 at HEALPix order 3: a median of
     ~700 such weights of 4 million) need only those."""
+    w = blocks.w
     b, n = w.shape
     total = blocks.total()
     low = (0.1 * (1.0 - fraction) / n * total).to(torch.float32)
@@ -756,19 +757,19 @@ def expectation(
 
 
 def _sparse_significance(
-    rel: torch.Tensor, fraction: float, max_significant: int, subset: bool
+    rel: torch.Tensor, fraction: float, max_significant: int, needed_only: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Pass 0's capped significance of log-weights ``rel`` ``(B, Tc, Ka, Pc)`` (overwritten)
     from :func:`capped_significant_indices`: the mask ``(B, Ka, Pc', Tc)``, the significant
-    samples per particle ``(B,)`` and, with ``subset``, the coarse orientations ``(Pc',)`` that
-    any particle needs (the mask then holds those only; else all ``Pc``)."""
+    samples per particle ``(B,)`` and, with ``needed_only``, the coarse orientations ``(Pc',)``
+    that any particle needs (the mask then holds those only; else all ``Pc`` and ``None``)."""
     b, tc, ka, pc = rel.shape
     rows, cols = capped_significant_indices(rel.view(b, -1), fraction, max_significant)
     t_i, a_p = cols // (ka * pc), cols % (ka * pc)
     a_i, p_i = a_p // pc, a_p % pc
     n_sig = torch.bincount(rows, minlength=b)
     coarse = None
-    if subset:
+    if needed_only:
         coarse = torch.unique(p_i)  # sorted
         p_i = torch.searchsorted(coarse, p_i)
     n_p = pc if coarse is None else len(coarse)
