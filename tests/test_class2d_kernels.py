@@ -391,8 +391,11 @@ def make_batch(seed: int, b: int, window: FourierWindow, cplx, rng) -> BatchData
     )
 
 
-def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, nott, frac):
-    """Both passes with explicit loops over particles, classes, psi and translations."""
+def slow_two_pass(
+    data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, nott, frac, lpd=None
+):
+    """Both passes with explicit loops over particles, classes, psi and translations
+    (``lpd`` ``(K, Pc)``: a log-prior per class and coarse psi, the fine children's too)."""
     b = data.x.shape[0]
     k, pc, _ = proj_c.shape
     tc = ramps_c.shape[0]
@@ -413,6 +416,8 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
                         w2[i, cp] * np.abs(ctf[i, cp].real * pcn[kk, p] - x[i, cp] * rcn[t]) ** 2
                     )
                     lw[(kk, p, t)] = lpc[kk].item() + lpo[i, kk, t].item() - d2
+                    if lpd is not None:
+                        lw[(kk, p, t)] += lpd[kk, p].item()
         keys = list(lw)
         v = np.array([lw[q] for q in keys])
         w = np.exp(v - v.max())
@@ -431,6 +436,8 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
                     fp, ft = p * nop + a, t * nott + bb
                     d2 = np.sum(w2[i] * np.abs(ctf[i].real * pfn[kk, fp] - x[i] * rfn[ft]) ** 2)
                     fine[(kk, fp, ft)] = lpc[kk].item() + lpo[i, kk, t].item() - d2
+                    if lpd is not None:
+                        fine[(kk, fp, ft)] += lpd[kk, p].item()
         keys = list(fine)
         v = np.array([fine[q] for q in keys])
         w = np.exp(v - v.max())
@@ -449,12 +456,14 @@ def slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, nop, n
 # pair GEMMs, one dense GEMM, and both in one batch (a sharp, a middling and a flat particle);
 # the fine projections given, or made on demand for the (class, coarse psi) pairs pass 0 needs;
 # pass 0's significance uncapped, or capped (a cap that does not bind) as 3D's long rows take it
-# (indices from the few candidates, or from the histograms' thresholds)
+# (indices from the few candidates, or from the histograms' thresholds); with a log-prior per
+# (class, coarse psi) as 3D's learned direction prior (one pair excluded by a zero prior)
+@pytest.mark.parametrize("dir_prior", [False, True])
 @pytest.mark.parametrize("long_rows", ["uncapped", "few", "histograms"])
 @pytest.mark.parametrize("on_demand", [False, True])
 @pytest.mark.parametrize("dense_pairs", [2.0, 0.0, 0.5])
 def test_two_pass_expectation_matches_slow_reference(
-    dense_pairs, on_demand, long_rows, monkeypatch
+    dense_pairs, on_demand, long_rows, dir_prior, monkeypatch
 ):
     if long_rows != "uncapped":
         monkeypatch.setattr(likelihood, "_TOPK_COLUMNS", 0)
@@ -487,6 +496,10 @@ def test_two_pass_expectation_matches_slow_reference(
             data.sigma2[i] = 0.002
     lpo = torch.from_numpy(rng.normal(size=(b, k, tc)))
     lpc = torch.log(torch.tensor([0.3, 0.7], dtype=torch.float64))
+    lpd = None
+    if dir_prior:
+        lpd = torch.from_numpy(rng.normal(size=(k, pc)))
+        lpd[0, 2] = -math.inf
     needs = []
 
     def fine_on_demand(coarse: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
@@ -513,6 +526,7 @@ def test_two_pass_expectation_matches_slow_reference(
         fraction=0.999,
         max_significant=-1 if long_rows == "uncapped" else 10**6,
         dense_pairs=dense_pairs,
+        log_prior_dir=lpd,
     )
     assert (hyp.dense is not None) == (dense_pairs != 2.0)
     if dense_pairs == 0.5:
@@ -530,7 +544,7 @@ def test_two_pass_expectation_matches_slow_reference(
         return fine_psi if sub is None else sub[fine_psi // 2] * 2 + fine_psi % 2
 
     psi, best_psi = whole_grid(hyp.psi), whole_grid(hyp.best_psi)
-    ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999)
+    ref = slow_two_pass(data, proj_c, proj_f, cpix, ramps_c, ramps_f, lpo, lpc, 2, 4, 0.999, lpd)
     got = [dict() for _ in range(b)]
     for m, (p, kk, ps) in enumerate(
         zip(hyp.particle.tolist(), hyp.cls.tolist(), psi.tolist(), strict=True)

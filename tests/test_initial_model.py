@@ -13,9 +13,10 @@ from typer.testing import CliRunner
 from tamis.cli.main import app
 from tamis.errors import TamisError
 from tamis.io.mrc import read_mrc
+from tamis.io.particles import ParticleSet
 from tamis.io.star import read_star, write_star
 from tamis.refine.compare import compare_to_truth
-from tamis.refine.initial_model import InitialModelOptions, run_initial_model
+from tamis.refine.initial_model import InitialModelOptions, InitialModelRun, run_initial_model
 from tamis.simulate.particles import ParticleSimulation, simulate_particles
 
 BOX, PIXEL = 32, 5.0
@@ -68,15 +69,26 @@ def test_the_map_approaches_the_truth_and_files_are_relions(particles: Path, tmp
     opt = read_star(f"{root}_it008_optimiser.star")["optimiser_general"]
     assert opt["rlnSgdStepsizeScheme"] == "" and opt["rlnTau2FudgeScheme"] == ""
     # MlModel reads the direction prior of each class: one row per direction of HEALPix order
-    # 1 in C1 (48 pixels), the class prior spread evenly
+    # 1 in C1 (48 pixels), learned (RELION's pdf_direction: 0.9 old + 0.1 the mini-batch's
+    # share of each direction, from 1/48), summing to the class's share
     pdf = model["model_pdf_orient_class_1"]["rlnOrientationDistribution"].to_numpy(float)
     prior = float(model["model_classes"]["rlnClassDistribution"].iloc[0])
-    assert len(pdf) == 48 and np.allclose(pdf, prior / 48)
+    assert len(pdf) == 48 and np.isclose(pdf.sum(), prior, rtol=1e-5)
+    assert pdf.min() > 0.9**8 / 48 * 0.99 and pdf.max() > 1.2 / 48  # learned, never zero
     data = read_star(f"{root}_it008_data.star")["particles"]
     assert {"rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"} <= set(data.columns)
     assert float(data["rlnAngleTilt"].std()) > 10  # angles were assigned, not left at 0
     assert Path(f"{root}_it008_1moment002.mrc").is_file()
     assert res.chosen_class == 1 and res.initial_model == root.parent / "initial_model.mrc"
+
+    # --continue reads the learned direction prior back (as RELION's MlModel::read)
+    run4 = InitialModelRun(ParticleSet.from_file(particles / "particles.star"), _options(),
+                           str(tmp_path / "scratch" / "run"))  # fmt: skip
+    run4.load_continue(f"{root}_it004_optimiser.star")
+    table4 = read_star(f"{root}_it004_model.star")["model_pdf_orient_class_1"]
+    written = table4["rlnOrientationDistribution"].to_numpy(float)
+    assert np.allclose(run4.state.pdf_direction[0].numpy(), written, rtol=1e-6)
+    assert written.std() > 0
 
     # --continue from iteration 4 reaches iteration 8 again, from the written state
     more = run_initial_model(
@@ -169,8 +181,51 @@ def test_fine_projections_on_demand_give_the_same_e_step(particles, tmp_path, mo
     for a, b in ((streamed.d, full.d), (streamed.w, full.w)):
         assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
     assert torch.allclose(streamed.sums.pdf_class, full.sums.pdf_class)
+    # the direction prior's sums: the same per (class, direction), whichever fine layout
+    assert full.sums.pdf_direction.shape == (1, 48)
+    assert torch.allclose(streamed.sums.pdf_direction, full.sums.pdf_direction)
+    assert torch.allclose(full.sums.pdf_direction.sum(1), full.sums.pdf_class)
     assert np.array_equal(run.cls[rows], ref.cls[rows])
     assert np.allclose(run.angles_of(rows), ref.angles_of(rows))
+
+
+def test_pass0_norm_terms_made_ahead_give_the_same_e_step(particles, tmp_path, monkeypatch):
+    """Pass 0's A terms made for several batches in one GEMM (as at HEALPix orders 2-3; forced
+    here at order 1), with one batch split in two after running out of memory: the same E-step
+    as batch by batch."""
+    from tamis.class2d import em
+
+    rows = np.arange(0, 120)
+    plain = _run3d(particles, tmp_path / "a", batch_size=8)
+    ref = plain.expectation_step(1, rows, halves=True)
+    monkeypatch.setattr(em, "NORMS_AHEAD_MIN_REFS", 0)
+    made: list[int] = []
+    made_ahead = em.Class2DRun._coarse_norm_terms
+
+    def spy(self, rows_ahead, *args):
+        made.append(len(rows_ahead))
+        return made_ahead(self, rows_ahead, *args)
+
+    calls = [0]
+    one_batch = em.expectation
+
+    def out_of_memory_once(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 3:  # the third batch (rows 16-23): split into 16-19 and 20-23
+            raise MemoryError
+        assert kwargs["coarse_norms"].shape[0] == len(args[0].x)
+        return one_batch(*args, **kwargs)
+
+    monkeypatch.setattr(em.Class2DRun, "_coarse_norm_terms", spy)
+    monkeypatch.setattr(em, "expectation", out_of_memory_once)
+    run = _run3d(particles, tmp_path / "b", batch_size=8)
+    got = run.expectation_step(1, rows, halves=True)
+    assert made == [64, 56] and calls[0] == 120 // 8 + 2
+    for a, b in ((got.d, ref.d), (got.w, ref.w)):
+        assert float((a - b).abs().max()) <= 1e-5 * float(b.abs().max())
+    assert torch.allclose(got.sums.pdf_direction, ref.sums.pdf_direction)
+    assert np.array_equal(run.cls[rows], plain.cls[rows])
+    assert np.allclose(run.angles_of(rows), plain.angles_of(rows))
 
 
 def test_turned_orientations_turn_by_the_asked_angle(particles, tmp_path):

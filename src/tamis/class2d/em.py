@@ -39,7 +39,14 @@ from tamis.class2d.fourier2d import (
     relion_round,
 )
 from tamis.class2d.init import initial_sigma2_and_references, random_psi
-from tamis.class2d.likelihood import GEMM_STATS, BatchData, expectation, prepare_refs
+from tamis.class2d.likelihood import (
+    GEMM_STATS,
+    BatchData,
+    PreparedRefs,
+    expectation,
+    norm_terms,
+    prepare_refs,
+)
 from tamis.class2d.sampling import Sampling
 from tamis.class2d.shifts import ColumnSums, SeparableShifts
 from tamis.class2d.space import InPlaneSpace, ReferenceSpace
@@ -120,6 +127,13 @@ class EStep:
     streamed: bool = False  # fine projections made on demand, sums splatted batch by batch
 
 
+#: Pass 0's A terms are made ahead for several batches from this many coarse projections on
+#: (3D at HEALPix order 2 and 3), for at most this many particles and bytes at a time.
+NORMS_AHEAD_MIN_REFS = 8192
+NORMS_AHEAD_ROWS = 64
+NORMS_AHEAD_BYTES = 64 << 20
+
+
 class _FineOnDemand:
     """Fine projections made when the E-step knows which coarse orientations a batch needs:
     called with those coarse indices ``(U,)`` and which ``(K, U)`` (class, coarse orientation)
@@ -159,6 +173,35 @@ def offset_change(new: np.ndarray, old: np.ndarray) -> float:
     ``old`` to ``new``: the RMS change per coordinate, ``sqrt(sum |new - old|² / 2N)``."""
     moved = np.asarray(new, dtype=float) - np.asarray(old, dtype=float)
     return float(np.sqrt(np.mean(moved**2))) if moved.size else 0.0
+
+
+def add_direction_sums(
+    out: torch.Tensor,
+    hyp,
+    n_over: int,
+    nr_psi: int,
+    batch_ids: torch.Tensor | None = None,
+) -> None:
+    """RELION's ``wsum_pdf_direction``: each (class, direction)'s sum of a batch's normalised
+    weights, added to ``out`` ``(K, D)``. A fine orientation ``psi`` of the hypotheses refines
+    coarse ``psi // n_over`` (an index into ``hyp.coarse_subset`` when the fine projections
+    were made on demand, and into ``batch_ids`` in a local search); coarse ``j`` is direction
+    ``j // nr_psi``."""
+    d = out.shape[1]
+    cls, fine, w = hyp.cls, hyp.psi, hyp.weight.sum(1)
+    if hyp.dense is not None:
+        ra = hyp.dense.shape[2]
+        npf = ra // len(hyp.active)
+        r = torch.arange(ra, device=hyp.dense.device)
+        cls = torch.cat([cls, hyp.active[r // npf]])
+        fine = torch.cat([fine, r % npf])
+        w = torch.cat([w, hyp.dense.sum((0, 1), dtype=torch.float64)])
+    coarse = fine // n_over
+    if hyp.coarse_subset is not None:
+        coarse = hyp.coarse_subset[coarse]
+    if batch_ids is not None:
+        coarse = batch_ids[coarse]
+    out.view(-1).index_add_(0, cls * d + coarse // nr_psi, w.to(out.dtype))
 
 
 def _child_ids(coarse: torch.Tensor, n_over: int) -> torch.Tensor:
@@ -270,6 +313,37 @@ class Class2DRun:
             particles.preread()
 
     # ---- helpers -----------------------------------------------------------------------------
+
+    def _scaled_ctf(self, rows: np.ndarray) -> torch.Tensor:
+        """The CTF ``(B, N, N//2+1)`` of sorted rows times their group's scale correction."""
+        ctf = self._ctf_half_plane(rows)
+        if self.do_scale:
+            st = self.state
+            groups = torch.as_tensor(self.group_of[rows], device=self.device)
+            ctf = ctf * st.scale[groups][:, None, None]
+        return ctf
+
+    def _coarse_norm_terms(
+        self, rows: np.ndarray, window: FourierWindow, pixels: torch.Tensor, refs: PreparedRefs
+    ) -> torch.Tensor:
+        """Pass 0's ``A(i, r) = sum_k c² / (2 sigma²) |P_r(k)|²`` ``(B, R)`` of sorted rows
+        against every prepared coarse projection, from the same single-precision terms as the
+        E-step's batches (:class:`BatchData`), for several batches in one GEMM: with many
+        projections (3D) the GEMM of one batch's few rows is bound by reading them."""
+        st = self.state
+        optics = torch.as_tensor(self.optics_of[rows], device=self.device)
+        sig = st.sigma2[optics][:, self.shells_full.clamp(max=self.nsh - 1)]
+        data = BatchData(
+            x=torch.empty(0),
+            xu=torch.empty(0),
+            ctf=window.gather(self._scaled_ctf(rows)).to(torch.float32),
+            sigma2=window.gather(sig).to(torch.float32),
+            dc=(window.kx == 0) & (window.ky == 0),
+            high_xi2=torch.empty(0),
+            offset_px=torch.empty(0),
+        )
+        w2c, ctfc = data.weight2[:, pixels], data.ctf[:, pixels]
+        return norm_terms(w2c * ctfc * ctfc, refs)
 
     def _ctf_half_plane(self, rows: np.ndarray) -> torch.Tensor:
         """CTF ``(B, N, N//2+1)`` for sorted rows (ones without --ctf)."""
@@ -391,7 +465,7 @@ class Class2DRun:
             refs=refs.to(self.device),
             sigma2=sigma2,
             pdf_class=torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.device),
-            pdf_direction=torch.full((k,), 1.0 / k, dtype=torch.float64, device=self.device),
+            pdf_direction=torch.full((k, 1), 1.0 / k, dtype=torch.float64, device=self.device),
             prior_offset=torch.zeros((k, 2), dtype=torch.float64, device=self.device),
             sigma2_offset=o.offset**2,
             avg_norm=1.0,
@@ -474,11 +548,7 @@ class Class2DRun:
             refs=cont.refs.to(dev, torch.float32),
             sigma2=sigma2,
             pdf_class=pdf,
-            pdf_direction=(
-                torch.tensor(cont.class_priors, dtype=torch.float64, device=dev)
-                if cont.class_priors is not None
-                else pdf.clone()
-            ),
+            pdf_direction=self._continued_direction_prior(cont, pdf),
             prior_offset=prior,
             sigma2_offset=float(g.get("rlnSigmaOffsetsAngst", self.options.offset)) ** 2,
             avg_norm=float(g.get("rlnNormCorrectionAverage", 1.0)),
@@ -597,6 +667,59 @@ class Class2DRun:
         """An estimate of how many coarse orientations a batch's union holds (batch size)."""
         raise NotImplementedError
 
+    def _continued_direction_prior(self, cont: ContinueState, pdf: torch.Tensor) -> torch.Tensor:
+        """A continued run's ``pdf_direction``: model.star's ``model_pdf_orient_class_N``
+        tables (3D, as RELION reads them), else the optimiser file's class priors (tamis's VDAM),
+        else the class distribution; :meth:`direction_prior` fits it to the sampling."""
+        dev = pdf.device
+        if cont.direction_priors is not None and cont.direction_priors.shape[1] > 1:
+            return torch.tensor(cont.direction_priors, dtype=torch.float64, device=dev)
+        if cont.class_priors is not None:
+            return torch.tensor(cont.class_priors, dtype=torch.float64, device=dev)[:, None]
+        return pdf.clone()[:, None]
+
+    def n_directions(self) -> int:
+        """RELION's number of directions (``HealpixSampling::NrDirections``): 1 in 2D."""
+        return 1
+
+    def direction_prior(self, st: ModelState) -> torch.Tensor:
+        """``st.pdf_direction`` ``(K, D)`` for the current sampling's ``D`` directions.
+
+        RELION's ``MlModel::initialisePdfDirection``: when the number of directions changes
+        (a HEALPix order change), every class and direction gets ``1 / (K D)``. A state with one
+        value per class (a new run, a file without the per-direction tables) spreads each
+        class's value evenly over the directions instead (``1 / (K D)`` at the start)."""
+        d = self.n_directions()
+        pd_ = st.pdf_direction
+        if pd_.shape[1] != d:
+            if pd_.shape[1] == 1:
+                st.pdf_direction = pd_.expand(-1, d) / d
+            else:
+                k = pd_.shape[0]
+                st.pdf_direction = torch.full(
+                    (k, d), 1.0 / (k * d), dtype=torch.float64, device=pd_.device
+                )
+        return st.pdf_direction
+
+    def _orientation_priors(
+        self, st: ModelState, local: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The E-step's log-priors: per class ``(K,)`` (``-inf`` for empty classes) and, where
+        the learned direction prior is not flat within each class (3D global searches), per
+        class and coarse orientation ``(K, D * nr_psi)`` relative to the class's mean (``-inf``
+        where it is zero: RELION skips such directions). RELION's E-step prior is
+        ``pdf_direction[k][idir]`` over its mean; local searches use their own Gaussian prior
+        instead (``PRIOR_ROTTILT_PSI``)."""
+        pdir = self.direction_prior(st)
+        mean = pdir.mean(1)
+        inf = torch.full_like(mean, -math.inf)
+        log_pc = torch.where(st.pdf_class > 0, torch.log(mean.clamp(min=1e-300)), inf)
+        if pdir.shape[1] == 1 or local or bool((pdir == pdir[:, :1]).all()):
+            return log_pc, None
+        ratio = pdir / mean.clamp(min=1e-300)[:, None]
+        rel = torch.where(pdir > 0, torch.log(ratio.clamp(min=1e-300)), -math.inf)
+        return log_pc, rel.repeat_interleave(self.sampling.nr_psi, 1)
+
     def expectation_step(
         self,
         it: int,
@@ -679,11 +802,8 @@ class Class2DRun:
         coarse_refs = (
             None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]), shifts_c)
         )
-        log_pc = torch.where(
-            st.pdf_class > 0,
-            torch.log(st.pdf_direction.clamp(min=1e-300)),
-            torch.full_like(st.pdf_direction, -math.inf),
-        )
+        log_pc, log_pdir = self._orientation_priors(st, local)
+        n_dir = self.n_directions()
         sums = WeightedSums.zeros(
             k,
             0 if stream else n_pf,
@@ -693,6 +813,7 @@ class Class2DRun:
             len(self.groups),
             dev,
             n_slots=slots,
+            n_directions=n_dir,
         )
         acc = GridSplat.for_window(slots, window, o.pad, space.ndim, dev)
 
@@ -732,16 +853,25 @@ class Class2DRun:
         lo, hi = distributed.share(-(-len(rows_all) // bsize), ranks)
         lo, hi = lo * bsize, min(hi * bsize, len(rows_all))
         rows_mine = rows_all[lo:hi]
+        # Pass 0's A terms of several batches in one GEMM when the coarse projections are many
+        # (3D global searches at HEALPix order 2 and 3: one batch's GEMM is bound by reading
+        # them): rows of the next ``ahead`` particles, kept as positions [lo, hi) of rows_mine.
+        ahead = 0
+        if coarse_refs is not None and oversampled and not cc:
+            n_refs = coarse_refs.norm2.shape[0]
+            if n_refs >= NORMS_AHEAD_MIN_REFS:
+                ahead = max(bsize, min(NORMS_AHEAD_ROWS, NORMS_AHEAD_BYTES // (4 * n_refs)))
+        norms_lo, norms_hi, norms_ahead = 0, 0, None
         with progress_bar(len(rows_mine), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
             for batch in self._batches(rows_mine, bsize):
                 batch_rows = rows_mine[start : start + len(batch.indices)]
-                start += len(batch_rows)
                 # a batch that runs out of memory in the E-step (nothing added to the sums yet)
                 # is split in two and retried, down to one particle
-                pending = [(batch_rows, batch.images)]
+                pending = [(start, batch_rows, batch.images)]
+                start += len(batch_rows)
                 while pending:
-                    rows, images = pending.pop(0)
+                    pos, rows, images = pending.pop(0)
                     if abort is not None and abort():
                         raise JobAborted
                     data, full_power = self._prepare(images, rows, window, it)
@@ -776,6 +906,15 @@ class Class2DRun:
                     else:
                         fine = None
                     t_e = time.perf_counter()
+                    norms = None
+                    if ahead:
+                        if not (norms_lo <= pos and pos + len(rows) <= norms_hi):
+                            norms_lo, norms_hi = pos, min(len(rows_mine), pos + ahead)
+                            norms_ahead = None  # (freed before the next is made)
+                            norms_ahead = self._coarse_norm_terms(
+                                rows_mine[norms_lo:norms_hi], window, coarse_pixels, coarse_refs
+                            )
+                        norms = norms_ahead[pos - norms_lo : pos - norms_lo + len(rows)]
                     try:
                         hyp = (cc_expectation if cc else expectation)(
                             data,
@@ -796,6 +935,8 @@ class Class2DRun:
                             log_prior_orient=lp_orient,
                             shifts_coarse=shifts_c,
                             shifts_fine=shifts_f,
+                            log_prior_dir=log_pdir,
+                            coarse_norms=norms,
                         )
                     except (RuntimeError, MemoryError) as exc:
                         if not is_out_of_memory(exc):
@@ -808,7 +949,10 @@ class Class2DRun:
                         del data, full_power, fine
                         _release_memory(dev)
                         h = len(rows) // 2
-                        pending[:0] = [(rows[:h], images[:h]), (rows[h:], images[h:])]
+                        pending[:0] = [
+                            (pos, rows[:h], images[:h]),
+                            (pos + h, rows[h:], images[h:]),
+                        ]
                         self.log(
                             f"out of memory with {len(rows)} particles per batch: "
                             f"retrying as {h} + {len(rows) - h}"
@@ -816,6 +960,14 @@ class Class2DRun:
                         continue
                     _add_seconds("estep_seconds", t_e, dev)
                     t_m = time.perf_counter()
+                    if sums.pdf_direction is not None:
+                        add_direction_sums(
+                            sums.pdf_direction,
+                            hyp,
+                            n_over_orient if oversampled else 1,
+                            smp.nr_psi,
+                            batch_ids=ids.to(dev) if local else None,
+                        )
                     if stream:  # this batch's sums, over the fine orientations it weighted
                         hyp, keep = hyp.weighted_orientations(fine.proj.shape[1])
                         batch_proj, batch_orient = fine.proj[:, keep], fine.used[keep]
@@ -900,6 +1052,7 @@ class Class2DRun:
                 sums.prior_offset,
                 sums.xa,
                 sums.aa,
+                *([] if sums.pdf_direction is None else [sums.pdf_direction]),
             ]
         )
         (sums.sigma2_offset, sums.norm_sum, sums.loglik, sums.pmax_sum) = (
@@ -954,9 +1107,7 @@ class Class2DRun:
             )
             masked = soft_mask_outside(img, self.radius_px, o.maskedge, background=noise)
         spec = rfft2_centered(masked)
-        ctf = self._ctf_half_plane(rows)
-        if self.do_scale:
-            ctf = ctf * st.scale[torch.as_tensor(self.group_of[rows], device=dev)][:, None, None]
+        ctf = self._scaled_ctf(rows)
         # Power of the masked particle per shell (duplicate half column excluded), for the
         # shells beyond the current size.
         dup = duplicate_half_column((self.box, self.box), device=dev)

@@ -129,15 +129,15 @@ def _yes(x: bool) -> int:
 def _orientation_tables(state: ModelState, sampling) -> dict[str, pd.DataFrame]:
     """RELION's ``model_pdf_orient_class_N`` tables of a 3D model.star (MlModel reads one per
     class, ``rlnOrientationDistribution`` per direction of the current sampling, and takes
-    their length as its number of directions). tamis's E-step prior over (class, direction) is
-    the class prior spread evenly over the directions (RELION learns it per direction;
-    ``tamis.refine.initial_model``), so each table holds ``prior_k / D``."""
+    their length as its number of directions): the E-step's learned prior ``pdf_direction``
+    per class and direction; a state whose directions are not the sampling's yet (before the
+    first E-step at a new HEALPix order) spreads each class's total evenly."""
     n_dir = int(sampling.nr_directions)
     priors = state.pdf_direction.cpu().numpy().astype(np.float64)
+    if priors.shape[1] != n_dir:
+        priors = np.repeat(priors.sum(1, keepdims=True) / n_dir, n_dir, axis=1)
     return {
-        f"model_pdf_orient_class_{c + 1}": pd.DataFrame(
-            {"rlnOrientationDistribution": np.full(n_dir, priors[c] / n_dir)}
-        )
+        f"model_pdf_orient_class_{c + 1}": pd.DataFrame({"rlnOrientationDistribution": priors[c]})
         for c in range(len(priors))
     }
 
@@ -380,7 +380,7 @@ def write_iteration(
         # except after VDAM class substitutions; kept so that --continue resumes exactly.
         # RELION reads only data_optimiser_general from this file.
         opt_blocks["tamis_class_priors"] = pd.DataFrame(
-            {"rlnClassDistribution": state.pdf_direction.cpu().numpy()}
+            {"rlnClassDistribution": state.pdf_direction.sum(1).cpu().numpy()}
         )
     if o.relion_offset_prior:
         # tamis's own options that change results, when not the default (RELION reads only
@@ -411,6 +411,7 @@ class ContinueState:
     data_path: Path
     sampling: dict
     class_priors: np.ndarray | None = None
+    direction_priors: np.ndarray | None = None  # (K, D): model.star's pdf_orient tables (3D)
     tamis_blocks: dict = field(default_factory=dict)  # the optimiser file's tamis_* blocks
 
 
@@ -463,6 +464,7 @@ def read_continue(
     class_priors = None
     if isinstance(priors, pd.DataFrame) and len(priors) == k:
         class_priors = priors["rlnClassDistribution"].to_numpy(dtype=np.float64)
+    direction_priors = _direction_tables(model, k)
     sampling_path = Path(str(opt.get("rlnOrientSamplingStarFile", "")))
     sampling = {}
     if sampling_path.is_file():
@@ -481,8 +483,23 @@ def read_continue(
         data_path=Path(str(opt["rlnExperimentalDataStarFile"])),
         sampling=sampling,
         class_priors=class_priors,
+        direction_priors=direction_priors,
         tamis_blocks={k: v for k, v in blocks.items() if k.startswith("tamis_")},
     )
+
+
+def _direction_tables(model: dict, k: int) -> np.ndarray | None:
+    """A 3D model.star's ``model_pdf_orient_class_N`` tables as ``(K, D)``, or ``None`` when any
+    is missing or they differ in length."""
+    rows = []
+    for c in range(k):
+        table = model.get(f"model_pdf_orient_class_{c + 1}")
+        if not isinstance(table, pd.DataFrame) or "rlnOrientationDistribution" not in table:
+            return None
+        rows.append(table["rlnOrientationDistribution"].to_numpy(dtype=np.float64))
+    if len({len(r) for r in rows}) != 1:
+        return None
+    return np.stack(rows)
 
 
 def continued_options(

@@ -570,16 +570,18 @@ def _log_weights(
     proj: torch.Tensor | PreparedRefs,
     ramps: torch.Tensor,
     shifts: SeparableShifts | None = None,
+    bias: torch.Tensor | None = None,
+    norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``2 cross(i, t, r) - A(i, r)`` as ``(B, T, R)`` float32: minus diff2 up to the particle's
-    constant. The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the
+    """``2 cross(i, t, r) - A(i, r) + bias(r)`` as ``(B, T, R)`` float32: minus diff2 up to the
+    particle's constant (plus a log-prior per projection, ``bias`` ``(R,)``, when given). The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the
     particles scaled by 2, exactly), or, when the translations separate (``shifts``, the
     ramps' grid on these pixels), from :meth:`SeparableShifts.cross`; A by ``(B, C) x (C, R)``,
     subtracted in place.
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
     (or prepared once for many batches), ``ramps`` ``(T, C)``. With ``a_w=None``: ``2 cross``
-    alone (:func:`cross_terms`).
+    alone (:func:`cross_terms`). ``norms``: ``A`` ``(B, R)`` when already made (read only).
     """
     refs = proj if isinstance(proj, PreparedRefs) else prepare_refs(proj, shifts)
     b, c = y_w.shape
@@ -595,10 +597,13 @@ def _log_weights(
         count_gemm(b * t, 2 * c, r)
     if a_w is None:
         return logw
-    return logw.sub_(_norm_terms(a_w, refs)[:, None, :])
+    a = norm_terms(a_w, refs) if norms is None else norms
+    if bias is not None:  # on the (B, R) terms: no pass over the (B, T, R) weights
+        a = a.sub_(bias.to(a.dtype)[None]) if norms is None else a - bias.to(a.dtype)[None]
+    return logw.sub_(a[:, None, :])
 
 
-def _norm_terms(a_w: torch.Tensor, refs: PreparedRefs) -> torch.Tensor:
+def norm_terms(a_w: torch.Tensor, refs: PreparedRefs) -> torch.Tensor:
     """``A(i, r) = sum_k a_w(i, k) |P_r(k)|²`` ``(B, R)``: one GEMM ``(B, C) x (C, R)``."""
     count_gemm(a_w.shape[0], a_w.shape[1], refs.norm2.shape[0])
     return a_w @ refs.norm2.T
@@ -646,6 +651,8 @@ def expectation(
     log_prior_orient: torch.Tensor | None = None,
     shifts_coarse: SeparableShifts | None = None,
     shifts_fine: SeparableShifts | None = None,
+    log_prior_dir: torch.Tensor | None = None,
+    coarse_norms: torch.Tensor | None = None,
 ) -> Hypotheses:
     """Run both E-step passes for one batch.
 
@@ -668,6 +675,11 @@ def expectation(
     RELION's ``exp_directions_prior * exp_psi_prior``. ``shifts_coarse``/``shifts_fine``: the
     coarse translations on ``coarse_pixels`` and the fine ones on ``estep_pixels`` as regular
     grids (:class:`~tamis.class2d.shifts.SeparableShifts`), for the dense passes' cross terms.
+    ``log_prior_dir`` ``(K, Pc)``: a log-prior per class and coarse orientation (RELION's
+    learned ``pdf_direction`` in 3D global searches, relative to each class's mean: the class's
+    own part is in ``log_prior_class``), shared by the fine children. ``coarse_norms``
+    ``(B, K * Pc)``: pass 0's ``A(i, r)`` against every class's coarse projections when made
+    beforehand for several batches (:func:`norm_terms`; read only).
     """
     b = data.x.shape[0]
     k, pc, _ = proj_coarse.shape
@@ -692,12 +704,20 @@ def expectation(
         prior = log_prior_class[active][None, :, None, None] + log_prior_offset[:, active, None, :]
         if log_prior_orient is not None:
             prior = prior + log_prior_orient[:, None, :, None]
+        if log_prior_dir is not None:
+            prior = prior + log_prior_dir[active][None, :, :, None]
         logw0 = (prior - d2).reshape(b, -1)
         sig = significant_mask(logw0, fraction, max_significant).reshape(b, ka, pc, tc)
     else:
         # Only the mask is needed: log-weights without the particle's constant, in place in
         # float32, as in the dense pass 1.
-        rel = _log_weights(w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse)
+        bias = None if log_prior_dir is None else log_prior_dir[active].reshape(-1)
+        norms = coarse_norms
+        if norms is not None and ka < k:
+            norms = norms.view(b, k, pc)[:, active].reshape(b, ka * pc)
+        rel = _log_weights(
+            w2c * ctfc * xc, w2c * ctfc * ctfc, pc_flat, ramps_coarse, shifts_coarse, bias, norms
+        )
         rel = rel.view(b, tc, ka, pc)
         pri = log_prior_class[active][None, None, :] + log_prior_offset[:, active].transpose(1, 2)
         rel.add_(pri.to(torch.float32)[..., None])
@@ -741,6 +761,8 @@ def expectation(
         pairs = torch.nonzero(sig.any(-1))
         if log_prior_orient is not None:
             log_prior_orient = log_prior_orient[:, subset]
+        if log_prior_dir is not None:
+            log_prior_dir = log_prior_dir[:, subset]
     fp = _FinePass(
         proj_fine,
         estep_pixels,
@@ -751,6 +773,7 @@ def expectation(
         fraction,
         log_prior_orient,
         shifts_fine,
+        log_prior_dir,
     )
     hyp = _fine_pass(data, sig, pairs, active, log_prior_offset, n_sig, fp, dense_pairs)
     return hyp if subset is None else replace(hyp, coarse_subset=subset)
@@ -847,6 +870,7 @@ class _FinePass:
     fraction: float
     log_prior_orient: torch.Tensor | None = None  # (B, Pc) per particle and coarse orientation
     shifts: SeparableShifts | None = None  # the fine translations on ``pixels`` as a grid
+    log_prior_dir: torch.Tensor | None = None  # (K, Pc) per class and coarse orientation
 
     def rows(self, rows: torch.Tensor) -> _FinePass:
         """The same for the particles ``rows`` of the batch."""
@@ -901,6 +925,8 @@ def _pair_pass(
     pri = log_prior_class[el_k] + log_prior_offset[el_i, el_k, t_coarse[el_t]]
     if fp.log_prior_orient is not None:
         pri = pri + fp.log_prior_orient[el_i, p_psi[el_r] // n_over_psi]
+    if fp.log_prior_dir is not None:
+        pri = pri + fp.log_prior_dir[el_k, p_psi[el_r] // n_over_psi]
     logw = pri - (const_f[el_i] + a[el_r] - 2.0 * cross)
     lse, keep = _pair_significance(el_i, logw[:, None], b, fraction)
     weight = torch.zeros(tmask.shape, dtype=torch.float64, device=dev)
@@ -1103,7 +1129,7 @@ def _dense_pass(
     ramps_e = ramps_fine if fp.shifts is not None else ramps_fine[:, e]  # (unused with shifts)
     refs = prepare_refs(pf.reshape(ra, -1), fp.shifts)
     logw = cross_terms(w2e * ctfe * xe, refs, ramps_e, fp.shifts)  # 2 cross, (B, Tf, Ra)
-    a = _norm_terms(w2e * ctfe * ctfe, refs)  # (B, Ra)
+    a = norm_terms(w2e * ctfe * ctfe, refs)  # (B, Ra)
     # prior of the coarse parent, -inf where the parent was not significant: (B, Tc, Ka, Pc)
     tc, pc = sig.shape[3], sig.shape[2]
     parent = (
@@ -1112,6 +1138,8 @@ def _dense_pass(
     )
     if fp.log_prior_orient is not None:
         parent = parent + fp.log_prior_orient[:, None, None, :]
+    if fp.log_prior_dir is not None:
+        parent = parent + fp.log_prior_dir[active][None, None, :, :]
     parent = torch.where(sig.permute(0, 3, 1, 2), parent, -math.inf).to(torch.float32)
     # the parent's prior minus A per (coarse t, fine orientation), added in one pass
     add = parent[..., None] - a.view(b, 1, ka, pc, n_over_psi)  # (B, Tc, Ka, Pc, n_over_psi)

@@ -774,7 +774,9 @@ def update_other_parameters(
         scale = s / ((counts * s).sum() / counts.sum())
     pdf_class = mu * st.pdf_class + (1 - mu) * sums.pdf_class / sum_w
     pdf_class = pdf_class / pdf_class.sum()
-    pdf_direction = mu * st.pdf_direction + (1 - mu) * sums.pdf_class / sum_w
+    # RELION's pdf_direction, not renormalised; 2D has one direction (the class sums)
+    w_dir = sums.pdf_class[:, None] if sums.pdf_direction is None else sums.pdf_direction
+    pdf_direction = mu * st.pdf_direction + (1 - mu) * w_dir / sum_w
     # Each class's mean offset; --offset_prior relion as RELION 5: each class's sum over the
     # weight of all classes (the mean times the class fraction), and no offset prior of 3D
     # references' own (centred on a zero total offset, getFourierTransformsAndCtfs; tamis does

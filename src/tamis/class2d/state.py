@@ -127,7 +127,7 @@ class ModelState:
     refs: torch.Tensor  # (K, N, N) float32
     sigma2: torch.Tensor  # (n_optics, N//2+1) float64
     pdf_class: torch.Tensor  # (K,)
-    pdf_direction: torch.Tensor  # (K,)
+    pdf_direction: torch.Tensor  # (K, D): RELION's E-step prior per class and direction
     prior_offset: torch.Tensor  # (K, 2) Å
     sigma2_offset: float  # Å²
     avg_norm: float
@@ -169,6 +169,7 @@ class WeightedSums:
     norm_sum: float = 0.0
     loglik: float = 0.0
     pmax_sum: float = 0.0
+    pdf_direction: torch.Tensor | None = None  # (K, D) in 3D; 2D's is ``pdf_class``
 
     @classmethod
     def zeros(
@@ -181,8 +182,10 @@ class WeightedSums:
         n_groups: int,
         device,
         n_slots: int | None = None,
+        n_directions: int = 1,
     ) -> WeightedSums:
-        """``n_slots`` reconstruction sums (default ``k``; ``2k`` for VDAM's pseudo half-sets)."""
+        """``n_slots`` reconstruction sums (default ``k``; ``2k`` for VDAM's pseudo half-sets);
+        per-direction class sums when there are several directions (3D)."""
         f64 = {"dtype": torch.float64, "device": device}
         slots = k if n_slots is None else n_slots
         return cls(
@@ -194,4 +197,5 @@ class WeightedSums:
             prior_offset=torch.zeros((k, 2), **f64),
             xa=torch.zeros(n_groups, **f64),
             aa=torch.zeros(n_groups, **f64),
+            pdf_direction=torch.zeros((k, n_directions), **f64) if n_directions > 1 else None,
         )

@@ -20,8 +20,9 @@ it at random) are made at iteration 1, at iterations 9, 19, ... (so that the dec
 ... has them: RELION estimates at the start of iteration 10 with the references of that moment,
 tamis at the start of iteration 9, one update earlier) and at the last iteration.
 
-Not (yet) as RELION: the direction prior is uniform (RELION learns ``pdf_direction`` per class
-and direction).
+The E-step's orientation prior is RELION's learned ``pdf_direction`` per class and direction
+(``1 / (K D)`` at the start and after each HEALPix order change, then ``0.9 old + 0.1`` the
+mini-batch's share of each (class, direction)).
 """
 
 from __future__ import annotations

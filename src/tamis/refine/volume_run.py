@@ -90,6 +90,9 @@ class VolumeRun:
         power = (rfft3_centered(refs) * transform_scale(n, 1, 3)).abs() ** 2
         return radial_average(power, shell_index((n, n, n), device=refs.device), self.nsh)
 
+    def n_directions(self) -> int:
+        return self.sampling.nr_directions
+
     def orientation_samples(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         smp, dev = self.sampling, self.device
         return smp.coarse_rotations().to(dev), smp.fine_rotations().to(dev), smp.n_over_orient
