@@ -148,6 +148,66 @@ def test_continue_resumes_from_the_written_iteration(sim: Path, refined):
     assert any("iteration   5" in line and "(local)" in line for line in logs)
 
 
+def test_direction_sums_go_to_each_orientation_s_direction(refined, monkeypatch):
+    """The learned direction prior's sums in a real E-step, global (iteration 3, HEALPix order
+    1, every fine projection made) and local (iteration 4, order 2, made on demand): each
+    pair's weight goes to the HEALPix direction nearest to its fine orientation once the
+    iteration's perturbation is undone (its parent's), and the model.star tables are the
+    iteration's shares (EM: mu 0)."""
+    from tamis.class2d import em
+    from tamis.class2d.files import continued_options, read_continue
+    from tamis.geometry import euler_to_matrix
+    from tamis.io.particles import ParticleSet
+    from tamis.refine.auto_refine import AutoRefineRun
+
+    root, _, _ = refined
+    seen = []
+    make_fine, add_sums = em._FineOnDemand.__call__, em.add_direction_sums
+
+    def fine(self, coarse, need=None):
+        out = make_fine(self, coarse, need)
+        seen.append(self.used)
+        return out
+
+    for it in (3, 4):
+        cont = read_continue(f"{root}_it00{it - 1}_optimiser.star")
+        options = continued_options(cont, AutoRefineOptions(j=2), frozenset())
+        run = AutoRefineRun(ParticleSet.from_file(cont.data_path), options, "/tmp/x", log=print)
+        run.load_continue(f"{root}_it00{it - 1}_optimiser.star")
+        checked = []
+
+        def sums(out, hyp, n_over, nr_psi, batch_ids=None, run=run, checked=checked):
+            add_sums(out, hyp, n_over, nr_psi, batch_ids)
+            smp, hyp = run.sampling, hyp.to_pairs()
+            used = seen[-1] if hyp.coarse_subset is not None else smp.fine_rotations()
+            mine = torch.zeros_like(out)
+            add_sums(mine, hyp, n_over, nr_psi, batch_ids)
+            d = torch.tensor(smp.perturbation * smp.angular_step, dtype=torch.float64)
+            rot = used[hyp.psi].to(torch.float64) @ euler_to_matrix(d, d, d).T
+            grot, gtilt = (torch.deg2rad(a.to(torch.float64)) for a in smp.direction_angles)
+            centres = torch.stack(
+                [torch.cos(grot) * torch.sin(gtilt), torch.sin(grot) * torch.sin(gtilt),
+                 torch.cos(gtilt)], 1,
+            )  # fmt: skip
+            # a rotation's viewing direction is its third row (RELION's Euler_angles2matrix)
+            nearest = (rot[:, 2, :] @ centres.T).argmax(1)
+            w = hyp.weight.sum(1)
+            ref = torch.zeros_like(out).index_put_(
+                (hyp.cls, nearest), w.to(out.dtype), accumulate=True
+            )
+            assert torch.allclose(mine, ref)
+            checked.append(float(w.sum()))
+
+        monkeypatch.setattr(em._FineOnDemand, "__call__", fine)
+        monkeypatch.setattr(em, "add_direction_sums", sums)
+        run.iterate(it)
+        monkeypatch.undo()
+        assert sum(checked) > 100 and run.local_searches() == (it == 4)
+        table = read_star(f"{root}_it00{it}_half1_model.star")["model_pdf_orient_class_1"]
+        written = table["rlnOrientationDistribution"].to_numpy(float)
+        assert np.allclose(run.states[0].pdf_direction[0].numpy(), written, atol=1e-6)
+
+
 def test_continue_reads_the_run_options_back(refined):
     """On --continue the options RELION keeps in the run's files come back from them, not from
     the command line's defaults: the local-search order, the join resolution, the solvent mask

@@ -115,12 +115,13 @@ def test_orientation_priors_are_the_learned_prior_per_coarse_orientation():
             if p == 0:
                 assert total == -math.inf  # RELION skips directions of zero prior
             else:
-                # the class's mean times its direction's share: the prior itself
-                assert math.isclose(total, math.log(p), rel_tol=1e-12)
+                # the class's total times its direction's share of it: D times the prior
+                assert math.isclose(total, math.log(d * p), rel_tol=1e-12)
     # flat within each class, a local search, or one direction (2D): the class part alone
     st.pdf_direction = torch.tensor([[0.1] * 4, [0.2] * 4, [0.0] * 4]).double()
     log_pc, log_dir = Class2DRun._orientation_priors(run, st, False)
     assert log_dir is None and math.isclose(float(log_pc[1] - log_pc[0]), math.log(2.0))
+    assert math.isclose(float(log_pc[0]), math.log(0.4), rel_tol=1e-6)  # the class total
     st.pdf_direction = pdir.clone()
     assert Class2DRun._orientation_priors(run, st, True)[1] is None
     st.pdf_direction = torch.tensor([[0.4], [0.6], [0.0]]).double()

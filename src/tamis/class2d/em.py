@@ -127,8 +127,9 @@ class EStep:
     streamed: bool = False  # fine projections made on demand, sums splatted batch by batch
 
 
-#: Pass 0's A terms are made ahead for several batches from this many coarse projections on
-#: (3D at HEALPix order 2 and 3), for at most this many particles and bytes at a time.
+#: Pass 0's A terms are made ahead for several batches from this many (class, coarse
+#: orientation) projections on (3D at HEALPix order 3, order 2 with several classes), for at
+#: most this many particles and bytes at a time (or one batch, when it is larger).
 NORMS_AHEAD_MIN_REFS = 8192
 NORMS_AHEAD_ROWS = 64
 NORMS_AHEAD_BYTES = 64 << 20
@@ -704,19 +705,21 @@ class Class2DRun:
     def _orientation_priors(
         self, st: ModelState, local: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The E-step's log-priors: per class ``(K,)`` (``-inf`` for empty classes) and, where
-        the learned direction prior is not flat within each class (3D global searches), per
-        class and coarse orientation ``(K, D * nr_psi)`` relative to the class's mean (``-inf``
-        where it is zero: RELION skips such directions). RELION's E-step prior is
-        ``pdf_direction[k][idir]`` over its mean; local searches use their own Gaussian prior
-        instead (``PRIOR_ROTTILT_PSI``)."""
+        """The E-step's log-priors: per class ``(K,)``, the class's total over the directions
+        (``-inf`` for empty classes), and, where the learned direction prior is not flat within
+        each class (3D global searches), per class and coarse orientation ``(K, D * nr_psi)``
+        each direction's prior over the class's mean (``-inf`` where it is zero: RELION skips
+        such directions). Together ``log(D pdf_direction[k][idir])``: RELION's E-step prior is
+        ``pdf_direction[k][idir]`` over its mean, the same up to a constant, and the class part
+        keeps the reported log-likelihoods on the scale of the class prior. Local searches use
+        their own Gaussian prior instead (``PRIOR_ROTTILT_PSI``)."""
         pdir = self.direction_prior(st)
-        mean = pdir.mean(1)
-        inf = torch.full_like(mean, -math.inf)
-        log_pc = torch.where(st.pdf_class > 0, torch.log(mean.clamp(min=1e-300)), inf)
+        total = pdir.sum(1)
+        inf = torch.full_like(total, -math.inf)
+        log_pc = torch.where(st.pdf_class > 0, torch.log(total.clamp(min=1e-300)), inf)
         if pdir.shape[1] == 1 or local or bool((pdir == pdir[:, :1]).all()):
             return log_pc, None
-        ratio = pdir / mean.clamp(min=1e-300)[:, None]
+        ratio = pdir * (pdir.shape[1] / total.clamp(min=1e-300))[:, None]
         rel = torch.where(pdir > 0, torch.log(ratio.clamp(min=1e-300)), -math.inf)
         return log_pc, rel.repeat_interleave(self.sampling.nr_psi, 1)
 
@@ -854,8 +857,9 @@ class Class2DRun:
         lo, hi = lo * bsize, min(hi * bsize, len(rows_all))
         rows_mine = rows_all[lo:hi]
         # Pass 0's A terms of several batches in one GEMM when the coarse projections are many
-        # (3D global searches at HEALPix order 2 and 3: one batch's GEMM is bound by reading
-        # them): rows of the next ``ahead`` particles, kept as positions [lo, hi) of rows_mine.
+        # (3D global searches at HEALPix order 3, and order 2 with several classes: one batch's
+        # GEMM is bound by reading them): rows of the next ``ahead`` particles, kept as
+        # positions [lo, hi) of rows_mine; batch by batch if making them runs out of memory.
         ahead = 0
         if coarse_refs is not None and oversampled and not cc:
             n_refs = coarse_refs.norm2.shape[0]
@@ -907,13 +911,18 @@ class Class2DRun:
                         fine = None
                     t_e = time.perf_counter()
                     norms = None
-                    if ahead:
-                        if not (norms_lo <= pos and pos + len(rows) <= norms_hi):
-                            norms_lo, norms_hi = pos, min(len(rows_mine), pos + ahead)
-                            norms_ahead = None  # (freed before the next is made)
+                    if ahead and not (norms_lo <= pos and pos + len(rows) <= norms_hi):
+                        norms_lo, norms_hi = pos, min(len(rows_mine), pos + ahead)
+                        norms_ahead = None  # (freed before the next is made)
+                        try:
                             norms_ahead = self._coarse_norm_terms(
                                 rows_mine[norms_lo:norms_hi], window, coarse_pixels, coarse_refs
                             )
+                        except (RuntimeError, MemoryError) as exc:
+                            if not is_out_of_memory(exc):
+                                raise
+                            ahead, norms_hi = 0, 0  # batch by batch from here on
+                    if ahead:
                         norms = norms_ahead[pos - norms_lo : pos - norms_lo + len(rows)]
                     try:
                         hyp = (cc_expectation if cc else expectation)(

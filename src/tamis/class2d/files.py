@@ -130,8 +130,8 @@ def _orientation_tables(state: ModelState, sampling) -> dict[str, pd.DataFrame]:
     """RELION's ``model_pdf_orient_class_N`` tables of a 3D model.star (MlModel reads one per
     class, ``rlnOrientationDistribution`` per direction of the current sampling, and takes
     their length as its number of directions): the E-step's learned prior ``pdf_direction``
-    per class and direction; a state whose directions are not the sampling's yet (before the
-    first E-step at a new HEALPix order) spreads each class's total evenly."""
+    per class and direction; a state with one value per class (before the run's first E-step)
+    spreads each class's total evenly."""
     n_dir = int(sampling.nr_directions)
     priors = state.pdf_direction.cpu().numpy().astype(np.float64)
     if priors.shape[1] != n_dir:
@@ -376,8 +376,9 @@ def write_iteration(
     command = " ".join(shlex.quote(a) for a in sys.argv)
     opt_blocks: dict[str, object] = {"optimiser_general": optimiser}
     if class_priors:
-        # The E-step's class priors (RELION's pdf_direction): equal to rlnClassDistribution
-        # except after VDAM class substitutions; kept so that --continue resumes exactly.
+        # The E-step's class priors (RELION's pdf_direction summed over the directions): in 2D
+        # equal to rlnClassDistribution except after VDAM class substitutions, kept so that
+        # --continue resumes exactly (3D continues from model.star's per-direction tables).
         # RELION reads only data_optimiser_general from this file.
         opt_blocks["tamis_class_priors"] = pd.DataFrame(
             {"rlnClassDistribution": state.pdf_direction.sum(1).cpu().numpy()}

@@ -574,10 +574,10 @@ def _log_weights(
     norms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``2 cross(i, t, r) - A(i, r) + bias(r)`` as ``(B, T, R)`` float32: minus diff2 up to the
-    particle's constant (plus a log-prior per projection, ``bias`` ``(R,)``, when given). The cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the
-    particles scaled by 2, exactly), or, when the translations separate (``shifts``, the
-    ramps' grid on these pixels), from :meth:`SeparableShifts.cross`; A by ``(B, C) x (C, R)``,
-    subtracted in place.
+    particle's constant (plus a log-prior per projection, ``bias`` ``(R,)``, when given). The
+    cross term comes straight out of one GEMM ``(B*T, 2C) x (2C, R)`` (the particles scaled by
+    2, exactly), or, when the translations separate (``shifts``, the ramps' grid on these
+    pixels), from :meth:`SeparableShifts.cross`; A by ``(B, C) x (C, R)``, subtracted in place.
 
     ``y_w = c X / (2 sigma²)`` ``(B, C)``, ``a_w = c² / (2 sigma²)`` ``(B, C)``, ``proj`` ``(R, C)``
     (or prepared once for many batches), ``ramps`` ``(T, C)``. With ``a_w=None``: ``2 cross``

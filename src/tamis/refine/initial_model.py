@@ -22,7 +22,8 @@ tamis at the start of iteration 9, one update earlier) and at the last iteration
 
 The E-step's orientation prior is RELION's learned ``pdf_direction`` per class and direction
 (``1 / (K D)`` at the start and after each HEALPix order change, then ``0.9 old + 0.1`` the
-mini-batch's share of each (class, direction)).
+mini-batch's share of each (class, direction); the last iteration, over every particle, takes
+its share alone).
 """
 
 from __future__ import annotations
