@@ -84,12 +84,10 @@ class IterationFiles:
         return self.path("sampling")
 
 
-#: Labels RELION writes in every optimiser file that have no meaning for 2D classification;
-#: written with RELION's defaults so that readers expecting them find them.
+#: Labels RELION 5 writes in every optimiser file that have no meaning for tamis's jobs;
+#: written with RELION's defaults (those its ``MlOptimiser::read`` takes when they are
+#: missing, or the same in effect) so that readers expecting them find them.
 _RELION_FIXED = {
-    "rlnSgdInitialIterations": 50,
-    "rlnSgdFinalIterations": 50,
-    "rlnSgdInBetweenIterations": 200,
     "rlnSgdInitialResolution": 35.0,
     "rlnSgdFinalResolution": 15.0,
     "rlnSgdInitialSubsetSize": 100,
@@ -119,6 +117,17 @@ _RELION_FIXED = {
     "rlnHelicalKeepTiltPriorFixed": 0,
     "rlnHasHighFscAtResolLimit": 0,
     "rlnHasLargeSizeIncreaseIterationsAgo": 0,
+    "rlnTomoTomogramsFile": "",
+    "rlnTomoTrajectoriesFile": "",
+    "rlnDoBlush": 0,
+    "rlnBlushNoSpectralTrailing": 0,
+    "rlnGradSubsetOrder": 0,
+    "rlnGradSuspendFinerSamplingIter": -1,
+    "rlnGradSuspendLocalSamplingIter": -1,
+    "rlnSgdMinimumResolution": 20.0,
+    "rlnOffsetRangeX": -1.0,
+    "rlnOffsetRangeY": -1.0,
+    "rlnOffsetRangeZ": -1.0,
 }
 
 
@@ -344,6 +353,16 @@ def write_iteration(
         "rlnDoGradientRefine": 0,
         "rlnDoStochasticGradientDescent": 0,
         "rlnDoStochasticEM": 0,
+        # RELION 5 writes the gradient labels in EM files too (VDAM's own values replace them)
+        "rlnGradEmIters": 0,
+        "rlnGradHasConverged": 0,
+        "rlnGradCurrentStepsize": 0.0,
+        "rlnSgdInitialIterationsFraction": o.grad_ini_frac,
+        "rlnSgdFinalIterationsFraction": o.grad_fin_frac,
+        "rlnSgdClassInactivityThreshold": 0.0,
+        "rlnSgdStepsizeScheme": "",
+        "rlnTau2FudgeScheme": "",
+        "rlnDoAutoSampling": 0,
         "rlnSgdMuFactor": 0.0,
         "rlnSgdSubsetSize": -1,
         "rlnSgdWriteEverySubset": 1,

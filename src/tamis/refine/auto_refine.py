@@ -554,6 +554,7 @@ class AutoRefineRun(VolumeRun, Class2DRun):
         a, h = self.auto, self.history
         labels = {
             "rlnDoAutoRefine": 1,
+            "rlnDoAutoSampling": 1,  # RELION sets it with --auto_refine
             "rlnDoSplitRandomHalves": 1,
             "rlnJoinHalvesUntilThisResolution": self.options.low_resol_join_halves,
             "rlnAutoLocalSearchesHealpixOrder": a.auto_local_healpix_order,
