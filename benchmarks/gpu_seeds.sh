@@ -18,14 +18,7 @@ JOBS=("$@")
 if [ ${#JOBS[@]} -eq 0 ]; then
     JOBS=(c4:1 asym:1 c4:2 asym:2 c4:3 asym:3 c4:4 asym:4 c4:5 asym:5)
 fi
-export PYTHONUNBUFFERED=1
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD/src
-else
-    export PYTHONPATH=$PWD/src
-fi
+source benchmarks/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 start=$SECONDS
 for job in "${JOBS[@]}"; do
