@@ -42,8 +42,10 @@ from tamis.class2d.init import initial_sigma2_and_references, random_psi
 from tamis.class2d.likelihood import (
     GEMM_STATS,
     BatchData,
+    Hypotheses,
     PreparedRefs,
     expectation,
+    noise_weights,
     norm_terms,
     prepare_refs,
 )
@@ -135,6 +137,32 @@ NORMS_AHEAD_ROWS = 64
 NORMS_AHEAD_BYTES = 64 << 20
 
 
+class _NormsAhead:
+    """Pass 0's A terms made ahead (:meth:`Class2DRun._coarse_norm_terms`) for the next
+    ``ahead`` particles of ``rows`` at a time, as positions ``[lo, hi)``; :meth:`at` gives a
+    batch's part, or ``None`` once making them ran out of memory (batch by batch from then)."""
+
+    def __init__(self, rows: np.ndarray, ahead: int, make: Callable[[np.ndarray], torch.Tensor]):
+        self.rows, self.ahead, self.make = rows, ahead, make
+        self.lo = self.hi = 0
+        self.norms: torch.Tensor | None = None
+
+    def at(self, pos: int, n: int) -> torch.Tensor | None:
+        """The A terms of ``rows[pos : pos + n]``."""
+        if self.ahead and not (self.lo <= pos and pos + n <= self.hi):
+            self.lo, self.hi = pos, min(len(self.rows), pos + self.ahead)
+            self.norms = None  # (freed before the next are made)
+            try:
+                self.norms = self.make(self.rows[self.lo : self.hi])
+            except (RuntimeError, MemoryError) as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                self.ahead = 0
+        if not self.ahead:
+            return None
+        return self.norms[pos - self.lo : pos - self.lo + n]
+
+
 class _FineOnDemand:
     """Fine projections made when the E-step knows which coarse orientations a batch needs:
     called with those coarse indices ``(U,)`` and which ``(K, U)`` (class, coarse orientation)
@@ -178,7 +206,7 @@ def offset_change(new: np.ndarray, old: np.ndarray) -> float:
 
 def add_direction_sums(
     out: torch.Tensor,
-    hyp,
+    hyp: Hypotheses,
     n_over: int,
     nr_psi: int,
     batch_ids: torch.Tensor | None = None,
@@ -315,6 +343,11 @@ class Class2DRun:
 
     # ---- helpers -----------------------------------------------------------------------------
 
+    def _sigma2_half_plane(self, rows: np.ndarray) -> torch.Tensor:
+        """The noise spectra of sorted rows' optics groups on the half plane ``(B, N, N//2+1)``."""
+        optics = torch.as_tensor(self.optics_of[rows], device=self.device)
+        return self.state.sigma2[optics][:, self.shells_full.clamp(max=self.nsh - 1)]
+
     def _scaled_ctf(self, rows: np.ndarray) -> torch.Tensor:
         """The CTF ``(B, N, N//2+1)`` of sorted rows times their group's scale correction."""
         ctf = self._ctf_half_plane(rows)
@@ -331,19 +364,10 @@ class Class2DRun:
         against every prepared coarse projection, from the same single-precision terms as the
         E-step's batches (:class:`BatchData`), for several batches in one GEMM: with many
         projections (3D) the GEMM of one batch's few rows is bound by reading them."""
-        st = self.state
-        optics = torch.as_tensor(self.optics_of[rows], device=self.device)
-        sig = st.sigma2[optics][:, self.shells_full.clamp(max=self.nsh - 1)]
-        data = BatchData(
-            x=torch.empty(0),
-            xu=torch.empty(0),
-            ctf=window.gather(self._scaled_ctf(rows)).to(torch.float32),
-            sigma2=window.gather(sig).to(torch.float32),
-            dc=(window.kx == 0) & (window.ky == 0),
-            high_xi2=torch.empty(0),
-            offset_px=torch.empty(0),
-        )
-        w2c, ctfc = data.weight2[:, pixels], data.ctf[:, pixels]
+        sigma2 = window.gather(self._sigma2_half_plane(rows)).to(torch.float32)
+        w2 = noise_weights(sigma2, (window.kx == 0) & (window.ky == 0))
+        ctf = window.gather(self._scaled_ctf(rows)).to(torch.float32)
+        w2c, ctfc = w2[:, pixels], ctf[:, pixels]
         return norm_terms(w2c * ctfc * ctfc, refs)
 
     def _ctf_half_plane(self, rows: np.ndarray) -> torch.Tensor:
@@ -806,7 +830,6 @@ class Class2DRun:
             None if local else prepare_refs(proj_c.reshape(-1, proj_c.shape[-1]), shifts_c)
         )
         log_pc, log_pdir = self._orientation_priors(st, local)
-        n_dir = self.n_directions()
         sums = WeightedSums.zeros(
             k,
             0 if stream else n_pf,
@@ -816,7 +839,7 @@ class Class2DRun:
             len(self.groups),
             dev,
             n_slots=slots,
-            n_directions=n_dir,
+            n_directions=self.n_directions(),
         )
         acc = GridSplat.for_window(slots, window, o.pad, space.ndim, dev)
 
@@ -858,14 +881,17 @@ class Class2DRun:
         rows_mine = rows_all[lo:hi]
         # Pass 0's A terms of several batches in one GEMM when the coarse projections are many
         # (3D global searches at HEALPix order 3, and order 2 with several classes: one batch's
-        # GEMM is bound by reading them): rows of the next ``ahead`` particles, kept as
-        # positions [lo, hi) of rows_mine; batch by batch if making them runs out of memory.
+        # GEMM is bound by reading them).
         ahead = 0
         if coarse_refs is not None and oversampled and not cc:
             n_refs = coarse_refs.norm2.shape[0]
             if n_refs >= NORMS_AHEAD_MIN_REFS:
                 ahead = max(bsize, min(NORMS_AHEAD_ROWS, NORMS_AHEAD_BYTES // (4 * n_refs)))
-        norms_lo, norms_hi, norms_ahead = 0, 0, None
+        norms_ahead = _NormsAhead(
+            rows_mine,
+            ahead,
+            lambda rows: self._coarse_norm_terms(rows, window, coarse_pixels, coarse_refs),
+        )
         with progress_bar(len(rows_mine), f"iteration {it:3d}", enabled=self.show_progress) as bar:
             start = 0
             for batch in self._batches(rows_mine, bsize):
@@ -910,20 +936,7 @@ class Class2DRun:
                     else:
                         fine = None
                     t_e = time.perf_counter()
-                    norms = None
-                    if ahead and not (norms_lo <= pos and pos + len(rows) <= norms_hi):
-                        norms_lo, norms_hi = pos, min(len(rows_mine), pos + ahead)
-                        norms_ahead = None  # (freed before the next is made)
-                        try:
-                            norms_ahead = self._coarse_norm_terms(
-                                rows_mine[norms_lo:norms_hi], window, coarse_pixels, coarse_refs
-                            )
-                        except (RuntimeError, MemoryError) as exc:
-                            if not is_out_of_memory(exc):
-                                raise
-                            ahead, norms_hi = 0, 0  # batch by batch from here on
-                    if ahead:
-                        norms = norms_ahead[pos - norms_lo : pos - norms_lo + len(rows)]
+                    norms = norms_ahead.at(pos, len(rows))
                     try:
                         hyp = (cc_expectation if cc else expectation)(
                             data,
@@ -1106,8 +1119,7 @@ class Class2DRun:
         off_px = torch.as_tensor(np.sign(off) * np.floor(np.abs(off) + 0.5), device=dev)
         img = _integer_shift(img, off_px)
         spec_u = rfft2_centered(img)
-        optics = torch.as_tensor(self.optics_of[rows], device=dev)
-        sig_full = st.sigma2[optics][:, self.shells_full.clamp(max=self.nsh - 1)]  # (B, N, N/2+1)
+        sig_full = self._sigma2_half_plane(rows)
         if o.zero_mask:
             masked = soft_mask_outside(img, self.radius_px, o.maskedge)
         else:

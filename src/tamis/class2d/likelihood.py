@@ -115,8 +115,7 @@ class BatchData:
     @property
     def weight2(self) -> torch.Tensor:
         """``1 / (2 sigma²)`` with the DC pixel excluded, ``(B, C)``."""
-        w = 0.5 / self.sigma2
-        return torch.where(self.dc[None], torch.zeros_like(w), w)
+        return noise_weights(self.sigma2, self.dc)
 
     def const(self, pixels: torch.Tensor) -> torch.Tensor:
         """``sum |X|² / (2 sigma²)`` over ``pixels`` plus half the power beyond the current size:
@@ -545,6 +544,13 @@ def _kth_largest(w: torch.Tensor, count: torch.Tensor, k: int) -> torch.Tensor:
     return _ranked_in_rows(r_idx, w[r_idx, c_idx], need, b)
 
 
+def noise_weights(sigma2: torch.Tensor, dc: torch.Tensor) -> torch.Tensor:
+    """``1 / (2 sigma²)`` ``(B, C)`` of the noise ``sigma2`` ``(B, C)``, zero at the DC pixel
+    (``dc`` ``(C,)``): the E-step's per-pixel weights (:attr:`BatchData.weight2`)."""
+    w = 0.5 / sigma2
+    return torch.where(dc[None], torch.zeros_like(w), w)
+
+
 @dataclass(frozen=True)
 class PreparedRefs:
     """Projections ``(R, C)`` as the E-step's GEMMs read them: real rows ``(R, 2C)`` (a view of
@@ -599,7 +605,7 @@ def _log_weights(
         return logw
     a = norm_terms(a_w, refs) if norms is None else norms
     if bias is not None:  # on the (B, R) terms: no pass over the (B, T, R) weights
-        a = a.sub_(bias.to(a.dtype)[None]) if norms is None else a - bias.to(a.dtype)[None]
+        a = a - bias.to(a.dtype)[None]
     return logw.sub_(a[:, None, :])
 
 
