@@ -418,7 +418,8 @@ def test_slice_tiles_sample_as_a_trilinear_loop(k, reach, monkeypatch):
     )  # fmt: skip
     monkeypatch.setattr(pg, "_GROUP_POINTS", 16)
     tiles = pg.SliceTiles(planes, reach=reach)
-    got = tiles.sample(*pos.T.to(torch.float32))  # (K, P, 2)
+    pos32 = pos.to(torch.float32)
+    got = tiles.sample(pos32[:, :2], pos32[:, 2])  # (K, 2, P)
     lo, hi = 0, e - 1
     if reach is not None:
         lo, hi = centre - (math.ceil(reach) + 1), centre + math.ceil(reach) + 1
@@ -428,8 +429,15 @@ def test_slice_tiles_sample_as_a_trilinear_loop(k, reach, monkeypatch):
     for c in range(k):
         for ch in range(2):
             ref = np.array([_trilinear(cube[c, ch], *(p + centre)) for p in pos.numpy()])
-            np.testing.assert_allclose(got[c, :, ch].numpy(), ref, rtol=0, atol=2e-5)
+            np.testing.assert_allclose(got[c, ch].numpy(), ref, rtol=0, atol=2e-5)
     assert len(tiles) == k and tiles[k - 1 : k].image.shape[0] == 1
+    # the points a cube covers: the same samples without the per-point test
+    radius = 5.0 if reach is None else reach
+    assert tiles.covers(radius) and not tiles.covers(radius + 3.0)
+    near = pos32.norm(dim=1) < radius
+    assert near.sum() > 20
+    fast = tiles.sample(pos32[near, :2], pos32[near, 2], inside=True)
+    assert torch.equal(fast, tiles.sample(pos32[near, :2], pos32[near, 2]))
 
 
 def test_linear_corners_read_axis_major_positions():

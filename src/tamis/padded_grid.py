@@ -262,6 +262,7 @@ class SliceTiles:
         corner = torch.stack([torch.remainder(j, ncol), torch.div(j, ncol, rounding_mode="floor")])
         scale = torch.tensor([[self._sx], [self._sy]], dtype=torch.float64, device=j.device)
         self._at_zero = ((corner * t + self.origin) * scale - 1.0).T.contiguous().to(planes.dtype)
+        self._scale = scale.T.to(planes.dtype)  # (1, 2): grid units to image coordinates
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -272,48 +273,52 @@ class SliceTiles:
         out.image = self.image[classes]
         return out
 
-    def sample(self, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """Trilinear samples ``(K, P, Ch)`` (channels last: complex planes view as complex) at
-        positions ``(x, y, z)`` (each ``(P,)``, about the centre, in grid units); zero outside
-        the laid-out cube."""
+    def covers(self, radius: float) -> bool:
+        """Whether every position within ``radius`` of the centre lies inside the laid-out cube
+        (then :meth:`sample` may skip its per-point test: ``inside=True``)."""
+        return radius < min(self.origin, self.n - 1 - self.origin) - 1e-3
+
+    def sample(self, xy: torch.Tensor, z: torch.Tensor, *, inside: bool = False) -> torch.Tensor:
+        """Trilinear samples ``(K, Ch, P)`` at positions ``xy`` ``(P, 2)`` (x, y) and ``z``
+        ``(P,)`` (about the centre, in grid units); zero outside the laid-out cube.
+        ``inside=True``: the caller knows every position is inside (:meth:`covers`), and the
+        per-point test is skipped."""
         n, o, ch = self.n, self.origin, self.channels
         img = self.image
-        k, dt, p = img.shape[0], img.dtype, x.shape[0]
-        x, y, z = x.to(dt), y.to(dt), z.to(dt)
-        zf = torch.floor(z)
-        fz = z - zf
-        tile = zf.to(torch.int64).add_(o + 1)  # tile floor(z) + 1 holds slices floor(z), +1
-        if p and not self._inside(x, y, tile):
-            # outside the cube along x or y: on the zero row / column; along z: x on it too
-            x = x.clamp(-1 - o, n - o)
-            y = y.clamp(-1 - o, n - o)
-            x = torch.where((tile < 0) | (tile > n), float(-1 - o), x)
-            tile = tile.clamp(0, n)
+        k, dt, p = img.shape[0], img.dtype, z.shape[0]
+        xy, z = xy.to(dt), z.to(dt)
         # the points dealt out as interpolate() does (padded to a multiple of the groups with
         # the image's centre, whose samples are dropped)
         g = _point_groups(p, k, img.device)
         m = -(-p // g) * g
+        zf = torch.floor(z)
+        fz = torch.zeros(m, dtype=dt, device=img.device)
+        torch.sub(z, zf, out=fz[:p])
+        tile = zf.to(torch.int64).add_(o + 1)  # tile floor(z) + 1 holds slices floor(z), +1
+        if p and not inside and not self._inside(xy[:, 0], xy[:, 1], tile):
+            # outside the cube along x or y: on the zero row / column; along z: x on it too
+            xy = xy.clamp(-1 - o, n - o)
+            off = ((tile < 0) | (tile > n))[:, None] & torch.tensor([True, False], device=xy.device)
+            xy = torch.where(off, float(-1 - o), xy)
+            tile = tile.clamp(0, n)
         coords = torch.empty((m, 2), dtype=dt, device=img.device)
         torch.index_select(self._at_zero, 0, tile, out=coords[:p])
-        coords[:p, 0].add_(x, alpha=self._sx)
-        coords[:p, 1].add_(y, alpha=self._sy)
+        coords[:p].addcmul_(xy, self._scale)
         coords[p:] = 0.0
-        if m > p:
-            fz = torch.cat([fz, fz.new_zeros(m - p)])
-        out = torch.empty((k, m, ch), dtype=dt, device=img.device)
+        out = torch.empty((k, ch, m), dtype=dt, device=img.device)
         if g == 1:
             vals = _grid_sample(img, coords.reshape(1, -1, 1, 2).expand(k, -1, -1, -1))
             vals = vals.reshape(k, 2 * ch, m)
-            torch.lerp(vals[:, :ch], vals[:, ch:], fz, out=out.transpose(1, 2))
+            torch.lerp(vals[:, :ch], vals[:, ch:], fz, out=out)
         else:
             grid = coords.reshape(g, -1, 1, 2)
             fz = fz.reshape(g, 1, -1)
             for c in range(k):
                 vals = _grid_sample(img[c : c + 1].expand((g,) + img.shape[1:]), grid)
                 vals = vals.reshape(g, 2 * ch, -1)
-                dest = out[c].view(g, -1, ch).transpose(1, 2)  # (g, Ch, m / g), a view
+                dest = out[c].view(ch, g, -1).transpose(0, 1)  # (g, Ch, m / g), a view
                 torch.lerp(vals[:, :ch], vals[:, ch:], fz, out=dest)
-        return out[:, :p]
+        return out[:, :, :p]
 
     def _inside(self, x: torch.Tensor, y: torch.Tensor, tile: torch.Tensor) -> bool:
         n, o = self.n, self.origin

@@ -63,6 +63,19 @@ def section_coordinates(
     return out.view(3, -1)
 
 
+def _section_positions(
+    rotations: torch.Tensor, window: FourierWindow, pad: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`section_coordinates` as :meth:`SliceTiles.sample` takes them: ``xy`` ``(C * R,
+    2)`` (x and y side by side) and ``z`` ``(C * R,)``, pixel-major, from two small GEMMs."""
+    r = rotations.shape[0]
+    coef = (pad * rotations[:, :2, :]).to(dtype)  # (R, 2, 3): (kx, ky) by (x, y, z)
+    k = torch.stack([window.kx, window.ky], 1).to(coef.device, dtype)  # (C, 2)
+    xy = torch.matmul(k, coef[:, :, :2].permute(1, 0, 2).reshape(2, 2 * r))  # (C, R * 2)
+    z = torch.matmul(k, coef[:, :, 2].T)  # (C, R)
+    return xy.view(-1, 2), z.view(-1)
+
+
 def project_sources(grids: torch.Tensor, window: FourierWindow, *, pad: int = 2) -> SliceTiles:
     """``grids`` ``(K, E, E, E)`` as :func:`project` reads them for windows up to ``window``'s
     size: laid out once for all the projections of an iteration (:class:`SliceTiles`, the cube
@@ -89,11 +102,16 @@ def project(
     rim = torch.nonzero(~window.in_disc.to(dev)).squeeze(1)
     c = len(window)
     out = torch.empty((k, rotations.shape[0], c), dtype=torch.complex64, device=dev)
+    # a rotation keeps |k|: the sections reach pad max|k| from the centre, no further
+    inside = c > 0 and tiles.covers(pad * float(torch.hypot(window.kx, window.ky).max()))
     step = max(1, _MAX_POINTS // max(c, 1))
     for s in range(0, rotations.shape[0], step):
-        xyz = section_coordinates(rotations[s : s + step].to(dev), window, pad, tiles.image.dtype)
-        vals = torch.view_as_complex(tiles.sample(xyz[0], xyz[1], xyz[2]))  # (K, C R')
-        out[:, s : s + step] = vals.view(k, c, -1).transpose(1, 2)
+        xy, z = _section_positions(rotations[s : s + step].to(dev), window, pad, tiles.image.dtype)
+        vals = tiles.sample(xy, z, inside=inside).view(k, 2, c, -1)  # (K, Re/Im, C, R')
+        # pixel-major samples into rotation-major sections, Re and Im in one pass
+        torch.complex(
+            vals[:, 0].transpose(1, 2), vals[:, 1].transpose(1, 2), out=out[:, s : s + step]
+        )
     out[:, :, rim] = 0
     return out
 
