@@ -117,6 +117,38 @@ def rotate_images(images: torch.Tensor, degrees: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(images[:, None].float(), grid, align_corners=True)[:, 0]
 
 
+def origin_errors(
+    truth: pd.DataFrame, data: pd.DataFrame, cls: np.ndarray, kinds: np.ndarray, majority: dict
+) -> dict:
+    """The particles' assigned origins against the truth, per axis (rms, A). In the class frame
+    (see :func:`aligned_clean_images`) member ``i``'s content is displaced by ``A_i^-1 (o_i -
+    o_true_i)`` (``A_i`` the rotation of its assigned psi), which is the same for every member
+    of a well-aligned class; so per class that one displacement is fitted (least squares) and
+    what is left is the error. ``true_origin_rms_A``: the true origins' own spread (what
+    origins of zero would score)."""
+    o = data[["rlnOriginXAngst", "rlnOriginYAngst"]].to_numpy(float)
+    t = truth[["origin_x_angst", "origin_y_angst"]].to_numpy(float)
+    psi = np.deg2rad(data["rlnAnglePsi"].to_numpy(float))
+    res, spread = [], []
+    for c, (m, _purity) in majority.items():
+        sel = np.flatnonzero((cls == c) & (kinds == "particle"))
+        if m == 0 or len(sel) < 5:
+            continue
+        cs, sn = np.cos(psi[sel]), np.sin(psi[sel])
+        a = np.zeros((2 * len(sel), 2))  # rows of A_i = [[cos, sin], [-sin, cos]]
+        a[0::2, 0], a[0::2, 1], a[1::2, 0], a[1::2, 1] = cs, sn, -sn, cs
+        b = (o[sel] - t[sel]).reshape(-1)
+        shift, *_ = np.linalg.lstsq(a, b, rcond=None)
+        res.append(b - a @ shift)
+        spread.append(t[sel].reshape(-1))
+    if not res:
+        return {"origin_error_rms_A": None, "true_origin_rms_A": None}
+    return {
+        "origin_error_rms_A": float(np.sqrt(np.mean(np.concatenate(res) ** 2))),
+        "true_origin_rms_A": float(np.sqrt(np.mean(np.concatenate(spread) ** 2))),
+    }
+
+
 def evaluate(work: Path, result, psi_step: float) -> dict:
     truth = pd.read_csv(work / "sim" / "ground_truth.csv")
     data = read_star(result.data)["particles"]
@@ -180,6 +212,7 @@ def evaluate(work: Path, result, psi_step: float) -> dict:
     allres = np.concatenate(resid) if resid else np.array([np.nan])
     report["psi_residual_median_deg"] = float(np.median(allres))
     report["psi_residual_within_step"] = float(np.mean(allres <= psi_step))
+    report.update(origin_errors(truth, data, cls, kinds, majority))
     frc_res = {}
     for c, (m, _purity) in majority.items():
         sel = (cls == c) & (kinds == "particle")
