@@ -9,7 +9,8 @@ Options as RELION's GUI job: EM ``--K 20 --iter 25 --tau2_fudge 2 --ctf --zero_m
 --oversampling 1``; VDAM the same with ``--grad --iter 200``.
 
 Run: ``.venv/bin/python benchmarks/class2d.py [--recipe hard] [--algo em|vdam] [--n 5000]
-[--K 20] [--iter N] [--j 2] [--device cpu] [--max_memory GB] [--profile] --work DIR``.
+[--K 20] [--iter N] [--j 2] [--device cpu] [--max_memory GB] [--profile] [--offset A]
+[--fix_sigma_offset] [--offset_prior angst|relion] --work DIR``.
 Prints per-iteration seconds and a JSON report (also ``DIR/report_<algo>.json``): quality against
 the truth, wall time, peak RSS (the job's, when it returned, and the process's after the
 evaluation), E-step GEMM rate against torch.matmul on the same shapes.
@@ -247,6 +248,9 @@ def main() -> None:
     ap.add_argument("--max_memory", type=float, default=None, help="GB (tamis's --max_memory)")
     ap.add_argument("--profile", action="store_true", help="torch.profiler's top entries")
     ap.add_argument("--mstep_bf16", action="store_true", help="tamis's --mstep_bf16")
+    ap.add_argument("--offset", type=float, default=None, help="--offset (A)")
+    ap.add_argument("--fix_sigma_offset", action="store_true", help="--fix_sigma_offset")
+    ap.add_argument("--offset_prior", default=None, help="--offset_prior angst|relion")
     args = ap.parse_args()
     work = Path(args.work)
     recipe = make_recipe(args.recipe, work, args.n, seed=args.seed, snr=args.snr)
@@ -257,6 +261,12 @@ def main() -> None:
         extra["max_memory"] = args.max_memory
     if args.mstep_bf16:
         extra["mstep_bf16"] = True
+    if args.offset is not None:
+        extra["offset"] = args.offset
+    if args.fix_sigma_offset:
+        extra["fix_sigma_offset"] = True
+    if args.offset_prior is not None:
+        extra["offset_prior"] = args.offset_prior
     options = make(
         K=args.K,
         particle_diameter=recipe.diameter,

@@ -210,3 +210,28 @@ def test_a_continued_run_keeps_its_offset_prior(in_fixture, monkeypatch):
     relion_files = read_continue("run_it001_optimiser.star")
     given = Class2DOptions(offset_prior="relion")
     assert continued_options(relion_files, given, frozenset()).offset_prior == "relion"
+
+
+def test_fix_sigma_offset_keeps_the_initial_sigma(in_fixture):
+    """RELION's --fix_sigma_offset: the M-step leaves sigma_offset as it was (without it, the
+    sums' estimate replaces it); written to the optimiser file and read back on --continue."""
+    run = _fixture_run(Class2DOptions(j=1, device="cpu"), in_fixture)
+    st, k = run.state, run.state.n_classes
+    sums = WeightedSums.zeros(k, 1, 1, 1, 33, len(run.groups), "cpu")
+    sums.pdf_class[:] = 1.0
+    sums.sigma2_offset = 50.0 * 2 * k  # an estimate of 50 Å²
+    counts = torch.ones(len(run.groups), dtype=torch.float64)
+    for fixed, expected in ((False, 50.0), (True, st.sigma2_offset)):
+        o = replace(run.options, fix_sigma_offset=fixed)
+        new = mstep.update_other_parameters(
+            st, sums, options=o, group_counts=counts, do_scale=False, mu=0.0
+        )
+        assert new.sigma2_offset == pytest.approx(expected, rel=1e-12)
+    assert st.sigma2_offset != pytest.approx(50.0)
+    run.options = replace(run.options, fix_sigma_offset=True)
+    run.write(2)
+    cont = read_continue(in_fixture / "out" / "run_it002_optimiser.star")
+    assert cont.optimiser["rlnFixSigmaOffsetEstimates"] == 1
+    assert continued_options(cont, Class2DOptions(), frozenset()).fix_sigma_offset
+    typed = continued_options(cont, Class2DOptions(), {"fix_sigma_offset"})
+    assert not typed.fix_sigma_offset

@@ -57,6 +57,8 @@ class Class2DOptions:
     pad: int = 2
     maskedge: float = 5.0
     offset: float = 10.0  # initial sigma of offsets, Å
+    # RELION's --fix_sigma_offset: sigma_offset stays at --offset (the M-step does not update it)
+    fix_sigma_offset: bool = False
     init_blobs: bool = True
     nr_parts_sigma2noise: int = 1000
     minres_map: int = 5

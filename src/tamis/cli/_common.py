@@ -65,6 +65,23 @@ def offset_prior_option(centre: str):
     )
 
 
+def offset_option():
+    """``--offset``: the offsets' initial sigma (``Class2DOptions.offset``)."""
+    return typer.Option(
+        10.0, "--offset", help="Initial estimated stddev of the origin offsets (A; RELION's)."
+    )
+
+
+def fix_sigma_offset_option():
+    """``--fix_sigma_offset`` (``Class2DOptions.fix_sigma_offset``)."""
+    return typer.Option(
+        False,
+        "--fix_sigma_offset",
+        help="Keep the offsets' stddev at --offset instead of re-estimating it every iteration "
+        "(RELION's option).",
+    )
+
+
 def dask_workers_option():
     """``--dask_workers N``: micrographs on N dask worker processes (a LocalCluster here)."""
     import typer

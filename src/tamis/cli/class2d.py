@@ -28,7 +28,13 @@ from pathlib import Path
 import typer
 
 from tamis import distributed
-from tamis.cli._common import console, offset_prior_option, user_errors
+from tamis.cli._common import (
+    console,
+    fix_sigma_offset_option,
+    offset_option,
+    offset_prior_option,
+    user_errors,
+)
 
 
 @user_errors
@@ -113,6 +119,8 @@ def class2d(
         "significant bits). Off by default.",
     ),
     offset_prior: str = offset_prior_option("RELION 5's class centres"),
+    offset: float = offset_option(),
+    fix_sigma_offset: bool = fix_sigma_offset_option(),
     pipeline_control: Path = typer.Option(None, "--pipeline_control", help="Job directory."),
 ) -> None:
     """RELION's 2D classification (EM, or VDAM with --grad); writes run_itNNN_{classes.mrcs,model,
@@ -162,6 +170,8 @@ def class2d(
         max_memory=max_memory,
         mstep_bf16=mstep_bf16,
         offset_prior=offset_prior,
+        offset=offset,
+        fix_sigma_offset=fix_sigma_offset,
         pipeline_control=pipeline_control,
     )
     if cont is None and not o:
@@ -186,6 +196,7 @@ def class2d(
         "mu",
         "maxsig",
         "offset_prior",
+        "fix_sigma_offset",
     }
     changed = {
         ("max_significants" if n == "maxsig" else n)

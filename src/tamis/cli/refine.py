@@ -33,7 +33,13 @@ from pathlib import Path
 import typer
 
 from tamis import distributed
-from tamis.cli._common import console, offset_prior_option, user_errors
+from tamis.cli._common import (
+    console,
+    fix_sigma_offset_option,
+    offset_option,
+    offset_prior_option,
+    user_errors,
+)
 
 
 @user_errors
@@ -131,6 +137,8 @@ def refine(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     max_memory: float = typer.Option(None, "--max_memory", help="GB the batches may use."),
     offset_prior: str = offset_prior_option("centred on a zero offset"),
+    offset: float = offset_option(),
+    fix_sigma_offset: bool = fix_sigma_offset_option(),
     pipeline_control: Path = typer.Option(
         None, "--pipeline_control", help="Job directory for RELION_JOB_EXIT_* markers."
     ),
@@ -168,13 +176,15 @@ def refine(
         device=device,
         max_memory=max_memory,
         offset_prior=offset_prior,
+        offset=offset,
+        fix_sigma_offset=fix_sigma_offset,
         pipeline_control=pipeline_control,
         **given,
     )
     names = {
         "tau2_fudge", "particle_diameter", "zero_mask", "flatten_solvent", "grad_write_iter",
         "iter", "norm", "scale", "solvent_mask", "solvent_correct_fsc", "pad",
-        "auto_local_healpix_order", "offset_prior",
+        "auto_local_healpix_order", "offset_prior", "fix_sigma_offset",
     }  # fmt: skip
     changed = {
         n for n in names if getattr(ctx.get_parameter_source(n), "name", "") == "COMMANDLINE"
