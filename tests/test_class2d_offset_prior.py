@@ -197,6 +197,8 @@ def test_continued_iteration_matches_relions_own(in_fixture, monkeypatch):
 def test_an_unknown_offset_prior_is_a_clear_error(in_fixture):
     with pytest.raises(TamisError, match="--offset_prior 'pixels': expected angst or relion"):
         _fixture_run(Class2DOptions(j=1, offset_prior="pixels"), in_fixture)
+    with pytest.raises(TamisError, match="--offset 0.0: must be positive"):
+        _fixture_run(Class2DOptions(j=1, offset=0.0), in_fixture)
 
 
 def test_a_continued_run_keeps_its_offset_prior(in_fixture, monkeypatch):

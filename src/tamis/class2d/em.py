@@ -272,6 +272,8 @@ class Class2DRun:
             )
         if options.max_memory is not None and options.max_memory <= 0:
             raise TamisError(f"--max_memory {options.max_memory}: must be positive (GB)")
+        if not options.offset > 0:
+            raise TamisError(f"--offset {options.offset}: must be positive (A)")
         self.device = choose_device(options.device)
         if options.j > 0 and self.device.type == "cpu":
             torch.set_num_threads(options.j)
