@@ -256,17 +256,9 @@ def main() -> None:
     recipe = make_recipe(args.recipe, work, args.n, seed=args.seed, snr=args.snr)
     star = work / "sim" / "particles.star"
     make = Class2DOptions.gui_vdam if args.algo == "vdam" else Class2DOptions.gui_em
-    extra = {} if args.iter is None else {"iter": args.iter}
-    if args.max_memory is not None:
-        extra["max_memory"] = args.max_memory
-    if args.mstep_bf16:
-        extra["mstep_bf16"] = True
-    if args.offset is not None:
-        extra["offset"] = args.offset
-    if args.fix_sigma_offset:
-        extra["fix_sigma_offset"] = True
-    if args.offset_prior is not None:
-        extra["offset_prior"] = args.offset_prior
+    # the tamis options given (flags when set), else the GUI job's defaults
+    passed = ("iter", "max_memory", "mstep_bf16", "offset", "fix_sigma_offset", "offset_prior")
+    extra = {n: v for n in passed if (v := getattr(args, n)) is not None and v is not False}
     options = make(
         K=args.K,
         particle_diameter=recipe.diameter,

@@ -255,12 +255,13 @@ class SliceTiles:
         self.image = img.reshape(k, 2 * ch, nrow * t, ncol * t)
         self.channels, self.n, self.origin = ch, n, centre - lo
         height, width = self.image.shape[-2:]
-        self._sx, self._sy = 2.0 / (width - 1), 2.0 / (height - 1)
         j = torch.arange(n + 1, device=planes.device, dtype=torch.float64)
         # per tile, the normalised image coordinates (grid_sample's, -1 at the first pixel) of
         # position 0: the tile's corner plus the origin
         corner = torch.stack([torch.remainder(j, ncol), torch.div(j, ncol, rounding_mode="floor")])
-        scale = torch.tensor([[self._sx], [self._sy]], dtype=torch.float64, device=j.device)
+        scale = torch.tensor(
+            [[2.0 / (width - 1)], [2.0 / (height - 1)]], dtype=torch.float64, device=j.device
+        )
         self._at_zero = ((corner * t + self.origin) * scale - 1.0).T.contiguous().to(planes.dtype)
         self._scale = scale.T.to(planes.dtype)  # (1, 2): grid units to image coordinates
 
@@ -298,8 +299,7 @@ class SliceTiles:
         if p and not inside and not self._inside(xy[:, 0], xy[:, 1], tile):
             # outside the cube along x or y: on the zero row / column; along z: x on it too
             xy = xy.clamp(-1 - o, n - o)
-            off = ((tile < 0) | (tile > n))[:, None] & torch.tensor([True, False], device=xy.device)
-            xy = torch.where(off, float(-1 - o), xy)
+            xy[:, 0].masked_fill_((tile < 0) | (tile > n), float(-1 - o))
             tile = tile.clamp(0, n)
         coords = torch.empty((m, 2), dtype=dt, device=img.device)
         torch.index_select(self._at_zero, 0, tile, out=coords[:p])

@@ -788,9 +788,11 @@ def update_other_parameters(
         mean = sums.prior_offset / weight
         has_w = sums.pdf_class[:, None] > 0
         prior = torch.where(has_w, mu * st.prior_offset + (1 - mu) * mean, torch.zeros_like(mean))
-    sigma2_offset = max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
-    if o.fix_sigma_offset:  # RELION's --fix_sigma_offset
-        sigma2_offset = st.sigma2_offset
+    sigma2_offset = (
+        st.sigma2_offset  # RELION's --fix_sigma_offset
+        if o.fix_sigma_offset
+        else max(mu * st.sigma2_offset + (1 - mu) * sums.sigma2_offset / (2 * sum_w), 2.0)
+    )
     npix = pixels_per_shell(box, nsh, st.sigma2.device)
     sigma2 = st.sigma2.clone()
     for og in range(sigma2.shape[0]):
